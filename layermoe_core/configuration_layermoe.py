@@ -1,0 +1,81 @@
+"""`LayerMoEConfig`: the transformers config of an expanded model.
+
+It wraps the config of the dense base model (`base_config`) and records every expansion
+round (languages, per-layer allocation, classifier layers), so any registry version
+reloads with `AutoModelForCausalLM.from_pretrained` and no `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Base families whose decoder layers expose `mlp` (gate/up/down projections, no bias)
+# behind `post_attention_layernorm`: the shape the MoE surgery needs.
+SUPPORTED_BASE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@strict
+class LayerMoEConfig(PreTrainedConfig):
+    """Config of a LayerMoE model.
+
+    `expansion_rounds` is the history, one dict per round with keys `old_languages`,
+    `new_languages`, `allocation` (new experts per layer) and `classifier_layers`.
+    Layer i holds 1 + sum_r allocation_r[i] experts: expert 0 is the original MLP,
+    then each round's experts in order. The classifiers of the newest round are active.
+    """
+
+    model_type = "layermoe"
+    sub_configs_defaults = {"base_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2")}
+
+    base_config: dict | PreTrainedConfig | None = None
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+    expansion_rounds: list | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.expansion_rounds is None:
+            self.expansion_rounds = []
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+
+    def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
+        """Generation and caching read the decoder's config: that of the wrapped base model."""
+        return self.base_config
+
+    @property
+    def num_layers(self) -> int:
+        return self.base_config.num_hidden_layers
+
+    def expert_group_sizes(self, layer: int) -> list[int]:
+        """[1 (the original MLP), round-1 new experts, round-2 new experts, ...] for one layer."""
+        return [1] + [r["allocation"][layer] for r in self.expansion_rounds]
+
+    def num_experts(self, layer: int) -> int:
+        return sum(self.expert_group_sizes(layer))
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Layers with at least one added expert; the rest are the parent's dense layers."""
+        return [i for i in range(self.num_layers) if self.num_experts(i) > 1]
+
+    @property
+    def classifier_layers(self) -> list[int]:
+        return list(self.expansion_rounds[-1].get("classifier_layers", [])) if self.expansion_rounds else []
+
+    @property
+    def old_languages(self) -> list[str]:
+        return list(self.expansion_rounds[-1]["old_languages"]) if self.expansion_rounds else []
+
+    @property
+    def languages(self) -> list[str]:
+        """Every language the model has been taught so far, old then new."""
+        if not self.expansion_rounds:
+            return []
+        last = self.expansion_rounds[-1]
+        return list(last["old_languages"]) + list(last["new_languages"])
+
+
+__all__ = ["LayerMoEConfig", "SUPPORTED_BASE_MODEL_TYPES"]

@@ -1,0 +1,146 @@
+"""`LayerMoEForCausalLM`: a dense causal LM whose chosen MLPs are `LayerMoEBlock`s.
+
+It wraps the base model (`causal_lm`, e.g. `Qwen2ForCausalLM`) rather than re-implementing
+it, so attention, caching and generation stay the base family's own. Registered with the
+Auto classes, so `AutoModelForCausalLM.from_pretrained(dir)` reloads any expanded version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_layermoe import LayerMoEConfig
+from .experts import StackedExperts
+from .losses import load_balancing_loss
+from .moe_block import LayerMoEBlock
+
+
+@dataclass
+class LayerMoECausalLMOutput(CausalLMOutputWithPast):
+    """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` when labels are given.
+
+    router_logits: one (N, E_i) tensor per MoE layer, in layer order (N = batch * seq).
+    classifier_logits: one (N, 2) tensor per classifier layer, in layer order.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    classifier_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def decoder_layers(causal_lm: PreTrainedModel) -> nn.ModuleList:
+    return causal_lm.model.layers
+
+
+def mlp_shape(base_config) -> tuple[int, int, str]:
+    return base_config.hidden_size, base_config.intermediate_size, base_config.hidden_act
+
+
+class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LayerMoEConfig
+    base_model_prefix = "causal_lm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: LayerMoEConfig, causal_lm: PreTrainedModel | None = None):
+        super().__init__(config)
+        # Composite configs leave the sub-config's attention backend unset; the base model reads it.
+        config.base_config._attn_implementation = config._attn_implementation
+        self.causal_lm = causal_lm if causal_lm is not None else AutoModelForCausalLM.from_config(config.base_config)
+        for layer in config.moe_layers:
+            block = self.install_block(layer)
+            for size in config.expert_group_sizes(layer)[1:]:
+                block.add_expert_group(size)
+        for layer in config.classifier_layers:
+            self.moe_block(layer).add_classifier()
+        self.post_init()
+
+    # -- structure -----------------------------------------------------------------
+    def install_block(self, layer: int) -> LayerMoEBlock:
+        """Turn layer `layer`'s dense MLP into a `LayerMoEBlock` whose expert 0 is that MLP."""
+        decoder_layer = decoder_layers(self.causal_lm)[layer]
+        block = LayerMoEBlock(decoder_layer.mlp, *mlp_shape(self.config.base_config), self.config.num_experts_per_tok)
+        block.to(next(decoder_layer.mlp.parameters()))
+        decoder_layer.mlp = block
+        return block
+
+    def moe_block(self, layer: int) -> LayerMoEBlock:
+        mlp = decoder_layers(self.causal_lm)[layer].mlp
+        if not isinstance(mlp, LayerMoEBlock):
+            raise KeyError(f"layer {layer} is dense; MoE layers are {self.config.moe_layers}")
+        return mlp
+
+    def moe_blocks(self) -> dict[int, LayerMoEBlock]:
+        """{layer index: block} for every MoE layer, in layer order."""
+        return {i: layer.mlp for i, layer in enumerate(decoder_layers(self.causal_lm)) if isinstance(layer.mlp, LayerMoEBlock)}
+
+    def get_input_embeddings(self):
+        return self.causal_lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.causal_lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.causal_lm.get_output_embeddings()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, LayerMoEBlock):
+            module.gate.weight.zero_()
+            if module.classifier is not None:
+                module.classifier.weight.normal_(std=0.02)
+                module.classifier.bias.zero_()
+        elif isinstance(module, StackedExperts):
+            std = getattr(self.config.base_config, "initializer_range", 0.02)
+            module.gate_up_proj.normal_(std=std)
+            module.down_proj.normal_(std=std)
+        else:
+            self.causal_lm._init_weights(module)
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> LayerMoECausalLMOutput:
+        out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        blocks = self.moe_blocks()
+        router_logits = tuple(block.router_logits for block in blocks.values())
+        classifier_logits = tuple(b.classifier_logits for b in blocks.values() if b.classifier is not None)
+        aux_loss = None
+        if router_logits and (self.training or labels is not None):
+            aux_loss = self.balance_loss(router_logits, attention_mask)
+        loss = None
+        if out.loss is not None:
+            loss = out.loss + self.config.router_aux_loss_coef * aux_loss if aux_loss is not None else out.loss
+        return LayerMoECausalLMOutput(
+            loss=loss,
+            lm_loss=out.loss,
+            aux_loss=aux_loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            router_logits=router_logits,
+            classifier_logits=classifier_logits,
+        )
+
+    def balance_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None):
+        """Mean over MoE layers of the Mixtral balance loss, padding excluded."""
+        if not router_logits:
+            return None
+        mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+        if mask is not None and mask.numel() != router_logits[0].shape[0]:
+            mask = None  # cached generation: logits cover the new tokens only
+        k = self.config.num_experts_per_tok
+        return torch.stack([load_balancing_loss(logits, k, mask) for logits in router_logits]).mean()
+
+
+AutoConfig.register(LayerMoEConfig.model_type, LayerMoEConfig)
+AutoModelForCausalLM.register(LayerMoEConfig, LayerMoEForCausalLM)

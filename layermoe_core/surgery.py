@@ -1,0 +1,138 @@
+"""Model surgery for an expansion round: add experts, add classifiers, choose what trains.
+
+`expand` works on a dense HF model (round 1) and on a LayerMoE model (lifelong rounds):
+all existing experts are frozen and each layer i gets `allocation[i]` new experts, copies
+of its original MLP. A layer with 0 new experts is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+from transformers import PreTrainedModel
+
+from .configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES, LayerMoEConfig
+from .errors import LayerMoEError
+from .modeling_layermoe import LayerMoEForCausalLM, decoder_layers
+
+Stage = Literal["stage1", "stage2"]
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise a clear error unless the model's layers have the MLP shape the surgery needs."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_BASE_MODEL_TYPES:
+        raise LayerMoEError(
+            f"unsupported base architecture {model_type!r}: layermoe expands {', '.join(SUPPORTED_BASE_MODEL_TYPES)} "
+            "models (decoder layers with a gated MLP). Convert the model to one of these families first."
+        )
+    mlp = decoder_layers(model)[0].mlp
+    if getattr(mlp.gate_proj, "bias", None) is not None:
+        raise LayerMoEError(f"{model_type} MLPs with biases (mlp_bias=True) are not supported; use a model without MLP bias.")
+
+
+def validate_allocation(allocation: Sequence[int], num_layers: int, existing_experts: Sequence[int], top_k: int) -> list[int]:
+    """Check an allocation against the model before any weight is touched."""
+    allocation = list(allocation)
+    if len(allocation) != num_layers:
+        raise LayerMoEError(
+            f"allocation has {len(allocation)} entries but the model has {num_layers} layers; give one count per layer"
+        )
+    negative = [(i, n) for i, n in enumerate(allocation) if n < 0]
+    if negative:
+        raise LayerMoEError(f"allocation has negative expert counts at (layer, count) {negative}; counts must be >= 0")
+    if top_k < 1:
+        raise LayerMoEError(f"top_k={top_k}; it must be at least 1")
+    too_small = [i for i, (n, old) in enumerate(zip(allocation, existing_experts)) if (n + old) > 1 and n + old < top_k]
+    if too_small:
+        raise LayerMoEError(
+            f"top_k={top_k} exceeds the experts in MoE layers {too_small} "
+            f"(they would have {[allocation[i] + existing_experts[i] for i in too_small]}); lower top_k or add experts there"
+        )
+    return allocation
+
+
+def expand(
+    model: PreTrainedModel,
+    allocation: Sequence[int],
+    old_languages: Sequence[str],
+    new_languages: Sequence[str],
+    top_k: int = 2,
+    router_aux_loss_coef: float = 0.01,
+) -> LayerMoEForCausalLM:
+    """Add one round of new experts. The input model is modified in place and wrapped if dense."""
+    if isinstance(model, LayerMoEForCausalLM):
+        wrapped = model
+        top_k = wrapped.config.num_experts_per_tok
+    else:
+        check_supported(model)
+        config = LayerMoEConfig(
+            base_config=model.config, num_experts_per_tok=top_k, router_aux_loss_coef=router_aux_loss_coef
+        )
+        wrapped = None
+    num_layers = model.config.num_layers if wrapped else model.config.num_hidden_layers
+    existing = [wrapped.config.num_experts(i) if wrapped else 1 for i in range(num_layers)]
+    allocation = validate_allocation(allocation, num_layers, existing, top_k)
+    if wrapped is None:
+        wrapped = LayerMoEForCausalLM(config, causal_lm=model).train(model.training)
+
+    wrapped.config.expansion_rounds = wrapped.config.expansion_rounds + [
+        {"old_languages": list(old_languages), "new_languages": list(new_languages), "allocation": allocation, "classifier_layers": []}
+    ]
+    blocks = wrapped.moe_blocks()
+    for layer, num_new in enumerate(allocation):
+        block = blocks.get(layer)
+        if block is None and num_new == 0:
+            continue  # stays the parent's dense layer
+        if block is None:
+            block = wrapped.install_block(layer)
+            block.group_sizes.extend([0] * (len(wrapped.config.expansion_rounds) - 1))
+        block.add_expert_group(num_new)
+        block.classifier = None  # an earlier round's old/new split no longer applies
+    set_trainable(wrapped, "stage1")
+    return wrapped
+
+
+def insert_classifiers(model: LayerMoEForCausalLM, layers: Sequence[int]) -> None:
+    """Give each of `layers` a fresh old/new classifier in front of its router."""
+    moe_layers = model.config.moe_layers
+    not_moe = [layer for layer in layers if layer not in moe_layers]
+    if not_moe:
+        raise LayerMoEError(f"classifier layers {not_moe} are dense; choose among the MoE layers {moe_layers}")
+    for layer in sorted(set(layers)):
+        model.moe_block(layer).add_classifier()
+    model.config.expansion_rounds[-1]["classifier_layers"] = sorted(set(layers))
+
+
+def set_trainable(model: LayerMoEForCausalLM, stage: Stage) -> list[str]:
+    """Freeze everything, then unfreeze what `stage` trains; returns the trainable names.
+
+    stage1: this round's new experts and the routers of layers that received them.
+    stage2: the routers and the classifiers.
+    """
+    model.requires_grad_(False)
+    for block in model.moe_blocks().values():
+        received_experts = block.group_sizes[-1] > 0
+        if stage == "stage1" and received_experts:
+            block.new_experts[-1].requires_grad_(True)
+            block.gate.requires_grad_(True)
+        elif stage == "stage2":
+            block.gate.requires_grad_(True)
+            if block.classifier is not None:
+                block.classifier.requires_grad_(True)
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def forced_old_routing(model: LayerMoEForCausalLM) -> Iterator[LayerMoEForCausalLM]:
+    """Route every token to the pre-round experts only; in round 1 that is the parent model."""
+    blocks = list(model.moe_blocks().values())
+    for block in blocks:
+        block.route_all_to_old = True
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            block.route_all_to_old = False

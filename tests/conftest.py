@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny base models built from a config (no hub), seeded."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Keep Prefect and MLflow local, quiet and inside temporary directories for every test.
+_TMP = tempfile.mkdtemp(prefix="layermoe-tests-")
+os.environ.setdefault("PREFECT_HOME", os.path.join(_TMP, "prefect"))
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_TMP}/mlflow.db")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    max_position_embeddings=64,
+)
+
+
+def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, **overrides}))
+    elif family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+@pytest.fixture(params=["qwen2", "llama"])
+def base_model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def token_ids():
+    return torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
