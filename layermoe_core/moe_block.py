@@ -100,12 +100,17 @@ class LayerMoEBlock(nn.Module):
         experts, weights = self.route(tokens)  # (N, k) each
         num_tokens, k = experts.shape
 
-        # Sort the (token, slot) assignments that carry weight by expert, so each expert
-        # sees one contiguous slice. Zero-weight slots (old-routed tokens) cost nothing.
-        flat_experts, flat_weights = experts.reshape(-1), weights.reshape(-1)  # (N*k,)
-        active = (flat_weights > 0).nonzero().squeeze(1)
-        order = active[torch.argsort(flat_experts[active], stable=True)]  # (A,)
-        counts = torch.bincount(flat_experts[order], minlength=self.num_experts).tolist()  # one host sync
+        # Sort the (token, slot) assignments by expert, so each expert sees one contiguous slice.
+        # Only routing to old experts makes zero-weight slots (an old-routed token's spare slots):
+        # they get the extra id E, sort last and are never computed.
+        keys = experts.reshape(-1)  # (N*k,)
+        if self.classifier is not None or self.route_all_to_old:
+            keys = keys.masked_fill(weights.reshape(-1) == 0, self.num_experts)
+        sorted_keys, order = torch.sort(keys, stable=True)  # (N*k,) each
+        expert_ids = torch.arange(self.num_experts, device=keys.device)
+        ends = torch.searchsorted(sorted_keys, expert_ids, right=True).tolist()  # the one host sync
+        counts = [end - start for start, end in zip([0, *ends[:-1]], ends)]  # (E,) assignments per expert
+        order = order[: ends[-1]]  # (A,) the weighted assignments
         sorted_tokens = tokens[order // k]  # (A, d)
 
         groups = self.expert_groups()
@@ -113,8 +118,9 @@ class LayerMoEBlock(nn.Module):
         outputs = [self.original_mlp(segments[0])]
         for (experts_of_round, first, size), segment in zip(groups[1:], segments[1:]):
             outputs.append(experts_of_round(segment, counts[first : first + size]) if len(segment) else segment)
-        expert_out = torch.cat(outputs) * flat_weights[order, None].to(tokens.dtype)  # (A, d)
 
-        # Put each output back in its (token, slot) place, then sum the k slots: deterministic.
-        slots = expert_out.new_zeros(num_tokens * k, hidden).index_copy(0, order, expert_out)
-        return slots.view(num_tokens, k, hidden).sum(dim=1).view(batch, seq, hidden)
+        # Put each output back in its (token, slot) place, then sum the k slots weighted, in fp32
+        # and in slot order: deterministic (no atomics).
+        slots = tokens.new_zeros(num_tokens * k, hidden).index_copy(0, order, torch.cat(outputs))  # (N*k, d)
+        combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
+        return combined.to(hidden_states.dtype).view(batch, seq, hidden)

@@ -1,0 +1,197 @@
+"""The MoE block's sorted, grouped dispatch equals a plain masked loop over experts.
+
+The oracle below is the textbook MoE (as in transformers' Qwen2MoeExperts): for each expert,
+find its (token, slot) pairs with a mask, run the expert, add the weighted output. Values and
+gradients (input, every trainable weight, router) must match it, on CPU and, where present, CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+from layermoe_core.experts import grouped_linear, grouped_mm_runs
+from layermoe_core.moe_block import LayerMoEBlock
+
+HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+DEVICES_AND_DTYPES = [
+    ("cpu", torch.float32),
+    pytest.param("cuda", torch.float32, marks=NO_CUDA),
+    pytest.param("cuda", torch.bfloat16, marks=NO_CUDA),  # torch's grouped GEMM path
+]
+
+
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
+    """fp32: torch's default tight tolerance; bf16: 3% of the tensor's largest entry."""
+    if reference.dtype == torch.bfloat16:
+        atol = 3e-2 * reference.float().abs().max().item()
+        torch.testing.assert_close(ours.float(), reference.float(), rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
+    else:
+        torch.testing.assert_close(ours, reference, msg=lambda m: f"{name}: {m}")
+
+
+def reference_forward(block: LayerMoEBlock, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Every expert runs on the tokens routed to it; weighted outputs are added per token."""
+    tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, d)
+    experts, weights = block.route(tokens)  # (N, k) each
+    out = torch.zeros_like(tokens)
+    for expert in range(block.num_experts):
+        token_idx, slot = torch.where(experts == expert)
+        if len(token_idx):
+            expert_out = expert_mlp(block, expert)(tokens[token_idx])
+            out = out.index_add(0, token_idx, expert_out * weights[token_idx, slot, None].to(out.dtype))
+    return out.view_as(hidden_states)
+
+
+def expert_mlp(block: LayerMoEBlock, expert: int):
+    """Expert `expert` of the block as a plain function of its own weight slices."""
+    if expert == 0:
+        return block.original_mlp
+    group, first = next((g, first) for g, first, size in block.expert_groups()[1:] if first <= expert < first + size)
+    gate_up_proj, down_proj = group.gate_up_proj[expert - first], group.down_proj[expert - first]
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, gate_up_proj).chunk(2, dim=-1)
+        return F.linear(group.act_fn(gate) * up, down_proj)
+
+    return mlp
+
+
+def stage1_block(group_sizes: list[int], classifier: bool, device: str, dtype=torch.float32) -> LayerMoEBlock:
+    """A block after len(group_sizes) rounds, trained-looking, with only the newest round trainable."""
+    torch.manual_seed(0)
+    mlp = Qwen2MLP(Qwen2Config(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu"))
+    block = LayerMoEBlock(mlp, HIDDEN, INTERMEDIATE, "silu", TOP_K)
+    for size in group_sizes:
+        block.add_expert_group(size)
+    if classifier:
+        block.add_classifier()
+    with torch.no_grad():
+        block.gate.weight.normal_()
+        for experts in block.new_experts:  # make the copies differ from expert 0 and each other
+            experts.gate_up_proj.add_(0.3 * torch.randn_like(experts.gate_up_proj))
+            experts.down_proj.add_(0.3 * torch.randn_like(experts.down_proj))
+        if classifier:
+            block.classifier.weight.normal_()  # about half the tokens predicted old
+    block.requires_grad_(False)
+    block.gate.requires_grad_(True)
+    if classifier:
+        block.classifier.requires_grad_(True)
+    if group_sizes[-1]:
+        block.new_experts[-1].requires_grad_(True)
+    return block.to(device=device, dtype=dtype)
+
+
+def forward_backward(block: LayerMoEBlock, forward, x: torch.Tensor, upstream: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """Output and the gradient of every tensor that requires one (None where none arrived)."""
+    block.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    out = forward(block, x)
+    out.backward(upstream)
+    grads = {name: p.grad for name, p in block.named_parameters() if p.requires_grad}
+    return {"output": out.detach(), "input": x.grad, **grads}
+
+
+SCENARIOS = {  # name: (experts per round, classifier, forced-old routing)
+    "round 1": ([3], False, False),
+    "round 1, classifier": ([3], True, False),
+    "round 1, forced old": ([3], False, True),
+    "two rounds, empty middle round, classifier": ([2, 0, 3], True, False),
+    "two rounds, forced old": ([2, 3], False, True),
+}
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES_AND_DTYPES)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_dispatch_matches_masked_loop_reference(scenario, device, dtype):
+    group_sizes, classifier, forced_old = SCENARIOS[scenario]
+    block = stage1_block(group_sizes, classifier, device, dtype)
+    block.route_all_to_old = forced_old
+    x = torch.randn(3, 11, HIDDEN, device=device, dtype=dtype)
+    upstream = torch.randn_like(x)
+
+    ours = forward_backward(block, LayerMoEBlock.__call__, x, upstream)
+    reference = forward_backward(block, reference_forward, x, upstream)
+
+    assert ours.keys() == reference.keys()
+    assert ours["gate.weight"] is not None and ours["input"] is not None
+    for name, grad in ours.items():
+        if grad is None:  # a trainable round that got no weighted tokens (forced old) is skipped
+            assert reference[name] is None or torch.count_nonzero(reference[name]) == 0, name
+        else:
+            assert_close(grad, reference[name], name)
+
+
+@pytest.mark.parametrize("scenario", ["round 1, classifier", "round 1, forced old"])
+def test_zero_weight_slots_of_old_routed_tokens_cost_no_expert_flops(scenario):
+    group_sizes, classifier, forced_old = SCENARIOS[scenario]
+    block = stage1_block(group_sizes, classifier, "cpu")
+    block.route_all_to_old = forced_old
+    x = torch.randn(1, 33, HIDDEN)
+    _, weights = block.route(x[0])
+    is_old = weights[:, 1] == 0
+    assert is_old.any() and forced_old == is_old.all()  # old and, unless forced, new tokens too
+
+    with FlopCounterMode(display=False) as counter:
+        block(x)
+    routing_flops = 2 * 33 * HIDDEN * (block.num_experts + (2 if classifier else 0))
+    weighted_slots = int((weights > 0).sum())
+    assert counter.get_total_flops() - routing_flops == weighted_slots * 2 * 3 * HIDDEN * INTERMEDIATE
+
+
+def test_frozen_expert_zero_costs_input_gradient_but_no_weight_gradient():
+    block = stage1_block([3], classifier=False, device="cpu")
+    x = torch.randn(2, 40, HIDDEN, requires_grad=True)
+    upstream = torch.randn_like(x)
+    experts, _ = block.route(x.reshape(-1, HIDDEN))
+    tokens_of_expert_0 = int((experts == 0).sum())
+    assert tokens_of_expert_0 > 0
+
+    def backward_flops() -> int:
+        out = block(x)
+        with FlopCounterMode(display=False) as counter:
+            out.backward(upstream)
+        return counter.get_total_flops()
+
+    frozen = backward_flops()
+    assert all(p.grad is None for p in block.original_mlp.parameters())
+    assert x.grad is not None
+    block.original_mlp.requires_grad_(True)
+    trainable = backward_flops()
+    weight_gradient_flops = 2 * tokens_of_expert_0 * 3 * HIDDEN * INTERMEDIATE  # gate, up and down
+    assert trainable - frozen == weight_gradient_flops
+
+
+def per_expert_reference(tokens: torch.Tensor, weight: torch.Tensor, counts: list[int], chunks: int) -> tuple[torch.Tensor, ...]:
+    return torch.cat([F.linear(rows, weight[e]) for e, rows in enumerate(tokens.split(counts))]).chunk(chunks, dim=-1)
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES_AND_DTYPES)
+@pytest.mark.parametrize("chunks", [1, 2])
+@pytest.mark.parametrize("upstream", ["dense", "broadcast, first chunk only"])
+def test_grouped_linear_matches_per_expert_matmuls(device, dtype, chunks, upstream):
+    """Including an expert without tokens (zero weight gradient), an unused output chunk, and a
+    broadcast (zero-stride) upstream gradient, which torch's grouped_mm backward rejects."""
+    counts = [5, 0, 16, 11]
+    tokens = torch.randn(sum(counts), 32, device=device, dtype=dtype)
+    weight = torch.randn(len(counts), 64, 32, device=device, dtype=dtype)
+    results = []
+    for fn in (grouped_linear, per_expert_reference):
+        t, w = tokens.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        outs = fn(t, w, counts, chunks=chunks)
+        if upstream == "dense":
+            loss = sum((out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum() for out in outs)
+        else:
+            loss = outs[0].sum()
+        loss.backward()
+        results.append((torch.cat(outs, dim=-1), t.grad, w.grad))
+    for name, ours, reference in zip(["output", "input gradient", "weight gradient"], *results):
+        assert_close(ours, reference, name)
+    assert torch.count_nonzero(results[0][2][1]) == 0
+    if device == "cuda" and dtype == torch.bfloat16:
+        assert grouped_mm_runs(tokens, weight), "bf16 on CUDA should take torch's grouped GEMM"
