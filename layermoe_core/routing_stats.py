@@ -1,0 +1,125 @@
+"""Per-layer, per-language routing statistics of an expanded model.
+
+They answer whether each language goes where LayerMoE wants it: old-language tokens to the
+old experts (the experts that existed before this round), new-language tokens to the new
+ones, and how well each classifier tells the two apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+
+from .errors import LayerMoEError
+from .losses import NEW, OLD
+from .modeling_layermoe import LayerMoEForCausalLM
+from .moe_block import LayerMoEBlock
+
+
+@dataclass
+class _Counts:
+    """Running sums for one (layer, language)."""
+
+    num_experts: int
+    tokens: int = 0
+    old_top1: int = 0
+    old_mass: float = 0.0
+    classified: int = 0
+    correct: int = 0
+    slots: torch.Tensor = field(init=False)  # (E,) top-k slots that carry weight, per expert
+
+    def __post_init__(self):
+        self.slots = torch.zeros(self.num_experts, dtype=torch.long)
+
+
+def _record(block: LayerMoEBlock, hidden_states: torch.Tensor, label: int, counts: _Counts) -> None:
+    """Route the block's input exactly as its forward does, and add up where the tokens went."""
+    tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, d)
+    experts, weights = block.route(tokens)  # (N, k) each, after the classifier's decision
+    old = block.num_old_experts
+    counts.tokens += tokens.shape[0]
+    counts.old_top1 += int((experts[:, 0] < old).sum())  # top-k is sorted: slot 0 carries the largest weight
+    counts.old_mass += float(torch.softmax(block.router_logits.float(), dim=-1)[:, :old].sum())
+    counts.slots += torch.bincount(experts[weights > 0].cpu(), minlength=block.num_experts)
+    if block.classifier is not None:
+        counts.classified += tokens.shape[0]
+        counts.correct += int((block.classifier_logits.argmax(dim=-1) == label).sum())
+
+
+@torch.no_grad()
+def routing_statistics(
+    model: LayerMoEForCausalLM,
+    sequences: Mapping[str, torch.Tensor],
+    old_languages: Sequence[str],
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """One row per (MoE layer, language); `sequences` maps a language to (num_sequences, seq_len) token ids.
+
+    Columns:
+    - `old_expert_fraction`: share of tokens whose top-1 expert (the largest routed weight,
+      after the classifier's decision, so what the model computes) is an old expert;
+    - `router_old_mass`: mean router softmax mass on the old experts, before any classifier:
+      the quantity the LPR loss raises for old languages;
+    - `expert_load`: list, per expert, of its share of the top-k slots that carry weight;
+    - `classifier_accuracy`: share of tokens the layer's classifier labels correctly (old
+      or new by `old_languages`); NaN where the layer has no classifier.
+    """
+    blocks = model.moe_blocks()
+    if not blocks:
+        raise LayerMoEError("the model has no MoE layers; expand it (surgery.expand) before measuring its routing")
+    if batch_size < 1:
+        raise LayerMoEError(f"batch_size={batch_size}; give at least 1")
+    for language, tokens in sequences.items():
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or not len(tokens):
+            raise LayerMoEError(
+                f"sequences of {language!r} must be a non-empty 2-D torch.long tensor (num_sequences, seq_len) of token ids"
+            )
+
+    counts = {(layer, language): _Counts(block.num_experts) for layer, block in blocks.items() for language in sequences}
+    current: dict[str, str] = {}
+
+    def hook_for(layer: int):
+        def hook(block: LayerMoEBlock, args: tuple) -> None:
+            language = current["language"]
+            _record(block, args[0], OLD if language in old_languages else NEW, counts[layer, language])
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(hook_for(layer)) for layer, block in blocks.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for language, tokens in sequences.items():
+            current["language"] = language
+            for batch in tokens.split(batch_size):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+    rows = []
+    for (layer, language), c in counts.items():
+        block = blocks[layer]
+        rows.append(
+            {
+                "layer": layer,
+                "language": language,
+                "is_old": language in old_languages,
+                "num_tokens": c.tokens,
+                "num_experts": block.num_experts,
+                "num_old_experts": block.num_old_experts,
+                "old_expert_fraction": c.old_top1 / max(c.tokens, 1),
+                "router_old_mass": c.old_mass / max(c.tokens, 1),
+                "expert_load": (c.slots / max(int(c.slots.sum()), 1)).tolist(),
+                "classifier_accuracy": c.correct / c.classified if c.classified else float("nan"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+__all__ = ["routing_statistics"]

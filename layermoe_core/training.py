@@ -1,0 +1,467 @@
+"""Training on HF `Trainer`: plain causal-LM training, Stage 1 (new experts) and Stage 2 (review).
+
+One `Trainer` subclass computes each objective as named components (LM, balance, LPR,
+classifier), so the loss is one weighted sum and every component is logged through
+`on_log`. Because it is plain `Trainer`, `accelerate launch` / torchrun with FSDP or
+DeepSpeed scale it with no code change. Checkpoints are Trainer checkpoints (safetensors
+weights) in `output_dir`; a rerun resumes from the newest complete one, and the data order
+depends only on the seed, so a resumed run ends where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import Dataset
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .errors import LayerMoEError
+from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss
+from .modeling_layermoe import LayerMoEForCausalLM
+from .surgery import set_trainable
+
+FINAL_DIR_NAME = "final"
+T = TypeVar("T")
+
+
+# -- settings ----------------------------------------------------------------------
+class _Settings(BaseModel):
+    """Pydantic settings whose validation errors are `LayerMoEError`s naming the field and the fix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise _settings_error(type(self), error) from error
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as error:
+            raise _settings_error(cls, error) from error
+
+
+def _settings_error(cls: type[BaseModel], error: ValidationError) -> LayerMoEError:
+    problems = []
+    for problem in error.errors():
+        name = ".".join(str(part) for part in problem["loc"]) or "settings"
+        field = cls.model_fields.get(str(problem["loc"][0])) if problem["loc"] else None
+        if problem["type"] == "extra_forbidden":
+            fix = f"remove it; {cls.__name__} accepts {', '.join(cls.model_fields)}"
+        elif field is not None and field.description:
+            fix = f"{name} is {field.description}"
+        else:
+            fix = f"see {cls.__name__}'s fields"
+        problems.append(f"{name}={problem.get('input')!r}: {problem['msg']} ({fix})")
+    return LayerMoEError(f"bad {cls.__name__}: " + "; ".join(problems))
+
+
+class TrainSettings(_Settings):
+    """Optimisation settings shared by every training run; the defaults run on a CPU."""
+
+    learning_rate: float = Field(5e-5, gt=0, description="the peak learning rate, > 0 (reference: 5e-5)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps, >= 1; overrides num_epochs when set")
+    num_epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is unset, > 0")
+    per_device_batch_size: int = Field(8, ge=1, description="sequences per device and micro-batch, >= 1")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step, >= 1")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="the share of steps of linear warm-up, in [0, 1)")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="one of cosine (reference), linear, constant, constant_with_warmup"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, >= 0")
+    max_grad_norm: float = Field(1.0, gt=0, description="the gradient-norm clip, > 0")
+    seed: int = Field(0, ge=0, description="the seed of initialisation and data order, >= 0")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32, bf16 (mixed, GPU or CPU) or fp16 (mixed, GPU only)"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints, >= 1")
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (newest), >= 1, or None for all")
+    logging_steps: int = Field(10, ge=1, description="optimizer steps between loss logs, >= 1")
+    dataloader_num_workers: int = Field(0, ge=0, description="data-loading worker processes, >= 0")
+
+
+class Stage1Settings(TrainSettings):
+    """Stage 1: new experts and their routers learn the new languages."""
+
+    balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
+
+
+class Stage2Settings(TrainSettings):
+    """Stage 2 (review): routers and classifiers learn to send old-language tokens to the old experts."""
+
+    replay_old_fraction: float = Field(
+        0.5, ge=0, le=1, description="the share of old-language sequences in the replay mix, in [0, 1]"
+    )
+    lpr_coef: float = Field(0.1, ge=0, description="the LPR loss coefficient, >= 0 (reference: 0.1)")
+    classifier_coef: float = Field(0.1, ge=0, description="the classifier loss coefficient, >= 0 (reference: 0.1)")
+    lm_coef: float = Field(1.0, ge=0, description="the language-modelling loss coefficient, >= 0")
+
+
+class TrainResult(BaseModel):
+    """What a training run leaves: the saved model and its loss curves, as plain data."""
+
+    model_dir: Path  # save_pretrained directory (safetensors): output_dir/"final"
+    global_step: int
+    resumed_from: Path | None  # the checkpoint this call continued, if any
+    num_sequences: dict[str, int]  # training sequences per language
+    final_metrics: dict[str, float]  # the last logged value of each loss component (and train_loss)
+    log_history: list[dict[str, Any]]
+
+
+# -- data ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Row:
+    input_ids: torch.Tensor  # (seq_len,)
+    language: str
+    label: int | None  # OLD / NEW for Stage 2, None when language labels play no part
+
+
+class SequenceDataset(Dataset):
+    """Rows of the packed token tensors in a fixed order; the Trainer's seeded sampler shuffles them."""
+
+    def __init__(self, rows: Sequence[_Row]):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.rows[index]
+        item: dict[str, Any] = {"input_ids": row.input_ids}
+        if row.label is not None:
+            item["language_label"] = row.label
+        return item
+
+
+def collate_sequences(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels and language labels are IGNORE_INDEX on padding.
+
+    Packed sequences of one length need no padding; languages may come in different lengths.
+    """
+    input_ids = pad_sequence([f["input_ids"] for f in features], batch_first=True)  # (B, L)
+    attention_mask = pad_sequence([torch.ones_like(f["input_ids"]) for f in features], batch_first=True)  # (B, L)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX),  # the model shifts them
+    }
+    if "language_label" in features[0]:
+        per_sequence = torch.tensor([f["language_label"] for f in features])  # (B,)
+        language_labels = per_sequence[:, None].expand_as(input_ids)  # (B, L)
+        batch["language_labels"] = language_labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    return batch
+
+
+def _check_sequences(sequences: Mapping[str, torch.Tensor], what: str, vocab_size: int) -> None:
+    if not sequences:
+        raise LayerMoEError(
+            f"no {what} sequences were given; pass a dict language -> (num_sequences, seq_len) LongTensor of token ids"
+        )
+    for language, tokens in sequences.items():
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+            found = f"{tokens.dtype} {tuple(tokens.shape)} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise LayerMoEError(
+                f"{what} sequences of {language!r} are a {found}; give a 2-D torch.long tensor (num_sequences, seq_len)"
+            )
+        if tokens.shape[0] < 1 or tokens.shape[1] < 2:
+            raise LayerMoEError(
+                f"{what} sequences of {language!r} have shape {tuple(tokens.shape)}; "
+                "give at least one sequence of at least 2 tokens"
+            )
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise LayerMoEError(
+                f"{what} sequences of {language!r} hold token ids in [{int(tokens.min())}, {int(tokens.max())}] but the "
+                f"model's vocabulary is [0, {vocab_size}); tokenize with the model's own tokenizer"
+            )
+
+
+def _rows(sequences: Mapping[str, torch.Tensor], label: int | None) -> list[_Row]:
+    return [_Row(row, language, label) for language, tokens in sequences.items() for row in tokens]
+
+
+def replay_mix(old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int) -> list[T]:
+    """The largest mix holding `old_fraction` old sequences that the data allows, drawn with `seed`."""
+    if old_fraction == 0:
+        total = len(new)
+    elif old_fraction == 1:
+        total = len(old)
+    else:
+        total = math.floor(min(len(new) / (1 - old_fraction), len(old) / old_fraction) + 1e-9)
+    num_old = round(old_fraction * total)
+    generator = torch.Generator().manual_seed(seed)
+    pick_old = torch.randperm(len(old), generator=generator)[:num_old].sort().values
+    pick_new = torch.randperm(len(new), generator=generator)[: total - num_old].sort().values
+    return [old[i] for i in pick_old.tolist()] + [new[i] for i in pick_new.tolist()]
+
+
+# -- objectives ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Objective:
+    """loss = sum of weights[name] * component[name]; components without a weight are metrics only."""
+
+    weights: Mapping[str, float]
+    measure: Callable[[Any, torch.Tensor | None], dict[str, torch.Tensor]]
+
+    def loss(self, components: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return sum(weight * components[name] for name, weight in self.weights.items() if name in components)
+
+
+def _measure_lm(outputs, language_labels) -> dict[str, torch.Tensor]:
+    return {"lm_loss": outputs.loss}
+
+
+def _measure_stage1(outputs, language_labels) -> dict[str, torch.Tensor]:
+    return {"lm_loss": outputs.lm_loss, "balance_loss": outputs.aux_loss}
+
+
+def _measure_stage2(outputs, language_labels: torch.Tensor, num_old_experts: Sequence[int]) -> dict[str, torch.Tensor]:
+    """LPR is averaged over MoE layers, each with its own number of old experts; the classifier over its layers."""
+    labels = language_labels.reshape(-1)  # (N,) in the router logits' (batch * seq) order
+    lpr = [lpr_loss(logits, labels, n) for logits, n in zip(outputs.router_logits, num_old_experts, strict=True)]
+    components = {"lm_loss": outputs.lm_loss, "lpr_loss": torch.stack(lpr).mean()}
+    if outputs.classifier_logits:
+        components["classifier_loss"] = torch.stack([classifier_loss(l, labels) for l in outputs.classifier_logits]).mean()
+        counted = labels != IGNORE_INDEX
+        with torch.no_grad():
+            accuracy = [(l.argmax(-1)[counted] == labels[counted]).float().mean() for l in outputs.classifier_logits]
+        components["classifier_accuracy"] = torch.stack(accuracy).mean()
+    return components
+
+
+# -- the Trainer ---------------------------------------------------------------------
+class LayerMoETrainer(Trainer):
+    """`Trainer` whose loss is an `Objective`; each component's mean since the last log joins the log."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by accumulation
+
+    def __init__(self, *args, objective: Objective, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self._component_sums: dict[str, torch.Tensor] = {}
+        self._component_batches = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        language_labels = inputs.pop("language_labels", None)
+        outputs = model(**inputs)
+        components = self.objective.measure(outputs, language_labels)
+        if model.training:
+            for name, value in components.items():
+                self._component_sums[name] = self._component_sums.get(name, 0) + value.detach().float()
+            self._component_batches += 1
+        loss = self.objective.loss(components)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_batches:
+            names = list(self._component_sums)
+            means = torch.stack([self._component_sums[n] for n in names]) / self._component_batches
+            means = self.accelerator.reduce(means, reduction="mean")  # the mean over processes
+            logs.update(zip(names, means.tolist()))
+            self._component_sums, self._component_batches = {}, 0
+        super().log(logs, start_time)
+
+
+class _LogLastStep(TrainerCallback):
+    """Log at the last step too, so the final losses are always in the history."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
+class MetricsCallback(TrainerCallback):
+    """Forward every training log as fn(metrics, step), on the main process only.
+
+    The metrics are the loss components (lm_loss, balance_loss, lpr_loss, classifier_loss),
+    classifier_accuracy, loss, learning_rate and grad_norm; tasks forward them to MLflow or
+    Prefect, so the library never imports either.
+    """
+
+    def __init__(self, fn: Callable[[dict[str, float], int], None]):
+        self.fn = fn
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.fn({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step)
+
+
+def training_arguments(settings: TrainSettings, output_dir: Path) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    if settings.precision == "fp16" and not on_gpu:
+        raise LayerMoEError("precision='fp16' needs a CUDA GPU and none is visible; use 'bf16' or 'fp32' on a CPU")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=settings.learning_rate,
+        max_steps=settings.max_steps or -1,
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        warmup_steps=settings.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=settings.lr_scheduler,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        bf16=settings.precision == "bf16",
+        fp16=settings.precision == "fp16",
+        activation_checkpointing=settings.gradient_checkpointing,
+        # Non-reentrant: frozen embeddings give inputs without grad, and router logits leave the layer.
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        logging_steps=settings.logging_steps,
+        dataloader_num_workers=settings.dataloader_num_workers,
+        remove_unused_columns=False,  # the collator's language_labels are not a forward argument
+        report_to="none",
+        push_to_hub=False,
+        use_cpu=not on_gpu,
+    )
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete Trainer checkpoint: one whose trainer state was written (it is written last)."""
+    complete = [
+        path
+        for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+        if path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-").isdigit() and (path / TRAINER_STATE_NAME).is_file()
+    ]
+    return max(complete, key=lambda path: int(path.name.rsplit("-", 1)[1]), default=None)
+
+
+def _final_metrics(log_history: list[dict[str, Any]], objective: Objective) -> dict[str, float]:
+    keys = {"loss", "train_loss", "classifier_accuracy", *objective.weights}
+    return {key: float(value) for entry in log_history for key, value in entry.items() if key in keys}
+
+
+def _train(
+    model: PreTrainedModel,
+    rows: list[_Row],
+    objective: Objective,
+    settings: TrainSettings,
+    output_dir: str | Path,
+    callbacks: Sequence[TrainerCallback],
+) -> TrainResult:
+    """The shared plumbing: Trainer run (resumed when a checkpoint exists), then save_pretrained to final/."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    trainer = LayerMoETrainer(
+        model=model,
+        args=training_arguments(settings, output_dir),
+        train_dataset=SequenceDataset(rows),
+        data_collator=collate_sequences,
+        callbacks=[_LogLastStep(), *callbacks],
+        objective=objective,
+    )
+    checkpoint = latest_checkpoint(output_dir)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    final_dir = output_dir / FINAL_DIR_NAME
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers FSDP / DeepSpeed shards
+    if trainer.args.should_save:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(final_dir, state_dict=state_dict)
+    trainer.accelerator.wait_for_everyone()
+
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row.language] = counts.get(row.language, 0) + 1
+    history = trainer.state.log_history
+    return TrainResult(
+        model_dir=final_dir,
+        global_step=trainer.state.global_step,
+        resumed_from=checkpoint,
+        num_sequences=counts,
+        final_metrics=_final_metrics(history, objective),
+        log_history=history,
+    )
+
+
+def _vocab_size(model: PreTrainedModel) -> int:
+    return model.get_input_embeddings().num_embeddings
+
+
+# -- public entry points ---------------------------------------------------------------
+def train_causal_lm(
+    model: PreTrainedModel,
+    sequences: Mapping[str, torch.Tensor],
+    settings: TrainSettings,
+    output_dir: str | Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Plain causal-LM training of every trainable parameter (the demo trains its dense base with it)."""
+    _check_sequences(sequences, "training", _vocab_size(model))
+    objective = Objective({"lm_loss": 1.0}, _measure_lm)
+    return _train(model, _rows(sequences, None), objective, settings, output_dir, callbacks)
+
+
+def train_stage1(
+    model: LayerMoEForCausalLM,
+    new_sequences: Mapping[str, torch.Tensor],
+    settings: Stage1Settings,
+    output_dir: str | Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Stage 1: this round's experts and routers learn the new languages; loss = LM + coef * balance."""
+    _check_sequences(new_sequences, "new-language", _vocab_size(model))
+    set_trainable(model, "stage1")
+    objective = Objective({"lm_loss": 1.0, "balance_loss": settings.balance_loss_coef}, _measure_stage1)
+    return _train(model, _rows(new_sequences, None), objective, settings, output_dir, callbacks)
+
+
+def train_stage2(
+    model: LayerMoEForCausalLM,
+    old_sequences: Mapping[str, torch.Tensor],
+    new_sequences: Mapping[str, torch.Tensor],
+    settings: Stage2Settings,
+    output_dir: str | Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
+    """Stage 2 (review): routers and classifiers train on a replay mix of old and new sequences.
+
+    loss = lm_coef * LM + lpr_coef * LPR + classifier_coef * classifier CE; insert the
+    classifiers (`surgery.insert_classifiers`) before calling this.
+    """
+    vocab_size = _vocab_size(model)
+    _check_sequences(old_sequences, "old-language", vocab_size)
+    if settings.replay_old_fraction < 1:
+        _check_sequences(new_sequences, "new-language", vocab_size)
+    overlap = set(old_sequences) & set(new_sequences)
+    if overlap:
+        raise LayerMoEError(f"languages {sorted(overlap)} are given as both old and new; each language is one or the other")
+    set_trainable(model, "stage2")
+    rows = replay_mix(_rows(old_sequences, OLD), _rows(new_sequences, NEW), settings.replay_old_fraction, settings.seed)
+    num_old_experts = [block.num_old_experts for block in model.moe_blocks().values()]
+    objective = Objective(
+        {"lm_loss": settings.lm_coef, "lpr_loss": settings.lpr_coef, "classifier_loss": settings.classifier_coef},
+        partial(_measure_stage2, num_old_experts=num_old_experts),
+    )
+    return _train(model, rows, objective, settings, output_dir, callbacks)
+
+
+__all__ = [
+    "MetricsCallback",
+    "Stage1Settings",
+    "Stage2Settings",
+    "TrainResult",
+    "TrainSettings",
+    "collate_sequences",
+    "latest_checkpoint",
+    "replay_mix",
+    "train_causal_lm",
+    "train_stage1",
+    "train_stage2",
+]
