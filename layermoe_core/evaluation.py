@@ -1,0 +1,378 @@
+"""Evaluate a model per language and compare a child with its parent.
+
+Every evaluator returns a *metrics table*: one row per (language, metric) with columns
+language, metric, value, n (tokens or questions behind the value). `compare_models` joins
+a parent's and a child's tables into the tidy comparison that the gates, the plots and the
+registry read. Works on any HF-style causal LM (`model(input_ids=...).logits`), dense or
+LayerMoE, on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
+
+from .errors import LayerMoEError
+from .gates import GateSettings
+
+logger = logging.getLogger(__name__)
+
+METRICS_COLUMNS = ["language", "metric", "value", "n"]
+COMPARISON_COLUMNS = ["language", "group", "metric", "parent", "child", "delta"]
+
+
+class EvalSettings(BaseModel):
+    """What to evaluate a parent and its child on, and the gates the child must pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, description="Sequences (or answer options) per forward pass.")
+    max_sequences: int | None = Field(256, ge=1, description="Held-out sequences per language; None keeps all.")
+    multiple_choice_files: list[Path] = Field(
+        default_factory=list, description="Local Belebele-like .jsonl files; metrics are named '<file stem>.mc_acc'."
+    )
+    lm_eval_tasks: dict[str, str] = Field(
+        default_factory=dict, description="lm-eval harness task -> its language code (needs `lm_eval` and hub access)."
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-eval task; None runs them all.")
+    gates: GateSettings = Field(default_factory=GateSettings)
+
+    @field_validator("multiple_choice_files")
+    @classmethod
+    def distinct_task_names(cls, paths: list[Path]) -> list[Path]:
+        stems = [p.stem for p in paths]
+        repeated = sorted({s for s in stems if stems.count(s) > 1})
+        if repeated:
+            raise ValueError(f"multiple-choice files share the names {repeated}; give each file a distinct name")
+        return paths
+
+
+@contextlib.contextmanager
+def inference(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, no balance loss) and no autograd, restoring the training flag after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- held-out perplexity --------------------------------------------------------------
+def checked_sequences(language: str, ids: Any) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+        got = f"{type(ids).__name__} {getattr(ids, 'dtype', '')} of shape {tuple(getattr(ids, 'shape', ()))}"
+        raise LayerMoEError(f"held-out sequences for {language!r} are a {got}; pass a LongTensor (num_sequences, seq_len)")
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise LayerMoEError(
+            f"held-out sequences for {language!r} have shape {tuple(ids.shape)}; "
+            "give at least one sequence of at least 2 tokens (one is predicted from the other)"
+        )
+    return ids
+
+
+def language_perplexity(
+    model: nn.Module, sequences: Mapping[str, torch.Tensor], batch_size: int = 8, max_sequences: int | None = None
+) -> pd.DataFrame:
+    """Per language: loss = mean next-token NLL (nats) over every predicted token, perplexity = exp(loss).
+
+    Sequences are packed (no padding), so every position but the first is predicted. The mean
+    is weighted by tokens across batches, not a mean of batch means.
+    """
+    if not sequences:
+        raise LayerMoEError("no held-out sequences were given; pass {language: LongTensor (num_sequences, seq_len)}")
+    if batch_size < 1:
+        raise LayerMoEError(f"batch_size={batch_size}; it must be at least 1")
+    device = model_device(model)
+    rows = []
+    with inference(model):
+        for language, ids in sequences.items():
+            ids = checked_sequences(language, ids)[:max_sequences]
+            nll = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in ids.split(batch_size):
+                batch = batch.to(device=device, dtype=torch.long)
+                logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
+                targets = batch[:, 1:]  # (B, T-1)
+                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+            tokens = ids.shape[0] * (ids.shape[1] - 1)
+            loss = nll.item() / tokens
+            rows.append({"language": language, "loss": loss, "perplexity": math.exp(loss), "tokens": tokens})
+    return pd.DataFrame(rows, columns=["language", "loss", "perplexity", "tokens"])
+
+
+def perplexity_metrics(perplexity: pd.DataFrame) -> pd.DataFrame:
+    """The `language_perplexity` table as a metrics table (metrics `loss` and `perplexity`)."""
+    long = perplexity.melt(id_vars=["language", "tokens"], value_vars=["loss", "perplexity"], var_name="metric")
+    return long.rename(columns={"tokens": "n"})[METRICS_COLUMNS]
+
+
+# -- multiple choice from local files -----------------------------------------------------
+MULTIPLE_CHOICE_FORMAT = (
+    'each line must be one JSON object {"language": str, "passage": str (may be omitted), "question": str, '
+    '"options": [str, ...] (at least 2), "answer": 0-based index of the correct option}'
+)
+
+
+class MultipleChoiceRecord(BaseModel):
+    """One Belebele-like question. Unknown keys are refused so that a misspelt field is caught."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: str = Field(min_length=1)
+    passage: str = ""
+    question: str = Field(min_length=1)
+    options: list[Annotated[str, Field(min_length=1)]] = Field(min_length=2)
+    answer: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def answer_indexes_an_option(self) -> MultipleChoiceRecord:
+        if self.answer >= len(self.options):
+            raise ValueError(
+                f"answer {self.answer} is out of range for {len(self.options)} options; "
+                f"use a 0-based index from 0 to {len(self.options) - 1}"
+            )
+        return self
+
+    def prompt(self) -> str:
+        question = f"Question: {self.question}\nAnswer:"
+        return f"{self.passage}\n{question}" if self.passage else question
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in error.errors())
+
+
+def load_multiple_choice(path: str | Path) -> list[MultipleChoiceRecord]:
+    """Read and validate a .jsonl task file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerMoEError(f"multiple-choice file {path} does not exist; pass the path of a .jsonl file ({MULTIPLE_CHOICE_FORMAT})")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise LayerMoEError(f"{path} is not UTF-8 text ({e.reason}); save it as UTF-8 JSON lines") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LayerMoEError(f"{path}:{number}: not valid JSON ({e.msg}); {MULTIPLE_CHOICE_FORMAT}") from None
+        try:
+            records.append(MultipleChoiceRecord.model_validate(raw))
+        except ValidationError as e:
+            raise LayerMoEError(f"{path}:{number}: {describe_validation_error(e)}; {MULTIPLE_CHOICE_FORMAT}") from None
+    if not records:
+        raise LayerMoEError(f"{path} holds no questions; {MULTIPLE_CHOICE_FORMAT}")
+    return records
+
+
+def continuation_logprobs(model: nn.Module, requests: Sequence[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
+    """log p(continuation | context), summed over the continuation's tokens, for each (context, continuation)."""
+    device = model_device(model)
+    order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))  # similar lengths share a batch
+    scores = [0.0] * len(requests)
+    with inference(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            rows = [requests[i][0] + requests[i][1] for i in chunk]
+            ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)  # right-padded: (B, L)
+            mask = torch.zeros_like(ids)
+            for r, row in enumerate(rows):
+                ids[r, : len(row)] = torch.tensor(row)
+                mask[r, : len(row)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits  # (B, L, V)
+            for r, i in enumerate(chunk):
+                context, continuation = requests[i]
+                # Position t predicts token t+1, so the continuation is read off the positions before it.
+                positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+                logprobs = logits[r, positions].float().log_softmax(-1)  # (len(continuation), V)
+                target = torch.tensor(continuation, device=device)
+                scores[i] = logprobs.gather(-1, target[:, None]).sum().item()
+    return scores
+
+
+def score_multiple_choice(
+    model: nn.Module, tokenizer: Any, path: str | Path, batch_size: int = 8, task: str | None = None
+) -> pd.DataFrame:
+    """Zero-shot multiple-choice accuracy per language, as a metrics table.
+
+    Each option is scored by the summed log-probability of " <option>" after the prompt
+    "<passage>\\nQuestion: <question>\\nAnswer:" (context and option tokenised separately).
+    `<task>.mc_acc` picks the highest sum; `<task>.mc_acc_norm` divides each sum by the
+    option's length in characters first (as lm-eval's acc_norm), so long options are not
+    penalised for having more tokens. Ties go to the first option. `task` defaults to the file stem.
+    """
+    records = load_multiple_choice(path)
+    task = task or Path(path).stem
+    requests = []
+    for record in records:
+        context = tokenizer.encode(record.prompt(), add_special_tokens=True)
+        for option in record.options:
+            continuation = tokenizer.encode(" " + option, add_special_tokens=False)
+            if not context or not continuation:
+                raise LayerMoEError(f"{path}: the tokenizer turned {option!r} or its prompt into no tokens; check the tokenizer")
+            requests.append((context, continuation))
+    scores = iter(continuation_logprobs(model, requests, batch_size))
+    rows = []
+    for record in records:
+        option_scores = torch.tensor([next(scores) for _ in record.options], dtype=torch.float64)
+        lengths = torch.tensor([len(" " + option) for option in record.options], dtype=torch.float64)
+        rows.append(
+            {
+                "language": record.language,
+                "mc_acc": float(option_scores.argmax() == record.answer),
+                "mc_acc_norm": float((option_scores / lengths).argmax() == record.answer),
+            }
+        )
+    per_question = pd.DataFrame(rows)
+    table = per_question.groupby("language", sort=False).agg(
+        mc_acc=("mc_acc", "mean"), mc_acc_norm=("mc_acc_norm", "mean"), n=("mc_acc", "size")
+    )
+    long = table.reset_index().melt(id_vars=["language", "n"], value_vars=["mc_acc", "mc_acc_norm"], var_name="metric")
+    long["metric"] = task + "." + long["metric"]
+    return long[METRICS_COLUMNS]
+
+
+# -- optional lm-eval harness ---------------------------------------------------------------
+def lm_eval_metrics(results: Mapping[str, Any], tasks: Mapping[str, str]) -> pd.DataFrame:
+    """The numeric metrics of `lm_eval.simple_evaluate` results as a metrics table (stderr dropped)."""
+    rows = []
+    for task, language in tasks.items():
+        n = results.get("n-samples", {}).get(task, {}).get("effective")
+        for key, value in results["results"][task].items():
+            name, _, filter_name = key.partition(",")
+            if name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric = f"{task}.{name}" if filter_name in ("", "none") else f"{task}.{name}[{filter_name}]"
+            rows.append({"language": language, "metric": metric, "value": float(value), "n": n})
+    return pd.DataFrame(rows, columns=METRICS_COLUMNS)
+
+
+def lm_eval_scores(
+    model: nn.Module, tokenizer: Any, tasks: Mapping[str, str], batch_size: int = 8, limit: int | None = None
+) -> pd.DataFrame:
+    """Run lm-eval harness tasks (task -> language) when `lm_eval` is installed; otherwise log and skip."""
+    if not tasks:
+        return pd.DataFrame(columns=METRICS_COLUMNS)
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        logger.warning(
+            "lm-eval tasks %s skipped: the `lm_eval` package is not installed. "
+            "Install it (`pip install lm_eval`; its datasets need hub access) to run them.",
+            sorted(tasks),
+        )
+        return pd.DataFrame(columns=METRICS_COLUMNS)
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    results = simple_evaluate(model=harness_model, tasks=list(tasks), limit=limit)
+    return lm_eval_metrics(results, tasks)
+
+
+# -- one model, everything ------------------------------------------------------------------
+def evaluate_model(
+    model: nn.Module, tokenizer: Any, sequences: Mapping[str, torch.Tensor], settings: EvalSettings | None = None
+) -> pd.DataFrame:
+    """Held-out loss and perplexity per language plus every configured task, as one metrics table."""
+    settings = settings or EvalSettings()
+    if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks):
+        raise LayerMoEError("multiple-choice or lm-eval tasks are configured but no tokenizer was given; pass the model's tokenizer")
+    perplexity = language_perplexity(model, sequences, settings.batch_size, settings.max_sequences)
+    tables = [perplexity_metrics(perplexity)]
+    tables += [score_multiple_choice(model, tokenizer, path, settings.batch_size) for path in settings.multiple_choice_files]
+    if settings.lm_eval_tasks:
+        tables.append(lm_eval_scores(model, tokenizer, settings.lm_eval_tasks, settings.batch_size, settings.lm_eval_limit))
+    return pd.concat([t for t in tables if not t.empty], ignore_index=True)
+
+
+# -- parent vs child -----------------------------------------------------------------------
+def as_metrics(table: pd.DataFrame, side: str) -> pd.Series:
+    """A metrics table (or a `language_perplexity` table) as a Series indexed by (language, metric)."""
+    if {"language", "metric", "value"} <= set(table.columns):
+        long = table
+    elif {"language", "loss", "perplexity", "tokens"} <= set(table.columns):
+        long = perplexity_metrics(table)
+    else:
+        raise LayerMoEError(
+            f"the {side} table has columns {list(table.columns)}; pass a metrics table (language, metric, value, n) "
+            "from evaluate_model or a language_perplexity table"
+        )
+    values = long.set_index(["language", "metric"])["value"].astype(float)
+    repeated = values.index[values.index.duplicated()].unique().tolist()
+    if repeated:
+        raise LayerMoEError(f"the {side} table has (language, metric) pairs more than once: {repeated}; give each task a distinct name")
+    return values
+
+
+def compare_models(
+    parent: pd.DataFrame, child: pd.DataFrame, old_languages: Sequence[str], new_languages: Sequence[str]
+) -> pd.DataFrame:
+    """Tidy parent-vs-child table: language, group ("old"/"new"), metric, parent, child, delta = child - parent.
+
+    Rows: old languages first, then new, each in the given order; loss and perplexity first.
+    """
+    old, new = list(old_languages), list(new_languages)
+    both = sorted(set(old) & set(new))
+    if both:
+        raise LayerMoEError(f"languages {both} are listed as both old and new; each language belongs to one group")
+    parent_values, child_values = as_metrics(parent, "parent"), as_metrics(child, "child")
+    unmatched = parent_values.index.symmetric_difference(child_values.index).tolist()
+    if unmatched:
+        raise LayerMoEError(f"(language, metric) pairs {unmatched} were measured for only one model; evaluate both on the same data and tasks")
+    languages = parent_values.index.get_level_values("language").unique()
+    ungrouped = [lang for lang in languages if lang not in old and lang not in new]
+    if ungrouped:
+        raise LayerMoEError(f"languages {ungrouped} were evaluated but are neither old {old} nor new {new}; add them to the plan's languages")
+    without_loss = [lang for lang in old + new if (lang, "loss") not in parent_values.index]
+    if without_loss:
+        raise LayerMoEError(f"languages {without_loss} have no held-out loss; provide held-out sequences for every old and new language")
+    table = pd.DataFrame({"parent": parent_values, "child": child_values}).reset_index()
+    table["group"] = table["language"].map(lambda lang: "old" if lang in old else "new")
+    table["delta"] = table["child"] - table["parent"]
+    language_rank = {lang: i for i, lang in enumerate(old + new)}
+    metric_rank = {"loss": 0, "perplexity": 1}
+    keys = [(language_rank[lang], metric_rank.get(metric, 2), metric) for lang, metric in zip(table["language"], table["metric"])]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return table.iloc[order][COMPARISON_COLUMNS].reset_index(drop=True)
+
+
+def old_language_drift(comparison: pd.DataFrame) -> float:
+    """Mean change in old-language loss (child - parent, nats); positive means forgetting. NaN without old languages."""
+    return mean_loss_delta(comparison, "old")
+
+
+def new_language_gain(comparison: pd.DataFrame) -> float:
+    """Mean decrease in new-language loss (parent - child, nats); positive means learning. NaN without new languages."""
+    return -mean_loss_delta(comparison, "new")
+
+
+def mean_loss_delta(comparison: pd.DataFrame, group: str) -> float:
+    deltas = comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
+    return float(deltas.mean()) if len(deltas) else math.nan
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameters_added(parent: nn.Module, child: nn.Module) -> int:
+    return count_parameters(child) - count_parameters(parent)

@@ -1,0 +1,77 @@
+"""Promotion gates: does a child keep its old languages and gain on its new ones?
+
+A round's child becomes `champion` only if it passes; otherwise it is registered as
+rejected, with `GateDecision.reasons` saying which language broke which bound.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import LayerMoEError
+
+COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")
+
+
+class GateSettings(BaseModel):
+    """Bounds on the child's held-out loss, per language, relative to its parent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_old_loss_increase: float = Field(
+        0.05, ge=0, description="Largest allowed rise of each old language's loss: nats, or a fraction of the parent's loss."
+    )
+    old_loss_bound: Literal["absolute", "relative"] = Field(
+        "absolute", description="'absolute': the bound is in nats; 'relative': it is a fraction of the parent's loss."
+    )
+    require_new_improvement: bool = Field(True, description="Every new language's loss must be lower than the parent's.")
+
+
+class GateDecision(BaseModel):
+    """`reasons` explain the decision: the failed checks when rejected, every check when passed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    passed: bool
+    reasons: list[str]
+
+
+def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = None) -> GateDecision:
+    """Apply the gates to a `compare_models` table (its `loss` rows)."""
+    settings = settings or GateSettings()
+    missing = [c for c in COMPARISON_COLUMNS if c not in comparison.columns]
+    if missing:
+        raise LayerMoEError(
+            f"the comparison table lacks columns {missing} (it has {list(comparison.columns)}); "
+            "pass the table that evaluation.compare_models returns"
+        )
+    loss = comparison[comparison["metric"] == "loss"]
+    passes: list[str] = []
+    failures: list[str] = []
+    for row in loss[loss["group"] == "old"].itertuples():
+        allowed = settings.max_old_loss_increase * (row.parent if settings.old_loss_bound == "relative" else 1.0)
+        ok = row.delta <= allowed  # False for NaN
+        verdict = "within" if ok else "exceeds"
+        (passes if ok else failures).append(
+            f"old language {row.language}: loss {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} nats) "
+            f"{verdict} the allowed increase of {allowed:.4f} nats"
+        )
+    if settings.require_new_improvement:
+        new = loss[loss["group"] == "new"]
+        if new.empty:
+            failures.append(
+                "no new language has a held-out loss in the comparison, so improvement cannot be checked; "
+                "evaluate the new languages' held-out text or set require_new_improvement=False"
+            )
+        for row in new.itertuples():
+            ok = row.delta < 0  # False for NaN
+            verdict = "improved" if ok else "did not improve; it must decrease"
+            (passes if ok else failures).append(
+                f"new language {row.language}: loss {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} nats) {verdict}"
+            )
+    if failures:
+        return GateDecision(passed=False, reasons=failures)
+    return GateDecision(passed=True, reasons=passes or ["no gate applies: no old-language loss and no new-language requirement"])

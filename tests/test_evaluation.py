@@ -1,0 +1,322 @@
+"""Evaluation: held-out perplexity, multiple-choice scoring, parent-vs-child comparison."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from pydantic import ValidationError
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch import nn
+from transformers import PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutput
+
+from layermoe_core import LayerMoEError, expand
+from layermoe_core.evaluation import (
+    COMPARISON_COLUMNS,
+    EvalSettings,
+    compare_models,
+    continuation_logprobs,
+    evaluate_model,
+    language_perplexity,
+    lm_eval_metrics,
+    lm_eval_scores,
+    load_multiple_choice,
+    new_language_gain,
+    old_language_drift,
+    parameters_added,
+    score_multiple_choice,
+)
+from layermoe_core.plots import plot_language_comparison
+
+from .conftest import TINY, tiny_model
+
+WORDS = ["[UNK]", "Answer:", "red", "blue", "green", "Question:", "sky", "colour?"]
+ID = {word: i for i, word in enumerate(WORDS)}
+
+
+class BigramLM(nn.Module):
+    """A causal LM whose next-token distribution depends only on the current token: probs[current]."""
+
+    def __init__(self, probs: torch.Tensor):
+        super().__init__()
+        self.log_probs = nn.Parameter(probs.log())  # (V, V), rows sum to 1 in probability
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return CausalLMOutput(logits=self.log_probs[input_ids])  # (B, T, V)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel(vocab=ID, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def answer_model() -> BigramLM:
+    """After "Answer:": log p(blue) = -1, log p(red) = -2, log p(green) = -4; after "blue": log p(blue) = -2."""
+    vocab = len(WORDS)
+    probs = torch.full((vocab, vocab), 1.0 / vocab, dtype=torch.float64)
+    for row, chosen in (("Answer:", {"blue": -1.0, "red": -2.0, "green": -4.0}), ("blue", {"blue": -2.0})):
+        rest = 1 - sum(math.exp(v) for v in chosen.values())
+        probs[ID[row]] = rest / (vocab - len(chosen))
+        for word, log_p in chosen.items():
+            probs[ID[row], ID[word]] = math.exp(log_p)
+    return BigramLM(probs)
+
+
+def write_jsonl(path, records) -> str:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return str(path)
+
+
+QUESTION = {"language": "en", "passage": "sky", "question": "colour?", "options": ["red", "blue"], "answer": 1}
+
+
+# -- perplexity ---------------------------------------------------------------------------------
+def test_perplexity_is_the_token_weighted_mean_nll_of_a_known_distribution():
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7], [1 / 3, 1 / 3, 1 / 3]], dtype=torch.float64)
+    model = BigramLM(probs)
+    sequences = {
+        "en": torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1]]),  # batches of 2 and 1 sequences
+        "el": torch.tensor([[2, 0, 2, 1, 0]]),  # every step predicted from token 2 or uniform row
+    }
+    table = language_perplexity(model, sequences, batch_size=2).set_index("language")
+    # en transitions: 0->1, 1->2, 2->2, 2->0, 1->0, 0->1
+    en_loss = -(2 * math.log(0.25) + math.log(0.7) + 2 * math.log(1 / 3) + math.log(0.1)) / 6
+    # el transitions: 2->0, 0->2, 2->1, 1->0
+    el_loss = -(math.log(1 / 3) + math.log(0.25) + math.log(1 / 3) + math.log(0.1)) / 4
+    assert table.loc["en", "loss"] == pytest.approx(en_loss, rel=1e-6)
+    assert table.loc["el", "loss"] == pytest.approx(el_loss, rel=1e-6)
+    assert table.loc["en", "perplexity"] == pytest.approx(math.exp(en_loss), rel=1e-6)
+    assert table.loc["en", "tokens"] == 6 and table.loc["el", "tokens"] == 4
+
+
+def test_max_sequences_keeps_the_first_sequences_only():
+    model = BigramLM(torch.tensor([[0.5, 0.5], [0.9, 0.1]], dtype=torch.float64))
+    table = language_perplexity(model, {"en": torch.tensor([[0, 0], [1, 1]])}, batch_size=4, max_sequences=1)
+    assert table.loc[0, "tokens"] == 1
+    assert table.loc[0, "loss"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["dense", "layermoe"])
+def test_perplexity_matches_the_models_own_loss_and_restores_training_mode(expanded):
+    model = tiny_model("qwen2")
+    if expanded:
+        model = expand(model, [1, 0, 2], ["en"], ["el"])
+    ids = torch.randint(0, TINY["vocab_size"], (5, 7), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    reference = (out.lm_loss if expanded else out.loss).item()
+    model.train()
+    table = language_perplexity(model, {"el": ids}, batch_size=2)
+    assert model.training
+    assert table.loc[0, "loss"] == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "sequences, fragment",
+    [
+        ({"en": torch.zeros(2, 1, dtype=torch.long)}, "at least 2 tokens"),
+        ({"en": torch.zeros(2, 4)}, "LongTensor"),
+        ({"en": [[1, 2, 3]]}, "LongTensor"),
+        ({}, "no held-out sequences"),
+    ],
+)
+def test_bad_held_out_sequences_are_refused_with_the_fix(sequences, fragment):
+    with pytest.raises(LayerMoEError, match=fragment):
+        language_perplexity(BigramLM(torch.full((2, 2), 0.5)), sequences)
+
+
+# -- multiple choice -----------------------------------------------------------------------------
+def test_multiple_choice_picks_the_option_with_the_highest_log_likelihood(tmp_path):
+    path = write_jsonl(
+        tmp_path / "colours.jsonl",
+        [
+            {**QUESTION, "options": ["red", "blue", "green"], "answer": 1},  # blue has the highest sum and per-char score
+            {**QUESTION, "options": ["green", "red"], "answer": 0},  # the model prefers red on both scores
+            {**QUESTION, "language": "el", "options": ["red", "blue blue"], "answer": 1},  # -2 vs -3 in sum, -2/4 vs -3/10 per char
+        ],
+    )
+    table = score_multiple_choice(answer_model(), word_tokenizer(), path, batch_size=2)
+    scores = table.set_index(["language", "metric"])["value"]
+    assert scores.to_dict() == {
+        ("en", "colours.mc_acc"): 0.5,
+        ("en", "colours.mc_acc_norm"): 0.5,
+        ("el", "colours.mc_acc"): 0.0,
+        ("el", "colours.mc_acc_norm"): 1.0,
+    }
+    assert table.set_index("language")["n"].to_dict() == {"en": 2, "el": 1}
+
+
+def test_continuation_logprobs_sum_the_option_tokens_after_the_context():
+    requests = [([ID["sky"], ID["Answer:"]], [ID["blue"], ID["blue"]]), ([ID["Answer:"]], [ID["red"]])]
+    assert continuation_logprobs(answer_model(), requests, batch_size=2) == pytest.approx([-3.0, -2.0])
+
+
+def test_batched_padded_scoring_equals_one_request_at_a_time():
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(0)
+    requests = [
+        (torch.randint(0, TINY["vocab_size"], (n_ctx,), generator=gen).tolist(), torch.randint(0, 97, (n_cont,), generator=gen).tolist())
+        for n_ctx, n_cont in [(3, 1), (7, 4), (2, 2), (5, 3)]
+    ]
+    batched = continuation_logprobs(model, requests, batch_size=4)
+    assert batched == pytest.approx(continuation_logprobs(model, requests, batch_size=1), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ({k: v for k, v in QUESTION.items() if k != "question"}, "question: Field required"),
+        ({**QUESTION, "answer": 2}, "answer 2 is out of range for 2 options; use a 0-based index from 0 to 1"),
+        ({**QUESTION, "options": []}, "options: List should have at least 2 items"),
+        ({**QUESTION, "options": ["red", ""]}, "options.1: String should have at least 1 character"),
+        ({**QUESTION, "pasage": "typo"}, "pasage: Extra inputs are not permitted"),
+        ('{"language": "en", "question": ', "not valid JSON"),
+        ('["a", "b"]', "record: Input should be a valid dictionary"),
+    ],
+)
+def test_bad_multiple_choice_file_names_the_file_line_and_format(tmp_path, line, fragment):
+    path = write_jsonl(tmp_path / "bad.jsonl", [QUESTION, "", line])
+    with pytest.raises(LayerMoEError) as error:
+        load_multiple_choice(path)
+    message = str(error.value)
+    assert f"{path}:3:" in message and fragment in message
+    assert "each line must be one JSON object" in message
+
+
+def test_missing_or_empty_multiple_choice_file_is_refused(tmp_path):
+    with pytest.raises(LayerMoEError, match="does not exist"):
+        load_multiple_choice(tmp_path / "absent.jsonl")
+    with pytest.raises(LayerMoEError, match="holds no questions"):
+        load_multiple_choice(write_jsonl(tmp_path / "empty.jsonl", [""]))
+
+
+def test_passage_is_optional_and_prompts_end_with_answer(tmp_path):
+    (record,) = load_multiple_choice(write_jsonl(tmp_path / "q.jsonl", [{k: v for k, v in QUESTION.items() if k != "passage"}]))
+    assert record.prompt() == "Question: colour?\nAnswer:"
+    assert load_multiple_choice(write_jsonl(tmp_path / "p.jsonl", [QUESTION]))[0].prompt() == "sky\nQuestion: colour?\nAnswer:"
+
+
+# -- lm-eval harness -------------------------------------------------------------------------------
+def test_lm_eval_is_skipped_with_a_log_message_when_not_installed(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with caplog.at_level(logging.WARNING, logger="layermoe_core.evaluation"):
+        table = lm_eval_scores(answer_model(), word_tokenizer(), {"belebele_ell_Grek": "el"})
+    assert table.empty
+    assert "belebele_ell_Grek" in caplog.text and "pip install lm_eval" in caplog.text
+
+
+def test_lm_eval_results_become_metrics_without_stderr():
+    results = {
+        "results": {"belebele_ell_Grek": {"alias": "belebele_ell_Grek", "acc,none": 0.25, "acc_stderr,none": 0.01, "acc_norm,none": 0.5}},
+        "n-samples": {"belebele_ell_Grek": {"original": 900, "effective": 40}},
+    }
+    table = lm_eval_metrics(results, {"belebele_ell_Grek": "el"})
+    assert table.to_dict("records") == [
+        {"language": "el", "metric": "belebele_ell_Grek.acc", "value": 0.25, "n": 40},
+        {"language": "el", "metric": "belebele_ell_Grek.acc_norm", "value": 0.5, "n": 40},
+    ]
+
+
+# -- one model end to end ----------------------------------------------------------------------------
+def test_evaluate_model_reports_perplexity_and_every_task_per_language(tmp_path):
+    path = write_jsonl(tmp_path / "colours.jsonl", [QUESTION, {**QUESTION, "language": "el"}])
+    settings = EvalSettings(batch_size=2, max_sequences=2, multiple_choice_files=[path])
+    sequences = {lang: torch.randint(0, len(WORDS), (3, 5), generator=torch.Generator().manual_seed(i)) for i, lang in enumerate(["en", "el"])}
+    table = evaluate_model(answer_model(), word_tokenizer(), sequences, settings)
+    assert list(table.columns) == ["language", "metric", "value", "n"]
+    assert set(zip(table.language, table.metric)) == {
+        (lang, metric) for lang in ["en", "el"] for metric in ["loss", "perplexity", "colours.mc_acc", "colours.mc_acc_norm"]
+    }
+    assert set(table.loc[table.metric == "loss", "n"]) == {8}  # max_sequences=2 of 4 predicted tokens
+
+
+def test_eval_settings_refuse_unknown_fields_and_clashing_task_names():
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        EvalSettings(batchsize=4)
+    with pytest.raises(ValidationError, match="distinct name"):
+        EvalSettings(multiple_choice_files=["a/belebele.jsonl", "b/belebele.jsonl"])
+
+
+# -- parent vs child -----------------------------------------------------------------------------------
+def perplexity_table(losses: dict[str, float]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"language": lang, "loss": loss, "perplexity": math.exp(loss), "tokens": 100} for lang, loss in losses.items()]
+    )
+
+
+def metrics_table(losses: dict[str, float], accuracy: dict[str, float]) -> pd.DataFrame:
+    mc = pd.DataFrame([{"language": lang, "metric": "belebele.mc_acc", "value": acc, "n": 10} for lang, acc in accuracy.items()])
+    long = perplexity_table(losses).melt(id_vars=["language", "tokens"], value_vars=["loss", "perplexity"], var_name="metric")
+    return pd.concat([mc, long.rename(columns={"tokens": "n"})], ignore_index=True)
+
+
+def test_compare_models_gives_tidy_rows_with_child_minus_parent():
+    parent = metrics_table({"el": 4.0, "en": 2.0}, {"el": 0.25})
+    child = metrics_table({"el": 3.0, "en": 2.1}, {"el": 0.5})
+    table = compare_models(parent, child, old_languages=["en"], new_languages=["el"])
+    assert list(table.columns) == COMPARISON_COLUMNS
+    assert list(zip(table.language, table.group, table.metric)) == [
+        ("en", "old", "loss"),
+        ("en", "old", "perplexity"),
+        ("el", "new", "loss"),
+        ("el", "new", "perplexity"),
+        ("el", "new", "belebele.mc_acc"),
+    ]
+    rows = table.set_index(["language", "metric"])
+    assert rows.loc[("en", "loss"), "delta"] == pytest.approx(0.1)
+    assert rows.loc[("el", "loss"), "delta"] == pytest.approx(-1.0)
+    assert rows.loc[("el", "perplexity"), "delta"] == pytest.approx(math.exp(3.0) - math.exp(4.0))
+    assert rows.loc[("el", "belebele.mc_acc"), ["parent", "child", "delta"]].tolist() == [0.25, 0.5, 0.25]
+
+
+def test_compare_models_accepts_language_perplexity_tables():
+    table = compare_models(perplexity_table({"en": 2.0}), perplexity_table({"en": 2.5}), ["en"], [])
+    assert table.loc[table.metric == "loss", "delta"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "child, old, new, fragment",
+    [
+        (perplexity_table({"en": 2.0, "el": 3.0}), ["en"], ["en", "el"], "both old and new"),
+        (perplexity_table({"en": 2.0, "el": 3.0}), ["en"], [], "neither old"),
+        (perplexity_table({"en": 2.0}), ["en"], ["el"], "only one model"),
+        (perplexity_table({"en": 2.0, "el": 3.0}), ["en", "hu"], ["el"], "no held-out loss"),
+    ],
+)
+def test_compare_models_refuses_mismatched_inputs(child, old, new, fragment):
+    with pytest.raises(LayerMoEError, match=fragment):
+        compare_models(perplexity_table({"en": 2.0, "el": 3.5}), child, old, new)
+
+
+def test_drift_and_gain_are_mean_loss_changes_per_group():
+    parent = perplexity_table({"en": 2.0, "es": 3.0, "el": 5.0, "hu": 4.0})
+    child = perplexity_table({"en": 2.1, "es": 3.3, "el": 4.0, "hu": 3.0})
+    table = compare_models(parent, child, ["en", "es"], ["el", "hu"])
+    assert old_language_drift(table) == pytest.approx(0.2)
+    assert new_language_gain(table) == pytest.approx(1.0)
+    assert math.isnan(old_language_drift(compare_models(parent, child, [], ["en", "es", "el", "hu"])))
+
+
+def test_parameters_added_counts_new_experts_and_router_rows():
+    parent = tiny_model("qwen2")
+    parent_copy = tiny_model("qwen2")
+    child = expand(parent_copy, [1, 0, 2], ["en"], ["el"])
+    hidden, intermediate = TINY["hidden_size"], TINY["intermediate_size"]
+    experts = 3 * (3 * hidden * intermediate)  # 3 new experts, each with gate, up and down projections
+    routers = (1 + 1) * hidden + (1 + 2) * hidden  # a dense layer had no router; one row per expert, expert 0 included
+    assert parameters_added(parent, child) == experts + routers
+
+
+def test_language_comparison_plot_is_written_as_png(tmp_path):
+    table = compare_models(perplexity_table({"en": 2.0, "el": 5.0}), perplexity_table({"en": 2.1, "el": 4.0}), ["en"], ["el"])
+    for metric in ["loss", "perplexity"]:
+        path = plot_language_comparison(table, tmp_path / "plots" / f"{metric}.png", metric=metric)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
