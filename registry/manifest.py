@@ -1,0 +1,66 @@
+"""The checksum manifest of a version: sha256 and size per file, written at registration, checked on download.
+
+Its own digest is stored as a version tag (in the registry database, apart from the artifacts),
+so a changed manifest is caught as surely as a changed weight file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from layermoe_core.errors import LayerMoEError
+
+from .model_files import list_model_files, refuse_pickles, require_loadable
+
+MANIFEST_NAME = "layermoe_files.json"
+MANIFEST_FORMAT = "layermoe-files/1"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(model_dir: Path, files: list[str]) -> str:
+    """The manifest as the exact JSON text that is stored (its sha256 is the version's digest)."""
+    entries = {name: {"sha256": sha256_file(model_dir / name), "bytes": (model_dir / name).stat().st_size} for name in files}
+    return json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1, sort_keys=True)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
+    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt."""
+    manifest_path = model_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise LayerMoEError(f"{what} has no {MANIFEST_NAME}; register the model with registry.register_base/register_child")
+    if sha256_file(manifest_path) != expected_digest:
+        raise LayerMoEError(f"{what}: {MANIFEST_NAME} does not match the digest recorded at registration; the artifacts were altered")
+    expected = json.loads(manifest_path.read_text())["files"]
+    present = list_model_files(model_dir, exclude=(MANIFEST_NAME,))
+    refuse_pickles(present, what)
+    unexpected = [f for f in present if f not in expected]
+    missing = [f for f in expected if f not in present]
+    if unexpected or missing:
+        raise LayerMoEError(f"{what}: files missing {missing}, files not in the manifest {unexpected}; re-register the version")
+    for name, entry in expected.items():
+        size = (model_dir / name).stat().st_size
+        if size != entry["bytes"]:
+            raise LayerMoEError(
+                f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
+                "download again, or re-register the version from its checkpoint"
+            )
+        if sha256_file(model_dir / name) != entry["sha256"]:
+            raise LayerMoEError(
+                f"{what}: {name} is corrupt (sha256 differs from the one registered); "
+                "download again, or re-register the version from its checkpoint"
+            )
+    require_loadable(present, what)

@@ -1,0 +1,52 @@
+"""Log a round's reports on its run: tables (CSV, and MLflow tables for the UI), PNG plots, metrics, params."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.utils.time import get_current_time_millis
+
+from layermoe_core.errors import LayerMoEError
+
+from .settings import NAME_PATTERN
+from .tags import encode_tags
+
+
+def check_reports(tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Path]) -> None:
+    """Refuse names that cannot be file names and plots that are not PNG files, before anything is logged."""
+    bad = [name for name in [*tables, *plots] if not NAME_PATTERN.match(name)]
+    if bad:
+        raise LayerMoEError(f"table/plot names {bad} must be letters, digits, '_', '.' or '-' (they become file names)")
+    not_png = [str(path) for path in plots.values() if Path(path).suffix.lower() != ".png" or not Path(path).is_file()]
+    if not_png:
+        raise LayerMoEError(f"plots {not_png} are not existing .png files; save figures with fig.savefig('name.png')")
+
+
+def log_reports(
+    client: MlflowClient,
+    run_id: str,
+    tables: Mapping[str, pd.DataFrame],
+    plots: Mapping[str, Path],
+    metrics: Mapping[str, float],
+    params: Mapping[str, object],
+) -> None:
+    now = get_current_time_millis()
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+        params=[Param(key, value) for key, value in encode_tags(params).items()],
+    )
+    for name, table in tables.items():
+        client.log_text(run_id, table.to_csv(index=False), f"tables/{name}.csv")
+        client.log_table(run_id, table, f"tables/{name}.json")  # rendered by the MLflow UI
+    with tempfile.TemporaryDirectory() as staging:  # log_artifact keeps file names; name each plot by its key
+        for name, plot in plots.items():
+            shutil.copyfile(plot, Path(staging) / f"{name}.png")
+        if plots:
+            client.log_artifacts(run_id, staging, "plots")

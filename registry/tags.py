@@ -1,0 +1,35 @@
+"""The `layermoe.*` tags of a model version: keys, and their string encoding (MLflow tag values are strings)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+KIND = "layermoe.kind"  # "base" or "child"
+PARENT_VERSION = "layermoe.parent_version"
+ROUND = "layermoe.round"  # 0 for a base
+LANGUAGES = "layermoe.languages"  # every language taught so far
+OLD_LANGUAGES = "layermoe.old_languages"
+NEW_LANGUAGES = "layermoe.new_languages"
+ALLOCATION = "layermoe.allocation"  # new experts per layer in this round
+CLASSIFIER_LAYERS = "layermoe.classifier_layers"
+PARAMS_TOTAL = "layermoe.params_total"
+PARAMS_ADDED = "layermoe.params_added"
+MANIFEST_SHA256 = "layermoe.manifest_sha256"
+
+# Written once at registration; changing one would falsify lineage or the checksum, so tag_version refuses.
+REGISTRATION_TAGS = frozenset(
+    {KIND, PARENT_VERSION, ROUND, LANGUAGES, OLD_LANGUAGES, NEW_LANGUAGES, ALLOCATION, CLASSIFIER_LAYERS,
+     PARAMS_TOTAL, PARAMS_ADDED, MANIFEST_SHA256}
+)
+_JSON_TAGS = REGISTRATION_TAGS - {KIND, MANIFEST_SHA256}
+
+
+def encode_tags(values: Mapping[str, object]) -> dict[str, str]:
+    """Strings stay as they are; numbers and lists become JSON, so they decode back to their type."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in values.items()}
+
+
+def decode_tag(key: str, value: str | None) -> object:
+    """The typed value of a registration tag (int, list); other tags, and absent ones, as stored."""
+    return json.loads(value) if key in _JSON_TAGS and value is not None else value

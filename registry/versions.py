@@ -1,0 +1,213 @@
+"""Read the registry's versions (find, list, show, lineage) and move aliases and tags on them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict
+
+from layermoe_core.errors import LayerMoEError
+
+from .client import open_client
+from .settings import RegistrySettings
+from .tags import LANGUAGES, MANIFEST_SHA256, NEW_LANGUAGES, PARENT_VERSION, REGISTRATION_TAGS, ROUND, decode_tag, encode_tags
+
+VersionRef = int | str  # a version number (int or digits) or an alias name
+READY = "READY"
+
+
+class VersionInfo(BaseModel):
+    """One registered model version, with its aliases (which MLflow's search results leave out)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: int
+    run_id: str | None
+    source: str
+    status: str
+    aliases: list[str]
+    tags: dict[str, str]
+    created: datetime
+    description: str | None = None
+
+    def tag(self, key: str) -> object:
+        """A `layermoe.*` tag decoded to its type (int, list); None when absent."""
+        return decode_tag(key, self.tags.get(key))
+
+
+def parse_ref(ref: VersionRef) -> int | str:
+    """A version number as int, an alias as str; digit strings (from a CLI) are version numbers."""
+    if isinstance(ref, int) and not isinstance(ref, bool) and ref > 0:
+        return ref
+    if isinstance(ref, str) and ref.isdigit() and int(ref) > 0:
+        return int(ref)
+    if isinstance(ref, str) and ref and not ref.isdigit():
+        return ref
+    raise LayerMoEError(f"version reference {ref!r} is neither a version number (1, 2, ...) nor an alias name (e.g. 'champion')")
+
+
+def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return sorted(versions, key=lambda mv: int(mv.version))
+
+
+def registered_model(client: MlflowClient, settings: RegistrySettings) -> RegisteredModel:
+    try:
+        return client.get_registered_model(settings.registered_model_name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        existing = [rm.name for rm in client.search_registered_models()]
+        raise LayerMoEError(
+            f"registered model {settings.registered_model_name!r} does not exist at {settings.tracking_uri} "
+            f"(registered models there: {existing}); register a base model first with registry.register_base"
+        ) from e
+
+
+def _aliases_by_version(rm: RegisteredModel) -> dict[int, list[str]]:
+    by_version: dict[int, list[str]] = {}
+    for alias, version in sorted(rm.aliases.items()):
+        by_version.setdefault(int(version), []).append(alias)
+    return by_version
+
+
+def _info(mv: ModelVersion, rm: RegisteredModel) -> VersionInfo:
+    return VersionInfo(
+        name=mv.name,
+        version=int(mv.version),
+        run_id=mv.run_id or None,
+        source=mv.source,
+        status=mv.status,
+        aliases=_aliases_by_version(rm).get(int(mv.version), []),
+        tags=dict(mv.tags),
+        created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc),
+        description=mv.description or None,
+    )
+
+
+def find_version(client: MlflowClient, settings: RegistrySettings, ref: VersionRef) -> VersionInfo:
+    """The version `ref` names; if none, a LayerMoEError that lists the versions and aliases there are."""
+    rm = registered_model(client, settings)
+    target = parse_ref(ref)
+    version = rm.aliases.get(target) if isinstance(target, str) else target
+    if version is not None:
+        try:
+            return _info(client.get_model_version(rm.name, str(version)), rm)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+    what = f"alias {target!r} is not set" if isinstance(target, str) else f"version {target} does not exist"
+    existing = [int(mv.version) for mv in all_versions(client, rm.name)]
+    raise LayerMoEError(
+        f"{what} on registered model {rm.name!r}: it has versions {existing} and aliases {dict(sorted(rm.aliases.items()))}; "
+        "pass one of those, or promote a version with registry.promote"
+    )
+
+
+def promote(settings: RegistrySettings, version: VersionRef, alias: str = "champion") -> VersionInfo:
+    """Point `alias` at a fully written version (READY, with its manifest); the only way aliases move."""
+    if alias.isdigit():
+        raise LayerMoEError(f"alias {alias!r} would read as a version number; choose a name such as 'champion'")
+    client = open_client(settings)
+    info = find_version(client, settings, version)
+    if info.status != READY or MANIFEST_SHA256 not in info.tags:
+        raise LayerMoEError(
+            f"version {info.version} is not fully registered (status {info.status}, manifest tag "
+            f"{'present' if MANIFEST_SHA256 in info.tags else 'missing'}); re-register its checkpoint before promoting"
+        )
+    try:
+        client.set_registered_model_alias(info.name, alias, str(info.version))
+    except MlflowException as e:
+        if e.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        raise LayerMoEError(f"alias {alias!r} is refused by MLflow ({e.message}); use letters, digits, '_' or '-'") from e
+    return find_version(client, settings, info.version)
+
+
+def tag_version(settings: RegistrySettings, version: VersionRef, tags: Mapping[str, object]) -> VersionInfo:
+    """Add notes such as `layermoe.rejected` and a reason; the registration tags stay as written."""
+    protected = sorted(set(tags) & REGISTRATION_TAGS)
+    if protected:
+        raise LayerMoEError(f"tags {protected} are written at registration and define lineage; choose other keys")
+    client = open_client(settings)
+    info = find_version(client, settings, version)
+    for key, value in encode_tags(tags).items():
+        client.set_model_version_tag(info.name, str(info.version), key, value)
+    return find_version(client, settings, info.version)
+
+
+def newest_version(settings: RegistrySettings, alias: str | None = "champion") -> VersionInfo:
+    """The version `alias` points at, or with alias=None the highest version number."""
+    client = open_client(settings)
+    if alias is not None:
+        return find_version(client, settings, alias)
+    rm = registered_model(client, settings)
+    versions = all_versions(client, rm.name)
+    if not versions:
+        raise LayerMoEError(f"registered model {rm.name!r} has no versions yet; register a base with registry.register_base")
+    return _info(versions[-1], rm)
+
+
+def lineage(settings: RegistrySettings, ref: VersionRef) -> list[VersionInfo]:
+    """`ref`'s version, its parent, and so on back to the base (newest first)."""
+    client = open_client(settings)
+    chain = [find_version(client, settings, ref)]
+    while (parent := chain[-1].tag(PARENT_VERSION)) is not None:
+        if any(v.version == parent for v in chain):
+            raise LayerMoEError(f"lineage of version {chain[0].version} loops at version {parent}; fix its {PARENT_VERSION} tag")
+        chain.append(find_version(client, settings, parent))
+    return chain
+
+
+def list_versions(settings: RegistrySettings) -> pd.DataFrame:
+    """One row per version, oldest first: version, aliases, parent, round, languages, created, status, run_id."""
+    client = open_client(settings)
+    rm = registered_model(client, settings)
+    rows = []
+    for mv in all_versions(client, rm.name):
+        info = _info(mv, rm)
+        rows.append({
+            "version": info.version,
+            "aliases": ",".join(info.aliases),
+            "parent": info.tag(PARENT_VERSION),
+            "round": info.tag(ROUND),
+            "languages": ",".join(info.tag(LANGUAGES) or []),
+            "new_languages": ",".join(info.tag(NEW_LANGUAGES) or []),
+            "created": info.created,
+            "status": info.status,
+            "run_id": info.run_id,
+        })
+    frame = pd.DataFrame(rows, columns=["version", "aliases", "parent", "round", "languages", "new_languages", "created", "status", "run_id"])
+    return frame.astype({"parent": "Int64", "round": "Int64"})
+
+
+def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:
+    """Everything a person asks about one version: lineage tags decoded, plus the metrics and params of its run."""
+    client = open_client(settings)
+    info = find_version(client, settings, ref)
+    run = client.get_run(info.run_id) if info.run_id else None
+    return {
+        "name": info.name,
+        "version": info.version,
+        "aliases": info.aliases,
+        "status": info.status,
+        "created": info.created.isoformat(),
+        "description": info.description,
+        "run_id": info.run_id,
+        "source": info.source,
+        **{key.removeprefix("layermoe."): info.tag(key) for key in sorted(REGISTRATION_TAGS) if key in info.tags},
+        "other_tags": {k: v for k, v in info.tags.items() if k not in REGISTRATION_TAGS},
+        "metrics": dict(run.data.metrics) if run else {},
+        "params": dict(run.data.params) if run else {},
+    }

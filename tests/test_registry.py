@@ -1,0 +1,242 @@
+"""The MLflow registry: lineage, aliases only via promote, verified downloads, clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from layermoe_core import LayerMoEError, expand, insert_classifiers  # noqa: E402
+from registry import (  # noqa: E402
+    RegistrySettings,
+    download_version,
+    lineage,
+    list_versions,
+    newest_version,
+    promote,
+    register_base,
+    register_child,
+    show_version,
+    tag_version,
+)
+
+from .conftest import tiny_model  # noqa: E402
+from .tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+ROUND_1 = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [2, 0, 1], "classifier_layers": [0]}
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """One migrated MLflow database, copied per test: creating the schema is the slow part."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def settings(empty_store, tmp_path) -> RegistrySettings:
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copyfile(empty_store, db)
+    return RegistrySettings(tracking_uri=f"sqlite:///{db}")
+
+
+@pytest.fixture
+def base_dir(tmp_path) -> Path:
+    path = tmp_path / "base"
+    tiny_model("qwen2").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def child(tmp_path):
+    """A round-1 child whose new experts and routers differ from the parent's, saved with its tokenizer."""
+    model = expand(tiny_model("qwen2"), ROUND_1["allocation"], ["en"], ["el"])
+    insert_classifiers(model, ROUND_1["classifier_layers"])
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn_like(param))
+    path = tmp_path / "child"
+    model.eval().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture
+def plot(tmp_path) -> Path:
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.bar([0, 1, 2], ROUND_1["allocation"])
+    fig.savefig(tmp_path / "whatever.png")
+    plt.close(fig)
+    return tmp_path / "whatever.png"
+
+
+@pytest.fixture
+def registered(settings, base_dir, child, plot):
+    """Version 1: the base (en). Version 2: its round-1 child (el), with tables, plot, metrics and params."""
+    base = register_base(settings, base_dir, ["en"], description="tiny base")
+    similarity = pd.DataFrame({"layer": [0, 1, 2], "similarity": [0.5, 0.9, 0.7]})
+    kid = register_child(
+        settings, child[1], base.version, ROUND_1,
+        tables={"similarity": similarity}, plots={"allocation": plot},
+        metrics={"ppl_el": 12.5, "ppl_en": 9.0}, params={"delta": 3, "languages": ["el"]},
+    )
+    return base, kid
+
+
+def artifact_dir(settings: RegistrySettings, run_id: str) -> Path:
+    return Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path)
+
+
+def test_child_version_carries_lineage_tags_and_run_reports(settings, registered, child):
+    base, kid = registered
+    model, _ = child
+    assert (base.version, kid.version) == (1, 2)
+    assert kid.tag("layermoe.parent_version") == 1
+    assert kid.tag("layermoe.round") == 1
+    assert kid.tag("layermoe.old_languages") == ["en"] and kid.tag("layermoe.new_languages") == ["el"]
+    assert kid.tag("layermoe.languages") == ["en", "el"]
+    assert kid.tag("layermoe.allocation") == [2, 0, 1] and kid.tag("layermoe.classifier_layers") == [0]
+    assert all(isinstance(value, str) for value in kid.tags.values())
+    assert kid.tag("layermoe.params_total") == model.num_parameters()
+    assert kid.tag("layermoe.params_added") == model.num_parameters() - tiny_model("qwen2").num_parameters()
+    assert kid.source == f"runs:/{kid.run_id}/model" and kid.status == "READY"
+
+    run = MlflowClient(settings.tracking_uri).get_run(kid.run_id)
+    assert run.data.metrics == {"ppl_el": 12.5, "ppl_en": 9.0}
+    assert run.data.params == {"delta": "3", "languages": '["el"]'}
+    assert run.data.tags["layermoe.parent_version"] == "1" and run.info.status == "FINISHED"
+    stored = artifact_dir(settings, kid.run_id)
+    assert pd.read_csv(stored / "tables" / "similarity.csv")["similarity"].tolist() == [0.5, 0.9, 0.7]
+    assert (stored / "plots" / "allocation.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "layermoe_files.json"} <= {p.name for p in (stored / "model").iterdir()}
+
+
+def test_aliases_move_only_through_promote(settings, registered):
+    base, kid = registered
+    assert base.aliases == [] and kid.aliases == []
+    with pytest.raises(LayerMoEError, match=r"alias 'champion' is not set.*versions \[1, 2\]"):
+        newest_version(settings)
+    assert promote(settings, base.version).aliases == ["champion"]
+    assert newest_version(settings).version == 1
+    promote(settings, kid.version)
+    assert newest_version(settings).version == 2
+    assert list_versions(settings)["aliases"].tolist() == ["", "champion"]
+    assert newest_version(settings, alias=None).version == 2
+
+
+def test_download_verifies_and_reloads_with_identical_logits(settings, registered, child, tmp_path, token_ids):
+    model, _ = child
+    promote(settings, registered[1].version)
+    local = download_version(settings, "champion", tmp_path / "fetched")
+    assert (local.path, local.version, local.run_id) == (tmp_path / "fetched", 2, registered[1].run_id)
+    assert local.tags["layermoe.parent_version"] == "1"
+    reloaded = AutoModelForCausalLM.from_pretrained(local.path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(token_ids).logits, model(token_ids).logits, atol=0, rtol=0)
+        assert not torch.allclose(model(token_ids).logits, tiny_model("qwen2")(token_ids).logits, atol=1e-3)
+    assert AutoTokenizer.from_pretrained(local.path)("Hi 2").input_ids == tiny_tokenizer()("Hi 2").input_ids
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:-100]), r"model\.safetensors is truncated or corrupt"),
+        (lambda f: f.write_bytes(f.read_bytes()[:-1] + b"\x00"), r"model\.safetensors is corrupt \(sha256"),
+    ],
+    ids=["truncated", "same-size-corrupt"],
+)
+def test_damaged_weights_are_named_and_never_reach_dest(settings, registered, tmp_path, damage, message):
+    weights = artifact_dir(settings, registered[1].run_id) / "model" / "model.safetensors"
+    damage(weights)
+    with pytest.raises(LayerMoEError, match=message):
+        download_version(settings, 2, tmp_path / "fetched")
+    assert not (tmp_path / "fetched").exists()
+    assert not any(p.name.startswith(".fetched-partial-") for p in tmp_path.iterdir())
+
+
+def test_missing_version_or_alias_names_what_exists(settings, registered, tmp_path):
+    promote(settings, 1, alias="stable")
+    with pytest.raises(LayerMoEError, match=r"version 7 does not exist.*versions \[1, 2\] and aliases \{'stable': 1\}"):
+        download_version(settings, 7, tmp_path / "a")
+    with pytest.raises(LayerMoEError, match=r"alias 'champion' is not set.*versions \[1, 2\] and aliases \{'stable': 1\}"):
+        download_version(settings, "champion", tmp_path / "b")
+    other = settings.model_copy(update={"registered_model_name": "elsewhere"})
+    with pytest.raises(LayerMoEError, match=r"'elsewhere' does not exist.*registered models there: \['layermoe'\]"):
+        show_version(other, 1)
+
+
+def test_pickle_files_are_refused_at_registration_and_download(settings, registered, base_dir, tmp_path):
+    (base_dir / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(LayerMoEError, match=r"pickle files \['pytorch_model\.bin'\]"):
+        register_base(settings, base_dir, ["en"])
+    assert list_versions(settings)["version"].tolist() == [1, 2]  # nothing was registered
+
+    shutil.copyfile(base_dir / "pytorch_model.bin", artifact_dir(settings, registered[0].run_id) / "model" / "extra.pt")
+    with pytest.raises(LayerMoEError, match=r"pickle files \['extra\.pt'\]"):
+        download_version(settings, 1, tmp_path / "fetched")
+
+
+def test_list_show_and_lineage_describe_versions(settings, registered):
+    table = list_versions(settings)
+    assert table[["version", "parent", "round", "languages", "new_languages"]].astype(object).values.tolist() == [
+        [1, pd.NA, 0, "en", ""],
+        [2, 1, 1, "en,el", "el"],
+    ]
+    shown = show_version(settings, "2")
+    assert shown["parent_version"] == 1 and shown["allocation"] == [2, 0, 1] and shown["languages"] == ["en", "el"]
+    assert shown["metrics"]["ppl_el"] == 12.5 and shown["params"]["delta"] == "3"
+    assert shown["run_id"] == registered[1].run_id and shown["status"] == "READY"
+    assert [v.version for v in lineage(settings, 2)] == [2, 1]
+
+
+def test_tag_version_adds_notes_but_not_lineage(settings, registered):
+    tagged = tag_version(settings, 2, {"layermoe.rejected": "true", "layermoe.rejected_reason": "old-language drift 0.4"})
+    assert tagged.tags["layermoe.rejected_reason"] == "old-language drift 0.4"
+    assert show_version(settings, 2)["other_tags"]["layermoe.rejected"] == "true"
+    with pytest.raises(LayerMoEError, match="layermoe.parent_version"):
+        tag_version(settings, 2, {"layermoe.parent_version": "7"})
+
+
+def test_child_round_info_must_match_its_config_and_parent(settings, registered, child):
+    kwargs = dict(tables={}, plots={}, metrics={}, params={})
+    with pytest.raises(LayerMoEError, match=r"does not match the newest round.*'allocation': \[2, 0, 1\]"):
+        register_child(settings, child[1], 1, {**ROUND_1, "allocation": [1, 1, 1]}, **kwargs)
+    with pytest.raises(LayerMoEError, match=r"round 1 does not follow parent version 2 \(round 1\); pass round 2"):
+        register_child(settings, child[1], 2, ROUND_1, **kwargs)
+    with pytest.raises(LayerMoEError, match="round_info is invalid"):
+        register_child(settings, child[1], 1, {**ROUND_1, "round": 0}, **kwargs)
+
+
+def test_unreachable_tracking_server_names_uri_and_kept_checkpoint(base_dir):
+    dead = RegistrySettings(tracking_uri="http://127.0.0.1:9", connect_timeout_s=2)
+    with pytest.raises(LayerMoEError, match=r"registry at http://127\.0\.0\.1:9 is unreachable") as caught:
+        register_base(dead, base_dir, ["en"])
+    assert f"checkpoint is still at {base_dir}" in str(caught.value)
+
+
+def test_settings_default_to_env_or_local_sqlite_and_refuse_file_store(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert RegistrySettings().tracking_uri == "http://tracking:5000"
+    assert RegistrySettings().experiment_artifact_location() is None  # the server decides
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    local = RegistrySettings()
+    assert local.tracking_uri == "sqlite:///mlruns/mlflow.db"
+    assert local.experiment_artifact_location() == (Path("mlruns").resolve() / "artifacts").as_uri()
+    with pytest.raises(ValidationError, match="file store is refused"):
+        RegistrySettings(tracking_uri=str(tmp_path / "mlruns"))
