@@ -20,6 +20,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+# Session-wide real PostgreSQL + MLflow server fixtures (started only by tests that use them).
+from tests.services import mlflow_server, mlflow_tracking_uri, stack_databases  # noqa: E402, F401
+
 TINY = dict(
     hidden_size=32,
     intermediate_size=64,
