@@ -1,0 +1,107 @@
+"""The `add-languages` flow: one LayerMoE expansion round, from a registry parent to a gated child version.
+
+Steps (each a task in tasks/): resolve parent -> sample tokens -> layer similarity ->
+allocate experts -> Stage 1 -> routing classifiers + Stage 2 -> routing statistics ->
+evaluate parent vs child -> register the child -> gate the `champion` alias.
+Registration is the last step, so a round that fails anywhere registers nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, get_run_logger
+from pydantic import BaseModel
+
+from layermoe_core.errors import LayerMoEError
+from tasks.analysis import measure_similarity, plan_allocation, sample_tokens
+from tasks.evaluation import evaluate_round, measure_routing
+from tasks.parent import ParentModel, register_base_model, resolve_parent
+from tasks.registration import draw_plots, gate_and_promote, register_round
+from tasks.training import run_stage1, run_stage2
+
+from .plan import ExpansionPlan
+
+
+class RoundSummary(BaseModel):
+    version: int
+    parent_version: int
+    promoted: bool
+    old_languages: list[str]
+    new_languages: list[str]
+    allocation: list[int]
+    classifier_layers: list[int]
+    comparison: list[dict]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame(self.comparison)
+
+
+def round_languages(plan: ExpansionPlan, parent: ParentModel) -> list[str]:
+    """The old languages: the plan's, which must be the parent's, or by default the parent's own."""
+    old = plan.old_languages or parent.languages
+    if not old:
+        raise LayerMoEError(f"parent version {parent.version} records no languages; list old_languages in the plan")
+    unknown = sorted(set(old) - set(parent.languages)) if parent.languages else []
+    if unknown:
+        raise LayerMoEError(
+            f"old languages {unknown} are unknown to parent version {parent.version} (it knows {parent.languages}); "
+            "fix old_languages or pick another parent"
+        )
+    already = sorted(set(plan.new_languages) & set(parent.languages))
+    if already:
+        raise LayerMoEError(f"new languages {already} are already in parent version {parent.version}; drop them from new_languages")
+    plan.check_corpora(old)
+    return old
+
+
+def round_dir(plan: ExpansionPlan, parent_version: int) -> Path:
+    """Same plan and parent -> same folder, so a rerun resumes its checkpoints and cached steps."""
+    digest = hashlib.sha256(plan.model_dump_json(exclude={"name"}).encode()).hexdigest()[:10]
+    return plan.workdir.resolve() / f"{plan.name}-parent-v{parent_version}-{digest}"
+
+
+@flow(name="add-languages", log_prints=True)
+def add_languages(plan: ExpansionPlan) -> RoundSummary:
+    registry, t = plan.registry, plan.tokens
+    ref = plan.parent.ref
+    if plan.parent.hf_path is not None:
+        ref = register_base_model(registry, plan.parent.hf_path, plan.parent.languages or plan.old_languages, plan.promote_alias)
+    parent = resolve_parent(registry, ref, plan.workdir.resolve() / "registry-downloads")
+    old, new = round_languages(plan, parent), plan.new_languages
+    work = round_dir(plan, parent.version)
+
+    def tokens(name: str, languages: list[str], num_tokens: int, split: str = "train", parallel: bool | str = False) -> Path:
+        return sample_tokens(plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split,
+                             t.heldout_fraction, work / "tokens" / f"{name}.safetensors", parallel)
+
+    similarity = measure_similarity(parent.path, tokens("analysis", old + new, t.analysis_tokens, parallel="auto"),
+                                    old, new, plan.similarity_score, plan.similarity_batch_size)
+    allocation, classifier_layers = plan_allocation(similarity, plan.allocation, plan.classifier_layers)
+    stage1 = run_stage1(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
+                        plan.stage1, work / "stage1")
+    stage2 = run_stage2(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),
+                        tokens("replay-new", new, t.stage2_tokens), plan.stage2, work / "stage2")
+    heldout = tokens("heldout", old + new, t.eval_tokens, split="heldout")
+    routing = measure_routing(stage2.model_dir, heldout, old, plan.evaluation.batch_size)
+    comparison = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation)
+
+    round_info = {"round": parent.round + 1, "old_languages": old, "new_languages": new,
+                  "allocation": allocation, "classifier_layers": classifier_layers}
+    version = register_round(
+        registry, stage2.model_dir, parent.version, round_info,
+        {"similarity": similarity, "routing": routing, "evaluation": comparison,
+         "allocation": pd.DataFrame({"layer": range(len(allocation)), "new_experts": allocation,
+                                     "score": similarity["score"], "classifier": [i in classifier_layers for i in range(len(allocation))]})},
+        draw_plots(similarity, allocation, routing, comparison, work / "plots"),
+        {"stage1": stage1.log_history, "stage2": stage2.log_history},
+        {"plan": plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
+    )
+    promoted = gate_and_promote(registry, version, comparison, plan.evaluation.gates, plan.promote_alias)
+    summary = RoundSummary(version=version, parent_version=parent.version, promoted=promoted, old_languages=old,
+                           new_languages=new, allocation=allocation, classifier_layers=classifier_layers,
+                           comparison=comparison.to_dict(orient="records"))
+    get_run_logger().info("round done: version %s, promoted=%s\n%s", version, promoted, summary.table().to_string(index=False))
+    return summary

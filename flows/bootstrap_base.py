@@ -1,0 +1,48 @@
+"""The `bootstrap-base` flow: train the demo's small multilingual base and register it as round 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from layermoe_core.data import CorpusSpec
+from layermoe_core.training import TrainSettings
+from registry.settings import RegistrySettings
+from tasks.analysis import sample_tokens
+from tasks.bootstrap import train_base, train_tokenizer
+from tasks.parent import register_base_model
+
+from .plan import TokenSettings
+
+
+class BootstrapPlan(BaseModel):
+    """The base is trained on `languages`; its tokenizer on every corpus (as a real multilingual base's is)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    corpora: dict[str, CorpusSpec]
+    languages: list[str] = Field(min_length=1)
+    vocab_size: int = Field(8000, ge=259)
+    size: Literal["demo", "tiny"] = "demo"
+    seed: int = 0
+    train_tokens: int = Field(400_000, ge=1, description="per language")
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(learning_rate=1e-3, num_epochs=1, warmup_ratio=0.05))
+    alias: str = "champion"
+    workdir: Path = Path(".layermoe/work")
+
+
+@flow(name="bootstrap-base", log_prints=True)
+def bootstrap_base(plan: BootstrapPlan) -> int:
+    work = plan.workdir.resolve() / "base"
+    tokenizer_dir = train_tokenizer(plan.corpora, plan.vocab_size, work / "tokenizer")
+    tokens = sample_tokens(plan.corpora, tokenizer_dir, plan.languages, plan.train_tokens, plan.tokens.seq_len, plan.seed,
+                           "train", plan.tokens.heldout_fraction, work / "tokens.safetensors")
+    model_dir = train_base(tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train")
+    version = register_base_model(plan.registry, model_dir, plan.languages, plan.alias)
+    get_run_logger().info("base registered as version %s with alias %s", version, plan.alias)
+    return version

@@ -1,0 +1,126 @@
+"""`layermoe`: the command line over the flows and the registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from layermoe_core.errors import LayerMoEError
+
+
+def _registry_settings(args):
+    from registry.settings import RegistrySettings
+
+    overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "registered_model_name": args.model_name}.items() if v}
+    return RegistrySettings(**overrides)
+
+
+def cmd_add_languages(args) -> None:
+    from .add_languages import add_languages
+    from .plan import ExpansionPlan, load_plan
+
+    summary = add_languages(load_plan(args.plan, ExpansionPlan))
+    print(summary.table().to_string(index=False))
+
+
+def cmd_lifelong(args) -> None:
+    from .lifelong_expansion import lifelong_expansion
+    from .plan import LifelongPlan, load_plan
+
+    for summary in lifelong_expansion(load_plan(args.plan, LifelongPlan)):
+        print(f"\nversion {summary.version} (parent {summary.parent_version}, promoted={summary.promoted})")
+        print(summary.table().to_string(index=False))
+
+
+def cmd_schedule(args) -> None:
+    from .lifelong_expansion import lifelong_expansion
+    from .plan import LifelongPlan, load_plan
+
+    plan = load_plan(args.plan, LifelongPlan)
+    if not (args.cron or args.interval):
+        raise LayerMoEError("schedule needs --cron 'MIN HOUR DOM MON DOW' or --interval SECONDS")
+    lifelong_expansion.serve(
+        name=args.name or plan.name,
+        cron=args.cron,
+        interval=args.interval,
+        parameters={"plan": plan.model_dump(mode="json")},
+    )
+
+
+def cmd_registry(args) -> None:
+    from registry.versions import lineage, list_versions, show_version
+
+    settings = _registry_settings(args)
+    if args.registry_command == "list":
+        print(list_versions(settings).to_string(index=False))
+    else:
+        ref = int(args.ref) if args.ref.isdigit() else args.ref
+        info = show_version(settings, ref)
+        info["lineage"] = [v.version for v in lineage(settings, ref)]
+        print(json.dumps(info, indent=2, default=str))
+
+
+def cmd_demo(args) -> None:
+    # The demo is self-contained: its Prefect state lives beside its MLflow store, telemetry off.
+    workdir = Path(args.workdir).resolve()
+    (workdir / "prefect").mkdir(parents=True, exist_ok=True)
+    for key, value in {"PREFECT_HOME": str(workdir / "prefect"), "DO_NOT_TRACK": "true",
+                       "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "HF_HUB_OFFLINE": "1"}.items():
+        os.environ.setdefault(key, value)
+    from .demo import run_demo
+
+    run_demo(args.workdir, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layermoe", description="Teach an LLM new languages with LayerMoE, round after round.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("add-languages", help="run one expansion round (the add-languages flow)")
+    p.add_argument("--plan", required=True, help="YAML plan (see plans/)")
+    p.set_defaults(run=cmd_add_languages)
+
+    p = sub.add_parser("lifelong", help="run every round of a lifelong plan now")
+    p.add_argument("--plan", required=True)
+    p.set_defaults(run=cmd_lifelong)
+
+    p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--cron", help="cron string, e.g. '0 3 * * 0'")
+    p.add_argument("--interval", type=int, help="seconds between runs")
+    p.add_argument("--name", help="deployment name (default: the plan's name)")
+    p.set_defaults(run=cmd_schedule)
+
+    p = sub.add_parser("registry", help="browse registered versions")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--model-name", help="registered model name (default: layermoe)")
+    reg = p.add_subparsers(dest="registry_command", required=True)
+    reg.add_parser("list", help="every version with aliases and lineage")
+    show = reg.add_parser("show", help="one version: tags, metrics, lineage")
+    show.add_argument("ref", help="version number or alias, e.g. 3 or champion")
+    p.set_defaults(run=cmd_registry)
+
+    p = sub.add_parser("demo", help="the embedded-default demo: base + two lifelong rounds, all local")
+    p.add_argument("--workdir", default=".demo", help="where corpus, checkpoints and the MLflow store go")
+    p.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except LayerMoEError as error:
+        print(f"layermoe: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

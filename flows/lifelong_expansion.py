@@ -1,0 +1,22 @@
+"""The `lifelong-expansion` flow: the plan's rounds in order, each from the newest champion."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from .add_languages import RoundSummary, add_languages
+from .plan import LifelongPlan, ParentRef
+
+
+@flow(name="lifelong-expansion", log_prints=True)
+def lifelong_expansion(plan: LifelongPlan) -> list[RoundSummary]:
+    """Round 1 starts from the plan's parent; every later round from the version holding the alias.
+
+    Each round's old languages are all the languages of its parent, so the model keeps
+    accumulating languages; a rejected round leaves the alias, and the next round's parent, unchanged.
+    """
+    summaries = []
+    for index in range(len(plan.rounds)):
+        parent = plan.parent if index == 0 else ParentRef(alias=plan.promote_alias)
+        summaries.append(add_languages(plan.round_plan(index, parent.languages if parent.hf_path else [], parent)))
+    return summaries

@@ -1,0 +1,76 @@
+"""Load and save model directories safely: safetensors only, no remote code unless asked.
+
+Every step of a round reads its input model from a directory and writes its output to
+another, so steps can be cached, retried and resumed without passing live models around.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
+from .errors import LayerMoEError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """A loadable model directory has config.json and safetensors weights, and no pickles."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise LayerMoEError(f"{model_dir} is not a model directory (no config.json); pass a save_pretrained directory")
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise LayerMoEError(
+            f"{model_dir} holds pickle weights {pickles}; layermoe loads safetensors only. "
+            "Re-save the model with save_pretrained(..., safe_serialization=True) and remove the pickles."
+        )
+    if not any(model_dir.glob("*.safetensors")):
+        raise LayerMoEError(f"{model_dir} has no *.safetensors weights; re-save the model with save_pretrained")
+    return model_dir
+
+
+def load_model(
+    model_dir: str | Path,
+    device: torch.device | str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str = "auto",
+) -> PreTrainedModel:
+    """A dense HF model or a LayerMoE model, in eval mode, on `device` (default: CUDA if present).
+
+    dtype "auto" keeps the dtype the checkpoint was saved in.
+    """
+    model_dir = check_model_dir(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise LayerMoEError(
+            f"could not load the model in {model_dir}: {e}. The checkpoint may be truncated or corrupt; "
+            "download or re-save it"
+        ) from e
+    return model.to(device or default_device()).eval()
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LayerMoEError(f"no usable tokenizer in {model_dir}: {e}; save one with tokenizer.save_pretrained") from e
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> Path:
+    """Weights as safetensors, config and tokenizer side by side: what the registry stores."""
+    model_dir = Path(model_dir)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir

@@ -1,0 +1,41 @@
+"""Tasks that make the demo's base model: corpus, tokenizer, trained dense base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from layermoe_core.checkpoints import load_tokenizer
+from layermoe_core.data import CorpusSpec, load_documents, load_sequences
+from layermoe_core.demo_base import build_base_model, demo_base_config, train_demo_tokenizer
+from layermoe_core.offline_corpus import build_gettext_corpus
+from layermoe_core.training import TrainSettings, train_causal_lm
+
+from .common import STEP_CACHE
+from .training import progress_reporter
+
+
+@task(name="build offline corpus", cache_policy=STEP_CACHE, persist_result=True, retries=2, retry_delay_seconds=10)
+def build_corpus(output_dir: Path, languages: list[str], packages: list[str]) -> dict[str, CorpusSpec]:
+    """Parallel gettext catalogs of named Debian packages -> one jsonl per language (see offline_corpus)."""
+    corpus_dir = build_gettext_corpus(output_dir, languages, packages)
+    return {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
+
+
+@task(name="train tokenizer", cache_policy=STEP_CACHE, persist_result=True)
+def train_tokenizer(corpora: dict[str, CorpusSpec], vocab_size: int, output_dir: Path) -> Path:
+    texts = [text for lang in sorted(corpora) for text in load_documents(corpora[lang])["text"]]
+    train_demo_tokenizer(texts, vocab_size, output_dir)
+    return output_dir
+
+
+@task(name="train base model", cache_policy=STEP_CACHE, persist_result=True)
+def train_base(tokenizer_dir: Path, tokens_path: Path, size: str, seed: int, settings: TrainSettings, output_dir: Path) -> Path:
+    """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_base_model(demo_base_config(len(tokenizer), size), seed)
+    result = train_causal_lm(model, load_sequences(tokens_path), settings, output_dir, [progress_reporter("base", settings.max_steps)])
+    get_run_logger().info("base model trained: %s", result.final_metrics)
+    tokenizer.save_pretrained(result.model_dir)
+    return result.model_dir

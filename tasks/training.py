@@ -1,0 +1,71 @@
+"""Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from layermoe_core.checkpoints import load_model, load_tokenizer
+from layermoe_core.data import load_sequences
+from layermoe_core.surgery import expand, insert_classifiers
+from layermoe_core.training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
+
+from .common import STEP_CACHE
+
+
+def progress_reporter(stage: str, max_steps: int | None) -> MetricsCallback:
+    """Training logs go to the flow's log and to a Prefect progress artifact."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(progress=0.0, description=f"{stage} training progress")
+
+    def report(metrics: dict[str, float], step: int) -> None:
+        logger.info("%s step %s: %s", stage, step, {k: round(v, 4) for k, v in metrics.items()})
+        if max_steps:
+            update_progress_artifact(artifact_id=artifact_id, progress=min(100.0, 100.0 * step / max_steps))
+
+    return MetricsCallback(report)
+
+
+@task(name="stage 1: train new experts", cache_policy=STEP_CACHE, persist_result=True)
+def run_stage1(
+    parent_dir: Path,
+    allocation: list[int],
+    old_languages: list[str],
+    new_languages: list[str],
+    top_k: int,
+    tokens_path: Path,
+    settings: Stage1Settings,
+    output_dir: Path,
+) -> TrainResult:
+    """Expand the parent with `allocation` and train this round's experts and routers on new-language text.
+
+    A rerun after an interruption resumes from the last checkpoint in output_dir.
+    """
+    model = expand(load_model(parent_dir), allocation, old_languages, new_languages, top_k=top_k,
+                   router_aux_loss_coef=settings.balance_loss_coef)
+    result = train_stage1(model, load_sequences(tokens_path), settings, output_dir, [progress_reporter("stage1", settings.max_steps)])
+    load_tokenizer(parent_dir).save_pretrained(result.model_dir)
+    return result
+
+
+@task(name="stage 2: review routers and classifiers", cache_policy=STEP_CACHE, persist_result=True)
+def run_stage2(
+    stage1_dir: Path,
+    classifier_layers: list[int],
+    old_tokens_path: Path,
+    new_tokens_path: Path,
+    settings: Stage2Settings,
+    output_dir: Path,
+) -> TrainResult:
+    """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix."""
+    model = load_model(stage1_dir)
+    insert_classifiers(model, classifier_layers)
+    get_run_logger().info("routing classifiers in layers %s", classifier_layers)
+    result = train_stage2(
+        model, load_sequences(old_tokens_path), load_sequences(new_tokens_path), settings, output_dir,
+        [progress_reporter("stage2", settings.max_steps)],
+    )
+    load_tokenizer(stage1_dir).save_pretrained(result.model_dir)
+    return result

@@ -1,0 +1,114 @@
+"""End-to-end: the Prefect flows with a tiny model, a synthetic corpus and a temporary sqlite MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+import tasks.training
+from flows.add_languages import add_languages
+from flows.bootstrap_base import BootstrapPlan, bootstrap_base
+from flows.lifelong_expansion import lifelong_expansion
+from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
+from layermoe_core.allocation import AllocationSettings
+from layermoe_core.checkpoints import load_model
+from layermoe_core.data import load_sequences
+from layermoe_core.errors import LayerMoEError
+from layermoe_core.evaluation import EvalSettings, language_perplexity
+from layermoe_core.gates import GateSettings
+from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from registry.download import download_version
+from registry.settings import RegistrySettings
+from registry.versions import list_versions, show_version
+
+from .synthetic_corpus import write_synthetic_corpus
+
+TOKENS = TokenSettings(seq_len=32, analysis_tokens=1_000, stage1_tokens=2_000, stage2_tokens=1_000, eval_tokens=1_000)
+FAST = dict(learning_rate=3e-3, max_steps=6, per_device_batch_size=8, logging_steps=2, save_steps=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_backend():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A registry holding a trained tiny base (version 1, champion) and the corpora of five languages."""
+    root = tmp_path_factory.mktemp("flows")
+    corpora = write_synthetic_corpus(root / "corpus", ["en", "zh", "el", "tr", "hu"])
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
+    base = BootstrapPlan(registry=registry, corpora=corpora, languages=["en", "zh"], vocab_size=400, size="tiny",
+                         train_tokens=4_000, tokens=TOKENS, train=TrainSettings(**FAST), workdir=root / "work")
+    assert bootstrap_base(base) == 1
+    return root, corpora, registry
+
+
+def lifelong_plan(root, corpora, registry, rounds) -> LifelongPlan:
+    return LifelongPlan(
+        registry=registry, corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layers=1,
+        stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**FAST),
+        evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
+        rounds=[RoundSpec(new_languages=r) for r in rounds], workdir=root / "work",
+    )
+
+
+def test_two_lifelong_rounds_register_linked_versions(world, tmp_path):
+    root, corpora, registry = world
+    summaries = lifelong_expansion(lifelong_plan(root, corpora, registry, [["el"], ["tr"]]))
+    assert [s.version for s in summaries] == [2, 3] and [s.parent_version for s in summaries] == [1, 2]
+
+    versions = list_versions(registry)
+    assert versions["version"].tolist() == [1, 2, 3]
+    assert versions["parent"].tolist()[1:] == [1, 2]
+    assert versions.set_index("version").loc[3, "aliases"] == "champion"
+    newest = show_version(registry, "champion")
+    assert newest["old_languages"] == ["en", "zh", "el"] and newest["new_languages"] == ["tr"]
+    assert newest["round"] == 2 and len(newest["allocation"]) == 2 and newest["classifier_layers"]
+
+    artifacts = MlflowClient(registry.tracking_uri)
+    plots = {Path(a.path).name for a in artifacts.list_artifacts(newest["run_id"], "plots")}
+    tables = {Path(a.path).name for a in artifacts.list_artifacts(newest["run_id"], "tables")}
+    assert {"similarity.png", "allocation.png", "routing.png", "languages.png"} <= plots
+    assert {"similarity.csv", "allocation.csv", "routing.csv", "evaluation.csv"} <= tables
+
+    child = load_model(download_version(registry, 3, tmp_path / "v3").path)
+    assert child.config.languages == ["en", "zh", "el", "tr"]
+    (heldout_path,) = (root / "work").glob("lifelong-round-2-parent-v2-*/tokens/heldout.safetensors")
+    heldout = load_sequences(heldout_path)
+    measured = language_perplexity(child, heldout, batch_size=8).set_index("language")["loss"]
+    for lang in ("en", "tr"):
+        torch.testing.assert_close(float(measured[lang]), newest["metrics"][f"{lang}.loss.child"], atol=1e-4, rtol=0)
+
+
+def test_failed_round_registers_nothing_and_keeps_alias(world, monkeypatch):
+    root, corpora, registry = world
+    before = list_versions(registry)
+
+    def broken_stage2(*args, **kwargs):
+        raise RuntimeError("injected Stage-2 failure")
+
+    monkeypatch.setattr(tasks.training, "train_stage2", broken_stage2)
+    plan = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(alias="champion"))
+    with pytest.raises(RuntimeError, match="injected Stage-2 failure"):
+        add_languages(plan)
+    after = list_versions(registry)
+    assert after["version"].tolist() == before["version"].tolist()
+    assert after["aliases"].tolist() == before["aliases"].tolist()
+
+
+def test_plan_naming_a_missing_parent_version_fails_clearly(world):
+    root, corpora, registry = world
+    plan = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(version=99))
+    with pytest.raises(LayerMoEError, match="version 99 does not exist"):
+        add_languages(plan)
+
+
+def test_plan_with_language_lacking_corpus_is_refused():
+    with pytest.raises(ValueError, match=r"languages \['fi'\] have no corpus"):
+        ExpansionPlan(corpora={}, new_languages=["fi"])
