@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
 from .errors import LayerMoEError
@@ -74,3 +74,9 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model
     model.save_pretrained(model_dir, safe_serialization=True)
     tokenizer.save_pretrained(model_dir)
     return model_dir
+
+
+def num_decoder_layers(model_dir: str | Path) -> int:
+    """Decoder layers of a saved dense or LayerMoE model, read from its config alone."""
+    config = AutoConfig.from_pretrained(check_model_dir(model_dir))
+    return getattr(config, "base_config", config).num_hidden_layers

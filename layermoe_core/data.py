@@ -22,7 +22,6 @@ from typing import Annotated, Literal
 import datasets
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
@@ -261,18 +260,6 @@ def sample_sequences(
         )
     aligned = _sample_aligned(documents, tokenizer, needed, split, seed, heldout_fraction)
     return {lang: _pack(tokens, seq_len) for lang, tokens in aligned.items()}
-
-
-def save_sequences(sequences: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write sampled rows to a safetensors file, so pipeline steps pass a path, not tensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({lang: rows.contiguous() for lang, rows in sequences.items()}, str(path))
-    return path
-
-
-def load_sequences(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
 
 
 def save_sequences(sequences: Mapping[str, torch.Tensor], path: str | Path) -> Path:

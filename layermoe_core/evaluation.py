@@ -376,3 +376,25 @@ def count_parameters(model: nn.Module) -> int:
 
 def parameters_added(parent: nn.Module, child: nn.Module) -> int:
     return count_parameters(child) - count_parameters(parent)
+
+
+def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per variant of the same round (e.g. LayerMoE vs uniform MoE-LPR vs no classifier).
+
+    `rounds` maps a variant name to {"comparison": compare_models table, "allocation": list,
+    "params_added": int}. Columns: variant, new_experts, params_added, old_drift, new_gain, and
+    one `loss_delta:<language>` per language.
+    """
+    rows = []
+    for variant, result in rounds.items():
+        comparison = result["comparison"]
+        losses = comparison[comparison["metric"] == "loss"]
+        rows.append({
+            "variant": variant,
+            "new_experts": int(sum(result["allocation"])),
+            "params_added": int(result["params_added"]),
+            "old_drift": old_language_drift(comparison),
+            "new_gain": new_language_gain(comparison),
+            **{f"loss_delta:{row.language}": row.delta for row in losses.itertuples()},
+        })
+    return pd.DataFrame(rows)

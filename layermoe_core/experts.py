@@ -15,12 +15,28 @@ from torch.autograd.function import once_differentiable
 from transformers.activations import ACT2FN
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in autocast's dtype where autocast is on for their device, else unchanged.
+
+    Autocast casts the operands of `F.linear`, but never reaches our expert matmuls (they write
+    into preallocated outputs, or are private ops), so without this cast bf16 mixed precision
+    over fp32 weights would run the experts in fp32. The cast is differentiable: the weight
+    gradient reaches an fp32 master weight as fp32.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(tensor.to(dtype) for tensor in tensors)
+
+
 def grouped_mm_runs(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM kernel serves this call, forward and backward.
 
-    It is CUDA's fast path for bf16 on SM80+, with rows 16-byte aligned. Elsewhere the per-expert
-    loop is as fast, as measured: on CPU torch's grouped_mm was no faster; on an H100 in fp32 it
-    took 11.0 ms against the loop's 10.8 ms (fwd+bwd of the large bench size's gate_up).
+    It is CUDA's fast path for bf16 on SM80+, with rows 16-byte aligned; ask with the operands as
+    the matmul gets them (after `autocast_operands`). Elsewhere the per-expert loop is as fast, as
+    measured: on CPU torch's grouped_mm was no faster; on an H100 in fp32 it took 11.0 ms against
+    the loop's 10.8 ms (fwd+bwd of the large bench size's gate_up).
     """
     return (
         tokens.is_cuda
@@ -90,8 +106,9 @@ def grouped_linear(
 
     tokens: (A, d_in), weight: (E, d_out, d_in), counts: E ints summing to A -> `chunks` column
     blocks of y, (A, d_out / chunks) each. offsets: `expert_offsets(counts, tokens.device)`, to
-    share one copy to the device between calls.
+    share one copy to the device between calls. Under autocast, y comes in autocast's dtype.
     """
+    tokens, weight = autocast_operands(tokens, weight)
     if not grouped_mm_runs(tokens, weight):
         return _PerExpertLinear.apply(tokens, weight, counts, chunks)
     if offsets is None:
@@ -120,8 +137,9 @@ class StackedExperts(nn.Module):
         self.down_proj.copy_(mlp.down_proj.weight.expand_as(self.down_proj))
 
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """tokens: (A, d) sorted by expert, counts[e] rows each -> (A, d)."""
-        offsets = expert_offsets(counts, tokens.device) if grouped_mm_runs(tokens, self.gate_up_proj) else None
-        gate, up = grouped_linear(tokens, self.gate_up_proj, counts, offsets, chunks=2)  # (A, ff) each
-        (out,) = grouped_linear(self.act_fn(gate) * up, self.down_proj, counts, offsets)
+        """tokens: (A, d) sorted by expert, counts[e] rows each -> (A, d), in autocast's dtype under autocast."""
+        tokens, gate_up_proj, down_proj = autocast_operands(tokens, self.gate_up_proj, self.down_proj)
+        offsets = expert_offsets(counts, tokens.device) if grouped_mm_runs(tokens, gate_up_proj) else None
+        gate, up = grouped_linear(tokens, gate_up_proj, counts, offsets, chunks=2)  # (A, ff) each
+        (out,) = grouped_linear(self.act_fn(gate) * up, down_proj, counts, offsets)
         return out

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_layermoe import LayerMoEConfig
+from .errors import LayerMoEError
 from .experts import StackedExperts
 from .losses import load_balancing_loss
 from .moe_block import LayerMoEBlock
@@ -34,8 +35,20 @@ class LayerMoECausalLMOutput(CausalLMOutputWithPast):
     classifier_logits: tuple[torch.Tensor, ...] | None = None
 
 
-def decoder_layers(causal_lm: PreTrainedModel) -> nn.ModuleList:
-    return causal_lm.model.layers
+def causal_lm_of(model: PreTrainedModel) -> PreTrainedModel:
+    """The HF causal LM itself: the model, or the one a LayerMoEForCausalLM wraps."""
+    return getattr(model, "causal_lm", model)
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layers of a dense Llama/Qwen-style causal LM (model.model.layers) or of a LayerMoE model."""
+    layers = getattr(getattr(causal_lm_of(model), "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise LayerMoEError(
+            f"{type(model).__name__} has no decoder layers at model.model.layers; "
+            "layermoe needs a Llama/Qwen-style causal LM or a LayerMoEForCausalLM"
+        )
+    return layers
 
 
 def mlp_shape(base_config) -> tuple[int, int, str]:

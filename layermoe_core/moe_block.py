@@ -121,6 +121,7 @@ class LayerMoEBlock(nn.Module):
 
         # Put each output back in its (token, slot) place, then sum the k slots weighted, in fp32
         # and in slot order: deterministic (no atomics).
-        slots = tokens.new_zeros(num_tokens * k, hidden).index_copy(0, order, torch.cat(outputs))  # (N*k, d)
+        expert_outputs = torch.cat(outputs)  # (A, d), in autocast's dtype under autocast
+        slots = expert_outputs.new_zeros(num_tokens * k, hidden).index_copy(0, order, expert_outputs)  # (N*k, d)
         combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)

@@ -72,7 +72,6 @@ def plot_language_comparison(df: pd.DataFrame, path: str | Path, metric: str = "
     axes.bar_label(bars, labels=[f"{d:+.2f}" for d in rows["delta"]], fontsize=8)
     axes.set_xticks(rows.index, [f"{lang}\n({group})" for lang, group in zip(rows["language"], rows["group"])])
     axes.set(xlabel="language", ylabel=metric, title=f"Held-out {metric}: parent vs child")
-    axes.yaxis.set_major_locator(MaxNLocator(integer=True))  # expert counts are whole
     axes.margins(y=0.15)
     axes.legend()
     return _save(figure, path)
@@ -93,4 +92,20 @@ def plot_routing_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
     axes.set_yticks(range(len(table)), table.index)
     axes.set(xlabel="language", ylabel="layer", title="Share of tokens whose top expert is an old expert")
     figure.colorbar(image, ax=axes, label="fraction to old experts")
+    return _save(figure, path)
+
+
+def plot_variant_comparison(df: pd.DataFrame, path: str | Path) -> Path:
+    """Side by side per variant (a `compare_variants` table): experts added, old-language drift, new-language gain."""
+    figure = Figure(figsize=(10.0, 3.4), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = [("new_experts", "new experts added"), ("old_drift", "old-language drift (nats, lower is better)"),
+              ("new_gain", "new-language gain (nats, higher is better)")]
+    for index, (column, title) in enumerate(panels, start=1):
+        axes = figure.add_subplot(1, len(panels), index)
+        bars = axes.bar(df["variant"], df[column], color=[f"C{i}" for i in range(len(df))])
+        axes.bar_label(bars, fmt="%.3g", fontsize=8)
+        axes.axhline(0, color="black", linewidth=0.6)
+        axes.set_title(title, fontsize=9)
+        axes.tick_params(axis="x", labelrotation=20)
     return _save(figure, path)

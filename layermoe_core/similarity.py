@@ -21,28 +21,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .errors import LayerMoEError
-from .modeling_layermoe import LayerMoEForCausalLM
+from .modeling_layermoe import causal_lm_of, decoder_layers
 
 SimilarityScore = Literal["mean", "old_new", "new_new"]
 # Either token ids (rows, seq_len) with every token real, or a mapping with "input_ids" and
 # "attention_mask" (a tokenizer's padded output); padding is left out of every mean.
 Tokens = torch.Tensor | Mapping[str, torch.Tensor]
-
-
-def causal_lm_of(model: PreTrainedModel) -> PreTrainedModel:
-    """The HF causal LM itself: the model, or the one a LayerMoEForCausalLM wraps."""
-    return model.causal_lm if isinstance(model, LayerMoEForCausalLM) else model
-
-
-def decoder_layers_of(model: PreTrainedModel) -> nn.ModuleList:
-    """The decoder layers of a dense HF causal LM (model.model.layers) or of a LayerMoE model."""
-    layers = getattr(getattr(causal_lm_of(model), "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise LayerMoEError(
-            f"{type(model).__name__} has no decoder layers at model.model.layers; "
-            "similarity needs a Llama/Qwen-style causal LM or a LayerMoEForCausalLM"
-        )
-    return layers
 
 
 def _ids_and_mask(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +49,7 @@ def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 
     if num_real == 0:
         raise LayerMoEError("no real tokens to measure (empty input or all padding); give at least one token")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    layers = decoder_layers_of(model)
+    layers = decoder_layers(model)
     hidden_size = model.config.get_text_config().hidden_size
     sums = torch.zeros(len(layers), hidden_size, dtype=torch.float64, device=device)  # (L, d)
     batch_mask: torch.Tensor | None = None  # (B*T,) float32, 1 for real tokens: set per batch
@@ -135,7 +119,7 @@ def layer_similarity(
     means = {lang: mean_unit_vectors(model, sequences[lang], batch_size, device) for lang in [*old_languages, *new_languages]}
     new_new = list(itertools.combinations(new_languages, 2))
     old_new = [(new, old) for new in new_languages for old in old_languages]
-    table: dict[str, np.ndarray] = {"layer": np.arange(len(decoder_layers_of(model)))}
+    table: dict[str, np.ndarray] = {"layer": np.arange(len(decoder_layers(model)))}
     for a, b in new_new + old_new:
         table[f"sim:{a}|{b}"] = (means[a] * means[b]).sum(-1).cpu().numpy()  # (L,)
 

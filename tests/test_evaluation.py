@@ -21,6 +21,7 @@ from layermoe_core.evaluation import (
     COMPARISON_COLUMNS,
     EvalSettings,
     compare_models,
+    compare_variants,
     continuation_logprobs,
     evaluate_model,
     language_perplexity,
@@ -32,7 +33,7 @@ from layermoe_core.evaluation import (
     parameters_added,
     score_multiple_choice,
 )
-from layermoe_core.plots import plot_language_comparison
+from layermoe_core.plots import plot_language_comparison, plot_variant_comparison
 
 from .conftest import TINY, tiny_model
 
@@ -275,6 +276,22 @@ def test_compare_models_gives_tidy_rows_with_child_minus_parent():
     assert rows.loc[("el", "loss"), "delta"] == pytest.approx(-1.0)
     assert rows.loc[("el", "perplexity"), "delta"] == pytest.approx(math.exp(3.0) - math.exp(4.0))
     assert rows.loc[("el", "belebele.mc_acc"), ["parent", "child", "delta"]].tolist() == [0.25, 0.5, 0.25]
+
+
+def test_compare_variants_puts_each_variant_side_by_side(tmp_path):
+    parent = metrics_table({"el": 4.0, "en": 2.0}, {})
+    layermoe = compare_models(parent, metrics_table({"el": 3.0, "en": 2.1}, {}), ["en"], ["el"])
+    uniform = compare_models(parent, metrics_table({"el": 3.2, "en": 2.3}, {}), ["en"], ["el"])
+    table = compare_variants({
+        "layermoe": {"comparison": layermoe, "allocation": [3, 1, 2], "params_added": 600},
+        "uniform": {"comparison": uniform, "allocation": [5, 5, 5], "params_added": 1500},
+    })
+    rows = table.set_index("variant")
+    assert rows.loc["layermoe", "new_experts"] == 6 and rows.loc["uniform", "new_experts"] == 15
+    assert rows.loc["uniform", "params_added"] == 1500
+    assert rows.loc["layermoe", "old_drift"] == pytest.approx(0.1) and rows.loc["uniform", "old_drift"] == pytest.approx(0.3)
+    assert rows.loc["layermoe", "new_gain"] == pytest.approx(1.0) and rows.loc["uniform", "loss_delta:el"] == pytest.approx(-0.8)
+    assert plot_variant_comparison(table, tmp_path / "variants.png").stat().st_size > 0
 
 
 def test_compare_models_accepts_language_perplexity_tables():

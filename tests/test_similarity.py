@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from layermoe_core import LayerMoEError, expand
-from layermoe_core.similarity import decoder_layers_of, layer_similarity, mean_unit_vectors
+from layermoe_core.modeling_layermoe import decoder_layers
+from layermoe_core.similarity import layer_similarity, mean_unit_vectors
 
 from .conftest import TINY, tiny_model
 
@@ -26,7 +27,7 @@ def languages():
 
 def mlp_inputs(model, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, every token's MLP input (N, d), read independently at the post-attention norm's output."""
-    layers = decoder_layers_of(model)
+    layers = decoder_layers(model)
     captured: list[torch.Tensor] = [None] * len(layers)
 
     def keep(i):
