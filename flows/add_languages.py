@@ -3,12 +3,16 @@
 Steps (each a task in tasks/): resolve parent -> sample tokens -> layer similarity ->
 allocate experts -> Stage 1 -> routing classifiers + Stage 2 -> routing statistics ->
 evaluate parent vs child -> register the child -> gate the `champion` alias.
-Registration is the last step, so a round that fails anywhere registers nothing.
+Registration is the last step, so a round that fails anywhere registers nothing. Two runs of the
+same plan take turns (a lock in the round folder); the second reuses the first's cached steps.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -17,12 +21,15 @@ from pydantic import BaseModel
 
 from layermoe_core.errors import LayerMoEError
 from tasks.analysis import measure_similarity, plan_allocation, sample_tokens
+from tasks.common import unless_cached_output
 from tasks.evaluation import evaluate_round, measure_routing
 from tasks.parent import ParentModel, register_base_model, resolve_parent
 from tasks.registration import draw_plots, gate_and_promote, register_round
 from tasks.training import run_stage1, run_stage2
 
 from .plan import ExpansionPlan
+
+ROUND_LOCK = ".round.lock"  # in the round folder; see exclusive_round
 
 
 class RoundSummary(BaseModel):
@@ -63,26 +70,56 @@ def round_dir(plan: ExpansionPlan, parent_version: int) -> Path:
     return plan.workdir.resolve() / f"{plan.name}-parent-v{parent_version}-{digest}"
 
 
-@flow(name="add-languages", log_prints=True)
-def add_languages(plan: ExpansionPlan) -> RoundSummary:
-    registry, t = plan.registry, plan.tokens
+def fetch_parent(plan: ExpansionPlan) -> ParentModel:
+    """The round's parent, local and verified; an `hf_path` parent is registered as the base first."""
     ref = plan.parent.ref
     if plan.parent.hf_path is not None:
-        ref = register_base_model(registry, plan.parent.hf_path, plan.parent.languages or plan.old_languages, plan.promote_alias)
-    parent = resolve_parent(registry, ref, plan.workdir.resolve() / "registry-downloads")
-    old, new = round_languages(plan, parent), plan.new_languages
+        ref = register_base_model(plan.registry, plan.parent.hf_path, plan.parent.languages or plan.old_languages, plan.promote_alias)
+    return resolve_parent(plan.registry, ref, plan.workdir.resolve() / "registry-downloads")
+
+
+@contextmanager
+def exclusive_round(work: Path) -> Iterator[None]:
+    """One run at a time per round folder: a second run of the same plan waits, then reuses the first's steps.
+
+    Without it, two runs of one plan would train into the same checkpoint folders at once. The
+    kernel drops an flock when its holder dies, so a killed run leaves no stale lock.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    with (work / ROUND_LOCK).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            get_run_logger().info("another run of this round holds %s; waiting for it to finish", work / ROUND_LOCK)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@flow(name="add-languages", log_prints=True)
+def add_languages(plan: ExpansionPlan) -> RoundSummary:
+    parent = fetch_parent(plan)
     work = round_dir(plan, parent.version)
+    with exclusive_round(work):
+        return run_round(plan, parent, work)
+
+
+def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSummary:
+    """Every step after the parent is local, in the round's folder `work`."""
+    registry, t = plan.registry, plan.tokens
+    old, new = round_languages(plan, parent), plan.new_languages
 
     def tokens(name: str, languages: list[str], num_tokens: int, split: str = "train", parallel: bool | str = False) -> Path:
-        return sample_tokens(plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split,
-                             t.heldout_fraction, work / "tokens" / f"{name}.safetensors", parallel)
+        out_path = work / "tokens" / f"{name}.safetensors"
+        return unless_cached_output(sample_tokens, out_path)(
+            plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split, t.heldout_fraction, out_path, parallel
+        )
 
     similarity = measure_similarity(parent.path, tokens("analysis", old + new, t.analysis_tokens, parallel="auto"),
                                     old, new, plan.similarity_score, plan.similarity_batch_size)
     allocation, classifier_layers = plan_allocation(similarity, plan.allocation, plan.classifier_layers)
-    stage1 = run_stage1(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
+    stage1 = unless_cached_output(run_stage1, work / "stage1" / "final")(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
                         plan.stage1, work / "stage1")
-    stage2 = run_stage2(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),
+    stage2 = unless_cached_output(run_stage2, work / "stage2" / "final")(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),
                         tokens("replay-new", new, t.stage2_tokens), plan.stage2, work / "stage2")
     heldout = tokens("heldout", old + new, t.eval_tokens, split="heldout")
     routing = measure_routing(stage2.model_dir, heldout, old, plan.evaluation.batch_size)

@@ -13,6 +13,7 @@ from layermoe_core.training import TrainSettings
 from registry.settings import RegistrySettings
 from tasks.analysis import sample_tokens
 from tasks.bootstrap import train_base, train_tokenizer
+from tasks.common import unless_cached_output
 from tasks.parent import register_base_model
 
 from .plan import TokenSettings
@@ -39,10 +40,14 @@ class BootstrapPlan(BaseModel):
 @flow(name="bootstrap-base", log_prints=True)
 def bootstrap_base(plan: BootstrapPlan) -> int:
     work = plan.workdir.resolve() / "base"
-    tokenizer_dir = train_tokenizer(plan.corpora, plan.vocab_size, work / "tokenizer")
-    tokens = sample_tokens(plan.corpora, tokenizer_dir, plan.languages, plan.train_tokens, plan.tokens.seq_len, plan.seed,
-                           "train", plan.tokens.heldout_fraction, work / "tokens.safetensors")
-    model_dir = train_base(tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train")
+    tokenizer_dir = unless_cached_output(train_tokenizer, work / "tokenizer")(plan.corpora, plan.vocab_size, work / "tokenizer")
+    tokens = unless_cached_output(sample_tokens, work / "tokens.safetensors")(
+        plan.corpora, tokenizer_dir, plan.languages, plan.train_tokens, plan.tokens.seq_len, plan.seed,
+        "train", plan.tokens.heldout_fraction, work / "tokens.safetensors",
+    )
+    model_dir = unless_cached_output(train_base, work / "train" / "final")(
+        tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train"
+    )
     version = register_base_model(plan.registry, model_dir, plan.languages, plan.alias)
     get_run_logger().info("base registered as version %s with alias %s", version, plan.alias)
     return version

@@ -36,6 +36,13 @@ def cmd_lifelong(args) -> None:
         print(summary.table().to_string(index=False))
 
 
+def cmd_compare(args) -> None:
+    from .compare import ComparePlan, compare
+    from .plan import load_plan
+
+    print(compare(load_plan(args.plan, ComparePlan)).to_string(index=False))
+
+
 def cmd_schedule(args) -> None:
     from .lifelong_expansion import lifelong_expansion
     from .plan import LifelongPlan, load_plan
@@ -88,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lifelong", help="run every round of a lifelong plan now")
     p.add_argument("--plan", required=True)
     p.set_defaults(run=cmd_lifelong)
+
+    p = sub.add_parser("compare", help="LayerMoE vs the uniform MoE-LPR baseline vs no classifier, same parent and data")
+    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with uniform_budget_factor")
+    p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")
     p.add_argument("--plan", required=True)

@@ -14,7 +14,8 @@ from mlflow.utils.time import get_current_time_millis
 
 from layermoe_core.errors import LayerMoEError
 
-from .settings import NAME_PATTERN
+from .client import ensure_experiment, open_client
+from .settings import NAME_PATTERN, RegistrySettings
 from .tags import encode_tags
 
 
@@ -50,3 +51,24 @@ def log_reports(
             shutil.copyfile(plot, Path(staging) / f"{name}.png")
         if plots:
             client.log_artifacts(run_id, staging, "plots")
+
+
+def log_report_run(
+    settings: RegistrySettings,
+    run_name: str,
+    tables: Mapping[str, pd.DataFrame],
+    plots: Mapping[str, Path],
+    metrics: Mapping[str, float] = {},
+    params: Mapping[str, object] = {},
+) -> str:
+    """A run that holds a report and no model (e.g. a LayerMoE-vs-uniform comparison); returns its run id."""
+    check_reports(tables, plots)
+    client = open_client(settings)
+    run = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags={"layermoe.kind": "report"})
+    try:
+        log_reports(client, run.info.run_id, tables, plots, metrics, params)
+    except Exception:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id

@@ -1,16 +1,30 @@
-"""What every step task shares: the cache policy and the Prefect artifacts they publish."""
+"""What every step task shares: the cache policy, the registry retry rule and the Prefect artifacts they publish."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
+from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.states import State
+
+from layermoe_core.errors import LayerMoEError
 
 # A rerun of a round with the same inputs (and the same task code) skips finished steps;
 # the results are persisted under PREFECT_HOME so this works across flow runs.
 STEP_CACHE = INPUTS + TASK_SOURCE
+
+
+def unless_cached_output(step: Task, output: Path) -> Task:
+    """`step`, made to run again if the file or folder its cached result points at was deleted.
+
+    A cache keyed on inputs cannot see that a user cleaned the work directory; this can.
+    """
+    return step.with_options(refresh_cache=not Path(output).exists())
 
 
 def artifact_key(text: str) -> str:
@@ -25,3 +39,26 @@ def publish_table(key: str, table: pd.DataFrame, description: str) -> None:
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
+
+
+# MLflow error codes that mean "the registry did not answer", not "the request was wrong".
+TRANSIENT_REGISTRY_ERRORS = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "SERVICE_UNDER_MAINTENANCE", "DEADLINE_EXCEEDED",
+     "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+)
+# Short: a blip passes within seconds; a longer outage is the user's rerun, which reuses every finished step.
+REGISTRY_RETRY_DELAYS_S = [1, 4]
+
+
+def registry_unreachable(task: Task, task_run: Any, state: State) -> bool:
+    """Retry a registry step only when the registry failed to answer.
+
+    A missing version, a corrupt artifact or a bad plan fails the same way every time, so it
+    fails at once. registry/ wraps store failures in a LayerMoEError whose cause carries the
+    MLflow error code (or an OSError); anything else unexpected is retried as before.
+    """
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, LayerMoEError):
+        return True
+    cause = error.__cause__
+    return isinstance(cause, OSError) or getattr(cause, "error_code", None) in TRANSIENT_REGISTRY_ERRORS

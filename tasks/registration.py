@@ -14,7 +14,7 @@ from registry.register import register_child
 from registry.settings import RegistrySettings
 from registry.versions import promote, tag_version
 
-from .common import publish_markdown
+from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreachable
 
 
 @task(name="draw round plots")
@@ -30,7 +30,7 @@ def draw_plots(
     }
 
 
-@task(name="register child version", retries=2, retry_delay_seconds=10)
+@task(name="register child version", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
 def register_round(
     registry: RegistrySettings,
     child_dir: Path,

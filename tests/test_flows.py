@@ -9,9 +9,11 @@ import torch
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
+import tasks.registration
 import tasks.training
 from flows.add_languages import add_languages
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
+from flows.compare import ComparePlan, compare
 from flows.lifelong_expansion import lifelong_expansion
 from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
 from layermoe_core.allocation import AllocationSettings
@@ -19,7 +21,7 @@ from layermoe_core.checkpoints import load_model
 from layermoe_core.data import load_sequences
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import EvalSettings, language_perplexity
-from layermoe_core.gates import GateSettings
+from layermoe_core.gates import GateDecision, GateSettings
 from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.settings import RegistrySettings
@@ -112,3 +114,35 @@ def test_plan_naming_a_missing_parent_version_fails_clearly(world):
 def test_plan_with_language_lacking_corpus_is_refused():
     with pytest.raises(ValueError, match=r"languages \['fi'\] have no corpus"):
         ExpansionPlan(corpora={}, new_languages=["fi"])
+
+
+def test_failed_gate_registers_child_as_rejected_and_keeps_alias(world, monkeypatch):
+    root, corpora, registry = world
+    champion_before = show_version(registry, "champion")["version"]
+
+    def failing_gate(comparison, settings):
+        return GateDecision(passed=False, reasons=["old language en: loss rose beyond the bound"])
+
+    monkeypatch.setattr(tasks.registration, "evaluate_gates", failing_gate)
+    plan = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(alias="champion"))
+    summary = add_languages(plan)
+    assert not summary.promoted
+    rejected = show_version(registry, summary.version)
+    assert rejected["aliases"] == [] and rejected["other_tags"]["layermoe.rejected"] == "true"
+    assert "loss rose" in rejected["other_tags"]["layermoe.rejected_reason"]
+    assert show_version(registry, "champion")["version"] == champion_before
+
+
+def test_compare_runs_layermoe_uniform_and_ablation_from_one_parent(world):
+    root, corpora, registry = world
+    shared = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(version=1))
+    plan = ComparePlan.model_validate({**shared.model_dump(), "name": "cmp", "uniform_budget_factor": 2.5})
+    table = compare(plan)
+    assert table["variant"].tolist() == ["layermoe", "uniform", "no-classifier"]
+    uniform = table.set_index("variant").loc["uniform"]
+    assert uniform["new_experts"] == 2 * 3  # ceil(2.5 * delta 2 / 2 layers) = 3 per layer
+    assert (table["params_added"] > 0).all() and {"loss_delta:en", "loss_delta:hu"} <= set(table.columns)
+    for variant in ("layermoe", "uniform", "no-classifier"):
+        version = show_version(registry, f"compare-{variant}")
+        assert version["parent_version"] == 1 and version["new_languages"] == ["hu"]
+    assert show_version(registry, "compare-no-classifier")["classifier_layers"] == []
