@@ -12,8 +12,10 @@ in Stage 1 the frozen weights (attention, embeddings, lm_head, expert 0) need no
 gradients, so `ideal_frozen` counts forward + input gradients (2x) for everything and weight
 gradients (1x) only for the trainable weights (the dense parent: all; the child: the new
 experts, at their n/(1+n) share of the k slots under balanced routing).
-Run from the repository root: `python -m bench.train_step [--sizes demo large] [--steps 10]`;
-it uses CUDA when visible. Steps of the two models alternate and each figure is a median.
+Run from the repository root: `python -m bench.train_step [--sizes demo large] [--modes ...]`;
+it uses CUDA when visible. Modes: `bf16-weights` (pure bf16 weights), `bf16-autocast` (bf16
+autocast over fp32 weights: what Trainer's precision="bf16" runs), `fp32`; by default both bf16
+modes on CUDA, fp32 on CPU. Steps of the two models alternate and each figure is a median.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class Stepper:
         if self.batch.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        mixed = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        mixed = torch.autocast(self.batch.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
         with mixed:
             loss = self.model(input_ids=self.batch, labels=self.batch).loss
         loss.backward()
@@ -101,6 +103,13 @@ class Stepper:
         if self.batch.is_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
+
+
+MODES = {  # name: (weight dtype, bf16 autocast)
+    "bf16-weights": (torch.bfloat16, False),
+    "bf16-autocast": (torch.float32, True),
+    "fp32": (torch.float32, False),
+}
 
 
 def tokens_per_second(steppers: list[Stepper], steps: int, warmup: int) -> list[float]:
@@ -117,6 +126,7 @@ def tokens_per_second(steppers: list[Stepper], steps: int, warmup: int) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["demo", "large"])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None, help="default: both bf16 modes on CUDA, fp32 on CPU")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CUDA, 2 on CPU")
@@ -126,11 +136,7 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     batch_size = args.batch_size or (8 if cuda else 2)
     seq_len = args.seq_len or (1024 if cuda else 128)
-    # CUDA: pure bf16 weights (the grouped-matmul expert path) and bf16 autocast over fp32
-    # weights (what Trainer's precision="bf16" runs); CPU: fp32.
-    modes = {"bf16 weights": (torch.bfloat16, False), "bf16 autocast": (torch.float32, True)}
-    if not cuda:
-        modes = {"fp32": (torch.float32, False)}
+    modes = args.modes or (["bf16-weights", "bf16-autocast"] if cuda else ["fp32"])
     print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} batch={batch_size}x{seq_len} steps={args.steps}")
     print(
         f"{'size':6} {'mode':14} {'dense tok/s':>12} {'expanded tok/s':>15} {'ratio':>6} {'ideal':>6} {'ideal_frozen':>13}"
@@ -144,7 +150,8 @@ def main() -> None:
         trained_expert_flops = new_share * size.top_k * mlp_flops * size.layers
         ideal_frozen = 3 * dense_flops / (2 * (dense_flops + extra) + trained_expert_flops)
         batch = torch.randint(0, size.vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-        for mode, (dtype, autocast) in modes.items():
+        for mode in modes:
+            dtype, autocast = MODES[mode]
             dense, expanded = build(size)
             steppers = [Stepper(model.to(device=device, dtype=dtype), batch, autocast) for model in (dense, expanded)]
             rates = tokens_per_second(steppers, args.steps, args.warmup)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
@@ -26,9 +27,12 @@ DEVICES_AND_DTYPES = [
 ]
 
 
-def assert_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
-    """fp32: torch's default tight tolerance; bf16: 3% of the tensor's largest entry."""
-    if reference.dtype == torch.bfloat16:
+def assert_close(ours: torch.Tensor, reference: torch.Tensor, name: str, computed_in: torch.dtype | None = None) -> None:
+    """Computed in fp32: torch's default tight tolerance; in bf16: 3% of the tensor's largest entry.
+
+    computed_in: the dtype the matmuls ran in, by default the reference's (under autocast, bf16).
+    """
+    if (computed_in or reference.dtype) == torch.bfloat16:
         atol = 3e-2 * reference.float().abs().max().item()
         torch.testing.assert_close(ours.float(), reference.float(), rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")
     else:
@@ -125,6 +129,63 @@ def test_dispatch_matches_masked_loop_reference(scenario, device, dtype):
             assert reference[name] is None or torch.count_nonzero(reference[name]) == 0, name
         else:
             assert_close(grad, reference[name], name)
+
+
+class MatmulDtypes(TorchDispatchMode):
+    """Records each matmul op that runs (below autocast) and the dtypes of its floating operands."""
+
+    MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "_grouped_mm"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+        self.dtypes: set[torch.dtype] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.MATMULS:
+            self.ops.add(name)
+            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+        return func(*args, **(kwargs or {}))
+
+
+def under_bf16_autocast(forward, device: str):
+    """`forward` with autocast(bf16) around the forward pass only, as the Trainer's bf16 precision runs it."""
+
+    def run(block: LayerMoEBlock, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return forward(block, x)
+
+    return run
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NO_CUDA)])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_bf16_autocast_over_fp32_weights_runs_experts_in_bf16_and_matches_reference(scenario, device):
+    """Mixed precision as Trainer(bf16=True) runs it: fp32 weights and input, autocast(bf16) forward.
+    Every matmul, the experts' forward and backward included, must run in bf16; the output, fp32
+    like the input, and the fp32 weight gradients must match the reference under the same autocast."""
+    group_sizes, classifier, forced_old = SCENARIOS[scenario]
+    block = stage1_block(group_sizes, classifier, device)  # fp32 weights
+    block.route_all_to_old = forced_old
+    x = torch.randn(3, 11, HIDDEN, device=device)
+    upstream = torch.randn_like(x)
+
+    with MatmulDtypes() as matmuls:
+        ours = forward_backward(block, under_bf16_autocast(LayerMoEBlock.__call__, device), x, upstream)
+    reference = forward_backward(block, under_bf16_autocast(reference_forward, device), x, upstream)
+
+    assert matmuls.dtypes == {torch.bfloat16}
+    if device == "cuda" and not forced_old:  # forced old: the new experts get no tokens, so no grouped GEMM
+        assert "_grouped_mm" in matmuls.ops, "bf16 autocast on CUDA should take torch's grouped GEMM"
+    assert ours["output"].dtype == reference["output"].dtype == torch.float32
+    assert ours.keys() == reference.keys()
+    for name, grad in ours.items():
+        if grad is None:  # a trainable round that got no weighted tokens (forced old) is skipped
+            assert reference[name] is None or torch.count_nonzero(reference[name]) == 0, name
+            continue
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        assert_close(grad, reference[name], name, computed_in=torch.bfloat16)
 
 
 @pytest.mark.parametrize("scenario", ["round 1, classifier", "round 1, forced old"])
