@@ -173,12 +173,15 @@ def create_stack_databases(server: PostgresServer, prefect_password: str, mlflow
 
 @contextmanager
 def running_mlflow_server(
-    backend_store_uri: str, workdir: Path, allowed_hosts: str = "localhost:*,127.0.0.1:*"
+    backend_store_uri: str, workdir: Path, allowed_hosts: str = "localhost:*,127.0.0.1:*", port: int | None = None
 ) -> Iterator[MlflowServer]:
-    """`mlflow server` on a free loopback port, proxying artifacts to a local directory."""
+    """`mlflow server` on a loopback port (default: a free one), proxying artifacts to a local directory.
+
+    Pass the port of a stopped server, with its workdir, to bring that server back.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     artifacts_dir, log = workdir / "artifacts", workdir / "mlflow-server.log"
-    port = free_loopback_port()
+    port = port or free_loopback_port()
     server = MlflowServer(tracking_uri=f"http://127.0.0.1:{port}", artifacts_dir=artifacts_dir)
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     with log.open("wb") as log_file:

@@ -45,7 +45,8 @@ def test_run_artifact_and_registered_alias_round_trip_through_the_server(mlflow_
 
     # Proxied: the client sees only mlflow-artifacts:/ and the bytes land in the server's store.
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
-    stored = list(mlflow_server.artifacts_dir.rglob("model.safetensors"))
+    # Other tests share this session's server: look only under this run's own folder.
+    stored = [p for p in mlflow_server.artifacts_dir.rglob("model.safetensors") if run.info.run_id in p.parts]
     assert [path.read_bytes() for path in stored] == [weights.read_bytes()]
     downloaded = client.download_artifacts(run.info.run_id, "model/model.safetensors", str(tmp_path / "dl"))
     assert open(downloaded, "rb").read() == weights.read_bytes()
