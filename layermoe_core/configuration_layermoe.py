@@ -23,7 +23,8 @@ class LayerMoEConfig(PreTrainedConfig):
     `expansion_rounds` is the history, one dict per round with keys `old_languages`,
     `new_languages`, `allocation` (new experts per layer) and `classifier_layers`.
     Layer i holds 1 + sum_r allocation_r[i] experts: expert 0 is the original MLP,
-    then each round's experts in order. The classifiers of the newest round are active.
+    then each round's experts in order. Every round's classifiers stay active: an earlier
+    round's classifier is part of the frozen parent path that old tokens take.
     """
 
     model_type = "layermoe"
@@ -63,6 +64,7 @@ class LayerMoEConfig(PreTrainedConfig):
 
     @property
     def classifier_layers(self) -> list[int]:
+        """The newest round's classifier layers."""
         return list(self.expansion_rounds[-1].get("classifier_layers", [])) if self.expansion_rounds else []
 
     @property

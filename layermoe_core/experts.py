@@ -137,8 +137,12 @@ class StackedExperts(nn.Module):
         self.down_proj.copy_(mlp.down_proj.weight.expand_as(self.down_proj))
 
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """tokens: (A, d) sorted by expert, counts[e] rows each -> (A, d), in autocast's dtype under autocast."""
-        tokens, gate_up_proj, down_proj = autocast_operands(tokens, self.gate_up_proj, self.down_proj)
+        """tokens: (A, d) sorted by expert, counts[e] rows each -> (A, d), in autocast's dtype under autocast.
+
+        Outside autocast the tokens take the weights' dtype: trainable experts keep fp32 master
+        weights beside a bf16 parent (see training.fp32_master_weights).
+        """
+        tokens, gate_up_proj, down_proj = autocast_operands(tokens.to(self.gate_up_proj.dtype), self.gate_up_proj, self.down_proj)
         offsets = expert_offsets(counts, tokens.device) if grouped_mm_runs(tokens, gate_up_proj) else None
         gate, up = grouped_linear(tokens, gate_up_proj, counts, offsets, chunks=2)  # (A, ff) each
         (out,) = grouped_linear(self.act_fn(gate) * up, down_proj, counts, offsets)

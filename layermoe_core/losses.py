@@ -16,8 +16,9 @@ OLD, NEW = 0, 1  # language labels per token; IGNORE_INDEX for padding
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/Mixtral balance loss of one layer: E * sum_e f_e * P_e.
 
-    f_e is the share of top-k slots that pick expert e, P_e the mean router probability of e.
-    It equals 1 for a uniform router and grows as routing concentrates.
+    f_e is the share of tokens that pick expert e among their top k (summing to k over
+    experts), P_e the mean router probability of e: transformers' `load_balancing_loss_func`
+    on one layer. It equals k for a uniform router and grows as routing concentrates.
     router_logits: (N, E).
     """
     num_experts = router_logits.shape[-1]
@@ -25,9 +26,9 @@ def load_balancing_loss(router_logits: torch.Tensor, top_k: int, token_mask: tor
     chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).float().sum(1)  # (N, E)
     if token_mask is not None:
         probs, chosen = probs[token_mask], chosen[token_mask]
-    slot_share = chosen.mean(0) / top_k  # f_e, sums to 1
+    tokens_per_expert = chosen.mean(0)  # f_e, sums to k
     mean_prob = probs.mean(0)  # P_e
-    return num_experts * (slot_share * mean_prob).sum()
+    return num_experts * (tokens_per_expert * mean_prob).sum()
 
 
 def lpr_loss(router_logits: torch.Tensor, language_labels: torch.Tensor, num_old_experts: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ Auto classes, so `AutoModelForCausalLM.from_pretrained(dir)` reloads any expande
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,15 +20,16 @@ from .configuration_layermoe import LayerMoEConfig
 from .errors import LayerMoEError
 from .experts import StackedExperts
 from .losses import load_balancing_loss
-from .moe_block import LayerMoEBlock
+from .moe_block import LayerMoEBlock, LayerMoERouter
 
 
 @dataclass
 class LayerMoECausalLMOutput(CausalLMOutputWithPast):
     """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` when labels are given.
 
-    router_logits: one (N, E_i) tensor per MoE layer, in layer order (N = batch * seq).
-    classifier_logits: one (N, 2) tensor per classifier layer, in layer order.
+    router_logits: one (N, E_i) tensor per layer whose router trains this round (the layers the
+      newest round gave experts), in layer order (N = batch * seq): this round's router.
+    classifier_logits: one (N, 2) tensor per classifier layer of the newest round, in layer order.
     """
 
     lm_loss: torch.FloatTensor | None = None
@@ -72,10 +75,10 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         self.causal_lm = causal_lm if causal_lm is not None else AutoModelForCausalLM.from_config(config.base_config)
         for layer in config.moe_layers:
             block = self.install_block(layer)
-            for size in config.expert_group_sizes(layer)[1:]:
+            for expansion, size in zip(config.expansion_rounds, config.expert_group_sizes(layer)[1:]):
                 block.add_expert_group(size)
-        for layer in config.classifier_layers:
-            self.moe_block(layer).add_classifier()
+                if size and layer in expansion.get("classifier_layers", []):
+                    block.routers[-1].add_classifier()
         self.post_init()
 
     # -- structure -----------------------------------------------------------------
@@ -108,8 +111,8 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        if isinstance(module, LayerMoEBlock):
-            module.gate.weight.zero_()
+        if isinstance(module, LayerMoERouter):
+            module.gate.weight.normal_(std=0.02)
             if module.classifier is not None:
                 module.classifier.weight.normal_(std=0.02)
                 module.classifier.bias.zero_()
@@ -122,10 +125,9 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     # -- forward -------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> LayerMoECausalLMOutput:
-        out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        blocks = self.moe_blocks()
-        router_logits = tuple(block.router_logits for block in blocks.values())
-        classifier_logits = tuple(b.classifier_logits for b in blocks.values() if b.classifier is not None)
+        with self._recorded_routing() as (router_logits, classifier_logits):
+            out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        router_logits, classifier_logits = tuple(router_logits.values()), tuple(classifier_logits.values())
         aux_loss = None
         if router_logits and (self.training or labels is not None):
             aux_loss = self.balance_loss(router_logits, attention_mask)
@@ -144,8 +146,37 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             classifier_logits=classifier_logits,
         )
 
+    @contextlib.contextmanager
+    def _recorded_routing(self) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """Collect this round's router and classifier logits during one forward, by layer.
+
+        Forward hooks, removed at exit, so nothing stays on the modules between calls (and a
+        gradient-checkpointing recompute in backward records nothing twice).
+        """
+        router_logits: dict[int, torch.Tensor] = {}
+        classifier_logits: dict[int, torch.Tensor] = {}
+
+        def keep(store: dict[int, torch.Tensor], layer: int, first_output: bool):
+            def hook(module, args, output):
+                store[layer] = output[0] if first_output else output
+
+            return hook
+
+        handles = []
+        for layer, block in self.moe_blocks().items():
+            if block.router is None:
+                continue
+            handles.append(block.router.register_forward_hook(keep(router_logits, layer, True)))
+            if block.router.classifier is not None:
+                handles.append(block.router.classifier.register_forward_hook(keep(classifier_logits, layer, False)))
+        try:
+            yield router_logits, classifier_logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def balance_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None):
-        """Mean over MoE layers of the Mixtral balance loss, padding excluded."""
+        """Mean over the trained routers' layers of the Mixtral balance loss, padding excluded."""
         if not router_logits:
             return None
         mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None

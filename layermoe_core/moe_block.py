@@ -1,88 +1,155 @@
 """`LayerMoEBlock`: the MLP of one decoder layer turned into a mixture of experts.
 
-Expert 0 is the parent's original MLP (frozen). Each expansion round appends a group of
-new experts (`StackedExperts`). A linear router (`gate`) scores all experts; routing takes
-the fp32 softmax, then top-k, and renormalises the k weights. An optional per-token
-`classifier` predicts old (0) or new (1) language; an old-predicted token is routed among
-the experts that existed before the newest round only: in round 1 that is expert 0 alone,
-with weight 1.
+Experts: expert 0 is the parent's original MLP (frozen); each expansion round that gives this
+layer experts appends a group of new ones (`StackedExperts`), copies of expert 0.
+
+Routing is a tree with one `LayerMoERouter` per such round, newest last (the lifelong
+invariant of shared/design.md):
+
+    round r router ──new──> softmax top-k over every expert so far          (trained in round r)
+         │
+         └─old (classifier, or forced)──> round r-1 router ──new──> ...     (frozen: the parent's function)
+                                              └─old──> ... ──> expert 0 alone, weight 1 (the dense layer)
+
+A router without a classifier sends every token down its new path. So a token that this
+round's classifier calls "old", or every token under `forced_old_routing`, goes through exactly
+the parent's MoE function: the parent's routers and classifiers, frozen, over the parent's
+frozen experts.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .experts import StackedExperts
 
+RouterInit = Literal["fresh", "parent"]
+NEW_LABEL = 1  # classifier class of new-language tokens (losses.NEW); 0 is old
+
+
+class LayerMoERouter(nn.Module):
+    """One round's routing in one layer: a linear gate over every expert that exists after the round.
+
+    Softmax in fp32, then top-k; with k > 1 the k weights are renormalised to sum to 1, with
+    k = 1 the weight is the router probability itself (Switch), so the LM loss reaches the gate.
+    `classifier` (optional) predicts old (0) or new (1) per token from its hidden state.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, num_old_experts: int, top_k: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.classifier: nn.Linear | None = None
+        self.num_old_experts = num_old_experts  # the experts that existed before this router's round
+        self.top_k = top_k
+
+    def add_classifier(self, generator: torch.Generator | None = None) -> None:
+        weight = self.gate.weight
+        self.classifier = nn.Linear(weight.shape[1], 2, bias=True).to(weight)
+        with torch.no_grad():
+            self.classifier.weight.copy_(0.02 * torch.randn(self.classifier.weight.shape, generator=generator))
+            self.classifier.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (N, d) -> router_logits (N, E), top-k weights (N, k) in fp32, top-k expert ids (N, k)."""
+        router_logits = self.gate(tokens.to(self.gate.weight.dtype))  # (N, E)
+        probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E), fp32 as in the reference
+        weights, ids = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        if self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return router_logits, weights, ids
+
+    def predicts_new(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the classifier's decision per token."""
+        return self.classifier(tokens.to(self.classifier.weight.dtype)).argmax(dim=-1) == NEW_LABEL
+
 
 class LayerMoEBlock(nn.Module):
     def __init__(self, original_mlp: nn.Module, hidden_size: int, intermediate_size: int, hidden_act: str, top_k: int):
         super().__init__()
         self.original_mlp = original_mlp  # expert 0
-        self.new_experts = nn.ModuleList()  # one StackedExperts per round (None-free: empty rounds are skipped)
+        self.new_experts = nn.ModuleList()  # one StackedExperts per round that gave this layer experts
+        self.routers = nn.ModuleList()  # one LayerMoERouter per such round, newest last
         self.group_sizes: list[int] = [1]  # experts per round, zeros included, expert 0 first
-        self.gate = nn.Linear(hidden_size, 1, bias=False)
-        self.classifier: nn.Linear | None = None
         self.top_k = top_k
-        self.route_all_to_old = False  # set by `forced_old_routing`, for parent comparisons
+        self.route_all_to_old = False  # set by `forced_old_routing`: skip this round's router
         self._shape = (hidden_size, intermediate_size, hidden_act)
-        # Filled by each forward, read by the model to build losses and routing statistics.
-        self.router_logits: torch.Tensor | None = None
-        self.classifier_logits: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
         return sum(self.group_sizes)
 
     @property
+    def expanded_this_round(self) -> bool:
+        """Whether the newest round gave this layer experts, and so a router that trains."""
+        return self.group_sizes[-1] > 0
+
+    @property
+    def router(self) -> LayerMoERouter | None:
+        """This round's router (the trainable one), or None if the round left the layer as it was."""
+        return self.routers[-1] if self.expanded_this_round else None
+
+    @property
     def num_old_experts(self) -> int:
         """Experts that existed before the newest round: the target of old-language tokens."""
-        return sum(self.group_sizes[:-1]) if len(self.group_sizes) > 1 else 1
+        return self.num_experts - self.group_sizes[-1]
 
-    def add_expert_group(self, num_new: int) -> None:
-        """Append one round's experts (copies of expert 0) and widen the router to match.
+    def add_expert_group(self, num_new: int, generator: torch.Generator | None = None, router_init: RouterInit = "fresh") -> None:
+        """Append one round's experts (copies of expert 0) and the round's router over all experts.
 
-        The router rows of existing experts are kept, so earlier rounds' routing survives;
-        the rows of the new experts start at zero (uniform among them).
+        router_init "fresh" (the reference's choice) draws every row from N(0, 0.02^2) with
+        `generator`. "parent" copies the parent router's rows and starts each new expert's row
+        at expert 0's row (plus the same noise), so the copies compete with the expert they copy.
+        Zero-initialised new rows beside trained ones (the old behaviour) could never win a token.
+        Old tokens keep their parent's routing either way, through the parent routers.
         """
         self.group_sizes.append(num_new)
         if num_new == 0:
             return
         hidden_size, intermediate_size, hidden_act = self._shape
-        experts = StackedExperts(num_new, hidden_size, intermediate_size, hidden_act)
-        experts.to(device=self.gate.weight.device, dtype=self.gate.weight.dtype)
+        reference = next(self.original_mlp.parameters())
+        experts = StackedExperts(num_new, hidden_size, intermediate_size, hidden_act).to(reference)
         experts.copy_from_mlp(self.original_mlp)
         self.new_experts.append(experts)
-        gate = nn.Linear(hidden_size, self.num_experts, bias=False).to(self.gate.weight)
+        num_old = self.num_experts - num_new
+        router = LayerMoERouter(hidden_size, self.num_experts, num_old, self.top_k).to(reference)
         with torch.no_grad():
-            gate.weight.zero_()
-            gate.weight[: self.gate.out_features] = self.gate.weight
-        self.gate = gate
-
-    def add_classifier(self) -> None:
-        hidden_size = self._shape[0]
-        self.classifier = nn.Linear(hidden_size, 2, bias=True).to(self.gate.weight)
-        with torch.no_grad():
-            self.classifier.weight.normal_(std=0.02)
-            self.classifier.bias.zero_()
+            weight = router.gate.weight  # (E, d)
+            weight.copy_(0.02 * torch.randn(weight.shape, generator=generator))
+            if router_init == "parent" and len(self.routers):
+                parent = self.routers[-1].gate.weight  # (E_old, d)
+                weight[:num_old] = parent
+                weight[num_old:] += parent[0]
+        self.routers.append(router)
 
     def route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: (N, d) -> top-k expert ids (N, k) and their renormalised fp32 weights (N, k)."""
-        self.router_logits = self.gate(tokens)  # (N, E)
-        probs = torch.softmax(self.router_logits.float(), dim=-1)  # (N, E), fp32 as in the reference
-        is_old = None
-        if self.classifier is not None:
-            self.classifier_logits = self.classifier(tokens)  # (N, 2)
-            is_old = self.classifier_logits.argmax(dim=-1) == 0  # (N,)
-        if self.route_all_to_old:
-            is_old = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        if is_old is not None:
-            old_probs = probs.clone()
-            old_probs[:, self.num_old_experts :] = 0  # only pre-round experts stay eligible
-            probs = torch.where(is_old[:, None], old_probs / old_probs.sum(-1, keepdim=True), probs)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
-        return experts, weights / weights.sum(dim=-1, keepdim=True)
+        """tokens (N, d) -> expert ids (N, k) and fp32 weights (N, k), down the routing tree.
+
+        Slots that carry no weight (a dense fall-through uses expert 0 alone) get the id
+        `num_experts`, which the dispatch never computes.
+        """
+        num_tokens, k = tokens.shape[0], self.top_k
+        routers = list(self.routers)
+        if self.route_all_to_old and self.expanded_this_round:
+            routers = routers[:-1]
+        # Only routers from the last classifier-free one on can decide; older ones are never reached.
+        start = max((i for i, r in enumerate(routers) if r.classifier is None), default=None)
+        if start is None:  # every token may fall through to the dense layer: expert 0, weight 1
+            ids = torch.full((num_tokens, k), self.num_experts, dtype=torch.long, device=tokens.device)
+            ids[:, 0] = 0
+            weights = torch.zeros(num_tokens, k, dtype=torch.float32, device=tokens.device)
+            weights[:, 0] = 1.0
+            start = 0
+        else:
+            _, weights, ids = routers[start](tokens)
+            start += 1
+        for router in routers[start:]:
+            _, new_weights, new_ids = router(tokens)
+            takes_new = router.predicts_new(tokens)[:, None]  # (N, 1)
+            ids, weights = torch.where(takes_new, new_ids, ids), torch.where(takes_new, new_weights, weights)
+        return ids, weights
 
     def expert_groups(self) -> list[tuple[nn.Module, int, int]]:
         """(module, first expert id, number of experts) for expert 0 and each non-empty round."""
@@ -101,11 +168,9 @@ class LayerMoEBlock(nn.Module):
         num_tokens, k = experts.shape
 
         # Sort the (token, slot) assignments by expert, so each expert sees one contiguous slice.
-        # Only routing to old experts makes zero-weight slots (an old-routed token's spare slots):
-        # they get the extra id E, sort last and are never computed.
-        keys = experts.reshape(-1)  # (N*k,)
-        if self.classifier is not None or self.route_all_to_old:
-            keys = keys.masked_fill(weights.reshape(-1) == 0, self.num_experts)
+        # Zero-weight slots (spare slots of tokens that fell through to the dense layer, or a
+        # weight that underflowed) get the extra id E, sort last and are never computed.
+        keys = experts.reshape(-1).masked_fill(weights.reshape(-1) == 0, self.num_experts)  # (N*k,)
         sorted_keys, order = torch.sort(keys, stable=True)  # (N*k,) each
         expert_ids = torch.arange(self.num_experts, device=keys.device)
         ends = torch.searchsorted(sorted_keys, expert_ids, right=True).tolist()  # the one host sync
@@ -117,7 +182,8 @@ class LayerMoEBlock(nn.Module):
         segments = sorted_tokens.split([sum(counts[first : first + size]) for _, first, size in groups])
         outputs = [self.original_mlp(segments[0])]
         for (experts_of_round, first, size), segment in zip(groups[1:], segments[1:]):
-            outputs.append(experts_of_round(segment, counts[first : first + size]) if len(segment) else segment)
+            out = experts_of_round(segment, counts[first : first + size]) if len(segment) else segment
+            outputs.append(out.to(outputs[0].dtype))  # trainable fp32 experts beside a bf16 parent
 
         # Put each output back in its (token, slot) place, then sum the k slots weighted, in fp32
         # and in slot order: deterministic (no atomics).

@@ -78,10 +78,14 @@ def plot_language_comparison(df: pd.DataFrame, path: str | Path, metric: str = "
 
 
 def plot_routing_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
-    """Layers x languages heatmap of `old_expert_fraction` from `routing_statistics`, old languages first."""
+    """Layers x languages heatmap of `new_expert_weight` from `routing_statistics`, old languages first.
+
+    The routed weight on this round's experts: near 1 where new-language tokens use what the
+    round added, near 0 where old-language tokens keep the parent's experts.
+    """
     languages = list(dict.fromkeys(df.sort_values("is_old", ascending=False, kind="stable")["language"]))
     is_old = df.groupby("language")["is_old"].first()
-    table = df.pivot(index="layer", columns="language", values="old_expert_fraction")[languages]  # (layers, languages)
+    table = df.pivot(index="layer", columns="language", values="new_expert_weight")[languages]  # (layers, languages)
     figure = Figure(figsize=(1.1 * len(languages) + 2.8, 0.38 * len(table) + 1.8), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -90,8 +94,8 @@ def plot_routing_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
         axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color="black" if value > 0.6 else "white")
     axes.set_xticks(range(len(languages)), [f"{lang}\n({'old' if is_old[lang] else 'new'})" for lang in languages])
     axes.set_yticks(range(len(table)), table.index)
-    axes.set(xlabel="language", ylabel="layer", title="Share of tokens whose top expert is an old expert")
-    figure.colorbar(image, ax=axes, label="fraction to old experts")
+    axes.set(xlabel="language", ylabel="layer", title="Routed weight on this round's new experts")
+    figure.colorbar(image, ax=axes, label="weight on new experts")
     return _save(figure, path)
 
 

@@ -26,6 +26,7 @@ class _Counts:
     num_experts: int
     tokens: int = 0
     old_top1: int = 0
+    new_weight: float = 0.0
     old_mass: float = 0.0
     classified: int = 0
     correct: int = 0
@@ -38,15 +39,19 @@ class _Counts:
 def _record(block: LayerMoEBlock, hidden_states: torch.Tensor, label: int, counts: _Counts) -> None:
     """Route the block's input exactly as its forward does, and add up where the tokens went."""
     tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # (N, d)
-    experts, weights = block.route(tokens)  # (N, k) each, after the classifier's decision
+    experts, weights = block.route(tokens)  # (N, k) each, down the routing tree
     old = block.num_old_experts
     counts.tokens += tokens.shape[0]
     counts.old_top1 += int((experts[:, 0] < old).sum())  # top-k is sorted: slot 0 carries the largest weight
-    counts.old_mass += float(torch.softmax(block.router_logits.float(), dim=-1)[:, :old].sum())
+    counts.new_weight += float(weights[(experts >= old) & (experts < block.num_experts)].sum())
     counts.slots += torch.bincount(experts[weights > 0].cpu(), minlength=block.num_experts)
-    if block.classifier is not None:
-        counts.classified += tokens.shape[0]
-        counts.correct += int((block.classifier_logits.argmax(dim=-1) == label).sum())
+    router = block.router
+    if router is not None:
+        router_logits, _, _ = router(tokens)
+        counts.old_mass += float(torch.softmax(router_logits.float(), dim=-1)[:, :old].sum())
+        if router.classifier is not None:
+            counts.classified += tokens.shape[0]
+            counts.correct += int((router.predicts_new(tokens).long() == label).sum())
 
 
 @torch.no_grad()
@@ -61,11 +66,13 @@ def routing_statistics(
     Columns:
     - `old_expert_fraction`: share of tokens whose top-1 expert (the largest routed weight,
       after the classifier's decision, so what the model computes) is an old expert;
-    - `router_old_mass`: mean router softmax mass on the old experts, before any classifier:
-      the quantity the LPR loss raises for old languages;
+    - `new_expert_weight`: mean routed weight on this round's experts (what the round added);
+    - `router_old_mass`: mean softmax mass of this round's router on the old experts, before any
+      classifier: the quantity the LPR loss raises for old languages (NaN where the round left
+      the layer unchanged);
     - `expert_load`: list, per expert, of its share of the top-k slots that carry weight;
-    - `classifier_accuracy`: share of tokens the layer's classifier labels correctly (old
-      or new by `old_languages`); NaN where the layer has no classifier.
+    - `classifier_accuracy`: share of this language's tokens that the layer's classifier (this
+      round's) labels correctly, old or new by `old_languages`; NaN where it has none.
     """
     blocks = model.moe_blocks()
     if not blocks:
@@ -114,7 +121,8 @@ def routing_statistics(
                 "num_experts": block.num_experts,
                 "num_old_experts": block.num_old_experts,
                 "old_expert_fraction": c.old_top1 / max(c.tokens, 1),
-                "router_old_mass": c.old_mass / max(c.tokens, 1),
+                "new_expert_weight": c.new_weight / max(c.tokens, 1),
+                "router_old_mass": c.old_mass / max(c.tokens, 1) if block.router is not None else float("nan"),
                 "expert_load": (c.slots / max(int(c.slots.sum()), 1)).tolist(),
                 "classifier_accuracy": c.correct / c.classified if c.classified else float("nan"),
             }

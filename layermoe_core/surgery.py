@@ -11,11 +11,13 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import torch
 from transformers import PreTrainedModel
 
 from .configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES, LayerMoEConfig
 from .errors import LayerMoEError
 from .modeling_layermoe import LayerMoEForCausalLM, decoder_layers
+from .moe_block import RouterInit
 
 Stage = Literal["stage1", "stage2"]
 
@@ -54,20 +56,45 @@ def validate_allocation(allocation: Sequence[int], num_layers: int, existing_exp
     return allocation
 
 
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _same_as_parent(name: str, given: float | None, parent_value: float) -> None:
+    if given is not None and given != parent_value:
+        raise LayerMoEError(
+            f"{name}={given} differs from the parent's {name}={parent_value}; a lifelong round keeps the parent's "
+            f"value (the parent's routers were trained with it). Set {name} to {parent_value} or leave it unset"
+        )
+
+
 def expand(
     model: PreTrainedModel,
     allocation: Sequence[int],
     old_languages: Sequence[str],
     new_languages: Sequence[str],
-    top_k: int = 2,
-    router_aux_loss_coef: float = 0.01,
+    top_k: int | None = None,
+    router_aux_loss_coef: float | None = None,
+    seed: int = 0,
+    router_init: RouterInit = "fresh",
 ) -> LayerMoEForCausalLM:
-    """Add one round of new experts. The input model is modified in place and wrapped if dense."""
+    """Add one round of new experts. The input model is modified in place and wrapped if dense.
+
+    Each layer with new experts gets a new router for the round, initialised from `seed` as
+    `router_init` says (see `LayerMoEBlock.add_expert_group`);
+    everything the parent had (experts, routers, classifiers) is kept and frozen, so
+    `forced_old_routing` of the result is the parent. top_k (default 2) and
+    router_aux_loss_coef (default 0.01) are set in round 1; later rounds keep the parent's.
+    """
     if isinstance(model, LayerMoEForCausalLM):
         wrapped = model
+        _same_as_parent("top_k", top_k, wrapped.config.num_experts_per_tok)
+        _same_as_parent("router_aux_loss_coef", router_aux_loss_coef, wrapped.config.router_aux_loss_coef)
         top_k = wrapped.config.num_experts_per_tok
     else:
         check_supported(model)
+        top_k = 2 if top_k is None else top_k
+        router_aux_loss_coef = 0.01 if router_aux_loss_coef is None else router_aux_loss_coef
         config = LayerMoEConfig(
             base_config=model.config, num_experts_per_tok=top_k, router_aux_loss_coef=router_aux_loss_coef
         )
@@ -82,6 +109,7 @@ def expand(
         {"old_languages": list(old_languages), "new_languages": list(new_languages), "allocation": allocation, "classifier_layers": []}
     ]
     blocks = wrapped.moe_blocks()
+    generator = _generator(seed)
     for layer, num_new in enumerate(allocation):
         block = blocks.get(layer)
         if block is None and num_new == 0:
@@ -89,45 +117,52 @@ def expand(
         if block is None:
             block = wrapped.install_block(layer)
             block.group_sizes.extend([0] * (len(wrapped.config.expansion_rounds) - 1))
-        block.add_expert_group(num_new)
-        block.classifier = None  # an earlier round's old/new split no longer applies
+        block.add_expert_group(num_new, generator, router_init)
     set_trainable(wrapped, "stage1")
     return wrapped
 
 
-def insert_classifiers(model: LayerMoEForCausalLM, layers: Sequence[int]) -> None:
-    """Give each of `layers` a fresh old/new classifier in front of its router."""
-    moe_layers = model.config.moe_layers
-    not_moe = [layer for layer in layers if layer not in moe_layers]
-    if not_moe:
-        raise LayerMoEError(f"classifier layers {not_moe} are dense; choose among the MoE layers {moe_layers}")
+def insert_classifiers(model: LayerMoEForCausalLM, layers: Sequence[int], seed: int = 0) -> None:
+    """Give each of `layers` an old/new classifier in front of this round's router (initialised from `seed`).
+
+    Only layers that received experts this round have a new path to choose; old-predicted
+    tokens take the parent's path.
+    """
+    eligible = [layer for layer, block in model.moe_blocks().items() if block.expanded_this_round]
+    not_eligible = [layer for layer in layers if layer not in eligible]
+    if not_eligible:
+        raise LayerMoEError(
+            f"classifier layers {not_eligible} received no new experts this round (dense or unchanged), so they have "
+            f"no new path to classify for; choose among the layers that received experts: {eligible}"
+        )
+    generator = _generator(seed)
     for layer in sorted(set(layers)):
-        model.moe_block(layer).add_classifier()
+        model.moe_block(layer).router.add_classifier(generator)
     model.config.expansion_rounds[-1]["classifier_layers"] = sorted(set(layers))
 
 
 def set_trainable(model: LayerMoEForCausalLM, stage: Stage) -> list[str]:
     """Freeze everything, then unfreeze what `stage` trains; returns the trainable names.
 
-    stage1: this round's new experts and the routers of layers that received them.
-    stage2: the routers and the classifiers.
+    stage1: this round's new experts and routers. stage2: this round's routers and classifiers.
+    The parent's experts, routers and classifiers never train.
     """
     model.requires_grad_(False)
     for block in model.moe_blocks().values():
-        received_experts = block.group_sizes[-1] > 0
-        if stage == "stage1" and received_experts:
+        router = block.router
+        if router is None:
+            continue
+        router.gate.requires_grad_(True)
+        if stage == "stage1":
             block.new_experts[-1].requires_grad_(True)
-            block.gate.requires_grad_(True)
-        elif stage == "stage2":
-            block.gate.requires_grad_(True)
-            if block.classifier is not None:
-                block.classifier.requires_grad_(True)
+        elif router.classifier is not None:
+            router.classifier.requires_grad_(True)
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
 @contextlib.contextmanager
 def forced_old_routing(model: LayerMoEForCausalLM) -> Iterator[LayerMoEForCausalLM]:
-    """Route every token to the pre-round experts only; in round 1 that is the parent model."""
+    """Route every token down the parent's path: the child then computes exactly its parent."""
     blocks = list(model.moe_blocks().values())
     for block in blocks:
         block.route_all_to_old = True

@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .errors import LayerMoEError
 from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss
 from .modeling_layermoe import LayerMoEForCausalLM
+from .moe_block import RouterInit
 from .surgery import set_trainable
 
 FINAL_DIR_NAME = "final"
@@ -98,6 +99,10 @@ class Stage1Settings(TrainSettings):
     """Stage 1: new experts and their routers learn the new languages."""
 
     balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
+    router_init: RouterInit = Field(
+        "fresh", description="this round's routers: fresh (re-initialised, as the reference) or parent (parent rows copied, "
+        "new experts start at expert 0's row)"
+    )
 
 
 class Stage2Settings(TrainSettings):
@@ -193,19 +198,46 @@ def _rows(sequences: Mapping[str, torch.Tensor], label: int | None) -> list[_Row
     return [_Row(row, language, label) for language, tokens in sequences.items() for row in tokens]
 
 
-def replay_mix(old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int) -> list[T]:
-    """The largest mix holding `old_fraction` old sequences that the data allows, drawn with `seed`."""
+def _balanced_pick(items: Sequence[T], count: int, language: Callable[[T], str], generator: torch.Generator) -> list[T]:
+    """`count` items drawn with `generator`, spread evenly over their languages (the first ones, in name order, get the remainder)."""
+    by_language: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_language.setdefault(language(item), []).append(index)
+    share, extra = divmod(count, max(len(by_language), 1))
+    picked = []
+    for rank, name in enumerate(sorted(by_language)):
+        indices = by_language[name]
+        take = share + (rank < extra)
+        picked += [indices[i] for i in torch.randperm(len(indices), generator=generator)[:take].tolist()]
+    return [items[i] for i in sorted(picked)]
+
+
+def _balanced_capacity(items: Sequence[T], language: Callable[[T], str]) -> int:
+    """The most items a per-language balanced draw can take: languages x the smallest language's count."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[language(item)] = counts.get(language(item), 0) + 1
+    return len(counts) * min(counts.values(), default=0)
+
+
+def replay_mix(
+    old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int, language: Callable[[T], str] = lambda row: row.language
+) -> list[T]:
+    """The largest mix holding `old_fraction` old sequences, each side balanced per language, drawn with `seed`.
+
+    Balanced, so that a language with less replay text is not outvoted in the classifier and
+    LPR losses (a mean over old tokens would hide its errors).
+    """
+    old_capacity, new_capacity = _balanced_capacity(old, language), _balanced_capacity(new, language)
     if old_fraction == 0:
-        total = len(new)
+        total = new_capacity
     elif old_fraction == 1:
-        total = len(old)
+        total = old_capacity
     else:
-        total = math.floor(min(len(new) / (1 - old_fraction), len(old) / old_fraction) + 1e-9)
+        total = math.floor(min(new_capacity / (1 - old_fraction), old_capacity / old_fraction) + 1e-9)
     num_old = round(old_fraction * total)
     generator = torch.Generator().manual_seed(seed)
-    pick_old = torch.randperm(len(old), generator=generator)[:num_old].sort().values
-    pick_new = torch.randperm(len(new), generator=generator)[: total - num_old].sort().values
-    return [old[i] for i in pick_old.tolist()] + [new[i] for i in pick_new.tolist()]
+    return _balanced_pick(old, num_old, language, generator) + _balanced_pick(new, total - num_old, language, generator)
 
 
 # -- objectives ----------------------------------------------------------------------
@@ -229,7 +261,8 @@ def _measure_stage1(outputs, language_labels) -> dict[str, torch.Tensor]:
 
 
 def _measure_stage2(outputs, language_labels: torch.Tensor, num_old_experts: Sequence[int]) -> dict[str, torch.Tensor]:
-    """LPR is averaged over MoE layers, each with its own number of old experts; the classifier over its layers."""
+    """LPR is averaged over the layers whose router trains, each with its own number of old experts;
+    the classifier loss over the classifier layers."""
     labels = language_labels.reshape(-1)  # (N,) in the router logits' (batch * seq) order
     lpr = [lpr_loss(logits, labels, n) for logits, n in zip(outputs.router_logits, num_old_experts, strict=True)]
     components = {"lm_loss": outputs.lm_loss, "lpr_loss": torch.stack(lpr).mean()}
@@ -348,6 +381,20 @@ def _final_metrics(log_history: list[dict[str, Any]], objective: Objective) -> d
     return {key: float(value) for entry in log_history for key, value in entry.items() if key in keys}
 
 
+def fp32_master_weights(model: PreTrainedModel) -> torch.dtype:
+    """Give every trainable parameter fp32 storage; return the dtype the model came in, to save it in.
+
+    AdamW updates a bf16 weight in place in bf16, which rounds most small updates away (from a
+    bf16 parent, 4 steps at lr 5e-5 left about half the new experts' elements unchanged). Frozen
+    weights stay in the parent's dtype, for memory; the model's modules cast where dtypes meet.
+    """
+    dtype = model.dtype
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return dtype
+
+
 def _train(
     model: PreTrainedModel,
     rows: list[_Row],
@@ -356,9 +403,13 @@ def _train(
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback],
 ) -> TrainResult:
-    """The shared plumbing: Trainer run (resumed when a checkpoint exists), then save_pretrained to final/."""
+    """The shared plumbing: Trainer run (resumed when a checkpoint exists), then save_pretrained to final/.
+
+    Trainable parameters train in fp32 (`fp32_master_weights`); final/ is saved in the dtype the model came in.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    saved_dtype = fp32_master_weights(model)
     trainer = LayerMoETrainer(
         model=model,
         args=training_arguments(settings, output_dir),
@@ -373,7 +424,10 @@ def _train(
     final_dir = output_dir / FINAL_DIR_NAME
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers FSDP / DeepSpeed shards
     if trainer.args.should_save:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(final_dir, state_dict=state_dict)
+        state_dict = {name: t.to(saved_dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        unwrapped.config.dtype = saved_dtype
+        unwrapped.save_pretrained(final_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
 
     counts: dict[str, int] = {}
@@ -444,7 +498,7 @@ def train_stage2(
         raise LayerMoEError(f"languages {sorted(overlap)} are given as both old and new; each language is one or the other")
     set_trainable(model, "stage2")
     rows = replay_mix(_rows(old_sequences, OLD), _rows(new_sequences, NEW), settings.replay_old_fraction, settings.seed)
-    num_old_experts = [block.num_old_experts for block in model.moe_blocks().values()]
+    num_old_experts = [block.num_old_experts for block in model.moe_blocks().values() if block.expanded_this_round]
     objective = Objective(
         {"lm_loss": settings.lm_coef, "lpr_loss": settings.lpr_coef, "classifier_loss": settings.classifier_coef},
         partial(_measure_stage2, num_old_experts=num_old_experts),
@@ -459,6 +513,7 @@ __all__ = [
     "TrainResult",
     "TrainSettings",
     "collate_sequences",
+    "fp32_master_weights",
     "latest_checkpoint",
     "replay_mix",
     "train_causal_lm",

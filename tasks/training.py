@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -44,9 +43,10 @@ def run_stage1(
 
     A rerun after an interruption resumes from the last checkpoint in output_dir.
     """
-    torch.manual_seed(settings.seed)  # the new routers' initial weights: the same child in any process, on any rerun
+    # Seeded router initialisation: the same child in any process, on any rerun.
     model = expand(load_model(parent_dir), allocation, old_languages, new_languages, top_k=top_k,
-                   router_aux_loss_coef=settings.balance_loss_coef)
+                   router_aux_loss_coef=settings.balance_loss_coef, seed=settings.seed,
+                   router_init=settings.router_init)
     result = train_stage1(model, load_sequences(tokens_path), settings, output_dir, [progress_reporter("stage1", settings.max_steps)])
     load_tokenizer(parent_dir).save_pretrained(result.model_dir)
     return result
@@ -63,8 +63,7 @@ def run_stage2(
 ) -> TrainResult:
     """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix."""
     model = load_model(stage1_dir)
-    torch.manual_seed(settings.seed)  # the classifiers' initial weights, as for the routers in Stage 1
-    insert_classifiers(model, classifier_layers)
+    insert_classifiers(model, classifier_layers, seed=settings.seed)
     get_run_logger().info("routing classifiers in layers %s", classifier_layers)
     result = train_stage2(
         model, load_sequences(old_tokens_path), load_sequences(new_tokens_path), settings, output_dir,

@@ -134,7 +134,7 @@ def test_perturbed_experts_change_only_the_layers_after_them(languages):
     before = layer_similarity(child, languages, ["en"], ["el"])
     with torch.no_grad():
         child.moe_block(1).new_experts[0].down_proj.mul_(5.0)
-        child.moe_block(1).gate.weight.normal_()
+        child.moe_block(1).router.gate.weight.normal_()
     after = layer_similarity(child, languages, ["en"], ["el"])
     np.testing.assert_allclose(after.loc[:1, "score"], before.loc[:1, "score"], atol=1e-6)
     assert abs(after.loc[2, "score"] - before.loc[2, "score"]) > 1e-4

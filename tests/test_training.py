@@ -63,8 +63,9 @@ def perturb_routers_towards_new_experts(model, seed: int = 0) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in model.moe_blocks().values():
-            block.gate.weight.copy_(torch.randn(block.gate.weight.shape, generator=generator))
-            block.gate.weight[: block.num_old_experts] = 0
+            gate = block.router.gate
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator))
+            gate.weight[: block.num_old_experts] = 0
 
 
 class StopAfterStep(TrainerCallback):
@@ -132,7 +133,7 @@ def test_stage2_raises_old_language_routing_to_old_experts_and_changes_only_rout
     assert old_after["old_expert_fraction"].mean() > old_before["old_expert_fraction"].mean() + 0.3
     changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
     assert changed, "Stage 2 changed nothing"
-    assert all(name.endswith(("mlp.gate.weight", "mlp.classifier.weight", "mlp.classifier.bias")) for name in changed)
+    assert all(name.endswith(("gate.weight", "classifier.weight", "classifier.bias")) and ".routers.0." in name for name in changed)
     assert set(result.final_metrics) >= {"lm_loss", "lpr_loss", "classifier_loss", "classifier_accuracy"}
     assert result.num_sequences == {"en": 48, "el": 48}
 
@@ -199,12 +200,21 @@ def test_routing_heatmap_is_written(tmp_path):
 
 def test_replay_mix_realises_the_old_fraction_within_the_data():
     old, new = [("old", i) for i in range(10)], [("new", i) for i in range(30)]
-    quarter = replay_mix(old, new, 0.25, seed=0)
+    mix = lambda fraction, seed=0: replay_mix(old, new, fraction, seed, language=lambda item: item[0])  # noqa: E731
+    quarter = mix(0.25)
     assert (sum(kind == "old" for kind, _ in quarter), len(quarter)) == (10, 40)
-    half = replay_mix(old, new, 0.5, seed=0)
+    half = mix(0.5)
     assert (sum(kind == "old" for kind, _ in half), len(half)) == (10, 20)
-    assert half == replay_mix(old, new, 0.5, seed=0) != replay_mix(old, new, 0.5, seed=1)
-    assert replay_mix(old, new, 0.0, seed=0) == new and replay_mix(old, new, 1.0, seed=0) == old
+    assert half == mix(0.5) != mix(0.5, seed=1)
+    assert mix(0.0) == new and mix(1.0) == old
+
+
+def test_replay_mix_is_balanced_per_language():
+    old = [("en", i) for i in range(40)] + [("zh", i) for i in range(12)] + [("es", i) for i in range(30)]
+    new = [("el", i) for i in range(50)] + [("hu", i) for i in range(20)]
+    mixed = replay_mix(old, new, 0.5, seed=0, language=lambda item: item[0])
+    counts = {language: sum(item[0] == language for item in mixed) for language in ("en", "zh", "es", "el", "hu")}
+    assert counts == {"en": 12, "zh": 12, "es": 12, "el": 18, "hu": 18}  # 36 old (3 x the smallest), 36 new
 
 
 def test_collator_marks_padding_with_ignore_index():
