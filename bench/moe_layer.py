@@ -56,7 +56,7 @@ def ours_stage1(parent: nn.Module, hidden: int, intermediate: int, num_new: int)
     block = LayerMoEBlock(copy.deepcopy(parent), hidden, intermediate, "silu", TOP_K)
     block.add_expert_group(num_new)
     with torch.no_grad():
-        block.gate.weight.normal_(std=0.5 / hidden**0.5)  # a trained-looking router: balanced, not uniform
+        block.router.gate.weight.normal_(std=0.5 / hidden**0.5)  # a trained-looking router: balanced, not uniform
         for experts in block.new_experts:
             experts.gate_up_proj.add_(0.01 * torch.randn_like(experts.gate_up_proj))
     block.original_mlp.requires_grad_(False)  # Stage 1: expert 0 frozen

@@ -76,7 +76,7 @@ def build(size: Size) -> tuple[Qwen2ForCausalLM, torch.nn.Module]:
     expanded = expand(copy.deepcopy(dense), [size.new_per_layer] * size.layers, ["en"], ["el"], top_k=size.top_k)
     with torch.no_grad():  # a trained-looking router: tokens spread over all experts, not ties
         for block in expanded.moe_blocks().values():
-            block.gate.weight.normal_(std=size.hidden**-0.5)
+            block.router.gate.weight.normal_(std=size.hidden**-0.5)
     return dense, expanded
 
 
