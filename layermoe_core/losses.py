@@ -45,6 +45,21 @@ def lpr_loss(router_logits: torch.Tensor, language_labels: torch.Tensor, num_old
     return -torch.logsumexp(log_probs[:, :num_old_experts], dim=-1).mean()
 
 
+def new_prior_loss(router_logits: torch.Tensor, language_labels: torch.Tensor, num_old_experts: int) -> torch.Tensor:
+    """The mirror of LPR for new-language tokens: -log P(this round's experts).
+
+    Not in the papers. In a lifelong round the new experts start as copies of the dense MLP beside
+    earlier rounds' trained experts, which win the new languages' tokens at first; without a push
+    the new experts get few tokens, learn little, and Stage 2's LPR then folds all routing onto
+    old experts (measured on the demo: README, "Where we differ"). router_logits: (N, E), labels: (N,).
+    """
+    is_new = language_labels == NEW
+    if not is_new.any():
+        return router_logits.new_zeros(())
+    log_probs = torch.log_softmax(router_logits[is_new].float(), dim=-1)  # (N_new, E)
+    return -torch.logsumexp(log_probs[:, num_old_experts:], dim=-1).mean()
+
+
 def classifier_loss(classifier_logits: torch.Tensor, language_labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the old/new classifier. classifier_logits: (N, 2), labels: (N,)."""
     if not (language_labels != IGNORE_INDEX).any():

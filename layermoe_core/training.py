@@ -26,7 +26,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .errors import LayerMoEError
-from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss
+from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, new_prior_loss
 from .modeling_layermoe import LayerMoEForCausalLM
 from .moe_block import RouterInit
 from .surgery import set_trainable
@@ -95,9 +95,15 @@ class TrainSettings(_Settings):
     dataloader_num_workers: int = Field(0, ge=0, description="data-loading worker processes, >= 0")
 
 
+def _new_prior_coef():
+    return Field(0.0, ge=0, description="the new-expert prior coefficient (-log P(new experts) of new-language tokens), >= 0; "
+                 "0 as in the papers")
+
+
 class Stage1Settings(TrainSettings):
     """Stage 1: new experts and their routers learn the new languages."""
 
+    new_prior_coef: float = _new_prior_coef()
     balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
     router_init: RouterInit = Field(
         "fresh", description="this round's routers: fresh (re-initialised, as the reference) or parent (parent rows copied, "
@@ -114,6 +120,7 @@ class Stage2Settings(TrainSettings):
     lpr_coef: float = Field(0.1, ge=0, description="the LPR loss coefficient, >= 0 (reference: 0.1)")
     classifier_coef: float = Field(0.1, ge=0, description="the classifier loss coefficient, >= 0 (reference: 0.1)")
     lm_coef: float = Field(1.0, ge=0, description="the language-modelling loss coefficient, >= 0")
+    new_prior_coef: float = _new_prior_coef()
 
 
 class TrainResult(BaseModel):
@@ -256,16 +263,23 @@ def _measure_lm(outputs, language_labels) -> dict[str, torch.Tensor]:
     return {"lm_loss": outputs.loss}
 
 
-def _measure_stage1(outputs, language_labels) -> dict[str, torch.Tensor]:
-    return {"lm_loss": outputs.lm_loss, "balance_loss": outputs.aux_loss}
+def _prior_losses(outputs, labels: torch.Tensor, num_old_experts: Sequence[int], loss: Callable) -> torch.Tensor:
+    """A routing prior averaged over the layers whose router trains, each with its own number of old experts."""
+    return torch.stack([loss(logits, labels, n) for logits, n in zip(outputs.router_logits, num_old_experts, strict=True)]).mean()
+
+
+def _measure_stage1(outputs, language_labels: torch.Tensor, num_old_experts: Sequence[int]) -> dict[str, torch.Tensor]:
+    labels = language_labels.reshape(-1)  # (N,): NEW, IGNORE_INDEX on padding
+    return {"lm_loss": outputs.lm_loss, "balance_loss": outputs.aux_loss,
+            "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss)}
 
 
 def _measure_stage2(outputs, language_labels: torch.Tensor, num_old_experts: Sequence[int]) -> dict[str, torch.Tensor]:
-    """LPR is averaged over the layers whose router trains, each with its own number of old experts;
-    the classifier loss over the classifier layers."""
+    """LPR (and the new-expert prior) averaged over the layers whose router trains; the classifier loss over
+    the classifier layers."""
     labels = language_labels.reshape(-1)  # (N,) in the router logits' (batch * seq) order
-    lpr = [lpr_loss(logits, labels, n) for logits, n in zip(outputs.router_logits, num_old_experts, strict=True)]
-    components = {"lm_loss": outputs.lm_loss, "lpr_loss": torch.stack(lpr).mean()}
+    components = {"lm_loss": outputs.lm_loss, "lpr_loss": _prior_losses(outputs, labels, num_old_experts, lpr_loss),
+                  "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss)}
     if outputs.classifier_logits:
         components["classifier_loss"] = torch.stack([classifier_loss(l, labels) for l in outputs.classifier_logits]).mean()
         counted = labels != IGNORE_INDEX
@@ -444,6 +458,11 @@ def _train(
     )
 
 
+def _trained_routers_old_experts(model: LayerMoEForCausalLM) -> list[int]:
+    """Old experts per layer whose router trains this round, in the order of the output's router_logits."""
+    return [block.num_old_experts for block in model.moe_blocks().values() if block.expanded_this_round]
+
+
 def _vocab_size(model: PreTrainedModel) -> int:
     return model.get_input_embeddings().num_embeddings
 
@@ -472,8 +491,11 @@ def train_stage1(
     """Stage 1: this round's experts and routers learn the new languages; loss = LM + coef * balance."""
     _check_sequences(new_sequences, "new-language", _vocab_size(model))
     set_trainable(model, "stage1")
-    objective = Objective({"lm_loss": 1.0, "balance_loss": settings.balance_loss_coef}, _measure_stage1)
-    return _train(model, _rows(new_sequences, None), objective, settings, output_dir, callbacks)
+    objective = Objective(
+        {"lm_loss": 1.0, "balance_loss": settings.balance_loss_coef, "new_prior_loss": settings.new_prior_coef},
+        partial(_measure_stage1, num_old_experts=_trained_routers_old_experts(model)),
+    )
+    return _train(model, _rows(new_sequences, NEW), objective, settings, output_dir, callbacks)
 
 
 def train_stage2(
@@ -498,10 +520,10 @@ def train_stage2(
         raise LayerMoEError(f"languages {sorted(overlap)} are given as both old and new; each language is one or the other")
     set_trainable(model, "stage2")
     rows = replay_mix(_rows(old_sequences, OLD), _rows(new_sequences, NEW), settings.replay_old_fraction, settings.seed)
-    num_old_experts = [block.num_old_experts for block in model.moe_blocks().values() if block.expanded_this_round]
     objective = Objective(
-        {"lm_loss": settings.lm_coef, "lpr_loss": settings.lpr_coef, "classifier_loss": settings.classifier_coef},
-        partial(_measure_stage2, num_old_experts=num_old_experts),
+        {"lm_loss": settings.lm_coef, "lpr_loss": settings.lpr_coef, "classifier_loss": settings.classifier_coef,
+         "new_prior_loss": settings.new_prior_coef},
+        partial(_measure_stage2, num_old_experts=_trained_routers_old_experts(model)),
     )
     return _train(model, rows, objective, settings, output_dir, callbacks)
 

@@ -214,3 +214,13 @@ def test_parent_router_init_copies_the_parents_rows_and_starts_new_experts_at_ex
     offsets = new_gate[2:] - parent_gate[0]  # the new experts compete with expert 0, which they copy
     assert 0.01 < offsets.std() < 0.03
     assert len(grandchild.moe_block(1).routers) == 1  # no experts this round: no new router
+
+
+def test_new_prior_loss_is_minus_log_router_mass_on_new_experts_for_new_tokens_only():
+    from layermoe_core.losses import IGNORE_INDEX, NEW, OLD, new_prior_loss
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [5.0, 5.0, 5.0]])  # (N, E), 1 old expert
+    labels = torch.tensor([OLD, NEW, IGNORE_INDEX])
+    probs = torch.softmax(logits[1], dim=-1)
+    torch.testing.assert_close(new_prior_loss(logits, labels, num_old_experts=1), -torch.log(probs[1:].sum()))
+    assert new_prior_loss(logits, torch.tensor([OLD, OLD, IGNORE_INDEX]), 1) == 0

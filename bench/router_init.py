@@ -1,0 +1,85 @@
+"""How a lifelong round's routers start and what pushes new-language tokens to the new experts.
+
+Variants: "fresh" (router re-initialised, the reference's choice), "parent" (parent rows copied,
+new experts start at expert 0's row), "fresh+prior" (fresh, plus the new-expert prior loss,
+-log P(new experts) of new-language tokens, in Stage 1 and Stage 2).
+
+Run from the repository root after `make demo`:
+
+    python -m bench.router_init --round-dir .demo/work/demo-round-2-parent-v2-<digest> --parent-dir .demo/work/registry-downloads/v2
+
+It re-runs one finished round's Stage 1 and Stage 2 from its parent, on the round's own sampled
+tokens (tokens/*.safetensors), allocation and classifier layers, once per initialisation, with
+the demo's stage settings, and prints side by side per language: held-out loss of parent and
+child, and for the new languages the share of tokens whose top expert is one of the round's new
+experts. Both variants see the same data in the same order (same seeds).
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from layermoe_core.checkpoints import load_model
+from layermoe_core.data import load_sequences
+from layermoe_core.evaluation import language_perplexity
+from layermoe_core.routing_stats import routing_statistics
+from layermoe_core.surgery import expand, insert_classifiers
+from layermoe_core.training import train_stage1, train_stage2
+
+from flows.demo import demo_plans
+
+
+VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides)
+    "fresh": ({"router_init": "fresh"}, {}),
+    "parent": ({"router_init": "parent"}, {}),
+    "fresh+prior": ({"router_init": "fresh", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}),
+}
+
+
+def run_variant(name: str, parent_dir: Path, round_dir: Path, out_dir: Path) -> tuple[pd.Series, pd.Series]:
+    expansion = load_model(round_dir / "stage2" / "final").config.expansion_rounds[-1]
+    old, new = expansion["old_languages"], expansion["new_languages"]
+    _, plan = demo_plans(Path(".demo"), {})
+    stage1 = plan.stage1.model_copy(update=VARIANTS[name][0])
+    stage2 = plan.stage2.model_copy(update=VARIANTS[name][1])
+    model = expand(load_model(parent_dir), expansion["allocation"], old, new, seed=stage1.seed, router_init=stage1.router_init)
+    train_stage1(model, load_sequences(round_dir / "tokens" / "stage1.safetensors"), stage1, out_dir / "stage1")
+    insert_classifiers(model, expansion["classifier_layers"], seed=stage2.seed)
+    train_stage2(model, load_sequences(round_dir / "tokens" / "replay-old.safetensors"),
+                 load_sequences(round_dir / "tokens" / "replay-new.safetensors"), stage2, out_dir / "stage2")
+    heldout = load_sequences(round_dir / "tokens" / "heldout.safetensors")
+    losses = language_perplexity(model, heldout, batch_size=16).set_index("language")["loss"]
+    routing = routing_statistics(model, {lang: heldout[lang] for lang in new}, old, batch_size=16)
+    routing = routing[routing["num_experts"] > routing["num_old_experts"]]  # the layers the round expanded
+    new_top1 = (1 - routing.groupby("language")["old_expert_fraction"].mean()).rename("new_expert_top1")
+    return losses.rename(name), new_top1.rename(name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--round-dir", type=Path, required=True, help="a finished round's work folder")
+    parser.add_argument("--parent-dir", type=Path, required=True, help="that round's parent model folder")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    args = parser.parse_args()
+    heldout = load_sequences(args.round_dir / "tokens" / "heldout.safetensors")
+    parent_loss = language_perplexity(load_model(args.parent_dir), heldout, batch_size=16).set_index("language")["loss"]
+    losses, top1 = [parent_loss.rename("parent")], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.variants:
+            loss, new_top1 = run_variant(name, args.parent_dir, args.round_dir, Path(scratch) / name)
+            losses.append(loss)
+            top1.append(new_top1)
+            print(f"done: {name}", flush=True)
+    table = pd.concat(losses, axis=1)
+    for name in args.variants:
+        table[f"{name} delta"] = table[name] - table["parent"]
+    print("Held-out loss (nats) per language, parent vs child per variant:\n")
+    print(table.round(3).to_string())
+    print("\nNew languages: share of tokens whose top expert is one of the round's new experts (mean over expanded layers):\n")
+    print(pd.concat(top1, axis=1).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
