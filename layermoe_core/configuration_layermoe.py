@@ -14,6 +14,7 @@ from transformers.configuration_utils import SubConfigSpec
 # Base families whose decoder layers expose `mlp` (gate/up/down projections, no bias)
 # behind `post_attention_layernorm`: the shape the MoE surgery needs.
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+ROUTING_FORMAT = 2  # the routing tree: one router per round and layer (see moe_block)
 
 
 @strict
@@ -25,6 +26,9 @@ class LayerMoEConfig(PreTrainedConfig):
     Layer i holds 1 + sum_r allocation_r[i] experts: expert 0 is the original MLP,
     then each round's experts in order. Every round's classifiers stay active: an earlier
     round's classifier is part of the frozen parent path that old tokens take.
+
+    `routing_format` 2 is the routing tree (one router per round); checkpoints without it were
+    saved with one widened router per layer and are converted by `layermoe_core.legacy`.
     """
 
     model_type = "layermoe"
@@ -34,11 +38,14 @@ class LayerMoEConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.01
     expansion_rounds: list | None = None
+    routing_format: int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         if self.expansion_rounds is None:
             self.expansion_rounds = []
+        if self.routing_format is None and not self.expansion_rounds:
+            self.routing_format = ROUTING_FORMAT  # a new model; a loaded legacy one keeps None
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
 
@@ -80,4 +87,4 @@ class LayerMoEConfig(PreTrainedConfig):
         return list(last["old_languages"]) + list(last["new_languages"])
 
 
-__all__ = ["LayerMoEConfig", "SUPPORTED_BASE_MODEL_TYPES"]
+__all__ = ["LayerMoEConfig", "ROUTING_FORMAT", "SUPPORTED_BASE_MODEL_TYPES"]

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration_layermoe import LayerMoEConfig
+from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
 from .errors import LayerMoEError
 from .experts import StackedExperts
 from .losses import load_balancing_loss
@@ -69,6 +69,12 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     _skip_keys_device_placement = ["past_key_values"]
 
     def __init__(self, config: LayerMoEConfig, causal_lm: PreTrainedModel | None = None):
+        if config.routing_format != ROUTING_FORMAT:
+            raise LayerMoEError(
+                "this LayerMoE checkpoint was saved by an earlier layermoe (one widened router per layer, "
+                f"routing_format={config.routing_format}); convert it once with "
+                "`python -m layermoe_core.legacy SOURCE_DIR TARGET_DIR`, which keeps its function exactly"
+            )
         super().__init__(config)
         # Composite configs leave the sub-config's attention backend unset; the base model reads it.
         config.base_config._attn_implementation = config._attn_implementation
