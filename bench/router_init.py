@@ -22,13 +22,13 @@ from pathlib import Path
 import pandas as pd
 
 from layermoe_core.checkpoints import load_model
-from layermoe_core.data import load_sequences
+from layermoe_core.data import CorpusSpec, load_sequences
 from layermoe_core.evaluation import language_perplexity
 from layermoe_core.routing_stats import routing_statistics
 from layermoe_core.surgery import expand, insert_classifiers
 from layermoe_core.training import train_stage1, train_stage2
 
-from flows.demo import demo_plans
+from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
 
 
 VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides)
@@ -41,7 +41,8 @@ VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides)
 def run_variant(name: str, parent_dir: Path, round_dir: Path, out_dir: Path) -> tuple[pd.Series, pd.Series]:
     expansion = load_model(round_dir / "stage2" / "final").config.expansion_rounds[-1]
     old, new = expansion["old_languages"], expansion["new_languages"]
-    _, plan = demo_plans(Path(".demo"), {})
+    languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]
+    _, plan = demo_plans(Path(".demo"), {lang: CorpusSpec(path=Path(".demo/corpus") / f"{lang}.jsonl") for lang in languages})
     stage1 = plan.stage1.model_copy(update=VARIANTS[name][0])
     stage2 = plan.stage2.model_copy(update=VARIANTS[name][1])
     model = expand(load_model(parent_dir), expansion["allocation"], old, new, seed=stage1.seed, router_init=stage1.router_init)
