@@ -1,8 +1,8 @@
 """How a lifelong round's routers start and what pushes new-language tokens to the new experts.
 
-Variants: "fresh" (router re-initialised, the reference's choice), "parent" (parent rows copied,
-new experts start at expert 0's row), "fresh+prior" (fresh, plus the new-expert prior loss,
--log P(new experts) of new-language tokens, in Stage 1 and Stage 2).
+Variants: "fresh" (router re-initialised, the reference's choice), "parent-rows" (parent rows copied,
+new experts start at expert 0's row), "+prior" (plus the new-expert prior loss, -log P(new
+experts) of new-language tokens, in Stage 1 (0.1) and Stage 2 (0.5), or in Stage 1 only).
 
 Run from the repository root after `make demo`:
 
@@ -33,8 +33,10 @@ from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
 
 VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides)
     "fresh": ({"router_init": "fresh"}, {}),
-    "parent": ({"router_init": "parent"}, {}),
+    "parent-rows": ({"router_init": "parent"}, {}),
     "fresh+prior": ({"router_init": "fresh", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}),
+    "parent-rows+prior": ({"router_init": "parent", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}),
+    "parent-rows+stage1-prior": ({"router_init": "parent", "new_prior_coef": 0.1}, {}),
 }
 
 
@@ -66,16 +68,16 @@ def main() -> None:
     args = parser.parse_args()
     heldout = load_sequences(args.round_dir / "tokens" / "heldout.safetensors")
     parent_loss = language_perplexity(load_model(args.parent_dir), heldout, batch_size=16).set_index("language")["loss"]
-    losses, top1 = [parent_loss.rename("parent")], []
+    losses, top1 = [parent_loss.rename("parent model")], []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.variants:
             loss, new_top1 = run_variant(name, args.parent_dir, args.round_dir, Path(scratch) / name)
             losses.append(loss)
             top1.append(new_top1)
-            print(f"done: {name}", flush=True)
+            print(f"done: {name}\n{pd.concat([loss, new_top1], axis=1).round(3).to_string()}", flush=True)
     table = pd.concat(losses, axis=1)
     for name in args.variants:
-        table[f"{name} delta"] = table[name] - table["parent"]
+        table[f"{name} delta"] = table[name] - table["parent model"]
     print("Held-out loss (nats) per language, parent vs child per variant:\n")
     print(table.round(3).to_string())
     print("\nNew languages: share of tokens whose top expert is one of the round's new experts (mean over expanded layers):\n")
