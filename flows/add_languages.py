@@ -19,6 +19,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
+from layermoe_core.data import load_documents
 from layermoe_core.errors import LayerMoEError
 from tasks.analysis import measure_similarity, plan_allocation, sample_tokens
 from tasks.common import unless_cached_output
@@ -71,11 +72,25 @@ def round_dir(plan: ExpansionPlan, parent_version: int) -> Path:
 
 
 def fetch_parent(plan: ExpansionPlan) -> ParentModel:
-    """The round's parent, local and verified; an `hf_path` parent is registered as the base first."""
+    """The round's parent, local and verified; an `hf_path` parent is registered as the base first.
+
+    Before the base is registered, the corpora are read, so a round that cannot run changes nothing;
+    a base already registered with the same files is reused, and no alias moves onto it here.
+    """
     ref = plan.parent.ref
     if plan.parent.hf_path is not None:
-        ref = register_base_model(plan.registry, plan.parent.hf_path, plan.parent.languages or plan.old_languages, plan.promote_alias)
+        languages = plan.parent.languages or plan.old_languages
+        check_corpora_readable(plan, languages + plan.new_languages)
+        ref = register_base_model(plan.registry, plan.parent.hf_path, languages, None)
     return resolve_parent(plan.registry, ref, plan.workdir.resolve() / "registry-downloads")
+
+
+def check_corpora_readable(plan: ExpansionPlan, languages: list[str]) -> None:
+    """Every local corpus of the round exists, parses and holds a document (LayerMoEError naming it if not)."""
+    plan.check_corpora(languages)
+    for language in languages:
+        if plan.corpora[language].path is not None:
+            load_documents(plan.corpora[language])
 
 
 @contextmanager
@@ -134,9 +149,10 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
                                      "score": similarity["score"], "classifier": [i in classifier_layers for i in range(len(allocation))]})},
         draw_plots(similarity, allocation, routing, comparison, work / "plots"),
         {"stage1": stage1.log_history, "stage2": stage2.log_history},
-        {"plan": plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
+        {**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
+        plan.evaluation.gates,
     )
-    promoted = gate_and_promote(registry, version, comparison, plan.evaluation.gates, plan.promote_alias)
+    promoted = gate_and_promote(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
     summary = RoundSummary(version=version, parent_version=parent.version, promoted=promoted, old_languages=old,
                            new_languages=new, allocation=allocation, classifier_layers=classifier_layers,
                            comparison=comparison.to_dict(orient="records"))

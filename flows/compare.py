@@ -21,9 +21,9 @@ from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings
 from layermoe_core.checkpoints import num_decoder_layers
 from layermoe_core.evaluation import compare_variants
-from registry.reports import log_report_run
-from registry.versions import show_version
+from registry import get_version
 from tasks.common import publish_table
+from tasks.registration import log_comparison_report
 
 from .add_languages import RoundSummary, add_languages, fetch_parent
 from .plan import ExpansionPlan
@@ -54,12 +54,12 @@ def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan
 def report_comparison(plan: ComparePlan, summaries: dict[str, RoundSummary], out_dir: Path) -> pd.DataFrame:
     table = compare_variants({
         name: {"comparison": s.table(), "allocation": s.allocation,
-               "params_added": show_version(plan.registry, s.version).get("params_added", 0)}
+               "params_added": get_version(plan.registry, s.version).params_added or 0}
         for name, s in summaries.items()
     })
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
-    log_report_run(plan.registry, f"compare-{plan.name}", {"variants": table}, {"variants": plot},
-                   params={"parent": next(iter(summaries.values())).parent_version,
+    log_comparison_report(plan.registry, f"compare-{plan.name}", table, plot,
+                          {"parent": next(iter(summaries.values())).parent_version,
                            "versions": {name: s.version for name, s in summaries.items()}})
     publish_table("variants", table.round(4), "LayerMoE vs uniform MoE-LPR vs no classifier, same parent and data")
     return table

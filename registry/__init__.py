@@ -1,26 +1,47 @@
 """registry: the only MLflow code. Versions of the expanded model, with lineage, checksums and aliases.
 
 A version is a save_pretrained directory (safetensors, config, tokenizer) stored as artifacts of the
-run that made it; its `layermoe.*` tags carry languages, parent, round, allocation and sizes.
+run that made it; its `layermoe.*` tags carry languages, parent, round, allocation, sizes and the
+gate verdict, and its description is a markdown model card. The rest of layermoe uses this API only.
 """
 
 import os
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported; an explicit opt-in wins
 
-from .download import LocalVersion, download_version  # noqa: E402
-from .register import RoundInfo, register_base, register_child  # noqa: E402
+from .client import RegistryUnavailable  # noqa: E402
+from .download import LocalVersion, cached_version, download_version  # noqa: E402
+from .model_card import Verdict  # noqa: E402
+from .register import RoundInfo, find_or_register_base, register_base, register_child  # noqa: E402
+from .reports import log_report_run  # noqa: E402
 from .settings import RegistrySettings  # noqa: E402
-from .versions import VersionInfo, lineage, list_versions, newest_version, promote, show_version, tag_version  # noqa: E402
+from .versions import (  # noqa: E402
+    VersionInfo,
+    alias_version,
+    get_version,
+    lineage,
+    list_versions,
+    newest_version,
+    promote,
+    show_version,
+    tag_version,
+)
 
 __all__ = [
     "LocalVersion",
     "RegistrySettings",
+    "RegistryUnavailable",
     "RoundInfo",
+    "Verdict",
     "VersionInfo",
+    "alias_version",
+    "cached_version",
     "download_version",
+    "find_or_register_base",
+    "get_version",
     "lineage",
     "list_versions",
+    "log_report_run",
     "newest_version",
     "promote",
     "register_base",

@@ -1,9 +1,13 @@
-"""Open an `MlflowClient` on the settings' store, failing fast and clearly when it is unreachable."""
+"""Open an `MlflowClient` on the settings' store, failing fast and clearly when it is unreachable or not MLflow."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
@@ -14,44 +18,107 @@ from layermoe_core.errors import LayerMoEError
 from .settings import RegistrySettings
 
 REGISTERED_MODEL_DESCRIPTION = (
-    "LayerMoE lifelong language expansion. Each version is a save_pretrained directory; "
-    "its layermoe.* tags give languages, lineage (layermoe.parent_version), allocation and sizes."
+    "LayerMoE lifelong language expansion. Each version's description is its model card (languages, parent, "
+    "allocation, per-language metrics, gate verdict); its layermoe.* tags give lineage and sizes. Load a version "
+    "with mlflow.pyfunc.load_model('models:/<name>@champion') or registry.download_version."
+)
+
+# MLflow error codes that mean "the registry did not answer", not "the request was wrong".
+TRANSIENT_ERROR_CODES = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "SERVICE_UNDER_MAINTENANCE", "DEADLINE_EXCEEDED",
+     "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
 )
 
 
-def unreachable_error(settings: RegistrySettings, cause: Exception, checkpoint: Path | None) -> LayerMoEError:
+class RegistryUnavailable(LayerMoEError):
+    """The registry did not answer (down, timing out, overloaded): retrying later can succeed."""
+
+
+def unavailable_error(settings: RegistrySettings, cause: Exception, checkpoint: Path | None) -> RegistryUnavailable:
     kept = (
         f"; the checkpoint is still at {checkpoint}, so a retry can register it without retraining"
         if checkpoint is not None
         else ""
     )
-    return LayerMoEError(
+    return RegistryUnavailable(
         f"the MLflow registry at {settings.tracking_uri} is unreachable ({cause}){kept}. "
         "Start the tracking server or point MLFLOW_TRACKING_URI / RegistrySettings.tracking_uri at a reachable one."
     )
 
 
-def _probe_http(settings: RegistrySettings) -> None:
-    """One short request without retries: MLflow's own defaults retry for minutes on a dead server."""
-    http_request(
-        get_default_host_creds(settings.tracking_uri),
-        "/api/2.0/mlflow/experiments/get-by-name",
-        "GET",
-        max_retries=0,
-        timeout=settings.connect_timeout_s,
-        params={"experiment_name": settings.experiment_name},
-    )  # any HTTP answer, 404 included, means the server is up
+STORE_FAILURES = (MlflowException, requests.RequestException, OSError)
 
 
-def open_client(settings: RegistrySettings, checkpoint: Path | None = None) -> MlflowClient:
-    """An `MlflowClient` whose store answered; `checkpoint` is named in the error if it did not."""
-    if settings.sqlite_path is not None:
-        settings.sqlite_path.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates files, not folders
+def as_registry_error(settings: RegistrySettings, error: Exception, checkpoint: Path | None = None) -> LayerMoEError:
+    """`RegistryUnavailable` when the store did not answer (a retry can succeed), else a `LayerMoEError` (refused)."""
+    if isinstance(error, MlflowException) and error.error_code not in TRANSIENT_ERROR_CODES:
+        return LayerMoEError(f"the MLflow registry at {settings.tracking_uri} refused a request: {error.message}")
+    return unavailable_error(settings, error, checkpoint)
+
+
+@contextmanager
+def store_errors(settings: RegistrySettings, checkpoint: Path | None = None) -> Iterator[None]:
+    """Raise MLflow and network failures as `RegistryUnavailable` or `LayerMoEError`, never raw."""
+    try:
+        yield
+    except STORE_FAILURES as e:
+        if isinstance(e, LayerMoEError):
+            raise
+        raise as_registry_error(settings, e, checkpoint) from e
+
+
+def _apply_http_limits(settings: RegistrySettings) -> None:
+    """MLflow reads its HTTP retry and timeout settings from the environment on every request."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(settings.request_retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = str(settings.retry_backoff_s)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, round(settings.request_timeout_s))))
+
+
+def _probe_http(settings: RegistrySettings, checkpoint: Path | None) -> None:
+    """One short request without retries, which must get an MLflow answer (a 404 for an unknown name is one)."""
+    try:
+        response = http_request(
+            get_default_host_creds(settings.tracking_uri),
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            max_retries=0,
+            timeout=settings.connect_timeout_s,
+            raise_on_status=False,
+            params={"experiment_name": settings.experiment_name},
+        )
+    except (MlflowException, requests.RequestException, OSError) as e:
+        raise unavailable_error(settings, e, checkpoint) from e
+    if response.status_code >= 500:
+        raise unavailable_error(settings, RuntimeError(f"HTTP {response.status_code}"), checkpoint)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or not ("experiment" in body or "error_code" in body):
+        kind = response.headers.get("Content-Type", "no content type")
+        raise LayerMoEError(
+            f"{settings.tracking_uri} answers HTTP {response.status_code} ({kind}) but is not an MLflow tracking server; "
+            "point MLFLOW_TRACKING_URI / --tracking-uri at the MLflow server (e.g. http://host:5000), not at another web service"
+        )
+
+
+def open_client(settings: RegistrySettings, checkpoint: Path | None = None, create: bool = True) -> MlflowClient:
+    """An `MlflowClient` whose store answered; `checkpoint` is named in the error if it did not.
+
+    With create=False (browsing) a sqlite store that does not exist is an error instead of a new empty database.
+    """
+    sqlite_path = settings.sqlite_path
+    if sqlite_path is not None:
+        if not create and not sqlite_path.is_file():
+            raise LayerMoEError(
+                f"there is no MLflow store at {sqlite_path.resolve()} (from tracking URI {settings.tracking_uri}); "
+                "pass the right --tracking-uri / MLFLOW_TRACKING_URI, or register a base model first"
+            )
+        sqlite_path.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates files, not folders
     if settings.is_http:
-        try:
-            _probe_http(settings)
-        except MlflowException as e:
-            raise unreachable_error(settings, e, checkpoint) from e
+        _apply_http_limits(settings)
+        _probe_http(settings, checkpoint)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 

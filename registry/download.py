@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import mlflow.artifacts
@@ -12,11 +14,13 @@ from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import open_client
+from .client import open_client, store_errors
 from .manifest import verify_model_dir
 from .settings import RegistrySettings
 from .tags import MANIFEST_SHA256
-from .versions import VersionRef, find_version
+from .versions import VersionInfo, VersionRef, find_version
+
+logger = logging.getLogger(__name__)
 
 
 class LocalVersion(BaseModel):
@@ -25,9 +29,19 @@ class LocalVersion(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     path: Path
-    version: int
-    tags: dict[str, str]
-    run_id: str | None
+    info: VersionInfo
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.info.tags
+
+    @property
+    def run_id(self) -> str | None:
+        return self.info.run_id
 
 
 def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str | Path) -> LocalVersion:
@@ -39,8 +53,9 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
     dest_dir = Path(dest_dir)
     if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
         raise LayerMoEError(f"dest_dir {dest_dir} is not an empty directory; pass a new or empty folder")
-    client = open_client(settings)
-    info = find_version(client, settings, ref)
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, ref)
     what = f"version {info.version} of {info.name!r}"
     digest = info.tags.get(MANIFEST_SHA256)
     if digest is None:
@@ -60,4 +75,36 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
         dest_dir.mkdir(exist_ok=True)
         for entry in Path(local).iterdir():
             shutil.move(entry, dest_dir / entry.name)
-    return LocalVersion(path=dest_dir, version=info.version, tags=info.tags, run_id=info.run_id)
+    return LocalVersion(path=dest_dir, info=info)
+
+
+def cached_version(settings: RegistrySettings, ref: VersionRef, cache_dir: str | Path) -> LocalVersion:
+    """`ref`'s model in cache_dir/v<N>, reusing an earlier copy that still verifies.
+
+    Versions are immutable, so one local copy serves every round; it is checked against the
+    version's manifest on every use, because a killed copy or a full disk can leave it truncated,
+    and a copy that fails is downloaded again. The copy is renamed into place whole, so
+    concurrent callers never see a partial one.
+    """
+    with store_errors(settings):
+        info = find_version(open_client(settings, create=False), settings, ref)
+    dest = Path(cache_dir) / f"v{info.version}"
+    if dest.exists() and not _intact(dest, info):
+        shutil.rmtree(dest)
+    if not dest.exists():
+        staging = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}")
+        download_version(settings, info.version, staging)
+        try:
+            staging.rename(dest)
+        except OSError:  # a concurrent caller renamed its verified copy in first
+            shutil.rmtree(staging)
+    return LocalVersion(path=dest, info=info)
+
+
+def _intact(copy: Path, info: VersionInfo) -> bool:
+    try:
+        verify_model_dir(copy, info.manifest_sha256 or "", f"the local copy of version {info.version}")
+    except LayerMoEError as e:
+        logger.warning("%s; downloading it again", e)
+        return False
+    return True

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -17,10 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import ensure_experiment, ensure_registered_model, open_client
+from .client import STORE_FAILURES, RegistryUnavailable, as_registry_error, ensure_experiment, ensure_registered_model, open_client, store_errors
 from .manifest import MANIFEST_NAME, build_manifest, text_digest
 from .model_files import CONFIG_FILE, check_model_files, list_model_files, parameter_count
-from .reports import check_reports, log_reports
+from .model_card import (
+    Verdict,
+    base_card,
+    child_card,
+    comparison_metrics,
+    new_language_gain,
+    old_drift_max,
+    own_metrics,
+    step_metric_rows,
+)
+from .reports import check_reports, log_metrics_and_params, log_reports
 from .settings import RegistrySettings
 from .tags import (
     ALLOCATION,
@@ -28,15 +38,19 @@ from .tags import (
     KIND,
     LANGUAGES,
     MANIFEST_SHA256,
+    NEW_GAIN,
     NEW_LANGUAGES,
+    OLD_DRIFT_MAX,
     OLD_LANGUAGES,
     PARAMS_ADDED,
     PARAMS_TOTAL,
     PARENT_VERSION,
     ROUND,
+    VERDICT,
+    VERDICT_REASON,
     encode_tags,
 )
-from .versions import VersionInfo, VersionRef, find_version
+from .versions import VersionInfo, VersionRef, all_infos, find_version
 
 MODEL_ARTIFACT_DIR = "model"  # the version's source: runs:/<run_id>/model
 
@@ -100,6 +114,38 @@ def _check_round_matches_config(model_dir: Path, round_info: RoundInfo) -> None:
         raise LayerMoEError(f"round_info {given} does not match the newest round in {model_dir / CONFIG_FILE}: {recorded}")
 
 
+# In the checkpoint folder (hidden, so never part of a model): runs that a failed registration could not
+# close because the registry was down. The next registration of the folder marks them FAILED.
+UNFINISHED_RUNS_FILE = ".layermoe-unfinished-runs.json"
+
+
+def _close_unfinished_runs(client: MlflowClient, settings: RegistrySettings, model_dir: Path) -> None:
+    marker = model_dir / UNFINISHED_RUNS_FILE
+    if not marker.is_file():
+        return
+    left = []
+    for entry in json.loads(marker.read_text()):
+        if entry["tracking_uri"] != settings.tracking_uri:
+            left.append(entry)
+            continue
+        try:
+            if client.get_run(entry["run_id"]).info.status == "RUNNING":
+                client.set_terminated(entry["run_id"], "FAILED")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # deleted meanwhile: nothing to close
+                raise
+    if left:
+        marker.write_text(json.dumps(left))
+    else:
+        marker.unlink()
+
+
+def _remember_unfinished_run(settings: RegistrySettings, model_dir: Path, run_id: str) -> None:
+    marker = model_dir / UNFINISHED_RUNS_FILE
+    entries = json.loads(marker.read_text()) if marker.is_file() else []
+    marker.write_text(json.dumps([*entries, {"tracking_uri": settings.tracking_uri, "run_id": run_id}]))
+
+
 def _register(
     client: MlflowClient,
     settings: RegistrySettings,
@@ -109,12 +155,17 @@ def _register(
     description: str,
     log_run_reports: LogReports | None = None,
 ) -> VersionInfo:
-    """Log everything on a new run, then create the version pointing at runs:/<run_id>/model and wait for READY."""
+    """Log everything on a new run, then create the version pointing at runs:/<run_id>/model and wait for READY.
+
+    A failure leaves no RUNNING run behind: the run is marked FAILED, or, when the registry is
+    down, remembered in the checkpoint folder and marked FAILED by the retry.
+    """
     name = settings.registered_model_name
     try:
+        _close_unfinished_runs(client, settings, prepared.model_dir)
         ensure_registered_model(client, settings)
         run_id = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags=version_tags).info.run_id
-    except (MlflowException, OSError) as e:
+    except STORE_FAILURES as e:
         raise _registration_error(settings, prepared.model_dir, e) from e
     try:
         if log_run_reports is not None:
@@ -132,16 +183,23 @@ def _register(
             await_creation_for=settings.ready_timeout_s,
         )
         client.set_terminated(run_id, "FINISHED")
-    except (MlflowException, OSError) as e:
+    except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING
         try:
             client.set_terminated(run_id, "FAILED")
-        except (MlflowException, OSError):
-            pass  # the store is gone; the error below is what matters
-        raise _registration_error(settings, prepared.model_dir, e) from e
-    return find_version(client, settings, int(created.version))
+        except STORE_FAILURES:
+            _remember_unfinished_run(settings, prepared.model_dir, run_id)  # the store is gone: the retry closes it
+        if isinstance(e, STORE_FAILURES):
+            raise _registration_error(settings, prepared.model_dir, e) from e
+        raise
+    with store_errors(settings, prepared.model_dir):
+        return find_version(client, settings, int(created.version))
 
 
 def _registration_error(settings: RegistrySettings, model_dir: Path, cause: Exception) -> LayerMoEError:
+    """RegistryUnavailable when the registry did not answer (worth a retry), else a LayerMoEError."""
+    error = as_registry_error(settings, cause, model_dir)
+    if isinstance(error, RegistryUnavailable):
+        return error
     return LayerMoEError(
         f"registering {model_dir} in the MLflow registry at {settings.tracking_uri} failed ({cause}); "
         f"the checkpoint is still at {model_dir}, so once the registry works a retry registers it without retraining"
@@ -158,16 +216,42 @@ def register_base(
     """Register a dense base model (built here, or an HF checkpoint downloaded into `model_dir`) as round 0."""
     languages = _check_languages(languages)
     prepared = prepare_model_dir(model_dir)
-    version_tags = encode_tags({
+    version_tags = _base_tags(prepared, languages)
+    client = open_client(settings, checkpoint=prepared.model_dir)
+    card = base_card(languages, prepared.params_total, description)
+    return _register(client, settings, prepared, version_tags, run_name or "base", card)
+
+
+def _base_tags(prepared: PreparedModel, languages: list[str]) -> dict[str, str]:
+    return encode_tags({
         KIND: "base",
         ROUND: 0,
         LANGUAGES: languages,
         PARAMS_TOTAL: prepared.params_total,
         MANIFEST_SHA256: text_digest(prepared.manifest),
+        VERDICT: "base",
     })
-    client = open_client(settings, checkpoint=prepared.model_dir)
-    description = description or f"Base model for {', '.join(languages)}."
-    return _register(client, settings, prepared, version_tags, run_name or "base", description)
+
+
+def find_or_register_base(settings: RegistrySettings, model_dir: str | Path, languages: list[str]) -> VersionInfo:
+    """The READY base version holding exactly these files and languages, registered now only if there is none.
+
+    Rerunning a first round then reuses its base (and so its round folder) instead of adding a version.
+    """
+    languages = _check_languages(languages)
+    prepared = prepare_model_dir(model_dir)
+    digest = text_digest(prepared.manifest)
+    with store_errors(settings, prepared.model_dir):
+        client = open_client(settings, checkpoint=prepared.model_dir)
+        try:
+            versions = all_infos(client, settings)
+        except LayerMoEError:  # no registered model yet
+            versions = []
+    for info in versions:
+        if info.kind == "base" and info.manifest_sha256 == digest and info.languages == languages and info.is_ready:
+            return info
+    return _register(client, settings, prepared, _base_tags(prepared, languages), "base",
+                     base_card(languages, prepared.params_total, None))
 
 
 def register_child(
@@ -181,8 +265,17 @@ def register_child(
     params: Mapping[str, object],
     description: str | None = None,
     run_name: str | None = None,
+    comparison: pd.DataFrame | None = None,
+    verdict: Verdict | None = None,
+    training_history: Mapping[str, Sequence[Mapping[str, object]]] = {},
 ) -> VersionInfo:
-    """Register an expanded child of `parent_version` with its lineage tags, tables, plots, metrics and params."""
+    """Register an expanded child of `parent_version`: lineage tags, model card, reports, metrics, params.
+
+    `comparison` (evaluation.compare_models) becomes per-language metrics and the card's table; its
+    parent column is also logged on the parent's run for keys that run lacks (so the base gets its
+    held-out metrics). `verdict` is tagged and shown on the card; `training_history` maps a stage
+    to its Trainer log rows, logged as step metrics (`stage1.loss`, ...). Nested `params` are flattened.
+    """
     try:
         round_ = RoundInfo.model_validate(dict(round_info))
     except ValidationError as e:
@@ -191,14 +284,21 @@ def register_child(
     prepared = prepare_model_dir(model_dir)
     _check_round_matches_config(prepared.model_dir, round_)
     client = open_client(settings, checkpoint=prepared.model_dir)
-    parent = find_version(client, settings, parent_version)
+    with store_errors(settings, prepared.model_dir):
+        parent = find_version(client, settings, parent_version)
     parent_round = parent.tag(ROUND)
     if parent_round is None or round_.round != parent_round + 1:
         raise LayerMoEError(
             f"round_info round {round_.round} does not follow parent version {parent.version} (round {parent_round}); "
             f"pass round {None if parent_round is None else parent_round + 1} or the right parent"
         )
-    parent_params = parent.tag(PARAMS_TOTAL)
+    parent_params = parent.params_total
+    params_added = prepared.params_total - parent_params if parent_params is not None else None
+    outcome = {}
+    if verdict is not None:
+        outcome = {VERDICT: "passed" if verdict.passed else "rejected", VERDICT_REASON: "; ".join(verdict.reasons)[:_MAX_TAG_CHARS]}
+    if comparison is not None:
+        outcome |= {OLD_DRIFT_MAX: old_drift_max(comparison), NEW_GAIN: new_language_gain(comparison)}
     version_tags = encode_tags({
         KIND: "child",
         PARENT_VERSION: parent.version,
@@ -209,15 +309,34 @@ def register_child(
         ALLOCATION: round_.allocation,
         CLASSIFIER_LAYERS: round_.classifier_layers,
         PARAMS_TOTAL: prepared.params_total,
-        **({PARAMS_ADDED: prepared.params_total - parent_params} if parent_params is not None else {}),
+        **({PARAMS_ADDED: params_added} if params_added is not None else {}),
         MANIFEST_SHA256: text_digest(prepared.manifest),
+        **outcome,
     })
-    description = description or (
-        f"Round {round_.round}: adds {', '.join(round_.new_languages)} to version {parent.version} "
-        f"({', '.join(round_.old_languages)})."
+    card = child_card(
+        settings.registered_model_name, round_.round, parent.version, parent_round, round_.old_languages,
+        round_.new_languages, round_.allocation, round_.classifier_layers, comparison, verdict, params_added,
     )
+    if description:
+        card += "\n\n" + description
     run_name = run_name or f"round-{round_.round}-{'-'.join(round_.new_languages)}"
-    return _register(
-        client, settings, prepared, version_tags, run_name, description,
-        lambda run_client, run_id: log_reports(run_client, run_id, tables, plots, metrics, params),
-    )
+    all_metrics = {**(comparison_metrics(comparison) if comparison is not None else {}), **metrics}
+    steps = step_metric_rows(training_history)
+
+    def log_run_reports(run_client: MlflowClient, run_id: str) -> None:
+        log_reports(run_client, run_id, tables, plots, all_metrics, params, steps)
+        if comparison is not None and parent.run_id:
+            _backfill_parent_metrics(run_client, parent.run_id, own_metrics(comparison, "parent"))
+
+    return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports)
+
+
+_MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
+
+
+def _backfill_parent_metrics(client: MlflowClient, parent_run_id: str, metrics: Mapping[str, float]) -> None:
+    """The parent's held-out values measured by this round, for the keys its run does not have yet."""
+    existing = client.get_run(parent_run_id).data.metrics
+    missing = {key: value for key, value in metrics.items() if key not in existing}
+    if missing:
+        log_metrics_and_params(client, parent_run_id, missing)

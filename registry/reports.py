@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +14,8 @@ from mlflow.utils.time import get_current_time_millis
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import ensure_experiment, open_client
+from .client import ensure_experiment, open_client, store_errors
+from .model_card import flatten_params
 from .settings import NAME_PATTERN, RegistrySettings
 from .tags import encode_tags
 
@@ -29,6 +30,28 @@ def check_reports(tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Path])
         raise LayerMoEError(f"plots {not_png} are not existing .png files; save figures with fig.savefig('name.png')")
 
 
+# MLflow's limits per log_batch call.
+_MAX_METRICS_PER_BATCH, _MAX_PARAMS_PER_BATCH = 1000, 100
+
+
+def log_metrics_and_params(
+    client: MlflowClient,
+    run_id: str,
+    metrics: Mapping[str, float],
+    params: Mapping[str, object] = {},
+    step_metrics: Sequence[tuple[str, float, int]] = (),
+) -> None:
+    """Single values at step 0, curves as (key, value, step) rows, params as dotted keys (nested dicts flattened)."""
+    now = get_current_time_millis()
+    rows = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    rows += [Metric(key, value, now, step) for key, value, step in step_metrics]
+    flat = [Param(key, value) for key, value in encode_tags(flatten_params(params)).items()]
+    for start in range(0, len(rows), _MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=rows[start:start + _MAX_METRICS_PER_BATCH])
+    for start in range(0, len(flat), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=flat[start:start + _MAX_PARAMS_PER_BATCH])
+
+
 def log_reports(
     client: MlflowClient,
     run_id: str,
@@ -36,13 +59,9 @@ def log_reports(
     plots: Mapping[str, Path],
     metrics: Mapping[str, float],
     params: Mapping[str, object],
+    step_metrics: Sequence[tuple[str, float, int]] = (),
 ) -> None:
-    now = get_current_time_millis()
-    client.log_batch(
-        run_id,
-        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-        params=[Param(key, value) for key, value in encode_tags(params).items()],
-    )
+    log_metrics_and_params(client, run_id, metrics, params, step_metrics)
     for name, table in tables.items():
         client.log_text(run_id, table.to_csv(index=False), f"tables/{name}.csv")
         client.log_table(run_id, table, f"tables/{name}.json")  # rendered by the MLflow UI
@@ -63,12 +82,13 @@ def log_report_run(
 ) -> str:
     """A run that holds a report and no model (e.g. a LayerMoE-vs-uniform comparison); returns its run id."""
     check_reports(tables, plots)
-    client = open_client(settings)
-    run = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags={"layermoe.kind": "report"})
-    try:
-        log_reports(client, run.info.run_id, tables, plots, metrics, params)
-    except Exception:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    with store_errors(settings):
+        client = open_client(settings)
+        run = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags={"layermoe.kind": "report"})
+        try:
+            log_reports(client, run.info.run_id, tables, plots, metrics, params)
+        except BaseException:
+            client.set_terminated(run.info.run_id, status="FAILED")
+            raise
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id

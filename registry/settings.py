@@ -35,7 +35,14 @@ class RegistrySettings(BaseModel):
         default=None,
         description="Artifact root of a new experiment. None: <sqlite dir>/artifacts, or the server's default.",
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0, description="How long to wait for an http(s) server.")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="How long the first probe waits for an http(s) server.")
+    request_timeout_s: float = Field(
+        default=15.0, gt=0, description="Per HTTP request to an http(s) server: connect, and each wait for an answer."
+    )
+    request_retries: int = Field(
+        default=2, ge=0, le=10, description="Retries of a failed HTTP request (MLflow's own default, 7, waits for minutes)."
+    )
+    retry_backoff_s: int = Field(default=1, ge=0, le=30, description="Retry n waits retry_backoff_s * 2**(n-1) seconds.")
     ready_timeout_s: int = Field(default=300, gt=0, description="How long to wait for a new version to be READY.")
 
     @field_validator("tracking_uri")
@@ -57,6 +64,12 @@ class RegistrySettings(BaseModel):
         if not NAME_PATTERN.match(name):
             raise ValueError(f"name {name!r} must be letters, digits, '_', '.' or '-' (e.g. 'layermoe')")
         return name
+
+    def worst_case_wait_s(self) -> float:
+        """The longest one HTTP request can take before the registry is declared unavailable."""
+        attempts = self.request_retries + 1
+        backoff = sum(self.retry_backoff_s * 2 ** (n - 1) for n in range(1, attempts))
+        return attempts * self.request_timeout_s + backoff
 
     @property
     def is_http(self) -> bool:

@@ -15,14 +15,23 @@ ALLOCATION = "layermoe.allocation"  # new experts per layer in this round
 CLASSIFIER_LAYERS = "layermoe.classifier_layers"
 PARAMS_TOTAL = "layermoe.params_total"
 PARAMS_ADDED = "layermoe.params_added"
-MANIFEST_SHA256 = "layermoe.manifest_sha256"
+MANIFEST_SHA256 = "layermoe.manifest_sha256"  # digest of the full model's file manifest
+STORAGE = "layermoe.storage"  # "whole" or "delta"; absent on versions stored before delta storage
+STORED_SHA256 = "layermoe.stored_sha256"  # digest of layermoe_stored.json, the version's own files
+STORED_BYTES = "layermoe.stored_bytes"  # bytes this version adds to the artifact store
+
+# The round's outcome, readable in the registry's version list (not lineage: a reviewer may change them).
+VERDICT = "layermoe.verdict"  # "passed", "rejected" or "base"
+VERDICT_REASON = "layermoe.verdict_reason"
+OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
+NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
 
 # Written once at registration; changing one would falsify lineage or the checksum, so tag_version refuses.
 REGISTRATION_TAGS = frozenset(
     {KIND, PARENT_VERSION, ROUND, LANGUAGES, OLD_LANGUAGES, NEW_LANGUAGES, ALLOCATION, CLASSIFIER_LAYERS,
-     PARAMS_TOTAL, PARAMS_ADDED, MANIFEST_SHA256}
+     PARAMS_TOTAL, PARAMS_ADDED, MANIFEST_SHA256, STORAGE, STORED_SHA256, STORED_BYTES}
 )
-_JSON_TAGS = REGISTRATION_TAGS - {KIND, MANIFEST_SHA256}
+_JSON_TAGS = (REGISTRATION_TAGS - {KIND, MANIFEST_SHA256, STORAGE, STORED_SHA256}) | {OLD_DRIFT_MAX, NEW_GAIN}
 
 
 def encode_tags(values: Mapping[str, object]) -> dict[str, str]:

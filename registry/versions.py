@@ -13,9 +13,30 @@ from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import open_client
+from .client import open_client, store_errors
 from .settings import RegistrySettings
-from .tags import LANGUAGES, MANIFEST_SHA256, NEW_LANGUAGES, PARENT_VERSION, REGISTRATION_TAGS, ROUND, decode_tag, encode_tags
+from .tags import (
+    ALLOCATION,
+    CLASSIFIER_LAYERS,
+    KIND,
+    LANGUAGES,
+    MANIFEST_SHA256,
+    NEW_GAIN,
+    NEW_LANGUAGES,
+    OLD_DRIFT_MAX,
+    OLD_LANGUAGES,
+    PARAMS_ADDED,
+    PARAMS_TOTAL,
+    PARENT_VERSION,
+    REGISTRATION_TAGS,
+    ROUND,
+    STORAGE,
+    STORED_BYTES,
+    VERDICT,
+    VERDICT_REASON,
+    decode_tag,
+    encode_tags,
+)
 
 VersionRef = int | str  # a version number (int or digits) or an alias name
 READY = "READY"
@@ -39,6 +60,81 @@ class VersionInfo(BaseModel):
     def tag(self, key: str) -> object:
         """A `layermoe.*` tag decoded to its type (int, list); None when absent."""
         return decode_tag(key, self.tags.get(key))
+
+    @property
+    def kind(self) -> str | None:
+        return self.tags.get(KIND)
+
+    @property
+    def parent_version(self) -> int | None:
+        return self.tag(PARENT_VERSION)
+
+    @property
+    def round(self) -> int:
+        return self.tag(ROUND) or 0
+
+    @property
+    def languages(self) -> list[str]:
+        return self.tag(LANGUAGES) or []
+
+    @property
+    def old_languages(self) -> list[str]:
+        return self.tag(OLD_LANGUAGES) or []
+
+    @property
+    def new_languages(self) -> list[str]:
+        return self.tag(NEW_LANGUAGES) or []
+
+    @property
+    def allocation(self) -> list[int]:
+        return self.tag(ALLOCATION) or []
+
+    @property
+    def classifier_layers(self) -> list[int]:
+        return self.tag(CLASSIFIER_LAYERS) or []
+
+    @property
+    def params_total(self) -> int | None:
+        return self.tag(PARAMS_TOTAL)
+
+    @property
+    def params_added(self) -> int | None:
+        return self.tag(PARAMS_ADDED)
+
+    @property
+    def manifest_sha256(self) -> str | None:
+        return self.tags.get(MANIFEST_SHA256)
+
+    @property
+    def storage(self) -> str:
+        """"delta" (only what the round changed, rebuilt from the lineage) or "whole"."""
+        return self.tags.get(STORAGE, "whole")
+
+    @property
+    def stored_bytes(self) -> int | None:
+        return self.tag(STORED_BYTES)
+
+    @property
+    def verdict(self) -> str | None:
+        """"passed", "rejected" or "base"; None on versions registered before verdicts were tagged."""
+        return self.tags.get(VERDICT)
+
+    @property
+    def verdict_reason(self) -> str | None:
+        return self.tags.get(VERDICT_REASON)
+
+    @property
+    def old_drift_max(self) -> float | None:
+        return self.tag(OLD_DRIFT_MAX)
+
+    @property
+    def new_gain(self) -> float | None:
+        return self.tag(NEW_GAIN)
+
+    @property
+    def is_ready(self) -> bool:
+        """Fully written: READY in MLflow and carrying its checksum manifest digest."""
+        return self.status == READY and self.manifest_sha256 is not None
 
 
 def parse_ref(ref: VersionRef) -> int | str:
@@ -115,24 +211,45 @@ def find_version(client: MlflowClient, settings: RegistrySettings, ref: VersionR
     )
 
 
+def get_version(settings: RegistrySettings, ref: VersionRef) -> VersionInfo:
+    """The version `ref` (a number or an alias) names."""
+    with store_errors(settings):
+        return find_version(open_client(settings, create=False), settings, ref)
+
+
+def alias_version(settings: RegistrySettings, alias: str) -> int | None:
+    """The version `alias` points at, or None when it is not set (or the model has no versions yet)."""
+    with store_errors(settings):
+        client = open_client(settings)
+        try:
+            return int(client.get_registered_model(settings.registered_model_name).aliases[alias])
+        except KeyError:
+            return None
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None
+
+
 def promote(settings: RegistrySettings, version: VersionRef, alias: str = "champion") -> VersionInfo:
     """Point `alias` at a fully written version (READY, with its manifest); the only way aliases move."""
     if alias.isdigit():
         raise LayerMoEError(f"alias {alias!r} would read as a version number; choose a name such as 'champion'")
-    client = open_client(settings)
-    info = find_version(client, settings, version)
-    if info.status != READY or MANIFEST_SHA256 not in info.tags:
-        raise LayerMoEError(
-            f"version {info.version} is not fully registered (status {info.status}, manifest tag "
-            f"{'present' if MANIFEST_SHA256 in info.tags else 'missing'}); re-register its checkpoint before promoting"
-        )
-    try:
-        client.set_registered_model_alias(info.name, alias, str(info.version))
-    except MlflowException as e:
-        if e.error_code != "INVALID_PARAMETER_VALUE":
-            raise
-        raise LayerMoEError(f"alias {alias!r} is refused by MLflow ({e.message}); use letters, digits, '_' or '-'") from e
-    return find_version(client, settings, info.version)
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, version)
+        if not info.is_ready:
+            raise LayerMoEError(
+                f"version {info.version} is not fully registered (status {info.status}, manifest tag "
+                f"{'present' if info.manifest_sha256 else 'missing'}); re-register its checkpoint before promoting"
+            )
+        try:
+            client.set_registered_model_alias(info.name, alias, str(info.version))
+        except MlflowException as e:
+            if e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            raise LayerMoEError(f"alias {alias!r} is refused by MLflow ({e.message}); use letters, digits, '_' or '-'") from e
+        return find_version(client, settings, info.version)
 
 
 def tag_version(settings: RegistrySettings, version: VersionRef, tags: Mapping[str, object]) -> VersionInfo:
@@ -140,63 +257,85 @@ def tag_version(settings: RegistrySettings, version: VersionRef, tags: Mapping[s
     protected = sorted(set(tags) & REGISTRATION_TAGS)
     if protected:
         raise LayerMoEError(f"tags {protected} are written at registration and define lineage; choose other keys")
-    client = open_client(settings)
-    info = find_version(client, settings, version)
-    for key, value in encode_tags(tags).items():
-        client.set_model_version_tag(info.name, str(info.version), key, value)
-    return find_version(client, settings, info.version)
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, version)
+        for key, value in encode_tags(tags).items():
+            client.set_model_version_tag(info.name, str(info.version), key, value)
+        return find_version(client, settings, info.version)
 
 
 def newest_version(settings: RegistrySettings, alias: str | None = "champion") -> VersionInfo:
     """The version `alias` points at, or with alias=None the highest version number."""
-    client = open_client(settings)
-    if alias is not None:
-        return find_version(client, settings, alias)
-    rm = registered_model(client, settings)
-    versions = all_versions(client, rm.name)
-    if not versions:
-        raise LayerMoEError(f"registered model {rm.name!r} has no versions yet; register a base with registry.register_base")
-    return _info(versions[-1], rm)
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        if alias is not None:
+            return find_version(client, settings, alias)
+        rm = registered_model(client, settings)
+        versions = all_versions(client, rm.name)
+        if not versions:
+            raise LayerMoEError(f"registered model {rm.name!r} has no versions yet; register a base with registry.register_base")
+        return _info(versions[-1], rm)
 
 
 def lineage(settings: RegistrySettings, ref: VersionRef) -> list[VersionInfo]:
     """`ref`'s version, its parent, and so on back to the base (newest first)."""
-    client = open_client(settings)
+    with store_errors(settings):
+        return lineage_with(open_client(settings, create=False), settings, ref)
+
+
+def lineage_with(client: MlflowClient, settings: RegistrySettings, ref: VersionRef) -> list[VersionInfo]:
     chain = [find_version(client, settings, ref)]
-    while (parent := chain[-1].tag(PARENT_VERSION)) is not None:
+    while (parent := chain[-1].parent_version) is not None:
         if any(v.version == parent for v in chain):
             raise LayerMoEError(f"lineage of version {chain[0].version} loops at version {parent}; fix its {PARENT_VERSION} tag")
-        chain.append(find_version(client, settings, parent))
+        try:
+            chain.append(find_version(client, settings, parent))
+        except LayerMoEError as e:
+            raise LayerMoEError(f"the lineage of version {chain[0].version} is broken at version {chain[-1].version}: its parent, {e}") from e
     return chain
 
 
-def list_versions(settings: RegistrySettings) -> pd.DataFrame:
-    """One row per version, oldest first: version, aliases, parent, round, languages, created, status, run_id."""
-    client = open_client(settings)
+def all_infos(client: MlflowClient, settings: RegistrySettings) -> list[VersionInfo]:
     rm = registered_model(client, settings)
-    rows = []
-    for mv in all_versions(client, rm.name):
-        info = _info(mv, rm)
-        rows.append({
-            "version": info.version,
-            "aliases": ",".join(info.aliases),
-            "parent": info.tag(PARENT_VERSION),
-            "round": info.tag(ROUND),
-            "languages": ",".join(info.tag(LANGUAGES) or []),
-            "new_languages": ",".join(info.tag(NEW_LANGUAGES) or []),
-            "created": info.created,
-            "status": info.status,
-            "run_id": info.run_id,
-        })
-    frame = pd.DataFrame(rows, columns=["version", "aliases", "parent", "round", "languages", "new_languages", "created", "status", "run_id"])
-    return frame.astype({"parent": "Int64", "round": "Int64"})
+    return [_info(mv, rm) for mv in all_versions(client, rm.name)]
+
+
+LIST_COLUMNS = ["version", "aliases", "parent", "round", "languages", "new_languages", "verdict", "old_drift_max",
+                "new_gain", "storage", "stored_bytes", "created", "status", "run_id"]
+
+
+def list_versions(settings: RegistrySettings) -> pd.DataFrame:
+    """One row per version, oldest first: lineage, the gate verdict with the worst old-language drift and the
+    new-language gain (nats), how it is stored, and its status."""
+    with store_errors(settings):
+        infos = all_infos(open_client(settings, create=False), settings)
+    rows = [{
+        "version": info.version,
+        "aliases": ",".join(info.aliases),
+        "parent": info.parent_version,
+        "round": info.tag(ROUND),
+        "languages": ",".join(info.languages),
+        "new_languages": ",".join(info.new_languages),
+        "verdict": info.verdict or "",
+        "old_drift_max": info.old_drift_max,
+        "new_gain": info.new_gain,
+        "storage": info.storage,
+        "stored_bytes": info.stored_bytes,
+        "created": info.created,
+        "status": info.status,
+        "run_id": info.run_id,
+    } for info in infos]
+    frame = pd.DataFrame(rows, columns=LIST_COLUMNS)
+    return frame.astype({"parent": "Int64", "round": "Int64", "stored_bytes": "Int64", "old_drift_max": "float64", "new_gain": "float64"})
 
 
 def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:
     """Everything a person asks about one version: lineage tags decoded, plus the metrics and params of its run."""
-    client = open_client(settings)
-    info = find_version(client, settings, ref)
-    run = client.get_run(info.run_id) if info.run_id else None
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, ref)
+        run = client.get_run(info.run_id) if info.run_id else None
     return {
         "name": info.name,
         "version": info.version,

@@ -13,6 +13,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.states import State
 
 from layermoe_core.errors import LayerMoEError
+from registry import RegistryUnavailable
 
 # A rerun of a round with the same inputs (and the same task code) skips finished steps;
 # the results are persisted under PREFECT_HOME so this works across flow runs.
@@ -41,24 +42,15 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
 
 
-# MLflow error codes that mean "the registry did not answer", not "the request was wrong".
-TRANSIENT_REGISTRY_ERRORS = frozenset(
-    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "SERVICE_UNDER_MAINTENANCE", "DEADLINE_EXCEEDED",
-     "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
-)
 # Short: a blip passes within seconds; a longer outage is the user's rerun, which reuses every finished step.
 REGISTRY_RETRY_DELAYS_S = [1, 4]
 
 
 def registry_unreachable(task: Task, task_run: Any, state: State) -> bool:
-    """Retry a registry step only when the registry failed to answer.
+    """Retry a registry step only when the registry failed to answer (`RegistryUnavailable`).
 
     A missing version, a corrupt artifact or a bad plan fails the same way every time, so it
-    fails at once. registry/ wraps store failures in a LayerMoEError whose cause carries the
-    MLflow error code (or an OSError); anything else unexpected is retried as before.
+    fails at once; anything else unexpected is retried as before.
     """
     error = state.result(raise_on_failure=False)
-    if not isinstance(error, LayerMoEError):
-        return True
-    cause = error.__cause__
-    return isinstance(cause, OSError) or getattr(cause, "error_code", None) in TRANSIENT_REGISTRY_ERRORS
+    return isinstance(error, RegistryUnavailable) or not isinstance(error, LayerMoEError)

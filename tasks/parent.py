@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,11 +12,7 @@ from layermoe_core.checkpoints import check_model_dir
 from layermoe_core.configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES
 from layermoe_core.data import validate_language_code
 from layermoe_core.errors import LayerMoEError
-from registry.download import download_version
-from registry.manifest import verify_model_dir
-from registry.register import register_base
-from registry.settings import RegistrySettings
-from registry.versions import promote, show_version
+from registry import RegistrySettings, alias_version, cached_version, find_or_register_base, promote
 
 from .common import REGISTRY_RETRY_DELAYS_S, registry_unreachable
 
@@ -44,52 +38,32 @@ def check_expandable(model_dir: Path) -> None:
 
 
 @task(name="register base", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
-def register_base_model(registry: RegistrySettings, hf_path: Path, languages: list[str], alias: str) -> int:
-    """A dense model directory (an HF checkpoint, or the demo base) becomes a round-0 version holding `alias`."""
+def register_base_model(registry: RegistrySettings, hf_path: Path, languages: list[str], alias: str | None) -> int:
+    """A dense model directory (an HF checkpoint, or the demo base) as a round-0 version.
+
+    A base already registered with the same files and languages is reused. `alias` is set on the
+    base only where it is not set yet: an existing alias never moves back onto a base.
+    """
     if not languages:
         raise LayerMoEError("an hf_path parent needs the languages it already knows: set old_languages in the plan")
     for code in languages:
         validate_language_code(code)
     check_expandable(hf_path)
-    version = register_base(registry, hf_path, languages).version
-    promote(registry, version, alias)
+    version = find_or_register_base(registry, hf_path, languages).version
+    if alias is not None:
+        holder = alias_version(registry, alias)
+        if holder is None:
+            promote(registry, version, alias)
+        elif holder != version:
+            get_run_logger().info("alias %r stays on version %s; the base is version %s", alias, holder, version)
     return version
 
 
 @task(name="resolve parent", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
 def resolve_parent(registry: RegistrySettings, ref: int | str, downloads_dir: Path) -> ParentModel:
-    """Download version `ref` (alias or number) into downloads_dir/v<N>, reusing an earlier download that still verifies.
-
-    Registry versions are immutable, so one local copy per version serves every round; it is
-    checked against the version's manifest on every use, because a killed copy or a full disk
-    can leave it truncated, and a copy that fails is downloaded again.
-    """
-    info = show_version(registry, ref)
-    dest = downloads_dir / f"v{info['version']}"
-    if dest.exists() and not _intact(dest, info):
-        shutil.rmtree(dest)
-    if not dest.exists():
-        _download_into_place(registry, info["version"], dest)
-    check_expandable(dest)
-    parent = ParentModel(path=dest, version=info["version"], round=info.get("round") or 0, languages=info.get("languages") or [])
-    get_run_logger().info("parent: version %s (round %s, languages %s) at %s", parent.version, parent.round, parent.languages, dest)
+    """Version `ref` (alias or number), verified, in downloads_dir/v<N> (the registry's local-copy cache)."""
+    local = cached_version(registry, ref, downloads_dir)
+    check_expandable(local.path)
+    parent = ParentModel(path=local.path, version=local.version, round=local.info.round, languages=local.info.languages)
+    get_run_logger().info("parent: version %s (round %s, languages %s) at %s", parent.version, parent.round, parent.languages, local.path)
     return parent
-
-
-def _intact(copy: Path, info: dict) -> bool:
-    try:
-        verify_model_dir(copy, info.get("manifest_sha256") or "", f"the local copy of version {info['version']}")
-    except LayerMoEError as e:
-        get_run_logger().warning("%s; downloading it again", e)
-        return False
-    return True
-
-
-def _download_into_place(registry: RegistrySettings, version: int, dest: Path) -> None:
-    """Download beside `dest`, then rename the whole folder in: concurrent rounds never see a partial copy."""
-    staging = dest.with_name(f".{dest.name}-{uuid.uuid4().hex[:8]}")
-    download_version(registry, version, staging)
-    try:
-        staging.rename(dest)
-    except OSError:  # a concurrent round renamed its verified copy in first
-        shutil.rmtree(staging)

@@ -1,6 +1,4 @@
-"""Step 8 of a round: register the child with its reports, then gate the `champion` alias."""
-
-from __future__ import annotations
+"""Step 8 of a round: register the child with its model card and reports, then gate the `champion` alias."""
 
 from pathlib import Path
 
@@ -8,11 +6,8 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from layermoe_core import plots
-from layermoe_core.evaluation import new_language_gain, old_language_drift
 from layermoe_core.gates import GateSettings, evaluate_gates
-from registry.register import register_child
-from registry.settings import RegistrySettings
-from registry.versions import promote, tag_version
+from registry import RegistrySettings, Verdict, alias_version, log_report_run, promote, register_child, tag_version
 
 from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreachable
 
@@ -30,6 +25,14 @@ def draw_plots(
     }
 
 
+def routing_metrics(routing: pd.DataFrame) -> dict[str, float]:
+    """Per-language routing averaged over the MoE layers, under the same keys in every version."""
+    columns = [c for c in ("old_expert_fraction", "new_expert_weight", "router_old_mass") if c in routing.columns]
+    means = routing.groupby("language")[columns].mean()
+    return {f"routing.{column}.{language}": float(value)
+            for language, row in means.iterrows() for column, value in row.items() if pd.notna(value)}
+
+
 @task(name="register child version", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
 def register_round(
     registry: RegistrySettings,
@@ -40,30 +43,45 @@ def register_round(
     plot_files: dict[str, Path],
     training_history: dict[str, list[dict]],
     params: dict,
+    gates: GateSettings,
 ) -> int:
-    """Everything is written before this returns; no alias moves here (the gate decides)."""
+    """Everything is written before this returns, the gate verdict included; no alias moves here."""
     comparison = tables["evaluation"]
-    metrics = {
-        "old_language_drift": old_language_drift(comparison),
-        "new_language_gain": new_language_gain(comparison),
-        **{f"{row.language}.{row.metric}.{side}": getattr(row, side) for row in comparison.itertuples() for side in ("parent", "child")},
-    }
+    decision = evaluate_gates(comparison, gates)
+    metrics = routing_metrics(tables["routing"]) if "routing" in tables else {}
     history_tables = {f"{stage}_log": pd.DataFrame(rows) for stage, rows in training_history.items() if rows}
     version = register_child(
-        registry, child_dir, parent_version, round_info, {**tables, **history_tables}, plot_files, metrics, params
+        registry, child_dir, parent_version, round_info, {**tables, **history_tables}, plot_files, metrics, params,
+        comparison=comparison, verdict=Verdict(passed=decision.passed, reasons=decision.reasons),
+        training_history=training_history,
     ).version
-    get_run_logger().info("registered version %s (parent %s)", version, parent_version)
+    get_run_logger().info("registered version %s (parent %s), gate %s", version, parent_version,
+                          "passed" if decision.passed else "rejected")
     return version
 
 
-@task(name="gate and promote")
-def gate_and_promote(registry: RegistrySettings, version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str) -> bool:
-    """The child takes `alias` only if old languages held and new ones improved; else it is tagged rejected."""
+@task(name="gate and promote", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
+def gate_and_promote(
+    registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str
+) -> bool:
+    """The child takes `alias` only if old languages held and new ones improved; else it is tagged rejected.
+
+    A rejected child leaves `alias` where it is; where it is not set yet (a first round), it goes
+    to the parent, so the next round starts from the best model there is.
+    """
     decision = evaluate_gates(comparison, gates)
     if decision.passed:
         promote(registry, version, alias)
     else:
         tag_version(registry, version, {"layermoe.rejected": "true", "layermoe.rejected_reason": "; ".join(decision.reasons)})
+        if alias_version(registry, alias) is None:
+            promote(registry, parent_version, alias)
     verdict = f"promoted to `{alias}`" if decision.passed else f"rejected; `{alias}` stays on the parent"
     publish_markdown("gate", f"Version {version} {verdict}.\n\n" + "\n".join(f"- {r}" for r in decision.reasons), "Round gate")
     return decision.passed
+
+
+@task(name="log comparison report", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
+def log_comparison_report(registry: RegistrySettings, run_name: str, table: pd.DataFrame, plot: Path, params: dict) -> str:
+    """The side-by-side variants table and plot as a report run (no model); returns its run id."""
+    return log_report_run(registry, run_name, {"variants": table}, {"variants": plot}, params=params)

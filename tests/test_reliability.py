@@ -45,7 +45,7 @@ from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import EvalSettings
 from layermoe_core.gates import GateSettings
 from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
-from registry.download import download_version
+from registry.download import cached_version, download_version
 from registry.manifest import verify_model_dir
 from registry.register import register_base
 from registry.settings import RegistrySettings
@@ -367,7 +367,7 @@ def test_registry_down_at_registration_keeps_the_checkpoint_and_a_rerun_register
 def count_registry_reads(monkeypatch) -> list:
     """Each attempt of `resolve parent` reads the registry once: the reads count the attempts."""
     reads = []
-    monkeypatch.setattr(tasks.parent, "show_version", lambda *args: reads.append(args) or show_version(*args))
+    monkeypatch.setattr(tasks.parent, "cached_version", lambda *args: reads.append(args) or cached_version(*args))
     return reads
 
 

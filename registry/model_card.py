@@ -1,0 +1,166 @@
+"""A version's story as a markdown card (the version's description in the MLflow UI) and as metrics.
+
+The metric keys are the same in every version, so the UI's compare view lines versions up:
+`<metric>.<language>` is this version's held-out value, `<metric>.<language>.parent` its parent's
+on the same tokens, `<metric>.<language>.delta` = child - parent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+
+class Verdict(BaseModel):
+    """The gate's decision on a child (layermoe_core.gates.GateDecision has the same fields)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    passed: bool
+    reasons: list[str]
+
+
+def version_page(name: str, version: int) -> str:
+    """The MLflow UI route of a version, relative to wherever the UI is served (so links work behind any host)."""
+    return f"#/models/{name}/versions/{version}"
+
+
+def _loss_deltas(comparison: pd.DataFrame, group: str) -> pd.Series:
+    return comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
+
+
+def old_drift_max(comparison: pd.DataFrame) -> float:
+    """The largest old-language loss rise (nats): what the gate bounds. NaN without old languages."""
+    deltas = _loss_deltas(comparison, "old")
+    return float(deltas.max()) if len(deltas) else math.nan
+
+
+def old_language_drift(comparison: pd.DataFrame) -> float:
+    """Mean old-language loss rise (nats), as layermoe_core.evaluation.old_language_drift."""
+    deltas = _loss_deltas(comparison, "old")
+    return float(deltas.mean()) if len(deltas) else math.nan
+
+
+def new_language_gain(comparison: pd.DataFrame) -> float:
+    """Mean new-language loss decrease (nats), as layermoe_core.evaluation.new_language_gain."""
+    deltas = _loss_deltas(comparison, "new")
+    return float(-deltas.mean()) if len(deltas) else math.nan
+
+
+def comparison_metrics(comparison: pd.DataFrame) -> dict[str, float]:
+    """Per-language metrics under stable keys, plus the round summaries the gate and the UI use."""
+    metrics = {
+        "old_language_drift": old_language_drift(comparison),
+        "old_language_drift_max": old_drift_max(comparison),
+        "new_language_gain": new_language_gain(comparison),
+    }
+    for row in comparison.itertuples():
+        key = f"{row.metric}.{row.language}"
+        metrics[key] = float(row.child)
+        metrics[f"{key}.parent"] = float(row.parent)
+        metrics[f"{key}.delta"] = float(row.delta)
+    return {key: value for key, value in metrics.items() if not math.isnan(value)}
+
+
+def own_metrics(comparison: pd.DataFrame, side: str) -> dict[str, float]:
+    """One model's held-out values (`side` "parent" or "child") under `<metric>.<language>`."""
+    return {f"{row.metric}.{row.language}": float(getattr(row, side)) for row in comparison.itertuples()
+            if not math.isnan(getattr(row, side))}
+
+
+def _number(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _verdict_lines(verdict: Verdict | None) -> list[str]:
+    if verdict is None:
+        return ["**Gate verdict:** not evaluated."]
+    head = "**Gate verdict: PASSED**" if verdict.passed else "**Gate verdict: REJECTED**"
+    return [head, "", *[f"- {reason}" for reason in verdict.reasons]]
+
+
+def child_card(
+    name: str,
+    round_number: int,
+    parent_version: int,
+    parent_round: int,
+    old_languages: Sequence[str],
+    new_languages: Sequence[str],
+    allocation: Sequence[int],
+    classifier_layers: Sequence[int],
+    comparison: pd.DataFrame | None,
+    verdict: Verdict | None,
+    params_added: int | None,
+) -> str:
+    lines = [
+        f"## Round {round_number}: adds {', '.join(new_languages)}",
+        "",
+        f"- **Old languages:** {', '.join(old_languages)}",
+        f"- **New languages:** {', '.join(new_languages)}",
+        f"- **Parent:** [version {parent_version}]({version_page(name, parent_version)}) (round {parent_round})",
+        f"- **New experts:** {sum(allocation)}" + (f", {params_added:,} parameters added" if params_added is not None else ""),
+        f"- **Classifier layers:** {', '.join(map(str, classifier_layers)) or 'none'}",
+        "",
+        *_verdict_lines(verdict),
+        "",
+        "### Allocation per layer",
+        "",
+        "| layer | new experts | classifier |",
+        "|---:|---:|:---:|",
+        *[f"| {layer} | {count} | {'yes' if layer in classifier_layers else ''} |" for layer, count in enumerate(allocation)],
+    ]
+    if comparison is not None and len(comparison):
+        lines += [
+            "",
+            "### Held-out metrics: parent / child / delta",
+            "",
+            "| language | group | metric | parent | child | delta |",
+            "|---|---|---|---:|---:|---:|",
+            *[f"| {r.language} | {r.group} | {r.metric} | {_number(r.parent)} | {_number(r.child)} | {r.delta:+.4f} |"
+              for r in comparison.itertuples()],
+            "",
+            f"Old-language drift: max {_number(old_drift_max(comparison))}, mean {_number(old_language_drift(comparison))} nats; "
+            f"new-language gain: {_number(new_language_gain(comparison))} nats.",
+        ]
+    return "\n".join(lines)
+
+
+def base_card(languages: Sequence[str], params_total: int, description: str | None) -> str:
+    lines = [
+        "## Base model (round 0)",
+        "",
+        f"- **Languages:** {', '.join(languages)}",
+        f"- **Parameters:** {params_total:,}",
+        "- **Gate verdict:** base (no gate: nothing to compare against)",
+    ]
+    if description:
+        lines += ["", description]
+    return "\n".join(lines)
+
+
+def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, object]]]) -> list[tuple[str, float, int]]:
+    """Trainer log rows as (key, value, step): `stage1.loss` at each logged step, so the UI draws curves."""
+    rows = []
+    for stage, entries in history.items():
+        for entry in entries:
+            step = int(entry.get("step", 0))
+            for key, value in entry.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if not math.isnan(float(value)):
+                        rows.append((f"{stage}.{key}", float(value), step))
+    return rows
+
+
+def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested settings as dotted keys (`stage1.learning_rate`), so runs line up column by column."""
+    flat: dict[str, object] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
