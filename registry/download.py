@@ -1,7 +1,8 @@
-"""Fetch a version's model directory and verify it file by file before anyone loads it."""
+"""Fetch a version's model directory, rebuilt from its lineage where it is a delta, verified before anyone loads it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -9,15 +10,24 @@ import uuid
 from pathlib import Path
 
 import mlflow.artifacts
-from mlflow.exceptions import MlflowException
+from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import open_client, store_errors
-from .manifest import verify_model_dir
+from .client import STORE_FAILURES, open_client, store_errors
+from .manifest import MANIFEST_NAME, verify_model_dir
 from .settings import RegistrySettings
-from .tags import MANIFEST_SHA256
+from .storage import (
+    LAYOUT_NAME,
+    TENSORS_NAME,
+    FileSource,
+    ParentFiles,
+    locate_files,
+    verify_stored_dir,
+    write_full_model,
+)
+from .tags import STORED_SHA256
 from .versions import VersionInfo, VersionRef, find_version
 
 logger = logging.getLogger(__name__)
@@ -44,11 +54,82 @@ class LocalVersion(BaseModel):
         return self.info.run_id
 
 
-def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str | Path) -> LocalVersion:
-    """Download `ref` (an alias such as "champion", or a version number) into an empty or new `dest_dir`.
+def _what(info: VersionInfo) -> str:
+    return f"version {info.version} of {info.name!r}"
 
-    The files land in a staging folder next to `dest_dir` and move in only after verification,
-    so `dest_dir` never holds a partial or corrupt model.
+
+def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path, path: str | None = None) -> Path:
+    uri = client.get_model_version_download_uri(info.name, str(info.version))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{uri.rstrip('/')}/{path}" if path else uri,
+            dst_path=str(dst), tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri,
+        ))
+    except STORE_FAILURES as e:
+        raise LayerMoEError(f"downloading {_what(info)} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
+
+
+def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path:
+    """The version's own stored files in the local cache, downloaded once and verified against its tag."""
+    cached = settings.version_cache(info.version)
+    digest = info.tags[STORED_SHA256]
+    if cached.is_dir():
+        try:
+            verify_stored_dir(cached, digest, f"the cached files of {_what(info)}")
+            return cached
+        except LayerMoEError as e:
+            logger.warning("%s; downloading them again", e)
+            shutil.rmtree(cached)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{cached.name}-partial-") as staging:
+        local = _download_artifacts(client, settings, info, Path(staging))
+        verify_stored_dir(local, digest, _what(info))
+        try:
+            local.rename(cached)
+        except OSError:  # a concurrent download put its verified copy in place first
+            pass
+    return cached
+
+
+def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, seen: tuple[int, ...] = ()) -> dict[str, FileSource]:
+    """Where every file of `info`'s full model is, following delta references down the lineage."""
+    if info.version in seen:
+        raise LayerMoEError(f"the lineage of version {seen[0]} loops at version {info.version}; its layouts are corrupt")
+    stored = stored_files(client, settings, info)
+    parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
+    parent_sources = None
+    if parent_ref is not None:
+        try:
+            parent = find_version(client, settings, parent_ref["version"])
+        except LayerMoEError as e:
+            raise LayerMoEError(f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
+                                "its lineage is broken: restore that version or re-register this one from its checkpoint") from e
+        if parent.manifest_sha256 != parent_ref["manifest_sha256"] or STORED_SHA256 not in parent.tags:
+            raise LayerMoEError(f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
+                                "the ones it was registered against; its lineage is broken: re-register it from its checkpoint")
+        parent_sources = _sources(client, settings, parent, (*seen, info.version))
+    return locate_files(stored, parent_sources, _what(info))
+
+
+def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent: VersionInfo) -> ParentFiles | None:
+    """The parent's manifest and tensor digests (small files, no weights); None for a version stored before deltas."""
+    if STORED_SHA256 not in parent.tags:
+        return None
+    stored = stored_files(client, settings, parent)
+    return ParentFiles(
+        version=parent.version,
+        manifest_sha256=parent.manifest_sha256,
+        manifest=json.loads((stored / MANIFEST_NAME).read_text())["files"],
+        tensors=json.loads((stored / TENSORS_NAME).read_text()),
+    )
+
+
+def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str | Path) -> LocalVersion:
+    """`ref` (an alias such as "champion", or a version number) as a save_pretrained directory in an empty or new `dest_dir`.
+
+    A delta version is rebuilt from its lineage (each version's files cached once). The files land
+    in a staging folder next to `dest_dir` and move in only after every one matches the version's
+    checksum manifest, so `dest_dir` never holds a partial or corrupt model.
     """
     dest_dir = Path(dest_dir)
     if dest_dir.exists() and (not dest_dir.is_dir() or any(dest_dir.iterdir())):
@@ -56,24 +137,22 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
     with store_errors(settings):
         client = open_client(settings, create=False)
         info = find_version(client, settings, ref)
-    what = f"version {info.version} of {info.name!r}"
-    digest = info.tags.get(MANIFEST_SHA256)
+    digest = info.manifest_sha256
     if digest is None:
-        raise LayerMoEError(f"{what} has no {MANIFEST_SHA256} tag, so its files cannot be verified; register it with registry.register_base/register_child")
+        raise LayerMoEError(f"{_what(info)} has no manifest tag, so its files cannot be verified; register it with registry.register_base/register_child")
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir.parent, prefix=f".{dest_dir.name}-partial-") as staging:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=client.get_model_version_download_uri(info.name, str(info.version)),
-                dst_path=staging,
-                tracking_uri=settings.tracking_uri,
-                registry_uri=settings.tracking_uri,
-            )
-        except (MlflowException, OSError) as e:
-            raise LayerMoEError(f"downloading {what} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
-        verify_model_dir(Path(local), digest, what)
+        with store_errors(settings):
+            if STORED_SHA256 in info.tags:
+                built = Path(staging) / "model"
+                sources = _sources(client, settings, info)
+                manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
+                write_full_model(sources, manifest, built)
+            else:  # stored whole before delta storage: the artifacts are the model directory
+                built = _download_artifacts(client, settings, info, Path(staging))
+        verify_model_dir(built, digest, _what(info))
         dest_dir.mkdir(exist_ok=True)
-        for entry in Path(local).iterdir():
+        for entry in built.iterdir():
             shutil.move(entry, dest_dir / entry.name)
     return LocalVersion(path=dest_dir, info=info)
 
@@ -108,3 +187,4 @@ def _intact(copy: Path, info: VersionInfo) -> bool:
         logger.warning("%s; downloading it again", e)
         return False
     return True
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from layermoe_core.errors import LayerMoEError
 
 from .client import STORE_FAILURES, RegistryUnavailable, as_registry_error, ensure_experiment, ensure_registered_model, open_client, store_errors
-from .manifest import MANIFEST_NAME, build_manifest, text_digest
+from .download import fetch_parent_files
+from .manifest import MANIFEST_NAME, build_manifest, sha256_file, text_digest
 from .model_files import CONFIG_FILE, check_model_files, list_model_files, parameter_count
 from .model_card import (
     Verdict,
@@ -30,8 +32,10 @@ from .model_card import (
     own_metrics,
     step_metric_rows,
 )
+from .pyfunc_model import MLMODEL_FILE, write_mlmodel
 from .reports import check_reports, log_metrics_and_params, log_reports
 from .settings import RegistrySettings
+from .storage import STORED_NAME, plan_storage, write_stored_manifest
 from .tags import (
     ALLOCATION,
     CLASSIFIER_LAYERS,
@@ -46,6 +50,9 @@ from .tags import (
     PARAMS_TOTAL,
     PARENT_VERSION,
     ROUND,
+    STORAGE,
+    STORED_BYTES,
+    STORED_SHA256,
     VERDICT,
     VERDICT_REASON,
     encode_tags,
@@ -154,43 +161,58 @@ def _register(
     run_name: str,
     description: str,
     log_run_reports: LogReports | None = None,
+    parent: VersionInfo | None = None,
 ) -> VersionInfo:
     """Log everything on a new run, then create the version pointing at runs:/<run_id>/model and wait for READY.
 
-    A failure leaves no RUNNING run behind: the run is marked FAILED, or, when the registry is
-    down, remembered in the checkpoint folder and marked FAILED by the retry.
+    With a `parent` registered with delta storage, only what differs from it is stored. A failure
+    leaves no RUNNING run behind: the run is marked FAILED, or, when the registry is down,
+    remembered in the checkpoint folder and marked FAILED by the retry.
     """
     name = settings.registered_model_name
-    try:
-        _close_unfinished_runs(client, settings, prepared.model_dir)
-        ensure_registered_model(client, settings)
-        run_id = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags=version_tags).info.run_id
-    except STORE_FAILURES as e:
-        raise _registration_error(settings, prepared.model_dir, e) from e
-    try:
-        if log_run_reports is not None:
-            log_run_reports(client, run_id)
-        for file in prepared.files:
-            artifact_dir = posixpath.join(MODEL_ARTIFACT_DIR, posixpath.dirname(file)).rstrip("/")
-            client.log_artifact(run_id, str(prepared.model_dir / file), artifact_dir)
-        client.log_text(run_id, prepared.manifest, f"{MODEL_ARTIFACT_DIR}/{MANIFEST_NAME}")
-        created = client.create_model_version(
-            name,
-            source=f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}",
-            run_id=run_id,
-            tags=version_tags,
-            description=description,
-            await_creation_for=settings.ready_timeout_s,
-        )
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING
+    with tempfile.TemporaryDirectory(prefix="layermoe-register-") as staging:
         try:
-            client.set_terminated(run_id, "FAILED")
-        except STORE_FAILURES:
-            _remember_unfinished_run(settings, prepared.model_dir, run_id)  # the store is gone: the retry closes it
-        if isinstance(e, STORE_FAILURES):
+            _close_unfinished_runs(client, settings, prepared.model_dir)
+            parent_files = fetch_parent_files(client, settings, parent) if parent is not None else None
+        except STORE_FAILURES as e:
             raise _registration_error(settings, prepared.model_dir, e) from e
-        raise
+        stored = plan_storage(prepared.model_dir, prepared.files, prepared.manifest, Path(staging), parent_files)
+        upload = {**stored.files, MLMODEL_FILE: write_mlmodel(Path(staging), settings)}
+        listing = write_stored_manifest(upload, Path(staging))
+        upload[STORED_NAME] = listing
+        version_tags = {**version_tags, **encode_tags({
+            STORAGE: stored.storage, STORED_SHA256: sha256_file(listing), STORED_BYTES: sum(p.stat().st_size for p in upload.values()),
+        })}
+        try:
+            ensure_registered_model(client, settings)
+            run_id = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags=version_tags).info.run_id
+        except STORE_FAILURES as e:
+            raise _registration_error(settings, prepared.model_dir, e) from e
+        try:
+            if log_run_reports is not None:
+                log_run_reports(client, run_id)
+            for artifact, local in upload.items():
+                if Path(local).name != posixpath.basename(artifact):
+                    raise LayerMoEError(f"internal: stored file {artifact} staged as {local}")  # log_artifact keeps the local name
+                artifact_dir = posixpath.join(MODEL_ARTIFACT_DIR, posixpath.dirname(artifact)).rstrip("/")
+                client.log_artifact(run_id, str(local), artifact_dir)
+            created = client.create_model_version(
+                name,
+                source=f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}",
+                run_id=run_id,
+                tags=version_tags,
+                description=description,
+                await_creation_for=settings.ready_timeout_s,
+            )
+            client.set_terminated(run_id, "FINISHED")
+        except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING
+            try:
+                client.set_terminated(run_id, "FAILED")
+            except STORE_FAILURES:
+                _remember_unfinished_run(settings, prepared.model_dir, run_id)  # the store is gone: the retry closes it
+            if isinstance(e, STORE_FAILURES):
+                raise _registration_error(settings, prepared.model_dir, e) from e
+            raise
     with store_errors(settings, prepared.model_dir):
         return find_version(client, settings, int(created.version))
 
@@ -328,7 +350,8 @@ def register_child(
         if comparison is not None and parent.run_id:
             _backfill_parent_metrics(run_client, parent.run_id, own_metrics(comparison, "parent"))
 
-    return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports)
+    return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports,
+                     parent if settings.delta_storage else None)
 
 
 _MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 def _tracking_uri_from_env() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _cache_dir_from_env() -> Path:
+    return Path(os.environ.get("LAYERMOE_REGISTRY_CACHE") or "~/.cache/layermoe/registry").expanduser()
 
 
 class RegistrySettings(BaseModel):
@@ -44,6 +49,14 @@ class RegistrySettings(BaseModel):
     )
     retry_backoff_s: int = Field(default=1, ge=0, le=30, description="Retry n waits retry_backoff_s * 2**(n-1) seconds.")
     ready_timeout_s: int = Field(default=300, gt=0, description="How long to wait for a new version to be READY.")
+    delta_storage: bool = Field(
+        default=True, description="Store a child as the tensors and files its round changed; False stores every version whole."
+    )
+    cache_dir: Path = Field(
+        default_factory=_cache_dir_from_env,
+        description="Each version's stored files, downloaded once (versions are immutable). Default $LAYERMOE_REGISTRY_CACHE "
+        "or ~/.cache/layermoe/registry.",
+    )
 
     @field_validator("tracking_uri")
     @classmethod
@@ -70,6 +83,11 @@ class RegistrySettings(BaseModel):
         attempts = self.request_retries + 1
         backoff = sum(self.retry_backoff_s * 2 ** (n - 1) for n in range(1, attempts))
         return attempts * self.request_timeout_s + backoff
+
+    def version_cache(self, version: int) -> Path:
+        """This store's cache folder of one version's stored files."""
+        store = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:16]
+        return self.cache_dir / store / self.registered_model_name / f"v{version}"
 
     @property
     def is_http(self) -> bool:

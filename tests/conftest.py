@@ -9,6 +9,7 @@ import tempfile
 _TMP = tempfile.mkdtemp(prefix="layermoe-tests-")
 os.environ.setdefault("PREFECT_HOME", os.path.join(_TMP, "prefect"))
 os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_TMP}/mlflow.db")
+os.environ.setdefault("LAYERMOE_REGISTRY_CACHE", os.path.join(_TMP, "registry-cache"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -124,7 +124,11 @@ def test_child_version_carries_lineage_tags_and_run_reports(settings, registered
     stored = artifact_dir(settings, kid.run_id)
     assert pd.read_csv(stored / "tables" / "similarity.csv")["similarity"].tolist() == [0.5, 0.9, 0.7]
     assert (stored / "plots" / "allocation.png").read_bytes()[:4] == b"\x89PNG"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "layermoe_files.json"} <= {p.name for p in (stored / "model").iterdir()}
+    # a delta on version 1: the new config and weights, not the unchanged tokenizer; an MLflow model (MLmodel)
+    assert {p.name for p in (stored / "model").iterdir()} == {
+        "config.json", "model.safetensors.delta.safetensors", "MLmodel", "layermoe_files.json", "layermoe_layout.json",
+        "layermoe_stored.json", "layermoe_tensors.json"}
+    assert kid.storage == "delta" and base.storage == "whole"
 
 
 def test_aliases_move_only_through_promote(settings, registered):
@@ -162,10 +166,11 @@ def test_download_verifies_and_reloads_with_identical_logits(settings, registere
     ids=["truncated", "same-size-corrupt"],
 )
 def test_damaged_weights_are_named_and_never_reach_dest(settings, registered, tmp_path, damage, message):
-    weights = artifact_dir(settings, registered[1].run_id) / "model" / "model.safetensors"
+    weights = artifact_dir(settings, registered[0].run_id) / "model" / "model.safetensors"  # the base, which version 2 builds on
     damage(weights)
-    with pytest.raises(LayerMoEError, match=message):
-        download_version(settings, 2, tmp_path / "fetched")
+    elsewhere = settings.model_copy(update={"cache_dir": tmp_path / "empty-cache"})  # another machine: nothing cached yet
+    with pytest.raises(LayerMoEError, match="version 1 of 'layermoe': " + message):
+        download_version(elsewhere, 2, tmp_path / "fetched")
     assert not (tmp_path / "fetched").exists()
     assert not any(p.name.startswith(".fetched-partial-") for p in tmp_path.iterdir())
 
@@ -189,7 +194,7 @@ def test_pickle_files_are_refused_at_registration_and_download(settings, registe
 
     shutil.copyfile(base_dir / "pytorch_model.bin", artifact_dir(settings, registered[0].run_id) / "model" / "extra.pt")
     with pytest.raises(LayerMoEError, match=r"pickle files \['extra\.pt'\]"):
-        download_version(settings, 1, tmp_path / "fetched")
+        download_version(settings.model_copy(update={"cache_dir": tmp_path / "empty-cache"}), 2, tmp_path / "fetched")
 
 
 def test_list_show_and_lineage_describe_versions(settings, registered):

@@ -1,0 +1,134 @@
+"""Each version is also an MLflow model: `mlflow.pyfunc.load_model("models:/<name>@champion")` generates text.
+
+The version's artifact folder carries an `MLmodel` whose pyfunc loader is this module (no pickled
+Python object: layermoe loads only safetensors). The loader rebuilds the full model, from the
+registry's lineage when the version is a delta, verifies it against its manifest, and wraps it in
+a text generator. Prompts in, completions out; generation parameters are the signature's params.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from layermoe_core.errors import LayerMoEError
+
+from .settings import RegistrySettings
+
+MLMODEL_FILE = "MLmodel"
+LOADER_MODULE = "registry.pyfunc_model"
+MODEL_NAME_KEY = "layermoe_registered_model"
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "completion")]),
+        params=ParamSchema([
+            ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
+            ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),  # 0: greedy
+            ParamSpec("top_p", "double", GENERATION_DEFAULTS["top_p"]),
+            ParamSpec("seed", "long", GENERATION_DEFAULTS["seed"]),
+        ]),
+    )
+
+
+def write_mlmodel(staging: Path, settings: RegistrySettings) -> Path:
+    """The `MLmodel` file of a version (written before the version number exists; the loader finds the lineage)."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    model = Model(signature=_signature(), metadata={MODEL_NAME_KEY: settings.registered_model_name})
+    mlflow.pyfunc.add_to_model(model, loader_module=LOADER_MODULE)
+    path = staging / MLMODEL_FILE
+    model.save(str(path))
+    return path
+
+
+class TextGenerator:
+    """What `mlflow.pyfunc.load_model(...)` wraps: a LayerMoE (or base) causal LM and its tokenizer."""
+
+    def __init__(self, model_dir: Path):
+        import layermoe_core  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = model_dir
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def predict(self, model_input, params: dict | None = None) -> list[str]:
+        import torch
+
+        if isinstance(model_input, pd.DataFrame):
+            prompts = model_input["prompt" if "prompt" in model_input.columns else model_input.columns[0]].tolist()
+        elif isinstance(model_input, str):
+            prompts = [model_input]
+        else:
+            prompts = list(model_input)
+        settings = {**GENERATION_DEFAULTS, **(params or {})}
+        sample = float(settings["temperature"]) > 0
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        completions = []
+        for prompt in prompts:
+            torch.manual_seed(int(settings["seed"]))
+            inputs = self.tokenizer(str(prompt), return_tensors="pt")
+            with torch.no_grad():
+                output = self.model.generate(
+                    **inputs, max_new_tokens=int(settings["max_new_tokens"]), do_sample=sample, pad_token_id=pad,
+                    **({"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"])} if sample else {}),
+                )
+            completions.append(self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        return completions
+
+
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenerator:
+    """MLflow's entry point: `data_path` is the version's downloaded artifact folder."""
+    import mlflow
+    import yaml
+
+    from .client import open_client
+    from .download import _sources
+    from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
+    from .storage import LAYOUT_NAME, STORED_NAME, locate_files, verify_stored_dir, write_full_model
+    from .versions import find_version
+
+    stored = Path(data_path)
+    what = f"the MLflow model at {stored}"
+    verify_stored_dir(stored, sha256_file(stored / STORED_NAME), what)
+    parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
+    parent_sources = None
+    if parent_ref is not None:
+        name = yaml.safe_load((stored / MLMODEL_FILE).read_text())["metadata"][MODEL_NAME_KEY]
+        settings = RegistrySettings(tracking_uri=mlflow.get_registry_uri(), registered_model_name=name)
+        client = open_client(settings, create=False)
+        parent = find_version(client, settings, parent_ref["version"])
+        if parent.manifest_sha256 != parent_ref["manifest_sha256"]:
+            raise LayerMoEError(f"{what} is a delta on version {parent.version} of {name!r}, whose files are not the ones it "
+                                "was registered against; its lineage is broken")
+        parent_sources = _sources(client, settings, parent)
+    digest = sha256_file(stored / MANIFEST_NAME)
+    full = RegistrySettings().cache_dir / "models" / digest[:24]  # one rebuilt copy per distinct model
+    if full.is_dir():
+        try:
+            verify_model_dir(full, digest, what)
+            return TextGenerator(full)
+        except LayerMoEError:
+            shutil.rmtree(full)
+    full.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=full.parent, prefix=f".{full.name}-partial-") as staging:
+        built = Path(staging) / "model"
+        write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built)
+        verify_model_dir(built, digest, what)
+        try:
+            built.rename(full)
+        except OSError:  # a concurrent load put its verified copy in place first
+            pass
+    return TextGenerator(full)

@@ -1,0 +1,317 @@
+"""How a version's files are stored: whole, or as a delta on its parent, and rebuilt byte for byte.
+
+A child of a round keeps its parent's frozen weights unchanged (under new names: the dense MLP
+becomes the MoE's original expert), so a child version stores only tensors whose bytes the
+parent does not already hold, matched by content. For each weights file the layout keeps the
+child's safetensors header verbatim and, per tensor, where its bytes live: in this version's
+own `<file>.delta.safetensors`, or in a file of the parent. Rebuilding writes the header and
+copies each tensor's byte range in order, so the result is the registered file, sha256 for
+sha256; other files (config, tokenizer) are stored when they changed, else taken from the parent.
+
+Stored beside the files: `layermoe_layout.json` (the layout), `layermoe_tensors.json` (the full
+model's tensor digests, which the next child diffs against) and `layermoe_stored.json` (sha256 and
+size of every stored file; its digest is the version's `layermoe.stored_sha256` tag).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import shutil
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from layermoe_core.errors import LayerMoEError
+
+from .manifest import MANIFEST_NAME, sha256_file
+from .model_files import WEIGHTS_SUFFIX, list_model_files, refuse_pickles
+
+LAYOUT_NAME = "layermoe_layout.json"
+TENSORS_NAME = "layermoe_tensors.json"
+STORED_NAME = "layermoe_stored.json"
+LAYOUT_FORMAT = "layermoe-layout/1"
+DELTA_SUFFIX = ".delta.safetensors"
+_CHUNK = 1 << 20
+# safetensors dtype names and their sizes in bytes
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+class TensorSpan(BaseModel):
+    """Where one tensor's bytes are on disk."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    offset: int  # absolute, in the file
+    length: int
+
+
+class SafetensorsHeader(BaseModel):
+    """A safetensors file's header: the raw bytes (8-byte length + JSON) and its tensors in data order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    raw: bytes
+    tensors: dict[str, dict]  # name -> {"dtype", "shape", "data_offsets"}, ordered by offset
+
+    @property
+    def data_start(self) -> int:
+        return len(self.raw)
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    with path.open("rb") as f:
+        size_bytes = f.read(8)
+        if len(size_bytes) != 8:
+            raise LayerMoEError(f"{path} is not a safetensors file (shorter than its header); re-save the model")
+        (size,) = struct.unpack("<Q", size_bytes)
+        text = f.read(size)
+    try:
+        parsed = json.loads(text)
+    except ValueError as e:
+        raise LayerMoEError(f"{path} has an unreadable safetensors header ({e}); re-save the model") from e
+    parsed.pop("__metadata__", None)
+    tensors = dict(sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0]))
+    return SafetensorsHeader(raw=size_bytes + text, tensors=tensors)
+
+
+def _spans(path: Path, header: SafetensorsHeader) -> dict[str, TensorSpan]:
+    return {name: TensorSpan(path=path, offset=header.data_start + info["data_offsets"][0],
+                             length=info["data_offsets"][1] - info["data_offsets"][0])
+            for name, info in header.tensors.items()}
+
+
+def _contiguous(header: SafetensorsHeader) -> bool:
+    """Data regions back to back from 0: then header + ranges in order is the whole file."""
+    end = 0
+    for info in header.tensors.values():
+        start, stop = info["data_offsets"]
+        if start != end:
+            return False
+        end = stop
+    return True
+
+
+def _copy_range(src: Path, offset: int, length: int, out) -> None:
+    with src.open("rb") as f:
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(_CHUNK, length))
+            if not chunk:
+                raise LayerMoEError(f"{src} ends early (expected {length} more bytes at {offset}); download it again")
+            out.write(chunk)
+            length -= len(chunk)
+
+
+def tensor_digests(path: Path) -> dict[str, str]:
+    """sha256 of each tensor's dtype, shape and bytes: equal digests mean interchangeable tensors."""
+    header = read_header(path)
+    digests = {}
+    with path.open("rb") as f:
+        for name, span in _spans(path, header).items():
+            info = header.tensors[name]
+            digest = hashlib.sha256(json.dumps([info["dtype"], info["shape"]]).encode())
+            f.seek(span.offset)
+            left = span.length
+            while left > 0:
+                chunk = f.read(min(_CHUNK, left))
+                digest.update(chunk)
+                left -= len(chunk)
+            digests[name] = digest.hexdigest()
+    return digests
+
+
+def _write_safetensors(spans: Mapping[str, TensorSpan], infos: Mapping[str, dict], path: Path) -> None:
+    """A plain safetensors file of the given tensors (readable by safetensors itself)."""
+    header, offset = {}, 0
+    for name, span in spans.items():
+        header[name] = {"dtype": infos[name]["dtype"], "shape": infos[name]["shape"], "data_offsets": [offset, offset + span.length]}
+        offset += span.length
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for span in spans.values():
+            _copy_range(span.path, span.offset, span.length, out)
+
+
+class StoredFiles(BaseModel):
+    """What a registration uploads: artifact name -> local file, and the layout's summary."""
+
+    files: dict[str, Path]
+    storage: str  # "whole" or "delta"
+    stored_bytes: int
+
+
+def plan_storage(
+    model_dir: Path,
+    files: list[str],
+    manifest: str,
+    staging: Path,
+    parent: ParentFiles | None,
+) -> StoredFiles:
+    """Decide per file what to store, writing delta files and the layout into `staging`.
+
+    `parent` (its full manifest and tensor digests) enables deltas; without it everything is stored whole.
+    """
+    full = json.loads(manifest)["files"]
+    parent_by_digest: dict[str, tuple[str, str]] = {}
+    if parent is not None:
+        for file, digests in parent.tensors.items():
+            for name, digest in digests.items():
+                parent_by_digest.setdefault(digest, (file, name))
+    layout: dict[str, dict] = {}
+    upload: dict[str, Path] = {}
+    index: dict[str, dict[str, str]] = {}
+    for file in files:
+        if file.endswith(WEIGHTS_SUFFIX):
+            digests = tensor_digests(model_dir / file)
+            index[file] = digests
+            header = read_header(model_dir / file)
+            reused = {name: parent_by_digest[d] for name, d in digests.items() if d in parent_by_digest}
+            if reused and _contiguous(header):
+                spans = _spans(model_dir / file, header)
+                own = {name: spans[name] for name in header.tensors if name not in reused}
+                delta_name = file + DELTA_SUFFIX
+                _write_safetensors(own, header.tensors, staging / delta_name)
+                upload[delta_name] = staging / delta_name
+                layout[file] = {
+                    "header": base64.b64encode(header.raw).decode(),
+                    "tensors": [[name, "parent", *reused[name]] if name in reused else [name, "stored", delta_name, name]
+                                for name in header.tensors],
+                }
+                continue
+        elif parent is not None and parent.manifest.get(file, {}).get("sha256") == full[file]["sha256"]:
+            layout[file] = {"parent": file}
+            continue
+        layout[file] = {"stored": file}
+        upload[file] = model_dir / file
+    storage = "delta" if any("stored" not in entry for entry in layout.values()) else "whole"
+    (staging / MANIFEST_NAME).write_text(manifest)
+    (staging / TENSORS_NAME).write_text(json.dumps(index, sort_keys=True))
+    (staging / LAYOUT_NAME).write_text(json.dumps({
+        "format": LAYOUT_FORMAT,
+        "parent": None if parent is None or storage == "whole" else {"version": parent.version, "manifest_sha256": parent.manifest_sha256},
+        "files": layout,
+    }, indent=1, sort_keys=True))
+    for name in (MANIFEST_NAME, TENSORS_NAME, LAYOUT_NAME):
+        upload[name] = staging / name
+    return StoredFiles(files=upload, storage=storage, stored_bytes=sum(path.stat().st_size for path in upload.values()))
+
+
+def write_stored_manifest(upload: Mapping[str, Path], staging: Path) -> Path:
+    """sha256 and size of every stored file; its own digest becomes the version's tag."""
+    entries = {name: {"sha256": sha256_file(path), "bytes": path.stat().st_size} for name, path in sorted(upload.items())}
+    path = staging / STORED_NAME
+    path.write_text(json.dumps({"format": LAYOUT_FORMAT, "files": entries}, indent=1, sort_keys=True))
+    return path
+
+
+class ParentFiles(BaseModel):
+    """What a child's registration needs of its parent: no weights, only digests."""
+
+    version: int
+    manifest_sha256: str
+    manifest: dict[str, dict]  # full file -> {"sha256", "bytes"}
+    tensors: dict[str, dict[str, str]]  # weights file -> tensor name -> digest
+
+
+def verify_stored_dir(stored_dir: Path, expected_digest: str, what: str) -> None:
+    """Every stored file of a version present, with the sha256 registered (the list itself checked by its tag)."""
+    listing = stored_dir / STORED_NAME
+    if not listing.is_file() or sha256_file(listing) != expected_digest:
+        raise LayerMoEError(f"{what}: {STORED_NAME} is missing or differs from the one registered; the artifacts were altered")
+    expected = json.loads(listing.read_text())["files"]
+    present = list_model_files(stored_dir, exclude=(STORED_NAME,))
+    refuse_pickles(present, what)
+    unexpected, missing = [f for f in present if f not in expected], [f for f in expected if f not in present]
+    if unexpected or missing:
+        raise LayerMoEError(f"{what}: stored files missing {missing}, files not registered {unexpected}; re-register the version")
+    for name, entry in expected.items():
+        size = (stored_dir / name).stat().st_size
+        if size != entry["bytes"]:
+            raise LayerMoEError(
+                f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
+                "download again, or re-register the version from its checkpoint"
+            )
+        if sha256_file(stored_dir / name) != entry["sha256"]:
+            raise LayerMoEError(
+                f"{what}: {name} is corrupt (sha256 differs from the one registered); download again, or re-register the version"
+            )
+
+
+# A full model file as a recipe: a plain file to copy, or a header and tensor byte ranges to concatenate.
+FileSource = Path | tuple[bytes, list[TensorSpan]]
+
+
+def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | None, what: str) -> dict[str, FileSource]:
+    """Where each file of this version's full model comes from, following delta references into the parent's sources."""
+    layout = json.loads((stored_dir / LAYOUT_NAME).read_text())
+    if layout.get("format") != LAYOUT_FORMAT:
+        raise LayerMoEError(f"{what} has layout format {layout.get('format')!r}; upgrade layermoe to read it")
+    sources: dict[str, FileSource] = {}
+    for file, entry in layout["files"].items():
+        if "stored" in entry:
+            sources[file] = stored_dir / entry["stored"]
+            continue
+        if parent_sources is None:
+            raise LayerMoEError(f"{what} refers to its parent for {file}, but no parent was given; its lineage is broken")
+        if "parent" in entry:
+            sources[file] = _source_of(parent_sources, entry["parent"], what)
+            continue
+        spans = []
+        own: dict[str, dict[str, TensorSpan]] = {}
+        for name, origin, src_file, src_name in entry["tensors"]:
+            if origin == "stored":
+                if src_file not in own:
+                    own[src_file] = _spans(stored_dir / src_file, read_header(stored_dir / src_file))
+                spans.append(own[src_file][src_name])
+            else:
+                spans.append(_tensor_in(parent_sources, src_file, src_name, what))
+        sources[file] = (base64.b64decode(entry["header"]), spans)
+    return sources
+
+
+def _source_of(sources: Mapping[str, FileSource], file: str, what: str) -> FileSource:
+    if file not in sources:
+        raise LayerMoEError(f"{what} refers to its parent's {file}, which the parent does not have; its lineage is broken")
+    return sources[file]
+
+
+def _tensor_in(sources: Mapping[str, FileSource], file: str, name: str, what: str) -> TensorSpan:
+    source = _source_of(sources, file, what)
+    if isinstance(source, Path):
+        spans = _spans(source, read_header(source))
+    else:
+        header = _parse_raw_header(source[0])
+        spans = dict(zip(header, source[1]))
+    if name not in spans:
+        raise LayerMoEError(f"{what} refers to tensor {name} of its parent's {file}, which does not exist; its lineage is broken")
+    return spans[name]
+
+
+def _parse_raw_header(raw: bytes) -> list[str]:
+    parsed = json.loads(raw[8:])
+    parsed.pop("__metadata__", None)
+    return [name for name, _ in sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0])]
+
+
+def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path) -> None:
+    """The full save_pretrained directory (plus its manifest) from its sources."""
+    for file, source in sources.items():
+        target = dest / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, Path):
+            shutil.copyfile(source, target)
+            continue
+        raw, spans = source
+        with target.open("wb") as out:
+            out.write(raw)
+            for span in spans:
+                _copy_range(span.path, span.offset, span.length, out)
+    (dest / MANIFEST_NAME).write_text(manifest)
