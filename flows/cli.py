@@ -59,16 +59,29 @@ def cmd_schedule(args) -> None:
 
 
 def cmd_registry(args) -> None:
-    from registry.versions import lineage, list_versions, show_version
+    import pandas as pd
+
+    from registry import download_version, lineage, list_versions, promote, show_version
 
     settings = _registry_settings(args)
-    if args.registry_command == "list":
-        print(list_versions(settings).to_string(index=False))
-    else:
+    command = args.registry_command
+    if command == "list":
+        table = list_versions(settings).drop(columns=["run_id"])
+        table["created"] = table["created"].dt.strftime("%Y-%m-%d %H:%M")
+        with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:+.4f}".format):
+            print(table.to_string(index=False))
+    elif command == "show":
         ref = int(args.ref) if args.ref.isdigit() else args.ref
         info = show_version(settings, ref)
         info["lineage"] = [v.version for v in lineage(settings, ref)]
         print(json.dumps(info, indent=2, default=str))
+    elif command in ("download", "export"):
+        local = download_version(settings, args.ref, args.dir)
+        print(f"version {local.version} ({local.info.storage}, verified) is in {local.path}: "
+              "load it with AutoModelForCausalLM.from_pretrained(path)")
+    elif command == "promote":
+        info = promote(settings, args.ref, args.alias)
+        print(f"version {info.version} now holds the alias {args.alias!r} (aliases: {', '.join(info.aliases)})")
 
 
 def cmd_demo(args) -> None:
@@ -111,9 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--model-name", help="registered model name (default: layermoe)")
     reg = p.add_subparsers(dest="registry_command", required=True)
-    reg.add_parser("list", help="every version with aliases and lineage")
+    reg.add_parser("list", help="every version: aliases, lineage, gate verdict, worst old-language drift, new-language gain")
     show = reg.add_parser("show", help="one version: tags, metrics, lineage")
     show.add_argument("ref", help="version number or alias, e.g. 3 or champion")
+    for verb, what in (("download", "a version, verified, as a save_pretrained folder"),
+                       ("export", "a version as a standalone save_pretrained folder (delta versions rebuilt)")):
+        fetch = reg.add_parser(verb, help=what)
+        fetch.add_argument("ref", help="version number or alias")
+        fetch.add_argument("dir", help="a new or empty folder")
+    move = reg.add_parser("promote", help="point an alias at a READY, checksummed version")
+    move.add_argument("ref", help="version number or alias")
+    move.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     p.set_defaults(run=cmd_registry)
 
     p = sub.add_parser("demo", help="the embedded-default demo: base + two lifelong rounds, all local")
