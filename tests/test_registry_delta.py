@@ -43,10 +43,13 @@ def grow(parent, old: list[str], new: list[str], allocation: list[int], seed: in
 ROUNDS = [(["en"], ["el"], [2, 0, 1]), (["en", "el"], ["hu"], [1, 1, 1]), (["en", "el", "hu"], ["tr"], [1, 2, 0])]
 
 
-@pytest.fixture(params=[("qwen2", torch.float32), ("llama", torch.bfloat16)], ids=["qwen2-fp32", "llama-bf16"])
-def chain(request, tmp_path):
+@pytest.fixture
+def chain(tmp_path):
+    return build_chain(tmp_path, "qwen2", torch.float32)
+
+
+def build_chain(tmp_path: Path, family: str, dtype: torch.dtype) -> tuple[RegistrySettings, list[Path]]:
     """Base + three rounds registered on one sqlite store; returns settings and each version's saved folder."""
-    family, dtype = request.param
     settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
     model = tiny_model(family).to(dtype)
     folders = [tmp_path / "v1"]
@@ -91,8 +94,9 @@ def test_a_child_stores_only_its_new_experts_routers_and_classifiers(chain):
         assert table.loc[version, "stored_bytes"] < whole
 
 
-def test_every_version_downloads_byte_identical_and_loads_the_same_model(chain, tmp_path, token_ids):
-    settings, folders = chain
+@pytest.mark.parametrize("family, dtype", [("qwen2", torch.float32), ("llama", torch.bfloat16)], ids=["qwen2-fp32", "llama-bf16"])
+def test_every_version_downloads_byte_identical_and_loads_the_same_model(family, dtype, tmp_path, token_ids):
+    settings, folders = build_chain(tmp_path, family, dtype)
     for version, folder in enumerate(folders, start=1):
         local = download_version(settings, version, tmp_path / f"fetched-v{version}")
         assert sha256(local.path / "model.safetensors") == sha256(folder / "model.safetensors")
