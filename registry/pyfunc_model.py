@@ -22,6 +22,7 @@ from .settings import RegistrySettings
 MLMODEL_FILE = "MLmodel"
 LOADER_MODULE = "registry.pyfunc_model"
 MODEL_NAME_KEY = "layermoe_registered_model"
+REGISTERED_MODEL_META = "registered_model_meta"
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
 
 
@@ -30,8 +31,8 @@ def _signature():
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([ColSpec("string", "completion")]),
+        inputs=Schema([ColSpec("string")]),  # a list of prompts (unnamed, so predict(["..."]) works)
+        outputs=Schema([ColSpec("string")]),  # one completion per prompt
         params=ParamSchema([
             ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
             ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),  # 0: greedy
@@ -68,7 +69,7 @@ class TextGenerator:
         import torch
 
         if isinstance(model_input, pd.DataFrame):
-            prompts = model_input["prompt" if "prompt" in model_input.columns else model_input.columns[0]].tolist()
+            prompts = model_input.iloc[:, 0].tolist()
         elif isinstance(model_input, str):
             prompts = [model_input]
         else:
@@ -98,16 +99,25 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     from .download import _sources
     from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
     from .storage import LAYOUT_NAME, STORED_NAME, locate_files, verify_stored_dir, write_full_model
+    from .tags import STORED_SHA256
     from .versions import find_version
 
     stored = Path(data_path)
     what = f"the MLflow model at {stored}"
-    verify_stored_dir(stored, sha256_file(stored / STORED_NAME), what)
+    name = yaml.safe_load((stored / MLMODEL_FILE).read_text())["metadata"][MODEL_NAME_KEY]
+    settings = RegistrySettings(tracking_uri=mlflow.get_registry_uri(), registered_model_name=name)
+    expected = sha256_file(stored / STORED_NAME)
+    registered = stored / REGISTERED_MODEL_META  # written by MLflow when it loads models:/<name>/<version or alias>
+    if registered.is_file():
+        meta = yaml.safe_load(registered.read_text())
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, int(meta["model_version"]))
+        expected = info.tags.get(STORED_SHA256, "")
+        what = f"version {info.version} of {name!r}"
+    verify_stored_dir(stored, expected, what, ignore=(REGISTERED_MODEL_META,))
     parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
     parent_sources = None
     if parent_ref is not None:
-        name = yaml.safe_load((stored / MLMODEL_FILE).read_text())["metadata"][MODEL_NAME_KEY]
-        settings = RegistrySettings(tracking_uri=mlflow.get_registry_uri(), registered_model_name=name)
         client = open_client(settings, create=False)
         parent = find_version(client, settings, parent_ref["version"])
         if parent.manifest_sha256 != parent_ref["manifest_sha256"]:

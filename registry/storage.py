@@ -221,13 +221,16 @@ class ParentFiles(BaseModel):
     tensors: dict[str, dict[str, str]]  # weights file -> tensor name -> digest
 
 
-def verify_stored_dir(stored_dir: Path, expected_digest: str, what: str) -> None:
-    """Every stored file of a version present, with the sha256 registered (the list itself checked by its tag)."""
+def verify_stored_dir(stored_dir: Path, expected_digest: str, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Every stored file of a version present, with the sha256 registered (the list itself checked by its tag).
+
+    `ignore`: files others add beside the stored ones (MLflow's `registered_model_meta`).
+    """
     listing = stored_dir / STORED_NAME
     if not listing.is_file() or sha256_file(listing) != expected_digest:
         raise LayerMoEError(f"{what}: {STORED_NAME} is missing or differs from the one registered; the artifacts were altered")
     expected = json.loads(listing.read_text())["files"]
-    present = list_model_files(stored_dir, exclude=(STORED_NAME,))
+    present = list_model_files(stored_dir, exclude=(STORED_NAME, *ignore))
     refuse_pickles(present, what)
     unexpected, missing = [f for f in present if f not in expected], [f for f in expected if f not in present]
     if unexpected or missing:
