@@ -73,13 +73,8 @@ def stored_files(client: MlflowClient, settings: RegistrySettings, info: Version
     """The version's own stored files in the local cache, downloaded once and verified against its tag."""
     cached = settings.version_cache(info.version)
     digest = info.tags[STORED_SHA256]
-    if cached.is_dir():
-        try:
-            verify_stored_dir(cached, digest, f"the cached files of {_what(info)}")
-            return cached
-        except LayerMoEError as e:
-            logger.warning("%s; downloading them again", e)
-            shutil.rmtree(cached)
+    if cached.is_dir():  # verified when it was put there; the rebuilt model is verified again on every download
+        return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{cached.name}-partial-") as staging:
         local = _download_artifacts(client, settings, info, Path(staging))
@@ -124,6 +119,36 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
     )
 
 
+def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, staging: Path) -> Path:
+    """The full model in staging/model, verified; a damaged cache is dropped and the lineage fetched once more."""
+    built = staging / "model"
+    try:
+        _write_and_verify(client, settings, info, built)
+    except LayerMoEError as e:
+        logger.warning("%s; dropping the cached files of its lineage and downloading them again", e)
+        shutil.rmtree(built, ignore_errors=True)
+        for version in _lineage_versions(settings, info):
+            shutil.rmtree(settings.version_cache(version), ignore_errors=True)
+        _write_and_verify(client, settings, info, built)
+    return built
+
+
+def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, built: Path) -> None:
+    manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
+    write_full_model(_sources(client, settings, info), manifest, built)
+    verify_model_dir(built, info.manifest_sha256, _what(info))
+
+
+def _lineage_versions(settings: RegistrySettings, info: VersionInfo) -> list[int]:
+    """The versions whose cached files `info`'s rebuild reads, as far as the cache tells."""
+    versions = [info.version]
+    layout = settings.version_cache(info.version) / LAYOUT_NAME
+    while layout.is_file() and (parent := json.loads(layout.read_text())["parent"]) is not None and parent["version"] not in versions:
+        versions.append(parent["version"])
+        layout = settings.version_cache(parent["version"]) / LAYOUT_NAME
+    return versions
+
+
 def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str | Path) -> LocalVersion:
     """`ref` (an alias such as "champion", or a version number) as a save_pretrained directory in an empty or new `dest_dir`.
 
@@ -144,13 +169,10 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
     with tempfile.TemporaryDirectory(dir=dest_dir.parent, prefix=f".{dest_dir.name}-partial-") as staging:
         with store_errors(settings):
             if STORED_SHA256 in info.tags:
-                built = Path(staging) / "model"
-                sources = _sources(client, settings, info)
-                manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
-                write_full_model(sources, manifest, built)
+                built = _rebuild(client, settings, info, Path(staging))
             else:  # stored whole before delta storage: the artifacts are the model directory
                 built = _download_artifacts(client, settings, info, Path(staging))
-        verify_model_dir(built, digest, _what(info))
+                verify_model_dir(built, digest, _what(info))
         dest_dir.mkdir(exist_ok=True)
         for entry in built.iterdir():
             shutil.move(entry, dest_dir / entry.name)

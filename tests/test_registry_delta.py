@@ -183,3 +183,13 @@ def test_export_writes_a_standalone_save_pretrained_folder(chain, tmp_path, caps
     assert sha256(dest / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
     assert AutoModelForCausalLM.from_pretrained(dest).config.languages == ["en", "el", "hu", "tr"]
     assert "version 4" in capsys.readouterr().out
+
+
+def test_a_damaged_cache_is_fetched_again(chain, tmp_path):
+    settings, folders = chain
+    download_version(settings, 4, tmp_path / "first")
+    cached = settings.version_cache(1) / "model.safetensors"  # the base, which every later version reads from
+    cached.write_bytes(cached.read_bytes()[:-8] + b"\x00" * 8)
+    local = download_version(settings, 4, tmp_path / "second")
+    assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
+    assert sha256(cached) == sha256(folders[0] / "model.safetensors")  # the damaged cached file was replaced
