@@ -245,3 +245,21 @@ def test_settings_default_to_env_or_local_sqlite_and_refuse_file_store(monkeypat
     assert local.experiment_artifact_location() == (Path("mlruns").resolve() / "artifacts").as_uri()
     with pytest.raises(ValidationError, match="file store is refused"):
         RegistrySettings(tracking_uri=str(tmp_path / "mlruns"))
+
+
+def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, registered, tmp_path, capsys):
+    from flows.cli import main as layermoe
+
+    uri = ["registry", "--tracking-uri", settings.tracking_uri]
+    assert layermoe([*uri, "promote", "2", "--alias", "stable"]) == 0
+    assert "version 2 now holds the alias 'stable'" in capsys.readouterr().out
+    assert layermoe([*uri, "promote", "7"]) == 2
+    assert "version 7 does not exist" in capsys.readouterr().err
+    assert layermoe([*uri, "download", "stable", str(tmp_path / "stable")]) == 0
+    assert (tmp_path / "stable" / "model.safetensors").is_file()
+    assert layermoe([*uri, "list"]) == 0
+    header, base_row, child_row = capsys.readouterr().out.splitlines()[-3:]
+    assert header.split()[:11] == ["version", "aliases", "parent", "round", "languages", "new_languages", "verdict",
+                                   "old_drift_max", "new_gain", "storage", "stored_bytes"]
+    assert base_row.split()[0] == "1" and "base" in base_row.split()
+    assert "stable" in child_row and "delta" in child_row
