@@ -262,11 +262,16 @@ def allocate_experts(signal: Sequence[float], settings: AllocationSettings) -> A
     return _spend([1.0 if ok else 0.0 for ok in chosen], settings, chosen)
 
 
-def choose_classifier_layers(scores: Sequence[float], k: int) -> list[int]:
-    """The k layers of highest similarity (ties: the lower layer), in ascending layer order."""
+def choose_classifier_layers(scores: Sequence[float], k: int, allocation: Sequence[int] | None = None) -> list[int]:
+    """The k layers of highest similarity (ties: the lower layer), in ascending layer order.
+
+    With `allocation`, only layers that get new experts qualify (a dense layer has no new path
+    to classify for), so fewer than k come back when fewer layers get experts.
+    """
     scores = _finite(scores)
     if not 0 <= k <= len(scores):
         raise LayerMoEError(
             f"k={k} classifier layers requested but the model has {len(scores)} layers; use 0 <= k <= {len(scores)}"
         )
-    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k])
+    candidates = [i for i in range(len(scores)) if allocation is None or allocation[i] > 0]
+    return sorted(sorted(candidates, key=lambda i: (-scores[i], i))[:k])

@@ -84,7 +84,10 @@ def plan_allocation(
     scores = similarity["score"].tolist()
     values = signal["signal"].tolist() if signal is not None else scores
     result = allocate_experts(values, settings)
-    classifier_layers = choose_classifier_layers(scores, num_classifier_layers)
+    classifier_layers = choose_classifier_layers(scores, num_classifier_layers, result.counts)
+    if len(classifier_layers) < num_classifier_layers:
+        get_run_logger().warning("only %d layers get new experts, so only they get classifiers: %s",
+                                 sum(n > 0 for n in result.counts), classifier_layers)
     table = pd.DataFrame({"layer": range(len(scores)), "score": scores, "signal": values, "new_experts": result.counts,
                           "classifier": [i in classifier_layers for i in range(len(scores))]})
     total = pd.DataFrame([{"method": settings.method, "mapping": settings.effective_mapping, "rounding": settings.rounding,

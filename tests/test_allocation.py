@@ -107,6 +107,12 @@ def test_classifier_layers_are_the_top_k_by_similarity_in_layer_order():
     assert choose_classifier_layers(SCORES, 0) == []
 
 
+def test_classifier_layers_are_chosen_among_the_layers_that_get_experts():
+    # layers 1 and 3 are the most similar but stay dense: the next most similar layers with experts get the classifiers
+    assert choose_classifier_layers([0.2, 0.9, 0.1, 0.7, 0.8], 2, allocation=[1, 0, 2, 0, 1]) == [0, 4]
+    assert choose_classifier_layers([0.2, 0.9, 0.1], 3, allocation=[0, 0, 2]) == [2]
+
+
 @pytest.mark.parametrize("k", [-1, 5])
 def test_classifier_count_outside_the_layers_is_rejected(k):
     with pytest.raises(LayerMoEError, match=f"k={k}"):
