@@ -40,13 +40,13 @@ def main() -> None:
 
     from flows.bootstrap_base import bootstrap_base
     from flows.compare import ComparePlan, compare, with_variants
-    from flows.demo import BASE_LANGUAGES, demo_plans
+    from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
     from flows.plan import ParentRef
     from layermoe_core.data import CorpusSpec
     from layermoe_core.offline_corpus import DEFAULT_PACKAGES, build_gettext_corpus
     from registry.versions import list_versions, show_version
 
-    languages = BASE_LANGUAGES + ["el", "hu", "tr"]
+    languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]  # all nine, as the demo's tokenizer
     start = time.perf_counter()
     corpus_dir = build_gettext_corpus(workdir / "corpus", languages, list(DEFAULT_PACKAGES), args.download_dir)
     corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
