@@ -2,7 +2,8 @@
 
 Run from the repository root: `python -m bench.compare_signals --workdir .signals`. It builds
 the demo corpus (Debian gettext catalogs, as `make demo`; pass `--download-dir` to reuse .debs),
-trains and registers the demo base (en, es, zh; the demo's own settings), then runs
+trains and registers the demo base (en, es, zh; the demo's own settings; `--scale` shrinks every
+token budget, the base's training included), then runs
 `compare` for round el/hu/tr with the variants layermoe, uniform, neuron, param_delta,
 late_layers and no_classifier, with the demo's Stage-1/2 settings and delta 6 on equal
 budgets. It prints the variants table as markdown and writes it to WORKDIR/variants.csv and
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--variants", default="layermoe,uniform,neuron,param_delta,late_layers,no_classifier")
     parser.add_argument("--delta", type=int, default=6)
     parser.add_argument("--neurons-per-language", type=int, default=100, help="of the demo base's 4 x 384 MLP neurons")
+    parser.add_argument("--scale", type=float, default=1.0, help="times every token budget (base training included); 1.0: the demo's")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     (workdir / "prefect").mkdir(parents=True, exist_ok=True)
@@ -51,6 +53,12 @@ def main() -> None:
     corpus_dir = build_gettext_corpus(workdir / "corpus", languages, list(DEFAULT_PACKAGES), args.download_dir)
     corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
     base_plan, lifelong = demo_plans(workdir, corpora)
+    if args.scale != 1.0:
+        tokens = base_plan.tokens.model_copy(update={
+            key: max(1, int(getattr(base_plan.tokens, key) * args.scale))
+            for key in ("analysis_tokens", "stage1_tokens", "stage2_tokens", "eval_tokens")})
+        base_plan = base_plan.model_copy(update={"tokens": tokens, "train_tokens": int(base_plan.train_tokens * args.scale)})
+        lifelong = lifelong.model_copy(update={"tokens": tokens})
     versions = list_versions(base_plan.registry) if (workdir / "mlflow.db").exists() else None
     base_version = 1 if versions is not None and len(versions) else bootstrap_base(base_plan)
     print(f"corpus and base ready in {time.perf_counter() - start:.0f} s (base version {base_version})", flush=True)
