@@ -130,12 +130,15 @@ def test_delta_zero_and_per_layer_zero_are_refused_when_the_plan_loads(tmp_path)
 
 
 def test_max_per_layer_gives_the_clipped_experts_to_other_layers_until_delta():
-    # The case: delta=48 and max 3 gave a total of 26 when clipping dropped experts.
-    scores = [random.Random(i).uniform(0.05, 1.0) for i in range(24)]
+    # The case: delta=48 and max 3 over 24 layers fell short when clipping dropped experts. Here 8 dissimilar
+    # layers ask for 48 * 20/176 = 5.45 each; clipping alone gave 8 * 3 + 16 * ceil(0.27) = 40. Redistributed, the
+    # 16 similar layers share the other 24: 1.5 each.
+    scores = [0.05] * 8 + [1.0] * 16
     ceil = allocate_experts(scores, AllocationSettings(delta=48, max_per_layer=3))
     exact = allocate_experts(scores, AllocationSettings(delta=48, max_per_layer=3, rounding="exact"))
-    assert max(ceil.counts) == max(exact.counts) == 3
-    assert ceil.total >= 48 and exact.total == 48 and ceil.note == exact.note == ""
+    assert ceil.counts == [3] * 8 + [2] * 16 and ceil.total == 56
+    assert exact.counts == [3] * 8 + [2] * 8 + [1] * 8 and exact.total == 48
+    assert ceil.note == exact.note == ""
 
 
 def test_exact_rounding_is_largest_remainder_and_totals_delta():
@@ -217,3 +220,13 @@ def test_minmax_counts_stay_in_the_bounds_and_the_top_layer_gets_the_maximum(low
         if max(signal) > min(signal):
             assert allocation.counts[signal.index(max(signal))] == high
             assert allocation.counts[signal.index(min(signal))] == low
+
+
+def test_uniform_and_fixed_totals_are_the_stated_counts():
+    rng = random.Random(7)
+    for _ in range(50):
+        num_layers, per_layer = rng.randint(1, 30), rng.randint(1, 8)
+        uniform = allocate_experts([0.5] * num_layers, AllocationSettings(method="uniform", per_layer=per_layer))
+        assert uniform.total == per_layer * num_layers and uniform.requested is None and uniform.note == ""
+        vector = [rng.randint(0, 4) for _ in range(num_layers - 1)] + [1]
+        assert allocate_experts([0.5] * num_layers, AllocationSettings(method="fixed", fixed=vector)).counts == vector
