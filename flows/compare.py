@@ -59,7 +59,9 @@ def with_variants(plan: ComparePlan, variants: list[str]) -> ComparePlan:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         raise LayerMoEError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    return ComparePlan.model_validate({**plan.model_dump(), "variants": variants})
+    if len(set(variants)) != len(variants):
+        raise LayerMoEError(f"variants {variants} repeat a name; list each variant once")
+    return plan.model_copy(update={"variants": variants})
 
 
 def variant_allocation(plan: ComparePlan, name: str, num_layers: int) -> AllocationSettings:

@@ -165,3 +165,5 @@ def test_compare_runs_the_other_papers_signals_on_an_equal_budget(world):
         assert {"tables/signal.csv", "tables/allocation.csv", "tables/allocation_total.csv"} <= files
     with pytest.raises(LayerMoEError, match=r"unknown variants \['dmoe'\]; choose from layermoe, uniform"):
         with_variants(plan, ["dmoe"])
+    with pytest.raises(LayerMoEError, match="repeat a name"):
+        with_variants(plan, ["neuron", "neuron"])
