@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--delta", type=int, default=6)
     parser.add_argument("--neurons-per-language", type=int, default=100, help="of the demo base's 4 x 384 MLP neurons")
     parser.add_argument("--scale", type=float, default=1.0, help="times every token budget (base training included); 1.0: the demo's")
+    parser.add_argument("--round-scale", type=float, default=None, help="times the round's token budgets (default: --scale)")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     (workdir / "prefect").mkdir(parents=True, exist_ok=True)
@@ -53,12 +54,12 @@ def main() -> None:
     corpus_dir = build_gettext_corpus(workdir / "corpus", languages, list(DEFAULT_PACKAGES), args.download_dir)
     corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
     base_plan, lifelong = demo_plans(workdir, corpora)
-    if args.scale != 1.0:
-        tokens = base_plan.tokens.model_copy(update={
-            key: max(1, int(getattr(base_plan.tokens, key) * args.scale))
-            for key in ("analysis_tokens", "stage1_tokens", "stage2_tokens", "eval_tokens")})
-        base_plan = base_plan.model_copy(update={"tokens": tokens, "train_tokens": int(base_plan.train_tokens * args.scale)})
-        lifelong = lifelong.model_copy(update={"tokens": tokens})
+    def scaled(scale: float):
+        return base_plan.tokens.model_copy(update={
+            key: max(1, int(getattr(base_plan.tokens, key) * scale)) for key in ("analysis_tokens", "stage1_tokens", "stage2_tokens", "eval_tokens")})
+
+    lifelong = lifelong.model_copy(update={"tokens": scaled(args.round_scale or args.scale)})
+    base_plan = base_plan.model_copy(update={"tokens": scaled(args.scale), "train_tokens": int(base_plan.train_tokens * args.scale)})
     versions = list_versions(base_plan.registry) if (workdir / "mlflow.db").exists() else None
     base_version = 1 if versions is not None and len(versions) else bootstrap_base(base_plan)
     print(f"corpus and base ready in {time.perf_counter() - start:.0f} s (base version {base_version})", flush=True)
