@@ -15,11 +15,12 @@ from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import STORE_FAILURES, open_client, store_errors
-from .manifest import MANIFEST_NAME, verify_model_dir
+from .client import STORE_FAILURES, RegistryUnavailable, as_registry_error, open_client, store_errors
+from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
 from .settings import RegistrySettings
 from .storage import (
     LAYOUT_NAME,
+    STORED_NAME,
     TENSORS_NAME,
     FileSource,
     ParentFiles,
@@ -66,7 +67,8 @@ def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: 
             dst_path=str(dst), tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri,
         ))
     except STORE_FAILURES as e:
-        raise LayerMoEError(f"downloading {_what(info)} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
+        kind = RegistryUnavailable if isinstance(as_registry_error(settings, e), RegistryUnavailable) else LayerMoEError
+        raise kind(f"downloading {_what(info)} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
 
 
 def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path:
@@ -110,13 +112,22 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
     """The parent's manifest and tensor digests (small files, no weights); None for a version stored before deltas."""
     if STORED_SHA256 not in parent.tags:
         return None
-    stored = stored_files(client, settings, parent)
-    return ParentFiles(
-        version=parent.version,
-        manifest_sha256=parent.manifest_sha256,
-        manifest=json.loads((stored / MANIFEST_NAME).read_text())["files"],
-        tensors=json.loads((stored / TENSORS_NAME).read_text()),
-    )
+    cached = settings.version_cache(parent.version)
+    with tempfile.TemporaryDirectory(prefix="layermoe-parent-") as staging:
+        folder = cached if cached.is_dir() else Path(staging)
+        if folder != cached:  # only the three small files, each checked against the parent's stored-files listing
+            for name in (STORED_NAME, MANIFEST_NAME, TENSORS_NAME):
+                _download_artifacts(client, settings, parent, folder, name)
+            listing = json.loads((folder / STORED_NAME).read_text())["files"]
+            if sha256_file(folder / STORED_NAME) != parent.tags[STORED_SHA256] or any(
+                    sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)):
+                raise LayerMoEError(f"{_what(parent)}: its stored listings differ from the ones registered; the artifacts were altered")
+        return ParentFiles(
+            version=parent.version,
+            manifest_sha256=parent.manifest_sha256,
+            manifest=json.loads((folder / MANIFEST_NAME).read_text())["files"],
+            tensors=json.loads((folder / TENSORS_NAME).read_text()),
+        )
 
 
 def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, staging: Path) -> Path:

@@ -195,3 +195,20 @@ def test_a_damaged_cache_is_fetched_again(chain, tmp_path):
     local = download_version(settings, 4, tmp_path / "second")
     assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
     assert sha256(cached) == sha256(folders[0] / "model.safetensors")  # the damaged cached file was replaced
+
+
+def test_registering_a_child_fetches_no_parent_weights(tmp_path, monkeypatch):
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cache_dir=tmp_path / "cache")
+    base = tiny_model("qwen2")
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    register_base(settings, tmp_path / "base", ["en"])
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # another machine registers the child
+    grow(base, ["en"], ["el"], [1, 1, 1], seed=1).save_pretrained(tmp_path / "child")
+    tiny_tokenizer().save_pretrained(tmp_path / "child")
+    fetched = []
+    real = mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw))
+    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
+    assert sorted(fetched) == ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]
