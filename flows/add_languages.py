@@ -19,7 +19,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
-from layermoe_core.data import load_documents
+from layermoe_core.data import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from tasks.analysis import measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
 from tasks.common import unless_cached_output
@@ -86,7 +86,9 @@ def fetch_parent(plan: ExpansionPlan) -> ParentModel:
 
 
 def check_corpora_readable(plan: ExpansionPlan, languages: list[str]) -> None:
-    """Every local corpus of the round exists, parses and holds a document (LayerMoEError naming it if not)."""
+    """Valid codes, and every local corpus of the round exists, parses and holds a document (LayerMoEError if not)."""
+    for code in languages:
+        validate_language_code(code)
     plan.check_corpora(languages)
     for language in languages:
         if plan.corpora[language].path is not None:

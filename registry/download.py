@@ -15,7 +15,13 @@ from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import STORE_FAILURES, RegistryUnavailable, as_registry_error, open_client, store_errors
+from .client import (
+    STORE_FAILURES,
+    RegistryUnavailable,
+    as_registry_error,
+    open_client,
+    store_errors,
+)
 from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
 from .settings import RegistrySettings
 from .storage import (

@@ -148,9 +148,9 @@ def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, object]]]) -> l
         for entry in entries:
             step = int(entry.get("step", 0))
             for key, value in entry.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    if not math.isnan(float(value)):
-                        rows.append((f"{stage}.{key}", float(value), step))
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if key not in ("step", "epoch") and numeric and not math.isnan(float(value)):
+                    rows.append((f"{stage}.{key}", float(value), step))
     return rows
 
 

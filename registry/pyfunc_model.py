@@ -58,8 +58,9 @@ class TextGenerator:
     """What `mlflow.pyfunc.load_model(...)` wraps: a LayerMoE (or base) causal LM and its tokenizer."""
 
     def __init__(self, model_dir: Path):
-        import layermoe_core  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        import layermoe_core  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
 
         self.model_dir = model_dir
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -98,7 +99,13 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     from .client import open_client
     from .download import _sources
     from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
-    from .storage import LAYOUT_NAME, STORED_NAME, locate_files, verify_stored_dir, write_full_model
+    from .storage import (
+        LAYOUT_NAME,
+        STORED_NAME,
+        locate_files,
+        verify_stored_dir,
+        write_full_model,
+    )
     from .tags import STORED_SHA256
     from .versions import find_version
 

@@ -18,10 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from layermoe_core.errors import LayerMoEError
 
-from .client import STORE_FAILURES, RegistryUnavailable, as_registry_error, ensure_experiment, ensure_registered_model, open_client, store_errors
+from .client import (
+    STORE_FAILURES,
+    RegistryUnavailable,
+    as_registry_error,
+    ensure_experiment,
+    ensure_registered_model,
+    open_client,
+    store_errors,
+)
 from .download import fetch_parent_files
 from .manifest import MANIFEST_NAME, build_manifest, sha256_file, text_digest
-from .model_files import CONFIG_FILE, check_model_files, list_model_files, parameter_count
 from .model_card import (
     Verdict,
     base_card,
@@ -31,6 +38,12 @@ from .model_card import (
     old_drift_max,
     own_metrics,
     step_metric_rows,
+)
+from .model_files import (
+    CONFIG_FILE,
+    check_model_files,
+    list_model_files,
+    parameter_count,
 )
 from .pyfunc_model import MLMODEL_FILE, write_mlmodel
 from .reports import check_reports, log_metrics_and_params, log_reports

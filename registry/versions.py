@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -187,7 +187,7 @@ def _info(mv: ModelVersion, rm: RegisteredModel) -> VersionInfo:
         status=mv.status,
         aliases=_aliases_by_version(rm).get(int(mv.version), []),
         tags=dict(mv.tags),
-        created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc),
+        created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
         description=mv.description or None,
     )
 

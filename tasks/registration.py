@@ -7,7 +7,15 @@ from prefect import get_run_logger, task
 
 from layermoe_core import plots
 from layermoe_core.gates import GateSettings, evaluate_gates
-from registry import RegistrySettings, Verdict, alias_version, log_report_run, promote, register_child, tag_version
+from registry import (
+    RegistrySettings,
+    Verdict,
+    alias_version,
+    log_report_run,
+    promote,
+    register_child,
+    tag_version,
+)
 
 from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreachable
 

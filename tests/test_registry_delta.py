@@ -16,7 +16,14 @@ from transformers import AutoModelForCausalLM
 
 from flows.cli import main as layermoe
 from layermoe_core import LayerMoEError, expand, insert_classifiers
-from registry import RegistrySettings, download_version, get_version, list_versions, register_base, register_child
+from registry import (
+    RegistrySettings,
+    download_version,
+    get_version,
+    list_versions,
+    register_base,
+    register_child,
+)
 from registry.manifest import MANIFEST_NAME, build_manifest, text_digest
 from registry.model_files import list_model_files
 

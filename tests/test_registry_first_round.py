@@ -12,7 +12,13 @@ from flows.add_languages import add_languages
 from flows.plan import ExpansionPlan, ParentRef, TokenSettings
 from layermoe_core import LayerMoEError, expand, insert_classifiers
 from layermoe_core.allocation import AllocationSettings
-from registry import RegistrySettings, list_versions, promote, register_base, register_child
+from registry import (
+    RegistrySettings,
+    list_versions,
+    promote,
+    register_base,
+    register_child,
+)
 
 from .conftest import tiny_model
 from .synthetic_corpus import write_synthetic_corpus

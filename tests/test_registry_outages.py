@@ -16,7 +16,14 @@ from mlflow import MlflowClient
 
 from flows.cli import main as layermoe
 from layermoe_core import LayerMoEError
-from registry import RegistrySettings, RegistryUnavailable, find_or_register_base, list_versions, register_base, show_version
+from registry import (
+    RegistrySettings,
+    RegistryUnavailable,
+    find_or_register_base,
+    list_versions,
+    register_base,
+    show_version,
+)
 
 from .conftest import tiny_model
 from .services import running_mlflow_server

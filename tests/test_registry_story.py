@@ -13,17 +13,23 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+import torch
 
-from layermoe_core import expand, insert_classifiers  # noqa: E402
-from registry import RegistrySettings, Verdict, list_versions, register_base, register_child  # noqa: E402
+from layermoe_core import expand, insert_classifiers
+from registry import (
+    RegistrySettings,
+    Verdict,
+    list_versions,
+    register_base,
+    register_child,
+)
 
-from .conftest import tiny_model  # noqa: E402
-from .services import MlflowServer, running_mlflow_server  # noqa: E402
-from .tiny_tokenizer import tiny_tokenizer  # noqa: E402
+from .conftest import tiny_model
+from .services import MlflowServer, running_mlflow_server
+from .tiny_tokenizer import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +79,7 @@ def story(sqlite_mlflow_server, tmp_path_factory):
     tiny_tokenizer().save_pretrained(root / "base")
     register_base(settings, root / "base", ["en"])
     round1 = save_child(root / "r1", base, [2, 0, 1], ["en"], ["el"], seed=3)
-    fig, ax = plt.subplots(figsize=(2, 1))
+    fig, _ = plt.subplots(figsize=(2, 1))
     fig.savefig(root / "plot.png")
     plt.close(fig)
     first = comparison({"en": (2.00, 2.01)}, {"el": (4.0, 2.9)})
