@@ -40,7 +40,10 @@ from .errors import LayerMoEError
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
 FORMAT_VERSION = 1
-TOKENIZE_BATCH = 1024  # documents per tokenizer call: bounds memory, keeps the fast tokenizer's threads busy
+TOKENIZE_BATCH = 1024  # documents read from the corpus at a time
+# Characters per tokenizer call: a fast tokenizer holds ~100 bytes per token of the call's output
+# (ids, offsets, masks), so calls are bounded by text, not by documents, to keep memory flat.
+TOKENIZE_CHARS = 1 << 18
 
 
 # -- the split rule --------------------------------------------------------------------
@@ -130,6 +133,20 @@ class TokenRows:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None}
+
+
+def _text_groups(documents: list[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    """Consecutive documents in groups of at most TOKENIZE_CHARS characters (or one longer document)."""
+    group: list[tuple[str, str]] = []
+    size = 0
+    for document in documents:
+        if group and size + len(document[1]) > TOKENIZE_CHARS:
+            yield group
+            group, size = [], 0
+        group.append(document)
+        size += len(document[1])
+    if group:
+        yield group
 
 
 # -- the store ---------------------------------------------------------------------------
@@ -228,17 +245,16 @@ class TokenStore:
         batch = next(self._batches, [])
         if len(batch) < TOKENIZE_BATCH:
             self.index["exhausted"] = True
-        texts = [text if text and text.strip() else "" for _, text in batch]
-        kept = [i for i, text in enumerate(texts) if text]
-        encoded = self.tokenizer([texts[i] for i in kept], add_special_tokens=False)["input_ids"] if kept else []
         eos, dtype = self.index["eos_token_id"], self.index["dtype"]
-        by_split: dict[Split, list[tuple[str, list[int]]]] = {split: [] for split in SPLITS}
-        for i, ids in zip(kept, encoded):
-            key = batch[i][0]
-            by_split[self.rule.split_of(key)].append((key, ids))
-        for split, documents in by_split.items():
-            if documents:
-                self._append(split, documents, eos, dtype)
+        for group in _text_groups([(key, text) for key, text in batch if text and text.strip()]):
+            encoded = self.tokenizer([text for _, text in group], add_special_tokens=False, return_attention_mask=False)
+            by_split: dict[Split, list[tuple[str, list[int]]]] = {split: [] for split in SPLITS}
+            for (key, _), ids in zip(group, encoded["input_ids"]):
+                by_split[self.rule.split_of(key)].append((key, ids))
+            del encoded
+            for split, documents in by_split.items():
+                if documents:
+                    self._append(split, documents, eos, dtype)
         self.index["consumed"] += len(batch)
         self._write_index()
 
