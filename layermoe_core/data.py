@@ -203,9 +203,10 @@ class _HubDocuments:
         yield batch
 
 
-def _open_store(spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase, rule: SplitRule, store_dir: Path, fingerprint: str) -> TokenStore:
+def open_store(spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase, rule: SplitRule, store_dir: Path, fingerprint: str | None = None) -> TokenStore:
+    """The token store of `spec` under `store_dir` for this tokenizer and split rule, locked until closed."""
     source = _HubDocuments(spec) if spec.hub_name is not None else _LocalDocuments(spec)
-    return TokenStore.open(store_dir, fingerprint, source, tokenizer, rule)
+    return TokenStore.open(store_dir, fingerprint or corpus_fingerprint(spec), source, tokenizer, rule)
 
 
 def _too_few(language: str, where: str, available: int, needed: int) -> LayerMoEError:
@@ -301,7 +302,7 @@ def sample_token_rows(
     for spec in sources.values():
         fingerprint = corpus_fingerprint(spec)
         if fingerprint not in by_corpus:
-            by_corpus[fingerprint] = _open_store(spec, tokenizer, rule, Path(store_dir), fingerprint)
+            by_corpus[fingerprint] = open_store(spec, tokenizer, rule, Path(store_dir), fingerprint)
     stores = {lang: by_corpus[corpus_fingerprint(spec)] for lang, spec in sources.items()}
     try:
         if parallel:
