@@ -246,22 +246,23 @@ class TokenStore:
         if len(batch) < TOKENIZE_BATCH:
             self.index["exhausted"] = True
         eos, dtype = self.index["eos_token_id"], self.index["dtype"]
-        for group in _text_groups([(key, text) for key, text in batch if text and text.strip()]):
-            encoded = self.tokenizer([text for _, text in group], add_special_tokens=False, return_attention_mask=False)
+        for group in _text_groups([(key, text if text and text.strip() else "") for key, text in batch]):
+            texts = [text for _, text in group if text]
+            encoded = iter(self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else [])
             by_split: dict[Split, list[tuple[str, list[int]]]] = {split: [] for split in SPLITS}
-            for (key, _), ids in zip(group, encoded["input_ids"]):
-                by_split[self.rule.split_of(key)].append((key, ids))
+            for key, text in group:  # an empty document stays, with no tokens, so parallel stores keep in step
+                by_split[self.rule.split_of(key)].append((key, [*next(encoded), eos] if text else []))
             del encoded
             for split, documents in by_split.items():
                 if documents:
-                    self._append(split, documents, eos, dtype)
+                    self._append(split, documents, dtype)
         self.index["consumed"] += len(batch)
         self._write_index()
 
-    def _append(self, split: Split, documents: list[tuple[str, list[int]]], eos: int, dtype: str) -> None:
+    def _append(self, split: Split, documents: list[tuple[str, list[int]]], dtype: str) -> None:
         state = self.index["splits"][split]
-        lengths = np.array([len(ids) + 1 for _, ids in documents], dtype=np.int64)
-        tokens = np.fromiter(chain.from_iterable(chain(ids, (eos,)) for _, ids in documents), dtype=dtype, count=int(lengths.sum()))
+        lengths = np.array([len(ids) for _, ids in documents], dtype=np.int64)
+        tokens = np.fromiter(chain.from_iterable(ids for _, ids in documents), dtype=dtype, count=int(lengths.sum()))
         keys = "".join(key.replace("\n", " ") + "\n" for key, _ in documents).encode("utf-8")
         with open(self.file(split), "ab") as f:
             f.write(tokens.tobytes())
@@ -272,7 +273,7 @@ class TokenStore:
         state["tokens"] += len(tokens)
         state["documents"] += len(documents)
         state["keys_bytes"] += len(keys)
-        state["max_token_id"] = max(state["max_token_id"], int(tokens.max()))
+        state["max_token_id"] = max(state["max_token_id"], int(tokens.max()) if len(tokens) else -1)
 
     def _write_index(self) -> None:
         temporary = self.directory / "index.json.tmp"
