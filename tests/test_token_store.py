@@ -166,3 +166,12 @@ def test_peak_memory_of_sampling_and_a_training_step_stays_flat_as_the_corpus_gr
     for scale in (4, 16):
         for measure in ("sampling_peak_mb", "training_step_peak_mb"):
             assert results[scale][measure] <= 1.2 * one[measure], (measure, results)
+
+
+def test_parallel_sampling_stays_aligned_past_a_document_empty_in_one_language(tmp_path, tokenizer):
+    en = write_jsonl(tmp_path / "en.jsonl", [{"id": i, "text": f"en {i} hello"} for i in range(40)])
+    el = write_jsonl(tmp_path / "el.jsonl", [{"id": i, "text": "" if i % 5 == 0 else f"el {i} hello there"} for i in range(40)])
+    sample = sample_sequences({"en": CorpusSpec(path=en), "el": CorpusSpec(path=el)}, tokenizer, 120, 12, seed=0, parallel=True)
+    ids = {lang: [int(doc.split()[1]) for doc in complete_documents(rows, tokenizer)] for lang, rows in sample.items()}
+    assert any(i % 5 == 0 for i in ids["en"]), "the sample passes documents empty in el"
+    assert [i for i in ids["en"] if i % 5][: len(ids["el"]) - 1] == ids["el"][:-1]
