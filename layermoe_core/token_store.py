@@ -249,20 +249,22 @@ class TokenStore:
         for group in _text_groups([(key, text if text and text.strip() else "") for key, text in batch]):
             texts = [text for _, text in group if text]
             encoded = iter(self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else [])
-            by_split: dict[Split, list[tuple[str, list[int]]]] = {split: [] for split in SPLITS}
-            for key, text in group:  # an empty document stays, with no tokens, so parallel stores keep in step
-                by_split[self.rule.split_of(key)].append((key, [*next(encoded), eos] if text else []))
+            by_split: dict[Split, list[tuple[str, list[int] | None]]] = {split: [] for split in SPLITS}
+            for key, text in group:  # an empty document stays, with no tokens (None), so parallel stores keep in step
+                by_split[self.rule.split_of(key)].append((key, next(encoded) if text else None))
             del encoded
             for split, documents in by_split.items():
                 if documents:
-                    self._append(split, documents, dtype)
+                    self._append(split, documents, eos, dtype)
         self.index["consumed"] += len(batch)
         self._write_index()
 
-    def _append(self, split: Split, documents: list[tuple[str, list[int]]], dtype: str) -> None:
+    def _append(self, split: Split, documents: list[tuple[str, list[int] | None]], eos: int, dtype: str) -> None:
+        """Each document's tokens and EOS (nothing for an empty one) at the end of the split's files."""
         state = self.index["splits"][split]
-        lengths = np.array([len(ids) for _, ids in documents], dtype=np.int64)
-        tokens = np.fromiter(chain.from_iterable(ids for _, ids in documents), dtype=dtype, count=int(lengths.sum()))
+        lengths = np.array([0 if ids is None else len(ids) + 1 for _, ids in documents], dtype=np.int64)
+        pieces = chain.from_iterable((ids, (eos,)) for _, ids in documents if ids is not None)
+        tokens = np.fromiter(chain.from_iterable(pieces), dtype=dtype, count=int(lengths.sum()))
         keys = "".join(key.replace("\n", " ") + "\n" for key, _ in documents).encode("utf-8")
         with open(self.file(split), "ab") as f:
             f.write(tokens.tobytes())
