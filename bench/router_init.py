@@ -9,7 +9,7 @@ Run from the repository root after `make demo`:
     python -m bench.router_init --round-dir .demo/work/demo-round-2-parent-v2-<digest> --parent-dir .demo/work/registry-downloads/v2
 
 It re-runs one finished round's Stage 1 and Stage 2 from its parent, on the round's own sampled
-tokens (tokens/*.safetensors), allocation and classifier layers, once per initialisation, with
+tokens (tokens/*.json), allocation and classifier layers, once per initialisation, with
 the demo's stage settings, and prints side by side per language: held-out loss of parent and
 child, and for the new languages the share of tokens whose top expert is one of the round's new
 experts. Both variants see the same data in the same order (same seeds).
