@@ -58,6 +58,7 @@ FAULTS = textwrap.dedent(
     fault = os.environ.get("LAYERMOE_TEST_FAULT")
     if fault and os.environ.get("RANK") == "1":
         import signal
+        import torch
         from transformers import TrainerCallback
         import layermoe_core.training as training
 
@@ -65,12 +66,21 @@ FAULTS = textwrap.dedent(
 
         class Fault(TrainerCallback):
             def __init__(self, model):
-                self.model = model
+                self.model, self.starving = model, False
+                if kind == "idle":  # at step `step`, layer `layer`'s router sends every token to expert 0 alone
+                    layer, self.step = map(int, where)
+                    router = model.moe_block(layer).router
+                    route = router.forward
+
+                    def starve(tokens):
+                        logits, weights, ids = route(tokens)
+                        if self.starving:  # weight 1 on expert 0; zero-weight slots are never computed
+                            ids, weights = ids.zero_(), torch.zeros_like(weights).index_fill_(1, torch.tensor([0]), 1.0)
+                        return logits, weights, ids
+                    router.forward = starve
 
             def on_step_begin(self, args, state, control, **kwargs):
-                if kind == "idle":  # this step, one layer's new experts (and router) get no tokens on rank 1
-                    layer, step = map(int, where)
-                    self.model.moe_block(layer).route_all_to_old = state.global_step == step
+                self.starving = kind == "idle" and state.global_step == self.step
 
             def on_step_end(self, args, state, control, **kwargs):
                 if kind == "kill" and state.global_step == int(where[0]):
@@ -78,7 +88,7 @@ FAULTS = textwrap.dedent(
 
         _train = training._train
         def _train_with_fault(model, rows, objective, settings, output_dir, callbacks):
-            if kind == "kill" and not str(output_dir).endswith("stage1"):
+            if not str(output_dir).endswith("stage1"):  # faults strike Stage 1 only
                 return _train(model, rows, objective, settings, output_dir, callbacks)
             return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)])
         training._train = _train_with_fault
@@ -178,7 +188,7 @@ def test_two_process_round_registers_one_version_whose_child_matches_the_single_
 
 
 def test_a_step_where_an_expert_group_gets_no_tokens_on_one_rank_neither_hangs_nor_crashes(world, faults, tmp_path):
-    """Layer 0's new experts and router get no tokens on rank 1 at step 2 (find_unused_parameters=True, see training)."""
+    """Layer 0's new experts get no tokens on rank 1 at step 2, and tokens on rank 0."""
     faults.setenv("LAYERMOE_TEST_FAULT", "idle:0:2")
     registry = fresh_registry(world, tmp_path)
     for gradient_checkpointing in (False, True):  # transformers would turn find_unused_parameters off with checkpointing
