@@ -104,7 +104,7 @@ def cmd_demo(args) -> None:
         os.environ.setdefault(key, value)
     from .demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick)
+    run_demo(args.workdir, quick=args.quick, processes=args.processes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded-default demo: base + two lifelong rounds, all local")
     p.add_argument("--workdir", default=".demo", help="where corpus, checkpoints and the MLflow store go")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
+    p.add_argument("--processes", type=int, help="launch base training and every stage with accelerate, this many processes")
     p.set_defaults(run=cmd_demo)
     return parser
 

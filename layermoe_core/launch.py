@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -209,8 +210,12 @@ def launch(
             returncode = process.wait()
         finally:
             if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
-                os.killpg(process.pid, 9)
-                process.wait()
+                process.terminate()  # torchrun's agent passes SIGTERM on to the ranks (in sessions of their own)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
     result_path = output_dir / RESULT_NAME
     if returncode != 0 or not result_path.is_file():
         quoted = "\n".join(f"  | {line}" for line in tail)
