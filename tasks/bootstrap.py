@@ -8,8 +8,8 @@ from prefect import get_run_logger, task
 
 from layermoe_core.checkpoints import load_tokenizer
 from layermoe_core.data import CorpusSpec, load_documents, load_sequences
-from layermoe_core.launch import BaseJob, LauncherSettings, launch
 from layermoe_core.demo_base import build_base_model, demo_base_config, train_demo_tokenizer
+from layermoe_core.launch import BaseJob, LauncherSettings, launch
 from layermoe_core.offline_corpus import build_gettext_corpus
 from layermoe_core.training import TrainSettings, train_causal_lm
 

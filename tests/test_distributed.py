@@ -25,8 +25,8 @@ from layermoe_core.allocation import AllocationSettings
 from layermoe_core.checkpoints import load_model
 from layermoe_core.evaluation import EvalSettings
 from layermoe_core.gates import GateSettings
-from layermoe_core.surgery import expand, insert_classifiers
 from layermoe_core.launch import RESULT_NAME, LaunchError, LauncherSettings
+from layermoe_core.surgery import expand, insert_classifiers
 from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.register import register_base
@@ -38,10 +38,9 @@ from .test_flows import TOKENS
 
 BASE_LANGUAGES = ["en", "zh"]
 GLOBAL_BATCH = 8
-STAGE_SEED = 0  # Stage1Settings/Stage2Settings default seed
 TWO_PROCESSES = LauncherSettings(num_processes=2)
 # Stage settings of every round here; per_device_batch_size is GLOBAL_BATCH / processes.
-STAGE = dict(learning_rate=3e-3, max_steps=6, logging_steps=2, save_steps=3)
+STAGE = {"learning_rate": 3e-3, "max_steps": 6, "logging_steps": 2, "save_steps": 3}
 # Every loss here is a mean over the same number of tokens on each rank, so DDP's mean of the
 # ranks' gradients is the single process's gradient: packed rows of one length, and no balance
 # (Stage 1) or LPR (Stage 2) term, whose per-rank values are not the global batch's (the balance
@@ -174,8 +173,9 @@ def test_two_process_round_registers_one_version_whose_child_matches_the_single_
     single_summary = add_languages(round_plan(world, single, tmp_path / "work", None))
     single_child = child_weights(single, single_summary.version, tmp_path / "child")
     # The starting point both trained from: the seeded expansion and classifiers.
-    start = expand(load_model(world[2], device="cpu"), [2, 1], BASE_LANGUAGES, ["el"], seed=STAGE_SEED)
-    insert_classifiers(start, single_summary.classifier_layers, seed=STAGE_SEED)
+    stage1 = Stage1Settings(**STAGE1)
+    start = expand(load_model(world[2], device="cpu"), [2, 1], BASE_LANGUAGES, ["el"], seed=stage1.seed, router_init=stage1.router_init)
+    insert_classifiers(start, single_summary.classifier_layers, seed=Stage2Settings(**STAGE2).seed)
     start = start.state_dict()
 
     assert launched_child.keys() == single_child.keys()

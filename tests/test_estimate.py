@@ -10,7 +10,6 @@ import yaml
 from flows.cli import main
 from layermoe_core.allocation import AllocationSettings, allocate_experts
 from layermoe_core.checkpoints import load_model
-from layermoe_core.data import load_sequences
 from layermoe_core.estimate import allocation_range, estimate_round, parent_config
 from layermoe_core.launch import LauncherSettings
 from layermoe_core.surgery import expand, insert_classifiers, set_trainable
@@ -53,9 +52,10 @@ def parent_dir(request, tmp_path):
     return tmp_path / "parent"
 
 
-def estimate(parent_dir, stage1=Stage1Settings(), stage2=Stage2Settings(), launcher=None):
+def estimate(parent_dir, stage1: Stage1Settings | None = None, launcher=None):
     return estimate_round(parent_config(parent_dir), ALLOCATION, OLD, NEW, top_k=2, classifier_layers=1, seq_len=SEQ_LEN,
-                          stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS, stage1=stage1, stage2=stage2, launcher=launcher)
+                          stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS, stage1=stage1 or Stage1Settings(),
+                          stage2=Stage2Settings(), launcher=launcher)
 
 
 def test_estimate_gives_the_real_parameter_counts_and_bytes_of_a_tiny_child(parent_dir, tmp_path):
