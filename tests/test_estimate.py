@@ -128,3 +128,20 @@ def test_estimate_command_prints_the_report_for_a_plan(parent_dir, tmp_path, cap
     assert "ceil rounding puts the total in [4, 6]" in report
     assert "== 4 new experts ==" in report and "== 6 new experts ==" in report
     assert "2 process(es), DDP (replicated)" in report and "stage2: trainable" in report
+
+
+def test_estimate_of_a_second_round_counts_a_layermoe_parent_exactly(tmp_path):
+    first = expand(tiny_model("qwen2"), [1, 2, 1], ["en"], ["el"], top_k=2)
+    insert_classifiers(first, [1])
+    first.save_pretrained(tmp_path / "round1")
+    predicted = estimate_round(parent_config(tmp_path / "round1"), [1, 0, 2], ["en", "el"], ["tr"], top_k=2, classifier_layers=1,
+                               seq_len=SEQ_LEN, stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS,
+                               stage1=Stage1Settings(), stage2=Stage2Settings())
+    parent = load_model(tmp_path / "round1", device="cpu")
+    assert predicted.parent_params == sum(p.numel() for p in parent.parameters())
+    child = expand(parent, [1, 0, 2], ["en", "el"], ["tr"])
+    assert predicted.stages[0].trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+    insert_classifiers(child, [0])
+    set_trainable(child, "stage2")
+    assert predicted.total_params == sum(p.numel() for p in child.parameters())
+    assert predicted.stages[1].trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
