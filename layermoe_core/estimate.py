@@ -79,13 +79,17 @@ def _num_layers(config: PretrainedConfig) -> int:
 
 
 def allocation_range(settings: AllocationSettings, num_layers: int) -> tuple[int, int]:
-    """The fewest and most new experts the `layermoe` rule can give, whatever the similarity.
+    """The fewest and most new experts a proportional allocation can give, whatever the signal.
 
-    N_i = max(min, ceil(x_i)) with sum x_i = delta, x_i > 0: each ceil adds less than 1, so the total
-    is at least max(delta, layers * min) and at most delta + layers * max(min, 1) - 1; max_per_layer caps both.
+    rounding "exact" gives delta. "ceil": N_i = max(min, ceil(x_i)) with sum x_i = delta, x_i > 0, so
+    each ceil adds less than 1: the total is at least max(delta, layers * min) and at most
+    delta + layers * max(min, 1) - 1; max_per_layer caps both. Other mappings (minmax, threshold)
+    depend on the signal alone and are shown at delta.
     """
     low = max(settings.delta, num_layers * settings.min_per_layer)
-    high = max(low, settings.delta + num_layers * max(settings.min_per_layer, 1) - 1)
+    high = low
+    if settings.rounding == "ceil" and settings.effective_mapping == "proportional":
+        high = max(low, settings.delta + num_layers * max(settings.min_per_layer, 1) - 1)
     if settings.max_per_layer is not None:
         cap = num_layers * settings.max_per_layer
         low, high = min(low, cap), min(high, cap)
@@ -100,7 +104,7 @@ def spread(total: int, num_layers: int) -> list[int]:
 
 
 def candidate_allocations(settings: AllocationSettings, num_layers: int) -> list[list[int]]:
-    """The allocation(s) to estimate: the exact one for `uniform` and `fixed`, both ends of the range for `layermoe`."""
+    """The allocation(s) to estimate: the exact one for `uniform` and `fixed`, both ends of the range for the others."""
     if settings.method == "uniform":
         return [[settings.per_layer] * num_layers]
     if settings.method == "fixed":
@@ -252,12 +256,15 @@ def _gib(size: int) -> str:
 def format_estimate(estimates: Sequence[RoundEstimate], allocation: AllocationSettings, num_layers: int) -> str:
     """The report `layermoe estimate` prints."""
     lines = []
-    if allocation.method == "layermoe":
-        low, high = allocation_range(allocation, num_layers)
-        lines.append(f"allocation: layermoe, delta={allocation.delta} over {num_layers} layers. The similarity decides "
-                     f"the split; ceil rounding puts the total in [{low}, {high}] new experts. Both ends are shown.")
-    else:
+    if allocation.method in ("uniform", "fixed"):
         lines.append(f"allocation: {allocation.method}, {sum(estimates[0].allocation)} new experts: {estimates[0].allocation}")
+    else:
+        low, high = allocation_range(allocation, num_layers)
+        mapping, rounding = allocation.effective_mapping, allocation.rounding
+        lines.append(f"allocation: {allocation.method} ({mapping} mapping, {rounding} rounding), delta={allocation.delta} over "
+                     f"{num_layers} layers. The {allocation.method} signal decides the split"
+                     + (f"; ceil rounding puts the total in [{low}, {high}] new experts. Both ends are shown."
+                        if high != low else f"; shown at {low} new experts."))
     for estimate in estimates:
         lines += [
             "",

@@ -117,14 +117,14 @@ class Stage1Job(_Job):
 
     def run(self, callbacks) -> TrainResult:
         from .checkpoints import load_model
-        from .data import load_sequences
+        from .data import open_sequences
         from .surgery import expand
         from .training import train_stage1
 
         model = expand(load_model(self.parent_dir, device="cpu"), self.allocation, self.old_languages, self.new_languages,
                        top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
                        router_init=self.settings.router_init)
-        return train_stage1(model, load_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+        return train_stage1(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
 
 
 class Stage2Job(_Job):
@@ -139,13 +139,13 @@ class Stage2Job(_Job):
 
     def run(self, callbacks) -> TrainResult:
         from .checkpoints import load_model
-        from .data import load_sequences
+        from .data import open_sequences
         from .surgery import insert_classifiers
         from .training import train_stage2
 
         model = load_model(self.stage1_dir, device="cpu")
         insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
-        return train_stage2(model, load_sequences(self.old_tokens_path), load_sequences(self.new_tokens_path),
+        return train_stage2(model, open_sequences(self.old_tokens_path), open_sequences(self.new_tokens_path),
                             self.settings, self.output_dir, callbacks)
 
 
@@ -160,12 +160,12 @@ class BaseJob(_Job):
 
     def run(self, callbacks) -> TrainResult:
         from .checkpoints import load_tokenizer
-        from .data import load_sequences
+        from .data import open_sequences
         from .demo_base import build_base_model, demo_base_config
         from .training import train_causal_lm
 
         model = build_base_model(demo_base_config(len(load_tokenizer(self.tokenizer_dir)), self.size), self.seed)
-        return train_causal_lm(model, load_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
 
 
 TrainJob = Annotated[Stage1Job | Stage2Job | BaseJob, Field(discriminator="kind")]
