@@ -112,10 +112,10 @@ def test_layermoe_allocations_fall_within_the_stated_range_and_reach_both_ends()
     low, high = allocation_range(settings, 4)
     assert (low, high) == (8, 11)
     rng = random.Random(0)
-    totals = {sum(allocate_experts([rng.uniform(0.05, 1.0) for _ in range(4)], settings)) for _ in range(300)}
+    totals = {sum(allocate_experts([rng.uniform(0.05, 1.0) for _ in range(4)], settings).counts) for _ in range(300)}
     assert totals <= set(range(low, high + 1))
-    assert sum(allocate_experts([0.5] * 4, settings)) == low  # equal shares of 2: no rounding
-    assert sum(allocate_experts([1e3, 1e3, 1e3, 1e-3], settings)) == high  # three shares just above 0 each round up to 1
+    assert sum(allocate_experts([0.5] * 4, settings).counts) == low  # equal shares of 2: no rounding
+    assert sum(allocate_experts([1e3, 1e3, 1e3, 1e-3], settings).counts) == high  # three shares just above 0 each round up to 1
 
 
 def test_estimate_command_prints_the_report_for_a_plan(parent_dir, tmp_path, capsys):
