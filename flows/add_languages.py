@@ -138,9 +138,9 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     allocation, classifier_layers, allocation_tables, allocation_plots = plan_allocation(
         similarity, signal, plan.allocation, plan.classifier_layers, work / "plots")
     stage1 = unless_cached_output(run_stage1, work / "stage1" / "final")(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
-                        plan.stage1, work / "stage1")
+                        plan.stage1, work / "stage1", plan.launcher)
     stage2 = unless_cached_output(run_stage2, work / "stage2" / "final")(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),
-                        tokens("replay-new", new, t.stage2_tokens), plan.stage2, work / "stage2")
+                        tokens("replay-new", new, t.stage2_tokens), plan.stage2, work / "stage2", plan.launcher)
     heldout = tokens("heldout", old + new, t.eval_tokens, split="heldout")
     routing = measure_routing(stage2.model_dir, heldout, old, plan.evaluation.batch_size)
     comparison = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation)

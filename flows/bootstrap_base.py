@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from layermoe_core.data import CorpusSpec
+from layermoe_core.launch import LauncherSettings
 from layermoe_core.training import TrainSettings
 from registry.settings import RegistrySettings
 from tasks.analysis import TOKEN_STORE_DIR, sample_tokens
@@ -34,6 +35,7 @@ class BootstrapPlan(BaseModel):
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(learning_rate=1e-3, num_epochs=1, warmup_ratio=0.05))
     alias: str = "champion"
+    launcher: LauncherSettings | None = Field(None, description="train the base as an `accelerate launch` job; none: in-process")
     workdir: Path = Path(".layermoe/work")
 
 
@@ -46,7 +48,7 @@ def bootstrap_base(plan: BootstrapPlan) -> int:
         "train", plan.tokens.heldout_fraction, work / "tokens.json", plan.workdir.resolve() / TOKEN_STORE_DIR,
     )
     model_dir = unless_cached_output(train_base, work / "train" / "final")(
-        tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train"
+        tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train", plan.launcher
     )
     version = register_base_model(plan.registry, model_dir, plan.languages, plan.alias)
     get_run_logger().info("base registered as version %s with alias %s", version, plan.alias)

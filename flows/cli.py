@@ -61,6 +61,29 @@ def cmd_schedule(args) -> None:
     )
 
 
+def cmd_estimate(args) -> None:
+    from layermoe_core.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
+
+    from .plan import ExpansionPlan, load_plan
+
+    plan = load_plan(args.plan, ExpansionPlan)
+    source = args.parent_config or plan.parent.hf_path
+    if source is None:
+        raise LayerMoEError("the plan's parent is a registry version; pass --parent-config with its config.json "
+                            "(or its model directory), e.g. from `layermoe registry show`'s run artifacts")
+    config = parent_config(source)
+    old = plan.old_languages or plan.parent.languages or getattr(config, "languages", [])
+    if not old:
+        raise LayerMoEError("the plan names no old languages; set old_languages (or parent.languages) in the plan")
+    layers = getattr(config, "base_config", config).num_hidden_layers
+    t = plan.tokens
+    estimates = [estimate_round(config, allocation, old, plan.new_languages, top_k=plan.top_k,
+                                classifier_layers=plan.classifier_layers, seq_len=t.seq_len, stage1_tokens=t.stage1_tokens,
+                                stage2_tokens=t.stage2_tokens, stage1=plan.stage1, stage2=plan.stage2, launcher=plan.launcher)
+                 for allocation in candidate_allocations(plan.allocation, layers)]
+    print(format_estimate(estimates, plan.allocation, layers))
+
+
 def cmd_registry(args) -> None:
     import pandas as pd
 
@@ -97,7 +120,7 @@ def cmd_demo(args) -> None:
         os.environ.setdefault(key, value)
     from .demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick)
+    run_demo(args.workdir, quick=args.quick, processes=args.processes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="deployment name (default: the plan's name)")
     p.set_defaults(run=cmd_schedule)
 
+    p = sub.add_parser("estimate", help="parameters, child size, memory per device, tokens and steps of a plan; trains nothing")
+    p.add_argument("--plan", required=True, help="an add-languages plan")
+    p.add_argument("--parent-config", help="the parent's config.json or model directory (default: the plan's parent.hf_path)")
+    p.set_defaults(run=cmd_estimate)
+
     p = sub.add_parser("registry", help="browse registered versions")
     p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--model-name", help="registered model name (default: layermoe)")
@@ -145,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the embedded-default demo: base + two lifelong rounds, all local")
     p.add_argument("--workdir", default=".demo", help="where corpus, checkpoints and the MLflow store go")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
+    p.add_argument("--processes", type=int, help="launch base training and every stage with accelerate, this many processes")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -16,6 +16,7 @@ from layermoe_core.allocation import AllocationSettings
 from layermoe_core.data import CorpusSpec
 from layermoe_core.evaluation import EvalSettings
 from layermoe_core.gates import GateSettings
+from layermoe_core.launch import LauncherSettings
 from layermoe_core.offline_corpus import DEFAULT_PACKAGES
 from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
 from registry.settings import RegistrySettings
@@ -36,9 +37,13 @@ def demo_registry(workdir: Path) -> RegistrySettings:
                             experiment_name="layermoe-demo")
 
 
-def demo_plans(workdir: Path, corpora: dict[str, CorpusSpec], quick: bool = False) -> tuple[BootstrapPlan, LifelongPlan]:
-    """The demo's two plans; `quick` shrinks every size for a smoke test."""
+def demo_plans(
+    workdir: Path, corpora: dict[str, CorpusSpec], quick: bool = False, processes: int | None = None
+) -> tuple[BootstrapPlan, LifelongPlan]:
+    """The demo's two plans; `quick` shrinks every size for a smoke test; `processes` launches every training run
+    with that many processes (the batch sizes are per process)."""
     workdir = workdir.resolve()
+    launcher = LauncherSettings(num_processes=processes) if processes else None
     registry = demo_registry(workdir)
     scale = 0.1 if quick else 1.0
     tokens = TokenSettings(
@@ -57,6 +62,7 @@ def demo_plans(workdir: Path, corpora: dict[str, CorpusSpec], quick: bool = Fals
         train_tokens=int(250_000 * scale),
         tokens=tokens,
         train=TrainSettings(learning_rate=2e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200),
+        launcher=launcher,
         workdir=workdir / "work",
     )
     lifelong = LifelongPlan(
@@ -75,17 +81,18 @@ def demo_plans(workdir: Path, corpora: dict[str, CorpusSpec], quick: bool = Fals
         # A 1.8M-parameter base drifts more per round than a real LLM: the demo allows 0.1 nats per old language.
         evaluation=EvalSettings(batch_size=16, gates=GateSettings(max_old_loss_increase=0.1)),
         rounds=[RoundSpec(new_languages=langs) for langs in ROUNDS],
+        launcher=launcher,
         workdir=workdir / "work",
     )
     return base, lifelong
 
 
 @flow(name="demo", log_prints=True)
-def demo(workdir: Path, quick: bool = False) -> list[RoundSummary]:
+def demo(workdir: Path, quick: bool = False, processes: int | None = None) -> list[RoundSummary]:
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]
     corpus_dir = workdir.resolve() / "corpus"
     corpora = unless_cached_output(build_corpus, corpus_dir)(corpus_dir, languages, list(DEFAULT_PACKAGES))
-    base_plan, lifelong_plan = demo_plans(workdir, corpora, quick)
+    base_plan, lifelong_plan = demo_plans(workdir, corpora, quick, processes)
     bootstrap_base(base_plan)
     return lifelong_expansion(lifelong_plan)
 
@@ -104,7 +111,7 @@ def print_report(summaries: list[RoundSummary], tracking_uri: str) -> None:
           "(then open http://127.0.0.1:5000 -> Models -> layermoe-demo)")
 
 
-def run_demo(workdir: str | Path, quick: bool = False) -> list[RoundSummary]:
-    summaries = demo(Path(workdir), quick)
+def run_demo(workdir: str | Path, quick: bool = False, processes: int | None = None) -> list[RoundSummary]:
+    summaries = demo(Path(workdir), quick, processes)
     print_report(summaries, demo_registry(Path(workdir)).tracking_uri)
     return summaries

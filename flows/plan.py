@@ -17,6 +17,7 @@ from layermoe_core.allocation import AllocationSettings
 from layermoe_core.data import CorpusSpec, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import EvalSettings
+from layermoe_core.launch import LauncherSettings
 from layermoe_core.similarity import SimilarityScore
 from layermoe_core.training import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
@@ -69,6 +70,9 @@ class ExpansionSettings(_Strict):
     stage1: Stage1Settings = Field(default_factory=Stage1Settings)
     stage2: Stage2Settings = Field(default_factory=Stage2Settings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    launcher: LauncherSettings | None = Field(
+        None, description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); none: in-process"
+    )
     promote_alias: str = "champion"
     workdir: Path = Field(Path(".layermoe/work"), description="checkpoints and reports of each round")
 

@@ -411,6 +411,9 @@ def training_arguments(settings: TrainSettings, output_dir: Path) -> TrainingArg
         logging_steps=settings.logging_steps,
         dataloader_num_workers=settings.dataloader_num_workers,
         remove_unused_columns=False,  # the collator's language_labels are not a forward argument
+        # An expert group can get no tokens on one rank in a step; DDP must not wait for its gradients.
+        # transformers turns this off under checkpointing, but ours is non-reentrant, which allows it.
+        ddp_find_unused_parameters=True,
         report_to="none",
         push_to_hub=False,
         use_cpu=not on_gpu,

@@ -9,6 +9,7 @@ from prefect import get_run_logger, task
 from layermoe_core.checkpoints import load_tokenizer
 from layermoe_core.data import CorpusSpec, load_documents, open_sequences
 from layermoe_core.demo_base import build_base_model, demo_base_config, train_demo_tokenizer
+from layermoe_core.launch import BaseJob, LauncherSettings, launch
 from layermoe_core.offline_corpus import build_gettext_corpus
 from layermoe_core.training import TrainSettings, train_causal_lm
 
@@ -31,8 +32,17 @@ def train_tokenizer(corpora: dict[str, CorpusSpec], vocab_size: int, output_dir:
 
 
 @task(name="train base model", cache_policy=STEP_CACHE, persist_result=True)
-def train_base(tokenizer_dir: Path, tokens_path: Path, size: str, seed: int, settings: TrainSettings, output_dir: Path) -> Path:
+def train_base(
+    tokenizer_dir: Path, tokens_path: Path, size: str, seed: int, settings: TrainSettings, output_dir: Path,
+    launcher: LauncherSettings | None = None,
+) -> Path:
     """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
+    if launcher is not None:
+        job = BaseJob(tokenizer_dir=tokenizer_dir, size=size, seed=seed, tokens_path=tokens_path, settings=settings,
+                      output_dir=output_dir)
+        result = launch(job, launcher, progress_reporter("base", settings.max_steps).fn)
+        get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
+        return result.model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_base_model(demo_base_config(len(tokenizer), size), seed)
     result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [progress_reporter("base", settings.max_steps)])

@@ -1,6 +1,8 @@
-"""Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review)."""
+"""Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review).
 
-from __future__ import annotations
+With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_core.launch)
+and this process only waits, forwarding rank 0's metrics; without one, it trains in-process.
+"""
 
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layermoe_core.checkpoints import load_model, load_tokenizer
 from layermoe_core.data import open_sequences
+from layermoe_core.launch import LauncherSettings, Stage1Job, Stage2Job, launch
 from layermoe_core.surgery import expand, insert_classifiers
 from layermoe_core.training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
 
@@ -28,6 +31,15 @@ def progress_reporter(stage: str, max_steps: int | None) -> MetricsCallback:
     return MetricsCallback(report)
 
 
+def launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str) -> TrainResult:
+    """Run `job` under accelerate launch; a failed or killed launch fails the task with its log's tail."""
+    get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
+    result = launch(job, launcher, progress_reporter(stage, job.settings.max_steps).fn)
+    if result.resumed_from:
+        get_run_logger().info("%s resumed from %s", stage, result.resumed_from)
+    return result
+
+
 @task(name="stage 1: train new experts", cache_policy=STEP_CACHE, persist_result=True)
 def run_stage1(
     parent_dir: Path,
@@ -38,11 +50,16 @@ def run_stage1(
     tokens_path: Path,
     settings: Stage1Settings,
     output_dir: Path,
+    launcher: LauncherSettings | None = None,
 ) -> TrainResult:
     """Expand the parent with `allocation` and train this round's experts and routers on new-language text.
 
     A rerun after an interruption resumes from the last checkpoint in output_dir.
     """
+    if launcher is not None:
+        job = Stage1Job(parent_dir=parent_dir, allocation=allocation, old_languages=old_languages, new_languages=new_languages,
+                        top_k=top_k, tokens_path=tokens_path, settings=settings, output_dir=output_dir, tokenizer_dir=parent_dir)
+        return launched(job, launcher, "stage1")
     # Seeded router initialisation: the same child in any process, on any rerun.
     model = expand(load_model(parent_dir), allocation, old_languages, new_languages, top_k=top_k,
                    router_aux_loss_coef=settings.balance_loss_coef, seed=settings.seed,
@@ -60,11 +77,16 @@ def run_stage2(
     new_tokens_path: Path,
     settings: Stage2Settings,
     output_dir: Path,
+    launcher: LauncherSettings | None = None,
 ) -> TrainResult:
     """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix."""
+    get_run_logger().info("routing classifiers in layers %s", classifier_layers)
+    if launcher is not None:
+        job = Stage2Job(stage1_dir=stage1_dir, classifier_layers=classifier_layers, old_tokens_path=old_tokens_path,
+                        new_tokens_path=new_tokens_path, settings=settings, output_dir=output_dir, tokenizer_dir=stage1_dir)
+        return launched(job, launcher, "stage2")
     model = load_model(stage1_dir)
     insert_classifiers(model, classifier_layers, seed=settings.seed)
-    get_run_logger().info("routing classifiers in layers %s", classifier_layers)
     result = train_stage2(
         model, open_sequences(old_tokens_path), open_sequences(new_tokens_path), settings, output_dir,
         [progress_reporter("stage2", settings.max_steps)],

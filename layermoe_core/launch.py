@@ -1,0 +1,253 @@
+"""Training stages as `accelerate launch` jobs: one process per device, started by the flow's task.
+
+The flow process alone samples, measures, evaluates and registers; the launched ranks only
+train. A job is a JSON file (`Stage1Job`, `Stage2Job` or `BaseJob`); every rank reads it, builds
+the same seeded model, reads the same token files and trains with HF `Trainer`, which DDP, FSDP
+or DeepSpeed ZeRO distribute as accelerate's config says. Rank 0 writes the `TrainResult` to
+`<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError` with the tail of
+its log; the next launch of the same job resumes from the newest complete checkpoint.
+
+    python -m layermoe_core.launch JOB.json     # what each rank runs (under accelerate launch)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+import layermoe_core
+
+from .errors import LayerMoEError
+from .training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
+
+RESULT_NAME = "train_result.json"  # in the job's output_dir, written by rank 0
+LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output, appended per launch
+METRICS_PREFIX = "layermoe-metrics "  # a rank-0 stdout line: this prefix, then {"step": .., "metrics": {..}}
+REPO_ROOT = Path(layermoe_core.__file__).resolve().parents[1]
+
+
+class LaunchError(LayerMoEError):
+    """A launched stage exited non-zero (or was killed); the message carries the tail of its log."""
+
+
+class LauncherSettings(BaseModel):
+    """How the flow starts a training stage: `accelerate launch` with this many processes, or an accelerate config.
+
+    Without a config file, N > 1 processes run under torchrun as DDP (NCCL on GPUs, gloo on a
+    CPU-only machine), 1 process runs alone. With `config_file` (from `accelerate config`: DDP,
+    FSDP or DeepSpeed ZeRO), the file decides the strategy; `num_processes` overrides its count.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_processes: int | None = Field(None, ge=1, description="processes (devices) per stage; default the config file's, or 1")
+    config_file: Path | None = Field(None, description="an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO)")
+    log_tail_lines: int = Field(60, ge=1, description="lines of the launch log quoted when a launch fails")
+
+    @model_validator(mode="after")
+    def _config_exists(self) -> LauncherSettings:
+        if self.config_file is not None and not Path(self.config_file).is_file():
+            raise LayerMoEError(
+                f"launcher.config_file {self.config_file} does not exist; write one with `accelerate config --config_file PATH` "
+                "or drop config_file to launch plain DDP with num_processes"
+            )
+        return self
+
+    def accelerate_config(self) -> dict:
+        """The config file's settings, or {} without one."""
+        if self.config_file is None:
+            return {}
+        return yaml.safe_load(Path(self.config_file).read_text(encoding="utf-8")) or {}
+
+    @property
+    def processes(self) -> int:
+        return self.num_processes or int(self.accelerate_config().get("num_processes") or 1)
+
+    def command(self, job_path: Path) -> list[str]:
+        """The `accelerate launch` command line that runs `job_path` on every rank."""
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0"]
+        if self.config_file is not None:
+            command += ["--config_file", str(Path(self.config_file).resolve())]
+            if self.num_processes is not None:
+                command += ["--num_processes", str(self.num_processes)]
+        else:
+            # Explicit flags, so a user's default accelerate config cannot change the strategy.
+            command += ["--num_processes", str(self.processes), "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no"]  # precision is the Trainer's
+            # torchrun starts the ranks; on a CPU-only machine accelerate picks gloo (MULTI_CPU).
+            command += ["--multi_gpu"] if self.processes > 1 else ["--cpu"] if not _cuda() else []
+        return [*command, "-m", "layermoe_core.launch", str(job_path)]
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# -- jobs ------------------------------------------------------------------------------
+class _Job(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    output_dir: Path
+    tokenizer_dir: Path  # its tokenizer is saved beside the final model
+
+
+class Stage1Job(_Job):
+    """Expand the parent with `allocation` (seeded) and train this round's experts and routers."""
+
+    kind: Literal["stage1"] = "stage1"
+    parent_dir: Path
+    allocation: list[int]
+    old_languages: list[str]
+    new_languages: list[str]
+    top_k: int
+    tokens_path: Path
+    settings: Stage1Settings
+
+    def run(self, callbacks) -> TrainResult:
+        from .checkpoints import load_model
+        from .data import open_sequences
+        from .surgery import expand
+        from .training import train_stage1
+
+        model = expand(load_model(self.parent_dir, device="cpu"), self.allocation, self.old_languages, self.new_languages,
+                       top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
+                       router_init=self.settings.router_init)
+        return train_stage1(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+
+
+class Stage2Job(_Job):
+    """Insert the routing classifiers (seeded) into the Stage-1 model, then review on the replay mix."""
+
+    kind: Literal["stage2"] = "stage2"
+    stage1_dir: Path
+    classifier_layers: list[int]
+    old_tokens_path: Path
+    new_tokens_path: Path
+    settings: Stage2Settings
+
+    def run(self, callbacks) -> TrainResult:
+        from .checkpoints import load_model
+        from .data import open_sequences
+        from .surgery import insert_classifiers
+        from .training import train_stage2
+
+        model = load_model(self.stage1_dir, device="cpu")
+        insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
+        return train_stage2(model, open_sequences(self.old_tokens_path), open_sequences(self.new_tokens_path),
+                            self.settings, self.output_dir, callbacks)
+
+
+class BaseJob(_Job):
+    """The demo's dense base, built from its config with `seed`, trained on the old languages."""
+
+    kind: Literal["base"] = "base"
+    size: Literal["demo", "tiny"]
+    seed: int
+    tokens_path: Path
+    settings: TrainSettings
+
+    def run(self, callbacks) -> TrainResult:
+        from .checkpoints import load_tokenizer
+        from .data import open_sequences
+        from .demo_base import build_base_model, demo_base_config
+        from .training import train_causal_lm
+
+        model = build_base_model(demo_base_config(len(load_tokenizer(self.tokenizer_dir)), self.size), self.seed)
+        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+
+
+TrainJob = Annotated[Stage1Job | Stage2Job | BaseJob, Field(discriminator="kind")]
+_JOB = TypeAdapter(TrainJob)
+
+
+# -- the flow's side -------------------------------------------------------------------------
+def launch(
+    job: Stage1Job | Stage2Job | BaseJob,
+    launcher: LauncherSettings,
+    on_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
+) -> TrainResult:
+    """Run `job` under `accelerate launch` and return rank 0's TrainResult.
+
+    Every rank's output is appended to `<output_dir>/launch.log`; rank 0's metric lines reach
+    `on_metrics` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns
+    into the end of every rank) raises `LaunchError` with the log's tail.
+    """
+    output_dir = Path(job.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job_path = output_dir / f"{job.kind}-job.json"
+    job_path.write_text(job.model_dump_json(indent=2), encoding="utf-8")
+    (output_dir / RESULT_NAME).unlink(missing_ok=True)
+    command = launcher.command(job_path)
+    # The ranks import this very tree, whatever is installed in the environment.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=launcher.log_tail_lines)
+    log_path = output_dir / LOG_NAME
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, errors="replace", start_new_session=True)
+        try:
+            for line in process.stdout:
+                log.write(line)
+                tail.append(line.rstrip("\n"))
+                if line.startswith(METRICS_PREFIX):
+                    record = json.loads(line[len(METRICS_PREFIX):])
+                    on_metrics(record["metrics"], record["step"])
+            returncode = process.wait()
+        finally:
+            if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
+                process.terminate()  # torchrun's agent passes SIGTERM on to the ranks (in sessions of their own)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+    result_path = output_dir / RESULT_NAME
+    if returncode != 0 or not result_path.is_file():
+        quoted = "\n".join(f"  | {line}" for line in tail)
+        raise LaunchError(
+            f"the {job.kind} launch ({launcher.processes} processes) exited with code {returncode}"
+            f"{'' if returncode else ' without a result'}; last {len(tail)} lines of {log_path}:\n{quoted}\n"
+            f"Fix the cause and rerun the flow: training resumes from the newest checkpoint in {output_dir}."
+        )
+    return TrainResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+
+
+# -- the ranks' side -------------------------------------------------------------------------
+def _print_metrics(metrics: dict[str, float], step: int) -> None:
+    print(METRICS_PREFIX + json.dumps({"step": step, "metrics": metrics}), flush=True)
+
+
+def run_rank(job_path: Path) -> None:
+    """One rank of a launched job: train, then (rank 0) save the tokenizer and the result."""
+    from accelerate import PartialState
+
+    from .checkpoints import load_tokenizer
+
+    job = _JOB.validate_json(Path(job_path).read_text(encoding="utf-8"))
+    result = job.run([MetricsCallback(_print_metrics)])  # MetricsCallback reports on rank 0 only
+    if PartialState().is_main_process:
+        load_tokenizer(job.tokenizer_dir).save_pretrained(result.model_dir)
+        partial = Path(job.output_dir) / (RESULT_NAME + ".partial")
+        partial.write_text(result.model_dump_json(), encoding="utf-8")
+        partial.replace(Path(job.output_dir) / RESULT_NAME)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m layermoe_core.launch JOB.json  (run by `accelerate launch`; see layermoe_core.launch)")
+    run_rank(Path(sys.argv[1]))

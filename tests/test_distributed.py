@@ -1,0 +1,241 @@
+"""Stages launched by the flow as `accelerate launch` jobs: 2 CPU processes under torchrun, gloo.
+
+A tiny base (itself trained by a 2-process launch) gets "el" added, by the add-languages flow
+in this process; only the stages run in the launched ranks. Faults are injected into rank 1
+through a `sitecustomize` module on the ranks' PYTHONPATH (Python imports it at start-up):
+it wraps `layermoe_core.training._train` to add one TrainerCallback, and touches nothing else.
+"""
+
+import json
+import os
+import textwrap
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from prefect.testing.utilities import prefect_test_harness
+from safetensors.torch import load_file
+
+from flows.add_languages import add_languages, round_dir
+from flows.bootstrap_base import BootstrapPlan, bootstrap_base
+from flows.plan import ExpansionPlan, ParentRef
+from layermoe_core.allocation import AllocationSettings
+from layermoe_core.checkpoints import load_model
+from layermoe_core.evaluation import EvalSettings
+from layermoe_core.gates import GateSettings
+from layermoe_core.launch import RESULT_NAME, LaunchError, LauncherSettings
+from layermoe_core.surgery import expand, insert_classifiers
+from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from registry.download import download_version
+from registry.register import register_base
+from registry.settings import RegistrySettings
+from registry.versions import list_versions, promote
+
+from .synthetic_corpus import write_synthetic_corpus
+from .test_flows import TOKENS
+
+BASE_LANGUAGES = ["en", "zh"]
+GLOBAL_BATCH = 8
+TWO_PROCESSES = LauncherSettings(num_processes=2)
+# Stage settings of every round here; per_device_batch_size is GLOBAL_BATCH / processes.
+STAGE = {"learning_rate": 3e-3, "max_steps": 6, "logging_steps": 2, "save_steps": 3}
+# Every loss here is a mean over the same number of tokens on each rank, so DDP's mean of the
+# ranks' gradients is the single process's gradient: packed rows of one length, and no balance
+# (Stage 1) or LPR (Stage 2) term, whose per-rank values are not the global batch's (the balance
+# loss is a product of per-batch means, LPR a mean over a rank's old tokens). Measured with them on
+# (balance 0.01, Stage 1 alone): the update differed by up to 5% (relative L2) in one router.
+STAGE1 = dict(**STAGE, balance_loss_coef=0.0)
+STAGE2 = dict(**STAGE, lpr_coef=0.0)
+# Relative L2 difference of each trained tensor's update (child - start), 2 processes vs 1.
+# Measured on Stage 1 alone: <= 2.5e-6 (float summation order); untrained tensors are bit-identical.
+MATCH_TOLERANCE = 1e-4
+DEADLINE_S = 600.0  # a guard against a hung launch, not a timing: the idle test takes ~2 min on 2 loaded cores
+
+FAULTS = textwrap.dedent(
+    """
+    # Test-only fault injection into rank 1 of a launched stage (see tests/test_distributed.py).
+    import os
+    fault = os.environ.get("LAYERMOE_TEST_FAULT")
+    if fault and os.environ.get("RANK") == "1":
+        import signal
+        import torch
+        from transformers import TrainerCallback
+        import layermoe_core.training as training
+
+        kind, *where = fault.split(":")
+
+        class Fault(TrainerCallback):
+            def __init__(self, model):
+                self.model, self.starving = model, False
+                if kind == "idle":  # at step `step`, layer `layer`'s router sends every token to expert 0 alone
+                    layer, self.step = map(int, where)
+                    router = model.moe_block(layer).router
+                    route = router.forward
+
+                    def starve(tokens):
+                        logits, weights, ids = route(tokens)
+                        if self.starving:  # weight 1 on expert 0; zero-weight slots are never computed
+                            ids, weights = ids.zero_(), torch.zeros_like(weights).index_fill_(1, torch.tensor([0]), 1.0)
+                        return logits, weights, ids
+                    router.forward = starve
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.starving = kind == "idle" and state.global_step == self.step
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if kind == "kill" and state.global_step == int(where[0]):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        _train = training._train
+        def _train_with_fault(model, rows, objective, settings, output_dir, callbacks):
+            if not str(output_dir).endswith("stage1"):  # faults strike Stage 1 only
+                return _train(model, rows, objective, settings, output_dir, callbacks)
+            return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)])
+        training._train = _train_with_fault
+    """
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_backend():
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base trained by a 2-process launch, and the corpora."""
+    root = tmp_path_factory.mktemp("distributed")
+    corpora = write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "el", "tr", "hu"])  # as test_flows: enough held-out tokens
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
+    base = BootstrapPlan(registry=registry, corpora=corpora, languages=BASE_LANGUAGES, vocab_size=400, size="tiny",
+                         train_tokens=4_000, tokens=TOKENS, train=TrainSettings(**STAGE, per_device_batch_size=4),
+                         launcher=TWO_PROCESSES, workdir=root / "work")
+    assert bootstrap_base(base) == 1
+    base_dir = root / "work" / "base" / "train" / "final"
+    checkpoint = root / "work" / "base" / "train" / "checkpoint-3"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}  # two ranks trained it
+    return root, corpora, base_dir
+
+
+@pytest.fixture
+def faults(tmp_path, monkeypatch):
+    """Put the fault-injecting sitecustomize on the ranks' path; set LAYERMOE_TEST_FAULT to arm it."""
+    folder = tmp_path / "faults"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(FAULTS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    return monkeypatch
+
+
+def fresh_registry(world, folder: Path) -> RegistrySettings:
+    _, _, base_dir = world
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{folder}/mlflow.db", registered_model_name="tiny")
+    promote(registry, register_base(registry, base_dir, BASE_LANGUAGES).version)
+    return registry
+
+
+def round_plan(world, registry, workdir: Path, launcher: LauncherSettings | None, **stage) -> ExpansionPlan:
+    _, corpora, _ = world
+    batch = {"per_device_batch_size": GLOBAL_BATCH // (launcher.processes if launcher else 1)}
+    return ExpansionPlan(
+        name="distributed", registry=registry, corpora=corpora, tokens=TOKENS,
+        allocation=AllocationSettings(method="fixed", fixed=[2, 1]), classifier_layers=1,
+        stage1=Stage1Settings(**{**STAGE1, **batch, **stage}), stage2=Stage2Settings(**{**STAGE2, **batch, **stage}),
+        evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
+        parent=ParentRef(version=1), new_languages=["el"], launcher=launcher, workdir=workdir,
+    )
+
+
+def child_weights(registry, version: int, dest: Path) -> dict[str, torch.Tensor]:
+    return load_file(download_version(registry, version, dest).path / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def two_process_round(world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two-processes")
+    registry = fresh_registry(world, folder)
+    plan = round_plan(world, registry, folder / "work", TWO_PROCESSES)
+    summary = add_languages(plan)
+    return registry, summary, child_weights(registry, summary.version, folder / "child"), round_dir(plan, 1)
+
+
+def test_two_process_round_registers_one_version_whose_child_matches_the_single_process_child(world, two_process_round, tmp_path):
+    registry, summary, launched_child, work = two_process_round
+    assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2  # only the flow registered
+    for stage in ("stage1", "stage2"):
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (work / stage / "checkpoint-3").iterdir()}
+        assert json.loads((work / stage / RESULT_NAME).read_text())["global_step"] == STAGE["max_steps"]
+
+    single = fresh_registry(world, tmp_path)
+    single_summary = add_languages(round_plan(world, single, tmp_path / "work", None))
+    single_child = child_weights(single, single_summary.version, tmp_path / "child")
+    # The starting point both trained from: the seeded expansion and classifiers.
+    stage1 = Stage1Settings(**STAGE1)
+    start = expand(load_model(world[2], device="cpu"), [2, 1], BASE_LANGUAGES, ["el"], seed=stage1.seed, router_init=stage1.router_init)
+    insert_classifiers(start, single_summary.classifier_layers, seed=Stage2Settings(**STAGE2).seed)
+    start = start.state_dict()
+
+    assert launched_child.keys() == single_child.keys()
+    trained = [name for name in single_child if "routers" in name or "new_experts" in name]
+    assert trained and all(name in start for name in trained)
+    for name, tensor in single_child.items():
+        if name not in trained:
+            assert torch.equal(launched_child[name], tensor), name
+            continue
+        update, launched_update = tensor.float() - start[name].float(), launched_child[name].float() - start[name].float()
+        assert update.norm() > 0, name
+        assert ((launched_update - update).norm() / update.norm()).item() <= MATCH_TOLERANCE, name
+
+
+@pytest.fixture
+def hang_guard():
+    """Kill this test's launched ranks if they outlive DEADLINE_S (a hung collective), so the launch fails, not the CI."""
+    def kill_ranks():
+        for process in psutil.Process().children(recursive=True):
+            if "layermoe_core.launch" in " ".join(process.cmdline()):
+                process.kill()
+
+    timer = threading.Timer(DEADLINE_S, kill_ranks)
+    timer.start()
+    yield
+    timer.cancel()
+
+
+def test_a_step_where_an_expert_group_gets_no_tokens_on_one_rank_neither_hangs_nor_crashes(world, faults, hang_guard, tmp_path):
+    """Layer 0's new experts get no tokens on rank 1 at step 2, and tokens on rank 0."""
+    faults.setenv("LAYERMOE_TEST_FAULT", "idle:0:2")
+    registry = fresh_registry(world, tmp_path)
+    for gradient_checkpointing in (False, True):  # transformers would turn find_unused_parameters off with checkpointing
+        plan = round_plan(world, registry, tmp_path / f"work-{gradient_checkpointing}", TWO_PROCESSES,
+                          gradient_checkpointing=gradient_checkpointing, max_steps=3, save_steps=10)
+        summary = add_languages(plan)
+        result = json.loads((round_dir(plan, 1) / "stage1" / RESULT_NAME).read_text())
+        assert result["global_step"] == 3
+    assert list_versions(registry)["version"].tolist() == [1, 2, 3] and summary.version == 3
+
+
+def test_a_rank_killed_mid_stage_fails_the_round_clearly_and_the_rerun_resumes(world, two_process_round, faults, tmp_path):
+    registry = fresh_registry(world, tmp_path)
+    plan = round_plan(world, registry, tmp_path / "work", TWO_PROCESSES)
+    stage1 = round_dir(plan, 1) / "stage1"
+
+    faults.setenv("LAYERMOE_TEST_FAULT", "kill:4")  # rank 1 dies after step 4; checkpoint-3 is complete
+    with pytest.raises(LaunchError) as failure:
+        add_languages(plan)
+    message = str(failure.value)
+    assert "stage1 launch (2 processes) exited with code" in message and str(stage1 / "launch.log") in message
+    assert "Signal 9" in message or "SIGKILL" in message  # torchrun's report of the killed rank, from the log's tail
+    assert list_versions(registry)["version"].tolist() == [1]
+    assert (stage1 / "checkpoint-3" / "trainer_state.json").is_file() and not (stage1 / "final").exists()
+
+    faults.delenv("LAYERMOE_TEST_FAULT")
+    summary = add_languages(plan)
+    assert json.loads((stage1 / RESULT_NAME).read_text())["resumed_from"] == str(stage1 / "checkpoint-3")
+    assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2
+    resumed = child_weights(registry, 2, tmp_path / "child")
+    _, _, uninterrupted, _ = two_process_round
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name

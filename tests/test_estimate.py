@@ -1,0 +1,147 @@
+"""`layermoe estimate`: the sizes it predicts against a tiny model's real ones (parameters exact, bytes within 5%)."""
+
+import math
+import random
+
+import pytest
+import torch
+import yaml
+
+from flows.cli import main
+from layermoe_core.allocation import AllocationSettings, allocate_experts
+from layermoe_core.checkpoints import load_model
+from layermoe_core.estimate import allocation_range, estimate_round, parent_config
+from layermoe_core.launch import LauncherSettings
+from layermoe_core.surgery import expand, insert_classifiers, set_trainable
+from layermoe_core.training import Stage1Settings, Stage2Settings, fp32_master_weights, train_stage1
+
+from .conftest import TINY, tiny_model
+
+ALLOCATION = [2, 0, 1]  # a dense layer in the middle
+OLD, NEW = ["en", "zh"], ["el"]
+SEQ_LEN, STAGE1_TOKENS, STAGE2_TOKENS = 16, 1_000, 400
+BYTES_TOLERANCE = 0.05
+
+
+def within(predicted: int, real: int) -> bool:
+    return abs(predicted - real) <= BYTES_TOLERANCE * real
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def real_memory(model) -> tuple[int, int, int]:
+    """Weights, gradients and AdamW state of `model` as training holds them, after one real step."""
+    fp32_master_weights(model)
+    model.train()
+    batch = torch.randint(0, TINY["vocab_size"], (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    output = model(input_ids=batch, labels=batch)
+    (output.loss + sum(logits.mean() for logits in output.classifier_logits or ())).backward()  # as Stage 2's classifier loss
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    optimizer.step()
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return nbytes(model.parameters()), nbytes(p.grad for p in trainable), nbytes(state)
+
+
+@pytest.fixture(params=[("qwen2", torch.float32), ("llama", torch.bfloat16)], ids=["qwen2-fp32", "llama-bf16"])
+def parent_dir(request, tmp_path):
+    family, dtype = request.param
+    tiny_model(family).to(dtype).save_pretrained(tmp_path / "parent")
+    return tmp_path / "parent"
+
+
+def estimate(parent_dir, stage1: Stage1Settings | None = None, launcher=None):
+    return estimate_round(parent_config(parent_dir), ALLOCATION, OLD, NEW, top_k=2, classifier_layers=1, seq_len=SEQ_LEN,
+                          stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS, stage1=stage1 or Stage1Settings(),
+                          stage2=Stage2Settings(), launcher=launcher)
+
+
+def test_estimate_gives_the_real_parameter_counts_and_bytes_of_a_tiny_child(parent_dir, tmp_path):
+    predicted = estimate(parent_dir)
+    stage1, stage2 = predicted.stages
+
+    parent = load_model(parent_dir, device="cpu")
+    assert predicted.parent_params == sum(p.numel() for p in parent.parameters())
+    child = expand(parent, ALLOCATION, OLD, NEW, top_k=2)
+    assert stage1.trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+    weights, grads, optimizer = real_memory(child)
+    assert within(stage1.weights_bytes, weights) and within(stage1.grads_bytes, grads) and within(stage1.optimizer_bytes, optimizer)
+    child.save_pretrained(tmp_path / "stage1")  # as Stage 1 leaves it: in the parent's dtype
+
+    child = load_model(tmp_path / "stage1", device="cpu")
+    insert_classifiers(child, [0])
+    set_trainable(child, "stage2")
+    assert predicted.total_params == sum(p.numel() for p in child.parameters())
+    assert predicted.added_params == predicted.total_params - predicted.parent_params
+    assert stage2.trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+    child.save_pretrained(tmp_path / "child")
+    assert within(predicted.child_bytes, (tmp_path / "child" / "model.safetensors").stat().st_size)
+    weights, grads, optimizer = real_memory(child)
+    assert within(stage2.weights_bytes, weights) and within(stage2.grads_bytes, grads) and within(stage2.optimizer_bytes, optimizer)
+
+
+def test_estimated_steps_and_tokens_per_step_are_the_trainers(parent_dir, tmp_path):
+    settings = Stage1Settings(num_epochs=1.5, per_device_batch_size=4, gradient_accumulation_steps=2, save_steps=100)
+    (stage1, _) = estimate(parent_dir, stage1=settings).stages
+    assert stage1.sequences == STAGE1_TOKENS // SEQ_LEN
+    assert stage1.tokens_per_step == 4 * 2 * SEQ_LEN
+    rows = {"el": torch.randint(0, TINY["vocab_size"], (stage1.sequences, SEQ_LEN), generator=torch.Generator().manual_seed(0))}
+    model = expand(load_model(parent_dir, device="cpu"), ALLOCATION, OLD, NEW, top_k=2)
+    assert train_stage1(model, rows, settings, tmp_path / "stage1").global_step == stage1.steps
+
+
+def test_sharded_launchers_divide_what_they_shard(parent_dir, tmp_path):
+    replicated = estimate(parent_dir, launcher=LauncherSettings(num_processes=4)).stages[0]
+    for distributed, sharded in [
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD"}}, {"weights", "grads", "optimizer"}),
+        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}, {"grads", "optimizer"}),
+        ({"distributed_type": "MULTI_GPU"}, set()),
+    ]:
+        config = tmp_path / "accelerate.yaml"
+        config.write_text(yaml.safe_dump({**distributed, "num_processes": 4}))
+        stage = estimate(parent_dir, launcher=LauncherSettings(config_file=config)).stages[0]
+        for what in ("weights", "grads", "optimizer"):
+            full = getattr(replicated, f"{what}_bytes")
+            assert getattr(stage, f"{what}_bytes") == (math.ceil(full / 4) if what in sharded else full), (distributed, what)
+
+
+def test_layermoe_allocations_fall_within_the_stated_range_and_reach_both_ends():
+    settings = AllocationSettings(method="layermoe", delta=8)
+    low, high = allocation_range(settings, 4)
+    assert (low, high) == (8, 11)
+    rng = random.Random(0)
+    totals = {sum(allocate_experts([rng.uniform(0.05, 1.0) for _ in range(4)], settings).counts) for _ in range(300)}
+    assert totals <= set(range(low, high + 1))
+    assert sum(allocate_experts([0.5] * 4, settings).counts) == low  # equal shares of 2: no rounding
+    assert sum(allocate_experts([1e3, 1e3, 1e3, 1e-3], settings).counts) == high  # three shares just above 0 each round up to 1
+
+
+def test_estimate_command_prints_the_report_for_a_plan(parent_dir, tmp_path, capsys):
+    plan = {"corpora": {lang: {"path": f"{lang}.txt"} for lang in OLD + NEW}, "new_languages": NEW,
+            "parent": {"hf_path": str(parent_dir), "languages": OLD},
+            "allocation": {"method": "layermoe", "delta": 4}, "launcher": {"num_processes": 2}}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    assert main(["estimate", "--plan", str(tmp_path / "plan.yaml")]) == 0
+    report = capsys.readouterr().out
+    assert "ceil rounding puts the total in [4, 6]" in report
+    assert "== 4 new experts ==" in report and "== 6 new experts ==" in report
+    assert "2 process(es), DDP (replicated)" in report and "stage2: trainable" in report
+
+
+def test_estimate_of_a_second_round_counts_a_layermoe_parent_exactly(tmp_path):
+    first = expand(tiny_model("qwen2"), [1, 2, 1], ["en"], ["el"], top_k=2)
+    insert_classifiers(first, [1])
+    first.save_pretrained(tmp_path / "round1")
+    predicted = estimate_round(parent_config(tmp_path / "round1"), [1, 0, 2], ["en", "el"], ["tr"], top_k=2, classifier_layers=1,
+                               seq_len=SEQ_LEN, stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS,
+                               stage1=Stage1Settings(), stage2=Stage2Settings())
+    parent = load_model(tmp_path / "round1", device="cpu")
+    assert predicted.parent_params == sum(p.numel() for p in parent.parameters())
+    child = expand(parent, [1, 0, 2], ["en", "el"], ["tr"])
+    assert predicted.stages[0].trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+    insert_classifiers(child, [0])
+    set_trainable(child, "stage2")
+    assert predicted.total_params == sum(p.numel() for p in child.parameters())
+    assert predicted.stages[1].trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
