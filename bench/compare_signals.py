@@ -7,7 +7,7 @@ token budget, the base's training included), then runs
 `compare` for round el/hu/tr with the variants layermoe, uniform, neuron, param_delta,
 late_layers and no_classifier, with the demo's Stage-1/2 settings and delta 6 on equal
 budgets. It prints the variants table as markdown and writes it to WORKDIR/variants.csv and
-.md, the per-variant allocation signals to WORKDIR/signals.md. Everything is local: an
+.md (each variant's signal table is registered with its version). Everything is local: an
 ephemeral Prefect in WORKDIR/prefect and a sqlite MLflow store in WORKDIR/mlflow.db.
 """
 
@@ -47,7 +47,7 @@ def main() -> None:
     from flows.plan import ParentRef
     from layermoe_core.data import CorpusSpec
     from layermoe_core.offline_corpus import DEFAULT_PACKAGES, build_gettext_corpus
-    from registry.versions import list_versions, show_version
+    from registry.versions import list_versions
 
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]  # all nine, as the demo's tokenizer
     start = time.perf_counter()
@@ -78,15 +78,9 @@ def main() -> None:
     for column in shown.columns:
         if column.startswith(("old_drift", "new_gain", "loss_delta")):
             shown[column] = shown[column].map(lambda v: f"{v:+.3f}")
-    markdown = shown.to_markdown(index=False)
+    markdown = shown.to_markdown(index=False, disable_numparse=True)
     (workdir / "variants.md").write_text(markdown + "\n")
     print(markdown)
-    signals = []
-    for name in plan.variants:
-        info = show_version(plan.registry, f"compare-{name.replace('_', '-')}")
-        signals.append(f"- {name}: allocation {info['allocation']}")
-    (workdir / "signals.md").write_text("\n".join(signals) + "\n")
-    print("\n".join(signals))
 
 
 if __name__ == "__main__":
