@@ -98,6 +98,7 @@ def exclusive_round(work: Path) -> Iterator[None]:
 @flow(name="add-languages", log_prints=True)
 def add_languages(plan: ExpansionPlan) -> RoundSummary:
     parent = fetch_parent(plan)
+    plan.check_parent_model(parent.path)
     work = round_dir(plan, parent.version)
     with exclusive_round(work):
         return run_round(plan, parent, work)
@@ -116,7 +117,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
 
     similarity = measure_similarity(parent.path, tokens("analysis", old + new, t.analysis_tokens, parallel="auto"),
                                     old, new, plan.similarity_score, plan.similarity_batch_size)
-    allocation, classifier_layers = plan_allocation(similarity, plan.allocation, plan.classifier_layers)
+    allocation, classifier_layers = plan_allocation(similarity, plan.allocation, plan.classifier_layer_count)
     stage1 = unless_cached_output(run_stage1, work / "stage1" / "final")(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
                         plan.stage1, work / "stage1")
     stage2 = unless_cached_output(run_stage2, work / "stage2" / "final")(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),

@@ -43,7 +43,7 @@ def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan
         "uniform": {"allocation": AllocationSettings(method="uniform", per_layer=per_layer).model_dump()},
     }
     if plan.ablate_classifier:
-        overrides["no-classifier"] = {"classifier_layers": 0}
+        overrides["no-classifier"] = {"classifier_layer_count": 0}
     return {
         name: ExpansionPlan.model_validate({**shared, **change, "name": f"{plan.name}-{name}", "promote_alias": f"compare-{name}"})
         for name, change in overrides.items()

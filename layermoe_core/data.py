@@ -96,6 +96,12 @@ def _builder_and_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+def check_corpus_source(spec: CorpusSpec) -> None:
+    """A local corpus exists, has one supported format and is not empty; a hub corpus is checked when it loads."""
+    if spec.path is not None:
+        _builder_and_files(spec.path)
+
+
 def load_documents(spec: CorpusSpec) -> datasets.Dataset:
     """The corpus as a `datasets.Dataset` with a "text" column and, when it has ids, an "id" column."""
     if spec.hub_name is not None:
