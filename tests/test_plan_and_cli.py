@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -139,3 +140,122 @@ def test_lifelong_plan_against_a_registry_parent_refuses_languages_it_knows(tmp_
     plan = LifelongPlan.model_validate(yaml.safe_load(lifelong_text([["el"], ["hu"]]).replace("hf_path: base", "alias: champion")))
     with pytest.raises(LayerMoEError, match=r"rounds add languages \['hu'\] that the parent already knows"):
         plan.check_parent_languages(["en", "hu"])
+
+
+def save_tiny_parent(directory: Path, **expand_settings) -> Path:
+    """A tiny Llama with the test tokenizer: dense, or (with expand_settings) a LayerMoE round-1 child."""
+    from layermoe_core import expand
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64))
+    if expand_settings:
+        model = expand(model, [1, 1], ["en"], ["el"], **expand_settings)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def round_plan_file(root: Path, parent_dir: Path, **changes) -> Path:
+    corpora = write_synthetic_corpus(root / "corpus", ["en", "el", "hu"])
+    plan = {"parent": {"hf_path": str(parent_dir), "languages": ["en", "el"]}, "new_languages": ["hu"],
+            "corpora": {code: {"path": str(spec.path)} for code, spec in corpora.items()},
+            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
+            "tokens": {"seq_len": 16, "analysis_tokens": 500, "stage1_tokens": 2000, "stage2_tokens": 500, "eval_tokens": 500},
+            "allocation": {"method": "uniform", "per_layer": 1}, "workdir": str(root / "work"), **changes}
+    path = root / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def own_prefect_home(tmp_path, monkeypatch) -> Path:
+    """The CLI's child process inherits it: an early error must leave it without a Prefect database."""
+    home = tmp_path / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    return home
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({}, r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"),
+    ({"top_k": 1, "stage1": {"balance_loss_coef": 0.05}}, r"stage1.balance_loss_coef=0.05 differs from the parent's value 0.01"),
+])
+def test_settings_a_layermoe_parent_fixes_are_checked_before_prefect_starts(tmp_path, own_prefect_home, capfd, changes, message):
+    parent = save_tiny_parent(tmp_path / "parent", top_k=1)
+    plan = round_plan_file(tmp_path, parent, **changes)
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert re.search(message, line) and not (own_prefect_home / "prefect.db").exists()
+
+
+def test_expand_applies_the_same_rule_to_a_layermoe_parent(tmp_path):
+    from layermoe_core import expand
+    from layermoe_core.checkpoints import load_model
+
+    parent = load_model(save_tiny_parent(tmp_path / "parent", top_k=1), device="cpu")
+    with pytest.raises(LayerMoEError, match=r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"):
+        expand(parent, [1, 1], ["en", "el"], ["hu"], top_k=2)
+
+
+def test_an_empty_corpus_is_reported_before_prefect_starts(tmp_path, own_prefect_home, capfd):
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "parent"))
+    (tmp_path / "corpus" / "hu.jsonl").write_text("")
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    assert "hu.jsonl' is empty" in capfd.readouterr().err and not (own_prefect_home / "prefect.db").exists()
+
+
+def test_an_empty_plan_file_is_reported(tmp_path, capfd):
+    (tmp_path / "plan.yaml").write_text("# nothing yet\n")
+    assert main(["lifelong", "--plan", str(tmp_path / "plan.yaml")]) == 2
+    assert "is empty; write a plan" in capfd.readouterr().err
+
+
+def test_a_registry_parent_that_does_not_resolve_is_reported_before_prefect_starts(tmp_path, own_prefect_home, capfd):
+    plan = round_plan_file(tmp_path, tmp_path, parent={"alias": "champion"})
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    assert "registered model 'tiny' does not exist" in capfd.readouterr().err
+    assert not (own_prefect_home / "prefect.db").exists()
+
+
+# -- an instant CLI ---------------------------------------------------------------------
+HEAVY_MODULES = ("torch", "transformers", "mlflow", "prefect", "pandas", "datasets")
+
+
+def modules_loaded_by(code: str) -> list[str]:
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    return eval(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["registry", "--help"], ["add-languages", "--help"], ["registry", "list", "--help"]])
+def test_cli_help_imports_no_heavy_library(argv):
+    assert modules_loaded_by(f"from flows.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass") == []
+
+
+def test_layermoe_errors_imports_no_heavy_library():
+    assert modules_loaded_by("from layermoe_core.errors import LayerMoEError\nimport layermoe_core") == []
+
+
+def test_a_model_name_from_layermoe_core_registers_the_auto_classes():
+    assert modules_loaded_by(
+        "import layermoe_core\nfrom transformers import AutoConfig\nconfig_class = layermoe_core.LayerMoEConfig\n"
+        "assert type(AutoConfig.for_model('layermoe')) is config_class"
+    ) == ["torch", "transformers"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tracking-uri", "URI", "--model-name", "NAME", "registry", "list"],
+    ["registry", "--tracking-uri", "URI", "list", "--model-name", "NAME"],
+    ["registry", "list", "--tracking-uri", "URI", "--model-name", "NAME"],
+])
+def test_global_options_go_before_or_after_the_subcommand(argv):
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.tracking_uri, args.model_name, args.registry_command) == ("URI", "NAME", "list")
+
+
+def test_registry_list_uses_options_given_after_the_subcommand(tmp_path, capsys):
+    assert main(["registry", "list", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--model-name", "nothere"]) == 2
+    assert "registered model 'nothere' does not exist at sqlite:///" in capsys.readouterr().err
