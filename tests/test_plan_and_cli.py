@@ -259,3 +259,72 @@ def test_global_options_go_before_or_after_the_subcommand(argv):
 def test_registry_list_uses_options_given_after_the_subcommand(tmp_path, capsys):
     assert main(["registry", "list", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--model-name", "nothere"]) == 2
     assert "registered model 'nothere' does not exist at sqlite:///" in capsys.readouterr().err
+
+
+# -- a form a person can fill in --------------------------------------------------------
+PLAN_FORM_MODELS = ("ExpansionPlan", "LifelongPlan", "ParentRef", "TokenSettings", "RoundSpec", "CorpusSpec", "RegistrySettings")
+
+
+def flow_form(flow) -> dict:
+    """The parameter schema Prefect stores with a deployment and renders as the custom-run form."""
+    from prefect.utilities.callables import parameter_schema
+
+    return parameter_schema(flow).model_dump(mode="json")
+
+
+def form_fields(schema: dict):
+    """(model, field, property) for every field of the plan's own models; a $ref'd model's title and description
+    replace the field's, as in Prefect's form."""
+    definitions = schema["definitions"]
+    for model in PLAN_FORM_MODELS:
+        for field, prop in definitions.get(model, {}).get("properties", {}).items():
+            referenced = definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {}
+            yield model, field, {**prop, **referenced}
+
+
+def test_the_run_form_lists_what_a_user_sets_first():
+    from flows.add_languages import add_languages
+    from flows.lifelong_expansion import lifelong_expansion
+
+    add, lifelong = flow_form(add_languages)["definitions"], flow_form(lifelong_expansion)["definitions"]
+    assert list(add["ExpansionPlan"]["properties"])[:5] == ["parent", "new_languages", "old_languages", "corpora", "allocation"]
+    assert list(lifelong["LifelongPlan"]["properties"])[:4] == ["parent", "rounds", "corpora", "allocation"]
+    assert list(add["ParentRef"]["properties"])[:3] == ["hf_path", "alias", "version"]
+
+
+def test_every_plan_field_in_the_run_form_has_a_title_and_a_description_and_says_what_empty_means():
+    from flows.add_languages import add_languages
+    from flows.lifelong_expansion import lifelong_expansion
+
+    for flow in (add_languages, lifelong_expansion):
+        fields = list(form_fields(flow_form(flow)))
+        assert len(fields) > 30
+        for model, field, prop in fields:
+            assert prop.get("title") and prop.get("description"), f"{model}.{field} lacks a title or description"
+            if "anyOf" in prop and prop.get("default", "unset") is None:
+                assert re.search(r"\b(empty|none)\b", prop["description"], re.IGNORECASE), f"{model}.{field}: what does empty mean?"
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
+    """SIGINT to the CLI's process group, as a terminal's Ctrl-C sends it, while Stage 1 trains."""
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "base"),
+                           stage1={"max_steps": 100_000, "save_steps": 1, "per_device_batch_size": 2, "logging_steps": 1})
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)], cwd=REPO_ROOT, env=env,
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + PROCESS_DEADLINE_S
+    while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
+        assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
+        time.sleep(0.2)
+    os.killpg(cli.pid, signal.SIGINT)
+    _, err = cli.communicate(timeout=PROCESS_DEADLINE_S)
+
+    assert cli.returncode == 130 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"layermoe: interrupted in task 'stage 1[^']*' of flow run '[^']+'; the run is marked Crashed\. "
+                        r"Rerun the same command to resume: .*", last), last
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
+        assert ("CRASHED",) in db.execute("select state_type from task_run").fetchall()
