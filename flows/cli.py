@@ -136,16 +136,16 @@ class Interrupted(Exception):
 
 def _interruptible(run_flow, plan_or_workdir):
     """Run a flow so that Ctrl-C ends it as Crashed on Prefect's server, with one line instead of tracebacks."""
-    stopped_in: list[str] = []
+    stopped: list[str] = []  # where the Ctrl-C came, once it came
 
     def interrupt(signum, frame):
-        if stopped_in:  # a second Ctrl-C while the run records its end: stop now
+        if stopped:  # a second Ctrl-C while the run records its end: stop now
             os._exit(INTERRUPTED_EXIT_CODE)
         from prefect.context import FlowRunContext, TaskRunContext
 
         task, flow = TaskRunContext.get(), FlowRunContext.get()
-        stopped_in.append(f"task {task.task_run.name!r} of " if task else "")
-        stopped_in.append(f"flow run {flow.flow_run.name!r}" if flow else "before the flow run started")
+        where = f"flow run {flow.flow_run.name!r}" if flow else "the flow, before its run started"
+        stopped.append(f"task {task.task_run.name!r} of {where}" if task else where)
         _silence_console_logs()
         raise KeyboardInterrupt
 
@@ -153,10 +153,10 @@ def _interruptible(run_flow, plan_or_workdir):
     try:
         return run_flow(plan_or_workdir)
     except KeyboardInterrupt:
-        workdir = getattr(plan_or_workdir, "workdir", plan_or_workdir)
+        workdir = Path(getattr(plan_or_workdir, "workdir", plan_or_workdir)).resolve()
         raise Interrupted(
-            f"interrupted in {''.join(stopped_in)}; the run is marked Crashed. Rerun the same command to resume: "
-            f"finished steps and checkpoints under {Path(workdir).resolve()} are reused"
+            f"interrupted in {stopped[0] if stopped else 'the flow'}; the run is marked Crashed. Rerun the same command "
+            f"to resume: finished steps and checkpoints under {workdir} are reused"
         ) from None
 
 
@@ -183,21 +183,20 @@ def run_flow_in_child(argv: Sequence[str]) -> int:
     def forward(signum, frame):
         child.send_signal(signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, forward)
-    return child.wait()
-
-
-def add_global_options(parser: argparse.ArgumentParser) -> None:
-    """Options every command takes, before or after its name; SUPPRESS keeps a subcommand from resetting a value
-    given before it."""
-    parser.add_argument("--tracking-uri", default=argparse.SUPPRESS,
-                        help="MLflow URI (default: the plan's, or $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)")
-    parser.add_argument("--model-name", default=argparse.SUPPRESS, help="registered model name (default: the plan's, or layermoe)")
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    add_global_options(parser)
+    """Options every command takes, before or after its name, added to the parser and every subparser (commands
+    added later get them too). SUPPRESS keeps a subcommand from resetting a value given before it."""
+    parser.add_argument("--tracking-uri", default=argparse.SUPPRESS,
+                        help="MLflow URI (default: the plan's, or $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--model-name", default=argparse.SUPPRESS, help="registered model name (default: the plan's, or layermoe)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in action.choices.values():

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.allocation import AllocationSettings
+from layermoe_core.configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES, LayerMoEConfig
 from layermoe_core.data import CorpusSpec, check_corpus_source, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import EvalSettings
@@ -30,7 +31,7 @@ RENAMED_KEYS = {
 }
 REMOVED_PARENT_KEYS = {
     "trust_remote_code": "`parent.trust_remote_code` is gone: layermoe expands only architectures that transformers "
-                         "implements itself (llama, qwen2, qwen3, mistral) and never runs a model's own code; "
+                         f"implements itself ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and never runs a model's own code; "
                          "remove the key",
 }
 
@@ -130,8 +131,6 @@ class ExpansionSettings(_Strict):
     def check_parent_model(self, model_dir: Path) -> None:
         """A LayerMoE parent fixes top_k and the balance-loss coefficient: a plan that differs fails here,
         before anything trains, by the rule `expand` applies."""
-        from layermoe_core.configuration_layermoe import LayerMoEConfig
-
         if json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type") != "layermoe":
             return
         parent = LayerMoEConfig.from_pretrained(model_dir)
