@@ -15,7 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.allocation import AllocationSettings
-from layermoe_core.configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES, LayerMoEConfig
+from layermoe_core.configuration_layermoe import (
+    SUPPORTED_BASE_MODEL_TYPES,
+    LayerMoEConfig,
+)
 from layermoe_core.data import CorpusSpec, check_corpus_source, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import EvalSettings

@@ -29,4 +29,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LayerMoEError", *_LAZY]
+__all__ = ["LayerMoEError", *_LAZY]  # noqa: PLE0604  (the lazy names are strings)

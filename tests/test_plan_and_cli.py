@@ -1,7 +1,6 @@
 """Plans are validated at the edge, and the CLI turns bad input into one clear line and exit code 2."""
 
 import glob
-import json
 import os
 import re
 import signal
