@@ -261,6 +261,9 @@ def _run_command(args) -> int:
     except Interrupted as stop:
         print(f"layermoe: {stop}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:  # outside a flow run (plan checks, registry commands): nothing to resume
+        print("layermoe: interrupted (no flow run had started)", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 def _exit_without_teardown(exit_code: list[int]) -> None:
