@@ -163,8 +163,6 @@ class ExpansionPlan(ExpansionSettings):
         overlap = sorted(set(self.old_languages) & set(self.new_languages))
         if overlap:
             raise ValueError(f"languages {overlap} are both old and new; a round adds languages the parent lacks")
-        if self.parent.hf_path is not None:
-            self.check_parent_languages(self.parent.languages)
         self.check_corpora(self.old_languages + self.new_languages)
         return self
 
@@ -245,10 +243,13 @@ def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> None:
     for spec in plan.corpora.values():
         check_corpus_source(spec)
     if plan.parent.hf_path is None:
-        plan.check_parent_languages(show_version(plan.registry, plan.parent.ref).get("languages") or [])
-        return
-    plan.check_parent_model(check_model_dir(plan.parent.hf_path))
-    open_client(plan.registry)
+        known = show_version(plan.registry, plan.parent.ref).get("languages") or []
+    else:
+        _check_codes(plan.parent.languages)
+        plan.check_parent_model(check_model_dir(plan.parent.hf_path))
+        open_client(plan.registry)
+        known = plan.parent.languages
+    plan.check_parent_languages(known)
 
 
 def load_plan(path: str | Path, kind: type[BaseModel]):
