@@ -79,9 +79,11 @@ def cmd_lifelong(args) -> int | None:
 def cmd_compare(args) -> int | None:
     if not _flow_runs_here():
         return run_flow_in_child(args.argv)
-    from .compare import ComparePlan
+    from .compare import ComparePlan, with_variants
 
     plan = _plan(args, ComparePlan)
+    if args.variants:
+        plan = with_variants(plan, args.variants.split(","))
     from .compare import compare
 
     print(_interruptible(compare, plan).to_string(index=False))
@@ -216,8 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.set_defaults(run=cmd_lifelong)
 
-    p = sub.add_parser("compare", help="LayerMoE vs the uniform MoE-LPR baseline vs no classifier, same parent and data")
-    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with uniform_budget_factor")
+    p = sub.add_parser("compare", help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data")
+    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with variants and uniform_budget_factor")
+    p.add_argument("--variants", help="comma-separated, e.g. layermoe,uniform,neuron,param_delta,late_layers,no_classifier "
+                                      "(default: the plan's `variants`)")
     p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")
