@@ -311,17 +311,21 @@ def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
                            stage1={"max_steps": 100_000, "save_steps": 1, "per_device_batch_size": 2, "logging_steps": 1})
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
     env.pop("PREFECT_API_URL", None)
-    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)], cwd=REPO_ROOT, env=env,
-                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + PROCESS_DEADLINE_S
-    while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
-        assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
-        time.sleep(0.2)
-    os.killpg(cli.pid, signal.SIGINT)
-    _, err = cli.communicate(timeout=PROCESS_DEADLINE_S)
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)], cwd=REPO_ROOT,
+                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + PROCESS_DEADLINE_S
+        while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
+            assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
+            time.sleep(0.2)
+        before_ctrl_c = stderr_path.stat().st_size
+        os.killpg(cli.pid, signal.SIGINT)
+        cli.wait(timeout=PROCESS_DEADLINE_S)
+    after_ctrl_c = stderr_path.read_bytes()[before_ctrl_c:].decode("utf-8", errors="replace")
 
-    assert cli.returncode == 130 and "Traceback" not in err
-    last = err.strip().splitlines()[-1]
+    assert cli.returncode == 130 and "Traceback" not in after_ctrl_c and "Error" not in after_ctrl_c, after_ctrl_c
+    last = after_ctrl_c.strip().splitlines()[-1]
     assert re.fullmatch(r"layermoe: interrupted in task 'stage 1[^']*' of flow run '[^']+'; the run is marked Crashed\. "
                         r"Rerun the same command to resume: .*", last), last
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
