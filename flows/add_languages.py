@@ -115,6 +115,7 @@ def exclusive_round(work: Path) -> Iterator[None]:
 @flow(name="add-languages", log_prints=True)
 def add_languages(plan: ExpansionPlan) -> RoundSummary:
     parent = fetch_parent(plan)
+    plan.check_parent_model(parent.path)
     work = round_dir(plan, parent.version)
     with exclusive_round(work):
         return run_round(plan, parent, work)
@@ -136,7 +137,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     similarity = measure_similarity(parent.path, analysis, old, new, plan.similarity_score, plan.similarity_batch_size)
     signal = measure_allocation_signal(parent.path, analysis, old, new, plan.allocation, plan.similarity_batch_size)
     allocation, classifier_layers, allocation_tables, allocation_plots = plan_allocation(
-        similarity, signal, plan.allocation, plan.classifier_layers, work / "plots")
+        similarity, signal, plan.allocation, plan.classifier_layer_count, work / "plots")
     stage1 = unless_cached_output(run_stage1, work / "stage1" / "final")(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
                         plan.stage1, work / "stage1", plan.launcher)
     stage2 = unless_cached_output(run_stage2, work / "stage2" / "final")(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),

@@ -1,49 +1,92 @@
-"""`layermoe`: the command line over the flows and the registry."""
+"""`layermoe`: the command line over the flows and the registry.
 
-from __future__ import annotations
+It starts instantly: this module imports only the standard library and `layermoe_core.errors`;
+each command imports what it needs. A training command runs in a child process of its own
+session (see run_flow_in_child), which checks the plan's inputs before Prefect starts.
+"""
 
 import argparse
+import atexit
 import json
+import logging
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from layermoe_core.errors import LayerMoEError
 
+FLOW_CHILD_ENV = "LAYERMOE_CLI_FLOW_CHILD"  # set in the child process that runs a training command's flow
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+
+
+def _registry_overrides(args) -> dict[str, str]:
+    given = {"tracking_uri": getattr(args, "tracking_uri", None), "registered_model_name": getattr(args, "model_name", None)}
+    return {key: value for key, value in given.items() if value}
+
 
 def _registry_settings(args):
     from registry.settings import RegistrySettings
 
-    overrides = {k: v for k, v in {"tracking_uri": args.tracking_uri, "registered_model_name": args.model_name}.items() if v}
-    return RegistrySettings(**overrides)
+    return RegistrySettings(**_registry_overrides(args))
 
 
-def cmd_add_languages(args) -> None:
+def _plan(args, kind):
+    """The plan, with --tracking-uri / --model-name applied, and its inputs checked before Prefect starts."""
+    from registry.settings import RegistrySettings
+
+    from .plan import check_plan_inputs, load_plan
+
+    plan = load_plan(args.plan, kind)
+    if _registry_overrides(args):
+        plan = plan.model_copy(update={"registry": RegistrySettings(**{**plan.registry.model_dump(), **_registry_overrides(args)})})
+    check_plan_inputs(plan)
+    return plan
+
+
+def _flow_runs_here() -> bool:
+    """False in the process a user started: it hands a training command to a child (run_flow_in_child)."""
+    return bool(os.environ.get(FLOW_CHILD_ENV))
+
+
+def cmd_add_languages(args) -> int | None:
+    if not _flow_runs_here():
+        return run_flow_in_child(args.argv)
+    from .plan import ExpansionPlan
+
+    plan = _plan(args, ExpansionPlan)
     from .add_languages import add_languages
-    from .plan import ExpansionPlan, load_plan
 
-    summary = add_languages(load_plan(args.plan, ExpansionPlan))
+    summary = _interruptible(add_languages, plan)
     print(summary.table().to_string(index=False))
 
 
-def cmd_lifelong(args) -> None:
-    from .lifelong_expansion import lifelong_expansion
-    from .plan import LifelongPlan, load_plan
+def cmd_lifelong(args) -> int | None:
+    if not _flow_runs_here():
+        return run_flow_in_child(args.argv)
+    from .plan import LifelongPlan
 
-    for summary in lifelong_expansion(load_plan(args.plan, LifelongPlan)):
+    plan = _plan(args, LifelongPlan)
+    from .lifelong_expansion import lifelong_expansion
+
+    for summary in _interruptible(lifelong_expansion, plan):
         print(f"\nversion {summary.version} (parent {summary.parent_version}, promoted={summary.promoted})")
         print(summary.table().to_string(index=False))
 
 
-def cmd_compare(args) -> None:
-    from .compare import ComparePlan, compare, with_variants
-    from .plan import load_plan
+def cmd_compare(args) -> int | None:
+    if not _flow_runs_here():
+        return run_flow_in_child(args.argv)
+    from .compare import ComparePlan, with_variants
 
-    plan = load_plan(args.plan, ComparePlan)
+    plan = _plan(args, ComparePlan)
     if args.variants:
         plan = with_variants(plan, args.variants.split(","))
-    print(compare(plan).to_string(index=False))
+    from .compare import compare
+
+    print(_interruptible(compare, plan).to_string(index=False))
 
 
 def cmd_schedule(args) -> None:
@@ -78,7 +121,7 @@ def cmd_estimate(args) -> None:
     layers = getattr(config, "base_config", config).num_hidden_layers
     t = plan.tokens
     estimates = [estimate_round(config, allocation, old, plan.new_languages, top_k=plan.top_k,
-                                classifier_layers=plan.classifier_layers, seq_len=t.seq_len, stage1_tokens=t.stage1_tokens,
+                                classifier_layers=plan.classifier_layer_count, seq_len=t.seq_len, stage1_tokens=t.stage1_tokens,
                                 stage2_tokens=t.stage2_tokens, stage1=plan.stage1, stage2=plan.stage2, launcher=plan.launcher)
                  for allocation in candidate_allocations(plan.allocation, layers)]
     print(format_estimate(estimates, plan.allocation, layers))
@@ -110,7 +153,9 @@ def cmd_registry(args) -> None:
         print(f"version {info.version} now holds the alias {args.alias!r} (aliases: {', '.join(info.aliases)})")
 
 
-def cmd_demo(args) -> None:
+def cmd_demo(args) -> int | None:
+    if not _flow_runs_here():
+        return run_flow_in_child(args.argv)
     # The demo is self-contained: its Prefect state lives beside its MLflow store, telemetry off.
     workdir = Path(args.workdir).resolve()
     (workdir / "prefect").mkdir(parents=True, exist_ok=True)
@@ -120,7 +165,81 @@ def cmd_demo(args) -> None:
         os.environ.setdefault(key, value)
     from .demo import run_demo
 
-    run_demo(args.workdir, quick=args.quick, processes=args.processes)
+    _interruptible(lambda workdir: run_demo(workdir, quick=args.quick, processes=args.processes), Path(args.workdir))
+
+
+class Interrupted(Exception):
+    """A training flow stopped by Ctrl-C; the message says where and how to resume."""
+
+
+def _interruptible(run_flow, plan_or_workdir):
+    """Run a flow so that Ctrl-C ends it as Crashed on Prefect's server, with one line instead of tracebacks."""
+    stopped: list[str] = []  # where the Ctrl-C came, once it came
+
+    def interrupt(signum, frame):
+        if stopped:  # a second Ctrl-C while the run records its end: stop now
+            os._exit(INTERRUPTED_EXIT_CODE)
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        task, flow = TaskRunContext.get(), FlowRunContext.get()
+        where = f"flow run {flow.flow_run.name!r}" if flow else "the flow, before its run started"
+        stopped.append(f"task {task.task_run.name!r} of {where}" if task else where)
+        _silence_console_logs()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        return run_flow(plan_or_workdir)
+    except KeyboardInterrupt:
+        workdir = Path(getattr(plan_or_workdir, "workdir", plan_or_workdir)).resolve()
+        raise Interrupted(
+            f"interrupted in {stopped[0] if stopped else 'the flow'}; the run is marked Crashed. Rerun the same command "
+            f"to resume: finished steps and checkpoints under {workdir} are reused"
+        ) from None
+
+
+def _silence_console_logs() -> None:
+    """After Ctrl-C, Prefect's crash reports and server shutdown would print tracebacks: the one line says it all."""
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.CRITICAL + 1)
+
+
+def run_flow_in_child(argv: Sequence[str]) -> int:
+    """Run this command again in a child process in its own session; pass Ctrl-C (and SIGTERM) on to it.
+
+    A terminal Ctrl-C goes to every process of the foreground group. Prefect's temporary API server is
+    a child of the process running the flow, so in one process the Ctrl-C stopped the server before the
+    run could record its end (it stayed Running, after minutes of connection retries). Here only this
+    process, which imports nothing heavy, gets it: the child's run ends Crashed and it prints one line.
+    """
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env={**os.environ, FLOW_CHILD_ENV: "1"},
+                             start_new_session=True)
+
+    def forward(signum, frame):
+        child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name, added to the parser and every subparser (commands
+    added later get them too). SUPPRESS keeps a subcommand from resetting a value given before it."""
+    parser.add_argument("--tracking-uri", default=argparse.SUPPRESS,
+                        help="MLflow URI (default: the plan's, or $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--model-name", default=argparse.SUPPRESS, help="registered model name (default: the plan's, or layermoe)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _with_global_options(subparser)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_estimate)
 
     p = sub.add_parser("registry", help="browse registered versions")
-    p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
-    p.add_argument("--model-name", help="registered model name (default: layermoe)")
     reg = p.add_subparsers(dest="registry_command", required=True)
     reg.add_parser("list", help="every version: aliases, lineage, gate verdict, worst old-language drift, new-language gain")
     show = reg.add_parser("show", help="one version: tags, metrics, lineage")
@@ -175,17 +292,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     p.add_argument("--processes", type=int, help="launch base training and every stage with accelerate, this many processes")
     p.set_defaults(run=cmd_demo)
-    return parser
+    return _with_global_options(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    exit_code = [1]  # an uncaught exception exits 1
+    if _flow_runs_here():
+        atexit.register(_exit_without_teardown, exit_code)  # first registered, so it runs last
+    exit_code[0] = _run_command(args)
+    return exit_code[0]
+
+
+def _run_command(args) -> int:
     try:
-        args.run(args)
+        return args.run(args) or 0
     except LayerMoEError as error:
         print(f"layermoe: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    except Interrupted as stop:
+        print(f"layermoe: {stop}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:  # outside a flow run (plan checks, registry commands): nothing to resume
+        print("layermoe: interrupted (no flow run had started)", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+
+
+def _exit_without_teardown(exit_code: list[int]) -> None:
+    """End the flow child once every other exit handler (Prefect's server shutdown included) has run.
+
+    Tearing down the torch/transformers/mlflow modules takes 5-15 s on a loaded machine, and nothing
+    is left for it to do: the run's state is recorded and files are closed.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code[0])
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan
     for name in plan.variants:
         change = {"allocation": variant_allocation(plan, name, num_layers).model_dump()}
         if name == "no_classifier":
-            change["classifier_layers"] = 0
+            change["classifier_layer_count"] = 0
         alias = f"compare-{name.replace('_', '-')}"
         plans[name] = ExpansionPlan.model_validate({**shared, **change, "name": f"{plan.name}-{alias[8:]}", "promote_alias": alias})
     return plans

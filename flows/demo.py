@@ -73,7 +73,7 @@ def demo_plans(
         # A barely trained quick base can show negative similarity in a layer: floor it there.
         allocation=AllocationSettings(method="layermoe", delta=6, clamp_similarity=1e-2 if quick else None),
         top_k=2,
-        classifier_layers=2,
+        classifier_layer_count=2,
         stage1=Stage1Settings(learning_rate=1e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200),
         # The demo's replay is small (16k tokens a language), so the review steps harder than the reference's 0.1s.
         stage2=Stage2Settings(learning_rate=3e-3, num_epochs=3, per_device_batch_size=16, lpr_coef=0.5, classifier_coef=0.5,

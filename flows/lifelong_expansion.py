@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from .add_languages import RoundSummary, add_languages
-from .plan import LifelongPlan, ParentRef
+from .plan import LifelongPlan, ParentRef, check_plan_inputs
 
 
 @flow(name="lifelong-expansion", log_prints=True)
@@ -15,6 +15,7 @@ def lifelong_expansion(plan: LifelongPlan) -> list[RoundSummary]:
     Each round's old languages are all the languages of its parent, so the model keeps
     accumulating languages; a rejected round leaves the alias, and the next round's parent, unchanged.
     """
+    check_plan_inputs(plan)  # the whole plan, before round 1 trains
     summaries = []
     for index in range(len(plan.rounds)):
         parent = plan.parent if index == 0 else ParentRef(alias=plan.promote_alias)

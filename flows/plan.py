@@ -2,25 +2,61 @@
 
 Each plan is validated once, here at the edge, and composes the settings models of the
 library (`layermoe_core`) and of the registry. Unknown keys are errors, so a typo in a
-plan never silently falls back to a default.
+plan never silently falls back to a default. The same models are the Prefect UI's run form,
+so every field has a title and a description, and the form lists first what a user sets first.
 """
 
-from __future__ import annotations
-
+import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.allocation import AllocationSettings
-from layermoe_core.data import CorpusSpec, validate_language_code
+from layermoe_core.configuration_layermoe import (
+    SUPPORTED_BASE_MODEL_TYPES,
+    LayerMoEConfig,
+)
+from layermoe_core.data import CorpusSpec, check_corpus_source, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import EvalSettings
 from layermoe_core.launch import LauncherSettings
 from layermoe_core.similarity import SimilarityScore
+from layermoe_core.surgery import check_same_as_parent
 from layermoe_core.training import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
+
+# Keys a plan used to have: each names what replaced it, so an old plan fails with the fix.
+RENAMED_KEYS = {
+    "classifier_layers": "`classifier_layers` is now `classifier_layer_count` (it is a count K: classifiers go "
+                         "to the K most similar layers); rename the key",
+}
+REMOVED_PARENT_KEYS = {
+    "trust_remote_code": "`parent.trust_remote_code` is gone: layermoe expands only architectures that transformers "
+                         f"implements itself ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and never runs a model's own code; "
+                         "remove the key",
+}
+
+
+def _refuse_old_keys(data: Any, old_keys: dict[str, str]) -> Any:
+    if isinstance(data, dict):
+        for key, fix in old_keys.items():
+            if key in data:
+                raise ValueError(fix)
+    return data
+
+
+def form_first(*names: str):
+    """A `json_schema_extra` that lists `names` first in the Prefect form, the other fields after in their order."""
+
+    def reorder(schema: dict[str, Any]) -> None:
+        properties = schema.get("properties", {})
+        first = [name for name in names if name in properties]
+        schema["properties"] = {name: properties[name] for name in [*first, *(n for n in properties if n not in first)]}
+
+    return reorder
 
 
 class _Strict(BaseModel):
@@ -33,50 +69,65 @@ class ParentRef(_Strict):
     An HF directory is registered as version 1 (round 0) of the registered model first.
     """
 
-    alias: str | None = "champion"
-    version: int | None = Field(None, ge=1)
-    hf_path: Path | None = Field(None, description="a local HF model directory for the first round")
-    languages: list[str] = Field(default_factory=list, description="with hf_path: the languages that model already knows")
-    trust_remote_code: bool = Field(False, description="only for hf_path models that need it; off by default")
+    model_config = ConfigDict(title="Parent model", json_schema_extra=form_first("hf_path", "alias", "version", "languages"))
+
+    alias: str = Field("champion", title="Registry alias", description="start from the registry version holding this alias (used when version and hf_path are empty)")
+    version: int | None = Field(None, ge=1, title="Registry version", description="start from this version number instead of the alias; empty: use the alias")
+    hf_path: Path | None = Field(None, title="HF model directory", description="a local HF model directory (save_pretrained) for the first round; it is registered as version 1 first. Empty: start from the registry")
+    languages: list[str] = Field(default_factory=list, title="Languages of the HF model", description="with hf_path: the language codes that model already knows, e.g. [en, zh]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        return _refuse_old_keys(data, REMOVED_PARENT_KEYS)
 
     @property
     def ref(self) -> int | str:
-        return self.version if self.version is not None else (self.alias or "champion")
+        return self.version if self.version is not None else self.alias
 
 
 class TokenSettings(_Strict):
     """How many tokens of each language each step samples (packed into seq_len rows)."""
 
-    seq_len: int = Field(128, ge=8)
-    analysis_tokens: int = Field(100_000, ge=1, description="per language, for layer similarity (reference: ~100k)")
-    stage1_tokens: int = Field(200_000, ge=1, description="per new language, Stage-1 training")
-    stage2_tokens: int = Field(20_000, ge=1, description="per language, the Stage-2 replay (old and new)")
-    eval_tokens: int = Field(20_000, ge=1, description="per language, held-out evaluation")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="share of documents kept out of training")
-    seed: int = 0
+    model_config = ConfigDict(title="Token budgets")
+
+    seq_len: int = Field(128, ge=8, title="Sequence length", description="tokens per packed training row, >= 8")
+    analysis_tokens: int = Field(100_000, ge=1, title="Analysis tokens", description="per language, for layer similarity (reference: ~100k)")
+    stage1_tokens: int = Field(200_000, ge=1, title="Stage-1 tokens", description="per new language, Stage-1 training")
+    stage2_tokens: int = Field(20_000, ge=1, title="Stage-2 tokens", description="per language, the Stage-2 replay (old and new)")
+    eval_tokens: int = Field(20_000, ge=1, title="Evaluation tokens", description="per language, held-out evaluation")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, title="Held-out fraction", description="share of documents kept out of training")
+    seed: int = Field(0, title="Sampling seed", description="seed of document sampling and the held-out split")
 
 
 class ExpansionSettings(_Strict):
     """Everything a round needs besides its languages: shared by every round of a lifelong plan."""
 
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
-    corpora: dict[str, CorpusSpec]
-    tokens: TokenSettings = Field(default_factory=TokenSettings)
-    similarity_score: SimilarityScore = "mean"
-    similarity_batch_size: int = Field(8, ge=1)
-    allocation: AllocationSettings = Field(default_factory=AllocationSettings)
-    top_k: int = Field(2, ge=1)
-    classifier_layers: int = Field(2, ge=0, description="K: routing classifiers go to the K most similar layers")
-    stage1: Stage1Settings = Field(default_factory=Stage1Settings)
-    stage2: Stage2Settings = Field(default_factory=Stage2Settings)
-    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings, title="Registry", description="the MLflow store that holds the versions")
+    corpora: dict[str, CorpusSpec] = Field(
+        title="Corpora", description="one corpus per language code, old and new languages alike, e.g. "
+        "{\"el\": {\"path\": \"corpus/el.jsonl\"}}; paths are relative to the plan file")
+    tokens: TokenSettings = Field(default_factory=TokenSettings, title="Token budgets", description="tokens sampled per language for each step")
+    similarity_score: SimilarityScore = Field("mean", title="Similarity score", description="how a layer's old/new hidden-state similarity is summarised")
+    similarity_batch_size: int = Field(8, ge=1, title="Similarity batch size", description="sequences per forward pass while measuring similarity")
+    allocation: AllocationSettings = Field(default_factory=AllocationSettings, title="Expert budget", description="how many new experts, and in which layers")
+    top_k: int = Field(2, ge=1, title="Experts per token (top_k)", description="set in the first round; a LayerMoE parent's value must be kept")
+    classifier_layer_count: int = Field(2, ge=0, title="Classifier layer count", description="K: routing classifiers go to the K most similar layers")
+    stage1: Stage1Settings = Field(default_factory=Stage1Settings, title="Stage 1", description="training of the new experts and routers on the new languages")
+    stage2: Stage2Settings = Field(default_factory=Stage2Settings, title="Stage 2", description="the review: classifiers and routers on a replay of old and new languages")
+    evaluation: EvalSettings = Field(default_factory=EvalSettings, title="Evaluation", description="held-out parent-vs-child evaluation and the promotion gate")
     launcher: LauncherSettings | None = Field(
-        None, description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); none: in-process"
+        None, title="Launcher", description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process"
     )
-    promote_alias: str = "champion"
-    workdir: Path = Field(Path(".layermoe/work"), description="checkpoints and reports of each round")
+    promote_alias: str = Field("champion", title="Alias to promote", description="the alias a child that passes the gate takes")
+    workdir: Path = Field(Path(".layermoe/work"), title="Work directory", description="checkpoints and reports of each round")
 
-    def check_corpora(self, languages: list[str]) -> None:
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return _refuse_old_keys(data, RENAMED_KEYS)
+
+    def check_corpora(self, languages: Iterable[str]) -> None:
         missing = [lang for lang in languages if lang not in self.corpora]
         if missing:
             raise LayerMoEError(
@@ -84,42 +135,92 @@ class ExpansionSettings(_Strict):
                 f"(corpora given: {sorted(self.corpora)})"
             )
 
+    def check_parent_model(self, model_dir: Path) -> None:
+        """A LayerMoE parent fixes top_k and the balance-loss coefficient: a plan that differs fails here,
+        before anything trains, by the rule `expand` applies."""
+        if json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type") != "layermoe":
+            return
+        parent = LayerMoEConfig.from_pretrained(model_dir)
+        check_same_as_parent("top_k", self.top_k, parent.num_experts_per_tok)
+        check_same_as_parent("stage1.balance_loss_coef", self.stage1.balance_loss_coef, parent.router_aux_loss_coef)
+
+
+def _check_codes(codes: Iterable[str]) -> None:
+    for code in codes:
+        validate_language_code(code)
+
 
 class ExpansionPlan(ExpansionSettings):
     """One "add languages" round. `old_languages` defaults to the parent version's languages."""
 
-    name: str = "add-languages"
-    parent: ParentRef = Field(default_factory=ParentRef)
-    old_languages: list[str] = Field(default_factory=list)
-    new_languages: list[str] = Field(min_length=1)
+    model_config = ConfigDict(title="Add-languages plan",
+                              json_schema_extra=form_first("parent", "new_languages", "old_languages", "corpora", "allocation"))
+
+    name: str = Field("add-languages", title="Plan name", description="names the round's folder and its runs")
+    parent: ParentRef = Field(default_factory=ParentRef, title="Parent model", description="the version this round starts from")
+    old_languages: list[str] = Field(default_factory=list, title="Old languages", description="languages the parent knows; empty: the parent's own list")
+    new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds, e.g. [el, hu]")
 
     @model_validator(mode="after")
-    def _languages(self) -> ExpansionPlan:
-        for code in self.old_languages + self.new_languages:
-            validate_language_code(code)
+    def _languages(self) -> "ExpansionPlan":
+        _check_codes(self.old_languages + self.new_languages)
         overlap = sorted(set(self.old_languages) & set(self.new_languages))
         if overlap:
             raise ValueError(f"languages {overlap} are both old and new; a round adds languages the parent lacks")
         self.check_corpora(self.old_languages + self.new_languages)
         return self
 
+    def check_parent_languages(self, known: list[str]) -> None:
+        """Against the parent's own languages (the plan's list, or the registry's once it answers)."""
+        already = sorted(set(self.new_languages) & set(known))
+        if already:
+            raise LayerMoEError(f"new languages {already} are already in the parent (it knows {known}); drop them from new_languages")
+        self.check_corpora(self.old_languages or known)
+
 
 class RoundSpec(_Strict):
-    new_languages: list[str] = Field(min_length=1)
-    allocation: AllocationSettings | None = Field(None, description="overrides the plan's allocation for this round")
+    model_config = ConfigDict(title="Round")
+
+    new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds")
+    allocation: AllocationSettings | None = Field(None, title="Expert budget of this round", description="overrides the plan's allocation for this round; empty: the plan's")
 
 
 class LifelongPlan(ExpansionSettings):
-    """Rounds run in order; each reads the newest `champion` and treats every language so far as old."""
+    """Rounds run in order; each reads the newest `champion` and treats every language so far as old.
 
-    name: str = "lifelong"
-    parent: ParentRef = Field(default_factory=ParentRef)
-    rounds: list[RoundSpec] = Field(min_length=1)
+    The whole plan is checked before round 1 trains: every round's codes, no language added twice or
+    already in the parent, a corpus for every language.
+    """
+
+    model_config = ConfigDict(title="Lifelong plan", json_schema_extra=form_first("parent", "rounds", "corpora", "allocation"))
+
+    name: str = Field("lifelong", title="Plan name", description="names the rounds' folders and runs")
+    parent: ParentRef = Field(default_factory=ParentRef, title="Parent model", description="where round 1 starts; later rounds start from the promoted alias")
+    rounds: list[RoundSpec] = Field(min_length=1, title="Rounds", description="the languages each round adds, in order")
 
     @model_validator(mode="after")
-    def _languages(self) -> LifelongPlan:
-        self.check_corpora([lang for spec in self.rounds for lang in spec.new_languages])
+    def _languages(self) -> "LifelongPlan":
+        added_by = {code: "the parent" for code in self.parent.languages}
+        repeated = []
+        for number, spec in enumerate(self.rounds, start=1):
+            _check_codes(spec.new_languages)
+            for code in spec.new_languages:
+                if code in added_by:
+                    repeated.append(f"{code!r} in round {number} (already in {added_by[code]})")
+                added_by.setdefault(code, f"round {number}")
+        if repeated:
+            raise ValueError(f"languages repeat: {'; '.join(repeated)}; each language is added once, by one round")
+        if self.parent.hf_path is not None and not self.parent.languages:
+            raise ValueError("an hf_path parent needs `parent.languages`: the languages that model already knows")
+        self.check_corpora(added_by)
         return self
+
+    def check_parent_languages(self, known: list[str]) -> None:
+        """Against a registry parent's languages, known once the registry answers."""
+        already = sorted({code for spec in self.rounds for code in spec.new_languages} & set(known))
+        if already:
+            raise LayerMoEError(f"rounds add languages {already} that the parent already knows ({known}); drop them")
+        self.check_corpora(known)
 
     def round_plan(self, index: int, old_languages: list[str], parent: ParentRef) -> ExpansionPlan:
         spec = self.rounds[index]
@@ -135,15 +236,39 @@ class LifelongPlan(ExpansionSettings):
 PlanKind = Literal["add-languages", "lifelong"]
 
 
+def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> None:
+    """The checks that need no model and no Prefect, run before either starts: corpus files exist and are
+    not empty, the parent resolves (a model directory, or a registry version), the registry answers, and
+    the plan fits the parent's languages, top_k and balance-loss coefficient as far as they are known."""
+    from layermoe_core.checkpoints import check_model_dir
+    from registry.client import open_client
+    from registry.versions import show_version
+
+    for spec in plan.corpora.values():
+        check_corpus_source(spec)
+    if plan.parent.hf_path is None:
+        known = show_version(plan.registry, plan.parent.ref).get("languages") or []
+    else:
+        _check_codes(plan.parent.languages)
+        plan.check_parent_model(check_model_dir(plan.parent.hf_path))
+        open_client(plan.registry)
+        known = plan.parent.languages
+    plan.check_parent_languages(known)
+
+
 def load_plan(path: str | Path, kind: type[BaseModel]):
     """Read and validate a YAML plan; every problem is reported with its key path."""
     path = Path(path)
     if not path.is_file():
         raise LayerMoEError(f"plan file {path} does not exist; pass --plan with a YAML plan (see plans/ for examples)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise LayerMoEError(f"plan {path} is not valid YAML: {e}") from e
+    if raw is None:
+        raise LayerMoEError(f"plan {path} is empty; write a plan (see plans/ for examples)")
+    if not isinstance(raw, dict):
+        raise LayerMoEError(f"plan {path} is a YAML {type(raw).__name__}, not a mapping of plan keys (see plans/ for examples)")
     base = path.parent
     for spec in (raw.get("corpora") or {}).values():  # corpus paths are relative to the plan file
         if isinstance(spec, dict) and spec.get("path") and not Path(spec["path"]).is_absolute():

@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 import datasets
 import numpy as np
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -58,21 +58,17 @@ LanguageCode = Annotated[str, AfterValidator(validate_language_code)]
 class CorpusSpec(BaseModel):
     """Where one language's documents come from: exactly one of `path` or `hub_name`.
 
-    `path`: a .txt file (one document per line), a .jsonl/.json or .parquet file, or a
-    directory of files of one such format. `hub_name`/`hub_config`/`hub_split`: a `datasets`
-    hub dataset (needs hub access). `text_field` names the text column of json/parquet/hub
-    data. `id_field` names a column of document ids shared across languages (parallel
-    corpora); data without that column simply has no ids.
+    Data without the `id_field` column simply has no ids.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path | None = None
-    hub_name: str | None = None
-    hub_config: str | None = None
-    hub_split: str = "train"
-    text_field: str = "text"
-    id_field: str | None = "id"
+    path: Path | None = Field(None, description="a local .txt (one document per line), .jsonl/.json or .parquet file, or a folder of one format; empty: use hub_name")
+    hub_name: str | None = Field(None, description="a datasets hub dataset, e.g. uonlp/CulturaX (needs hub access); empty: use path")
+    hub_config: str | None = Field(None, description="the hub dataset's config, e.g. el; empty: its default")
+    hub_split: str = Field("train", description="the hub dataset's split")
+    text_field: str = Field("text", description="the text column of json/parquet/hub data")
+    id_field: str | None = Field("id", description="a column of document ids shared across languages (parallel corpora); empty: no ids")
 
     @model_validator(mode="after")
     def _one_source(self) -> CorpusSpec:
@@ -100,6 +96,12 @@ def _builder_and_files(path: Path) -> tuple[str, list[str]]:
     if all(p.stat().st_size == 0 for p in files):
         raise LayerMoEError(f"corpus {str(path)!r} is empty; give it at least one document")
     return builders.pop(), [str(p) for p in files]
+
+
+def check_corpus_source(spec: CorpusSpec) -> None:
+    """A local corpus exists, has one supported format and is not empty; a hub corpus is checked when it loads."""
+    if spec.path is not None:
+        _builder_and_files(spec.path)
 
 
 def load_documents(spec: CorpusSpec) -> datasets.Dataset:

@@ -60,11 +60,13 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _same_as_parent(name: str, given: float | None, parent_value: float) -> None:
+def check_same_as_parent(name: str, given: float | None, parent_value: float) -> None:
+    """The one rule for settings a LayerMoE parent fixes (top_k, the balance-loss coefficient): `expand` and the
+    plan check (before anything trains) both call it, `name` being what the caller calls the setting."""
     if given is not None and given != parent_value:
         raise LayerMoEError(
-            f"{name}={given} differs from the parent's {name}={parent_value}; a lifelong round keeps the parent's "
-            f"value (the parent's routers were trained with it). Set {name} to {parent_value} or leave it unset"
+            f"{name}={given} differs from the parent's value {parent_value}; a lifelong round keeps the parent's "
+            f"value (the parent's routers were trained with it). Set {name} to {parent_value}"
         )
 
 
@@ -88,8 +90,8 @@ def expand(
     """
     if isinstance(model, LayerMoEForCausalLM):
         wrapped = model
-        _same_as_parent("top_k", top_k, wrapped.config.num_experts_per_tok)
-        _same_as_parent("router_aux_loss_coef", router_aux_loss_coef, wrapped.config.router_aux_loss_coef)
+        check_same_as_parent("top_k", top_k, wrapped.config.num_experts_per_tok)
+        check_same_as_parent("router_aux_loss_coef", router_aux_loss_coef, wrapped.config.router_aux_loss_coef)
         top_k = wrapped.config.num_experts_per_tok
     else:
         check_supported(model)

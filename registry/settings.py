@@ -34,8 +34,8 @@ class RegistrySettings(BaseModel):
         default_factory=_tracking_uri_from_env,
         description="MLflow tracking and registry URI: sqlite:///path.db, http(s)://server, or a database URI.",
     )
-    registered_model_name: str = "layermoe"
-    experiment_name: str = "layermoe"
+    registered_model_name: str = Field("layermoe", description="The registered model whose versions the rounds add.")
+    experiment_name: str = Field("layermoe", description="The MLflow experiment that holds each round's run.")
     artifact_location: str | None = Field(
         default=None,
         description="Artifact root of a new experiment. None: <sqlite dir>/artifacts, or the server's default.",

@@ -53,7 +53,7 @@ def world(tmp_path_factory):
 
 def lifelong_plan(root, corpora, registry, rounds) -> LifelongPlan:
     return LifelongPlan(
-        registry=registry, corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layers=1,
+        registry=registry, corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1,
         stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**FAST),
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
         rounds=[RoundSpec(new_languages=r) for r in rounds], workdir=root / "work",

@@ -1,12 +1,28 @@
 """Plans are validated at the edge, and the CLI turns bad input into one clear line and exit code 2."""
 
-from __future__ import annotations
+import glob
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from flows.cli import main
 from flows.plan import ExpansionPlan, LifelongPlan, load_plan
 from layermoe_core.errors import LayerMoEError
+
+from .synthetic_corpus import write_synthetic_corpus
+from .tiny_tokenizer import tiny_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROCESS_DEADLINE_S = 600.0  # a guard against a hung child process, not a timing
 
 PLAN = """
 new_languages: [el]
@@ -62,17 +78,256 @@ def test_lifelong_round_inherits_shared_settings_and_may_override_allocation(tmp
     assert round_plan.corpora == plan.corpora and round_plan.name == "lifelong-round-1"
 
 
-def test_cli_reports_a_missing_plan_file_in_one_line(tmp_path, capsys):
+# Training commands run in a child process (see flows.cli.run_flow_in_child): capfd sees its output.
+def test_cli_reports_a_missing_plan_file_in_one_line(tmp_path, capfd):
     assert main(["add-languages", "--plan", str(tmp_path / "nope.yaml")]) == 2
-    assert "plan file" in capsys.readouterr().err
+    assert "plan file" in capfd.readouterr().err
 
 
-def test_cli_reports_an_invalid_plan(tmp_path, capsys):
+def test_cli_reports_an_invalid_plan(tmp_path, capfd):
     assert main(["lifelong", "--plan", str(write(tmp_path, PLAN))]) == 2  # a round plan is not a lifelong plan
-    assert "rounds: Field required" in capsys.readouterr().err
+    assert "rounds: Field required" in capfd.readouterr().err
 
 
 def test_cli_schedule_needs_cron_or_interval(tmp_path, capsys):
     text = PLAN.replace("new_languages: [el]", "rounds: [{new_languages: [el]}]")
     assert main(["schedule", "--plan", str(write(tmp_path, text))]) == 2
     assert "--cron" in capsys.readouterr().err
+
+
+# -- the plan means what it says ----------------------------------------------------------
+def test_old_classifier_layers_key_names_its_new_name(tmp_path):
+    with pytest.raises(LayerMoEError, match=r"`classifier_layers` is now `classifier_layer_count` \(it is a count K"):
+        load_plan(write(tmp_path, PLAN + "classifier_layers: 1\n"), ExpansionPlan)
+    assert load_plan(write(tmp_path, PLAN + "classifier_layer_count: 3\n"), ExpansionPlan).classifier_layer_count == 3
+
+
+def test_parent_trust_remote_code_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(LayerMoEError, match=r"parent: .*`parent.trust_remote_code` is gone: .*never runs a model's own code"):
+        load_plan(write(tmp_path, PLAN + "parent: {alias: champion, trust_remote_code: true}\n"), ExpansionPlan)
+
+
+def lifelong_text(rounds: list[list[str]], parent_languages=("en",), corpora=("en", "el", "hu")) -> str:
+    return yaml.safe_dump({
+        "parent": {"hf_path": "base", "languages": list(parent_languages)},
+        "corpora": {code: {"path": "el.txt"} for code in corpora},
+        "rounds": [{"new_languages": languages} for languages in rounds],
+    })
+
+
+BAD_LIFELONG = {
+    "language in two rounds": ([["el"], ["el", "hu"]], r"languages repeat: 'el' in round 2 \(already in round 1\)"),
+    "language already in the parent": ([["el"], ["en"]], r"languages repeat: 'en' in round 2 \(already in the parent\)"),
+    "bad code in a later round": ([["el"], ["greek"]], r"bad language code 'greek'"),
+    "later round without a corpus": ([["el"], ["tr"]], r"languages \['tr'\] have no corpus"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LIFELONG)
+def test_lifelong_plan_is_checked_whole_before_round_one(tmp_path, case):
+    rounds, message = BAD_LIFELONG[case]
+    with pytest.raises(LayerMoEError, match=message):
+        load_plan(write(tmp_path, lifelong_text(rounds)), LifelongPlan)
+
+
+def test_lifelong_plan_needs_a_corpus_for_the_parents_languages_too(tmp_path):
+    with pytest.raises(LayerMoEError, match=r"languages \['en'\] have no corpus"):
+        load_plan(write(tmp_path, lifelong_text([["el"]], corpora=("el",))), LifelongPlan)
+
+
+def test_lifelong_plan_against_a_registry_parent_refuses_languages_it_knows(tmp_path):
+    plan = LifelongPlan.model_validate(yaml.safe_load(lifelong_text([["el"], ["hu"]]).replace("hf_path: base", "alias: champion")))
+    with pytest.raises(LayerMoEError, match=r"rounds add languages \['hu'\] that the parent already knows"):
+        plan.check_parent_languages(["en", "hu"])
+
+
+def save_tiny_parent(directory: Path, **expand_settings) -> Path:
+    """A tiny Llama with the test tokenizer: dense, or (with expand_settings) a LayerMoE round-1 child."""
+    from layermoe_core import expand
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64))
+    if expand_settings:
+        model = expand(model, [1, 1], ["en"], ["el"], **expand_settings)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def round_plan_file(root: Path, parent_dir: Path, **changes) -> Path:
+    corpora = write_synthetic_corpus(root / "corpus", ["en", "el", "hu"])
+    plan = {"parent": {"hf_path": str(parent_dir), "languages": ["en", "el"]}, "new_languages": ["hu"],
+            "corpora": {code: {"path": str(spec.path)} for code, spec in corpora.items()},
+            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
+            "tokens": {"seq_len": 16, "analysis_tokens": 500, "stage1_tokens": 2000, "stage2_tokens": 500, "eval_tokens": 500},
+            "allocation": {"method": "uniform", "per_layer": 1}, "workdir": str(root / "work"), **changes}
+    path = root / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def own_prefect_home(tmp_path, monkeypatch) -> Path:
+    """The CLI's child process inherits it: an early error must leave it without a Prefect database."""
+    home = tmp_path / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    return home
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({}, r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"),
+    ({"top_k": 1, "stage1": {"balance_loss_coef": 0.05}}, r"stage1.balance_loss_coef=0.05 differs from the parent's value 0.01"),
+])
+def test_settings_a_layermoe_parent_fixes_are_checked_before_prefect_starts(tmp_path, own_prefect_home, capfd, changes, message):
+    parent = save_tiny_parent(tmp_path / "parent", top_k=1)
+    plan = round_plan_file(tmp_path, parent, **changes)
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert re.search(message, line) and not (own_prefect_home / "prefect.db").exists()
+
+
+def test_expand_applies_the_same_rule_to_a_layermoe_parent(tmp_path):
+    from layermoe_core import expand
+    from layermoe_core.checkpoints import load_model
+
+    parent = load_model(save_tiny_parent(tmp_path / "parent", top_k=1), device="cpu")
+    with pytest.raises(LayerMoEError, match=r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"):
+        expand(parent, [1, 1], ["en", "el"], ["hu"], top_k=2)
+
+
+def test_an_empty_corpus_is_reported_before_prefect_starts(tmp_path, own_prefect_home, capfd):
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "parent"))
+    (tmp_path / "corpus" / "hu.jsonl").write_text("")
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    assert "hu.jsonl' is empty" in capfd.readouterr().err and not (own_prefect_home / "prefect.db").exists()
+
+
+def test_an_empty_plan_file_is_reported(tmp_path, capfd):
+    (tmp_path / "plan.yaml").write_text("# nothing yet\n")
+    assert main(["lifelong", "--plan", str(tmp_path / "plan.yaml")]) == 2
+    assert "is empty; write a plan" in capfd.readouterr().err
+
+
+def test_a_registry_parent_that_does_not_resolve_is_reported_before_prefect_starts(tmp_path, own_prefect_home, capfd):
+    plan = round_plan_file(tmp_path, tmp_path, parent={"alias": "champion"})
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    assert "registered model 'tiny' does not exist" in capfd.readouterr().err
+    assert not (own_prefect_home / "prefect.db").exists()
+
+
+# -- an instant CLI ---------------------------------------------------------------------
+HEAVY_MODULES = ("torch", "transformers", "mlflow", "prefect", "pandas", "datasets")
+
+
+def modules_loaded_by(code: str) -> list[str]:
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    return eval(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["registry", "--help"], ["add-languages", "--help"], ["registry", "list", "--help"]])
+def test_cli_help_imports_no_heavy_library(argv):
+    assert modules_loaded_by(f"from flows.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass") == []
+
+
+def test_layermoe_errors_imports_no_heavy_library():
+    assert modules_loaded_by("from layermoe_core.errors import LayerMoEError\nimport layermoe_core") == []
+
+
+def test_a_model_name_from_layermoe_core_registers_the_auto_classes():
+    assert modules_loaded_by(
+        "import layermoe_core\nfrom transformers import AutoConfig\nconfig_class = layermoe_core.LayerMoEConfig\n"
+        "assert type(AutoConfig.for_model('layermoe')) is config_class"
+    ) == ["torch", "transformers"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tracking-uri", "URI", "--model-name", "NAME", "registry", "list"],
+    ["registry", "--tracking-uri", "URI", "list", "--model-name", "NAME"],
+    ["registry", "list", "--tracking-uri", "URI", "--model-name", "NAME"],
+])
+def test_global_options_go_before_or_after_the_subcommand(argv):
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert (args.tracking_uri, args.model_name, args.registry_command) == ("URI", "NAME", "list")
+
+
+def test_registry_list_uses_options_given_after_the_subcommand(tmp_path, capsys):
+    assert main(["registry", "list", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--model-name", "nothere"]) == 2
+    assert "registered model 'nothere' does not exist at sqlite:///" in capsys.readouterr().err
+
+
+# -- a form a person can fill in --------------------------------------------------------
+PLAN_FORM_MODELS = ("ExpansionPlan", "LifelongPlan", "ParentRef", "TokenSettings", "RoundSpec", "CorpusSpec", "RegistrySettings")
+
+
+def flow_form(flow) -> dict:
+    """The parameter schema Prefect stores with a deployment and renders as the custom-run form."""
+    from prefect.utilities.callables import parameter_schema
+
+    return parameter_schema(flow).model_dump(mode="json")
+
+
+def form_fields(schema: dict):
+    """(model, field, property) for every field of the plan's own models; a $ref'd model's title and description
+    replace the field's, as in Prefect's form."""
+    definitions = schema["definitions"]
+    for model in PLAN_FORM_MODELS:
+        for field, prop in definitions.get(model, {}).get("properties", {}).items():
+            referenced = definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {}
+            yield model, field, {**prop, **referenced}
+
+
+def test_the_run_form_lists_what_a_user_sets_first():
+    from flows.add_languages import add_languages
+    from flows.lifelong_expansion import lifelong_expansion
+
+    add, lifelong = flow_form(add_languages)["definitions"], flow_form(lifelong_expansion)["definitions"]
+    assert list(add["ExpansionPlan"]["properties"])[:5] == ["parent", "new_languages", "old_languages", "corpora", "allocation"]
+    assert list(lifelong["LifelongPlan"]["properties"])[:4] == ["parent", "rounds", "corpora", "allocation"]
+    assert list(add["ParentRef"]["properties"])[:3] == ["hf_path", "alias", "version"]
+
+
+def test_every_plan_field_in_the_run_form_has_a_title_and_a_description_and_says_what_empty_means():
+    from flows.add_languages import add_languages
+    from flows.lifelong_expansion import lifelong_expansion
+
+    for flow in (add_languages, lifelong_expansion):
+        fields = list(form_fields(flow_form(flow)))
+        assert len(fields) > 30
+        for model, field, prop in fields:
+            assert prop.get("title") and prop.get("description"), f"{model}.{field} lacks a title or description"
+            if "anyOf" in prop and prop.get("default", "unset") is None:
+                assert re.search(r"\b(empty|none)\b", prop["description"], re.IGNORECASE), f"{model}.{field}: what does empty mean?"
+
+
+# -- Ctrl-C ------------------------------------------------------------------------------
+def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
+    """SIGINT to the CLI's process group, as a terminal's Ctrl-C sends it, while Stage 1 trains."""
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "base"),
+                           stage1={"max_steps": 100_000, "save_steps": 1, "per_device_batch_size": 2, "logging_steps": 1})
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)], cwd=REPO_ROOT,
+                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + PROCESS_DEADLINE_S
+        while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
+            assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
+            time.sleep(0.2)
+        before_ctrl_c = stderr_path.stat().st_size
+        os.killpg(cli.pid, signal.SIGINT)
+        cli.wait(timeout=PROCESS_DEADLINE_S)
+    after_ctrl_c = stderr_path.read_bytes()[before_ctrl_c:].decode("utf-8", errors="replace")
+
+    assert cli.returncode == 130 and "Traceback" not in after_ctrl_c and "Error" not in after_ctrl_c, after_ctrl_c
+    last = after_ctrl_c.strip().splitlines()[-1]
+    assert re.fullmatch(r"layermoe: interrupted in task 'stage 1[^']*' of flow run '[^']+'; the run is marked Crashed\. "
+                        r"Rerun the same command to resume: .*", last), last
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
+        assert ("CRASHED",) in db.execute("select state_type from task_run").fetchall()

@@ -119,7 +119,7 @@ def round_plan(world: World, registry: RegistrySettings, workdir: Path, **change
     """Add "el" to version 1, with gates that pass (the tiny child's quality is not the point here)."""
     settings = dict(
         name="reliability", registry=registry, corpora=world.corpora, tokens=TOKENS,
-        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layers=1,
+        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1,
         stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**FAST),
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
         parent=ParentRef(version=1), new_languages=["el"], workdir=workdir,
