@@ -9,11 +9,10 @@ LayerMoE, on any device.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,6 +24,8 @@ from torch import nn
 
 from .errors import LayerMoEError
 from .gates import GateSettings
+from .generation import greedy_generate, inference, model_device
+from .translation import TranslationSettings, translate_pairs, translation_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,13 @@ class EvalSettings(BaseModel):
         default_factory=dict, description="lm-eval harness task -> its language code (needs `lm_eval` and hub access)."
     )
     lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-eval task; None runs them all.")
+    translation: TranslationSettings | None = Field(
+        None, description="Few-shot translation to and from a pivot on held-out parallel sentences, scored with chrF++."
+    )
+    continuation_prompts: int = Field(
+        3, ge=0, description="Held-out sentence openings per language that parent and child continue, for a person to read."
+    )
+    continuation_tokens: int = Field(24, ge=1, description="Tokens generated per continuation.")
     gates: GateSettings = Field(default_factory=GateSettings)
 
     @field_validator("multiple_choice_files")
@@ -56,22 +64,6 @@ class EvalSettings(BaseModel):
         if repeated:
             raise ValueError(f"multiple-choice files share the names {repeated}; give each file a distinct name")
         return paths
-
-
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, no balance loss) and no autograd, restoring the training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # -- held-out perplexity --------------------------------------------------------------
@@ -289,18 +281,35 @@ def lm_eval_scores(
 
 # -- one model, everything ------------------------------------------------------------------
 def evaluate_model(
-    model: nn.Module, tokenizer: Any, sequences: Mapping[str, torch.Tensor], settings: EvalSettings | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    sequences: Mapping[str, torch.Tensor],
+    settings: EvalSettings | None = None,
+    translation_pairs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Held-out loss and perplexity per language plus every configured task, as one metrics table."""
+    """Held-out loss and perplexity per language plus every configured task, as one metrics table.
+
+    With `settings.translation`, `translation_pairs` (from `translation.heldout_pairs`) are translated
+    and scored; parent and child must be given the same pairs.
+    """
     settings = settings or EvalSettings()
-    if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks):
-        raise LayerMoEError("multiple-choice or lm-eval tasks are configured but no tokenizer was given; pass the model's tokenizer")
+    if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks or settings.translation):
+        raise LayerMoEError("multiple-choice, lm-eval or translation tasks are configured but no tokenizer was given; pass the model's tokenizer")
+    if settings.translation is not None and translation_pairs is None:
+        raise LayerMoEError("translation is configured but no pairs were given; pass translation.heldout_pairs(...) as translation_pairs")
     perplexity = language_perplexity(model, sequences, settings.batch_size, settings.max_sequences)
     tables = [perplexity_metrics(perplexity)]
     tables += [score_multiple_choice(model, tokenizer, path, settings.batch_size) for path in settings.multiple_choice_files]
     if settings.lm_eval_tasks:
         tables.append(lm_eval_scores(model, tokenizer, settings.lm_eval_tasks, settings.batch_size, settings.lm_eval_limit))
+    if settings.translation is not None:
+        tables.append(translation_metrics(translate_pairs(model, tokenizer, translation_pairs, settings.translation)))
     return pd.concat([t for t in tables if not t.empty], ignore_index=True)
+
+
+def continue_prompts(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, settings: EvalSettings) -> list[str]:
+    """Greedy continuations of the `heldout_text.continuation_prompts` table, one per row."""
+    return greedy_generate(model, tokenizer, list(prompts["prompt"]), settings.continuation_tokens, settings.batch_size)
 
 
 # -- parent vs child -----------------------------------------------------------------------

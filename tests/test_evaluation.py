@@ -16,7 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutput
 
-from layermoe_core import LayerMoEError, expand
+from layermoe_core import LayerMoEError, expand, insert_classifiers
+from layermoe_core.data import CorpusSpec, sample_sequences
 from layermoe_core.evaluation import (
     COMPARISON_COLUMNS,
     EvalSettings,
@@ -33,9 +34,21 @@ from layermoe_core.evaluation import (
     parameters_added,
     score_multiple_choice,
 )
+from layermoe_core.gates import GateSettings, evaluate_gates
+from layermoe_core.generation import greedy_generate
+from layermoe_core.heldout_text import continuation_prompts
 from layermoe_core.plots import plot_language_comparison, plot_variant_comparison
+from layermoe_core.translation import (
+    TRANSLATION_COLUMNS,
+    TranslationSettings,
+    fitted_prompt,
+    heldout_pairs,
+    translate_pairs,
+    translation_metrics,
+)
 
 from .conftest import TINY, tiny_model
+from .tiny_tokenizer import tiny_tokenizer
 
 WORDS = ["[UNK]", "Answer:", "red", "blue", "green", "Question:", "sky", "colour?"]
 ID = {word: i for i, word in enumerate(WORDS)}
@@ -337,3 +350,133 @@ def test_language_comparison_plot_is_written_as_png(tmp_path):
     for metric in ["loss", "perplexity"]:
         path = plot_language_comparison(table, tmp_path / "plots" / f"{metric}.png", metric=metric)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- generation, held-out text and translation -----------------------------------------------------------
+def parallel_corpus(tmp_path, languages=("en", "el"), documents=400, with_ids=True):
+    """Parallel one-line sentences: document i is "<lang> sentence number i ..." in every language."""
+    specs = {}
+    for lang in languages:
+        path = tmp_path / f"{lang}.jsonl"
+        lines = []
+        for i in range(documents):
+            record = {"text": f"{lang} sentence number {i} is short"}
+            if with_ids:
+                record["id"] = f"doc-{i}"
+            lines.append(json.dumps(record))
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        specs[lang] = CorpusSpec(path=path)
+    return specs
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["dense", "layermoe"])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(expanded):
+    model = tiny_model("qwen2")
+    if expanded:
+        model = expand(model, [1, 0, 2], ["en"], ["el"])
+        insert_classifiers(model, [0, 2])
+    prompts = ["the quick brown fox", "a", "hello there, how are", "xyz"]
+    batched = greedy_generate(model, tiny_tokenizer(), prompts, max_new_tokens=6, batch_size=4)
+    assert batched == [greedy_generate(model, tiny_tokenizer(), [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert all(text for text in batched)
+
+
+def test_greedy_generation_refuses_prompts_longer_than_the_context():
+    with pytest.raises(LayerMoEError, match=r"prompts \[1\] plus 10 new tokens exceed the model's context of 64"):
+        greedy_generate(tiny_model("llama"), tiny_tokenizer(), ["short", "x" * 60], max_new_tokens=10)
+
+
+def test_held_out_pairs_never_come_from_training_documents(tmp_path):
+    corpora = parallel_corpus(tmp_path)
+    settings = TranslationSettings(num_shots=3, num_sentences=5)
+    pairs = heldout_pairs(corpora, ["en", "el"], settings, seed=7, heldout_fraction=0.2)
+    assert list(pairs["role"]) == ["shot"] * 3 + ["test"] * 5 and pairs["id"].is_unique
+    assert all(row.text == row.pivot_text.replace("en ", "el ", 1) for row in pairs.itertuples())  # aligned by id
+    train = sample_sequences(corpora, tiny_tokenizer(), num_tokens=300 * 30, seq_len=30, seed=7, heldout_fraction=0.2,
+                             languages=["en"], split="train")["en"]
+    trained_text = tiny_tokenizer().decode(train.flatten().tolist(), skip_special_tokens=True).replace(" ", "")
+    assert trained_text.count("number") >= 250
+    for text in pairs["pivot_text"]:
+        assert f"number{text.split()[3]}is" not in trained_text  # its document number never appears in the training stream
+    assert heldout_pairs(corpora, ["el"], settings, seed=7, heldout_fraction=0.2).equals(pairs)  # seeded, repeatable
+
+
+def test_held_out_pairs_need_ids_and_enough_sentences(tmp_path):
+    with pytest.raises(LayerMoEError, match="no id column"):
+        heldout_pairs(parallel_corpus(tmp_path, with_ids=False), ["el"], TranslationSettings(), seed=0, heldout_fraction=0.2)
+    with pytest.raises(LayerMoEError, match=r"8 shots \+ 500 test sentences need 508"):
+        heldout_pairs(parallel_corpus(tmp_path), ["el"], TranslationSettings(num_sentences=500), seed=0, heldout_fraction=0.2)
+    with pytest.raises(LayerMoEError, match="corpora for"):
+        heldout_pairs(parallel_corpus(tmp_path), ["hu"], TranslationSettings(), seed=0, heldout_fraction=0.2)
+
+
+def test_translation_prompts_use_the_reference_format_with_shots_one_per_line(tmp_path):
+    settings = TranslationSettings(num_shots=2, num_sentences=2, max_new_tokens=5)
+    pairs = heldout_pairs(parallel_corpus(tmp_path), ["el"], settings, seed=0, heldout_fraction=0.2)
+    model = tiny_model("llama", max_position_embeddings=512)
+    table = translate_pairs(model, tiny_tokenizer(), pairs, settings)
+    assert list(table.columns) == TRANSLATION_COLUMNS
+    assert list(table["direction"]) == ["en-el", "en-el", "el-en", "el-en"]
+    shots, first_test = pairs[pairs.role == "shot"], pairs[pairs.role == "test"].iloc[0]
+    prompt = "".join(f"Translation: Greek: {s.text} English: {s.pivot_text}\n" for s in shots.itertuples())
+    prompt += f"Translation: Greek: {first_test.text} English:"
+    expected = greedy_generate(model, tiny_tokenizer(), [prompt], max_new_tokens=5, first_line=True)[0]
+    assert table.iloc[2]["hypothesis"] == expected and table.iloc[2]["reference"] == first_test.pivot_text
+    assert not table["hypothesis"].str.contains("\n").any()
+
+
+def test_shots_that_do_not_fit_the_context_are_dropped_earliest_first():
+    shots = [f"Translation: English: shot {i} English: {i}" for i in range(4)]  # 39 characters, one token each
+    query = "Translation: English: query English:"  # 36
+    assert fitted_prompt(shots, query, tiny_tokenizer(), budget=4 * 40 + 36) == "".join(f"{s}\n" for s in shots) + query
+    assert fitted_prompt(shots, query, tiny_tokenizer(), budget=2 * 40 + 36) == f"{shots[2]}\n{shots[3]}\n{query}"
+    assert fitted_prompt(shots, query, tiny_tokenizer(), budget=2 * 40 + 35) == f"{shots[3]}\n{query}"
+
+
+def test_chrf_is_100_for_exact_translations_and_lower_for_wrong_ones():
+    translations = pd.DataFrame([
+        {"language": "el", "direction": "en-el", "id": "1", "source": "a", "reference": "καλημέρα κόσμε", "hypothesis": "καλημέρα κόσμε"},
+        {"language": "el", "direction": "el-en", "id": "1", "source": "a", "reference": "good morning world", "hypothesis": "good evening"},
+    ])
+    table = translation_metrics(translations).set_index("metric")
+    assert table.loc["translation.en-el.chrfpp", "value"] == pytest.approx(100.0)
+    assert 0 < table.loc["translation.el-en.chrfpp", "value"] < 100
+    assert set(table["language"]) == {"el"} and set(table["n"]) == {1}
+
+
+def test_evaluate_model_adds_translation_rows_and_needs_pairs(tmp_path):
+    settings = EvalSettings(translation=TranslationSettings(num_shots=1, num_sentences=2, max_new_tokens=4))
+    pairs = heldout_pairs(parallel_corpus(tmp_path), ["en", "el"], settings.translation, seed=0, heldout_fraction=0.2)
+    model = tiny_model("qwen2", max_position_embeddings=256)
+    sequences = {lang: torch.randint(3, 70, (2, 8), generator=torch.Generator().manual_seed(0)) for lang in ["en", "el"]}
+    table = evaluate_model(model, tiny_tokenizer(), sequences, settings, pairs)
+    chrf = table[table.metric.str.startswith("translation.")]
+    assert list(zip(chrf.language, chrf.metric, chrf.n)) == [("el", "translation.en-el.chrfpp", 2), ("el", "translation.el-en.chrfpp", 2)]
+    assert chrf["value"].between(0, 100).all()
+    with pytest.raises(LayerMoEError, match="no pairs were given"):
+        evaluate_model(model, tiny_tokenizer(), sequences, settings)
+
+
+def test_continuation_prompts_are_held_out_sentence_openings(tmp_path):
+    corpora = parallel_corpus(tmp_path)
+    prompts = continuation_prompts(corpora, ["en", "el"], per_language=2, seed=3, heldout_fraction=0.2)
+    assert list(prompts["language"]) == ["en", "en", "el", "el"]
+    for row in prompts.itertuples():
+        assert row.reference.startswith(row.prompt) and len(row.prompt.split()) == len(row.reference.split()) // 2
+    held_out = heldout_pairs(corpora, ["el"], TranslationSettings(num_shots=0, num_sentences=60), seed=3, heldout_fraction=0.2)
+    assert set(prompts["id"]) <= set(held_out["id"])
+    assert continuation_prompts(corpora, ["en"], per_language=0, seed=3, heldout_fraction=0.2).empty
+
+
+def test_old_language_chrf_gate_bounds_the_drop_in_points():
+    comparison = pd.DataFrame([
+        {"language": "en", "group": "old", "metric": "loss", "parent": 2.0, "child": 2.0, "delta": 0.0},
+        {"language": "el", "group": "old", "metric": "translation.en-el.chrfpp", "parent": 30.0, "child": 27.0, "delta": -3.0},
+        {"language": "hu", "group": "new", "metric": "loss", "parent": 5.0, "child": 4.0, "delta": -1.0},
+        {"language": "hu", "group": "new", "metric": "translation.en-hu.chrfpp", "parent": 5.0, "child": 1.0, "delta": -4.0},
+    ])
+    assert evaluate_gates(comparison, GateSettings()).passed  # no chrF bound by default
+    decision = evaluate_gates(comparison, GateSettings(max_old_chrf_drop=2.0))
+    assert not decision.passed
+    assert decision.reasons == ["old language el: translation.en-el.chrfpp 30.00 -> 27.00 (-3.00 points) exceeds the allowed drop of 2.00 points"]
+    assert evaluate_gates(comparison, GateSettings(max_old_chrf_drop=3.0)).passed
