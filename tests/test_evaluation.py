@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
-import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
@@ -26,6 +26,8 @@ from layermoe_core.evaluation import (
     continuation_logprobs,
     evaluate_model,
     language_perplexity,
+    HarnessTask,
+    harness_tasks,
     lm_eval_metrics,
     lm_eval_scores,
     load_multiple_choice,
@@ -219,12 +221,60 @@ def test_passage_is_optional_and_prompts_end_with_answer(tmp_path):
 
 
 # -- lm-eval harness -------------------------------------------------------------------------------
-def test_lm_eval_is_skipped_with_a_log_message_when_not_installed(monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
-    with caplog.at_level(logging.WARNING, logger="layermoe_core.evaluation"):
-        table = lm_eval_scores(answer_model(), word_tokenizer(), {"belebele_ell_Grek": "el"})
-    assert table.empty
-    assert "belebele_ell_Grek" in caplog.text and "pip install lm_eval" in caplog.text
+HARNESS = Path(__file__).parent / "fixtures" / "harness"
+
+
+def belebele_prompt(doc: dict) -> str:
+    """lm-eval's Belebele prompt, written out here so the test checks what the harness scored."""
+    options = "".join(f"\n{letter}: {doc[f'mc_answer{i}']}" for i, letter in enumerate("ABCD", start=1))
+    return f"P: {doc['flores_passage']}\nQ: {doc['question'].strip()}{options}\nAnswer:"
+
+
+def belebele_accuracy_by_hand(model, tokenizer, shots: int) -> float:
+    """Accuracy of the best " A".." D" after the prompt; shots are the first documents other than the question's own
+    (lm-eval's first_n sampler on the test split), each followed by its answer letter and a blank line."""
+    docs = [json.loads(line) for line in (HARNESS / "belebele_tiny.jsonl").read_text().splitlines()]
+    requests = []
+    for doc in docs:
+        examples = [d for d in docs[: shots + 1] if d is not doc][:shots]
+        context = "".join(f"{belebele_prompt(d)} {'ABCD'[int(d['correct_answer_num']) - 1]}\n\n" for d in examples)
+        requests += [(tokenizer.encode(context + belebele_prompt(doc)), tokenizer.encode(" " + letter)) for letter in "ABCD"]
+    logprobs = torch.tensor(continuation_logprobs(model, requests, batch_size=4)).view(len(docs), 4)
+    answers = torch.tensor([int(doc["correct_answer_num"]) - 1 for doc in docs])
+    return (logprobs.argmax(-1) == answers).double().mean().item()
+
+
+@pytest.mark.parametrize("expanded", [False, True], ids=["dense", "layermoe"])
+def test_lm_eval_runs_a_local_belebele_task_on_the_live_model(expanded):
+    """lm-eval's own evaluator, offline, on a task YAML over a local file; its accuracy is checked by hand."""
+    model = tiny_model("llama", max_position_embeddings=256)
+    if expanded:
+        model = expand(model, [1, 0, 2], ["en"], ["el"])
+        insert_classifiers(model, [0])
+    table = lm_eval_scores(model, tiny_tokenizer(), {"belebele_tiny": "en"}, batch_size=4, task_files=[HARNESS / "belebele_tiny.yaml"])
+    scores = table.set_index("metric")
+    assert set(scores.index) == {"belebele_tiny.acc", "belebele_tiny.acc_norm"} and set(table["n"]) == {6}
+    assert set(table["language"]) == {"en"}
+    assert scores.loc["belebele_tiny.acc", "value"] == pytest.approx(belebele_accuracy_by_hand(model, tiny_tokenizer(), shots=0))
+
+
+def test_lm_eval_runs_each_task_at_its_own_shots():
+    model = tiny_model("qwen2", max_position_embeddings=512)
+    table = lm_eval_scores(model, tiny_tokenizer(), {"belebele_tiny": HarnessTask(language="en", num_fewshot=2)},
+                           task_files=[HARNESS / "belebele_tiny.yaml"])
+    acc = table.set_index("metric").loc["belebele_tiny.acc", "value"]
+    assert acc == pytest.approx(belebele_accuracy_by_hand(model, tiny_tokenizer(), shots=2))
+
+
+def test_reference_harness_config_names_lm_evals_own_tasks_at_the_papers_shots():
+    from lm_eval.tasks import TaskManager
+
+    settings = EvalSettings.model_validate(yaml.safe_load((Path(__file__).parents[1] / "plans" / "harness-reference.yaml").read_text()))
+    tasks = harness_tasks(settings.lm_eval_tasks)
+    assert set(tasks) <= set(TaskManager().all_tasks)  # every name is one lm-eval registers
+    shots = {(name.split("_")[0], task.num_fewshot) for name, task in tasks.items()}
+    assert shots == {("arc", 25), ("mmlu", 5), ("cmmlu", 5), ("m", 5), ("hellaswag", 10), ("belebele", 5)}
+    assert {task.language for task in tasks.values()} == {"en", "es", "zh", "el", "hu", "tr", "bn", "hi", "ne"}
 
 
 def test_lm_eval_results_become_metrics_without_stderr():
