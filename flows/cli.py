@@ -36,11 +36,20 @@ def cmd_lifelong(args) -> None:
         print(summary.table().to_string(index=False))
 
 
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def cmd_compare(args) -> None:
     from .compare import ComparePlan, compare
     from .plan import load_plan
 
-    print(compare(load_plan(args.plan, ComparePlan)).to_string(index=False))
+    plan = load_plan(args.plan, ComparePlan)
+    if args.seeds is not None:
+        plan = plan.model_copy(update={"seeds": args.seeds})
+    print(compare(plan).to_string(index=False))
 
 
 def cmd_schedule(args) -> None:
@@ -98,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="LayerMoE vs the uniform MoE-LPR baseline vs no classifier, same parent and data")
     p.add_argument("--plan", required=True, help="an add-languages plan, optionally with uniform_budget_factor")
+    p.add_argument("--seeds", type=at_least_one, help="runs per variant (Stage-1/2 seeds +0..N-1); the table gives mean and std")
     p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")

@@ -20,7 +20,7 @@ from pydantic import Field
 from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings
 from layermoe_core.checkpoints import num_decoder_layers
-from layermoe_core.evaluation import compare_variants
+from layermoe_core.evaluation import compare_variants, summarise_seeds
 from registry.reports import log_report_run
 from registry.versions import show_version
 from tasks.common import publish_table
@@ -32,11 +32,16 @@ from .plan import ExpansionPlan
 class ComparePlan(ExpansionPlan):
     uniform_budget_factor: float = Field(2.5, gt=0, description="uniform baseline budget = factor x allocation.delta")
     ablate_classifier: bool = Field(True, description="also run LayerMoE without routing classifiers")
+    seeds: int = Field(1, ge=1, description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
 
 
-def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan]:
-    """The plan of each variant; they differ only in allocation, classifiers and the alias they take."""
-    shared = plan.model_dump(exclude={"uniform_budget_factor", "ablate_classifier"})
+def variant_plans(plan: ComparePlan, num_layers: int) -> dict[tuple[str, int], ExpansionPlan]:
+    """The plan of each (variant, seed); they differ only in allocation, classifiers, training seeds and alias.
+
+    The data seed (tokens.seed) stays, so every run trains and is evaluated on the same text;
+    seed i > 0 takes the alias `compare-<variant>-seed<i>`.
+    """
+    shared = plan.model_dump(exclude={"uniform_budget_factor", "ablate_classifier", "seeds"})
     per_layer = max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers))
     overrides = {
         "layermoe": {},
@@ -44,24 +49,31 @@ def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan
     }
     if plan.ablate_classifier:
         overrides["no-classifier"] = {"classifier_layers": 0}
-    return {
-        name: ExpansionPlan.model_validate({**shared, **change, "name": f"{plan.name}-{name}", "promote_alias": f"compare-{name}"})
-        for name, change in overrides.items()
-    }
+    plans = {}
+    for name, change in overrides.items():
+        for seed in range(plan.seeds):
+            label = name if seed == 0 else f"{name}-seed{seed}"
+            stages = {stage: {**shared[stage], "seed": shared[stage]["seed"] + seed} for stage in ("stage1", "stage2")}
+            plans[name, seed] = ExpansionPlan.model_validate(
+                {**shared, **change, **stages, "name": f"{plan.name}-{label}", "promote_alias": f"compare-{label}"}
+            )
+    return plans
 
 
 @task(name="report comparison")
-def report_comparison(plan: ComparePlan, summaries: dict[str, RoundSummary], out_dir: Path) -> pd.DataFrame:
-    table = compare_variants({
-        name: {"comparison": s.table(), "allocation": s.allocation,
-               "params_added": show_version(plan.registry, s.version).get("params_added", 0)}
-        for name, s in summaries.items()
+def report_comparison(plan: ComparePlan, summaries: dict[tuple[str, int], RoundSummary], out_dir: Path) -> pd.DataFrame:
+    """Mean and std over seeds per variant (table `variants`, plot with error bars), and every run (`variant_runs`)."""
+    per_seed = compare_variants({
+        f"{name}/{seed}": {"variant": name, "seed": seed, "comparison": s.table(), "allocation": s.allocation,
+                           "params_added": show_version(plan.registry, s.version).get("params_added", 0)}
+        for (name, seed), s in summaries.items()
     })
+    table = summarise_seeds(per_seed)
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
-    log_report_run(plan.registry, f"compare-{plan.name}", {"variants": table}, {"variants": plot},
-                   params={"parent": next(iter(summaries.values())).parent_version,
-                           "versions": {name: s.version for name, s in summaries.items()}})
-    publish_table("variants", table.round(4), "LayerMoE vs uniform MoE-LPR vs no classifier, same parent and data")
+    log_report_run(plan.registry, f"compare-{plan.name}", {"variants": table, "variant_runs": per_seed}, {"variants": plot},
+                   params={"parent": next(iter(summaries.values())).parent_version, "seeds": plan.seeds,
+                           "versions": {f"{name}/{seed}": s.version for (name, seed), s in summaries.items()}})
+    publish_table("variants", table.round(4), f"LayerMoE vs uniform MoE-LPR vs no classifier, same parent and data, {plan.seeds} seed(s)")
     return table
 
 
@@ -69,7 +81,7 @@ def report_comparison(plan: ComparePlan, summaries: dict[str, RoundSummary], out
 def compare(plan: ComparePlan) -> pd.DataFrame:
     parent = fetch_parent(plan)
     pinned = plan.model_copy(update={"parent": plan.parent.model_copy(update={"version": parent.version, "hf_path": None})})
-    summaries = {name: add_languages(variant) for name, variant in variant_plans(pinned, num_decoder_layers(parent.path)).items()}
+    summaries = {key: add_languages(variant) for key, variant in variant_plans(pinned, num_decoder_layers(parent.path)).items()}
     table = report_comparison(plan, summaries, plan.workdir.resolve() / f"compare-{plan.name}")
     get_run_logger().info("comparison:\n%s", table.to_string(index=False))
     return table

@@ -18,6 +18,7 @@ from layermoe_core.evaluation import EvalSettings
 from layermoe_core.gates import GateSettings
 from layermoe_core.offline_corpus import DEFAULT_PACKAGES
 from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.translation import TranslationSettings
 from registry.settings import RegistrySettings
 from tasks.bootstrap import build_corpus
 from tasks.common import unless_cached_output
@@ -73,7 +74,10 @@ def demo_plans(workdir: Path, corpora: dict[str, CorpusSpec], quick: bool = Fals
         stage2=Stage2Settings(learning_rate=3e-3, num_epochs=3, per_device_batch_size=16, lpr_coef=0.5, classifier_coef=0.5,
                               logging_steps=10, save_steps=200),
         # A 1.8M-parameter base drifts more per round than a real LLM: the demo allows 0.1 nats per old language.
-        evaluation=EvalSettings(batch_size=16, gates=GateSettings(max_old_loss_increase=0.1)),
+        # Translation to and from English on held-out gettext pairs: short strings, so 8 shots fit the 512-token context.
+        evaluation=EvalSettings(batch_size=16, gates=GateSettings(max_old_loss_increase=0.1),
+                                translation=TranslationSettings(num_sentences=8 if quick else 40, max_chars=120,
+                                                                max_new_tokens=48, batch_size=16)),
         rounds=[RoundSpec(new_languages=langs) for langs in ROUNDS],
         workdir=workdir / "work",
     )

@@ -435,16 +435,18 @@ def parameters_added(parent: nn.Module, child: nn.Module) -> int:
 def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per variant of the same round (e.g. LayerMoE vs uniform MoE-LPR vs no classifier).
 
-    `rounds` maps a variant name to {"comparison": compare_models table, "allocation": list,
-    "params_added": int}. Columns: variant, new_experts, params_added, old_drift, new_gain, and
-    one `loss_delta:<language>` per language.
+    `rounds` maps a variant name (or any label, with the name as "variant") to {"comparison":
+    compare_models table, "allocation": list, "params_added": int, optionally "variant": str and
+    "seed": int}. Columns: variant, seed, new_experts, params_added, old_drift, new_gain, and one
+    `loss_delta:<language>` per language.
     """
     rows = []
-    for variant, result in rounds.items():
+    for label, result in rounds.items():
         comparison = result["comparison"]
         losses = comparison[comparison["metric"] == "loss"]
         rows.append({
-            "variant": variant,
+            "variant": result.get("variant", label),
+            "seed": int(result.get("seed", 0)),
             "new_experts": int(sum(result["allocation"])),
             "params_added": int(result["params_added"]),
             "old_drift": old_language_drift(comparison),
@@ -452,3 +454,21 @@ def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
             **{f"loss_delta:{row.language}": row.delta for row in losses.itertuples()},
         })
     return pd.DataFrame(rows)
+
+
+def summarise_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std over seeds of each variant's drift, gain and loss deltas (a `compare_variants` table
+    with one row per variant and seed, the variant column naming the variant without its seed).
+
+    Columns: variant, seeds, new_experts, params_added (their means: the allocation can differ by seed only
+    through similarity), then `<column>` (mean) and `<column>_std` for old_drift, new_gain and each loss_delta.
+    The std of a single seed is NaN: one run says nothing about noise.
+    """
+    measured = [c for c in per_seed.columns if c in ("old_drift", "new_gain") or c.startswith("loss_delta:")]
+    groups = per_seed.groupby("variant", sort=False)
+    table = groups[["new_experts", "params_added"]].mean()
+    table.insert(0, "seeds", groups.size())
+    for column in measured:
+        table[column] = groups[column].mean()
+        table[f"{column}_std"] = groups[column].std(ddof=1)
+    return table.reset_index()

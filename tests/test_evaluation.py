@@ -35,6 +35,7 @@ from layermoe_core.evaluation import (
     old_language_drift,
     parameters_added,
     score_multiple_choice,
+    summarise_seeds,
 )
 from layermoe_core.gates import GateSettings, evaluate_gates
 from layermoe_core.generation import greedy_generate
@@ -530,3 +531,45 @@ def test_old_language_chrf_gate_bounds_the_drop_in_points():
     assert not decision.passed
     assert decision.reasons == ["old language el: translation.en-el.chrfpp 30.00 -> 27.00 (-3.00 points) exceeds the allowed drop of 2.00 points"]
     assert evaluate_gates(comparison, GateSettings(max_old_chrf_drop=3.0)).passed
+
+
+def test_seed_summary_gives_mean_and_sample_std_per_variant(tmp_path):
+    parent = metrics_table({"el": 4.0, "en": 2.0}, {})
+    runs = {}
+    for seed, (el, en) in enumerate([(3.0, 2.1), (3.2, 2.3), (3.4, 2.2)]):
+        runs[f"layermoe/{seed}"] = {"variant": "layermoe", "seed": seed, "allocation": [3, 1, 2], "params_added": 600,
+                                    "comparison": compare_models(parent, metrics_table({"el": el, "en": en}, {}), ["en"], ["el"])}
+    runs["uniform/0"] = {"variant": "uniform", "seed": 0, "allocation": [5, 5, 5], "params_added": 1500,
+                         "comparison": compare_models(parent, metrics_table({"el": 3.5, "en": 2.0}, {}), ["en"], ["el"])}
+    per_seed = compare_variants(runs)
+    assert list(zip(per_seed.variant, per_seed.seed)) == [("layermoe", 0), ("layermoe", 1), ("layermoe", 2), ("uniform", 0)]
+    table = summarise_seeds(per_seed).set_index("variant")
+    assert table.loc["layermoe", "seeds"] == 3 and table.loc["uniform", "seeds"] == 1
+    assert table.loc["layermoe", "new_gain"] == pytest.approx(0.8) and table.loc["layermoe", "new_gain_std"] == pytest.approx(0.2)
+    assert table.loc["layermoe", "old_drift"] == pytest.approx(0.2) and table.loc["layermoe", "old_drift_std"] == pytest.approx(0.1)
+    assert table.loc["layermoe", "loss_delta:el_std"] == pytest.approx(0.2)
+    assert math.isnan(table.loc["uniform", "new_gain_std"])  # one seed says nothing about noise
+    assert plot_variant_comparison(table.reset_index(), tmp_path / "variants.png").stat().st_size > 0
+
+
+def test_compare_with_seeds_runs_every_variant_at_each_training_seed(tmp_path):
+    from flows.compare import ComparePlan, variant_plans
+
+    (tmp_path / "el.txt").write_text("καλημέρα κόσμε\n", encoding="utf-8")
+    plan = ComparePlan.model_validate({"new_languages": ["el"], "corpora": {"el": {"path": tmp_path / "el.txt"}}, "name": "cmp",
+                                       "seeds": 3, "stage1": {"seed": 5}})
+    plans = variant_plans(plan, num_layers=4)
+    assert sorted(plans) == sorted((v, s) for v in ("layermoe", "uniform", "no-classifier") for s in range(3))
+    assert [plans["uniform", s].stage1.seed for s in range(3)] == [5, 6, 7]
+    assert [plans["uniform", s].stage2.seed for s in range(3)] == [0, 1, 2]
+    assert {p.tokens.seed for p in plans.values()} == {plan.tokens.seed}  # same data, so the same held-out text
+    assert [plans["layermoe", s].promote_alias for s in range(3)] == ["compare-layermoe", "compare-layermoe-seed1", "compare-layermoe-seed2"]
+    assert len({p.name for p in plans.values()}) == 9
+
+
+def test_cli_refuses_a_seed_count_below_one(tmp_path, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--plan", str(tmp_path / "plan.yaml"), "--seeds", "0"])
+    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
