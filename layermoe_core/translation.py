@@ -104,17 +104,24 @@ def prompt_line(settings: TranslationSettings, source_language: str, target_lang
     return f"{line} {target}" if target else line
 
 
-def fitted_prompt(shots: list[str], query: str, tokenizer: Any, budget: int | None) -> str:
-    """Shots (one per line) then the query; the earliest shots are dropped until the prompt fits `budget` tokens."""
+def fitted_prompt(shots: list[str], query: str, tokenizer: Any, budget: int | None) -> str | None:
+    """Shots (one per line) then the query; the earliest shots are dropped until the prompt fits `budget` tokens.
+
+    None when the query alone does not fit.
+    """
     for first in range(len(shots) + 1):
         prompt = "".join(f"{shot}\n" for shot in shots[first:]) + query
         if budget is None or len(tokenizer.encode(prompt, add_special_tokens=True)) <= budget:
             return prompt
-    return query  # greedy_generate names the prompt that still does not fit
+    return None
 
 
 def translate_pairs(model: nn.Module, tokenizer: Any, pairs: pd.DataFrame, settings: TranslationSettings) -> pd.DataFrame:
-    """Greedy few-shot translations of every test pair in each direction: TRANSLATION_COLUMNS."""
+    """Greedy few-shot translations of every test pair in each direction: TRANSLATION_COLUMNS.
+
+    A test sentence whose prompt does not fit the model's context even without shots is left out
+    (the same ones for every model of a lineage, which shares tokenizer and context); `n` counts the rest.
+    """
     limit = context_length(model)
     budget = None if limit is None else limit - settings.max_new_tokens
     items, prompts = [], []
@@ -128,7 +135,10 @@ def translate_pairs(model: nn.Module, tokenizer: Any, pairs: pd.DataFrame, setti
             ]
             for _, row in tests.iterrows():
                 source, reference = row[text_of[source_lang]], row[text_of[target_lang]]
-                prompts.append(fitted_prompt(shot_lines, prompt_line(settings, source_lang, target_lang, source), tokenizer, budget))
+                prompt = fitted_prompt(shot_lines, prompt_line(settings, source_lang, target_lang, source), tokenizer, budget)
+                if prompt is None:
+                    continue
+                prompts.append(prompt)
                 items.append({"language": lang, "direction": f"{source_lang}-{target_lang}", "id": row["id"],
                               "source": source, "reference": reference})
     hypotheses = greedy_generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, first_line=True)

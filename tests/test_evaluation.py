@@ -482,6 +482,19 @@ def test_shots_that_do_not_fit_the_context_are_dropped_earliest_first():
     assert fitted_prompt(shots, query, tiny_tokenizer(), budget=4 * 40 + 36) == "".join(f"{s}\n" for s in shots) + query
     assert fitted_prompt(shots, query, tiny_tokenizer(), budget=2 * 40 + 36) == f"{shots[2]}\n{shots[3]}\n{query}"
     assert fitted_prompt(shots, query, tiny_tokenizer(), budget=2 * 40 + 35) == f"{shots[3]}\n{query}"
+    assert fitted_prompt(shots, query, tiny_tokenizer(), budget=35) is None  # not even the query fits
+
+
+def test_sentences_too_long_for_the_context_are_left_out_of_the_score(tmp_path):
+    corpora = parallel_corpus(tmp_path)
+    settings = TranslationSettings(num_shots=1, num_sentences=4, max_new_tokens=4)
+    pairs = heldout_pairs(corpora, ["el"], settings, seed=0, heldout_fraction=0.2)
+    long_id = pairs[pairs.role == "test"]["id"].iloc[0]
+    pairs.loc[pairs["id"] == long_id, "text"] = "el " + "word " * 30  # > 60 characters: no prompt in el-en fits 64 positions
+    table = translate_pairs(tiny_model("llama"), tiny_tokenizer(), pairs, settings)  # context 64
+    assert long_id not in set(table.loc[table.direction == "el-en", "id"])
+    metrics = translation_metrics(table).set_index("metric")["n"]
+    assert metrics["translation.el-en.chrfpp"] < 4
 
 
 def test_chrf_is_100_for_exact_translations_and_lower_for_wrong_ones():
