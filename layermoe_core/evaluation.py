@@ -353,8 +353,10 @@ def evaluate_model(
 
 
 def continue_prompts(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, settings: EvalSettings) -> list[str]:
-    """Greedy continuations of the `heldout_text.continuation_prompts` table, one per row."""
-    return greedy_generate(model, tokenizer, list(prompts["prompt"]), settings.continuation_tokens, settings.batch_size)
+    """Greedy continuations of the `heldout_text.continuation_prompts` table, one per row, each exactly
+    `continuation_tokens` long: EOS is suppressed, since an empty answer shows a reader nothing."""
+    tokens = settings.continuation_tokens
+    return greedy_generate(model, tokenizer, list(prompts["prompt"]), tokens, settings.batch_size, min_new_tokens=tokens)
 
 
 # -- parent vs child -----------------------------------------------------------------------

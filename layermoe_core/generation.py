@@ -67,12 +67,14 @@ def greedy_generate(
     max_new_tokens: int = 32,
     batch_size: int = 8,
     first_line: bool = False,
+    min_new_tokens: int = 0,
 ) -> list[str]:
     """The greedy continuation of each prompt (prompt excluded), decoded without special tokens.
 
     first_line=True stops a row at its first newline and returns the text before it (a
-    translation prompt's answer is one line). Generation also stops at EOS. Prompts longer than
-    the model's context minus max_new_tokens are refused with their index.
+    translation prompt's answer is one line). Generation also stops at EOS, except within the
+    first `min_new_tokens` (a small model that ends every document early still shows text).
+    Prompts longer than the model's context minus max_new_tokens are refused with their index.
     """
     if max_new_tokens < 1 or batch_size < 1:
         raise LayerMoEError(f"max_new_tokens={max_new_tokens} and batch_size={batch_size} must both be at least 1")
@@ -103,12 +105,16 @@ def greedy_generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
                 stopping_criteria=StoppingCriteriaList([NewlineWritten(tokenizer, width)]) if first_line else None,
             )  # (B, L + new)
             for row, i in enumerate(chunk):
-                text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+                new = out[row, width:].tolist()
+                if tokenizer.eos_token_id in new:  # what follows EOS is padding
+                    new = new[: new.index(tokenizer.eos_token_id)]
+                text = tokenizer.decode(new, skip_special_tokens=True)
                 texts[i] = text.split("\n", 1)[0].strip() if first_line else text
     return texts

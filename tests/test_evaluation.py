@@ -24,6 +24,7 @@ from layermoe_core.evaluation import (
     compare_models,
     compare_variants,
     continuation_logprobs,
+    continue_prompts,
     evaluate_model,
     language_perplexity,
     HarnessTask,
@@ -586,3 +587,15 @@ def test_cli_refuses_a_seed_count_below_one(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--plan", str(tmp_path / "plan.yaml"), "--seeds", "0"])
     assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_continuations_show_text_even_where_the_model_would_end_the_document_at_once():
+    model, tokenizer = tiny_model("qwen2"), tiny_tokenizer()
+    prompt = "the quick brown fox"
+    with torch.no_grad():
+        first = model(input_ids=torch.tensor([tokenizer.encode(prompt)])).logits[0, -1].argmax().item()
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first)  # the model's greedy next token now ends the document
+    assert greedy_generate(model, tokenizer, [prompt], max_new_tokens=6) == [""]
+    prompts = pd.DataFrame({"language": ["en"], "prompt": [prompt]})
+    (text,) = continue_prompts(model, tokenizer, prompts, EvalSettings(continuation_tokens=6))
+    assert text.strip()
