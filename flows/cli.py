@@ -43,10 +43,12 @@ def at_least_one(text: str) -> int:
 
 
 def cmd_compare(args) -> None:
-    from .compare import ComparePlan, compare
+    from .compare import ComparePlan, compare, with_variants
     from .plan import load_plan
 
     plan = load_plan(args.plan, ComparePlan)
+    if args.variants:
+        plan = with_variants(plan, args.variants.split(","))
     if args.seeds is not None:
         plan = plan.model_copy(update={"seeds": args.seeds})
     print(compare(plan).to_string(index=False))
@@ -105,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.set_defaults(run=cmd_lifelong)
 
-    p = sub.add_parser("compare", help="LayerMoE vs the uniform MoE-LPR baseline vs no classifier, same parent and data")
-    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with uniform_budget_factor")
+    p = sub.add_parser("compare", help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data")
+    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with variants and uniform_budget_factor")
+    p.add_argument("--variants", help="comma-separated, e.g. layermoe,uniform,neuron,param_delta,late_layers,no_classifier "
+                                      "(default: the plan's `variants`)")
     p.add_argument("--seeds", type=at_least_one, help="runs per variant (Stage-1/2 seeds +0..N-1); the table gives mean and std")
     p.set_defaults(run=cmd_compare)
 

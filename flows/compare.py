@@ -1,25 +1,35 @@
-"""`compare`: the paper's headline claim on the user's own data, in one run.
+"""`compare`: every allocation signal on the user's own parent and data, side by side, in one run.
 
-From the same parent it runs the round three ways: the LayerMoE allocation with budget
-delta, the uniform MoE-LPR baseline with `uniform_budget_factor` x delta experts spread
-evenly (2.5x in the paper: "60% fewer experts"), and LayerMoE without routing classifiers
-(the ablation). Each variant is registered as its own version holding the alias
-`compare-<variant>`, so the `champion` alias never moves; the side-by-side table and plot go
-to an MLflow report run and to the Prefect UI.
+From the same parent it runs the round once per variant (`variants`, any subset of VARIANTS):
+- `layermoe`: the plan's LayerMoE allocation (1/similarity), budget delta;
+- `uniform`: the MoE-LPR baseline, `uniform_budget_factor` x delta experts spread evenly
+  (2.5x in the paper: "60% fewer experts");
+- `neuron` (NeuronMoE), `param_delta` (DMoE), `late_layers` (Apollo's post-MoE): the other
+  papers' signals, with the plan's allocation settings for their signals;
+- `no_classifier`: LayerMoE without routing classifiers (the ablation).
+With `equal_budget` the budgeted variants spend exactly delta (largest-remainder rounding; the
+neuron signal is spread in proportion rather than by NeuronMoE's min-max range); otherwise each
+uses its paper's mapping and the realised count is what the table states. Each variant is
+registered as its own version holding the alias `compare-<variant>`, so the `champion` alias
+never moves; the side-by-side table and plot go to an MLflow report run and to the Prefect UI.
+With `seeds: N` each variant runs N times (Stage-1/2 seeds +0..N-1, same data); the table gives
+the mean and std over seeds, and every run is logged beside it.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal, get_args
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings
 from layermoe_core.checkpoints import num_decoder_layers
+from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import compare_variants, summarise_seeds
 from registry.reports import log_report_run
 from registry.versions import show_version
@@ -29,10 +39,43 @@ from .add_languages import RoundSummary, add_languages, fetch_parent
 from .plan import ExpansionPlan
 
 
+VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
+VARIANTS: tuple[str, ...] = get_args(VariantName)
+
+
 class ComparePlan(ExpansionPlan):
+    variants: list[VariantName] = Field(["layermoe", "uniform", "no_classifier"], min_length=1,
+                                        description=f"the variants to run, in this order: any of {', '.join(VARIANTS)}")
     uniform_budget_factor: float = Field(2.5, gt=0, description="uniform baseline budget = factor x allocation.delta")
-    ablate_classifier: bool = Field(True, description="also run LayerMoE without routing classifiers")
+    equal_budget: bool = Field(True, description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
     seeds: int = Field(1, ge=1, description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
+
+    @model_validator(mode="after")
+    def _distinct_variants(self) -> ComparePlan:
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants {self.variants} repeat a name; list each variant once")
+        return self
+
+
+def with_variants(plan: ComparePlan, variants: list[str]) -> ComparePlan:
+    """The plan with the command line's variants; an unknown name is an error that lists the known ones."""
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise LayerMoEError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise LayerMoEError(f"variants {variants} repeat a name; list each variant once")
+    return plan.model_copy(update={"variants": variants})
+
+
+def variant_allocation(plan: ComparePlan, name: str, num_layers: int) -> AllocationSettings:
+    """The variant's allocation: the plan's budget, bounds and signal settings under the variant's method."""
+    if name == "uniform":
+        return AllocationSettings(method="uniform", per_layer=max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers)))
+    method = "layermoe" if name == "no_classifier" else name
+    shared = plan.allocation.model_dump(exclude={"method", "mapping", "rounding", "per_layer", "fixed"})
+    if not plan.equal_budget:
+        return AllocationSettings(**shared, method=method, rounding=plan.allocation.rounding)
+    return AllocationSettings(**shared, method=method, rounding="exact", mapping="proportional" if method == "neuron" else None)
 
 
 def variant_plans(plan: ComparePlan, num_layers: int) -> dict[tuple[str, int], ExpansionPlan]:
@@ -41,21 +84,17 @@ def variant_plans(plan: ComparePlan, num_layers: int) -> dict[tuple[str, int], E
     The data seed (tokens.seed) stays, so every run trains and is evaluated on the same text;
     seed i > 0 takes the alias `compare-<variant>-seed<i>`.
     """
-    shared = plan.model_dump(exclude={"uniform_budget_factor", "ablate_classifier", "seeds"})
-    per_layer = max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers))
-    overrides = {
-        "layermoe": {},
-        "uniform": {"allocation": AllocationSettings(method="uniform", per_layer=per_layer).model_dump()},
-    }
-    if plan.ablate_classifier:
-        overrides["no-classifier"] = {"classifier_layers": 0}
+    shared = plan.model_dump(exclude={"variants", "uniform_budget_factor", "equal_budget", "seeds"})
     plans = {}
-    for name, change in overrides.items():
+    for name in plan.variants:
+        change = {"allocation": variant_allocation(plan, name, num_layers).model_dump()}
+        if name == "no_classifier":
+            change["classifier_layers"] = 0
         for seed in range(plan.seeds):
-            label = name if seed == 0 else f"{name}-seed{seed}"
+            alias = f"compare-{name.replace('_', '-')}" + (f"-seed{seed}" if seed else "")
             stages = {stage: {**shared[stage], "seed": shared[stage]["seed"] + seed} for stage in ("stage1", "stage2")}
             plans[name, seed] = ExpansionPlan.model_validate(
-                {**shared, **change, **stages, "name": f"{plan.name}-{label}", "promote_alias": f"compare-{label}"}
+                {**shared, **change, **stages, "name": f"{plan.name}-{alias[8:]}", "promote_alias": alias}
             )
     return plans
 
@@ -68,13 +107,21 @@ def report_comparison(plan: ComparePlan, summaries: dict[tuple[str, int], RoundS
                            "params_added": show_version(plan.registry, s.version).get("params_added", 0)}
         for (name, seed), s in summaries.items()
     })
+    per_seed.insert(3, "allocation", [" ".join(map(str, s.allocation)) for s in summaries.values()])
+    per_seed.insert(6, "old_drift_max", [max_old_drift(s.table()) for s in summaries.values()])
     table = summarise_seeds(per_seed)
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
     log_report_run(plan.registry, f"compare-{plan.name}", {"variants": table, "variant_runs": per_seed}, {"variants": plot},
                    params={"parent": next(iter(summaries.values())).parent_version, "seeds": plan.seeds,
                            "versions": {f"{name}/{seed}": s.version for (name, seed), s in summaries.items()}})
-    publish_table("variants", table.round(4), f"LayerMoE vs uniform MoE-LPR vs no classifier, same parent and data, {plan.seeds} seed(s)")
+    publish_table("variants", table.round(4), f"{', '.join(plan.variants)}: same parent and data, {plan.seeds} seed(s)")
     return table
+
+
+def max_old_drift(comparison: pd.DataFrame) -> float:
+    """The largest rise in loss over the old languages (nats)."""
+    old = comparison[(comparison["metric"] == "loss") & (comparison["group"] == "old")]
+    return float(old["delta"].max()) if len(old) else math.nan
 
 
 @flow(name="compare", log_prints=True)

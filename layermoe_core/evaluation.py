@@ -462,13 +462,15 @@ def summarise_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Mean and sample std over seeds of each variant's drift, gain and loss deltas (a `compare_variants` table
     with one row per variant and seed, the variant column naming the variant without its seed).
 
-    Columns: variant, seeds, new_experts, params_added (their means: the allocation can differ by seed only
-    through similarity), then `<column>` (mean) and `<column>_std` for old_drift, new_gain and each loss_delta.
-    The std of a single seed is NaN: one run says nothing about noise.
+    Columns: variant, seeds, then the run's settings as the first seed has them (new_experts, params_added and,
+    if present, allocation: training seeds do not change them), then `<column>` (mean) and `<column>_std` for
+    old_drift, old_drift_max (if present), new_gain and each loss_delta. The std of one seed is NaN: one run says
+    nothing about noise.
     """
-    measured = [c for c in per_seed.columns if c in ("old_drift", "new_gain") or c.startswith("loss_delta:")]
+    measured = [c for c in per_seed.columns if c in ("old_drift", "old_drift_max", "new_gain") or c.startswith("loss_delta:")]
+    settings = [c for c in ("allocation", "new_experts", "params_added") if c in per_seed.columns]
     groups = per_seed.groupby("variant", sort=False)
-    table = groups[["new_experts", "params_added"]].mean()
+    table = groups[settings].first()
     table.insert(0, "seeds", groups.size())
     for column in measured:
         table[column] = groups[column].mean()

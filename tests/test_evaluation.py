@@ -573,7 +573,7 @@ def test_compare_with_seeds_runs_every_variant_at_each_training_seed(tmp_path):
     plan = ComparePlan.model_validate({"new_languages": ["el"], "corpora": {"el": {"path": tmp_path / "el.txt"}}, "name": "cmp",
                                        "seeds": 3, "stage1": {"seed": 5}})
     plans = variant_plans(plan, num_layers=4)
-    assert sorted(plans) == sorted((v, s) for v in ("layermoe", "uniform", "no-classifier") for s in range(3))
+    assert sorted(plans) == sorted((v, s) for v in ("layermoe", "uniform", "no_classifier") for s in range(3))
     assert [plans["uniform", s].stage1.seed for s in range(3)] == [5, 6, 7]
     assert [plans["uniform", s].stage2.seed for s in range(3)] == [0, 1, 2]
     assert {p.tokens.seed for p in plans.values()} == {plan.tokens.seed}  # same data, so the same held-out text
