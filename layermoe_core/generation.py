@@ -3,6 +3,7 @@
 Why a helper: evaluation generates from dense and LayerMoE models alike, in batches of prompts
 of different lengths. Prompts are left-padded so that every row's next token sits at the same
 position, and decoding is greedy so that the same model and prompts always give the same text.
+`inference` (eval mode, no autograd) is the context every evaluator runs a model in.
 """
 
 from __future__ import annotations
