@@ -75,8 +75,8 @@ TIMED: dict[str, dict[str, list[tuple[ModuleType, str]]]] = {
         "evaluation": [(tasks.evaluation, "routing_statistics"), (tasks.evaluation, "evaluate_model")],
     },
     "data": {
-        "token sampling and token files": [(tasks.analysis, "sample_sequences"), (tasks.analysis, "save_sequences")]
-        + [(module, "load_sequences") for module in _STEP_MODULES],
+        "token sampling and token files": [(tasks.analysis, "sample_token_rows")]
+        + [(module, name) for module in _STEP_MODULES for name in ("load_sequences", "open_sequences") if hasattr(module, name)],
     },
     "overhead": {
         "checkpoint loading": [(module, name) for module in _STEP_MODULES for name in ("load_model", "load_tokenizer")],

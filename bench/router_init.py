@@ -9,7 +9,7 @@ Run from the repository root after `make demo`:
     python -m bench.router_init --round-dir .demo/work/demo-round-2-parent-v2-<digest> --parent-dir .demo/work/registry-downloads/v2
 
 It re-runs one finished round's Stage 1 and Stage 2 from its parent, on the round's own sampled
-tokens (tokens/*.safetensors), allocation and classifier layers, once per initialisation, with
+tokens (tokens/*.json), allocation and classifier layers, once per initialisation, with
 the demo's stage settings, and prints side by side per language: held-out loss of parent and
 child, and for the new languages the share of tokens whose top expert is one of the round's new
 experts. Both variants see the same data in the same order (same seeds).
@@ -48,11 +48,11 @@ def run_variant(name: str, parent_dir: Path, round_dir: Path, out_dir: Path) -> 
     stage1 = plan.stage1.model_copy(update=VARIANTS[name][0])
     stage2 = plan.stage2.model_copy(update=VARIANTS[name][1])
     model = expand(load_model(parent_dir), expansion["allocation"], old, new, seed=stage1.seed, router_init=stage1.router_init)
-    train_stage1(model, load_sequences(round_dir / "tokens" / "stage1.safetensors"), stage1, out_dir / "stage1")
+    train_stage1(model, load_sequences(round_dir / "tokens" / "stage1.json"), stage1, out_dir / "stage1")
     insert_classifiers(model, expansion["classifier_layers"], seed=stage2.seed)
-    train_stage2(model, load_sequences(round_dir / "tokens" / "replay-old.safetensors"),
-                 load_sequences(round_dir / "tokens" / "replay-new.safetensors"), stage2, out_dir / "stage2")
-    heldout = load_sequences(round_dir / "tokens" / "heldout.safetensors")
+    train_stage2(model, load_sequences(round_dir / "tokens" / "replay-old.json"),
+                 load_sequences(round_dir / "tokens" / "replay-new.json"), stage2, out_dir / "stage2")
+    heldout = load_sequences(round_dir / "tokens" / "heldout.json")
     losses = language_perplexity(model, heldout, batch_size=16).set_index("language")["loss"]
     routing = routing_statistics(model, {lang: heldout[lang] for lang in new}, old, batch_size=16)
     routing = routing[routing["num_experts"] > routing["num_old_experts"]]  # the layers the round expanded
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--parent-dir", type=Path, required=True, help="that round's parent model folder")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
-    heldout = load_sequences(args.round_dir / "tokens" / "heldout.safetensors")
+    heldout = load_sequences(args.round_dir / "tokens" / "heldout.json")
     parent_loss = language_perplexity(load_model(args.parent_dir), heldout, batch_size=16).set_index("language")["loss"]
     losses, top1 = [parent_loss.rename("parent model")], []
     with tempfile.TemporaryDirectory() as scratch:

@@ -20,7 +20,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from layermoe_core.errors import LayerMoEError
-from tasks.analysis import measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
+from tasks.analysis import TOKEN_STORE_DIR, measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
 from tasks.common import unless_cached_output
 from tasks.evaluation import evaluate_round, measure_routing, sample_heldout_text
 from tasks.parent import ParentModel, register_base_model, resolve_parent
@@ -109,9 +109,10 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     old, new = round_languages(plan, parent), plan.new_languages
 
     def tokens(name: str, languages: list[str], num_tokens: int, split: str = "train", parallel: bool | str = False) -> Path:
-        out_path = work / "tokens" / f"{name}.safetensors"
+        out_path = work / "tokens" / f"{name}.json"
         return unless_cached_output(sample_tokens, out_path)(
-            plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split, t.heldout_fraction, out_path, parallel
+            plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split, t.heldout_fraction, out_path,
+            plan.workdir.resolve() / TOKEN_STORE_DIR, parallel
         )
 
     analysis = tokens("analysis", old + new, t.analysis_tokens, parallel="auto")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from layermoe_core.data import CorpusSpec
 from layermoe_core.training import TrainSettings
 from registry.settings import RegistrySettings
-from tasks.analysis import sample_tokens
+from tasks.analysis import TOKEN_STORE_DIR, sample_tokens
 from tasks.bootstrap import train_base, train_tokenizer
 from tasks.common import unless_cached_output
 from tasks.parent import register_base_model
@@ -41,9 +41,9 @@ class BootstrapPlan(BaseModel):
 def bootstrap_base(plan: BootstrapPlan) -> int:
     work = plan.workdir.resolve() / "base"
     tokenizer_dir = unless_cached_output(train_tokenizer, work / "tokenizer")(plan.corpora, plan.vocab_size, work / "tokenizer")
-    tokens = unless_cached_output(sample_tokens, work / "tokens.safetensors")(
+    tokens = unless_cached_output(sample_tokens, work / "tokens.json")(
         plan.corpora, tokenizer_dir, plan.languages, plan.train_tokens, plan.tokens.seq_len, plan.seed,
-        "train", plan.tokens.heldout_fraction, work / "tokens.safetensors",
+        "train", plan.tokens.heldout_fraction, work / "tokens.json", plan.workdir.resolve() / TOKEN_STORE_DIR,
     )
     model_dir = unless_cached_output(train_base, work / "train" / "final")(
         tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train"

@@ -1,21 +1,26 @@
 """Corpora and seeded token sampling: the text every later step measures or trains on.
 
 A corpus per language is a local file (.txt with one document per line, .jsonl/.json or
-.parquet), a directory of such files, or a `datasets` hub dataset. All of them load through
-`datasets`, so large corpora stay memory-mapped: sampling tokenizes only the documents it
-takes.
+.parquet), a directory of such files, or a `datasets` hub dataset. Local corpora load
+through `datasets` (memory-mapped Arrow); hub corpora stream (`streaming=True`) and are read
+only as far as the token budgets need.
 
-The train/heldout split is per document, decided by a seeded hash of the document's id
-(or, without ids, its row number). It therefore does not depend on which other languages,
-how many tokens or which split a caller asks for: held-out documents never reach training
-as long as the same seed is used.
+Sampling reads from the token store (`token_store`): each corpus is tokenized once into
+memory-mapped token files keyed by corpus, tokenizer and split rule, and every step of every
+round takes its rows from there. The train/heldout split is per document, decided by a
+seeded hash of the document's id (or, without ids, its row number). It therefore does not
+depend on which other languages, how many tokens or which split a caller asks for:
+held-out documents never reach training as long as the same seed is used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,14 +32,15 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from .errors import LayerMoEError
-
-Split = Literal["train", "heldout"]
+from .token_store import TOKENIZE_BATCH, Split, SplitRule, TokenRows, TokenStore
 
 # ISO 639-1 (2 letters) or 639-3 (3 letters), then optionally a script (Latn) and/or a
 # region (BR, 419), joined by "_" or "-": en, zh_CN, pt-BR, sr-Latn, zh_Hans_CN.
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([_-][A-Z][a-z]{3})?([_-]([A-Z]{2}|[0-9]{3}))?")
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-_TOKENIZE_CHUNK = 256  # documents tokenized per call: bounds memory, keeps the fast tokenizer busy
+_KEY_BATCH = 65_536  # document ids read per batch when ordering a corpus
+_SHUFFLE_BUFFER = 10_000  # documents in the seeded shuffle buffer of a streamed hub corpus
+SAMPLE_FORMAT = "layermoe-token-sample/1"
 
 
 def validate_language_code(code: str) -> str:
@@ -118,27 +124,89 @@ def load_documents(spec: CorpusSpec) -> datasets.Dataset:
     return dataset.rename_columns({k: v for k, v in columns.items() if k != v})
 
 
-def _in_heldout(key: str, seed: int, heldout_fraction: float) -> bool:
-    """A seeded, uniform-looking coin per document, stable across calls and languages."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < heldout_fraction
+def corpus_fingerprint(spec: CorpusSpec) -> str:
+    """What identifies the corpus's documents: its files (path, size, modification time) or its hub name, and its fields.
+
+    Editing or replacing a file changes its size or time, so the store is rebuilt; a hub
+    dataset is named, not hashed (pin `hub_config`/`hub_split`; an upstream change is not seen).
+    """
+    fields = {"text_field": spec.text_field, "id_field": spec.id_field}
+    if spec.hub_name is not None:
+        source = {"hub": [spec.hub_name, spec.hub_config, spec.hub_split]}
+    else:
+        builder, files = _builder_and_files(spec.path)
+        stats = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+        source = {"builder": builder, "files": stats}
+        if builder == "text":
+            fields["text_field"] = "text"
+    return hashlib.sha256(json.dumps({**source, **fields}, sort_keys=True).encode()).hexdigest()
 
 
-def _seeded_order(keys: Sequence[str], split: Split, seed: int, heldout_fraction: float) -> list[int]:
-    """Positions in `keys` of the documents in `split`, shuffled with `seed`."""
-    want_heldout = split == "heldout"
-    positions = [i for i, key in enumerate(keys) if _in_heldout(key, seed, heldout_fraction) == want_heldout]
-    return [positions[i] for i in np.random.default_rng(seed).permutation(len(positions))]
+class _LocalDocuments:
+    """A local corpus read through `datasets` (memory-mapped Arrow), every document ordered by the split rule's hash."""
+
+    def __init__(self, spec: CorpusSpec):
+        self.documents = load_documents(spec)
+        self.has_ids = "id" in self.documents.column_names
+
+    def keys(self) -> Iterator[str]:
+        """Each document's key, in row order: its id, or its row number when the corpus has no ids."""
+        if not self.has_ids:
+            yield from map(str, range(len(self.documents)))
+            return
+        for batch in self.documents.select_columns(["id"]).iter(batch_size=_KEY_BATCH):
+            yield from map(str, batch["id"])
+
+    def _order(self, rule: SplitRule, cache_dir: Path) -> np.ndarray:
+        """Row numbers sorted by the seeded hash of their keys (cached in the store: int64, one per document)."""
+        path = cache_dir / "order.bin"
+        if not path.is_file():
+            hashes = np.fromiter((rule.order_of(key) for key in self.keys()), dtype=np.uint64, count=len(self.documents))
+            temporary = cache_dir / "order.bin.tmp"
+            np.argsort(hashes, kind="stable").astype(np.int64).tofile(temporary)
+            os.replace(temporary, path)
+        return np.memmap(path, dtype=np.int64, mode="r")
+
+    def batches(self, start: int, rule: SplitRule, cache_dir: Path) -> Iterator[list[tuple[str, str]]]:
+        order = self._order(rule, cache_dir)
+        for first in range(start, len(order), TOKENIZE_BATCH):
+            rows = order[first : first + TOKENIZE_BATCH].tolist()
+            chunk = self.documents[rows]
+            keys = map(str, chunk["id"]) if self.has_ids else map(str, rows)
+            yield list(zip(keys, chunk["text"]))
 
 
-def _document_tokens(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """Each document's tokens followed by EOS; empty documents give []."""
-    kept = [(i, t) for i, t in enumerate(texts) if t and t.strip()]
-    encoded = tokenizer([t for _, t in kept], add_special_tokens=False)["input_ids"] if kept else []
-    out: list[list[int]] = [[] for _ in texts]
-    for (i, _), ids in zip(kept, encoded):
-        out[i] = list(ids) + [tokenizer.eos_token_id]
-    return out
+class _HubDocuments:
+    """A hub dataset streamed (`streaming=True`), shuffled with the seed through a buffer, read only as far as needed."""
+
+    def __init__(self, spec: CorpusSpec):
+        self.spec = spec
+
+    def batches(self, start: int, rule: SplitRule, cache_dir: Path) -> Iterator[list[tuple[str, str]]]:
+        spec = self.spec
+        stream = datasets.load_dataset(spec.hub_name, spec.hub_config, split=spec.hub_split, streaming=True)
+        stream = stream.shuffle(seed=rule.seed, buffer_size=_SHUFFLE_BUFFER).skip(start)
+        batch: list[tuple[str, str]] = []
+        for record in stream:
+            if spec.text_field not in record:
+                raise LayerMoEError(
+                    f"corpus {spec.hub_name!r} has no text field {spec.text_field!r} (columns: {sorted(record)}); set `text_field`"
+                )
+            text = record[spec.text_field]
+            has_id = spec.id_field is not None and spec.id_field in record
+            # Without ids a document is known by its text, so copies of it share a split.
+            key = str(record[spec.id_field]) if has_id else "text:" + hashlib.blake2b(str(text).encode(), digest_size=16).hexdigest()
+            batch.append((key, text))
+            if len(batch) == TOKENIZE_BATCH:
+                yield batch
+                batch = []
+        yield batch
+
+
+def open_store(spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase, rule: SplitRule, store_dir: Path, fingerprint: str | None = None) -> TokenStore:
+    """The token store of `spec` under `store_dir` for this tokenizer and split rule, locked until closed."""
+    source = _HubDocuments(spec) if spec.hub_name is not None else _LocalDocuments(spec)
+    return TokenStore.open(store_dir, fingerprint or corpus_fingerprint(spec), source, tokenizer, rule)
 
 
 def _too_few(language: str, where: str, available: int, needed: int) -> LayerMoEError:
@@ -148,81 +216,61 @@ def _too_few(language: str, where: str, available: int, needed: int) -> LayerMoE
     )
 
 
-def _pack(tokens: list[int], seq_len: int) -> torch.Tensor:
-    rows = len(tokens) // seq_len
-    return torch.tensor(tokens[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+def _aligned_tokens(stores: dict[str, TokenStore], sources: dict[str, CorpusSpec], split: Split, needed: int) -> dict[str, np.ndarray]:
+    """Token streams that read the same shared ids in the same order, until every language has `needed`.
+
+    The split rule orders documents by a hash of their id, so the shared ids come in the same
+    order in every language's store: walking each store and keeping the shared ids aligns them.
+    """
+    hub = [lang for lang, spec in sources.items() if spec.hub_name is not None]
+    if hub:
+        raise LayerMoEError(f"parallel sampling reads document ids from local corpora, but {hub} stream from the hub; "
+                            "download them to a local path or sample with parallel=False")
+    key_sets = [set(_LocalDocuments(sources[lang]).keys()) for lang in stores]
+    shared = set.intersection(*key_sets)
+    del key_sets
+    walks = {lang: ((key, tokens) for key, tokens in store.documents(split) if key in shared) for lang, store in stores.items()}
+    pieces: dict[str, list[np.ndarray]] = {lang: [] for lang in stores}
+    counts = dict.fromkeys(stores, 0)
+    for documents in zip(*walks.values()):  # document by document, so the shared prefix is as short as possible
+        keys = {key for key, _ in documents}
+        assert len(keys) == 1, f"parallel stores out of step: {keys}"
+        for lang, (_, tokens) in zip(walks, documents):
+            pieces[lang].append(tokens)
+            counts[lang] += len(tokens)
+        if min(counts.values()) >= needed:
+            return {lang: np.concatenate(parts) for lang, parts in pieces.items()}
+    lang = min(counts, key=counts.get)
+    where = f"the {split} split of the {len(shared)} document ids shared by {sorted(stores)}"
+    raise _too_few(lang, where, counts[lang], needed)
 
 
-def _sample_independent(
-    documents: datasets.Dataset,
-    language: str,
-    tokenizer: PreTrainedTokenizerBase,
-    needed: int,
-    split: Split,
-    seed: int,
-    heldout_fraction: float,
-) -> list[int]:
-    """Exactly `needed` tokens of the language's `split`, documents in seeded order."""
-    keys = [str(k) for k in documents["id"]] if "id" in documents.column_names else [str(r) for r in range(len(documents))]
-    order = _seeded_order(keys, split, seed, heldout_fraction)
-    tokens: list[int] = []
-    for start in range(0, len(order), _TOKENIZE_CHUNK):
-        for ids in _document_tokens(documents[order[start : start + _TOKENIZE_CHUNK]]["text"], tokenizer):
-            tokens.extend(ids)
-        if len(tokens) >= needed:
-            return tokens[:needed]
-    raise _too_few(language, f"its {split} split", len(tokens), needed)
-
-
-def _sample_aligned(
-    documents: dict[str, datasets.Dataset],
-    tokenizer: PreTrainedTokenizerBase,
-    needed: int,
-    split: Split,
-    seed: int,
-    heldout_fraction: float,
-) -> dict[str, list[int]]:
-    """Token streams that read the same shared ids in the same order, until every language has `needed`."""
-    row_of = {lang: {str(k): row for row, k in enumerate(docs["id"])} for lang, docs in documents.items()}
-    shared = sorted(set.intersection(*(set(rows) for rows in row_of.values())))
-    order = [shared[i] for i in _seeded_order(shared, split, seed, heldout_fraction)]
-    tokens: dict[str, list[int]] = {lang: [] for lang in documents}
-    for start in range(0, len(order), _TOKENIZE_CHUNK):
-        chunk = order[start : start + _TOKENIZE_CHUNK]
-        chunk_tokens = {
-            lang: _document_tokens(docs[[row_of[lang][i] for i in chunk]]["text"], tokenizer) for lang, docs in documents.items()
-        }
-        for position in range(len(chunk)):  # document by document, so the shared prefix is as short as possible
-            for lang, stream in tokens.items():
-                stream.extend(chunk_tokens[lang][position])
-            if min(map(len, tokens.values())) >= needed:
-                return tokens
-    lang = min(tokens, key=lambda lang: len(tokens[lang]))
-    where = f"the {split} split of the {len(shared)} document ids shared by {sorted(documents)}"
-    raise _too_few(lang, where, len(tokens[lang]), needed)
-
-
-def sample_sequences(
+def sample_token_rows(
     corpora: Mapping[str, CorpusSpec],
     tokenizer: PreTrainedTokenizerBase,
     num_tokens: int,
     seq_len: int,
     seed: int,
+    store_dir: str | Path,
+    out_path: str | Path,
     split: Split = "train",
     heldout_fraction: float = 0.1,
     languages: Sequence[str] | None = None,
     parallel: bool | Literal["auto"] = False,
-) -> dict[str, torch.Tensor]:
-    """Per language, a fixed seeded set of packed token rows of exactly `seq_len` tokens.
+) -> Path:
+    """Per language, a fixed seeded set of packed token rows of exactly `seq_len` tokens, read from the token store.
 
-    Documents of `split` are shuffled with `seed`, tokenized, joined with EOS and cut into
-    num_tokens // seq_len rows. `languages` (default: all of `corpora`) picks what to sample.
+    Each corpus is tokenized once into `store_dir` (see `token_store`), which later calls and
+    rounds reuse. Documents of `split`, in the seed's order, joined with EOS, give
+    num_tokens // seq_len rows: the start of the split's token file, so nothing is copied.
+    `out_path` gets a small JSON file naming those rows; `open_sequences` maps them,
+    `load_sequences` reads them into RAM. `languages` (default: all of `corpora`) picks what to sample.
 
     parallel=True reads the same document ids (the intersection over languages) in the same
     seeded order in every language, so similarity compares translations of the same text.
     It takes the shortest id prefix that gives every language num_tokens, so a language
-    whose translations are longer gets more rows: shape (rows_l, seq_len), rows_l >=
-    num_tokens // seq_len, and the last partial row is dropped. parallel="auto" does that
+    whose translations are longer gets more rows: rows_l >= num_tokens // seq_len, the last
+    partial row dropped; those rows are written next to `out_path`. parallel="auto" does that
     when every corpus has ids and there are two languages or more (what similarity wants);
     training should keep the default, False, which uses each corpus in full.
     """
@@ -244,22 +292,71 @@ def sample_sequences(
         raise LayerMoEError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
 
     needed = (num_tokens // seq_len) * seq_len
-    documents = {lang: load_documents(corpora[lang]) for lang in languages}
-    without_ids = [lang for lang, docs in documents.items() if "id" not in docs.column_names]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sources = {lang: corpora[lang] for lang in languages}
+    rule = SplitRule(seed, heldout_fraction)
     if parallel == "auto":
-        parallel = not without_ids and len(languages) > 1
-    if not parallel:
-        return {
-            lang: _pack(_sample_independent(docs, lang, tokenizer, needed, split, seed, heldout_fraction), seq_len)
-            for lang, docs in documents.items()
-        }
+        parallel = len(languages) > 1 and all(spec.hub_name is None and _LocalDocuments(spec).has_ids for spec in sources.values())
+    by_corpus: dict[str, TokenStore] = {}  # languages given the same corpus share its store (and its lock)
+    for spec in sources.values():
+        fingerprint = corpus_fingerprint(spec)
+        if fingerprint not in by_corpus:
+            by_corpus[fingerprint] = open_store(spec, tokenizer, rule, Path(store_dir), fingerprint)
+    stores = {lang: by_corpus[corpus_fingerprint(spec)] for lang, spec in sources.items()}
+    try:
+        if parallel:
+            rows = _aligned_rows(stores, sources, split, needed, seq_len, out_path)
+        else:
+            rows = {}
+            for lang, store in stores.items():
+                available = store.ensure(split, needed)
+                if available < needed:
+                    raise _too_few(lang, f"its {split} split", available, needed)
+                rows[lang] = store.rows(split, needed // seq_len, seq_len)
+    finally:
+        for store in by_corpus.values():
+            store.close()
+    return _write_sample(rows, out_path)
+
+
+def _aligned_rows(stores: dict[str, TokenStore], sources: dict[str, CorpusSpec], split: Split, needed: int,
+                  seq_len: int, out_path: Path) -> dict[str, TokenRows]:
+    without_ids = [lang for lang, spec in sources.items() if spec.hub_name is None and not _LocalDocuments(spec).has_ids]
     if without_ids:
         raise LayerMoEError(
             f"parallel sampling needs document ids, but the corpora of {without_ids} have no id column; "
             "set `id_field` to the column the languages share, or sample with parallel=False"
         )
-    aligned = _sample_aligned(documents, tokenizer, needed, split, seed, heldout_fraction)
-    return {lang: _pack(tokens, seq_len) for lang, tokens in aligned.items()}
+    rows = {}
+    for lang, tokens in _aligned_tokens(stores, sources, split, needed).items():
+        num_rows = len(tokens) // seq_len
+        file = out_path.with_name(f"{out_path.stem}.{lang}.bin")
+        tokens[: num_rows * seq_len].tofile(file)
+        rows[lang] = TokenRows(file, str(tokens.dtype), 0, num_rows, seq_len, int(tokens.max()))
+    return rows
+
+
+def sample_sequences(
+    corpora: Mapping[str, CorpusSpec],
+    tokenizer: PreTrainedTokenizerBase,
+    num_tokens: int,
+    seq_len: int,
+    seed: int,
+    split: Split = "train",
+    heldout_fraction: float = 0.1,
+    languages: Sequence[str] | None = None,
+    parallel: bool | Literal["auto"] = False,
+    store_dir: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """`sample_token_rows` read into RAM: {language: (rows, seq_len) LongTensor}, for small samples.
+
+    Without `store_dir` the store lives in a temporary directory and nothing is reused.
+    """
+    with tempfile.TemporaryDirectory(prefix="layermoe-sample-") as temporary:
+        path = sample_token_rows(corpora, tokenizer, num_tokens, seq_len, seed, store_dir or Path(temporary) / "store",
+                                 Path(temporary) / "sample.json", split, heldout_fraction, languages, parallel)
+        return load_sequences(path)
 
 
 def save_sequences(sequences: Mapping[str, torch.Tensor], path: str | Path) -> Path:
@@ -270,6 +367,31 @@ def save_sequences(sequences: Mapping[str, torch.Tensor], path: str | Path) -> P
     return path
 
 
+def _write_sample(rows: Mapping[str, TokenRows], path: Path) -> Path:
+    """A small JSON file naming each language's rows: file, dtype, offset, shape and largest token id."""
+    entries = {lang: {"file": str(Path(r.file).resolve()), "dtype": r.dtype.name, "offset": r.offset, "rows": r.num_rows,
+                      "seq_len": r.seq_len, "max_token_id": r.max_token_id} for lang, r in rows.items()}
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps({"format": SAMPLE_FORMAT, "languages": entries}, indent=1))
+    os.replace(temporary, path)
+    return path
+
+
+def open_sequences(path: str | Path) -> dict[str, TokenRows | torch.Tensor]:
+    """Sampled rows per language, memory-mapped: what training reads (a safetensors file loads as tensors)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        sample = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise LayerMoEError(f"cannot read token sample {str(path)!r} ({error}); sample the tokens again") from error
+    if sample.get("format") != SAMPLE_FORMAT:
+        raise LayerMoEError(f"{str(path)!r} is not a token sample ({SAMPLE_FORMAT}); pass the file `sample_token_rows` wrote")
+    return {lang: TokenRows(e["file"], e["dtype"], e["offset"], e["rows"], e["seq_len"], e["max_token_id"])
+            for lang, e in sample["languages"].items()}
+
+
 def load_sequences(path: str | Path) -> dict[str, torch.Tensor]:
-    """The {language: (rows, seq_len) LongTensor} that `save_sequences` wrote."""
-    return load_file(str(path))
+    """Sampled rows per language in RAM, {language: (rows, seq_len) LongTensor}: for analysis and evaluation samples."""
+    return {lang: rows.to_tensor() if isinstance(rows, TokenRows) else rows for lang, rows in open_sequences(path).items()}

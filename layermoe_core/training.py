@@ -10,7 +10,9 @@ depends only on the seed, so a resumed run ends where an uninterrupted one would
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +32,7 @@ from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, new_prior
 from .modeling_layermoe import LayerMoEForCausalLM
 from .moe_block import RouterInit
 from .surgery import set_trainable
+from .token_store import TokenRows
 
 FINAL_DIR_NAME = "final"
 T = TypeVar("T")
@@ -135,28 +138,61 @@ class TrainResult(BaseModel):
 
 
 # -- data ----------------------------------------------------------------------------
+TokenSource = torch.Tensor | TokenRows  # (rows, seq_len): a LongTensor in RAM, or rows read from a token file's memory map
+
+
 @dataclass(frozen=True)
-class _Row:
-    input_ids: torch.Tensor  # (seq_len,)
-    language: str
-    label: int | None  # OLD / NEW for Stage 2, None when language labels play no part
+class _RowTable:
+    """Every row of every language's tokens, numbered in language order; a row is fetched only when asked for."""
+
+    sources: list[tuple[str, TokenSource, int | None]]  # (language, rows, OLD / NEW for Stage 2 or None)
+    starts: list[int]  # number of the first row of each source; a last entry holds the total
+
+    @classmethod
+    def of(cls, *groups: tuple[Mapping[str, TokenSource], int | None]) -> _RowTable:
+        sources = [(language, tokens, label) for sequences, label in groups for language, tokens in sequences.items()]
+        starts = [0]
+        for _, tokens, _ in sources:
+            starts.append(starts[-1] + len(tokens))
+        return cls(sources, starts)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        source = bisect.bisect_right(self.starts, row) - 1
+        return source, row - self.starts[source]
+
+    def language(self, row: int) -> str:
+        return self.sources[self._locate(row)[0]][0]
+
+    def item(self, row: int) -> dict[str, Any]:
+        source, index = self._locate(row)
+        _, tokens, label = self.sources[source]
+        item: dict[str, Any] = {"input_ids": tokens[index]}
+        if label is not None:
+            item["language_label"] = label
+        return item
+
+    def range_of(self, group_start: int, group_end: int) -> range:
+        """The row numbers of sources group_start..group_end-1."""
+        return range(self.starts[group_start], self.starts[group_end])
 
 
 class SequenceDataset(Dataset):
-    """Rows of the packed token tensors in a fixed order; the Trainer's seeded sampler shuffles them."""
+    """The chosen rows of a `_RowTable` in a fixed order; the Trainer's seeded sampler shuffles them.
 
-    def __init__(self, rows: Sequence[_Row]):
-        self.rows = list(rows)
+    Holds row numbers only: the tokens stay in their token files until a batch needs them.
+    """
+
+    def __init__(self, table: _RowTable, rows: Sequence[int]):
+        self.table, self.rows = table, rows
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self.rows[index]
-        item: dict[str, Any] = {"input_ids": row.input_ids}
-        if row.label is not None:
-            item["language_label"] = row.label
-        return item
+        return self.table.item(self.rows[index])
 
 
 def collate_sequences(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -178,31 +214,32 @@ def collate_sequences(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]
     return batch
 
 
-def _check_sequences(sequences: Mapping[str, torch.Tensor], what: str, vocab_size: int) -> None:
+def _check_sequences(sequences: Mapping[str, TokenSource], what: str, vocab_size: int) -> None:
     if not sequences:
         raise LayerMoEError(
             f"no {what} sequences were given; pass a dict language -> (num_sequences, seq_len) LongTensor of token ids"
         )
     for language, tokens in sequences.items():
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2:
+        if isinstance(tokens, TokenRows):  # token files hold unsigned ids; the store recorded the largest
+            shape, lowest, highest = tokens.shape, 0, tokens.max_token_id
+        elif isinstance(tokens, torch.Tensor) and tokens.dtype == torch.long and tokens.dim() == 2:
+            shape = tuple(tokens.shape)
+            lowest, highest = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+        else:
             found = f"{tokens.dtype} {tuple(tokens.shape)} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise LayerMoEError(
                 f"{what} sequences of {language!r} are a {found}; give a 2-D torch.long tensor (num_sequences, seq_len)"
             )
-        if tokens.shape[0] < 1 or tokens.shape[1] < 2:
+        if shape[0] < 1 or shape[1] < 2:
             raise LayerMoEError(
-                f"{what} sequences of {language!r} have shape {tuple(tokens.shape)}; "
+                f"{what} sequences of {language!r} have shape {tuple(shape)}; "
                 "give at least one sequence of at least 2 tokens"
             )
-        if tokens.min() < 0 or tokens.max() >= vocab_size:
+        if lowest < 0 or highest >= vocab_size:
             raise LayerMoEError(
-                f"{what} sequences of {language!r} hold token ids in [{int(tokens.min())}, {int(tokens.max())}] but the "
+                f"{what} sequences of {language!r} hold token ids in [{lowest}, {highest}] but the "
                 f"model's vocabulary is [0, {vocab_size}); tokenize with the model's own tokenizer"
             )
-
-
-def _rows(sequences: Mapping[str, torch.Tensor], label: int | None) -> list[_Row]:
-    return [_Row(row, language, label) for language, tokens in sequences.items() for row in tokens]
 
 
 def _balanced_pick(items: Sequence[T], count: int, language: Callable[[T], str], generator: torch.Generator) -> list[T]:
@@ -228,7 +265,7 @@ def _balanced_capacity(items: Sequence[T], language: Callable[[T], str]) -> int:
 
 
 def replay_mix(
-    old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int, language: Callable[[T], str] = lambda row: row.language
+    old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int, language: Callable[[T], str]
 ) -> list[T]:
     """The largest mix holding `old_fraction` old sequences, each side balanced per language, drawn with `seed`.
 
@@ -411,7 +448,7 @@ def fp32_master_weights(model: PreTrainedModel) -> torch.dtype:
 
 def _train(
     model: PreTrainedModel,
-    rows: list[_Row],
+    dataset: SequenceDataset,
     objective: Objective,
     settings: TrainSettings,
     output_dir: str | Path,
@@ -427,7 +464,7 @@ def _train(
     trainer = LayerMoETrainer(
         model=model,
         args=training_arguments(settings, output_dir),
-        train_dataset=SequenceDataset(rows),
+        train_dataset=dataset,
         data_collator=collate_sequences,
         callbacks=[_LogLastStep(), *callbacks],
         objective=objective,
@@ -444,15 +481,13 @@ def _train(
         unwrapped.save_pretrained(final_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
 
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row.language] = counts.get(row.language, 0) + 1
+    counts = Counter(dataset.table.language(row) for row in dataset.rows)
     history = trainer.state.log_history
     return TrainResult(
         model_dir=final_dir,
         global_step=trainer.state.global_step,
         resumed_from=checkpoint,
-        num_sequences=counts,
+        num_sequences=dict(counts),
         final_metrics=_final_metrics(history, objective),
         log_history=history,
     )
@@ -470,7 +505,7 @@ def _vocab_size(model: PreTrainedModel) -> int:
 # -- public entry points ---------------------------------------------------------------
 def train_causal_lm(
     model: PreTrainedModel,
-    sequences: Mapping[str, torch.Tensor],
+    sequences: Mapping[str, TokenSource],
     settings: TrainSettings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
@@ -478,12 +513,13 @@ def train_causal_lm(
     """Plain causal-LM training of every trainable parameter (the demo trains its dense base with it)."""
     _check_sequences(sequences, "training", _vocab_size(model))
     objective = Objective({"lm_loss": 1.0}, _measure_lm)
-    return _train(model, _rows(sequences, None), objective, settings, output_dir, callbacks)
+    table = _RowTable.of((sequences, None))
+    return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks)
 
 
 def train_stage1(
     model: LayerMoEForCausalLM,
-    new_sequences: Mapping[str, torch.Tensor],
+    new_sequences: Mapping[str, TokenSource],
     settings: Stage1Settings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
@@ -495,13 +531,14 @@ def train_stage1(
         {"lm_loss": 1.0, "balance_loss": settings.balance_loss_coef, "new_prior_loss": settings.new_prior_coef},
         partial(_measure_stage1, num_old_experts=_trained_routers_old_experts(model)),
     )
-    return _train(model, _rows(new_sequences, NEW), objective, settings, output_dir, callbacks)
+    table = _RowTable.of((new_sequences, NEW))
+    return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks)
 
 
 def train_stage2(
     model: LayerMoEForCausalLM,
-    old_sequences: Mapping[str, torch.Tensor],
-    new_sequences: Mapping[str, torch.Tensor],
+    old_sequences: Mapping[str, TokenSource],
+    new_sequences: Mapping[str, TokenSource],
     settings: Stage2Settings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
@@ -519,13 +556,15 @@ def train_stage2(
     if overlap:
         raise LayerMoEError(f"languages {sorted(overlap)} are given as both old and new; each language is one or the other")
     set_trainable(model, "stage2")
-    rows = replay_mix(_rows(old_sequences, OLD), _rows(new_sequences, NEW), settings.replay_old_fraction, settings.seed)
+    table = _RowTable.of((old_sequences, OLD), (new_sequences, NEW))
+    old_rows, new_rows = table.range_of(0, len(old_sequences)), table.range_of(len(old_sequences), len(table.sources))
+    rows = replay_mix(old_rows, new_rows, settings.replay_old_fraction, settings.seed, language=table.language)
     objective = Objective(
         {"lm_loss": settings.lm_coef, "lpr_loss": settings.lpr_coef, "classifier_loss": settings.classifier_coef,
          "new_prior_loss": settings.new_prior_coef},
         partial(_measure_stage2, num_old_experts=_trained_routers_old_experts(model)),
     )
-    return _train(model, rows, objective, settings, output_dir, callbacks)
+    return _train(model, SequenceDataset(table, rows), objective, settings, output_dir, callbacks)
 
 
 __all__ = [

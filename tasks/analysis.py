@@ -1,7 +1,5 @@
 """Steps 1-3 of a round: sample tokens, measure layer similarity (and the allocation method's own signal), allocate experts."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd
@@ -10,11 +8,13 @@ from prefect import get_run_logger, task
 from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
 from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec, Split, load_sequences, sample_sequences, save_sequences
+from layermoe_core.data import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
 from layermoe_core.signals import neuron_signal, param_delta_signal
 from layermoe_core.similarity import SimilarityScore, layer_similarity
 
 from .common import STEP_CACHE, publish_markdown, publish_table
+
+TOKEN_STORE_DIR = "token-store"  # under the plan's workdir: every round of every plan there shares the tokenized corpora
 
 
 @task(name="sample tokens", cache_policy=STEP_CACHE, persist_result=True)
@@ -28,21 +28,24 @@ def sample_tokens(
     split: Split,
     heldout_fraction: float,
     out_path: Path,
+    store_dir: Path,
     parallel: bool | str = False,
 ) -> Path:
-    """Seeded token rows per language, written to a safetensors file for the next steps."""
-    sequences = sample_sequences(
+    """Seeded token rows per language, read from the token store in store_dir; out_path names them for the next steps."""
+    path = sample_token_rows(
         {lang: corpora[lang] for lang in languages},
         load_tokenizer(tokenizer_dir),
         num_tokens=num_tokens,
         seq_len=seq_len,
         seed=seed,
+        store_dir=store_dir,
+        out_path=out_path,
         split=split,
         heldout_fraction=heldout_fraction,
         parallel=parallel,
     )
-    get_run_logger().info("sampled %s: %s", split, {lang: tuple(t.shape) for lang, t in sequences.items()})
-    return save_sequences(sequences, out_path)
+    get_run_logger().info("sampled %s: %s", split, {lang: rows.shape for lang, rows in open_sequences(path).items()})
+    return path
 
 
 @task(name="measure layer similarity", cache_policy=STEP_CACHE, persist_result=True)

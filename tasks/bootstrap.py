@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from layermoe_core.checkpoints import load_tokenizer
-from layermoe_core.data import CorpusSpec, load_documents, load_sequences
+from layermoe_core.data import CorpusSpec, load_documents, open_sequences
 from layermoe_core.demo_base import build_base_model, demo_base_config, train_demo_tokenizer
 from layermoe_core.offline_corpus import build_gettext_corpus
 from layermoe_core.training import TrainSettings, train_causal_lm
@@ -35,7 +35,7 @@ def train_base(tokenizer_dir: Path, tokens_path: Path, size: str, seed: int, set
     """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_base_model(demo_base_config(len(tokenizer), size), seed)
-    result = train_causal_lm(model, load_sequences(tokens_path), settings, output_dir, [progress_reporter("base", settings.max_steps)])
+    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [progress_reporter("base", settings.max_steps)])
     get_run_logger().info("base model trained: %s", result.final_metrics)
     tokenizer.save_pretrained(result.model_dir)
     return result.model_dir

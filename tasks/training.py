@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import load_sequences
+from layermoe_core.data import open_sequences
 from layermoe_core.surgery import expand, insert_classifiers
 from layermoe_core.training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
 
@@ -47,7 +47,7 @@ def run_stage1(
     model = expand(load_model(parent_dir), allocation, old_languages, new_languages, top_k=top_k,
                    router_aux_loss_coef=settings.balance_loss_coef, seed=settings.seed,
                    router_init=settings.router_init)
-    result = train_stage1(model, load_sequences(tokens_path), settings, output_dir, [progress_reporter("stage1", settings.max_steps)])
+    result = train_stage1(model, open_sequences(tokens_path), settings, output_dir, [progress_reporter("stage1", settings.max_steps)])
     load_tokenizer(parent_dir).save_pretrained(result.model_dir)
     return result
 
@@ -66,7 +66,7 @@ def run_stage2(
     insert_classifiers(model, classifier_layers, seed=settings.seed)
     get_run_logger().info("routing classifiers in layers %s", classifier_layers)
     result = train_stage2(
-        model, load_sequences(old_tokens_path), load_sequences(new_tokens_path), settings, output_dir,
+        model, open_sequences(old_tokens_path), open_sequences(new_tokens_path), settings, output_dir,
         [progress_reporter("stage2", settings.max_steps)],
     )
     load_tokenizer(stage1_dir).save_pretrained(result.model_dir)

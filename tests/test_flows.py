@@ -81,7 +81,7 @@ def test_two_lifelong_rounds_register_linked_versions(world, tmp_path):
 
     child = load_model(download_version(registry, 3, tmp_path / "v3").path)
     assert child.config.languages == ["en", "zh", "el", "tr"]
-    (heldout_path,) = (root / "work").glob("lifelong-round-2-parent-v2-*/tokens/heldout.safetensors")
+    (heldout_path,) = (root / "work").glob("lifelong-round-2-parent-v2-*/tokens/heldout.json")
     heldout = load_sequences(heldout_path)
     measured = language_perplexity(child, heldout, batch_size=8).set_index("language")["loss"]
     for lang in ("en", "tr"):

@@ -168,7 +168,7 @@ def forbid(monkeypatch, module, name: str) -> None:
 
 
 def forbid_recomputing_finished_steps(monkeypatch) -> None:
-    forbid(monkeypatch, tasks.analysis, "sample_sequences")
+    forbid(monkeypatch, tasks.analysis, "sample_token_rows")
     forbid(monkeypatch, tasks.analysis, "layer_similarity")
     forbid(monkeypatch, tasks.training, "train_stage1")
     forbid(monkeypatch, tasks.training, "train_stage2")

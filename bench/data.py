@@ -1,0 +1,108 @@
+"""Token store benchmark: tokenization throughput into the store, and peak RSS as the corpus grows.
+
+    python -m bench.data [--documents 20000] [--repeats 3]
+
+1. Throughput: the same corpus (synthetic words, one document per line) tokenized by a
+   byte-level BPE (the demo's, vocabulary 8000), (a) into a fresh token store (`open_store` +
+   `ensure`: the seeded order, the split, the token files) and (b) by a plain batched
+   `tokenizer(...)` loop over the same documents that keeps nothing. Runs are interleaved;
+   the median and the spread (min-max) over repeats are printed.
+2. Memory: `tests.memory_probe` at 1x, 4x and 16x its corpus, one fresh process each: the
+   peak RSS of sampling 80% of the tokens through the store and of one training step reading
+   the rows from the memory map, then of the same step with the rows read into RAM
+   (`load_sequences`) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WORK = Path(tempfile.mkdtemp(prefix="layermoe-bench-data-"))
+os.environ["HF_DATASETS_CACHE"] = str(WORK / "datasets-cache")  # before `datasets` is imported
+
+from layermoe_core.data import CorpusSpec, load_documents, open_store  # noqa: E402
+from layermoe_core.demo_base import train_demo_tokenizer  # noqa: E402
+from layermoe_core.token_store import TOKENIZE_BATCH, SplitRule  # noqa: E402
+from tests.memory_probe import write_corpus  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tokenize_into_store(spec: CorpusSpec, tokenizer, store_dir: Path) -> int:
+    with open_store(spec, tokenizer, SplitRule(seed=0, heldout_fraction=0.1), store_dir) as store:
+        store.ensure("train", 2**62)  # to the end of the corpus
+        return store.num_tokens("train") + store.num_tokens("heldout")
+
+
+def tokenize_plainly(spec: CorpusSpec, tokenizer) -> int:
+    """The baseline: batched calls over the same documents, counting tokens (+1 EOS each) and keeping nothing."""
+    total = 0
+    for batch in load_documents(spec).iter(batch_size=TOKENIZE_BATCH):
+        texts = [t for t in batch["text"] if t and t.strip()]
+        total += sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return total
+
+
+def throughput(work: Path, documents: int, repeats: int) -> None:
+    spec = CorpusSpec(path=write_corpus(work / "corpus.txt", documents))
+    tokenizer = train_demo_tokenizer(list(load_documents(CorpusSpec(path=write_corpus(work / "tok.txt", 2000, seed=1)))["text"]),
+                                     8000, work / "tokenizer")
+    load_documents(spec)  # build the datasets cache once, outside the timings
+    rates: dict[str, list[float]] = {"token store": [], "plain tokenizer loop": []}
+    for repeat in range(repeats):
+        for name in rates:  # interleaved, so that load on the machine hits both alike
+            start = time.perf_counter()
+            tokens = tokenize_into_store(spec, tokenizer, work / f"store-{repeat}") if name == "token store" else tokenize_plainly(spec, tokenizer)
+            rates[name].append(tokens / (time.perf_counter() - start))
+    print(f"\nThroughput: {documents} documents, {tokens:,} tokens, byte-level BPE (vocab 8000), {repeats} interleaved repeats")
+    print("| path | tokens/s, median | min - max |\n|---|---|---|")
+    for name, values in rates.items():
+        print(f"| {name} | {statistics.median(values):,.0f} | {min(values):,.0f} - {max(values):,.0f} |")
+
+
+def memory(work: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    results: dict[tuple[int, bool], dict] = {}
+    for in_ram in (False, True):
+        for scale in (1, 4, 16):
+            directory = work / f"memory-{scale}-{in_ram}"
+            directory.mkdir()
+            command = [sys.executable, "-m", "tests.memory_probe", str(directory), str(scale)] + (["--in-ram"] if in_ram else [])
+            out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+            results[scale, in_ram] = json.loads(out.strip().splitlines()[-1])
+    print("\nPeak RSS (MB), one fresh process per size; sampling takes 80% of the corpus's tokens")
+    print("| corpus | tokens sampled | sampling | training step, rows memory-mapped | training step, rows in RAM |")
+    print("|---|---|---|---|---|")
+    for scale in (1, 4, 16):
+        mapped, ram = results[scale, False], results[scale, True]
+        print(f"| {scale}x | {mapped['tokens']:,} | {mapped['sampling_peak_mb']:.0f} | {mapped['training_step_peak_mb']:.0f} "
+              f"| {ram['training_step_peak_mb']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--documents", type=int, default=20_000, help="documents of ~1000 characters for the throughput run")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    try:
+        throughput(WORK, args.documents, args.repeats)
+        memory(WORK)
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
