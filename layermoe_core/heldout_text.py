@@ -2,28 +2,22 @@
 
 Why: tokens are enough for perplexity, but translation and readable continuations need whole
 sentences. They are taken only from documents in the held-out split of `data.sample_sequences`
-(the same seeded hash of the document id, or of the row number without ids), so no prompt or
+(its `SplitRule`: the same seeded hash of the document id, or of the row number without ids), so no prompt or
 reference was ever trained on, as long as the lineage keeps one seed.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
 from .data import CorpusSpec, load_documents, validate_language_code
-from .data import _in_heldout as in_heldout  # the split of sample_sequences itself
 from .errors import LayerMoEError
+from .token_store import SplitRule
 
 PROMPT_COLUMNS = ["language", "id", "prompt", "reference"]
 MAX_PROMPT_CHARS = 200  # continuation prompts come from sentences no longer than this, so they fit small contexts
-
-
-def seeded_rank(key: str, seed: int) -> str:
-    """A seeded order over ids that does not depend on which other ids exist."""
-    return hashlib.blake2b(f"order\x00{seed}\x00{key}".encode(), digest_size=8).hexdigest()
 
 
 def heldout_texts(
@@ -43,12 +37,13 @@ def heldout_texts(
             "set `id_field` to the column the languages share"
         )
     keys = [str(k) for k in documents["id"]] if has_ids else [str(r) for r in range(len(documents))]
+    rule = SplitRule(seed, heldout_fraction)
     texts = {}
     for key, text in zip(keys, documents["text"]):
         text = (text or "").strip()
-        if text and "\n" not in text and (max_chars is None or len(text) <= max_chars) and in_heldout(key, seed, heldout_fraction):
+        if text and "\n" not in text and (max_chars is None or len(text) <= max_chars) and rule.split_of(key) == "heldout":
             texts[key] = text
-    return dict(sorted(texts.items(), key=lambda item: seeded_rank(item[0], seed)))
+    return dict(sorted(texts.items(), key=lambda item: rule.order_of(item[0])))
 
 
 def opening(text: str) -> str | None:

@@ -3,7 +3,7 @@
 Why: held-out perplexity tells a person little; translation quality into and out of each
 language does. The pairs come from a parallel corpus (records with the same id are
 translations, as in the demo's gettext corpus) and only from documents in the held-out
-split of `data.sample_sequences` (same seeded hash of the id), so no test sentence or shot
+split of `data.sample_sequences` (its SplitRule on the id), so no test sentence or shot
 was ever trained on. The prompt is the reference's FLORES format,
 "Translation: <Source>: <source text> <Target>: <target text>", one shot per line; the model's
 answer is its greedy continuation up to the first newline (the reference uses beam search).
