@@ -23,7 +23,7 @@ from layermoe_core.data import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from tasks.analysis import TOKEN_STORE_DIR, measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
 from tasks.common import unless_cached_output
-from tasks.evaluation import evaluate_round, measure_routing
+from tasks.evaluation import evaluate_round, measure_routing, sample_heldout_text
 from tasks.parent import ParentModel, register_base_model, resolve_parent
 from tasks.registration import draw_plots, gate_and_promote, register_round
 from tasks.training import run_stage1, run_stage2
@@ -144,13 +144,15 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
                         tokens("replay-new", new, t.stage2_tokens), plan.stage2, work / "stage2", plan.launcher)
     heldout = tokens("heldout", old + new, t.eval_tokens, split="heldout")
     routing = measure_routing(stage2.model_dir, heldout, old, plan.evaluation.batch_size)
-    comparison = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation)
+    text = unless_cached_output(sample_heldout_text, work / "heldout-text")(plan.corpora, old + new, plan.evaluation, t.seed,
+                                                                          t.heldout_fraction, work / "heldout-text")
+    comparison, samples = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text)
 
     round_info = {"round": parent.round + 1, "old_languages": old, "new_languages": new,
                   "allocation": allocation, "classifier_layers": classifier_layers}
     version = register_round(
         registry, stage2.model_dir, parent.version, round_info,
-        {"similarity": similarity, "routing": routing, "evaluation": comparison, **allocation_tables},
+        {"similarity": similarity, "routing": routing, "evaluation": comparison, "samples": samples, **allocation_tables},
         {**draw_plots(similarity, allocation, routing, comparison, work / "plots"), **allocation_plots},
         {"stage1": stage1.log_history, "stage2": stage2.log_history},
         {**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},

@@ -76,6 +76,12 @@ def cmd_lifelong(args) -> int | None:
         print(summary.table().to_string(index=False))
 
 
+def at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def cmd_compare(args) -> int | None:
     if not _flow_runs_here():
         return run_flow_in_child(args.argv)
@@ -84,6 +90,8 @@ def cmd_compare(args) -> int | None:
     plan = _plan(args, ComparePlan)
     if args.variants:
         plan = with_variants(plan, args.variants.split(","))
+    if args.seeds is not None:
+        plan = plan.model_copy(update={"seeds": args.seeds})
     from .compare import compare
 
     print(_interruptible(compare, plan).to_string(index=False))
@@ -258,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="an add-languages plan, optionally with variants and uniform_budget_factor")
     p.add_argument("--variants", help="comma-separated, e.g. layermoe,uniform,neuron,param_delta,late_layers,no_classifier "
                                       "(default: the plan's `variants`)")
+    p.add_argument("--seeds", type=at_least_one, help="runs per variant (Stage-1/2 seeds +0..N-1); the table gives mean and std")
     p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")

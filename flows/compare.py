@@ -12,6 +12,8 @@ neuron signal is spread in proportion rather than by NeuronMoE's min-max range);
 uses its paper's mapping and the realised count is what the table states. Each variant is
 registered as its own version holding the alias `compare-<variant>`, so the `champion` alias
 never moves; the side-by-side table and plot go to an MLflow report run and to the Prefect UI.
+With `seeds: N` each variant runs N times (Stage-1/2 seeds +0..N-1, same data); the table gives
+the mean and std over seeds, and every run is logged beside it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings
 from layermoe_core.checkpoints import num_decoder_layers
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import compare_variants
+from layermoe_core.evaluation import compare_variants, summarise_seeds
 from registry import get_version
 from tasks.common import publish_table
 from tasks.registration import log_comparison_report
@@ -46,6 +48,7 @@ class ComparePlan(ExpansionPlan):
                                         description=f"the variants to run, in this order: any of {', '.join(VARIANTS)}")
     uniform_budget_factor: float = Field(2.5, gt=0, description="uniform baseline budget = factor x allocation.delta")
     equal_budget: bool = Field(True, description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
+    seeds: int = Field(1, ge=1, description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
 
     @model_validator(mode="after")
     def _distinct_variants(self) -> ComparePlan:
@@ -75,33 +78,43 @@ def variant_allocation(plan: ComparePlan, name: str, num_layers: int) -> Allocat
     return AllocationSettings(**shared, method=method, rounding="exact", mapping="proportional" if method == "neuron" else None)
 
 
-def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan]:
-    """The plan of each variant; they differ only in allocation, classifiers and the alias they take."""
-    shared = plan.model_dump(exclude={"variants", "uniform_budget_factor", "equal_budget"})
+def variant_plans(plan: ComparePlan, num_layers: int) -> dict[tuple[str, int], ExpansionPlan]:
+    """The plan of each (variant, seed); they differ only in allocation, classifiers, training seeds and alias.
+
+    The data seed (tokens.seed) stays, so every run trains and is evaluated on the same text;
+    seed i > 0 takes the alias `compare-<variant>-seed<i>`.
+    """
+    shared = plan.model_dump(exclude={"variants", "uniform_budget_factor", "equal_budget", "seeds"})
     plans = {}
     for name in plan.variants:
         change = {"allocation": variant_allocation(plan, name, num_layers).model_dump()}
         if name == "no_classifier":
             change["classifier_layer_count"] = 0
-        alias = f"compare-{name.replace('_', '-')}"
-        plans[name] = ExpansionPlan.model_validate({**shared, **change, "name": f"{plan.name}-{alias[8:]}", "promote_alias": alias})
+        for seed in range(plan.seeds):
+            alias = f"compare-{name.replace('_', '-')}" + (f"-seed{seed}" if seed else "")
+            stages = {stage: {**shared[stage], "seed": shared[stage]["seed"] + seed} for stage in ("stage1", "stage2")}
+            plans[name, seed] = ExpansionPlan.model_validate(
+                {**shared, **change, **stages, "name": f"{plan.name}-{alias[8:]}", "promote_alias": alias}
+            )
     return plans
 
 
 @task(name="report comparison")
-def report_comparison(plan: ComparePlan, summaries: dict[str, RoundSummary], out_dir: Path) -> pd.DataFrame:
-    table = compare_variants({
-        name: {"comparison": s.table(), "allocation": s.allocation,
-               "params_added": get_version(plan.registry, s.version).params_added or 0}
-        for name, s in summaries.items()
+def report_comparison(plan: ComparePlan, summaries: dict[tuple[str, int], RoundSummary], out_dir: Path) -> pd.DataFrame:
+    """Mean and std over seeds per variant (table `variants`, plot with error bars), and every run (`variant_runs`)."""
+    per_seed = compare_variants({
+        f"{name}/{seed}": {"variant": name, "seed": seed, "comparison": s.table(), "allocation": s.allocation,
+                           "params_added": get_version(plan.registry, s.version).params_added or 0}
+        for (name, seed), s in summaries.items()
     })
-    table.insert(2, "allocation", [" ".join(map(str, s.allocation)) for s in summaries.values()])
-    table.insert(5, "old_drift_max", [max_old_drift(s.table()) for s in summaries.values()])
+    per_seed.insert(3, "allocation", [" ".join(map(str, s.allocation)) for s in summaries.values()])
+    per_seed.insert(6, "old_drift_max", [max_old_drift(s.table()) for s in summaries.values()])
+    table = summarise_seeds(per_seed)
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
-    log_comparison_report(plan.registry, f"compare-{plan.name}", table, plot,
-                          {"parent": next(iter(summaries.values())).parent_version,
-                           "versions": {name: s.version for name, s in summaries.items()}})
-    publish_table("variants", table.round(4), f"{', '.join(summaries)}: same parent and data")
+    log_comparison_report(plan.registry, f"compare-{plan.name}", {"variants": table, "variant_runs": per_seed}, plot,
+                          {"parent": next(iter(summaries.values())).parent_version, "seeds": plan.seeds,
+                           "versions": {f"{name}/{seed}": s.version for (name, seed), s in summaries.items()}})
+    publish_table("variants", table.round(4), f"{', '.join(plan.variants)}: same parent and data, {plan.seeds} seed(s)")
     return table
 
 
@@ -115,7 +128,7 @@ def max_old_drift(comparison: pd.DataFrame) -> float:
 def compare(plan: ComparePlan) -> pd.DataFrame:
     parent = fetch_parent(plan)
     pinned = plan.model_copy(update={"parent": plan.parent.model_copy(update={"version": parent.version, "hf_path": None})})
-    summaries = {name: add_languages(variant) for name, variant in variant_plans(pinned, num_decoder_layers(parent.path)).items()}
+    summaries = {key: add_languages(variant) for key, variant in variant_plans(pinned, num_decoder_layers(parent.path)).items()}
     table = report_comparison(plan, summaries, plan.workdir.resolve() / f"compare-{plan.name}")
     get_run_logger().info("comparison:\n%s", table.to_string(index=False))
     return table

@@ -19,6 +19,7 @@ from layermoe_core.gates import GateSettings
 from layermoe_core.launch import LauncherSettings
 from layermoe_core.offline_corpus import DEFAULT_PACKAGES
 from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.translation import TranslationSettings
 from registry.settings import RegistrySettings
 from tasks.bootstrap import build_corpus
 from tasks.common import unless_cached_output
@@ -79,7 +80,10 @@ def demo_plans(
         stage2=Stage2Settings(learning_rate=3e-3, num_epochs=3, per_device_batch_size=16, lpr_coef=0.5, classifier_coef=0.5,
                               logging_steps=10, save_steps=200),
         # A 1.8M-parameter base drifts more per round than a real LLM: the demo allows 0.1 nats per old language.
-        evaluation=EvalSettings(batch_size=16, gates=GateSettings(max_old_loss_increase=0.1)),
+        # Translation to and from English on held-out gettext pairs: short strings, so 8 shots fit the 512-token context.
+        evaluation=EvalSettings(batch_size=16, gates=GateSettings(max_old_loss_increase=0.1),
+                                translation=TranslationSettings(num_sentences=8 if quick else 40, max_chars=60 if quick else 120,
+                                                                max_new_tokens=24 if quick else 48, batch_size=16)),
         rounds=[RoundSpec(new_languages=langs) for langs in ROUNDS],
         launcher=launcher,
         workdir=workdir / "work",
@@ -98,17 +102,19 @@ def demo(workdir: Path, quick: bool = False, processes: int | None = None) -> li
 
 
 def print_report(summaries: list[RoundSummary], tracking_uri: str) -> None:
-    rows = []
-    for s in summaries:
-        table = s.table()
-        table = table[table["metric"] == "perplexity"]
-        rows += [{"version": s.version, "parent": s.parent_version, "language": r.language, "group": r.group,
-                  "parent_ppl": round(r.parent, 2), "child_ppl": round(r.child, 2), "promoted": s.promoted}
-                 for r in table.itertuples()]
-    print("\nPer-language held-out perplexity, parent vs child:\n")
-    print(pd.DataFrame(rows).to_string(index=False))
+    for metric, title in (("perplexity", "held-out perplexity"), (".chrfpp", "translation chrF++ (0-100), 8-shot, held-out pairs")):
+        rows = []
+        for s in summaries:
+            table = s.table()
+            table = table[table["metric"].str.endswith(metric)]
+            rows += [{"version": s.version, "parent": s.parent_version, "language": r.language, "group": r.group,
+                      "metric": r.metric, "parent_value": round(r.parent, 2), "child_value": round(r.child, 2), "promoted": s.promoted}
+                     for r in table.itertuples()]
+        print(f"\nPer-language {title}, parent vs child:\n")
+        print(pd.DataFrame(rows).to_string(index=False))
     print(f"\nBrowse the versions: mlflow ui --backend-store-uri {tracking_uri}\n"
-          "(then open http://127.0.0.1:5000 -> Models -> layermoe-demo)")
+          "(then open http://127.0.0.1:5000 -> Models -> layermoe-demo; each version's run holds the tables "
+          "`evaluation` and `samples`, parent vs child continuations of held-out sentences)")
 
 
 def run_demo(workdir: str | Path, quick: bool = False, processes: int | None = None) -> list[RoundSummary]:

@@ -9,27 +9,35 @@ LayerMoE, on any device.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import pandas as pd
 import torch
+import yaml
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
 from .errors import LayerMoEError
 from .gates import GateSettings
-
-logger = logging.getLogger(__name__)
+from .generation import context_length, greedy_generate, inference, model_device
+from .translation import TranslationSettings, translate_pairs, translation_metrics
 
 METRICS_COLUMNS = ["language", "metric", "value", "n"]
 COMPARISON_COLUMNS = ["language", "group", "metric", "parent", "child", "delta"]
+
+
+class HarnessTask(BaseModel):
+    """One lm-eval task: the language it measures and its few-shot count (the reference's shots, e.g. ARC 25)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    language: str = Field(min_length=1)
+    num_fewshot: int = Field(0, ge=0)
 
 
 class EvalSettings(BaseModel):
@@ -42,10 +50,21 @@ class EvalSettings(BaseModel):
     multiple_choice_files: list[Path] = Field(
         default_factory=list, description="Local Belebele-like .jsonl files; metrics are named '<file stem>.mc_acc'."
     )
-    lm_eval_tasks: dict[str, str] = Field(
-        default_factory=dict, description="lm-eval harness task -> its language code (needs `lm_eval` and hub access)."
+    lm_eval_tasks: dict[str, str | HarnessTask] = Field(
+        default_factory=dict,
+        description="lm-eval task -> its language, or {language, num_fewshot}; tasks not in lm_eval_task_files need hub access.",
+    )
+    lm_eval_task_files: list[Path] = Field(
+        default_factory=list, description="Local lm-eval task YAMLs (over local data files); name their tasks in lm_eval_tasks."
     )
     lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-eval task; None runs them all.")
+    translation: TranslationSettings | None = Field(
+        None, description="Few-shot translation to and from a pivot on held-out parallel sentences, scored with chrF++."
+    )
+    continuation_prompts: int = Field(
+        3, ge=0, description="Held-out sentence openings per language that parent and child continue, for a person to read."
+    )
+    continuation_tokens: int = Field(24, ge=1, description="Tokens generated per continuation.")
     gates: GateSettings = Field(default_factory=GateSettings)
 
     @field_validator("multiple_choice_files")
@@ -56,22 +75,6 @@ class EvalSettings(BaseModel):
         if repeated:
             raise ValueError(f"multiple-choice files share the names {repeated}; give each file a distinct name")
         return paths
-
-
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, no balance loss) and no autograd, restoring the training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # -- held-out perplexity --------------------------------------------------------------
@@ -251,15 +254,39 @@ def score_multiple_choice(
     return long[METRICS_COLUMNS]
 
 
-# -- optional lm-eval harness ---------------------------------------------------------------
+# -- the lm-eval harness ----------------------------------------------------------------------
+def harness_tasks(tasks: Mapping[str, str | HarnessTask]) -> dict[str, HarnessTask]:
+    """`{task: "el"}` is shorthand for a zero-shot task in language el."""
+    return {name: HarnessTask(language=spec) if isinstance(spec, str) else spec for name, spec in tasks.items()}
+
+
+def load_task_file(path: str | Path) -> dict[str, Any]:
+    """A local lm-eval task YAML as a task config; relative `data_files` are resolved against the YAML's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise LayerMoEError(f"lm-eval task file {path} does not exist; pass the path of a task YAML")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LayerMoEError(f"{path} is not plain YAML ({e}); local task files cannot use !function tags") from None
+    if not isinstance(config, dict) or not isinstance(config.get("task"), str):
+        raise LayerMoEError(f"{path} names no task; an lm-eval task YAML needs `task: <name>`")
+    data_files = config.get("dataset_kwargs", {}).get("data_files")
+    if isinstance(data_files, dict):
+        config["dataset_kwargs"]["data_files"] = {
+            split: str(path.parent / file) if not Path(file).is_absolute() else file for split, file in data_files.items()
+        }
+    return config
+
+
 def lm_eval_metrics(results: Mapping[str, Any], tasks: Mapping[str, str]) -> pd.DataFrame:
-    """The numeric metrics of `lm_eval.simple_evaluate` results as a metrics table (stderr dropped)."""
+    """The numeric metrics of `lm_eval.simple_evaluate` results as a metrics table (stderr and sample counts dropped)."""
     rows = []
     for task, language in tasks.items():
         n = results.get("n-samples", {}).get(task, {}).get("effective")
         for key, value in results["results"][task].items():
             name, _, filter_name = key.partition(",")
-            if name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if name.endswith("_stderr") or name == "sample_len" or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             metric = f"{task}.{name}" if filter_name in ("", "none") else f"{task}.{name}[{filter_name}]"
             rows.append({"language": language, "metric": metric, "value": float(value), "n": n})
@@ -267,40 +294,69 @@ def lm_eval_metrics(results: Mapping[str, Any], tasks: Mapping[str, str]) -> pd.
 
 
 def lm_eval_scores(
-    model: nn.Module, tokenizer: Any, tasks: Mapping[str, str], batch_size: int = 8, limit: int | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Mapping[str, str | HarnessTask],
+    batch_size: int = 8,
+    limit: int | None = None,
+    task_files: Sequence[str | Path] = (),
 ) -> pd.DataFrame:
-    """Run lm-eval harness tasks (task -> language) when `lm_eval` is installed; otherwise log and skip."""
+    """Run lm-eval's own evaluator on the live model, per task at its few-shot count, as a metrics table.
+
+    Tasks named in `task_files` (local YAMLs) run offline; any other name is one of lm-eval's
+    registered tasks, whose datasets need hub access.
+    """
     if not tasks:
         return pd.DataFrame(columns=METRICS_COLUMNS)
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        logger.warning(
-            "lm-eval tasks %s skipped: the `lm_eval` package is not installed. "
-            "Install it (`pip install lm_eval`; its datasets need hub access) to run them.",
-            sorted(tasks),
-        )
-        return pd.DataFrame(columns=METRICS_COLUMNS)
-    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = simple_evaluate(model=harness_model, tasks=list(tasks), limit=limit)
-    return lm_eval_metrics(results, tasks)
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    local = {config["task"]: config for config in map(load_task_file, task_files)}
+    specs = harness_tasks(tasks)
+    harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal", max_length=context_length(model))
+    tables = []
+    for shots in sorted({spec.num_fewshot for spec in specs.values()}):
+        names = [name for name, spec in specs.items() if spec.num_fewshot == shots]
+        results = simple_evaluate(model=harness_model, tasks=[local.get(name, name) for name in names], num_fewshot=shots,
+                                  limit=limit, log_samples=False)
+        tables.append(lm_eval_metrics(results, {name: specs[name].language for name in names}))
+    return pd.concat(tables, ignore_index=True)
 
 
 # -- one model, everything ------------------------------------------------------------------
 def evaluate_model(
-    model: nn.Module, tokenizer: Any, sequences: Mapping[str, torch.Tensor], settings: EvalSettings | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    sequences: Mapping[str, torch.Tensor],
+    settings: EvalSettings | None = None,
+    translation_pairs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Held-out loss and perplexity per language plus every configured task, as one metrics table."""
+    """Held-out loss and perplexity per language plus every configured task, as one metrics table.
+
+    With `settings.translation`, `translation_pairs` (from `translation.heldout_pairs`) are translated
+    and scored; parent and child must be given the same pairs.
+    """
     settings = settings or EvalSettings()
-    if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks):
-        raise LayerMoEError("multiple-choice or lm-eval tasks are configured but no tokenizer was given; pass the model's tokenizer")
+    if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks or settings.translation):
+        raise LayerMoEError("multiple-choice, lm-eval or translation tasks are configured but no tokenizer was given; pass the model's tokenizer")
+    if settings.translation is not None and translation_pairs is None:
+        raise LayerMoEError("translation is configured but no pairs were given; pass translation.heldout_pairs(...) as translation_pairs")
     perplexity = language_perplexity(model, sequences, settings.batch_size, settings.max_sequences)
     tables = [perplexity_metrics(perplexity)]
     tables += [score_multiple_choice(model, tokenizer, path, settings.batch_size) for path in settings.multiple_choice_files]
     if settings.lm_eval_tasks:
-        tables.append(lm_eval_scores(model, tokenizer, settings.lm_eval_tasks, settings.batch_size, settings.lm_eval_limit))
+        tables.append(lm_eval_scores(model, tokenizer, settings.lm_eval_tasks, settings.batch_size, settings.lm_eval_limit,
+                                     settings.lm_eval_task_files))
+    if settings.translation is not None:
+        tables.append(translation_metrics(translate_pairs(model, tokenizer, translation_pairs, settings.translation)))
     return pd.concat([t for t in tables if not t.empty], ignore_index=True)
+
+
+def continue_prompts(model: nn.Module, tokenizer: Any, prompts: pd.DataFrame, settings: EvalSettings) -> list[str]:
+    """Greedy continuations of the `heldout_text.continuation_prompts` table, one per row, each exactly
+    `continuation_tokens` long: EOS is suppressed, since an empty answer shows a reader nothing."""
+    tokens = settings.continuation_tokens
+    return greedy_generate(model, tokenizer, list(prompts["prompt"]), tokens, settings.batch_size, min_new_tokens=tokens)
 
 
 # -- parent vs child -----------------------------------------------------------------------
@@ -381,16 +437,18 @@ def parameters_added(parent: nn.Module, child: nn.Module) -> int:
 def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One row per variant of the same round (e.g. LayerMoE vs uniform MoE-LPR vs no classifier).
 
-    `rounds` maps a variant name to {"comparison": compare_models table, "allocation": list,
-    "params_added": int}. Columns: variant, new_experts, params_added, old_drift, new_gain, and
-    one `loss_delta:<language>` per language.
+    `rounds` maps a variant name (or any label, with the name as "variant") to {"comparison":
+    compare_models table, "allocation": list, "params_added": int, optionally "variant": str and
+    "seed": int}. Columns: variant, seed, new_experts, params_added, old_drift, new_gain, and one
+    `loss_delta:<language>` per language.
     """
     rows = []
-    for variant, result in rounds.items():
+    for label, result in rounds.items():
         comparison = result["comparison"]
         losses = comparison[comparison["metric"] == "loss"]
         rows.append({
-            "variant": variant,
+            "variant": result.get("variant", label),
+            "seed": int(result.get("seed", 0)),
             "new_experts": int(sum(result["allocation"])),
             "params_added": int(result["params_added"]),
             "old_drift": old_language_drift(comparison),
@@ -398,3 +456,23 @@ def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
             **{f"loss_delta:{row.language}": row.delta for row in losses.itertuples()},
         })
     return pd.DataFrame(rows)
+
+
+def summarise_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std over seeds of each variant's drift, gain and loss deltas (a `compare_variants` table
+    with one row per variant and seed, the variant column naming the variant without its seed).
+
+    Columns: variant, seeds, then the run's settings as the first seed has them (new_experts, params_added and,
+    if present, allocation: training seeds do not change them), then `<column>` (mean) and `<column>_std` for
+    old_drift, old_drift_max (if present), new_gain and each loss_delta. The std of one seed is NaN: one run says
+    nothing about noise.
+    """
+    measured = [c for c in per_seed.columns if c in ("old_drift", "old_drift_max", "new_gain") or c.startswith("loss_delta:")]
+    settings = [c for c in ("allocation", "new_experts", "params_added") if c in per_seed.columns]
+    groups = per_seed.groupby("variant", sort=False)
+    table = groups[settings].first()
+    table.insert(0, "seeds", groups.size())
+    for column in measured:
+        table[column] = groups[column].mean()
+        table[f"{column}_std"] = groups[column].std(ddof=1)
+    return table.reset_index()

@@ -12,12 +12,13 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import LayerMoEError
+from .translation import CHRF_METRIC
 
 COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")
 
 
 class GateSettings(BaseModel):
-    """Bounds on the child's held-out loss, per language, relative to its parent."""
+    """Bounds on the child's held-out loss (and, optionally, translation chrF++), per language, relative to its parent."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -28,6 +29,9 @@ class GateSettings(BaseModel):
         "absolute", description="'absolute': the bound is in nats; 'relative': it is a fraction of the parent's loss."
     )
     require_new_improvement: bool = Field(True, description="Every new language's loss must be lower than the parent's.")
+    max_old_chrf_drop: float | None = Field(
+        None, ge=0, description="Largest allowed fall of each old language's chrF++ (points, 0-100) per direction; None: no chrF gate."
+    )
 
 
 class GateDecision(BaseModel):
@@ -40,7 +44,7 @@ class GateDecision(BaseModel):
 
 
 def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = None) -> GateDecision:
-    """Apply the gates to a `compare_models` table (its `loss` rows)."""
+    """Apply the gates to a `compare_models` table (its `loss` rows, and its chrF++ rows when bounded)."""
     settings = settings or GateSettings()
     missing = [c for c in COMPARISON_COLUMNS if c not in comparison.columns]
     if missing:
@@ -71,6 +75,15 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
             verdict = "improved" if ok else "did not improve; it must decrease"
             (passes if ok else failures).append(
                 f"new language {row.language}: loss {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} nats) {verdict}"
+            )
+    if settings.max_old_chrf_drop is not None:
+        chrf = comparison[comparison["metric"].str.endswith("." + CHRF_METRIC) & (comparison["group"] == "old")]
+        for row in chrf.itertuples():
+            ok = -row.delta <= settings.max_old_chrf_drop  # False for NaN
+            verdict = "within" if ok else "exceeds"
+            (passes if ok else failures).append(
+                f"old language {row.language}: {row.metric} {row.parent:.2f} -> {row.child:.2f} ({row.delta:+.2f} points) "
+                f"{verdict} the allowed drop of {settings.max_old_chrf_drop:.2f} points"
             )
     if failures:
         return GateDecision(passed=False, reasons=failures)

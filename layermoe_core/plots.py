@@ -115,14 +115,16 @@ def plot_routing_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_variant_comparison(df: pd.DataFrame, path: str | Path) -> Path:
-    """Side by side per variant (a `compare_variants` table): experts added, old-language drift, new-language gain."""
+    """Side by side per variant (a `compare_variants` or `summarise_seeds` table): experts added, old-language drift,
+    new-language gain; with `<column>_std` columns (several seeds), error bars of one std."""
     figure = Figure(figsize=(10.0, 3.4), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
     panels = [("new_experts", "new experts added"), ("old_drift", "old-language drift (nats, lower is better)"),
               ("new_gain", "new-language gain (nats, higher is better)")]
     for index, (column, title) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
-        bars = axes.bar(df["variant"], df[column], color=[f"C{i}" for i in range(len(df))])
+        errors = df[f"{column}_std"].fillna(0) if f"{column}_std" in df else None
+        bars = axes.bar(df["variant"], df[column], yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(df))])
         axes.bar_label(bars, fmt="%.3g", fontsize=8)
         axes.axhline(0, color="black", linewidth=0.6)
         axes.set_title(title, fontsize=9)

@@ -1,18 +1,18 @@
 """Step 7 of a round: routing statistics and parent-vs-child evaluation per language."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
 
 from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import load_sequences
-from layermoe_core.evaluation import EvalSettings, compare_models, evaluate_model
+from layermoe_core.data import CorpusSpec, load_sequences
+from layermoe_core.evaluation import EvalSettings, compare_models, continue_prompts, evaluate_model
+from layermoe_core.heldout_text import continuation_prompts
 from layermoe_core.routing_stats import routing_statistics
+from layermoe_core.translation import heldout_pairs
 
-from .common import STEP_CACHE, publish_table
+from .common import STEP_CACHE, publish_markdown, publish_table
 
 
 @task(name="routing statistics", cache_policy=STEP_CACHE, persist_result=True)
@@ -22,15 +22,60 @@ def measure_routing(model_dir: Path, tokens_path: Path, old_languages: list[str]
     return table
 
 
+@task(name="sample held-out text", cache_policy=STEP_CACHE, persist_result=True)
+def sample_heldout_text(
+    corpora: dict[str, CorpusSpec], languages: list[str], settings: EvalSettings, seed: int, heldout_fraction: float, out_dir: Path
+) -> Path:
+    """Translation pairs and continuation prompts from held-out documents, as jsonl files in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = continuation_prompts(corpora, languages, settings.continuation_prompts, seed, heldout_fraction)
+    prompts.to_json(out_dir / "prompts.jsonl", orient="records", lines=True, force_ascii=False)
+    if settings.translation is not None:
+        pairs = heldout_pairs(corpora, languages, settings.translation, seed, heldout_fraction)
+        pairs.to_json(out_dir / "pairs.jsonl", orient="records", lines=True, force_ascii=False)
+    return out_dir
+
+
+def read_jsonl(path: Path) -> pd.DataFrame | None:
+    return pd.read_json(path, orient="records", lines=True, dtype=False) if path.is_file() else None
+
+
+def samples_markdown(samples: pd.DataFrame) -> str:
+    lines = ["Greedy continuations of held-out sentence openings (never trained on).", ""]
+    for lang, group in samples.groupby("language", sort=False):
+        lines.append(f"### {lang}")
+        for row in group.itertuples():
+            lines += [f"- **prompt**: {row.prompt}", f"  - parent: {row.parent}", f"  - child: {row.child}",
+                      f"  - reference: {row.reference}"]
+    return "\n".join(lines)
+
+
 @task(name="evaluate parent and child", cache_policy=STEP_CACHE, persist_result=True)
 def evaluate_round(
-    parent_dir: Path, child_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], settings: EvalSettings
-) -> pd.DataFrame:
-    """Held-out metrics of both models on the same tokens, as the tidy comparison table."""
+    parent_dir: Path,
+    child_dir: Path,
+    tokens_path: Path,
+    old_languages: list[str],
+    new_languages: list[str],
+    settings: EvalSettings,
+    text_dir: Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Held-out metrics of both models on the same tokens and text: the tidy comparison and the readable samples.
+
+    `text_dir` is `sample_heldout_text`'s folder; without it there is no translation and no samples.
+    """
     sequences = load_sequences(tokens_path)
+    pairs = read_jsonl(text_dir / "pairs.jsonl") if text_dir else None
+    samples = read_jsonl(text_dir / "prompts.jsonl") if text_dir else None
+    samples = samples if samples is not None else pd.DataFrame(columns=["language", "id", "prompt", "reference"])
     tables = {}
     for side, model_dir in (("parent", parent_dir), ("child", child_dir)):
-        tables[side] = evaluate_model(load_model(model_dir), load_tokenizer(model_dir), sequences, settings)
+        model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+        tables[side] = evaluate_model(model, tokenizer, sequences, settings, pairs)
+        samples[side] = continue_prompts(model, tokenizer, samples, settings) if len(samples) else []
     comparison = compare_models(tables["parent"], tables["child"], old_languages, new_languages)
+    samples = samples[["language", "id", "prompt", "parent", "child", "reference"]]
     publish_table("evaluation", comparison.round(4), "Held-out metrics per language: parent vs child")
-    return comparison
+    if len(samples):
+        publish_markdown("samples", samples_markdown(samples), "Parent vs child continuations of held-out text")
+    return comparison, samples

@@ -90,6 +90,6 @@ def gate_and_promote(
 
 
 @task(name="log comparison report", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
-def log_comparison_report(registry: RegistrySettings, run_name: str, table: pd.DataFrame, plot: Path, params: dict) -> str:
-    """The side-by-side variants table and plot as a report run (no model); returns its run id."""
-    return log_report_run(registry, run_name, {"variants": table}, {"variants": plot}, params=params)
+def log_comparison_report(registry: RegistrySettings, run_name: str, tables: dict[str, pd.DataFrame], plot: Path, params: dict) -> str:
+    """The side-by-side variants tables and plot as a report run (no model); returns its run id."""
+    return log_report_run(registry, run_name, tables, {"variants": plot}, params=params)
