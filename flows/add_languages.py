@@ -7,8 +7,6 @@ Registration is the last step, so a round that fails anywhere registers nothing.
 same plan take turns (a lock in the round folder); the second reuses the first's cached steps.
 """
 
-from __future__ import annotations
-
 import fcntl
 import hashlib
 from collections.abc import Iterator

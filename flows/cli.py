@@ -1,7 +1,5 @@
 """`layermoe`: the command line over the flows and the registry."""
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -43,19 +41,12 @@ def cmd_compare(args) -> None:
     print(compare(load_plan(args.plan, ComparePlan)).to_string(index=False))
 
 
-def cmd_schedule(args) -> None:
-    from .lifelong_expansion import lifelong_expansion
-    from .plan import LifelongPlan, load_plan
+def cmd_serve(args) -> None:
+    from .serve import serve_plan
 
-    plan = load_plan(args.plan, LifelongPlan)
-    if not (args.cron or args.interval):
+    if args.command == "schedule" and not (args.cron or args.interval):  # the old verb always meant "on a schedule"
         raise LayerMoEError("schedule needs --cron 'MIN HOUR DOM MON DOW' or --interval SECONDS")
-    lifelong_expansion.serve(
-        name=args.name or plan.name,
-        cron=args.cron,
-        interval=args.interval,
-        parameters={"plan": plan.model_dump(mode="json")},
-    )
+    serve_plan(args.plan, args.name, args.cron, args.interval)
 
 
 def cmd_registry(args) -> None:
@@ -100,12 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="an add-languages plan, optionally with uniform_budget_factor")
     p.set_defaults(run=cmd_compare)
 
-    p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--cron", help="cron string, e.g. '0 3 * * 0'")
-    p.add_argument("--interval", type=int, help="seconds between runs")
+    p = sub.add_parser("serve", aliases=["schedule"],
+                       help="serve add-languages, compare and lifelong-expansion for the Prefect UI (Ctrl-C stops)")
+    p.add_argument("--plan", required=True, help="a lifelong or add-languages plan: every deployment's default parameters")
+    p.add_argument("--cron", help="schedule lifelong-expansion, e.g. '0 3 * * 0'")
+    p.add_argument("--interval", type=int, help="or run lifelong-expansion every SECONDS")
     p.add_argument("--name", help="deployment name (default: the plan's name)")
-    p.set_defaults(run=cmd_schedule)
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("registry", help="browse registered versions")
     p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")

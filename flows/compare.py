@@ -8,8 +8,6 @@ evenly (2.5x in the paper: "60% fewer experts"), and LayerMoE without routing cl
 to an MLflow report run and to the Prefect UI.
 """
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 

@@ -1,7 +1,5 @@
 """The `lifelong-expansion` flow: the plan's rounds in order, each from the newest champion."""
 
-from __future__ import annotations
-
 from prefect import flow
 
 from .add_languages import RoundSummary, add_languages

@@ -5,8 +5,6 @@ library (`layermoe_core`) and of the registry. Unknown keys are errors, so a typ
 plan never silently falls back to a default.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Literal
 
@@ -90,7 +88,7 @@ class ExpansionPlan(ExpansionSettings):
     new_languages: list[str] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _languages(self) -> ExpansionPlan:
+    def _languages(self) -> "ExpansionPlan":
         for code in self.old_languages + self.new_languages:
             validate_language_code(code)
         overlap = sorted(set(self.old_languages) & set(self.new_languages))
@@ -113,7 +111,7 @@ class LifelongPlan(ExpansionSettings):
     rounds: list[RoundSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _languages(self) -> LifelongPlan:
+    def _languages(self) -> "LifelongPlan":
         self.check_corpora([lang for spec in self.rounds for lang in spec.new_languages])
         return self
 

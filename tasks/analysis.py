@@ -1,7 +1,5 @@
 """Steps 1-3 of a round: sample tokens, measure layer similarity, allocate experts."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd

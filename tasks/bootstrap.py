@@ -1,7 +1,5 @@
 """Tasks that make the demo's base model: corpus, tokenizer, trained dense base."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import get_run_logger, task

@@ -1,7 +1,5 @@
 """What every step task shares: the cache policy, the registry retry rule and the Prefect artifacts they publish."""
 
-from __future__ import annotations
-
 import re
 from pathlib import Path
 from typing import Any

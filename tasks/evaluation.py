@@ -1,7 +1,5 @@
 """Step 7 of a round: routing statistics and parent-vs-child evaluation per language."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd

@@ -1,7 +1,5 @@
 """Step 8 of a round: register the child with its reports, then gate the `champion` alias."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd

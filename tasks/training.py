@@ -1,7 +1,5 @@
 """Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import get_run_logger, task
