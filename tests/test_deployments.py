@@ -180,13 +180,14 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_api, tiny_worl
     env = process_env(tmp_path / "deploy-home", prefect_api)
     for pool in ("layermoe", "layermoe-gpu"):  # the compose stack's pools (its workers create them)
         subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True)
-    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all", "--job-variable", f"working_dir={tmp_path}"],
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"],
                             env=env, cwd=REPO_ROOT, capture_output=True, text=True)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     worker = [PREFECT, "worker", "start", "--pool", "layermoe", "--type", "process"]
     with running(worker, process_env(tmp_path / "worker-home", prefect_api), tmp_path / "worker.log"):
+        # working_dir: prefect.yaml's /data is the compose workers' volume; here, this test's folder.
         flow_run = run_deployment("lifelong-expansion/cpu", parameters={"plan": json.loads(plan.model_dump_json())},
-                                  timeout=DEADLINE_S)
+                                  job_variables={"working_dir": str(tmp_path)}, timeout=DEADLINE_S)
     log = (tmp_path / "worker.log").read_text()
     assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-8000:]}"
     assert_round_registered(plan)
