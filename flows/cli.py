@@ -49,6 +49,13 @@ def cmd_serve(args) -> None:
     serve_plan(args.plan, args.name, args.cron, args.interval)
 
 
+def cmd_approve(args) -> None:
+    from .approval import answer_review
+
+    name = answer_review(args.run_id, args.approve, args.reason)
+    print(f"{'approved' if args.approve else 'rejected'}: flow run {name} resumes")
+
+
 def cmd_registry(args) -> None:
     from registry.versions import lineage, list_versions, show_version
 
@@ -98,6 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, help="or run lifelong-expansion every SECONDS")
     p.add_argument("--name", help="deployment name (default: the plan's name)")
     p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("approve", help="answer a round paused for review (promotion: manual), as the UI's Resume form does")
+    p.add_argument("run_id", help="the paused add-languages flow run's id")
+    decision = p.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--yes", dest="approve", action="store_true", help="move the alias to the round's version")
+    decision.add_argument("--no", dest="approve", action="store_false", help="tag the version layermoe.rejected")
+    p.add_argument("--reason", default="", help="stored on the version (required with --no)")
+    p.set_defaults(run=cmd_approve)
 
     p = sub.add_parser("registry", help="browse registered versions")
     p.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")

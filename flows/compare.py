@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from layermoe_core import plots
@@ -63,7 +64,12 @@ def report_comparison(plan: ComparePlan, summaries: dict[str, RoundSummary], out
     return table
 
 
-@flow(name="compare", log_prints=True)
+def run_name(plan: ComparePlan) -> str:
+    """`compare-<plan name>-hu`: the comparison's own run; its variants' rounds are named by round."""
+    return f"compare-{plan.name}-" + "-".join(plan.new_languages)
+
+
+@flow(name="compare", log_prints=True, flow_run_name=lambda: run_name(ComparePlan.model_validate(flow_run.parameters["plan"])))
 def compare(plan: ComparePlan) -> pd.DataFrame:
     parent = fetch_parent(plan)
     pinned = plan.model_copy(update={"parent": plan.parent.model_copy(update={"version": parent.version, "hf_path": None})})

@@ -68,6 +68,9 @@ class ExpansionSettings(_Strict):
     stage2: Stage2Settings = Field(default_factory=Stage2Settings)
     evaluation: EvalSettings = Field(default_factory=EvalSettings)
     promote_alias: str = "champion"
+    promotion: Literal["auto", "manual"] = Field(
+        "auto", description="auto: the gate moves the alias; manual: the round pauses after evaluation for a person to approve or reject"
+    )
     workdir: Path = Field(Path(".layermoe/work"), description="checkpoints and reports of each round")
 
     def check_corpora(self, languages: list[str]) -> None:

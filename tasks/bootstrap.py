@@ -11,7 +11,7 @@ from layermoe_core.offline_corpus import build_gettext_corpus
 from layermoe_core.training import TrainSettings, train_causal_lm
 
 from .common import STEP_CACHE
-from .training import progress_reporter
+from .training import ProgressReporter
 
 
 @task(name="build offline corpus", cache_policy=STEP_CACHE, persist_result=True, retries=2, retry_delay_seconds=10)
@@ -33,7 +33,7 @@ def train_base(tokenizer_dir: Path, tokens_path: Path, size: str, seed: int, set
     """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_base_model(demo_base_config(len(tokenizer), size), seed)
-    result = train_causal_lm(model, load_sequences(tokens_path), settings, output_dir, [progress_reporter("base", settings.max_steps)])
+    result = train_causal_lm(model, load_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")])
     get_run_logger().info("base model trained: %s", result.final_metrics)
     tokenizer.save_pretrained(result.model_dir)
     return result.model_dir
