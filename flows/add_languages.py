@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from layermoe_core.errors import LayerMoEError
-from tasks.analysis import measure_similarity, plan_allocation, sample_tokens
+from tasks.analysis import measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
 from tasks.common import unless_cached_output
 from tasks.evaluation import evaluate_round, measure_routing
 from tasks.parent import ParentModel, register_base_model, resolve_parent
@@ -131,9 +131,11 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
             plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split, t.heldout_fraction, out_path, parallel
         )
 
-    similarity = measure_similarity(parent.path, tokens("analysis", old + new, t.analysis_tokens, parallel="auto"),
-                                    old, new, plan.similarity_score, plan.similarity_batch_size)
-    allocation, classifier_layers = plan_allocation(similarity, plan.allocation, plan.classifier_layers)
+    analysis = tokens("analysis", old + new, t.analysis_tokens, parallel="auto")
+    similarity = measure_similarity(parent.path, analysis, old, new, plan.similarity_score, plan.similarity_batch_size)
+    signal = measure_allocation_signal(parent.path, analysis, old, new, plan.allocation, plan.similarity_batch_size)
+    allocation, classifier_layers, allocation_tables, allocation_plots = plan_allocation(
+        similarity, signal, plan.allocation, plan.classifier_layers, work / "plots")
     stage1 = unless_cached_output(run_stage1, work / "stage1" / "final")(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
                         plan.stage1, work / "stage1")
     stage2 = unless_cached_output(run_stage2, work / "stage2" / "final")(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),
@@ -146,10 +148,8 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
                   "allocation": allocation, "classifier_layers": classifier_layers}
     version = register_round(
         registry, stage2.model_dir, parent.version, round_info,
-        {"similarity": similarity, "routing": routing, "evaluation": comparison,
-         "allocation": pd.DataFrame({"layer": range(len(allocation)), "new_experts": allocation,
-                                     "score": similarity["score"], "classifier": [i in classifier_layers for i in range(len(allocation))]})},
-        draw_plots(similarity, allocation, routing, comparison, work / "plots"),
+        {"similarity": similarity, "routing": routing, "evaluation": comparison, **allocation_tables},
+        {**draw_plots(similarity, allocation, routing, comparison, work / "plots"), **allocation_plots},
         {"stage1": stage1.log_history, "stage2": stage2.log_history},
         {"plan": plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
     )

@@ -35,10 +35,13 @@ def cmd_lifelong(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .compare import ComparePlan, compare
+    from .compare import ComparePlan, compare, with_variants
     from .plan import load_plan
 
-    print(compare(load_plan(args.plan, ComparePlan)).to_string(index=False))
+    plan = load_plan(args.plan, ComparePlan)
+    if args.variants:
+        plan = with_variants(plan, args.variants.split(","))
+    print(compare(plan).to_string(index=False))
 
 
 def cmd_serve(args) -> None:
@@ -94,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.set_defaults(run=cmd_lifelong)
 
-    p = sub.add_parser("compare", help="LayerMoE vs the uniform MoE-LPR baseline vs no classifier, same parent and data")
-    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with uniform_budget_factor")
+    p = sub.add_parser("compare", help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data")
+    p.add_argument("--plan", required=True, help="an add-languages plan, optionally with variants and uniform_budget_factor")
+    p.add_argument("--variants", help="comma-separated, e.g. layermoe,uniform,neuron,param_delta,late_layers,no_classifier "
+                                      "(default: the plan's `variants`)")
     p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("serve", aliases=["schedule"],

@@ -1,24 +1,32 @@
-"""`compare`: the paper's headline claim on the user's own data, in one run.
+"""`compare`: every allocation signal on the user's own parent and data, side by side, in one run.
 
-From the same parent it runs the round three ways: the LayerMoE allocation with budget
-delta, the uniform MoE-LPR baseline with `uniform_budget_factor` x delta experts spread
-evenly (2.5x in the paper: "60% fewer experts"), and LayerMoE without routing classifiers
-(the ablation). Each variant is registered as its own version holding the alias
-`compare-<variant>`, so the `champion` alias never moves; the side-by-side table and plot go
-to an MLflow report run and to the Prefect UI.
+From the same parent it runs the round once per variant (`variants`, any subset of VARIANTS):
+- `layermoe`: the plan's LayerMoE allocation (1/similarity), budget delta;
+- `uniform`: the MoE-LPR baseline, `uniform_budget_factor` x delta experts spread evenly
+  (2.5x in the paper: "60% fewer experts");
+- `neuron` (NeuronMoE), `param_delta` (DMoE), `late_layers` (Apollo's post-MoE): the other
+  papers' signals, with the plan's allocation settings for their signals;
+- `no_classifier`: LayerMoE without routing classifiers (the ablation).
+With `equal_budget` the budgeted variants spend exactly delta (largest-remainder rounding; the
+neuron signal is spread in proportion rather than by NeuronMoE's min-max range); otherwise each
+uses its paper's mapping and the realised count is what the table states. Each variant is
+registered as its own version holding the alias `compare-<variant>`, so the `champion` alias
+never moves; the side-by-side table and plot go to an MLflow report run and to the Prefect UI.
 """
 
 import math
 from pathlib import Path
+from typing import Literal, get_args
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings
 from layermoe_core.checkpoints import num_decoder_layers
+from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation import compare_variants
 from registry.reports import log_report_run
 from registry.versions import show_version
@@ -28,25 +36,55 @@ from .add_languages import RoundSummary, add_languages, fetch_parent
 from .plan import ExpansionPlan
 
 
+VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
+VARIANTS: tuple[str, ...] = get_args(VariantName)
+
+
 class ComparePlan(ExpansionPlan):
+    variants: list[VariantName] = Field(["layermoe", "uniform", "no_classifier"], min_length=1,
+                                        description=f"the variants to run, in this order: any of {', '.join(VARIANTS)}")
     uniform_budget_factor: float = Field(2.5, gt=0, description="uniform baseline budget = factor x allocation.delta")
-    ablate_classifier: bool = Field(True, description="also run LayerMoE without routing classifiers")
+    equal_budget: bool = Field(True, description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
+
+    @model_validator(mode="after")
+    def _distinct_variants(self) -> ComparePlan:
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants {self.variants} repeat a name; list each variant once")
+        return self
+
+
+def with_variants(plan: ComparePlan, variants: list[str]) -> ComparePlan:
+    """The plan with the command line's variants; an unknown name is an error that lists the known ones."""
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise LayerMoEError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise LayerMoEError(f"variants {variants} repeat a name; list each variant once")
+    return plan.model_copy(update={"variants": variants})
+
+
+def variant_allocation(plan: ComparePlan, name: str, num_layers: int) -> AllocationSettings:
+    """The variant's allocation: the plan's budget, bounds and signal settings under the variant's method."""
+    if name == "uniform":
+        return AllocationSettings(method="uniform", per_layer=max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers)))
+    method = "layermoe" if name == "no_classifier" else name
+    shared = plan.allocation.model_dump(exclude={"method", "mapping", "rounding", "per_layer", "fixed"})
+    if not plan.equal_budget:
+        return AllocationSettings(**shared, method=method, rounding=plan.allocation.rounding)
+    return AllocationSettings(**shared, method=method, rounding="exact", mapping="proportional" if method == "neuron" else None)
 
 
 def variant_plans(plan: ComparePlan, num_layers: int) -> dict[str, ExpansionPlan]:
     """The plan of each variant; they differ only in allocation, classifiers and the alias they take."""
-    shared = plan.model_dump(exclude={"uniform_budget_factor", "ablate_classifier"})
-    per_layer = max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers))
-    overrides = {
-        "layermoe": {},
-        "uniform": {"allocation": AllocationSettings(method="uniform", per_layer=per_layer).model_dump()},
-    }
-    if plan.ablate_classifier:
-        overrides["no-classifier"] = {"classifier_layers": 0}
-    return {
-        name: ExpansionPlan.model_validate({**shared, **change, "name": f"{plan.name}-{name}", "promote_alias": f"compare-{name}"})
-        for name, change in overrides.items()
-    }
+    shared = plan.model_dump(exclude={"variants", "uniform_budget_factor", "equal_budget"})
+    plans = {}
+    for name in plan.variants:
+        change = {"allocation": variant_allocation(plan, name, num_layers).model_dump()}
+        if name == "no_classifier":
+            change["classifier_layers"] = 0
+        alias = f"compare-{name.replace('_', '-')}"
+        plans[name] = ExpansionPlan.model_validate({**shared, **change, "name": f"{plan.name}-{alias[8:]}", "promote_alias": alias})
+    return plans
 
 
 @task(name="report comparison")
@@ -56,12 +94,20 @@ def report_comparison(plan: ComparePlan, summaries: dict[str, RoundSummary], out
                "params_added": show_version(plan.registry, s.version).get("params_added", 0)}
         for name, s in summaries.items()
     })
+    table.insert(2, "allocation", [" ".join(map(str, s.allocation)) for s in summaries.values()])
+    table.insert(5, "old_drift_max", [max_old_drift(s.table()) for s in summaries.values()])
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
     log_report_run(plan.registry, f"compare-{plan.name}", {"variants": table}, {"variants": plot},
                    params={"parent": next(iter(summaries.values())).parent_version,
                            "versions": {name: s.version for name, s in summaries.items()}})
-    publish_table("variants", table.round(4), "LayerMoE vs uniform MoE-LPR vs no classifier, same parent and data")
+    publish_table("variants", table.round(4), f"{', '.join(summaries)}: same parent and data")
     return table
+
+
+def max_old_drift(comparison: pd.DataFrame) -> float:
+    """The largest rise in loss over the old languages (nats)."""
+    old = comparison[(comparison["metric"] == "loss") & (comparison["group"] == "old")]
+    return float(old["delta"].max()) if len(old) else math.nan
 
 
 def run_name(plan: ComparePlan) -> str:

@@ -96,12 +96,13 @@ class LayerMoEBlock(nn.Module):
         """Experts that existed before the newest round: the target of old-language tokens."""
         return self.num_experts - self.group_sizes[-1]
 
-    def add_expert_group(self, num_new: int, generator: torch.Generator | None = None, router_init: RouterInit = "fresh") -> None:
+    def add_expert_group(self, num_new: int, generator: torch.Generator | None = None, router_init: RouterInit = "parent") -> None:
         """Append one round's experts (copies of expert 0) and the round's router over all experts.
 
-        router_init "fresh" (the reference's choice) draws every row from N(0, 0.02^2) with
-        `generator`. "parent" copies the parent router's rows and starts each new expert's row
-        at expert 0's row (plus the same noise), so the copies compete with the expert they copy.
+        router_init "parent" (the default) copies the parent router's rows and starts each new
+        expert's row at expert 0's row (plus N(0, 0.02^2) noise from `generator`), so the copies
+        compete with the expert they copy; in a layer's first round there is no parent router and
+        it is the same as "fresh". "fresh" (the reference's choice) draws every row from the noise.
         Zero-initialised new rows beside trained ones (the old behaviour) could never win a token.
         Old tokens keep their parent's routing either way, through the parent routers.
         """

@@ -59,6 +59,21 @@ def plot_allocation(allocation: Sequence[int], path: str | Path, title: str = "N
     return _save(figure, path)
 
 
+def plot_signal(table: pd.DataFrame, method: str, path: str | Path) -> Path:
+    """The allocation signal per layer (line) over the new experts it gave (bars); `table` as plan_allocation's."""
+    figure = _figure(len(table))
+    bars_axes = figure.add_subplot()
+    bars = bars_axes.bar(table["layer"], table["new_experts"], color="tab:blue", alpha=0.5, label="new experts")
+    bars_axes.bar_label(bars, fontsize=8)
+    bars_axes.set(xlabel="layer", ylabel="new experts", title=f"{method} signal and allocation (total {int(table['new_experts'].sum())})")
+    bars_axes.set_xticks(table["layer"])
+    bars_axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    line_axes = bars_axes.twinx()
+    line_axes.plot(table["layer"], table["signal"], "-o", color="tab:red", markersize=3, label=f"{method} signal")
+    line_axes.set_ylabel(f"{method} signal", color="tab:red")
+    return _save(figure, path)
+
+
 def plot_language_comparison(df: pd.DataFrame, path: str | Path, metric: str = "loss") -> Path:
     """Parent and child bars per language from a `compare_models` table; new languages on a shaded band."""
     rows = df[df["metric"] == metric].reset_index(drop=True)

@@ -29,7 +29,7 @@ SimilarityScore = Literal["mean", "old_new", "new_new"]
 Tokens = torch.Tensor | Mapping[str, torch.Tensor]
 
 
-def _ids_and_mask(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+def ids_and_mask(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(tokens, torch.Tensor):
         return tokens, torch.ones_like(tokens)
     return tokens["input_ids"], tokens["attention_mask"]
@@ -42,7 +42,7 @@ def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 
     Runs the decoder stack without the LM head (no logits are needed), in eval mode, batch by
     batch. The hooks and the model's train/eval mode are restored whatever happens.
     """
-    input_ids, attention_mask = _ids_and_mask(tokens)
+    input_ids, attention_mask = ids_and_mask(tokens)
     if batch_size < 1:
         raise LayerMoEError(f"batch_size={batch_size} must be at least 1")
     num_real = int(attention_mask.sum())

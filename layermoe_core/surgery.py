@@ -76,7 +76,7 @@ def expand(
     top_k: int | None = None,
     router_aux_loss_coef: float | None = None,
     seed: int = 0,
-    router_init: RouterInit = "fresh",
+    router_init: RouterInit = "parent",
 ) -> LayerMoEForCausalLM:
     """Add one round of new experts. The input model is modified in place and wrapped if dense.
 

@@ -106,8 +106,8 @@ class Stage1Settings(TrainSettings):
     new_prior_coef: float = _new_prior_coef()
     balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
     router_init: RouterInit = Field(
-        "fresh", description="this round's routers: fresh (re-initialised, as the reference) or parent (parent rows copied, "
-        "new experts start at expert 0's row)"
+        "parent", description="this round's routers: parent (parent rows copied, new experts start at expert 0's row; "
+        "measured better than the reference's choice, bench/router_init.py) or fresh (re-initialised, as the reference)"
     )
 
 

@@ -13,7 +13,7 @@ import tasks.registration
 import tasks.training
 from flows.add_languages import add_languages
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
-from flows.compare import ComparePlan, compare
+from flows.compare import ComparePlan, compare, with_variants
 from flows.lifelong_expansion import lifelong_expansion
 from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
 from layermoe_core.allocation import AllocationSettings
@@ -138,11 +138,32 @@ def test_compare_runs_layermoe_uniform_and_ablation_from_one_parent(world):
     shared = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(version=1))
     plan = ComparePlan.model_validate({**shared.model_dump(), "name": "cmp", "uniform_budget_factor": 2.5})
     table = compare(plan)
-    assert table["variant"].tolist() == ["layermoe", "uniform", "no-classifier"]
+    assert table["variant"].tolist() == ["layermoe", "uniform", "no_classifier"]
     uniform = table.set_index("variant").loc["uniform"]
     assert uniform["new_experts"] == 2 * 3  # ceil(2.5 * delta 2 / 2 layers) = 3 per layer
     assert (table["params_added"] > 0).all() and {"loss_delta:en", "loss_delta:hu"} <= set(table.columns)
-    for variant in ("layermoe", "uniform", "no-classifier"):
-        version = show_version(registry, f"compare-{variant}")
+    for variant in ("layermoe", "uniform", "no_classifier"):
+        version = show_version(registry, f"compare-{variant.replace('_', '-')}")
         assert version["parent_version"] == 1 and version["new_languages"] == ["hu"]
     assert show_version(registry, "compare-no-classifier")["classifier_layers"] == []
+
+
+def test_compare_runs_the_other_papers_signals_on_an_equal_budget(world):
+    root, corpora, registry = world
+    shared = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(version=1)).model_dump()
+    shared["allocation"].update(delta=3, neurons_per_language=8, finetune_steps=2, start_layer=1)
+    plan = with_variants(ComparePlan.model_validate({**shared, "name": "signals"}), ["neuron", "param_delta", "late_layers"])
+    table = compare(plan).set_index("variant")
+    assert table.index.tolist() == ["neuron", "param_delta", "late_layers"]
+    assert (table["new_experts"] == 3).all()  # equal_budget: every variant spends exactly delta
+    assert table.loc["late_layers", "allocation"] == "0 3"
+    assert {"old_drift", "old_drift_max", "new_gain", "params_added"} <= set(table.columns)
+    client = MlflowClient(registry.tracking_uri)
+    for variant in ("neuron", "param_delta"):
+        version = show_version(registry, f"compare-{variant.replace('_', '-')}")
+        files = {f.path for f in client.list_artifacts(version["run_id"], "tables")}
+        assert {"tables/signal.csv", "tables/allocation.csv", "tables/allocation_total.csv"} <= files
+    with pytest.raises(LayerMoEError, match=r"unknown variants \['dmoe'\]; choose from layermoe, uniform"):
+        with_variants(plan, ["dmoe"])
+    with pytest.raises(LayerMoEError, match="repeat a name"):
+        with_variants(plan, ["neuron", "neuron"])
