@@ -47,7 +47,7 @@ class ComparePlan(ExpansionPlan):
     equal_budget: bool = Field(True, description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
 
     @model_validator(mode="after")
-    def _distinct_variants(self) -> ComparePlan:
+    def _distinct_variants(self) -> "ComparePlan":
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants {self.variants} repeat a name; list each variant once")
         return self
