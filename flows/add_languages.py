@@ -7,8 +7,6 @@ Registration is the last step, so a round that fails anywhere registers nothing.
 same plan take turns (a lock in the round folder); the second reuses the first's cached steps.
 """
 
-from __future__ import annotations
-
 import fcntl
 import hashlib
 from collections.abc import Iterator
@@ -16,7 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from layermoe_core.data import load_documents, validate_language_code
@@ -28,6 +28,7 @@ from tasks.parent import ParentModel, register_base_model, resolve_parent
 from tasks.registration import draw_plots, gate_and_promote, register_round
 from tasks.training import run_stage1, run_stage2
 
+from .approval import review_promotion
 from .plan import ExpansionPlan
 
 ROUND_LOCK = ".round.lock"  # in the round folder; see exclusive_round
@@ -112,10 +113,26 @@ def exclusive_round(work: Path) -> Iterator[None]:
         yield
 
 
-@flow(name="add-languages", log_prints=True)
+def run_name(plan: ExpansionPlan, round_number: int | None = None) -> str:
+    """`round-2-bn-hi-ne`; a round for another alias (a compare variant) adds it: `round-1-hu-compare-uniform`."""
+    name = f"round-{round_number}-" if round_number is not None else f"{plan.name}-"
+    name += "-".join(plan.new_languages)
+    return name if plan.promote_alias == "champion" else f"{name}-{plan.promote_alias}"
+
+
+def name_this_run(name: str) -> None:
+    """Rename the running flow run, in the UI and for the artifact keys of the steps after this."""
+    context = FlowRunContext.get()
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_name(context.flow_run.id, name)
+    context.flow_run.name = name  # as Prefect's engine does when it names a run
+
+
+@flow(name="add-languages", log_prints=True, flow_run_name=lambda: run_name(ExpansionPlan.model_validate(flow_run.parameters["plan"])))
 def add_languages(plan: ExpansionPlan) -> RoundSummary:
     parent = fetch_parent(plan)
     plan.check_parent_model(parent.path)
+    name_this_run(run_name(plan, parent.round + 1))  # which round it is, only the parent knows
     work = round_dir(plan, parent.version)
     with exclusive_round(work):
         return run_round(plan, parent, work)
@@ -158,7 +175,10 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         {**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
         plan.evaluation.gates,
     )
-    promoted = gate_and_promote(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
+    if plan.promotion == "manual":
+        promoted = review_promotion(registry, version, comparison, plan.evaluation.gates, plan.promote_alias)
+    else:
+        promoted = gate_and_promote(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
     summary = RoundSummary(version=version, parent_version=parent.version, promoted=promoted, old_languages=old,
                            new_languages=new, allocation=allocation, classifier_layers=classifier_layers,
                            comparison=comparison.to_dict(orient="records"))

@@ -1,7 +1,5 @@
 """The `bootstrap-base` flow: train the demo's small multilingual base and register it as round 0."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Literal
 

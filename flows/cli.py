@@ -97,19 +97,19 @@ def cmd_compare(args) -> int | None:
     print(_interruptible(compare, plan).to_string(index=False))
 
 
-def cmd_schedule(args) -> None:
-    from .lifelong_expansion import lifelong_expansion
-    from .plan import LifelongPlan, load_plan
+def cmd_serve(args) -> None:
+    from .serve import serve_plan
 
-    plan = load_plan(args.plan, LifelongPlan)
-    if not (args.cron or args.interval):
+    if args.command == "schedule" and not (args.cron or args.interval):  # the old verb always meant "on a schedule"
         raise LayerMoEError("schedule needs --cron 'MIN HOUR DOM MON DOW' or --interval SECONDS")
-    lifelong_expansion.serve(
-        name=args.name or plan.name,
-        cron=args.cron,
-        interval=args.interval,
-        parameters={"plan": plan.model_dump(mode="json")},
-    )
+    serve_plan(args.plan, args.name, args.cron, args.interval)
+
+
+def cmd_approve(args) -> None:
+    from .approval import answer_review
+
+    name = answer_review(args.run_id, args.approve, args.reason)
+    print(f"{'approved' if args.approve else 'rejected'}: flow run {name} resumes")
 
 
 def cmd_estimate(args) -> None:
@@ -269,12 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=at_least_one, help="runs per variant (Stage-1/2 seeds +0..N-1); the table gives mean and std")
     p.set_defaults(run=cmd_compare)
 
-    p = sub.add_parser("schedule", help="serve the lifelong-expansion flow on a schedule (Ctrl-C stops)")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--cron", help="cron string, e.g. '0 3 * * 0'")
-    p.add_argument("--interval", type=int, help="seconds between runs")
+    p = sub.add_parser("serve", aliases=["schedule"],
+                       help="serve add-languages, compare and lifelong-expansion for the Prefect UI (Ctrl-C stops)")
+    p.add_argument("--plan", required=True, help="a lifelong or add-languages plan: every deployment's default parameters")
+    p.add_argument("--cron", help="schedule lifelong-expansion, e.g. '0 3 * * 0'")
+    p.add_argument("--interval", type=int, help="or run lifelong-expansion every SECONDS")
     p.add_argument("--name", help="deployment name (default: the plan's name)")
-    p.set_defaults(run=cmd_schedule)
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("approve", help="answer a round paused for review (promotion: manual), as the UI's Resume form does")
+    p.add_argument("run_id", help="the paused add-languages flow run's id")
+    decision = p.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--yes", dest="approve", action="store_true", help="move the alias to the round's version")
+    decision.add_argument("--no", dest="approve", action="store_false", help="tag the version layermoe.rejected")
+    p.add_argument("--reason", default="", help="stored on the version (required with --no)")
+    p.set_defaults(run=cmd_approve)
 
     p = sub.add_parser("estimate", help="parameters, child size, memory per device, tokens and steps of a plan; trains nothing")
     p.add_argument("--plan", required=True, help="an add-languages plan")

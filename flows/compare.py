@@ -16,14 +16,13 @@ With `seeds: N` each variant runs N times (Stage-1/2 seeds +0..N-1, same data); 
 the mean and std over seeds, and every run is logged beside it.
 """
 
-from __future__ import annotations
-
 import math
 from pathlib import Path
 from typing import Literal, get_args
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run
 from pydantic import Field, model_validator
 
 from layermoe_core import plots
@@ -51,7 +50,7 @@ class ComparePlan(ExpansionPlan):
     seeds: int = Field(1, ge=1, description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
 
     @model_validator(mode="after")
-    def _distinct_variants(self) -> ComparePlan:
+    def _distinct_variants(self) -> "ComparePlan":
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants {self.variants} repeat a name; list each variant once")
         return self
@@ -124,7 +123,12 @@ def max_old_drift(comparison: pd.DataFrame) -> float:
     return float(old["delta"].max()) if len(old) else math.nan
 
 
-@flow(name="compare", log_prints=True)
+def run_name(plan: ComparePlan) -> str:
+    """`compare-<plan name>-hu`: the comparison's own run; its variants' rounds are named by round."""
+    return f"compare-{plan.name}-" + "-".join(plan.new_languages)
+
+
+@flow(name="compare", log_prints=True, flow_run_name=lambda: run_name(ComparePlan.model_validate(flow_run.parameters["plan"])))
 def compare(plan: ComparePlan) -> pd.DataFrame:
     parent = fetch_parent(plan)
     pinned = plan.model_copy(update={"parent": plan.parent.model_copy(update={"version": parent.version, "hf_path": None})})

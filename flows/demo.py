@@ -5,8 +5,6 @@ small Qwen2 base on en/es/zh, registers it, then runs two lifelong rounds (el/hu
 bn/hi/ne) into a local sqlite MLflow store, and prints parent-vs-child perplexities.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import pandas as pd

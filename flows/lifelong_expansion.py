@@ -1,14 +1,18 @@
 """The `lifelong-expansion` flow: the plan's rounds in order, each from the newest champion."""
 
-from __future__ import annotations
-
 from prefect import flow
+from prefect.runtime import flow_run
 
 from .add_languages import RoundSummary, add_languages
 from .plan import LifelongPlan, ParentRef, check_plan_inputs
 
 
-@flow(name="lifelong-expansion", log_prints=True)
+def run_name(plan: LifelongPlan) -> str:
+    """`lifelong-el-hu-tr-then-bn-hi-ne`: the plan's name and its rounds' new languages."""
+    return f"{plan.name}-" + "-then-".join("-".join(spec.new_languages) for spec in plan.rounds)
+
+
+@flow(name="lifelong-expansion", log_prints=True, flow_run_name=lambda: run_name(LifelongPlan.model_validate(flow_run.parameters["plan"])))
 def lifelong_expansion(plan: LifelongPlan) -> list[RoundSummary]:
     """Round 1 starts from the plan's parent; every later round from the version holding the alias.
 

@@ -120,6 +120,9 @@ class ExpansionSettings(_Strict):
         None, title="Launcher", description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process"
     )
     promote_alias: str = Field("champion", title="Alias to promote", description="the alias a child that passes the gate takes")
+    promotion: Literal["auto", "manual"] = Field(
+        "auto", title="Promotion", description="auto: the gate moves the alias; manual: the round pauses after evaluation for a person to approve or reject"
+    )
     workdir: Path = Field(Path(".layermoe/work"), title="Work directory", description="checkpoints and reports of each round")
 
     @model_validator(mode="before")

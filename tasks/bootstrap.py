@@ -1,7 +1,5 @@
 """Tasks that make the demo's base model: corpus, tokenizer, trained dense base."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -14,7 +12,7 @@ from layermoe_core.offline_corpus import build_gettext_corpus
 from layermoe_core.training import TrainSettings, train_causal_lm
 
 from .common import STEP_CACHE
-from .training import progress_reporter
+from .training import ProgressReporter
 
 
 @task(name="build offline corpus", cache_policy=STEP_CACHE, persist_result=True, retries=2, retry_delay_seconds=10)
@@ -40,12 +38,12 @@ def train_base(
     if launcher is not None:
         job = BaseJob(tokenizer_dir=tokenizer_dir, size=size, seed=seed, tokens_path=tokens_path, settings=settings,
                       output_dir=output_dir)
-        result = launch(job, launcher, progress_reporter("base", settings.max_steps).fn)
+        result = launch(job, launcher, ProgressReporter("base").fn)
         get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
         return result.model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
     model = build_base_model(demo_base_config(len(tokenizer), size), seed)
-    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [progress_reporter("base", settings.max_steps)])
+    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")])
     get_run_logger().info("base model trained: %s", result.final_metrics)
     tokenizer.save_pretrained(result.model_dir)
     return result.model_dir

@@ -1,7 +1,5 @@
 """What every step task shares: the cache policy, the registry retry rule and the Prefect artifacts they publish."""
 
-from __future__ import annotations
-
 import re
 from pathlib import Path
 from typing import Any
@@ -10,6 +8,7 @@ import pandas as pd
 from prefect import Task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.runtime import flow_run
 from prefect.states import State
 
 from layermoe_core.errors import LayerMoEError
@@ -29,8 +28,12 @@ def unless_cached_output(step: Task, output: Path) -> Task:
 
 
 def artifact_key(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    """`text` keyed to this flow run (`round-2-bn-hi-ne-evaluation`), so every round keeps its own artifacts.
+
+    Prefect artifact keys allow lowercase letters, digits and dashes only.
+    """
+    key = f"{flow_run.name}-{text}" if flow_run.name else text
+    return re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")
 
 
 def publish_table(key: str, table: pd.DataFrame, description: str) -> None:

@@ -1,7 +1,5 @@
 """Resolve the parent of a round: a registry version, downloaded and verified locally."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 

@@ -15,26 +15,38 @@ from layermoe_core.launch import LauncherSettings, Stage1Job, Stage2Job, launch
 from layermoe_core.surgery import expand, insert_classifiers
 from layermoe_core.training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
 
-from .common import STEP_CACHE
+from .common import STEP_CACHE, artifact_key
 
 
-def progress_reporter(stage: str, max_steps: int | None) -> MetricsCallback:
-    """Training logs go to the flow's log and to a Prefect progress artifact."""
-    logger = get_run_logger()
-    artifact_id = create_progress_artifact(progress=0.0, description=f"{stage} training progress")
+class ProgressReporter(MetricsCallback):
+    """Training logs go to the flow's log, and progress to a Prefect progress artifact.
 
-    def report(metrics: dict[str, float], step: int) -> None:
-        logger.info("%s step %s: %s", stage, step, {k: round(v, 4) for k, v in metrics.items()})
-        if max_steps:
-            update_progress_artifact(artifact_id=artifact_id, progress=min(100.0, 100.0 * step / max_steps))
+    Progress is the Trainer's own step count over its own total (`state.max_steps`), which it
+    works out from epochs too, so plans that train by epochs show progress as well.
+    """
 
-    return MetricsCallback(report)
+    def __init__(self, stage: str):
+        logger = get_run_logger()
+        super().__init__(lambda metrics, step: logger.info("%s step %s: %s", stage, step, {k: round(v, 4) for k, v in metrics.items()}))
+        self.artifact_id = create_progress_artifact(progress=0.0, key=artifact_key(f"{stage}-progress"),
+                                                    description=f"{stage} training progress")
+
+    def _update(self, state) -> None:
+        if state.is_world_process_zero and state.max_steps:
+            update_progress_artifact(artifact_id=self.artifact_id, progress=min(100.0, 100.0 * state.global_step / state.max_steps))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        self._update(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._update(state)
 
 
 def launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str) -> TrainResult:
     """Run `job` under accelerate launch; a failed or killed launch fails the task with its log's tail."""
     get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
-    result = launch(job, launcher, progress_reporter(stage, job.settings.max_steps).fn)
+    result = launch(job, launcher, ProgressReporter(stage).fn)
     if result.resumed_from:
         get_run_logger().info("%s resumed from %s", stage, result.resumed_from)
     return result
@@ -64,7 +76,7 @@ def run_stage1(
     model = expand(load_model(parent_dir), allocation, old_languages, new_languages, top_k=top_k,
                    router_aux_loss_coef=settings.balance_loss_coef, seed=settings.seed,
                    router_init=settings.router_init)
-    result = train_stage1(model, open_sequences(tokens_path), settings, output_dir, [progress_reporter("stage1", settings.max_steps)])
+    result = train_stage1(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("stage1")])
     load_tokenizer(parent_dir).save_pretrained(result.model_dir)
     return result
 
@@ -89,7 +101,7 @@ def run_stage2(
     insert_classifiers(model, classifier_layers, seed=settings.seed)
     result = train_stage2(
         model, open_sequences(old_tokens_path), open_sequences(new_tokens_path), settings, output_dir,
-        [progress_reporter("stage2", settings.max_steps)],
+        [ProgressReporter("stage2")],
     )
     load_tokenizer(stage1_dir).save_pretrained(result.model_dir)
     return result

@@ -1,0 +1,265 @@
+"""The deployments users run from the Prefect UI, against a real `prefect server start` on loopback.
+
+`layermoe serve` serves its deployments from one process (Flow.serve hands each run to a new
+process, which is where string annotations used to break every scheduled run); `prefect.yaml`
+is deployed with `prefect deploy --all` and run by a `prefect worker start --type process`.
+Each run is triggered through the API, as the UI's "Run" button does, on a tiny round.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.cli import main
+from flows.plan import LifelongPlan, ParentRef, RoundSpec
+from layermoe_core.allocation import AllocationSettings
+from layermoe_core.evaluation import EvalSettings
+from layermoe_core.gates import GateSettings
+from layermoe_core.training import Stage1Settings, Stage2Settings
+from registry.register import register_base
+from registry.settings import RegistrySettings
+from registry.versions import list_versions, promote, show_version
+
+from .conftest import tiny_model
+from .synthetic_corpus import write_synthetic_corpus
+from .test_flows import FAST, TOKENS
+from .tiny_tokenizer import tiny_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+BASE_LANGUAGES = ["en", "es"]
+DEADLINE_S = 600.0  # guards against a hung server or run, not a timing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """A child process's environment: its own PREFECT_HOME, this repository importable, the test server's API."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO_ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@contextmanager
+def running(command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO_ROOT) -> Iterator[subprocess.Popen]:
+    """A background process in its own process group, stopped (and its children with it) on exit."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+def wait_until(condition, what: str, process: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-5000:]}")
+        result = condition()
+        if result:
+            return result
+        time.sleep(1)
+    pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """A real Prefect server (API only, sqlite) on a free loopback port, for this module."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**process_env(home), "PREFECT_UI_ENABLED": "false"}
+    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running(command, env, home / "server.log") as server:
+
+        def healthy() -> bool:
+            try:
+                return urllib.request.urlopen(f"{url}/health", timeout=5).status == 200
+            except OSError:
+                return False
+
+        wait_until(healthy, "the Prefect server", server, home / "server.log")
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny Qwen2 base (a local HF directory, registered by the first round) and five synthetic corpora."""
+    root = tmp_path_factory.mktemp("deployments")
+    base = root / "base"
+    tiny_model("qwen2").save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    return base, write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "tr", "hu"], documents=400)
+
+
+def tiny_plan(world: tuple[Path, dict], folder: Path, name: str, rounds: list[list[str]], **changes) -> LifelongPlan:
+    """Rounds from the tiny base with gates that pass: the child's quality is not the point here."""
+    base, corpora = world
+    settings = dict(
+        name=name, registry=RegistrySettings(tracking_uri=f"sqlite:///{folder}/mlflow.db", registered_model_name="tiny"),
+        corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layers=1,
+        stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**{**FAST, "max_steps": None, "num_epochs": 1}),  # by epochs, as shipped plans
+        evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
+        parent=ParentRef(hf_path=base, languages=BASE_LANGUAGES), rounds=[RoundSpec(new_languages=r) for r in rounds],
+        workdir=folder / "work",
+    )
+    return LifelongPlan(**{**settings, **changes})
+
+
+def read_deployment(name: str) -> DeploymentResponse | None:
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return None
+
+
+def subflow_runs(run: FlowRun) -> list[FlowRun]:
+    """The flow runs started inside `run`: a lifelong run's rounds."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+
+
+def read_flow_run(run_id) -> FlowRun:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
+
+
+def artifacts_of(run: FlowRun) -> dict[str, object]:
+    """The run's artifacts by key: what the Artifacts page lists for it."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    return {a.key: a.data for a in found if a.key}
+
+
+def assert_round_registered(plan: LifelongPlan) -> None:
+    versions = list_versions(plan.registry)
+    assert versions["version"].tolist() == [1, 2] and versions["parent"].tolist()[1] == 1
+    child = show_version(plan.registry, "champion")
+    assert child["version"] == 2 and child["new_languages"] == plan.rounds[0].new_languages
+
+
+def test_layermoe_serve_serves_every_story_and_a_triggered_lifelong_run_completes(prefect_api, tiny_world, tmp_path):
+    plan = tiny_plan(tiny_world, tmp_path, "served", [["hu"]])
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan.model_dump(mode="json")))
+    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file), "--cron", "0 3 * * 0"]
+    stories = ["add-languages/served", "compare/served", "lifelong-expansion/served"]
+    with running(serve, process_env(tmp_path / "serve-home", prefect_api), tmp_path / "serve.log") as server:
+        wait_until(lambda: all(read_deployment(name) for name in stories), "the served deployments", server, tmp_path / "serve.log")
+        add, comparison, lifelong = (read_deployment(name) for name in stories)
+        assert [s.schedule.cron for s in lifelong.schedules] == ["0 3 * * 0"] and add.schedules == comparison.schedules == []
+        assert add.parameters["plan"]["new_languages"] == comparison.parameters["plan"]["new_languages"] == ["hu"]
+        assert lifelong.parameters["plan"]["rounds"] == [{"new_languages": ["hu"], "allocation": None}]
+
+        flow_run = run_deployment("lifelong-expansion/served", timeout=DEADLINE_S)
+    log = (tmp_path / "serve.log").read_text()
+    assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-8000:]}"
+    assert_round_registered(plan)
+
+    # A run a person can follow: named by round and languages, artifacts keyed by round, progress to the end.
+    assert flow_run.name == "served-hu"
+    (round_run,) = subflow_runs(flow_run)
+    assert round_run.name == "round-1-hu"
+    artifacts = artifacts_of(round_run)
+    assert {"round-1-hu-similarity", "round-1-hu-allocation", "round-1-hu-routing", "round-1-hu-evaluation", "round-1-hu-gate"} <= set(artifacts)
+    assert float(artifacts["round-1-hu-stage1-progress"]) == 100.0
+    assert float(artifacts["round-1-hu-stage2-progress"]) == 100.0  # Stage 2 trains by epochs: no max_steps
+
+
+def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_api, tiny_world, tmp_path):
+    plan = tiny_plan(tiny_world, tmp_path, "on-worker", [["tr"]])
+    env = process_env(tmp_path / "deploy-home", prefect_api)
+    for pool in ("layermoe", "layermoe-gpu"):  # the compose stack's pools (its workers create them)
+        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True)
+    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"],
+                            check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    worker = [PREFECT, "worker", "start", "--pool", "layermoe", "--type", "process"]
+    with running(worker, process_env(tmp_path / "worker-home", prefect_api), tmp_path / "worker.log"):
+        # working_dir: prefect.yaml's /data is the compose workers' volume; here, this test's folder.
+        flow_run = run_deployment("lifelong-expansion/cpu", parameters={"plan": json.loads(plan.model_dump_json())},
+                                  job_variables={"working_dir": str(tmp_path)}, timeout=DEADLINE_S)
+    log = (tmp_path / "worker.log").read_text()
+    assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-8000:]}"
+    assert_round_registered(plan)
+
+
+def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_alias(prefect_api, tiny_world, tmp_path):
+    base, _ = tiny_world
+    plan = tiny_plan(tiny_world, tmp_path, "reviewed", [["hu"]], promotion="manual", parent=ParentRef(version=1))
+    promote(plan.registry, register_base(plan.registry, base, BASE_LANGUAGES).version)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(plan.model_dump(mode="json")))
+    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file)]
+    with running(serve, process_env(tmp_path / "serve-home", prefect_api), tmp_path / "serve.log") as server:
+        wait_until(lambda: read_deployment("add-languages/reviewed"), "the served deployments", server, tmp_path / "serve.log")
+        defaults = read_deployment("add-languages/reviewed").parameters["plan"]
+        runs = {lang: run_deployment("add-languages/reviewed", parameters={"plan": {**defaults, "new_languages": [lang]}}, timeout=0)
+                for lang in ("hu", "tr")}
+        paused = {lang: wait_until(lambda run=run: (now := read_flow_run(run.id)).state.is_paused() and now,
+                                   f"round {lang} to pause for review", server, tmp_path / "serve.log")
+                  for lang, run in runs.items()}
+        assert {lang: run.name for lang, run in paused.items()} == {"hu": "round-1-hu", "tr": "round-1-tr"}
+        for run in paused.values():
+            artifacts = artifacts_of(run)
+            assert "awaiting a reviewer" in artifacts[f"{run.name}-gate"] and artifacts[f"{run.name}-comparison"]
+        assert show_version(plan.registry, "champion")["version"] == 1  # nothing moves while the reviewers think
+
+        assert main(["approve", str(runs["hu"].id), "--yes", "--reason", "hu reads well"]) == 0
+        assert main(["approve", str(runs["tr"].id), "--no", "--reason", "en drifted too far"]) == 0
+        done = {lang: wait_until(lambda run=run: (now := read_flow_run(run.id)).state.is_final() and now,
+                                 f"round {lang} to finish", server, tmp_path / "serve.log")
+                for lang, run in runs.items()}
+    log = (tmp_path / "serve.log").read_text()
+    assert all(run.state.is_completed() for run in done.values()), f"{[r.state for r in done.values()]}\n{log[-8000:]}"
+    champion = show_version(plan.registry, "champion")
+    assert champion["new_languages"] == ["hu"] and champion["other_tags"]["layermoe.approved_reason"] == "hu reads well"
+    versions = list_versions(plan.registry)
+    (rejected,) = versions.loc[versions["new_languages"] == "tr", "version"]
+    rejected = show_version(plan.registry, int(rejected))
+    assert rejected["aliases"] == [] and rejected["other_tags"]["layermoe.rejected"] == "true"
+    assert rejected["other_tags"]["layermoe.rejected_reason"] == "reviewer: en drifted too far"
+    assert "layermoe.approved" not in rejected["other_tags"]
+
+
+def test_approve_refuses_a_run_that_is_not_paused_for_review(prefect_api, capsys):
+    assert main(["approve", "00000000-0000-0000-0000-000000000000", "--yes"]) == 2
+    assert "does not exist" in capsys.readouterr().err
