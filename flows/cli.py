@@ -245,7 +245,7 @@ def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--model-name", default=argparse.SUPPRESS, help="registered model name (default: the plan's, or layermoe)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
+            for subparser in {id(choice): choice for choice in action.choices.values()}.values():  # an alias repeats its parser
                 _with_global_options(subparser)
     return parser
 
