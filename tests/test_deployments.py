@@ -134,7 +134,7 @@ def tiny_plan(world: tuple[Path, dict], folder: Path, name: str, rounds: list[li
     base, corpora = world
     settings = dict(
         name=name, registry=RegistrySettings(tracking_uri=f"sqlite:///{folder}/mlflow.db", registered_model_name="tiny"),
-        corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layers=1,
+        corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1,
         stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**{**FAST, "max_steps": None, "num_epochs": 1}),  # by epochs, as shipped plans
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
         parent=ParentRef(hf_path=base, languages=BASE_LANGUAGES), rounds=[RoundSpec(new_languages=r) for r in rounds],

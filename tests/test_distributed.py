@@ -142,7 +142,7 @@ def round_plan(world, registry, workdir: Path, launcher: LauncherSettings | None
     batch = {"per_device_batch_size": GLOBAL_BATCH // (launcher.processes if launcher else 1)}
     return ExpansionPlan(
         name="distributed", registry=registry, corpora=corpora, tokens=TOKENS,
-        allocation=AllocationSettings(method="fixed", fixed=[2, 1]), classifier_layers=1,
+        allocation=AllocationSettings(method="fixed", fixed=[2, 1]), classifier_layer_count=1,
         stage1=Stage1Settings(**{**STAGE1, **batch, **stage}), stage2=Stage2Settings(**{**STAGE2, **batch, **stage}),
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
         parent=ParentRef(version=1), new_languages=["el"], launcher=launcher, workdir=workdir,
