@@ -236,7 +236,7 @@ def test_round_on_real_mlflow_server_registers_model_tables_plots_and_moves_alia
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
     listed = {folder: {Path(a.path).name for a in client.list_artifacts(champion["run_id"], folder)}
               for folder in ("model", "tables", "plots")}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "layermoe_files.json"} <= listed["model"]
+    assert {"config.json", "model.safetensors.delta.safetensors", "tokenizer.json", "layermoe_files.json"} <= listed["model"]  # a delta of v1
     assert {"similarity.csv", "allocation.csv", "routing.csv", "evaluation.csv", "stage1_log.csv"} <= listed["tables"]
     assert {"similarity.png", "allocation.png", "routing.png", "languages.png"} <= listed["plots"]
     # Proxied artifacts: the bytes sit in the server's store, and come back verified against the manifest.
