@@ -243,13 +243,24 @@ def promote(settings: RegistrySettings, version: VersionRef, alias: str = "champ
                 f"version {info.version} is not fully registered (status {info.status}, manifest tag "
                 f"{'present' if info.manifest_sha256 else 'missing'}); re-register its checkpoint before promoting"
             )
-        try:
-            client.set_registered_model_alias(info.name, alias, str(info.version))
-        except MlflowException as e:
-            if e.error_code != "INVALID_PARAMETER_VALUE":
-                raise
-            raise LayerMoEError(f"alias {alias!r} is refused by MLflow ({e.message}); use letters, digits, '_' or '-'") from e
+        for attempt in range(3):
+            try:
+                client.set_registered_model_alias(info.name, alias, str(info.version))
+                break
+            except MlflowException as e:
+                if e.error_code == "INVALID_PARAMETER_VALUE":
+                    raise LayerMoEError(f"alias {alias!r} is refused by MLflow ({e.message}); use letters, digits, '_' or '-'") from e
+                if attempt == 2 or not _alias_write_collided(e):
+                    raise
+            except Exception as e:
+                if attempt == 2 or not _alias_write_collided(e):
+                    raise
         return find_version(client, settings, info.version)
+
+
+def _alias_write_collided(error: Exception) -> bool:
+    """Two processes moving one alias at once on a SQL store collide in MLflow's delete-then-insert; the retry wins."""
+    return "UNIQUE constraint" in str(error) or "IntegrityError" in str(error) or "duplicate key" in str(error)
 
 
 def tag_version(settings: RegistrySettings, version: VersionRef, tags: Mapping[str, object]) -> VersionInfo:
