@@ -174,9 +174,10 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         {"stage1": stage1.log_history, "stage2": stage2.log_history},
         {**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
         plan.evaluation.gates,
+        pending_review=plan.promotion == "manual",
     )
     if plan.promotion == "manual":
-        promoted = review_promotion(registry, version, comparison, plan.evaluation.gates, plan.promote_alias)
+        promoted = review_promotion(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
     else:
         promoted = gate_and_promote(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
     summary = RoundSummary(version=version, parent_version=parent.version, promoted=promoted, old_languages=old,

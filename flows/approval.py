@@ -1,9 +1,11 @@
 """The manual promotion gate (`promotion: manual`): a person approves or rejects each child.
 
-After evaluation and registration the round pauses with the comparison table and the gate's
-verdict as artifacts. The Prefect UI's "Resume" form (or `layermoe approve RUN_ID --yes|--no
---reason ...`) answers it: approve moves the alias to the child; reject tags the child
-`layermoe.rejected` with the reviewer's reason and leaves the alias where it is.
+After evaluation the child is registered with the verdict "pending" (its card shows the automatic
+gate's advice), and the round pauses with the comparison table and the gate's advice as artifacts.
+The Prefect UI's "Resume" form (or `layermoe approve RUN_ID --yes|--no --reason ...`) answers it,
+and the answer is written on the version as the automatic gate's is: the `layermoe.verdict` tag and
+the model card's verdict, with the reviewer's reason. Approve moves the alias to the child (and tags it
+`layermoe.approved`); reject tags it `layermoe.rejected` and leaves the alias where it is.
 """
 
 from uuid import UUID
@@ -17,8 +19,9 @@ from pydantic import Field
 
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.gates import GateSettings, evaluate_gates
-from registry import RegistrySettings, promote, tag_version
+from registry import RegistrySettings, Verdict
 from tasks.common import publish_markdown, publish_table
+from tasks.registration import record_review
 
 REVIEW_TIMEOUT_S = 7 * 24 * 3600  # unanswered for a week, the run fails and the alias stays
 REVIEW_POLL_S = 5
@@ -31,7 +34,9 @@ class Review(RunInput):
     reason: str = Field("", description="Why; stored on the version (required to reject).")
 
 
-def review_promotion(registry: RegistrySettings, version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str) -> bool:
+def review_promotion(
+    registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str
+) -> bool:
     """Pause for a person's decision on `version`; returns whether it took `alias`."""
     decision = evaluate_gates(comparison, gates)
     verdict = "passes" if decision.passed else "fails"
@@ -46,13 +51,13 @@ def review_promotion(registry: RegistrySettings, version: int, comparison: pd.Da
     logger = get_run_logger()
     logger.info("version %s %s the gate; paused for review (Resume in the UI, or layermoe approve)", version, verdict)
     review = pause_flow_run(wait_for_input=Review, timeout=REVIEW_TIMEOUT_S, poll_interval=REVIEW_POLL_S)
+    reason = f"reviewer: {review.reason.strip() or 'no reason given'}"
+    advice = f"automatic gate: {'passes' if decision.passed else 'fails'}"
+    verdict = Verdict(passed=review.approve, reasons=[reason, *(f"{advice}: {r}" for r in decision.reasons)], decided_by="reviewer")
+    record_review(registry, version, parent_version, verdict, alias)
     if review.approve:
-        promote(registry, version, alias)
-        tag_version(registry, version, {"layermoe.approved": "true", "layermoe.approved_reason": review.reason})
-        outcome = f"approved: version {version} holds `{alias}`"
+        outcome = f"approved ({reason}): version {version} holds `{alias}`"
     else:
-        reason = f"reviewer: {review.reason or 'no reason given'}"
-        tag_version(registry, version, {"layermoe.rejected": "true", "layermoe.rejected_reason": reason})
         outcome = f"rejected ({reason}); `{alias}` stays where it was"
     publish_markdown("review", f"Version {version} {outcome}.", "Reviewer's decision")
     logger.info("review: %s", outcome)

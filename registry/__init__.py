@@ -23,6 +23,7 @@ from .versions import (  # noqa: E402
     list_versions,
     newest_version,
     promote,
+    record_verdict,
     show_version,
     tag_version,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "log_report_run",
     "newest_version",
     "promote",
+    "record_verdict",
     "register_base",
     "register_child",
     "show_version",

@@ -9,18 +9,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from .tags import VERDICT, VERDICT_REASON
+
 
 class Verdict(BaseModel):
-    """The gate's decision on a child (layermoe_core.gates.GateDecision has the same fields)."""
+    """The decision on a child: the automatic gate's (layermoe_core.gates.GateDecision has its fields) or a reviewer's.
+
+    With `promotion: manual` a child is registered `pending` (its `passed` is then the gate's advice)
+    and gets the reviewer's verdict when the round resumes.
+    """
 
     model_config = ConfigDict(frozen=True)
 
     passed: bool
     reasons: list[str]
+    decided_by: Literal["gate", "reviewer", "pending"] = "gate"
+
+    @property
+    def tag(self) -> str:
+        """The `layermoe.verdict` value: "passed", "rejected" or "pending"."""
+        return "pending" if self.decided_by == "pending" else "passed" if self.passed else "rejected"
+
+
+MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
+REJECTED, REJECTED_REASON = "layermoe.rejected", "layermoe.rejected_reason"
+APPROVED, APPROVED_REASON = "layermoe.approved", "layermoe.approved_reason"
+OUTCOME_TAGS = (VERDICT, VERDICT_REASON, REJECTED, REJECTED_REASON, APPROVED, APPROVED_REASON)
+
+
+def verdict_tags(verdict: Verdict) -> dict[str, str]:
+    """The version tags a verdict writes: the verdict and its reasons, plus `layermoe.rejected` (any rejection)
+    or `layermoe.approved` (a reviewer's approval) with the same reasons."""
+    reason = "; ".join(verdict.reasons)[:MAX_TAG_CHARS]
+    tags = {VERDICT: verdict.tag, VERDICT_REASON: reason}
+    if verdict.tag == "rejected":
+        tags |= {REJECTED: "true", REJECTED_REASON: reason}
+    elif verdict.tag == "passed" and verdict.decided_by == "reviewer":
+        tags |= {APPROVED: "true", APPROVED_REASON: reason}
+    return tags
 
 
 def version_page(name: str, version: int) -> str:
@@ -75,11 +106,29 @@ def _number(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+VERDICT_HEAD = "**Gate verdict"  # the card's verdict block runs from this line to the next "### " heading
+
+
 def _verdict_lines(verdict: Verdict | None) -> list[str]:
     if verdict is None:
-        return ["**Gate verdict:** not evaluated."]
-    head = "**Gate verdict: PASSED**" if verdict.passed else "**Gate verdict: REJECTED**"
-    return [head, "", *[f"- {reason}" for reason in verdict.reasons]]
+        return [f"{VERDICT_HEAD}:** not evaluated."]
+    head = {
+        ("gate", True): "PASSED**", ("gate", False): "REJECTED**",
+        ("reviewer", True): "PASSED** (approved by a reviewer)", ("reviewer", False): "REJECTED** (by a reviewer)",
+        ("pending", True): "PENDING** (awaiting a reviewer; the automatic gate passes it)",
+        ("pending", False): "PENDING** (awaiting a reviewer; the automatic gate rejects it)",
+    }[verdict.decided_by, verdict.passed]
+    return [f"{VERDICT_HEAD}: {head}", "", *[f"- {reason}" for reason in verdict.reasons]]
+
+
+def with_verdict(card: str, verdict: Verdict) -> str:
+    """`card` (a child_card) with its verdict block replaced by `verdict`'s; appended if the card has none."""
+    lines = card.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(VERDICT_HEAD)), None)
+    if start is None:
+        return "\n".join([*lines, "", *_verdict_lines(verdict)])
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("### ")), len(lines))
+    return "\n".join([*lines[:start], *_verdict_lines(verdict), "", *lines[end:]])
 
 
 def child_card(

@@ -38,6 +38,7 @@ from .model_card import (
     old_drift_max,
     own_metrics,
     step_metric_rows,
+    verdict_tags,
 )
 from .model_files import (
     CONFIG_FILE,
@@ -67,7 +68,6 @@ from .tags import (
     STORED_BYTES,
     STORED_SHA256,
     VERDICT,
-    VERDICT_REASON,
     encode_tags,
 )
 from .versions import VersionInfo, VersionRef, all_infos, find_version
@@ -329,9 +329,7 @@ def register_child(
         )
     parent_params = parent.params_total
     params_added = prepared.params_total - parent_params if parent_params is not None else None
-    outcome = {}
-    if verdict is not None:
-        outcome = {VERDICT: "passed" if verdict.passed else "rejected", VERDICT_REASON: "; ".join(verdict.reasons)[:_MAX_TAG_CHARS]}
+    outcome = verdict_tags(verdict) if verdict is not None else {}
     if comparison is not None:
         outcome |= {OLD_DRIFT_MAX: old_drift_max(comparison), NEW_GAIN: new_language_gain(comparison)}
     version_tags = encode_tags({
@@ -365,9 +363,6 @@ def register_child(
 
     return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports,
                      parent if settings.delta_storage else None)
-
-
-_MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 
 
 def _backfill_parent_metrics(client: MlflowClient, parent_run_id: str, metrics: Mapping[str, float]) -> None:

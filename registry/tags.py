@@ -21,7 +21,7 @@ STORED_SHA256 = "layermoe.stored_sha256"  # digest of layermoe_stored.json, the 
 STORED_BYTES = "layermoe.stored_bytes"  # bytes this version adds to the artifact store
 
 # The round's outcome, readable in the registry's version list (not lineage: a reviewer may change them).
-VERDICT = "layermoe.verdict"  # "passed", "rejected" or "base"
+VERDICT = "layermoe.verdict"  # "passed", "rejected", "base", or "pending" (awaiting a reviewer)
 VERDICT_REASON = "layermoe.verdict_reason"
 OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
 NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from layermoe_core.errors import LayerMoEError
 
 from .client import open_client, store_errors
+from .model_card import OUTCOME_TAGS, Verdict, verdict_tags, with_verdict
 from .settings import RegistrySettings
 from .tags import (
     ALLOCATION,
@@ -116,7 +117,7 @@ class VersionInfo(BaseModel):
 
     @property
     def verdict(self) -> str | None:
-        """"passed", "rejected" or "base"; None on versions registered before verdicts were tagged."""
+        """"passed", "rejected", "base" or "pending" (awaiting a reviewer); None on versions registered before verdicts were tagged."""
         return self.tags.get(VERDICT)
 
     @property
@@ -273,6 +274,25 @@ def tag_version(settings: RegistrySettings, version: VersionRef, tags: Mapping[s
         info = find_version(client, settings, version)
         for key, value in encode_tags(tags).items():
             client.set_model_version_tag(info.name, str(info.version), key, value)
+        return find_version(client, settings, info.version)
+
+
+def record_verdict(settings: RegistrySettings, version: VersionRef, verdict: Verdict) -> VersionInfo:
+    """Write a decision reached after registration (a reviewer's) as registration writes the gate's: the verdict
+    tags (`layermoe.rejected` with the reasons on a rejection) and the model card's verdict block.
+
+    Outcome tags of an earlier verdict that this one does not set (a pending version's) are removed; no alias moves.
+    """
+    tags = verdict_tags(verdict)
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, version)
+        for key, value in tags.items():
+            client.set_model_version_tag(info.name, str(info.version), key, value)
+        for key in set(OUTCOME_TAGS) - set(tags):
+            if key in info.tags:
+                client.delete_model_version_tag(info.name, str(info.version), key)
+        client.update_model_version(info.name, str(info.version), description=with_verdict(info.description or "", verdict))
         return find_version(client, settings, info.version)
 
 

@@ -13,8 +13,8 @@ from registry import (
     alias_version,
     log_report_run,
     promote,
+    record_verdict,
     register_child,
-    tag_version,
 )
 
 from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreachable
@@ -52,41 +52,55 @@ def register_round(
     training_history: dict[str, list[dict]],
     params: dict,
     gates: GateSettings,
+    pending_review: bool = False,
 ) -> int:
-    """Everything is written before this returns, the gate verdict included; no alias moves here."""
+    """Everything is written before this returns, the gate verdict included (with `pending_review`, the verdict is
+    "pending" and the gate's only advice); no alias moves here."""
     comparison = tables["evaluation"]
     decision = evaluate_gates(comparison, gates)
     metrics = routing_metrics(tables["routing"]) if "routing" in tables else {}
     history_tables = {f"{stage}_log": pd.DataFrame(rows) for stage, rows in training_history.items() if rows}
     version = register_child(
         registry, child_dir, parent_version, round_info, {**tables, **history_tables}, plot_files, metrics, params,
-        comparison=comparison, verdict=Verdict(passed=decision.passed, reasons=decision.reasons),
+        comparison=comparison,
+        verdict=Verdict(passed=decision.passed, reasons=decision.reasons, decided_by="pending" if pending_review else "gate"),
         training_history=training_history,
     ).version
-    get_run_logger().info("registered version %s (parent %s), gate %s", version, parent_version,
-                          "passed" if decision.passed else "rejected")
+    get_run_logger().info("registered version %s (parent %s), gate %s%s", version, parent_version,
+                          "passed" if decision.passed else "rejected", ", awaiting a reviewer" if pending_review else "")
     return version
+
+
+def move_alias(registry: RegistrySettings, version: int, parent_version: int, passed: bool, alias: str) -> None:
+    """A passing child takes `alias`; after a rejection it stays where it is, or, where it is not set yet (a first
+    round), goes to the parent, so the next round starts from the best model there is."""
+    if passed:
+        promote(registry, version, alias)
+    elif alias_version(registry, alias) is None:
+        promote(registry, parent_version, alias)
 
 
 @task(name="gate and promote", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
 def gate_and_promote(
     registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str
 ) -> bool:
-    """The child takes `alias` only if old languages held and new ones improved; else it is tagged rejected.
+    """The child takes `alias` only if old languages held and new ones improved (see move_alias).
 
-    A rejected child leaves `alias` where it is; where it is not set yet (a first round), it goes
-    to the parent, so the next round starts from the best model there is.
+    Its verdict (tags, `layermoe.rejected` on a rejection, the card) was written at registration.
     """
     decision = evaluate_gates(comparison, gates)
-    if decision.passed:
-        promote(registry, version, alias)
-    else:
-        tag_version(registry, version, {"layermoe.rejected": "true", "layermoe.rejected_reason": "; ".join(decision.reasons)})
-        if alias_version(registry, alias) is None:
-            promote(registry, parent_version, alias)
+    move_alias(registry, version, parent_version, decision.passed, alias)
     verdict = f"promoted to `{alias}`" if decision.passed else f"rejected; `{alias}` stays on the parent"
     publish_markdown("gate", f"Version {version} {verdict}.\n\n" + "\n".join(f"- {r}" for r in decision.reasons), "Round gate")
     return decision.passed
+
+
+@task(name="record review", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
+def record_review(registry: RegistrySettings, version: int, parent_version: int, verdict: Verdict, alias: str) -> bool:
+    """A reviewer's verdict, written on the version as the gate's is (tags, card), then the alias moved as the gate would."""
+    record_verdict(registry, version, verdict)
+    move_alias(registry, version, parent_version, verdict.passed, alias)
+    return verdict.passed
 
 
 @task(name="log comparison report", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)

@@ -242,6 +242,9 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
             artifacts = artifacts_of(run)
             assert "awaiting a reviewer" in artifacts[f"{run.name}-gate"] and artifacts[f"{run.name}-comparison"]
         assert show_version(plan.registry, "champion")["version"] == 1  # nothing moves while the reviewers think
+        for waiting in (show_version(plan.registry, v) for v in (2, 3)):
+            assert waiting["other_tags"]["layermoe.verdict"] == "pending"
+            assert "**Gate verdict: PENDING** (awaiting a reviewer; the automatic gate passes it)" in waiting["description"]
 
         assert main(["approve", str(runs["hu"].id), "--yes", "--reason", "hu reads well"]) == 0
         assert main(["approve", str(runs["tr"].id), "--no", "--reason", "en drifted too far"]) == 0
@@ -250,13 +253,21 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
                 for lang, run in runs.items()}
     log = (tmp_path / "serve.log").read_text()
     assert all(run.state.is_completed() for run in done.values()), f"{[r.state for r in done.values()]}\n{log[-8000:]}"
+    # The reviewer's answer is written as the automatic gate writes its own: the verdict tag, the card, the reason.
     champion = show_version(plan.registry, "champion")
-    assert champion["new_languages"] == ["hu"] and champion["other_tags"]["layermoe.approved_reason"] == "hu reads well"
+    approved = champion["other_tags"]
+    assert champion["new_languages"] == ["hu"] and approved["layermoe.verdict"] == "passed"
+    assert approved["layermoe.verdict_reason"].startswith("reviewer: hu reads well; automatic gate: passes: ")
+    assert approved["layermoe.approved"] == "true" and approved["layermoe.approved_reason"] == approved["layermoe.verdict_reason"]
+    assert "**Gate verdict: PASSED** (approved by a reviewer)\n\n- reviewer: hu reads well\n" in champion["description"]
+    assert "PENDING" not in champion["description"] and "### Held-out metrics: parent / child / delta" in champion["description"]
     versions = list_versions(plan.registry)
-    (rejected,) = versions.loc[versions["new_languages"] == "tr", "version"]
-    rejected = show_version(plan.registry, int(rejected))
-    assert rejected["aliases"] == [] and rejected["other_tags"]["layermoe.rejected"] == "true"
-    assert rejected["other_tags"]["layermoe.rejected_reason"] == "reviewer: en drifted too far"
+    assert versions.set_index("version")["verdict"].to_dict() == {1: "base", champion["version"]: "passed", 5 - champion["version"]: "rejected"}
+    rejected = show_version(plan.registry, 5 - champion["version"])
+    assert rejected["new_languages"] == ["tr"] and rejected["aliases"] == []
+    assert rejected["other_tags"]["layermoe.rejected"] == "true" and rejected["other_tags"]["layermoe.verdict"] == "rejected"
+    assert rejected["other_tags"]["layermoe.rejected_reason"].startswith("reviewer: en drifted too far; automatic gate: passes: ")
+    assert "**Gate verdict: REJECTED** (by a reviewer)\n\n- reviewer: en drifted too far\n" in rejected["description"]
     assert "layermoe.approved" not in rejected["other_tags"]
 
 
