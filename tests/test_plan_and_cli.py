@@ -304,6 +304,30 @@ def test_every_plan_field_in_the_run_form_has_a_title_and_a_description_and_says
                 assert re.search(r"\b(empty|none)\b", prop["description"], re.IGNORECASE), f"{model}.{field}: what does empty mean?"
 
 
+def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_empty_optional_fields_do():
+    """Prefect titles a nested model's section with its schema title; without one, that is the class name."""
+    from flows.add_languages import add_languages
+    from flows.compare import compare
+    from flows.lifelong_expansion import lifelong_expansion
+
+    for flow in (add_languages, lifelong_expansion, compare):
+        definitions = flow_form(flow)["definitions"]
+        assert {"AllocationSettings", "Stage1Settings", "Stage2Settings", "EvalSettings", "GateSettings", "CorpusSpec",
+                "RegistrySettings", "LauncherSettings", "TranslationSettings", "HarnessTask"} <= set(definitions)
+        for name, definition in definitions.items():
+            title = definition.get("title", "")
+            assert title and title != name and not re.search(r"[a-z][A-Z]", title), f"{name} shows as {title!r} in the form"
+            assert len(definition.get("description") or "") > 20, f"section {title!r} ({name}) lacks a description"
+            for field, prop in definition.get("properties", {}).items():
+                prop = {**prop, **(definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {})}
+                assert prop.get("title") and prop.get("description"), f"{name}.{field} lacks a title or description"
+                if prop.get("default", "unset") is None:
+                    assert re.search(r"\b(empty|none|default)\b", prop["description"], re.IGNORECASE), \
+                        f"{name}.{field}: the form shows an empty field; its description must say what empty does"
+    stage1 = flow_form(add_languages)["definitions"]["Stage1Settings"]
+    assert stage1["title"] == "Stage 1: new experts" and "empty: train num_epochs" in stage1["properties"]["max_steps"]["description"]
+
+
 # -- Ctrl-C ------------------------------------------------------------------------------
 def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
     """SIGINT to the CLI's process group, as a terminal's Ctrl-C sends it, while Stage 1 trains."""

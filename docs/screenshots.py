@@ -1,0 +1,241 @@
+"""Take the README's screenshots of the Prefect and MLflow UIs from a tiny run (a developer tool, not part of the package).
+
+    PYTHONPATH=. python docs/screenshots.py [--out docs/img] [--keep DIR]
+
+What it runs, all on 127.0.0.1 in a temporary folder:
+1. `prefect server start` (temporary PREFECT_HOME, sqlite) and `layermoe serve --plan tiny.yaml`: a tiny Qwen2 base,
+   synthetic en/es/hu/tr corpora, the registry a sqlite MLflow store. Screenshot: add-languages' custom-run form.
+2. A run of the `lifelong-expansion` deployment (one round adding hu) to Completed. Screenshot: the round's run, Artifacts tab.
+3. A run of `add-languages` adding tr with `promotion: manual`, which pauses for review. Screenshot: its Resume form.
+   Then `layermoe approve RUN_ID --no --reason ...` answers it.
+4. `mlflow server` on the same sqlite store. Screenshots: the registered model's versions, and version 2's page.
+
+Chromium (headless) is driven through its DevTools protocol, so a page is captured once it has rendered and the
+Resume button can be clicked; each PNG is then quantised with pngquant when it is installed.
+"""
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import websockets
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WIDTH, HEIGHT = 1400, 2000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_for(condition, what: str, timeout: float = 900.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := condition():
+                return result
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(what)
+
+
+def http_json(url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST" if data else "GET")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+class Browser:
+    """Headless Chromium over the DevTools protocol: open a URL, wait for text, click, capture."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--remote-debugging-port={self.port}",
+             f"--window-size={WIDTH},{HEIGHT}", f"--user-data-dir={workdir / 'chromium'}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        targets = wait_for(lambda: http_json(f"http://127.0.0.1:{self.port}/json/list"), "chromium", 60)
+        self.ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+
+    async def _call(self, ws, method: str, **params):
+        self._id = getattr(self, "_id", 0) + 1
+        await ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(await ws.recv())
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    async def _shoot(self, url: str, out: Path, wait_text: list[str], clicks: list[str], settle_s: float) -> None:
+        async with websockets.connect(self.ws_url, max_size=64 * 2**20) as ws:
+            await self._call(ws, "Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+            await self._call(ws, "Page.navigate", url=url)
+            for text in wait_text:
+                await self._wait_text(ws, text)
+            for label in clicks:  # a button or tab by its visible text
+                script = ("(() => { const el = [...document.querySelectorAll('button, a, [role=tab]')]"
+                          f".find(e => e.innerText.trim() === {json.dumps(label)}); if (el) {{ el.click(); return true; }} return false; }})()")
+                clicked = False
+                for _ in range(60):
+                    clicked = (await self._call(ws, "Runtime.evaluate", expression=script, returnByValue=True))["result"]["value"]
+                    if clicked:
+                        break
+                    await asyncio.sleep(1)
+                if not clicked:
+                    raise RuntimeError(f"no {label!r} to click on {url}")
+                await asyncio.sleep(2)
+            await asyncio.sleep(settle_s)
+            shot = await self._call(ws, "Page.captureScreenshot", format="png")
+            out.write_bytes(base64.b64decode(shot["data"]))
+
+    async def _wait_text(self, ws, text: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = await self._call(ws, "Runtime.evaluate", expression=f"document.body && document.body.innerText.includes({json.dumps(text)})",
+                                     returnByValue=True)
+            if found["result"].get("value"):
+                return
+            await asyncio.sleep(1)
+        print(f"warning: text {text!r} never appeared; capturing the page as it is", flush=True)
+
+    def shoot(self, url: str, out: Path, wait_text: list[str] = (), clicks: list[str] = (), settle_s: float = 3.0) -> Path:
+        asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s))
+        if shutil.which("pngquant"):
+            subprocess.run(["pngquant", "--force", "--skip-if-larger", "--quality", "60-90", "--output", str(out), str(out)], check=False)
+        print(f"{out}: {out.stat().st_size // 1024} KB", flush=True)
+        return out
+
+    def close(self) -> None:
+        stop(self.process)
+
+
+def tiny_world(root: Path) -> Path:
+    """A tiny Qwen2 base, synthetic corpora and a lifelong plan adding hu to it; returns the plan file."""
+    sys.path.insert(0, str(REPO))
+    from tests.conftest import tiny_model
+    from tests.synthetic_corpus import write_synthetic_corpus
+    from tests.tiny_tokenizer import tiny_tokenizer
+
+    tiny_model("qwen2").save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    corpora = write_synthetic_corpus(root / "corpus", ["en", "es", "hu", "tr"], documents=400)
+    fast = dict(learning_rate=3e-3, per_device_batch_size=8, logging_steps=2, save_steps=50)
+    plan = {
+        "name": "tiny", "parent": {"hf_path": str(root / "base"), "languages": ["en", "es"]},
+        "rounds": [{"new_languages": ["hu"]}],
+        "corpora": {lang: {"path": str(spec.path)} for lang, spec in corpora.items()},
+        "allocation": {"delta": 2, "clamp_similarity": 0.001}, "classifier_layer_count": 1,
+        "tokens": {"seq_len": 32, "analysis_tokens": 1000, "stage1_tokens": 4000, "stage2_tokens": 1000, "eval_tokens": 1000},
+        "stage1": {**fast, "num_epochs": 2}, "stage2": {**fast, "num_epochs": 1},
+        "evaluation": {"batch_size": 8, "gates": {"max_old_loss_increase": 10.0, "require_new_improvement": False}},
+        "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
+        "workdir": str(root / "work"),
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    root = args.keep or Path(tempfile.mkdtemp(prefix="layermoe-screens-"))
+    root.mkdir(parents=True, exist_ok=True)
+    plan_file = tiny_world(root)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env.update(PREFECT_HOME=str(root / "prefect"), PYTHONPATH=str(REPO), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    port = free_port()
+    ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
+    processes = [start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root / "server.log")]
+    browser = None
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, "the Prefect server")
+        env["PREFECT_API_URL"] = api
+        processes.append(start([str(BIN / "layermoe"), "serve", "--plan", str(plan_file)], env, root / "serve.log"))
+
+        def deployment(name: str) -> dict:
+            return wait_for(lambda: http_json(f"{api}/deployments/name/{name}"), f"deployment {name}")
+
+        add, lifelong = deployment("add-languages/tiny"), deployment("lifelong-expansion/tiny")
+        browser = Browser(root)
+        browser.shoot(f"{ui}/deployments/deployment/{add['id']}/run", args.out / "prefect-run-form.png",
+                      wait_text=["Parent model", "New languages"])
+
+        def finished(run_id: str, want: str) -> dict:
+            return wait_for(lambda: (run := http_json(f"{api}/flow_runs/{run_id}"))["state"]["type"] in (want, "FAILED", "CRASHED")
+                            and run, f"flow run {run_id} {want}")
+
+        run = http_json(f"{api}/deployments/{lifelong['id']}/create_flow_run", {})
+        assert finished(run["id"], "COMPLETED")["state"]["type"] == "COMPLETED", (root / "serve.log").read_text()[-3000:]
+        (round_run,) = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
+        browser.shoot(f"{ui}/runs/flow-run/{round_run['id']}?tab=Artifacts", args.out / "prefect-round-artifacts.png",
+                      wait_text=["round-1-hu-evaluation"])
+
+        manual = {**add["parameters"]["plan"], "new_languages": ["tr"], "promotion": "manual",
+                  "old_languages": [],
+                  "parent": {"alias": "champion", "version": None, "hf_path": None, "languages": []}}
+        paused = http_json(f"{api}/deployments/{add['id']}/create_flow_run", {"parameters": {"plan": manual}})
+        assert finished(paused["id"], "PAUSED")["state"]["type"] == "PAUSED", (root / "serve.log").read_text()[-3000:]
+        browser.shoot(f"{ui}/runs/flow-run/{paused['id']}", args.out / "prefect-review-resume.png",
+                      wait_text=["Paused"], clicks=["Resume"])
+        browser.shoot(f"{ui}/runs/flow-run/{paused['id']}?tab=Artifacts", args.out / "prefect-review-artifacts.png",
+                      wait_text=["gate"])
+        subprocess.run([str(BIN / "layermoe"), "approve", paused["id"], "--no", "--reason", "tr samples read badly"], env=env, check=True)
+        finished(paused["id"], "COMPLETED")
+
+        mlflow_port = free_port()
+        mlflow_ui = f"http://127.0.0.1:{mlflow_port}"
+        processes.append(start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                                "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")],
+                               env, root / "mlflow.log"))
+        wait_for(lambda: urllib.request.urlopen(f"{mlflow_ui}/health", timeout=5).status == 200, "the MLflow server")
+        browser.shoot(f"{mlflow_ui}/#/models/tiny", args.out / "mlflow-versions.png", wait_text=["Version 3"])
+        browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/2", args.out / "mlflow-version-2.png", wait_text=["Round 1: adds hu"])
+        browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/3", args.out / "mlflow-version-3.png", wait_text=["Round 2: adds tr"])
+    finally:
+        if browser:
+            browser.close()
+        for process in reversed(processes):
+            stop(process)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
