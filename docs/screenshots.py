@@ -182,7 +182,8 @@ def main() -> None:
                DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     port = free_port()
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
-    processes = [start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, root / "server.log")]
+    server_env = {**env, "PREFECT_UI_API_URL": api}  # the UI's pages call the API here, not at the default port 4200
+    processes = [start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env, root / "server.log")]
     browser = None
     try:
         wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, "the Prefect server")

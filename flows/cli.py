@@ -42,8 +42,23 @@ def _plan(args, kind):
     plan = load_plan(args.plan, kind)
     if _registry_overrides(args):
         plan = plan.model_copy(update={"registry": RegistrySettings(**{**plan.registry.model_dump(), **_registry_overrides(args)})})
+    if plan.promotion == "manual":
+        _check_a_reviewer_can_answer()
     check_plan_inputs(plan)
     return plan
+
+
+def _check_a_reviewer_can_answer() -> None:
+    """A manual round waits for a reviewer's answer; on the temporary server a plain run starts, nobody could give one."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise LayerMoEError(
+            "promotion: manual pauses each round until a reviewer answers, which needs a Prefect server they can reach, "
+            "and PREFECT_API_URL is not set (this run would use a temporary server nobody can resume). Start one "
+            "(`prefect server start`), export PREFECT_API_URL=http://127.0.0.1:4200/api and run again, or serve the plan "
+            "with `layermoe serve`; or set promotion: auto"
+        )
 
 
 def _flow_runs_here() -> bool:

@@ -23,7 +23,7 @@ from typing import Literal, get_args
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from layermoe_core import plots
 from layermoe_core.allocation import AllocationSettings
@@ -35,7 +35,7 @@ from tasks.common import publish_table
 from tasks.registration import log_comparison_report
 
 from .add_languages import RoundSummary, add_languages, fetch_parent
-from .plan import ExpansionPlan
+from .plan import ExpansionPlan, form_first
 
 
 VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
@@ -43,11 +43,16 @@ VARIANTS: tuple[str, ...] = get_args(VariantName)
 
 
 class ComparePlan(ExpansionPlan):
-    variants: list[VariantName] = Field(["layermoe", "uniform", "no_classifier"], min_length=1,
+    """One round run once per allocation variant from the same parent; each variant's version holds `compare-<variant>`."""
+
+    model_config = ConfigDict(title="Compare plan", json_schema_extra=form_first(
+        "parent", "new_languages", "old_languages", "variants", "corpora", "allocation"))
+
+    variants: list[VariantName] = Field(["layermoe", "uniform", "no_classifier"], min_length=1, title="Variants",
                                         description=f"the variants to run, in this order: any of {', '.join(VARIANTS)}")
-    uniform_budget_factor: float = Field(2.5, gt=0, description="uniform baseline budget = factor x allocation.delta")
-    equal_budget: bool = Field(True, description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
-    seeds: int = Field(1, ge=1, description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
+    uniform_budget_factor: float = Field(2.5, gt=0, title="Uniform budget factor", description="uniform baseline budget = factor x allocation.delta")
+    equal_budget: bool = Field(True, title="Equal budget", description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
+    seeds: int = Field(1, ge=1, title="Seeds", description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
 
     @model_validator(mode="after")
     def _distinct_variants(self) -> "ComparePlan":

@@ -40,18 +40,26 @@ def story_plans(path: str | Path) -> tuple[ExpansionPlan, ComparePlan, LifelongP
     return one_round, ComparePlan.model_validate(one_round.model_dump()), lifelong
 
 
+def form_defaults(plan: ExpansionPlan | LifelongPlan) -> dict:
+    """The plan as a deployment's default parameters. Corpora are a JSON editor in the form (a mapping of
+    language -> corpus), so each corpus lists only what the plan sets, e.g. {"el": {"path": ...}}."""
+    defaults = plan.model_dump(mode="json")
+    defaults["corpora"] = {language: spec.model_dump(mode="json", exclude_defaults=True) for language, spec in plan.corpora.items()}
+    return defaults
+
+
 def story_deployments(
     path: str | Path, name: str | None = None, cron: str | None = None, interval: int | None = None
 ) -> list[RunnerDeployment]:
     one_round, comparison, lifelong = story_plans(path)
     name = name or lifelong.name
     return [
-        add_languages.to_deployment(name=name, parameters={"plan": one_round.model_dump(mode="json")},
+        add_languages.to_deployment(name=name, parameters={"plan": form_defaults(one_round)},
                                     description="One round: add the plan's new languages to its parent."),
-        compare.to_deployment(name=name, parameters={"plan": comparison.model_dump(mode="json")},
+        compare.to_deployment(name=name, parameters={"plan": form_defaults(comparison)},
                               description="LayerMoE vs uniform MoE-LPR vs no classifier, from one parent."),
         lifelong_expansion.to_deployment(name=name, cron=cron, interval=interval,
-                                         parameters={"plan": lifelong.model_dump(mode="json")},
+                                         parameters={"plan": form_defaults(lifelong)},
                                          description="Every round of the plan, each from the newest champion."),
     ]
 

@@ -188,6 +188,8 @@ def test_layermoe_serve_serves_every_story_and_a_triggered_lifelong_run_complete
         assert [s.schedule.cron for s in lifelong.schedules] == ["0 3 * * 0"] and add.schedules == comparison.schedules == []
         assert add.parameters["plan"]["new_languages"] == comparison.parameters["plan"]["new_languages"] == ["hu"]
         assert lifelong.parameters["plan"]["rounds"] == [{"new_languages": ["hu"], "allocation": None}]
+        # corpora are a JSON editor in the form: each lists what the plan sets, not every default
+        assert add.parameters["plan"]["corpora"]["hu"] == {"path": str(plan.corpora["hu"].path)}
 
         flow_run = run_deployment("lifelong-expansion/served", timeout=DEADLINE_S)
     log = (tmp_path / "serve.log").read_text()

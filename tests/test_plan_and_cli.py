@@ -204,6 +204,16 @@ def test_an_empty_corpus_is_reported_before_prefect_starts(tmp_path, own_prefect
     assert "hu.jsonl' is empty" in capfd.readouterr().err and not (own_prefect_home / "prefect.db").exists()
 
 
+def test_a_manual_round_without_a_prefect_server_is_refused_before_it_starts(tmp_path, own_prefect_home, capfd):
+    """It would pause for a week on a temporary server that no reviewer can reach."""
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "parent"), promotion="manual")
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert "promotion: manual pauses each round until a reviewer answers" in line and "PREFECT_API_URL is not set" in line
+    assert not (own_prefect_home / "prefect.db").exists()
+
+
 def test_an_empty_plan_file_is_reported(tmp_path, capfd):
     (tmp_path / "plan.yaml").write_text("# nothing yet\n")
     assert main(["lifelong", "--plan", str(tmp_path / "plan.yaml")]) == 2
