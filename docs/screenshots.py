@@ -8,7 +8,7 @@ What it runs, all on 127.0.0.1 in a temporary folder:
 2. A run of the `lifelong-expansion` deployment (one round adding hu) to Completed. Screenshot: the round's run, Artifacts tab.
 3. A run of `add-languages` adding tr with `promotion: manual`, which pauses for review. Screenshot: its Resume form.
    Then `layermoe approve RUN_ID --no --reason ...` answers it.
-4. `mlflow server` on the same sqlite store. Screenshots: the registered model's versions, and version 2's page.
+4. `mlflow server` on the same sqlite store. Screenshots: the registered model's versions, and version 3's page.
 
 Chromium (headless) is driven through its DevTools protocol, so a page is captured once it has rendered and the
 Resume button can be clicked; each PNG is then quantised with pngquant when it is installed.
@@ -97,12 +97,16 @@ class Browser:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
 
-    async def _shoot(self, url: str, out: Path, wait_text: list[str], clicks: list[str], settle_s: float) -> None:
+    async def _shoot(self, url: str, out: Path, wait_text: list[str], clicks: list[str], settle_s: float, script: str | None,
+                     height: int) -> None:
         async with websockets.connect(self.ws_url, max_size=64 * 2**20) as ws:
-            await self._call(ws, "Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+            await self._call(ws, "Emulation.setDeviceMetricsOverride", width=WIDTH, height=height, deviceScaleFactor=1, mobile=False)
             await self._call(ws, "Page.navigate", url=url)
             for text in wait_text:
                 await self._wait_text(ws, text)
+            if script:
+                await asyncio.sleep(2)
+                await self._call(ws, "Runtime.evaluate", expression=script)
             for label in clicks:  # a button or tab by its visible text
                 script = ("(() => { const el = [...document.querySelectorAll('button, a, [role=tab]')]"
                           f".find(e => e.innerText.trim() === {json.dumps(label)}); if (el) {{ el.click(); return true; }} return false; }})()")
@@ -129,8 +133,9 @@ class Browser:
             await asyncio.sleep(1)
         print(f"warning: text {text!r} never appeared; capturing the page as it is", flush=True)
 
-    def shoot(self, url: str, out: Path, wait_text: list[str] = (), clicks: list[str] = (), settle_s: float = 3.0) -> Path:
-        asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s))
+    def shoot(self, url: str, out: Path, wait_text: list[str] = (), clicks: list[str] = (), settle_s: float = 3.0,
+              script: str | None = None, height: int = HEIGHT) -> Path:
+        asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s, script, height))
         if shutil.which("pngquant"):
             subprocess.run(["pngquant", "--force", "--skip-if-larger", "--quality", "60-90", "--output", str(out), str(out)], check=False)
         print(f"{out}: {out.stat().st_size // 1024} KB", flush=True)
@@ -138,6 +143,17 @@ class Browser:
 
     def close(self) -> None:
         stop(self.process)
+
+
+# MLflow 3's UI opens an "MLflow Assistant" side panel; close it (the last button of its header) to give the page the width.
+CLOSE_MLFLOW_ASSISTANT = """(() => {
+  const label = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 && e.textContent.trim() === 'MLflow Assistant');
+  for (let node = label, depth = 0; node && depth < 5; node = node.parentElement, depth++) {
+    const buttons = node.querySelectorAll('button');
+    if (buttons.length >= 2) { buttons[buttons.length - 1].click(); return true; }
+  }
+  return false;
+})()"""
 
 
 def tiny_world(root: Path) -> Path:
@@ -157,7 +173,7 @@ def tiny_world(root: Path) -> Path:
         "corpora": {lang: {"path": str(spec.path)} for lang, spec in corpora.items()},
         "allocation": {"delta": 2, "clamp_similarity": 0.001}, "classifier_layer_count": 1,
         "tokens": {"seq_len": 32, "analysis_tokens": 1000, "stage1_tokens": 4000, "stage2_tokens": 1000, "eval_tokens": 1000},
-        "stage1": {**fast, "num_epochs": 2}, "stage2": {**fast, "num_epochs": 1},
+        "stage1": {**fast, "num_epochs": 1}, "stage2": {**fast, "num_epochs": 1},
         "evaluation": {"batch_size": 8, "gates": {"max_old_loss_increase": 10.0, "require_new_improvement": False}},
         "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
         "workdir": str(root / "work"),
@@ -197,6 +213,8 @@ def main() -> None:
         browser = Browser(root)
         browser.shoot(f"{ui}/deployments/deployment/{add['id']}/run", args.out / "prefect-run-form.png",
                       wait_text=["Parent model", "New languages"])
+        browser.shoot(f"{ui}/deployments/deployment/{add['id']}/run", root / "prefect-run-form-whole.png",  # to read, not for the README
+                      wait_text=["Parent model", "New languages"], height=12000)
 
         def finished(run_id: str, want: str) -> dict:
             return wait_for(lambda: (run := http_json(f"{api}/flow_runs/{run_id}"))["state"]["type"] in (want, "FAILED", "CRASHED")
@@ -205,8 +223,8 @@ def main() -> None:
         run = http_json(f"{api}/deployments/{lifelong['id']}/create_flow_run", {})
         assert finished(run["id"], "COMPLETED")["state"]["type"] == "COMPLETED", (root / "serve.log").read_text()[-3000:]
         (round_run,) = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
-        browser.shoot(f"{ui}/runs/flow-run/{round_run['id']}?tab=Artifacts", args.out / "prefect-round-artifacts.png",
-                      wait_text=["round-1-hu-evaluation"])
+        browser.shoot(f"{ui}/runs/flow-run/{round_run['id']}", args.out / "prefect-round-artifacts.png",
+                      wait_text=["Completed"], clicks=["Artifacts"])
 
         manual = {**add["parameters"]["plan"], "new_languages": ["tr"], "promotion": "manual",
                   "old_languages": [],
@@ -215,8 +233,6 @@ def main() -> None:
         assert finished(paused["id"], "PAUSED")["state"]["type"] == "PAUSED", (root / "serve.log").read_text()[-3000:]
         browser.shoot(f"{ui}/runs/flow-run/{paused['id']}", args.out / "prefect-review-resume.png",
                       wait_text=["Paused"], clicks=["Resume"])
-        browser.shoot(f"{ui}/runs/flow-run/{paused['id']}?tab=Artifacts", args.out / "prefect-review-artifacts.png",
-                      wait_text=["gate"])
         subprocess.run([str(BIN / "layermoe"), "approve", paused["id"], "--no", "--reason", "tr samples read badly"], env=env, check=True)
         finished(paused["id"], "COMPLETED")
 
@@ -226,9 +242,10 @@ def main() -> None:
                                 "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")],
                                env, root / "mlflow.log"))
         wait_for(lambda: urllib.request.urlopen(f"{mlflow_ui}/health", timeout=5).status == 200, "the MLflow server")
-        browser.shoot(f"{mlflow_ui}/#/models/tiny", args.out / "mlflow-versions.png", wait_text=["Version 3"])
-        browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/2", args.out / "mlflow-version-2.png", wait_text=["Round 1: adds hu"])
-        browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/3", args.out / "mlflow-version-3.png", wait_text=["Round 2: adds tr"])
+        browser.shoot(f"{mlflow_ui}/#/models/tiny", args.out / "mlflow-versions.png", wait_text=["Version 3"],
+                      script=CLOSE_MLFLOW_ASSISTANT)
+        browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/3", args.out / "mlflow-version.png", wait_text=["Round 2: adds tr"],
+                      script=CLOSE_MLFLOW_ASSISTANT)
     finally:
         if browser:
             browser.close()

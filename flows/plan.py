@@ -51,10 +51,18 @@ def _refuse_old_keys(data: Any, old_keys: dict[str, str]) -> Any:
 
 
 def form_first(*names: str):
-    """A `json_schema_extra` that lists `names` first in the Prefect form, the other fields after in their order."""
+    """A `json_schema_extra` that lists `names` first in the Prefect form, the other fields after in their order.
 
-    def reorder(schema: dict[str, Any]) -> None:
+    It also keeps each field's own title: pydantic leaves it out where it equals the title of the model the
+    field holds, and the form then shows the bare key ("Parent") instead.
+    """
+
+    def reorder(schema: dict[str, Any], model: type[BaseModel]) -> None:
         properties = schema.get("properties", {})
+        for name, prop in properties.items():
+            field = model.model_fields.get(name)
+            if field is not None and field.title and "title" not in prop:
+                prop["title"] = field.title
         first = [name for name in names if name in properties]
         schema["properties"] = {name: properties[name] for name in [*first, *(n for n in properties if n not in first)]}
 

@@ -17,10 +17,10 @@ from layermoe_core.errors import LayerMoEError
 
 from .settings import RegistrySettings
 
-REGISTERED_MODEL_DESCRIPTION = (
+REGISTERED_MODEL_DESCRIPTION = (  # markdown in the UI: a bare <name> would vanish as an HTML tag, so the name is filled in
     "LayerMoE lifelong language expansion. Each version's description is its model card (languages, parent, "
-    "allocation, per-language metrics, gate verdict); its layermoe.* tags give lineage and sizes. Load a version "
-    "with mlflow.pyfunc.load_model('models:/<name>@champion') or registry.download_version."
+    "allocation, per-language metrics, gate verdict); its `layermoe.*` tags give lineage and sizes. Load a version "
+    "with `mlflow.pyfunc.load_model(\"models:/{name}@champion\")` or `registry.download_version`."
 )
 
 # MLflow error codes that mean "the registry did not answer", not "the request was wrong".
@@ -145,7 +145,7 @@ def ensure_registered_model(client: MlflowClient, settings: RegistrySettings) ->
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     try:
-        client.create_registered_model(settings.registered_model_name, description=REGISTERED_MODEL_DESCRIPTION)
+        client.create_registered_model(settings.registered_model_name, description=REGISTERED_MODEL_DESCRIPTION.format(name=settings.registered_model_name))
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
             raise

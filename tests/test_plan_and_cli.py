@@ -329,8 +329,9 @@ def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_
             assert title and title != name and not re.search(r"[a-z][A-Z]", title), f"{name} shows as {title!r} in the form"
             assert len(definition.get("description") or "") > 20, f"section {title!r} ({name}) lacks a description"
             for field, prop in definition.get("properties", {}).items():
-                prop = {**prop, **(definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {})}
-                assert prop.get("title") and prop.get("description"), f"{name}.{field} lacks a title or description"
+                assert prop.get("title"), f"{name}.{field} has no title: the form would show its bare key"
+                prop = {**(definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {}), **prop}
+                assert prop.get("description"), f"{name}.{field} lacks a description"
                 if prop.get("default", "unset") is None:
                     assert re.search(r"\b(empty|none|default)\b", prop["description"], re.IGNORECASE), \
                         f"{name}.{field}: the form shows an empty field; its description must say what empty does"
