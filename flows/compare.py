@@ -43,7 +43,7 @@ VARIANTS: tuple[str, ...] = get_args(VariantName)
 
 
 class ComparePlan(ExpansionPlan):
-    """One round run once per allocation variant from the same parent; each variant's version holds `compare-<variant>`."""
+    """One round run once per allocation variant from the same parent; each variant's version holds the alias compare-VARIANT."""
 
     model_config = ConfigDict(title="Compare plan", json_schema_extra=form_first(
         "parent", "new_languages", "old_languages", "variants", "corpora", "allocation"))

@@ -114,6 +114,8 @@ def _model_ref(prop: dict[str, Any]) -> str:
 # The library's settings models as form sections. The field texts below only fill gaps in the library's own
 # descriptions (mostly: what an empty optional field does); they belong there once layermoe_core is free to change.
 EMPTY_MAX_STEPS = {"description": "optimizer steps, >= 1; empty: train num_epochs epochs (overrides num_epochs when set)"}
+TRAINING_TITLES = {"lr_scheduler": {"title": "LR schedule"}, "max_steps": {**EMPTY_MAX_STEPS, "title": "Max steps"},
+                   "new_prior_coef": {"title": "New-expert prior coefficient"}}
 ALLOCATION_FORM = FormSection(
     "Expert budget",
     "How many new experts a round adds and to which layers: the allocation method, its budget (delta) and per-layer "
@@ -131,17 +133,23 @@ ALLOCATION_FORM = FormSection(
 CORPUS_FORM = FormSection("Corpus", "Where one language's documents come from: a local file or folder (`path`) or a "
                                     "datasets hub dataset (`hub_name`), exactly one of them.")
 STAGE1_FORM = FormSection("Stage 1: new experts", "Stage 1 trains the new experts and their routers on the new languages; "
-                          "everything the parent had stays frozen.", fields={"max_steps": EMPTY_MAX_STEPS})
+                          "everything the parent had stays frozen.",
+                          fields={**TRAINING_TITLES, "balance_loss_coef": {"title": "Balance loss coefficient"}})
 STAGE2_FORM = FormSection("Stage 2: review", "Stage 2 (the review) trains only the routers and the routing classifiers, on a "
                           "replay of old and new languages, so old-language tokens go back to the old experts.",
-                          fields={"max_steps": EMPTY_MAX_STEPS})
+                          fields={**TRAINING_TITLES, "lpr_coef": {"title": "LPR loss coefficient"},
+                                  "classifier_coef": {"title": "Classifier loss coefficient"}, "lm_coef": {"title": "LM loss coefficient"}})
 EVALUATION_FORM = FormSection(
     "Evaluation and gate",
     "What the parent and its child are compared on (held-out loss per language, optional benchmarks), and the gate the "
     "child must pass to take the alias.",
     fields={"translation": {"title": "Translation", "description": "few-shot translation to and from a pivot on held-out "
                             "parallel sentences, scored with chrF++; empty: no translation evaluation"},
-            "gates": {"title": "Promotion gate", "description": "when the child may take the alias"}},
+            "gates": {"title": "Promotion gate", "description": "when the child may take the alias"},
+            "multiple_choice_files": {"description": "local Belebele-like .jsonl files; each file's metric is named after it "
+                                                     "(belebele_el.jsonl: belebele_el.mc_acc)"},
+            "lm_eval_tasks": {"title": "lm-eval tasks"}, "lm_eval_task_files": {"title": "lm-eval task files"},
+            "lm_eval_limit": {"title": "lm-eval limit"}},
     nested={
         "gates": FormSection("Promotion gate", "Bounds on the child's held-out loss (and, optionally, translation chrF++) "
                              "per language, relative to its parent; with `promotion: manual` the gate's verdict is advice "

@@ -40,7 +40,7 @@ class RegistrySettings(BaseModel):
     artifact_location: str | None = Field(
         default=None,
         title="Artifact location",
-        description="Artifact root of a new experiment. None: <sqlite dir>/artifacts, or the server's default.",
+        description="Artifact root of a new experiment. Empty: an `artifacts` folder beside the sqlite file, or the server's default.",
     )
     connect_timeout_s: float = Field(default=5.0, gt=0, title="Connect timeout (s)", description="How long the first probe waits for an http(s) server.")
     request_timeout_s: float = Field(

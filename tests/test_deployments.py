@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 from prefect import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -271,6 +272,8 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     assert rejected["other_tags"]["layermoe.rejected_reason"].startswith("reviewer: en drifted too far; automatic gate: passes: ")
     assert "**Gate verdict: REJECTED** (by a reviewer)\n\n- reviewer: en drifted too far\n" in rejected["description"]
     assert "layermoe.approved" not in rejected["other_tags"]
+    # the registered model's own description, markdown in the UI, names the model in its load example
+    assert 'models:/tiny@champion' in MlflowClient(plan.registry.tracking_uri).get_registered_model("tiny").description
 
 
 def test_approve_refuses_a_run_that_is_not_paused_for_review(prefect_api, capsys):

@@ -332,6 +332,7 @@ def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_
                 assert prop.get("title"), f"{name}.{field} has no title: the form would show its bare key"
                 prop = {**(definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {}), **prop}
                 assert prop.get("description"), f"{name}.{field} lacks a description"
+                assert not re.search(r"<[A-Za-z]", prop["description"]), f"{name}.{field}: the form's markdown hides <...> as a tag"
                 if prop.get("default", "unset") is None:
                     assert re.search(r"\b(empty|none|default)\b", prop["description"], re.IGNORECASE), \
                         f"{name}.{field}: the form shows an empty field; its description must say what empty does"
