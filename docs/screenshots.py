@@ -107,9 +107,10 @@ class Browser:
             if script:
                 await asyncio.sleep(2)
                 await self._call(ws, "Runtime.evaluate", expression=script)
-            for label in clicks:  # a button or tab by its visible text
-                script = ("(() => { const el = [...document.querySelectorAll('button, a, [role=tab]')]"
-                          f".find(e => e.innerText.trim() === {json.dumps(label)}); if (el) {{ el.click(); return true; }} return false; }})()")
+            for label in clicks:  # a button or tab by its visible text: the innermost element showing exactly that text
+                script = ("(() => { const els = [...document.querySelectorAll('body *')]"
+                          f".filter(e => e.innerText && e.innerText.trim() === {json.dumps(label)});"
+                          " const el = els[els.length - 1]; if (el) { el.click(); return true; } return false; })()")
                 clicked = False
                 for _ in range(60):
                     clicked = (await self._call(ws, "Runtime.evaluate", expression=script, returnByValue=True))["result"]["value"]
@@ -134,8 +135,9 @@ class Browser:
         print(f"warning: text {text!r} never appeared; capturing the page as it is", flush=True)
 
     def shoot(self, url: str, out: Path, wait_text: list[str] = (), clicks: list[str] = (), settle_s: float = 3.0,
-              script: str | None = None, height: int = HEIGHT) -> Path:
+              script: str | None = None, height: int = HEIGHT, keep: tuple[int | None, int | None] = (None, None)) -> Path:
         asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s, script, height))
+        crop(out, *keep)
         if shutil.which("pngquant"):
             subprocess.run(["pngquant", "--force", "--skip-if-larger", "--quality", "60-90", "--output", str(out), str(out)], check=False)
         print(f"{out}: {out.stat().st_size // 1024} KB", flush=True)
@@ -145,15 +147,16 @@ class Browser:
         stop(self.process)
 
 
-# MLflow 3's UI opens an "MLflow Assistant" side panel; close it (the last button of its header) to give the page the width.
-CLOSE_MLFLOW_ASSISTANT = """(() => {
-  const label = [...document.querySelectorAll('*')].find(e => e.childElementCount === 0 && e.textContent.trim() === 'MLflow Assistant');
-  for (let node = label, depth = 0; node && depth < 5; node = node.parentElement, depth++) {
-    const buttons = node.querySelectorAll('button');
-    if (buttons.length >= 2) { buttons[buttons.length - 1].click(); return true; }
-  }
-  return false;
-})()"""
+MLFLOW_PAGE_WIDTH = 1035  # MLflow 3's UI opens an "MLflow Assistant" panel right of the page: crop it off
+
+
+def crop(path: Path, width: int | None, height: int | None) -> None:
+    """Cut the capture to the part with content (PIL comes with matplotlib)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        box = (0, 0, min(width or image.width, image.width), min(height or image.height, image.height))
+        image.crop(box).save(path)
 
 
 def tiny_world(root: Path) -> Path:
@@ -224,7 +227,7 @@ def main() -> None:
         assert finished(run["id"], "COMPLETED")["state"]["type"] == "COMPLETED", (root / "serve.log").read_text()[-3000:]
         (round_run,) = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
         browser.shoot(f"{ui}/runs/flow-run/{round_run['id']}", args.out / "prefect-round-artifacts.png",
-                      wait_text=["Completed"], clicks=["Artifacts"])
+                      wait_text=["Completed"], clicks=["Artifacts"], keep=(None, 1360))
 
         manual = {**add["parameters"]["plan"], "new_languages": ["tr"], "promotion": "manual",
                   "old_languages": [],
@@ -232,7 +235,7 @@ def main() -> None:
         paused = http_json(f"{api}/deployments/{add['id']}/create_flow_run", {"parameters": {"plan": manual}})
         assert finished(paused["id"], "PAUSED")["state"]["type"] == "PAUSED", (root / "serve.log").read_text()[-3000:]
         browser.shoot(f"{ui}/runs/flow-run/{paused['id']}", args.out / "prefect-review-resume.png",
-                      wait_text=["Paused"], clicks=["Resume"])
+                      wait_text=["Paused"], clicks=["Resume"], keep=(None, 1500))
         subprocess.run([str(BIN / "layermoe"), "approve", paused["id"], "--no", "--reason", "tr samples read badly"], env=env, check=True)
         finished(paused["id"], "COMPLETED")
 
@@ -243,9 +246,9 @@ def main() -> None:
                                env, root / "mlflow.log"))
         wait_for(lambda: urllib.request.urlopen(f"{mlflow_ui}/health", timeout=5).status == 200, "the MLflow server")
         browser.shoot(f"{mlflow_ui}/#/models/tiny", args.out / "mlflow-versions.png", wait_text=["Version 3"],
-                      script=CLOSE_MLFLOW_ASSISTANT)
+                      keep=(MLFLOW_PAGE_WIDTH, 1760))
         browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/3", args.out / "mlflow-version.png", wait_text=["Round 2: adds tr"],
-                      script=CLOSE_MLFLOW_ASSISTANT)
+                      keep=(MLFLOW_PAGE_WIDTH, 1560))
     finally:
         if browser:
             browser.close()
