@@ -54,8 +54,8 @@ def register_round(
     gates: GateSettings,
     pending_review: bool = False,
 ) -> int:
-    """Everything is written before this returns, the gate verdict included (with `pending_review`, the verdict is
-    "pending" and the gate's only advice); no alias moves here."""
+    """Everything is written before this returns, the gate verdict included; no alias moves here. With
+    `pending_review` the verdict is "pending" and the gate's decision is shown as advice to the reviewer."""
     comparison = tables["evaluation"]
     decision = evaluate_gates(comparison, gates)
     metrics = routing_metrics(tables["routing"]) if "routing" in tables else {}
