@@ -32,6 +32,10 @@ from .experts import StackedExperts
 RouterInit = Literal["fresh", "parent"]
 NEW_LABEL = 1  # classifier class of new-language tokens (losses.NEW); 0 is old
 
+# Inference with at most this many (token, slot) assignments, on the CPU, groups them on the host
+# instead of sorting on the device: decoding a token per row at batch <= 32 (top-2).
+FEW_ASSIGNMENTS = 64
+
 # Whether the running forward records router and classifier logits for the model output: a
 # property of the call (set by the model around one forward), never state left on a module.
 _RECORDING: ContextVar[bool] = ContextVar("layermoe_recording_routing", default=False)
@@ -216,6 +220,8 @@ class LayerMoEBlock(nn.Module):
             return self.original_mlp(hidden_states).to(hidden_states.dtype)  # under autocast, as the routed path returns
         experts, weights = routed  # (N, k) each
         num_tokens, k = experts.shape
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and num_tokens * k <= FEW_ASSIGNMENTS:
+            return self._dispatch_few(tokens, experts, weights).to(hidden_states.dtype).view(batch, seq, hidden)
 
         # Sort the (token, slot) assignments by expert, so each expert sees one contiguous slice.
         # Zero-weight slots (spare slots of tokens that fell through to the dense layer, or a
@@ -238,6 +244,38 @@ class LayerMoEBlock(nn.Module):
         # Put each output back in its (token, slot) place, then sum the k slots weighted, in fp32
         # and in slot order: deterministic (no atomics).
         expert_outputs = torch.cat(outputs)  # (A, d), in autocast's dtype under autocast
-        slots = expert_outputs.new_zeros(num_tokens * k, hidden).index_copy(0, order, expert_outputs)  # (N*k, d)
+        # Slots without weight stay zero; where every slot carries weight, index_copy writes them all.
+        slots = expert_outputs.new_zeros(num_tokens * k, hidden) if len(order) < num_tokens * k else expert_outputs.new_empty(num_tokens * k, hidden)
+        slots = slots.index_copy(0, order, expert_outputs)  # (N*k, d)
         combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)
+
+    def _dispatch_few(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort.
+
+        Each expert gets the same rows in the same order, through the same matmuls, as in the sorted
+        dispatch; only the rows' places in memory differ, which BLAS may round differently (last bit).
+        -> (N, d), before the cast to the input dtype.
+        """
+        num_tokens, k = experts.shape
+        keys = experts.masked_fill(weights == 0, self.num_experts).view(-1).tolist()  # (N*k,) on the host
+        slots_of: dict[int, list[int]] = {}
+        for slot, expert in enumerate(keys):
+            if expert < self.num_experts:
+                slots_of.setdefault(expert, []).append(slot)
+        owners = {first + i: (group, i) for group, first, size in self.expert_groups()[1:] for i in range(size)}
+        slots = None
+        for expert in sorted(slots_of):
+            slot_ids = slots_of[expert]
+            rows = tokens[[slot // k for slot in slot_ids]]  # (n, d)
+            if expert == 0:
+                out = self.original_mlp(rows)
+            else:
+                group, index = owners[expert]
+                out = group.one_expert(index, rows)
+            if slots is None:  # in expert 0's output dtype, as torch.cat gives in the sorted dispatch
+                device_type = tokens.device.type
+                dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tokens.dtype
+                slots = tokens.new_zeros(num_tokens * k, tokens.shape[1], dtype=out.dtype if expert == 0 else dtype)
+            slots[slot_ids] = out.to(slots.dtype)
+        return (slots.view(num_tokens, k, -1) * weights[..., None]).sum(dim=1)  # (N, d)
