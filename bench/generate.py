@@ -10,18 +10,21 @@ Phases: prefill (one forward over a `--prompt`-token prompt per row, filling the
 (`--new-tokens` greedy steps of one token per row, each reusing the cache), both as `generate` runs them.
 
 The ideal for `new` is not 1: a token that uses k experts runs (at batch 1: reads) k MLPs, so
-    ideal = parent time / (parent time + (k - 1) * MLP time * MoE layers),
-with the dense MLP's time measured at the same input shape (batch, tokens per step, hidden). For
-`old` the ideal is 1. Every variant is timed in turn within each repetition (rotating the order),
+    ideal = parent time / (parent time + (k - 1) * MLP time),
+with MLP time the parent's own dense MLPs' time, all layers, measured inside the parent's run
+(`parent-timed`: clocks around each MLP call; measured alone, with its weights hot in the cache,
+a decoding MLP took under half its in-model time). For `old` the ideal is 1. Every variant is timed in turn within each repetition (rotating the order),
 and the ratios are taken per repetition, so a load that drifts hits them alike; each figure is the
-median with the min-max over repetitions.
+median with the min-max over repetitions. Each is given by wall time and by the process's CPU time:
+on a machine shared with other jobs the CPU time leaves out the waits for a core. On the CPU it runs
+one thread by default (`--threads`): with two threads on a loaded machine each small op waits for
+the other thread's turn, and decoding slowed 5x.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -82,39 +85,59 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Clock:
+    """Wall and process CPU seconds since construction (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        synchronize(device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        synchronize(self.device)
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 @torch.inference_mode()
-def prefill(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[float, DynamicCache, torch.Tensor]:
-    """Seconds for the prompt's forward; the filled cache; the greedy next token (batch, 1)."""
-    synchronize(prompt.device)
-    start = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True)
+def prefill(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[tuple[float, float], DynamicCache, torch.Tensor]:
+    """(wall, cpu) seconds for the prompt's forward; the filled cache; the greedy next token (batch, 1)."""
+    cache = DynamicCache()
+    clock = Clock(prompt.device)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
     next_token = out.logits[:, -1:].argmax(-1)
-    synchronize(prompt.device)
-    return time.perf_counter() - start, out.past_key_values, next_token
+    return clock.read(), cache, next_token
 
 
 @torch.inference_mode()
-def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, steps: int) -> float:
-    """Seconds for `steps` greedy steps of one token per row, each over the cache."""
-    synchronize(token.device)
-    start = time.perf_counter()
+def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(wall, cpu) seconds for `steps` greedy steps of one token per row, each over the cache."""
+    clock = Clock(token.device)
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, cache=cache, use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
-    synchronize(token.device)
-    return time.perf_counter() - start
+    return clock.read()
 
 
-@torch.inference_mode()
-def mlp_seconds(mlp: torch.nn.Module, shape: tuple[int, ...], device: torch.device, calls: int) -> float:
-    """Seconds per call of the dense MLP on an input of `shape`."""
-    x = torch.randn(*shape, device=device)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        mlp(x)
-    synchronize(device)
-    return (time.perf_counter() - start) / calls
+class MLPClocks:
+    """Wall and CPU seconds spent inside a model's MLP modules, from hooks around each call."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.device, self.wall, self.cpu = device, 0.0, 0.0
+        for layer in model.model.layers:
+            layer.mlp.register_forward_pre_hook(self.start)
+            layer.mlp.register_forward_hook(self.stop)
+
+    def start(self, module, args) -> None:
+        self.clock = Clock(self.device)
+
+    def stop(self, module, args, output) -> None:
+        wall, cpu = self.clock.read()
+        self.wall, self.cpu = self.wall + wall, self.cpu + cpu
+
+    def take(self) -> tuple[float, float]:
+        """The seconds since the last take."""
+        seconds, self.wall, self.cpu = (self.wall, self.cpu), 0.0, 0.0
+        return seconds
 
 
 def spread(values: list[float]) -> str:
@@ -124,43 +147,44 @@ def spread(values: list[float]) -> str:
 def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[str]:
     size = SIZES[size_name]
     parent, children = build(size, device)
-    models = {"parent": parent, **{f"child-{name}": child for name, child in children.items()}}
+    timed_parent = copy.deepcopy(parent)
+    mlp_clocks = MLPClocks(timed_parent, device)
+    models = {"parent": parent, "parent-timed": timed_parent, **{f"child-{name}": child for name, child in children.items()}}
     prompt = torch.randint(0, size.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
-    mlp = parent.model.layers[0].mlp
-    times: dict[tuple[str, str], list[float]] = {}
+    times: dict[tuple[str, str, int], list[float]] = {}  # (variant, phase, 0 wall / 1 cpu) -> seconds per rep
     for rep in range(args.warmup + args.reps):
-        names = list(models) + ["mlp"]
+        names = list(models)
         names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
         for name in names:
-            if name == "mlp":
-                measured = {
-                    "prefill": mlp_seconds(mlp, (batch, args.prompt, size.hidden), device, calls=3),
-                    "decode": mlp_seconds(mlp, (batch, 1, size.hidden), device, calls=args.new_tokens) * args.new_tokens,
-                }
-            else:
-                prefill_s, cache, token = prefill(models[name], prompt)
-                measured = {"prefill": prefill_s, "decode": decode(models[name], cache, token, args.new_tokens)}
+            prefill_s, cache, token = prefill(models[name], prompt)
+            measured = {("prefill", name): prefill_s}
+            if name == "parent-timed":
+                measured[("prefill", "mlp")] = mlp_clocks.take()
+            measured[("decode", name)] = decode(models[name], cache, token, args.new_tokens)
+            if name == "parent-timed":
+                measured[("decode", "mlp")] = mlp_clocks.take()
             if rep >= args.warmup:
-                for phase, seconds in measured.items():
-                    times.setdefault((name, phase), []).append(seconds)
+                for (phase, variant), seconds in measured.items():
+                    for clock, value in enumerate(seconds):
+                        times.setdefault((variant, phase, clock), []).append(value)
     lines = []
-    moe_layers = len(children["new"].moe_blocks())
     for phase, tokens in (("prefill", batch * args.prompt), ("decode", batch * args.new_tokens)):
-        parent_s = times[("parent", phase)]
-        rates = {name: [tokens / s for s in times[(name, phase)]] for name in models}
-        ideal = [p / (p + (size.top_k - 1) * moe_layers * m) for p, m in zip(parent_s, times[("mlp", phase)])]
-        new_ratio = [p / c for p, c in zip(parent_s, times[("child-new", phase)])]
-        old_ratio = [p / c for p, c in zip(parent_s, times[("child-old", phase)])]
-        of_ideal = [r / i for r, i in zip(new_ratio, ideal)]
-        mlp_share = [moe_layers * m / p for p, m in zip(parent_s, times[("mlp", phase)])]
+        rates = {name: statistics.median([tokens / s for s in times[(name, phase, 0)]]) for name in models}
         lines.append(
-            f"{size_name:6} batch {batch:3d} {phase:8} tok/s parent {statistics.median(rates['parent']):10,.0f}"
-            f"  child-new {statistics.median(rates['child-new']):10,.0f}  child-old {statistics.median(rates['child-old']):10,.0f}"
+            f"{size_name:6} batch {batch:3d} {phase:8} tok/s (wall) parent {rates['parent']:9,.0f}"
+            f"  child-new {rates['child-new']:9,.0f}  child-old {rates['child-old']:9,.0f}"
         )
-        lines.append(
-            f"{'':6} {'':9} {'':8} MLP share of parent {spread(mlp_share)}; ideal {spread(ideal)}; "
-            f"new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal; old/parent {spread(old_ratio)}"
-        )
+        for clock, clock_name in enumerate(("wall", "cpu")):
+            parent_s, mlp_s = times[("parent", phase, clock)], times[("mlp", phase, clock)]
+            ideal = [p / (p + (size.top_k - 1) * m) for p, m in zip(parent_s, mlp_s)]  # every layer is an MoE layer
+            new_ratio = [p / c for p, c in zip(parent_s, times[("child-new", phase, clock)])]
+            old_ratio = [p / c for p, c in zip(parent_s, times[("child-old", phase, clock)])]
+            of_ideal = [r / i for r, i in zip(new_ratio, ideal)]
+            share = [m / p for p, m in zip(times[("parent-timed", phase, clock)], mlp_s)]
+            lines.append(
+                f"    {clock_name:4}: MLP share {spread(share)}, ideal {spread(ideal)}; new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal;"
+                f" old/parent {spread(old_ratio)}"
+            )
     return lines
 
 
@@ -172,10 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per row")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see above)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, fp32, prompt {args.prompt}, {args.new_tokens} new tokens, median (min-max) of {args.reps}")
     for size in args.sizes:

@@ -251,31 +251,34 @@ class LayerMoEBlock(nn.Module):
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)
 
     def _dispatch_few(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort.
-
-        Each expert gets the same rows in the same order, through the same matmuls, as in the sorted
-        dispatch; only the rows' places in memory differ, which BLAS may round differently (last bit).
-        -> (N, d), before the cast to the input dtype.
+        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort,
+        no gather where an expert takes every token, no slot buffer. Each expert gets the same rows in
+        the same order as in the sorted dispatch, through the same matmuls; the output equals it up to
+        float rounding (where a row sits in memory, and for k > 2 the order of the k-term sum, may
+        change the last bit). -> (N, d), before the cast to the input dtype.
         """
         num_tokens, k = experts.shape
-        keys = experts.masked_fill(weights == 0, self.num_experts).view(-1).tolist()  # (N*k,) on the host
-        slots_of: dict[int, list[int]] = {}
-        for slot, expert in enumerate(keys):
-            if expert < self.num_experts:
+        slots_of: dict[int, list[int]] = {}  # expert -> its weighted (token, slot) pairs as flat slot ids, in order
+        for slot, (expert, weight) in enumerate(zip(experts.view(-1).tolist(), weights.view(-1).tolist())):
+            if weight != 0.0:
                 slots_of.setdefault(expert, []).append(slot)
         owners = {first + i: (group, i) for group, first, size in self.expert_groups()[1:] for i in range(size)}
-        slots = None
+        flat_weights = weights.view(-1, 1)  # (N*k, 1) fp32
+        combined = None
         for expert in sorted(slots_of):
             slot_ids = slots_of[expert]
-            rows = tokens[[slot // k for slot in slot_ids]]  # (n, d)
-            if expert == 0:
-                out = self.original_mlp(rows)
+            token_ids = [slot // k for slot in slot_ids]
+            every_token = len(token_ids) == num_tokens  # each token at most once per expert, in order
+            rows = tokens if every_token else tokens[token_ids]  # (n, d)
+            out = self.original_mlp(rows) if expert == 0 else owners[expert][0].one_expert(owners[expert][1], rows)
+            slot_weights = flat_weights[slot_ids[0] : slot_ids[0] + 1] if len(slot_ids) == 1 else flat_weights[slot_ids]
+            weighted = out * slot_weights  # (n, d) fp32
+            if combined is None:
+                combined = weighted if every_token else weighted.new_zeros(num_tokens, tokens.shape[1]).index_copy_(0, torch.tensor(token_ids), weighted)
+            elif every_token:
+                combined = combined + weighted
             else:
-                group, index = owners[expert]
-                out = group.one_expert(index, rows)
-            if slots is None:  # in expert 0's output dtype, as torch.cat gives in the sorted dispatch
-                device_type = tokens.device.type
-                dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else tokens.dtype
-                slots = tokens.new_zeros(num_tokens * k, tokens.shape[1], dtype=out.dtype if expert == 0 else dtype)
-            slots[slot_ids] = out.to(slots.dtype)
-        return (slots.view(num_tokens, k, -1) * weights[..., None]).sum(dim=1)  # (N, d)
+                combined = combined.index_add(0, torch.tensor(token_ids), weighted)  # each token once: no atomics
+        if combined is None:  # every weight underflowed to 0
+            combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)
+        return combined  # (N, d)
