@@ -31,12 +31,11 @@ def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def grouped_mm_runs(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM kernel serves this call, forward and backward.
+    """Whether torch's grouped GEMM is CUDA's fast kernel for this call, forward and backward.
 
-    It is CUDA's fast path for bf16 on SM80+, with rows 16-byte aligned; ask with the operands as
-    the matmul gets them (after `autocast_operands`). Elsewhere the per-expert loop is as fast, as
-    measured: on CPU torch's grouped_mm was no faster; on an H100 in fp32 it took 11.0 ms against
-    the loop's 10.8 ms (fwd+bwd of the large bench size's gate_up).
+    It is, for bf16 on SM80+ with rows 16-byte aligned; ask with the operands as the matmul gets
+    them (after `autocast_operands`). On an H100 in fp32 it took 11.0 ms against the loop's
+    10.8 ms (fwd+bwd of the large bench size's gate_up), so fp32 on CUDA keeps the loop.
     """
     return (
         tokens.is_cuda
@@ -45,6 +44,47 @@ def grouped_mm_runs(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
         and torch.cuda.get_device_capability(tokens.device) >= (8, 0)
         and all(size * tokens.element_size() % 16 == 0 for size in weight.shape[1:])
     )
+
+
+# The expert kernels a `StackedExperts` can run (its `kernel` attribute; None chooses by `choose_kernel`):
+#   "loop"        one matmul per expert into slices of one output (`_PerExpertLinear`), weight gradient
+#                 only when the weight trains;
+#   "grouped_mm"  torch's grouped GEMM (`torch._grouped_mm`), one call per projection;
+#   "transformers:NAME"  transformers' experts interface (`ALL_EXPERTS_FUNCTIONS[NAME]`: grouped_mm,
+#                 batched_mm, or a registered hub kernel) runs the whole group, so its backends serve ours.
+LOOP, GROUPED_MM, TRANSFORMERS = "loop", "grouped_mm", "transformers:"
+
+# Measured with `python -m bench.moe_layer --kernels` (README, Performance), per (device type, dtype):
+# the kernel that won at the demo and large sizes. CPU: "loop" and "grouped_mm" run the same MKL
+# matmuls (torch's CPU grouped_mm is a loop of mm) and were within the load's spread of each other;
+# the loop skips grouped_mm's extra chunk copy of the fused gate_up output, and transformers'
+# grouped_mm adds a second sort and an unpermute. CUDA bf16 takes the grouped GEMM (see `grouped_mm_runs`).
+MEASURED_KERNELS: dict[tuple[str, torch.dtype], str] = {
+    ("cpu", torch.float32): LOOP,
+    ("cpu", torch.bfloat16): LOOP,
+    ("cuda", torch.float32): LOOP,
+}
+
+
+def choose_kernel(tokens: torch.Tensor, weight: torch.Tensor) -> str:
+    """The kernel for tokens and weight as the matmuls get them (after `autocast_operands`).
+
+    A fixed table, not a timing at run time, so the choice (and so every output bit) is the same on
+    every run of a machine; `StackedExperts.kernel` overrides it.
+    """
+    if grouped_mm_runs(tokens, weight):
+        return GROUPED_MM
+    return MEASURED_KERNELS.get((tokens.device.type, tokens.dtype), LOOP)
+
+
+def check_kernel(kernel: str | None) -> str | None:
+    """`kernel` if this install can run it; else a ValueError that names the choices."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if kernel in (None, LOOP, GROUPED_MM) or (kernel.startswith(TRANSFORMERS) and kernel[len(TRANSFORMERS) :] in ALL_EXPERTS_FUNCTIONS):
+        return kernel
+    names = ", ".join(repr(TRANSFORMERS + name) for name in ALL_EXPERTS_FUNCTIONS)
+    raise ValueError(f"unknown expert kernel {kernel!r}; use None (the measured choice), {LOOP!r}, {GROUPED_MM!r} or one of {names}")
 
 
 class _PerExpertLinear(torch.autograd.Function):
@@ -100,16 +140,22 @@ def expert_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
 
 
 def grouped_linear(
-    tokens: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: torch.Tensor | None = None, chunks: int = 1
+    tokens: torch.Tensor,
+    weight: torch.Tensor,
+    counts: list[int],
+    offsets: torch.Tensor | None = None,
+    chunks: int = 1,
+    kernel: str | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """y[rows of expert e] = tokens[rows of expert e] @ weight[e].T, for tokens sorted by expert.
 
     tokens: (A, d_in), weight: (E, d_out, d_in), counts: E ints summing to A -> `chunks` column
     blocks of y, (A, d_out / chunks) each. offsets: `expert_offsets(counts, tokens.device)`, to
-    share one copy to the device between calls. Under autocast, y comes in autocast's dtype.
+    share one copy to the device between calls. kernel: "loop" or "grouped_mm" (None: `choose_kernel`).
+    Under autocast, y comes in autocast's dtype.
     """
     tokens, weight = autocast_operands(tokens, weight)
-    if not grouped_mm_runs(tokens, weight):
+    if (kernel or choose_kernel(tokens, weight)) == LOOP:
         return _PerExpertLinear.apply(tokens, weight, counts, chunks)
     if offsets is None:
         offsets = expert_offsets(counts, tokens.device)
@@ -120,7 +166,15 @@ def grouped_linear(
 
 
 class StackedExperts(nn.Module):
-    """`num_experts` gated MLPs, down(act(gate(x)) * up(x)), initialised as copies of `mlp`."""
+    """`num_experts` gated MLPs, down(act(gate(x)) * up(x)), initialised as copies of `mlp`.
+
+    The weights have transformers' layout (concatenated [gate; up], not transposed, no bias), and
+    the attributes its experts interface reads, so `kernel = "transformers:grouped_mm"` (or any
+    registered name) runs this group through transformers' own implementation.
+    """
+
+    has_gate, has_bias, is_transposed, is_concatenated, has_post_expert_norm = True, False, False, True, False
+    _is_expert_parallel = False
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
@@ -128,6 +182,7 @@ class StackedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act_fn = ACT2FN[hidden_act]
+        self.kernel: str | None = None  # None: `choose_kernel`, from the measured table
 
     @torch.no_grad()
     def copy_from_mlp(self, mlp: nn.Module) -> None:
@@ -136,6 +191,18 @@ class StackedExperts(nn.Module):
         self.gate_up_proj.copy_(gate_up.expand_as(self.gate_up_proj))
         self.down_proj.copy_(mlp.down_proj.weight.expand_as(self.down_proj))
 
+    def one_expert(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Expert `index` alone on tokens (n, d) -> (n, d): the loop kernel's matmuls for one expert, no autograd function."""
+        tokens, gate_up_proj, down_proj = autocast_operands(tokens.to(self.gate_up_proj.dtype), self.gate_up_proj[index], self.down_proj[index])
+        gate_proj, up_proj = gate_up_proj.chunk(2)
+        hidden = self.act_fn(torch.mm(tokens, gate_proj.t())) * torch.mm(tokens, up_proj.t())  # (n, ff)
+        return torch.mm(hidden, down_proj.t())
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """(A, 2*ff) -> (A, ff): transformers' experts interface calls this between its two matmuls."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """tokens: (A, d) sorted by expert, counts[e] rows each -> (A, d), in autocast's dtype under autocast.
 
@@ -143,7 +210,21 @@ class StackedExperts(nn.Module):
         weights beside a bf16 parent (see training.fp32_master_weights).
         """
         tokens, gate_up_proj, down_proj = autocast_operands(tokens.to(self.gate_up_proj.dtype), self.gate_up_proj, self.down_proj)
-        offsets = expert_offsets(counts, tokens.device) if grouped_mm_runs(tokens, gate_up_proj) else None
-        gate, up = grouped_linear(tokens, gate_up_proj, counts, offsets, chunks=2)  # (A, ff) each
-        (out,) = grouped_linear(self.act_fn(gate) * up, down_proj, counts, offsets)
+        kernel = self.kernel or choose_kernel(tokens, gate_up_proj)
+        if kernel.startswith(TRANSFORMERS):
+            return self._transformers_forward(kernel[len(TRANSFORMERS) :], tokens, counts)
+        offsets = expert_offsets(counts, tokens.device) if kernel == GROUPED_MM else None
+        gate, up = grouped_linear(tokens, gate_up_proj, counts, offsets, chunks=2, kernel=kernel)  # (A, ff) each
+        (out,) = grouped_linear(self.act_fn(gate) * up, down_proj, counts, offsets, kernel=kernel)
         return out
+
+    def _transformers_forward(self, name: str, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The group through transformers' `ALL_EXPERTS_FUNCTIONS[name]`: each row to its own expert, weight 1.
+
+        Its functions read the weights from the module (no autocast cast: they run in the weights' dtype).
+        """
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        expert_ids = torch.repeat_interleave(torch.arange(self.num_experts, device=tokens.device), torch.tensor(counts, device=tokens.device))
+        ones = torch.ones(len(tokens), 1, dtype=torch.float32, device=tokens.device)  # x * 1.0 is exact
+        return ALL_EXPERTS_FUNCTIONS[name](self, tokens.to(self.gate_up_proj.dtype), expert_ids[:, None], ones)

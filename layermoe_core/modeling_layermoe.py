@@ -20,7 +20,7 @@ from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
 from .errors import LayerMoEError
 from .experts import StackedExperts
 from .losses import load_balancing_loss
-from .moe_block import LayerMoEBlock, LayerMoERouter
+from .moe_block import LayerMoEBlock, LayerMoERouter, recording_routing
 
 
 @dataclass
@@ -30,6 +30,8 @@ class LayerMoECausalLMOutput(CausalLMOutputWithPast):
     router_logits: one (N, E_i) tensor per layer whose router trains this round (the layers the
       newest round gave experts), in layer order (N = batch * seq): this round's router.
     classifier_logits: one (N, 2) tensor per classifier layer of the newest round, in layer order.
+    Both are recorded (and aux_loss computed) in training mode, with labels, or with
+    `output_router_logits=True`; otherwise they are empty.
     """
 
     lm_loss: torch.FloatTensor | None = None
@@ -130,12 +132,17 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             self.causal_lm._init_weights(module)
 
     # -- forward -------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> LayerMoECausalLMOutput:
-        with self._recorded_routing() as (router_logits, classifier_logits):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits: bool | None = None, **kwargs) -> LayerMoECausalLMOutput:
+        """output_router_logits: record this round's router and classifier logits (and the balance
+        loss) in the output; by default in training mode or with labels, where the losses need them.
+        Without them (generation, evaluation) a router that no token reaches is not run at all."""
+        if output_router_logits is None:
+            output_router_logits = self.training or labels is not None
+        with self._recorded_routing(output_router_logits) as (router_logits, classifier_logits):
             out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         router_logits, classifier_logits = tuple(router_logits.values()), tuple(classifier_logits.values())
         aux_loss = None
-        if router_logits and (self.training or labels is not None):
+        if router_logits:
             aux_loss = self.balance_loss(router_logits, attention_mask)
         loss = None
         if out.loss is not None:
@@ -153,14 +160,17 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     @contextlib.contextmanager
-    def _recorded_routing(self) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
-        """Collect this round's router and classifier logits during one forward, by layer.
+    def _recorded_routing(self, record: bool = True) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """Collect this round's router and classifier logits during one forward, by layer (if `record`).
 
-        Forward hooks, removed at exit, so nothing stays on the modules between calls (and a
-        gradient-checkpointing recompute in backward records nothing twice).
+        Forward hooks, removed at exit, as transformers records outputs: nothing stays on the
+        modules between calls, and a gradient-checkpointing recompute in backward records nothing twice.
         """
         router_logits: dict[int, torch.Tensor] = {}
         classifier_logits: dict[int, torch.Tensor] = {}
+        if not record:
+            yield router_logits, classifier_logits
+            return
 
         def keep(store: dict[int, torch.Tensor], layer: int, first_output: bool):
             def hook(module, args, output):
@@ -176,7 +186,8 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             if block.router.classifier is not None:
                 handles.append(block.router.classifier.register_forward_hook(keep(classifier_logits, layer, False)))
         try:
-            yield router_logits, classifier_logits
+            with recording_routing():
+                yield router_logits, classifier_logits
         finally:
             for handle in handles:
                 handle.remove()

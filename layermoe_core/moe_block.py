@@ -19,6 +19,9 @@ frozen experts.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -28,6 +31,24 @@ from .experts import StackedExperts
 
 RouterInit = Literal["fresh", "parent"]
 NEW_LABEL = 1  # classifier class of new-language tokens (losses.NEW); 0 is old
+
+# Inference with at most this many (token, slot) assignments, on the CPU, groups them on the host
+# instead of sorting on the device: decoding a token per row at batch <= 32 (top-2).
+FEW_ASSIGNMENTS = 64
+
+# Whether the running forward records router and classifier logits for the model output: a
+# property of the call (set by the model around one forward), never state left on a module.
+_RECORDING: ContextVar[bool] = ContextVar("layermoe_recording_routing", default=False)
+
+
+@contextlib.contextmanager
+def recording_routing() -> Iterator[None]:
+    """Inside, every router runs on every token, so its logits can be recorded even where no token uses it."""
+    token = _RECORDING.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
 
 
 class LayerMoERouter(nn.Module):
@@ -131,24 +152,51 @@ class LayerMoEBlock(nn.Module):
         Slots that carry no weight (a dense fall-through uses expert 0 alone) get the id
         `num_experts`, which the dispatch never computes.
         """
+        routed = self._route(tokens, skip_unused=False)
+        return routed if routed is not None else self._dense_routing(tokens)
+
+    def _dense_routing(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token to expert 0 alone, weight 1; the spare slots get the never-computed id `num_experts`."""
         num_tokens, k = tokens.shape[0], self.top_k
+        ids = torch.full((num_tokens, k), self.num_experts, dtype=torch.long, device=tokens.device)
+        ids[:, 0] = 0
+        weights = torch.zeros(num_tokens, k, dtype=torch.float32, device=tokens.device)
+        weights[:, 0] = 1.0
+        return ids, weights
+
+    def _route(self, tokens: torch.Tensor, skip_unused: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`route`, or None where every token falls through to the dense layer (expert 0 alone, weight 1).
+
+        skip_unused (inference only): a router whose classifier sends no token down its new path
+        changes nothing, so it is dropped (newest first) before its gate runs; old-language text
+        then costs its classifiers and the parent's function, not this round's router too. The
+        check reads one bool per dropped router from the device.
+        """
         routers = list(self.routers)
         if self.route_all_to_old and self.expanded_this_round:
             routers = routers[:-1]
         # Only routers from the last classifier-free one on can decide; older ones are never reached.
         start = max((i for i, r in enumerate(routers) if r.classifier is None), default=None)
-        if start is None:  # every token may fall through to the dense layer: expert 0, weight 1
-            ids = torch.full((num_tokens, k), self.num_experts, dtype=torch.long, device=tokens.device)
-            ids[:, 0] = 0
-            weights = torch.zeros(num_tokens, k, dtype=torch.float32, device=tokens.device)
-            weights[:, 0] = 1.0
-            start = 0
+        first = 0 if start is None else start + 1
+        takes_new_of_newest = None
+        if skip_unused:
+            while len(routers) > first:
+                takes_new_of_newest = routers[-1].predicts_new(tokens)  # (N,)
+                if bool(takes_new_of_newest.any()):
+                    break
+                routers.pop()
+                takes_new_of_newest = None
+        if start is None:
+            if not routers:  # every token takes the dense layer
+                return None
+            ids, weights = self._dense_routing(tokens)
         else:
             _, weights, ids = routers[start](tokens)
-            start += 1
-        for router in routers[start:]:
+        for i in range(first, len(routers)):
+            router = routers[i]
             _, new_weights, new_ids = router(tokens)
-            takes_new = router.predicts_new(tokens)[:, None]  # (N, 1)
+            takes_new = takes_new_of_newest if i == len(routers) - 1 and takes_new_of_newest is not None else router.predicts_new(tokens)
+            takes_new = takes_new[:, None]  # (N, 1)
             ids, weights = torch.where(takes_new, new_ids, ids), torch.where(takes_new, new_weights, weights)
         return ids, weights
 
@@ -165,8 +213,15 @@ class LayerMoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (N, d)
-        experts, weights = self.route(tokens)  # (N, k) each
+        # Unused routers are skipped only without autograd: a gradient-checkpointing recompute must
+        # take the path its forward took.
+        routed = self._route(tokens, skip_unused=not torch.is_grad_enabled() and not _RECORDING.get())
+        if routed is None:  # every token takes expert 0 alone, weight 1: exactly the parent's dense MLP
+            return self.original_mlp(hidden_states).to(hidden_states.dtype)  # under autocast, as the routed path returns
+        experts, weights = routed  # (N, k) each
         num_tokens, k = experts.shape
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and num_tokens * k <= FEW_ASSIGNMENTS:
+            return self._dispatch_few(tokens, experts, weights).to(hidden_states.dtype).view(batch, seq, hidden)
 
         # Sort the (token, slot) assignments by expert, so each expert sees one contiguous slice.
         # Zero-weight slots (spare slots of tokens that fell through to the dense layer, or a
@@ -189,6 +244,41 @@ class LayerMoEBlock(nn.Module):
         # Put each output back in its (token, slot) place, then sum the k slots weighted, in fp32
         # and in slot order: deterministic (no atomics).
         expert_outputs = torch.cat(outputs)  # (A, d), in autocast's dtype under autocast
-        slots = expert_outputs.new_zeros(num_tokens * k, hidden).index_copy(0, order, expert_outputs)  # (N*k, d)
+        # Slots without weight stay zero; where every slot carries weight, index_copy writes them all.
+        slots = expert_outputs.new_zeros(num_tokens * k, hidden) if len(order) < num_tokens * k else expert_outputs.new_empty(num_tokens * k, hidden)
+        slots = slots.index_copy(0, order, expert_outputs)  # (N*k, d)
         combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)
+
+    def _dispatch_few(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort,
+        no gather where an expert takes every token, no slot buffer. Each expert gets the same rows in
+        the same order as in the sorted dispatch, through the same matmuls; the output equals it up to
+        float rounding (where a row sits in memory, and for k > 2 the order of the k-term sum, may
+        change the last bit). -> (N, d), before the cast to the input dtype.
+        """
+        num_tokens, k = experts.shape
+        slots_of: dict[int, list[int]] = {}  # expert -> its weighted (token, slot) pairs as flat slot ids, in order
+        for slot, (expert, weight) in enumerate(zip(experts.view(-1).tolist(), weights.view(-1).tolist())):
+            if weight != 0.0:
+                slots_of.setdefault(expert, []).append(slot)
+        owners = {first + i: (group, i) for group, first, size in self.expert_groups()[1:] for i in range(size)}
+        flat_weights = weights.view(-1, 1)  # (N*k, 1) fp32
+        combined = None
+        for expert in sorted(slots_of):
+            slot_ids = slots_of[expert]
+            token_ids = [slot // k for slot in slot_ids]
+            every_token = len(token_ids) == num_tokens  # each token at most once per expert, in order
+            rows = tokens if every_token else tokens[token_ids]  # (n, d)
+            out = self.original_mlp(rows) if expert == 0 else owners[expert][0].one_expert(owners[expert][1], rows)
+            slot_weights = flat_weights[slot_ids[0] : slot_ids[0] + 1] if len(slot_ids) == 1 else flat_weights[slot_ids]
+            weighted = out * slot_weights  # (n, d) fp32
+            if combined is None:
+                combined = weighted if every_token else weighted.new_zeros(num_tokens, tokens.shape[1]).index_copy_(0, torch.tensor(token_ids), weighted)
+            elif every_token:
+                combined = combined + weighted
+            else:
+                combined = combined.index_add(0, torch.tensor(token_ids), weighted)  # each token once: no atomics
+        if combined is None:  # every weight underflowed to 0
+            combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)
+        return combined  # (N, d)

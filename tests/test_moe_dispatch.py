@@ -15,7 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from layermoe_core.experts import grouped_linear, grouped_mm_runs
+from layermoe_core import moe_block
+from layermoe_core.experts import check_kernel, grouped_linear, grouped_mm_runs
 from layermoe_core.moe_block import LayerMoEBlock
 
 HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
@@ -259,3 +260,58 @@ def test_grouped_linear_matches_per_expert_matmuls(device, dtype, chunks, upstre
     assert torch.count_nonzero(results[0][2][1]) == 0
     if device == "cuda" and dtype == torch.bfloat16:
         assert grouped_mm_runs(tokens, weight), "bf16 on CUDA should take torch's grouped GEMM"
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_decoding_dispatch_on_the_host_equals_the_sorted_dispatch(scenario, batch, monkeypatch):
+    """Inference with a token per row (decoding) groups the assignments on the host instead of sorting them.
+    Same rows, same matmuls; only where a row sits in memory differs, which BLAS may round differently."""
+    group_sizes, classifier, forced_old = SCENARIOS[scenario]
+    block = stage1_block(group_sizes, classifier, "cpu")
+    block.route_all_to_old = forced_old
+    x = torch.randn(batch, 1, HIDDEN)
+    with torch.inference_mode():
+        few = block(x)
+        monkeypatch.setattr(moe_block, "FEW_ASSIGNMENTS", 0)  # the sorted dispatch
+        sorted_dispatch = block(x)
+    torch.testing.assert_close(few, sorted_dispatch)
+    torch.testing.assert_close(few, reference_forward(block, x).detach())
+
+
+def test_inference_runs_no_router_that_no_token_reaches():
+    """Every token classified old: the block computes the classifier and expert 0, not this round's router.
+    With autograd on (training, where the LPR loss reads the router's logits) the router still runs."""
+    block = stage1_block([3], classifier=True, device="cpu")
+    with torch.no_grad():
+        block.router.classifier.weight.zero_()
+        block.router.classifier.bias.copy_(torch.tensor([10.0, -10.0]))  # every token predicted old
+    x = torch.randn(1, 33, HIDDEN)
+    classifier_flops, mlp_flops = 2 * 33 * HIDDEN * 2, 2 * 33 * 3 * HIDDEN * INTERMEDIATE
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        out = block(x)
+    assert counter.get_total_flops() == classifier_flops + mlp_flops
+    assert torch.equal(out, block.original_mlp(x).detach())
+    with FlopCounterMode(display=False) as counter:
+        block(x)
+    assert counter.get_total_flops() == classifier_flops + mlp_flops + 2 * 33 * HIDDEN * block.num_experts
+
+
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm", "transformers:grouped_mm", "transformers:batched_mm"])
+def test_every_expert_kernel_matches_the_masked_loop_and_trains_no_frozen_weight(kernel):
+    block = stage1_block([2, 3], classifier=False, device="cpu")
+    for experts in block.new_experts:
+        experts.kernel = kernel
+    x = torch.randn(2, 9, HIDDEN)
+    upstream = torch.randn_like(x)
+    ours = forward_backward(block, LayerMoEBlock.__call__, x, upstream)
+    reference = forward_backward(block, reference_forward, x, upstream)
+    assert ours.keys() == reference.keys()
+    for name, grad in ours.items():
+        assert_close(grad, reference[name], name)
+    assert block.new_experts[0].gate_up_proj.grad is None and block.new_experts[0].down_proj.grad is None  # the frozen round
+
+
+def test_an_unknown_expert_kernel_names_the_choices():
+    with pytest.raises(ValueError, match="transformers:grouped_mm"):
+        check_kernel("transformers:no_such_kernel")

@@ -1,0 +1,212 @@
+"""Serving cost of a child: prefill and decoding tokens/s of an expanded model against its dense parent.
+
+Run from the repository root: `python -m bench.generate [--sizes demo large] [--batches 1 16]`; it uses
+CUDA when visible. The parent is a Qwen2 model; the child is `expand`ed from it (new experts in every
+layer, top-2) with a classifier in every layer, in two settings:
+  new  the classifiers send every token down the new path: each token runs k = 2 expert MLPs;
+  old  the classifiers send every token to the parent's path, here expert 0 alone (old-language text
+       that the classifiers recognise): the child should cost what the parent costs.
+Phases: prefill (one forward over a `--prompt`-token prompt per row, filling the KV cache) and decode
+(`--new-tokens` greedy steps of one token per row, each reusing the cache), both as `generate` runs them.
+
+The ideal for `new` is not 1: a token that uses k experts runs (at batch 1: reads) k MLPs, so
+    ideal = parent time / (parent time + (k - 1) * MLP time),
+with MLP time the parent's own dense MLPs' time, all layers, measured inside the parent's run
+(`parent-timed`: clocks around each MLP call; measured alone, with its weights hot in the cache,
+a decoding MLP took under half its in-model time). For `old` the ideal is 1. Every variant is timed in turn within each repetition (rotating the order),
+and the ratios are taken per repetition, so a load that drifts hits them alike; each figure is the
+median with the min-max over repetitions. Each is given by wall time and by the process's CPU time:
+on a machine shared with other jobs the CPU time leaves out the waits for a core. On the CPU it runs
+one thread by default (`--threads`): with two threads on a loaded machine each small op waits for
+the other thread's turn, and decoding slowed 5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from layermoe_core import expand, insert_classifiers
+from layermoe_core.losses import NEW, OLD
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    new_per_layer: int = 3
+    top_k: int = 2
+
+
+SIZES = {
+    "demo": Size(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=2, vocab=8192),
+    "large": Size(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=8, vocab=32000),
+}
+
+
+def build(size: Size, device: torch.device) -> tuple[Qwen2ForCausalLM, dict[str, torch.nn.Module]]:
+    """The parent and its child with every classifier set to `new` or to `old`."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        vocab_size=size.vocab,
+        max_position_embeddings=4096,
+    )
+    parent = Qwen2ForCausalLM(config).to(device).eval()
+    children = {}
+    for setting, label in (("new", NEW), ("old", OLD)):
+        child = expand(copy.deepcopy(parent), [size.new_per_layer] * size.layers, ["en"], ["el"], top_k=size.top_k)
+        insert_classifiers(child, list(range(size.layers)))
+        with torch.no_grad():
+            for block in child.moe_blocks().values():
+                block.router.gate.weight.normal_(std=size.hidden**-0.5)  # a trained-looking router: tokens spread
+                block.router.classifier.bias.copy_(torch.tensor([-10.0, -10.0]))
+                block.router.classifier.bias[label] = 10.0  # a confident classifier: every token `label`
+        children[setting] = child.to(device).eval()
+    return parent, children
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Clock:
+    """Wall and process CPU seconds since construction (after a device sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        synchronize(device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        synchronize(self.device)
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+@torch.inference_mode()
+def prefill(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[tuple[float, float], DynamicCache, torch.Tensor]:
+    """(wall, cpu) seconds for the prompt's forward; the filled cache; the greedy next token (batch, 1)."""
+    cache = DynamicCache()
+    clock = Clock(prompt.device)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
+    next_token = out.logits[:, -1:].argmax(-1)
+    return clock.read(), cache, next_token
+
+
+@torch.inference_mode()
+def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(wall, cpu) seconds for `steps` greedy steps of one token per row, each over the cache."""
+    clock = Clock(token.device)
+    for _ in range(steps):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+    return clock.read()
+
+
+class MLPClocks:
+    """Wall and CPU seconds spent inside a model's MLP modules, from hooks around each call."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.device, self.wall, self.cpu = device, 0.0, 0.0
+        for layer in model.model.layers:
+            layer.mlp.register_forward_pre_hook(self.start)
+            layer.mlp.register_forward_hook(self.stop)
+
+    def start(self, module, args) -> None:
+        self.clock = Clock(self.device)
+
+    def stop(self, module, args, output) -> None:
+        wall, cpu = self.clock.read()
+        self.wall, self.cpu = self.wall + wall, self.cpu + cpu
+
+    def take(self) -> tuple[float, float]:
+        """The seconds since the last take."""
+        seconds, self.wall, self.cpu = (self.wall, self.cpu), 0.0, 0.0
+        return seconds
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.device) -> list[str]:
+    size = SIZES[size_name]
+    parent, children = build(size, device)
+    timed_parent = copy.deepcopy(parent)
+    mlp_clocks = MLPClocks(timed_parent, device)
+    models = {"parent": parent, "parent-timed": timed_parent, **{f"child-{name}": child for name, child in children.items()}}
+    prompt = torch.randint(0, size.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
+    times: dict[tuple[str, str, int], list[float]] = {}  # (variant, phase, 0 wall / 1 cpu) -> seconds per rep
+    for rep in range(args.warmup + args.reps):
+        names = list(models)
+        names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
+        for name in names:
+            prefill_s, cache, token = prefill(models[name], prompt)
+            measured = {("prefill", name): prefill_s}
+            if name == "parent-timed":
+                measured[("prefill", "mlp")] = mlp_clocks.take()
+            measured[("decode", name)] = decode(models[name], cache, token, args.new_tokens)
+            if name == "parent-timed":
+                measured[("decode", "mlp")] = mlp_clocks.take()
+            if rep >= args.warmup:
+                for (phase, variant), seconds in measured.items():
+                    for clock, value in enumerate(seconds):
+                        times.setdefault((variant, phase, clock), []).append(value)
+    lines = []
+    for phase, tokens in (("prefill", batch * args.prompt), ("decode", batch * args.new_tokens)):
+        rates = {name: statistics.median([tokens / s for s in times[(name, phase, 0)]]) for name in models}
+        lines.append(
+            f"{size_name:6} batch {batch:3d} {phase:8} tok/s (wall) parent {rates['parent']:9,.0f}"
+            f"  child-new {rates['child-new']:9,.0f}  child-old {rates['child-old']:9,.0f}"
+        )
+        for clock, clock_name in enumerate(("wall", "cpu")):
+            parent_s, mlp_s = times[("parent", phase, clock)], times[("mlp", phase, clock)]
+            ideal = [p / (p + (size.top_k - 1) * m) for p, m in zip(parent_s, mlp_s)]  # every layer is an MoE layer
+            new_ratio = [p / c for p, c in zip(parent_s, times[("child-new", phase, clock)])]
+            old_ratio = [p / c for p, c in zip(parent_s, times[("child-old", phase, clock)])]
+            of_ideal = [r / i for r, i in zip(new_ratio, ideal)]
+            share = [m / p for p, m in zip(times[("parent-timed", phase, clock)], mlp_s)]
+            lines.append(
+                f"    {clock_name:4}: MLP share {spread(share)}, ideal {spread(ideal)}; new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal;"
+                f" old/parent {spread(old_ratio)}"
+            )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["demo"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per row")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, see above)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, fp32, prompt {args.prompt}, {args.new_tokens} new tokens, median (min-max) of {args.reps}")
+    for size in args.sizes:
+        for batch in args.batches:
+            print("\n".join(bench(size, batch, args, device)))
+
+
+if __name__ == "__main__":
+    main()
