@@ -41,12 +41,12 @@ def main() -> None:
     (workdir / "prefect").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
 
+    from demo.offline_corpus import DEFAULT_PACKAGES, build_gettext_corpus
     from flows.bootstrap_base import bootstrap_base
     from flows.compare import ComparePlan, compare, with_variants
     from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
     from flows.plan import ParentRef
-    from layermoe_core.data import CorpusSpec
-    from layermoe_core.offline_corpus import DEFAULT_PACKAGES, build_gettext_corpus
+    from layermoe_core.data.corpus import CorpusSpec
     from registry.versions import list_versions
 
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]  # all nine, as the demo's tokenizer

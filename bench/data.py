@@ -31,9 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WORK = Path(tempfile.mkdtemp(prefix="layermoe-bench-data-"))
 os.environ["HF_DATASETS_CACHE"] = str(WORK / "datasets-cache")  # before `datasets` is imported
 
-from layermoe_core.data import CorpusSpec, load_documents, open_store  # noqa: E402
-from layermoe_core.demo_base import train_demo_tokenizer  # noqa: E402
-from layermoe_core.token_store import TOKENIZE_BATCH, SplitRule  # noqa: E402
+from demo.base import train_demo_tokenizer  # noqa: E402
+from layermoe_core.data.corpus import CorpusSpec, load_documents, open_store  # noqa: E402
+from layermoe_core.data.token_store import TOKENIZE_BATCH, SplitRule  # noqa: E402
 from tests.memory_probe import write_corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -53,13 +53,13 @@ import tasks.evaluation  # noqa: E402
 import tasks.parent  # noqa: E402
 import tasks.registration  # noqa: E402
 import tasks.training  # noqa: E402
+from demo.base import DEMO_SIZES  # noqa: E402
 from flows.add_languages import add_languages  # noqa: E402
 from flows.bootstrap_base import bootstrap_base  # noqa: E402
 from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans  # noqa: E402
 from flows.plan import ExpansionPlan, ParentRef  # noqa: E402
 from layermoe_core import plots  # noqa: E402
-from layermoe_core.demo_base import DEMO_SIZES  # noqa: E402
-from layermoe_core.training import TrainSettings  # noqa: E402
+from layermoe_core.training.trainer import TrainSettings  # noqa: E402
 from registry.download import download_version  # noqa: E402
 from registry.register import register_base  # noqa: E402
 from registry.settings import RegistrySettings  # noqa: E402

@@ -19,7 +19,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from layermoe_core.data import load_documents, validate_language_code
+from layermoe_core.data.corpus import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
 from tasks.analysis import TOKEN_STORE_DIR, measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
 from tasks.common import unless_cached_output

@@ -16,7 +16,7 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from registry import RegistrySettings, promote, tag_version
 from tasks.common import publish_markdown, publish_table
 

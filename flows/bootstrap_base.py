@@ -6,9 +6,9 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from layermoe_core.data import CorpusSpec
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.training import TrainSettings
+from layermoe_core.data.corpus import CorpusSpec
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import TrainSettings
 from registry.settings import RegistrySettings
 from tasks.analysis import TOKEN_STORE_DIR, sample_tokens
 from tasks.bootstrap import train_base, train_tokenizer

@@ -113,7 +113,7 @@ def cmd_approve(args) -> None:
 
 
 def cmd_estimate(args) -> None:
-    from layermoe_core.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
+    from layermoe_core.training.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
 
     from .plan import ExpansionPlan, load_plan
 

@@ -26,17 +26,16 @@ from prefect.runtime import flow_run
 from pydantic import Field, model_validator
 
 from layermoe_core import plots
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import num_decoder_layers
+from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import compare_variants, summarise_seeds
+from layermoe_core.evaluation.metrics import compare_variants, summarise_seeds
+from layermoe_core.model.checkpoints import num_decoder_layers
 from registry import get_version
 from tasks.common import publish_table
 from tasks.registration import log_comparison_report
 
 from .add_languages import RoundSummary, add_languages, fetch_parent
 from .plan import ExpansionPlan
-
 
 VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
 VARIANTS: tuple[str, ...] = get_args(VariantName)

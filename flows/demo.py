@@ -10,14 +10,14 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.data import CorpusSpec
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.offline_corpus import DEFAULT_PACKAGES
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
-from layermoe_core.translation import TranslationSettings
+from demo.offline_corpus import DEFAULT_PACKAGES
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.data.corpus import CorpusSpec
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.evaluation.translation import TranslationSettings
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.settings import RegistrySettings
 from tasks.bootstrap import build_corpus
 from tasks.common import unless_cached_output

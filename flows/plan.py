@@ -14,18 +14,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.configuration_layermoe import (
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.analysis.similarity import SimilarityScore
+from layermoe_core.data.corpus import CorpusSpec, check_corpus_source, validate_language_code
+from layermoe_core.errors import LayerMoEError
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.model.configuration_layermoe import (
     SUPPORTED_BASE_MODEL_TYPES,
     LayerMoEConfig,
 )
-from layermoe_core.data import CorpusSpec, check_corpus_source, validate_language_code
-from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.similarity import SimilarityScore
-from layermoe_core.surgery import check_same_as_parent
-from layermoe_core.training import Stage1Settings, Stage2Settings
+from layermoe_core.model.surgery import check_same_as_parent
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
 
 # Keys a plan used to have: each names what replaced it, so an old plan fails with the fix.
@@ -243,7 +243,7 @@ def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> None:
     """The checks that need no model and no Prefect, run before either starts: corpus files exist and are
     not empty, the parent resolves (a model directory, or a registry version), the registry answers, and
     the plan fits the parent's languages, top_k and balance-loss coefficient as far as they are known."""
-    from layermoe_core.checkpoints import check_model_dir
+    from layermoe_core.model.checkpoints import check_model_dir
     from registry.client import open_client
     from registry.versions import show_version
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Verdict(BaseModel):
-    """The gate's decision on a child (layermoe_core.gates.GateDecision has the same fields)."""
+    """The gate's decision on a child (layermoe_core.evaluation.gates.GateDecision has the same fields)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -39,13 +39,13 @@ def old_drift_max(comparison: pd.DataFrame) -> float:
 
 
 def old_language_drift(comparison: pd.DataFrame) -> float:
-    """Mean old-language loss rise (nats), as layermoe_core.evaluation.old_language_drift."""
+    """Mean old-language loss rise (nats), as layermoe_core.evaluation.metrics.old_language_drift."""
     deltas = _loss_deltas(comparison, "old")
     return float(deltas.mean()) if len(deltas) else math.nan
 
 
 def new_language_gain(comparison: pd.DataFrame) -> float:
-    """Mean new-language loss decrease (nats), as layermoe_core.evaluation.new_language_gain."""
+    """Mean new-language loss decrease (nats), as layermoe_core.evaluation.metrics.new_language_gain."""
     deltas = _loss_deltas(comparison, "new")
     return float(-deltas.mean()) if len(deltas) else math.nan
 

@@ -6,11 +6,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from layermoe_core import plots
-from layermoe_core.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
-from layermoe_core.signals import neuron_signal, param_delta_signal
-from layermoe_core.similarity import SimilarityScore, layer_similarity
+from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
+from layermoe_core.analysis.signals import neuron_signal, param_delta_signal
+from layermoe_core.analysis.similarity import SimilarityScore, layer_similarity
+from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
 
 from .common import STEP_CACHE, publish_markdown, publish_table
 

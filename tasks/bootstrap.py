@@ -4,12 +4,12 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from layermoe_core.checkpoints import load_tokenizer
-from layermoe_core.data import CorpusSpec, load_documents, open_sequences
-from layermoe_core.demo_base import build_base_model, demo_base_config, train_demo_tokenizer
-from layermoe_core.launch import BaseJob, LauncherSettings, launch
-from layermoe_core.offline_corpus import build_gettext_corpus
-from layermoe_core.training import TrainSettings, train_causal_lm
+from demo.base import demo_base_config, train_demo_tokenizer
+from demo.offline_corpus import build_gettext_corpus
+from layermoe_core.data.corpus import CorpusSpec, load_documents, open_sequences
+from layermoe_core.model.checkpoints import init_model, load_tokenizer
+from layermoe_core.training.launch import BaseJob, LauncherSettings, launch
+from layermoe_core.training.trainer import TrainSettings, train_causal_lm
 
 from .common import STEP_CACHE
 from .training import ProgressReporter
@@ -35,14 +35,15 @@ def train_base(
     launcher: LauncherSettings | None = None,
 ) -> Path:
     """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = demo_base_config(len(tokenizer), size)
     if launcher is not None:
-        job = BaseJob(tokenizer_dir=tokenizer_dir, size=size, seed=seed, tokens_path=tokens_path, settings=settings,
-                      output_dir=output_dir)
+        job = BaseJob(tokenizer_dir=tokenizer_dir, base_config=config.to_dict(), seed=seed, tokens_path=tokens_path,
+                      settings=settings, output_dir=output_dir)
         result = launch(job, launcher, ProgressReporter("base").fn)
         get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
         return result.model_dir
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_base_model(demo_base_config(len(tokenizer), size), seed)
+    model = init_model(config, seed)
     result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")])
     get_run_logger().info("base model trained: %s", result.final_metrics)
     tokenizer.save_pretrained(result.model_dir)

@@ -5,12 +5,12 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec, load_sequences
-from layermoe_core.evaluation import EvalSettings, compare_models, continue_prompts, evaluate_model
-from layermoe_core.heldout_text import continuation_prompts
-from layermoe_core.routing_stats import routing_statistics
-from layermoe_core.translation import heldout_pairs
+from layermoe_core.analysis.routing_stats import routing_statistics
+from layermoe_core.data.corpus import CorpusSpec, load_sequences
+from layermoe_core.evaluation.heldout_text import continuation_prompts
+from layermoe_core.evaluation.metrics import EvalSettings, compare_models, continue_prompts, evaluate_model
+from layermoe_core.evaluation.translation import heldout_pairs
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
 
 from .common import STEP_CACHE, publish_markdown, publish_table
 

@@ -6,10 +6,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from layermoe_core.checkpoints import check_model_dir
-from layermoe_core.configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES
-from layermoe_core.data import validate_language_code
+from layermoe_core.data.corpus import validate_language_code
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model.checkpoints import check_model_dir
+from layermoe_core.model.configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES
 from registry import RegistrySettings, alias_version, cached_version, find_or_register_base, promote
 
 from .common import REGISTRY_RETRY_DELAYS_S, registry_unreachable

@@ -6,7 +6,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from layermoe_core import plots
-from layermoe_core.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from registry import (
     RegistrySettings,
     Verdict,

@@ -1,6 +1,6 @@
 """Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review).
 
-With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_core.launch)
+With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_core.training.launch)
 and this process only waits, forwarding rank 0's metrics; without one, it trains in-process.
 """
 
@@ -9,11 +9,11 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import open_sequences
-from layermoe_core.launch import LauncherSettings, Stage1Job, Stage2Job, launch
-from layermoe_core.surgery import expand, insert_classifiers
-from layermoe_core.training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
+from layermoe_core.data.corpus import open_sequences
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.model.surgery import expand, insert_classifiers
+from layermoe_core.training.launch import LauncherSettings, Stage1Job, Stage2Job, launch
+from layermoe_core.training.trainer import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
 
 from .common import STEP_CACHE, artifact_key
 

@@ -35,10 +35,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import main
 from flows.plan import LifelongPlan, ParentRef, RoundSpec
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.training import Stage1Settings, Stage2Settings
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.register import register_base
 from registry.settings import RegistrySettings
 from registry.versions import list_versions, promote, show_version

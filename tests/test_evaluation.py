@@ -17,18 +17,21 @@ from transformers import PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutput
 
 from layermoe_core import LayerMoEError, expand, insert_classifiers
-from layermoe_core.data import CorpusSpec, sample_sequences
-from layermoe_core.evaluation import (
+from layermoe_core.data.corpus import CorpusSpec, sample_sequences
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.generation import greedy_generate
+from layermoe_core.evaluation.heldout_text import continuation_prompts
+from layermoe_core.evaluation.metrics import (
     COMPARISON_COLUMNS,
     EvalSettings,
+    HarnessTask,
     compare_models,
     compare_variants,
     continuation_logprobs,
     continue_prompts,
     evaluate_model,
-    language_perplexity,
-    HarnessTask,
     harness_tasks,
+    language_perplexity,
     lm_eval_metrics,
     lm_eval_scores,
     load_multiple_choice,
@@ -38,11 +41,7 @@ from layermoe_core.evaluation import (
     score_multiple_choice,
     summarise_seeds,
 )
-from layermoe_core.gates import GateSettings, evaluate_gates
-from layermoe_core.generation import greedy_generate
-from layermoe_core.heldout_text import continuation_prompts
-from layermoe_core.plots import plot_language_comparison, plot_variant_comparison
-from layermoe_core.translation import (
+from layermoe_core.evaluation.translation import (
     TRANSLATION_COLUMNS,
     TranslationSettings,
     fitted_prompt,
@@ -50,6 +49,7 @@ from layermoe_core.translation import (
     translate_pairs,
     translation_metrics,
 )
+from layermoe_core.plots import plot_language_comparison, plot_variant_comparison
 
 from .conftest import TINY, tiny_model
 from .tiny_tokenizer import tiny_tokenizer

@@ -16,13 +16,13 @@ from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.compare import ComparePlan, compare, with_variants
 from flows.lifelong_expansion import lifelong_expansion
 from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import load_model
-from layermoe_core.data import load_sequences
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.data.corpus import load_sequences
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import EvalSettings, language_perplexity
-from layermoe_core.gates import GateDecision, GateSettings
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.evaluation.gates import GateDecision, GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings, language_perplexity
+from layermoe_core.model.checkpoints import load_model
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.settings import RegistrySettings
 from registry.versions import list_versions, show_version

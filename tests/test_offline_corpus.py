@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from demo import offline_corpus
+from demo.offline_corpus import build_gettext_corpus, parse_mo
 from layermoe_core import LayerMoEError
-from layermoe_core import offline_corpus
-from layermoe_core.offline_corpus import build_gettext_corpus, parse_mo
 
 HEADER = "Content-Type: text/plain; charset=UTF-8\nPlural-Forms: nplurals=2; plural=(n != 1);\n"
 COPYRIGHT = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\nFiles: *\nCopyright: someone\nLicense: GPL-3+\n"

@@ -11,7 +11,7 @@ import tasks.training
 from flows.add_languages import add_languages
 from flows.plan import ExpansionPlan, ParentRef, TokenSettings
 from layermoe_core import LayerMoEError, expand, insert_classifiers
-from layermoe_core.allocation import AllocationSettings
+from layermoe_core.analysis.allocation import AllocationSettings
 from registry import (
     RegistrySettings,
     list_versions,

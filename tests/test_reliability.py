@@ -38,13 +38,13 @@ import tasks.training
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef, load_plan
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.data.corpus import CorpusSpec
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import cached_version, download_version
 from registry.manifest import verify_model_dir
 from registry.register import register_base

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from layermoe_core import LayerMoEError, expand
-from layermoe_core.modeling_layermoe import decoder_layers
-from layermoe_core.similarity import layer_similarity, mean_unit_vectors
+from layermoe_core.analysis.similarity import layer_similarity, mean_unit_vectors
+from layermoe_core.model.modeling_layermoe import decoder_layers
 
 from .conftest import TINY, tiny_model
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .errors import LayerMoEError
-from .modeling_layermoe import causal_lm_of, decoder_layers
+from ..errors import LayerMoEError
+from ..model.modeling_layermoe import causal_lm_of, decoder_layers
 
 SimilarityScore = Literal["mean", "old_new", "new_new"]
 # Either token ids (rows, seq_len) with every token real, or a mapping with "input_ids" and

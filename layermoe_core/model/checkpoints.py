@@ -10,10 +10,17 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from ..errors import LayerMoEError
 from . import modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
-from .errors import LayerMoEError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -36,6 +43,13 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if not any(model_dir.glob("*.safetensors")):
         raise LayerMoEError(f"{model_dir} has no *.safetensors weights; re-save the model with save_pretrained")
     return model_dir
+
+
+def init_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A freshly initialised causal LM of `config`; the seed fixes its weights without touching global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(

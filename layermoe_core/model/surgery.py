@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
+from ..errors import LayerMoEError
 from .configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES, LayerMoEConfig
-from .errors import LayerMoEError
 from .modeling_layermoe import LayerMoEForCausalLM, decoder_layers
 from .moe_block import RouterInit
 

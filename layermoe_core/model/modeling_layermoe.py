@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..errors import LayerMoEError
 from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
-from .errors import LayerMoEError
 from .experts import StackedExperts
 from .losses import load_balancing_loss
 from .moe_block import LayerMoEBlock, LayerMoERouter

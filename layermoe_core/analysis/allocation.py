@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 
 AllocationMethod = Literal["layermoe", "uniform", "fixed", "neuron", "param_delta", "late_layers"]
 AllocationMapping = Literal["proportional", "minmax", "threshold"]

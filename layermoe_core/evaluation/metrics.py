@@ -17,12 +17,12 @@ from typing import Annotated, Any
 
 import pandas as pd
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 from .gates import GateSettings
 from .generation import context_length, greedy_generate, inference, model_device
 from .translation import TranslationSettings, translate_pairs, translation_metrics

@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 from .token_store import TOKENIZE_BATCH, Split, SplitRule, TokenRows, TokenStore
 
 # ISO 639-1 (2 letters) or 639-3 (3 letters), then optionally a script (Latn) and/or a

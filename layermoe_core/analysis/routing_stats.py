@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .errors import LayerMoEError
-from .losses import NEW, OLD
-from .modeling_layermoe import LayerMoEForCausalLM
-from .moe_block import LayerMoEBlock
+from ..errors import LayerMoEError
+from ..model.losses import NEW, OLD
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.moe_block import LayerMoEBlock
 
 
 @dataclass

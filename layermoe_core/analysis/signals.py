@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .errors import LayerMoEError
-from .modeling_layermoe import causal_lm_of, decoder_layers
-from .moe_block import LayerMoEBlock
+from ..errors import LayerMoEError
+from ..model.modeling_layermoe import causal_lm_of, decoder_layers
+from ..model.moe_block import LayerMoEBlock
 from .similarity import Tokens, ids_and_mask
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")

@@ -27,12 +27,12 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .errors import LayerMoEError
-from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, new_prior_loss
-from .modeling_layermoe import LayerMoEForCausalLM
-from .moe_block import RouterInit
-from .surgery import set_trainable
-from .token_store import TokenRows
+from ..data.token_store import TokenRows
+from ..errors import LayerMoEError
+from ..model.losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, new_prior_loss
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.moe_block import RouterInit
+from ..model.surgery import set_trainable
 
 FINAL_DIR_NAME = "final"
 T = TypeVar("T")

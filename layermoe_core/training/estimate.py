@@ -18,12 +18,12 @@ import torch
 from pydantic import BaseModel
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .allocation import AllocationSettings
-from .errors import LayerMoEError
+from ..analysis.allocation import AllocationSettings
+from ..errors import LayerMoEError
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.surgery import expand, insert_classifiers, set_trainable
 from .launch import LauncherSettings
-from .modeling_layermoe import LayerMoEForCausalLM
-from .surgery import expand, insert_classifiers, set_trainable
-from .training import Stage1Settings, Stage2Settings, TrainSettings, replay_mix
+from .trainer import Stage1Settings, Stage2Settings, TrainSettings, replay_mix
 
 FP32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 each
@@ -59,7 +59,7 @@ class RoundEstimate(BaseModel):
 # -- the parent and the allocation ---------------------------------------------------------
 def parent_config(path: str | Path) -> PretrainedConfig:
     """The parent's config from a model directory or a config.json file (a LayerMoE config too)."""
-    from . import modeling_layermoe  # noqa: F401  (registers the layermoe config class)
+    from ..model import modeling_layermoe  # noqa: F401  (registers the layermoe config class)
 
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path

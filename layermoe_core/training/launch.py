@@ -7,7 +7,7 @@ or DeepSpeed ZeRO distribute as accelerate's config says. Rank 0 writes the `Tra
 `<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError` with the tail of
 its log; the next launch of the same job resumes from the newest complete checkpoint.
 
-    python -m layermoe_core.launch JOB.json     # what each rank runs (under accelerate launch)
+    python -m layermoe_core.training.launch JOB.json     # what each rank runs (under accelerate launch)
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 import layermoe_core
 
-from .errors import LayerMoEError
-from .training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
+from ..errors import LayerMoEError
+from .trainer import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
 
 RESULT_NAME = "train_result.json"  # in the job's output_dir, written by rank 0
 LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output, appended per launch
@@ -86,7 +86,7 @@ class LauncherSettings(BaseModel):
                         "--mixed_precision", "no", "--dynamo_backend", "no"]  # precision is the Trainer's
             # torchrun starts the ranks; on a CPU-only machine accelerate picks gloo (MULTI_CPU).
             command += ["--multi_gpu"] if self.processes > 1 else ["--cpu"] if not _cuda() else []
-        return [*command, "-m", "layermoe_core.launch", str(job_path)]
+        return [*command, "-m", "layermoe_core.training.launch", str(job_path)]
 
 
 def _cuda() -> bool:
@@ -116,10 +116,10 @@ class Stage1Job(_Job):
     settings: Stage1Settings
 
     def run(self, callbacks) -> TrainResult:
-        from .checkpoints import load_model
-        from .data import open_sequences
-        from .surgery import expand
-        from .training import train_stage1
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import load_model
+        from ..model.surgery import expand
+        from .trainer import train_stage1
 
         model = expand(load_model(self.parent_dir, device="cpu"), self.allocation, self.old_languages, self.new_languages,
                        top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
@@ -138,10 +138,10 @@ class Stage2Job(_Job):
     settings: Stage2Settings
 
     def run(self, callbacks) -> TrainResult:
-        from .checkpoints import load_model
-        from .data import open_sequences
-        from .surgery import insert_classifiers
-        from .training import train_stage2
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import load_model
+        from ..model.surgery import insert_classifiers
+        from .trainer import train_stage2
 
         model = load_model(self.stage1_dir, device="cpu")
         insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
@@ -150,21 +150,22 @@ class Stage2Job(_Job):
 
 
 class BaseJob(_Job):
-    """The demo's dense base, built from its config with `seed`, trained on the old languages."""
+    """A dense base, initialised from `base_config` (a config's to_dict()) with `seed`, trained on the old languages."""
 
     kind: Literal["base"] = "base"
-    size: Literal["demo", "tiny"]
+    base_config: dict[str, Any]
     seed: int
     tokens_path: Path
     settings: TrainSettings
 
     def run(self, callbacks) -> TrainResult:
-        from .checkpoints import load_tokenizer
-        from .data import open_sequences
-        from .demo_base import build_base_model, demo_base_config
-        from .training import train_causal_lm
+        from transformers import AutoConfig
 
-        model = build_base_model(demo_base_config(len(load_tokenizer(self.tokenizer_dir)), self.size), self.seed)
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import init_model
+        from .trainer import train_causal_lm
+
+        model = init_model(AutoConfig.for_model(**self.base_config), self.seed)
         return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
 
 
@@ -236,7 +237,7 @@ def run_rank(job_path: Path) -> None:
     """One rank of a launched job: train, then (rank 0) save the tokenizer and the result."""
     from accelerate import PartialState
 
-    from .checkpoints import load_tokenizer
+    from ..model.checkpoints import load_tokenizer
 
     job = _JOB.validate_json(Path(job_path).read_text(encoding="utf-8"))
     result = job.run([MetricsCallback(_print_metrics)])  # MetricsCallback reports on rank 0 only
@@ -249,5 +250,5 @@ def run_rank(job_path: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m layermoe_core.launch JOB.json  (run by `accelerate launch`; see layermoe_core.launch)")
+        sys.exit("usage: python -m layermoe_core.training.launch JOB.json  (run by `accelerate launch`; see layermoe_core.training.launch)")
     run_rank(Path(sys.argv[1]))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 
 
 @contextlib.contextmanager

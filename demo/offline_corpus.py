@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
-from .errors import LayerMoEError
+from layermoe_core.errors import LayerMoEError
 
 # Debian bookworm packages with many translations. The first block is the command-line and
 # system tools; the GTK/GNOME block is there because it is what translates into Bengali,
