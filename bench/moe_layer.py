@@ -140,7 +140,9 @@ def report(results: list[Result]) -> str:
     for size in dict.fromkeys(r.size for r in results):
         rows = {r.variant: r for r in results if r.size == size}
         hidden, intermediate, num_new, num_tokens = SIZES[size]
-        lines.append(f"\n{size}: hidden {hidden}, intermediate {intermediate}, 1 old + {num_new} new experts, top-{TOP_K}, {num_tokens} tokens")
+        lines.append(
+            f"\n{size}: hidden {hidden}, intermediate {intermediate}, 1 old + {num_new} new experts, top-{TOP_K}, {num_tokens} tokens"
+        )
         for r in rows.values():
             figures = f"{r.tokens_per_s:12,.0f} tok/s  {r.median_ms:9.2f} ms" if r.error is None else f"failed: {r.error}"
             lines.append(f"  {r.variant:14s} {figures}")

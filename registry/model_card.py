@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
@@ -141,7 +142,7 @@ def base_card(languages: Sequence[str], params_total: int, description: str | No
     return "\n".join(lines)
 
 
-def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, object]]]) -> list[tuple[str, float, int]]:
+def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, float, int]]:
     """Trainer log rows as (key, value, step): `stage1.loss` at each logged step, so the UI draws curves."""
     rows = []
     for stage, entries in history.items():

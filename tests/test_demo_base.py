@@ -26,7 +26,9 @@ def corpus_files(tmp_path_factory):
     files = {}
     for lang, texts in TEXTS.items():
         files[lang] = directory / f"{lang}.jsonl"
-        files[lang].write_text("".join(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts * 5)), encoding="utf-8")
+        files[lang].write_text(
+            "".join(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts * 5)), encoding="utf-8"
+        )
     return files
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 
 from flows.add_languages import add_languages, round_dir
@@ -35,6 +34,8 @@ from registry.versions import list_versions, promote
 
 from .synthetic_corpus import write_synthetic_corpus
 from .test_flows import TOKENS
+
+pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
 
 BASE_LANGUAGES = ["en", "zh"]
 GLOBAL_BATCH = 8
@@ -89,19 +90,13 @@ FAULTS = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)
 
         _train = training._train
-        def _train_with_fault(model, rows, objective, settings, output_dir, callbacks):
+        def _train_with_fault(model, rows, objective, settings, output_dir, callbacks, tokenizer=None):
             if not str(output_dir).endswith("stage1"):  # faults strike Stage 1 only
-                return _train(model, rows, objective, settings, output_dir, callbacks)
-            return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)])
+                return _train(model, rows, objective, settings, output_dir, callbacks, tokenizer)
+            return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)], tokenizer)
         training._train = _train_with_fault
     """
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_backend():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -146,7 +146,7 @@ def test_perturbed_experts_change_only_the_layers_after_them(languages):
         (["en"], ["ko"], "mean", r"no token sequences for languages \['ko'\]"),
         (["en"], ["el"], "new_new", "needs two new languages"),
         ([], ["el"], "mean", "nothing to compare"),
-        (["en"], ["en", "el"], "mean", "distinct"),
+        (["en"], ["en", "el"], "mean", r"\['en'\] are both old and new"),
         (["en"], ["el"], "median", "unknown score"),
     ],
 )

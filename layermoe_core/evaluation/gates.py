@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import LayerMoEError
 from .translation import CHRF_METRIC
 
-COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")
+COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")  # metrics.compare_models' table
 
 
 class GateSettings(BaseModel):

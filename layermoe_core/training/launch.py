@@ -115,16 +115,23 @@ class Stage1Job(_Job):
     tokens_path: Path
     settings: Stage1Settings
 
-    def run(self, callbacks) -> TrainResult:
-        from ..data.corpus import open_sequences
+    def expanded_parent(self, device: str | None = None):
+        """The parent, expanded with `allocation`; the routers start from `settings.seed`, so every process and rerun
+        builds the same child."""
         from ..model.checkpoints import load_model
         from ..model.surgery import expand
+
+        return expand(load_model(self.parent_dir, device=device), self.allocation, self.old_languages, self.new_languages,
+                      top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
+                      router_init=self.settings.router_init)
+
+    def run(self, callbacks) -> TrainResult:
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import load_tokenizer
         from .trainer import train_stage1
 
-        model = expand(load_model(self.parent_dir, device="cpu"), self.allocation, self.old_languages, self.new_languages,
-                       top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
-                       router_init=self.settings.router_init)
-        return train_stage1(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+        return train_stage1(self.expanded_parent(device="cpu"), open_sequences(self.tokens_path), self.settings,
+                            self.output_dir, callbacks, tokenizer=load_tokenizer(self.tokenizer_dir))
 
 
 class Stage2Job(_Job):
@@ -137,16 +144,23 @@ class Stage2Job(_Job):
     new_tokens_path: Path
     settings: Stage2Settings
 
-    def run(self, callbacks) -> TrainResult:
-        from ..data.corpus import open_sequences
+    def classified_stage1(self, device: str | None = None):
+        """The Stage-1 model with its routing classifiers, initialised from `settings.seed`."""
         from ..model.checkpoints import load_model
         from ..model.surgery import insert_classifiers
+
+        model = load_model(self.stage1_dir, device=device)
+        insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
+        return model
+
+    def run(self, callbacks) -> TrainResult:
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import load_tokenizer
         from .trainer import train_stage2
 
-        model = load_model(self.stage1_dir, device="cpu")
-        insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
-        return train_stage2(model, open_sequences(self.old_tokens_path), open_sequences(self.new_tokens_path),
-                            self.settings, self.output_dir, callbacks)
+        return train_stage2(self.classified_stage1(device="cpu"), open_sequences(self.old_tokens_path),
+                            open_sequences(self.new_tokens_path), self.settings, self.output_dir, callbacks,
+                            tokenizer=load_tokenizer(self.tokenizer_dir))
 
 
 class BaseJob(_Job):
@@ -162,11 +176,12 @@ class BaseJob(_Job):
         from transformers import AutoConfig
 
         from ..data.corpus import open_sequences
-        from ..model.checkpoints import init_model
+        from ..model.checkpoints import init_model, load_tokenizer
         from .trainer import train_causal_lm
 
         model = init_model(AutoConfig.for_model(**self.base_config), self.seed)
-        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks,
+                               tokenizer=load_tokenizer(self.tokenizer_dir))
 
 
 TrainJob = Annotated[Stage1Job | Stage2Job | BaseJob, Field(discriminator="kind")]
@@ -202,6 +217,7 @@ def launch(
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, errors="replace", start_new_session=True)
         try:
+            assert process.stdout is not None  # stdout=PIPE
             for line in process.stdout:
                 log.write(line)
                 tail.append(line.rstrip("\n"))
@@ -234,15 +250,12 @@ def _print_metrics(metrics: dict[str, float], step: int) -> None:
 
 
 def run_rank(job_path: Path) -> None:
-    """One rank of a launched job: train, then (rank 0) save the tokenizer and the result."""
+    """One rank of a launched job: train (rank 0 saves the model and tokenizer), then (rank 0) write the result."""
     from accelerate import PartialState
-
-    from ..model.checkpoints import load_tokenizer
 
     job = _JOB.validate_json(Path(job_path).read_text(encoding="utf-8"))
     result = job.run([MetricsCallback(_print_metrics)])  # MetricsCallback reports on rank 0 only
     if PartialState().is_main_process:
-        load_tokenizer(job.tokenizer_dir).save_pretrained(result.model_dir)
         partial = Path(job.output_dir) / (RESULT_NAME + ".partial")
         partial.write_text(result.model_dump_json(), encoding="utf-8")
         partial.replace(Path(job.output_dir) / RESULT_NAME)
