@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -59,3 +62,12 @@ def test_the_parent_check_accepts_an_expanded_model_and_its_base(model_dir, tmp_
     check_expandable(model_dir)
     expand(tiny_model(), [1, 0, 1], ["en"], ["el"]).save_pretrained(tmp_path / "child")
     check_expandable(tmp_path / "child")
+
+
+def test_the_paths_earlier_releases_documented_still_work():
+    import layermoe_core.modeling_layermoe as old_path
+    from layermoe_core import LayerMoEForCausalLM
+
+    assert old_path.LayerMoEForCausalLM is LayerMoEForCausalLM
+    usage = subprocess.run([sys.executable, "-m", "layermoe_core.offline_corpus", "--help"], capture_output=True, text=True, check=True)
+    assert "--languages" in usage.stdout
