@@ -44,6 +44,7 @@ def train_base(
         get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
         return result.model_dir
     model = init_model(config, seed)
-    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")], tokenizer)
+    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")],
+                             tokenizer=tokenizer)
     get_run_logger().info("base model trained: %s", result.final_metrics)
     return result.model_dir

@@ -59,7 +59,7 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
     if launcher is not None:
         return launched(job, launcher, "stage1")
     return train_stage1(job.expanded_parent(), open_sequences(job.tokens_path), job.settings, job.output_dir,
-                        [ProgressReporter("stage1")], load_tokenizer(job.tokenizer_dir))
+                        [ProgressReporter("stage1")], tokenizer=load_tokenizer(job.tokenizer_dir))
 
 
 @step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
@@ -69,4 +69,4 @@ def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> Trai
     if launcher is not None:
         return launched(job, launcher, "stage2")
     return train_stage2(job.classified_stage1(), open_sequences(job.old_tokens_path), open_sequences(job.new_tokens_path),
-                        job.settings, job.output_dir, [ProgressReporter("stage2")], load_tokenizer(job.tokenizer_dir))
+                        job.settings, job.output_dir, [ProgressReporter("stage2")], tokenizer=load_tokenizer(job.tokenizer_dir))

@@ -82,9 +82,9 @@ class AtCheckpoint(TrainerCallback):
             time.sleep(0.05)
 
 train_stage1 = tasks.training.train_stage1
-def train_stage1_with_hook(*args):
+def train_stage1_with_hook(*args, **kwargs):
     *head, callbacks = args
-    return train_stage1(*head, [*callbacks, AtCheckpoint()])
+    return train_stage1(*head, [*callbacks, AtCheckpoint()], **kwargs)
 tasks.training.train_stage1 = train_stage1_with_hook
 add_languages(ExpansionPlan.model_validate_json(plan_json))
 """
@@ -257,8 +257,8 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
     resumed_from = []
     train_stage1 = tasks.training.train_stage1
 
-    def record_resume(*args):
-        result = train_stage1(*args)
+    def record_resume(*args, **kwargs):
+        result = train_stage1(*args, **kwargs)
         resumed_from.append(result.resumed_from)
         return result
 
