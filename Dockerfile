@@ -22,6 +22,7 @@ RUN pip install ${TORCH_SPEC} --index-url ${TORCH_INDEX_URL}
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY layermoe_core ./layermoe_core
+COPY demo ./demo
 COPY registry ./registry
 COPY tasks ./tasks
 COPY flows ./flows

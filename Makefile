@@ -1,6 +1,6 @@
 # One command each sets everything up on a fresh machine (Python 3.11 and pip are enough).
 #   make demo   - the embedded-default demo (local Prefect, local sqlite MLflow, no servers)
-#   make test   - the test suite
+#   make test   - lint (ruff check), type check (mypy on layermoe_core/ and registry/), then the test suite
 # torch is installed first and pinned (a CPU wheel here); for a GPU build override it, e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3.11
@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

@@ -13,18 +13,11 @@ ephemeral Prefect in WORKDIR/prefect and a sqlite MLflow store in WORKDIR/mlflow
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-# Prefect and MLflow stay local and quiet; set before they are imported.
-os.environ.pop("PREFECT_API_URL", None)
-for _key, _value in {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "HF_HUB_OFFLINE": "1",
-                     "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(_key, _value)
-
 import argparse  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path
+
+from layermoe_core.environment import use_local_stack
 
 
 def main() -> None:
@@ -38,15 +31,14 @@ def main() -> None:
     parser.add_argument("--round-scale", type=float, default=None, help="times the round's token budgets (default: --scale)")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
-    (workdir / "prefect").mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
+    use_local_stack(workdir / "prefect", ephemeral=True)  # Prefect and MLflow stay local and quiet; before they are imported
 
+    from demo.offline_corpus import DEFAULT_PACKAGES, build_gettext_corpus
     from flows.bootstrap_base import bootstrap_base
     from flows.compare import ComparePlan, compare, with_variants
     from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
     from flows.plan import ParentRef
-    from layermoe_core.data import CorpusSpec
-    from layermoe_core.offline_corpus import DEFAULT_PACKAGES, build_gettext_corpus
+    from layermoe_core.data.corpus import CorpusSpec
     from registry.versions import list_versions
 
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]  # all nine, as the demo's tokenizer
@@ -55,8 +47,12 @@ def main() -> None:
     corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
     base_plan, lifelong = demo_plans(workdir, corpora)
     def scaled(scale: float):
-        return base_plan.tokens.model_copy(update={
-            key: max(1, int(getattr(base_plan.tokens, key) * scale)) for key in ("analysis_tokens", "stage1_tokens", "stage2_tokens", "eval_tokens")})
+        return base_plan.tokens.model_copy(
+            update={
+                key: max(1, int(getattr(base_plan.tokens, key) * scale))
+                for key in ("analysis_tokens", "stage1_tokens", "stage2_tokens", "eval_tokens")
+            }
+        )
 
     lifelong = lifelong.model_copy(update={"tokens": scaled(args.round_scale or args.scale)})
     base_plan = base_plan.model_copy(update={"tokens": scaled(args.scale), "train_tokens": int(base_plan.train_tokens * args.scale)})
@@ -65,10 +61,16 @@ def main() -> None:
     print(f"corpus and base ready in {time.perf_counter() - start:.0f} s (base version {base_version})", flush=True)
 
     shared = lifelong.round_plan(0, BASE_LANGUAGES, ParentRef(version=base_version)).model_dump()
-    shared["allocation"].update(delta=args.delta, neurons_per_language=args.neurons_per_language,
-                                finetune_steps=10, finetune_learning_rate=1e-3, finetune_batch_size=16)
-    plan = with_variants(ComparePlan.model_validate({**shared, "name": "signals", "workdir": workdir / "compare"}),
-                         args.variants.split(","))
+    shared["allocation"].update(
+        delta=args.delta,
+        neurons_per_language=args.neurons_per_language,
+        finetune_steps=10,
+        finetune_learning_rate=1e-3,
+        finetune_batch_size=16,
+    )
+    plan = with_variants(
+        ComparePlan.model_validate({**shared, "name": "signals", "workdir": workdir / "compare"}), args.variants.split(",")
+    )
     start = time.perf_counter()
     table = compare(plan)
     print(f"compare took {time.perf_counter() - start:.0f} s", flush=True)

@@ -26,14 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from layermoe_core.environment import use_local_stack
+
 WORK = Path(tempfile.mkdtemp(prefix="layermoe-bench-data-"))
+use_local_stack(WORK / "prefect")
 os.environ["HF_DATASETS_CACHE"] = str(WORK / "datasets-cache")  # before `datasets` is imported
 
-from layermoe_core.data import CorpusSpec, load_documents, open_store  # noqa: E402
-from layermoe_core.demo_base import train_demo_tokenizer  # noqa: E402
-from layermoe_core.token_store import TOKENIZE_BATCH, SplitRule  # noqa: E402
+from demo.base import train_demo_tokenizer  # noqa: E402
+from layermoe_core.data.corpus import CorpusSpec, load_documents, open_store  # noqa: E402
+from layermoe_core.data.token_store import TOKENIZE_BATCH, SplitRule  # noqa: E402
 from tests.memory_probe import write_corpus  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +64,11 @@ def throughput(work: Path, documents: int, repeats: int) -> None:
     for repeat in range(repeats):
         for name in rates:  # interleaved, so that load on the machine hits both alike
             start = time.perf_counter()
-            tokens = tokenize_into_store(spec, tokenizer, work / f"store-{repeat}") if name == "token store" else tokenize_plainly(spec, tokenizer)
+            tokens = (
+                tokenize_into_store(spec, tokenizer, work / f"store-{repeat}")
+                if name == "token store"
+                else tokenize_plainly(spec, tokenizer)
+            )
             rates[name].append(tokens / (time.perf_counter() - start))
     print(f"\nThroughput: {documents} documents, {tokens:,} tokens, byte-level BPE (vocab 8000), {repeats} interleaved repeats")
     print("| path | tokens/s, median | min - max |\n|---|---|---|")
@@ -86,8 +91,10 @@ def memory(work: Path) -> None:
     print("|---|---|---|---|---|")
     for scale in (1, 4, 16):
         mapped, ram = results[scale, False], results[scale, True]
-        print(f"| {scale}x | {mapped['tokens']:,} | {mapped['sampling_peak_mb']:.0f} | {mapped['training_step_peak_mb']:.0f} "
-              f"| {ram['training_step_peak_mb']:.0f} |")
+        print(
+            f"| {scale}x | {mapped['tokens']:,} | {mapped['sampling_peak_mb']:.0f} | {mapped['training_step_peak_mb']:.0f} "
+            f"| {ram['training_step_peak_mb']:.0f} |"
+        )
 
 
 def main() -> None:

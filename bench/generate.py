@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from layermoe_core import expand, insert_classifiers
-from layermoe_core.losses import NEW, OLD
+from layermoe_core.model.losses import NEW, OLD
 
 
 @dataclass(frozen=True)

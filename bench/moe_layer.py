@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from layermoe_core.experts import check_kernel
-from layermoe_core.moe_block import LayerMoEBlock
-
 from transformers import MixtralConfig, Qwen2Config
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+from layermoe_core.model.experts import check_kernel
+from layermoe_core.model.moe_block import LayerMoEBlock
 
 TOP_K = 2
 SIZES = {  # name: (hidden, intermediate, new experts, tokens)

@@ -24,17 +24,12 @@ import os
 import shutil
 import tempfile
 
+from layermoe_core.environment import use_local_stack
+
 # Prefect and MLflow stay local and inside a temporary folder; set before they are imported.
 _WORKDIR = tempfile.mkdtemp(prefix="layermoe-pipeline-bench-")
 atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)  # registered first, so it runs after Prefect's shutdown
-os.environ.pop("PREFECT_API_URL", None)  # ephemeral server, never a configured one
-os.environ["PREFECT_HOME"] = os.path.join(_WORKDIR, "prefect")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+use_local_stack(os.path.join(_WORKDIR, "prefect"), ephemeral=True)  # an ephemeral server, never a configured one
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -53,13 +48,13 @@ import tasks.evaluation  # noqa: E402
 import tasks.parent  # noqa: E402
 import tasks.registration  # noqa: E402
 import tasks.training  # noqa: E402
+from demo.base import DEMO_SIZES  # noqa: E402
 from flows.add_languages import add_languages  # noqa: E402
 from flows.bootstrap_base import bootstrap_base  # noqa: E402
 from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans  # noqa: E402
 from flows.plan import ExpansionPlan, ParentRef  # noqa: E402
 from layermoe_core import plots  # noqa: E402
-from layermoe_core.demo_base import DEMO_SIZES  # noqa: E402
-from layermoe_core.training import TrainSettings  # noqa: E402
+from layermoe_core.training.trainer import TrainSettings  # noqa: E402
 from registry.download import download_version  # noqa: E402
 from registry.register import register_base  # noqa: E402
 from registry.settings import RegistrySettings  # noqa: E402

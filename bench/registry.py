@@ -17,10 +17,11 @@ import os
 import shutil
 import tempfile
 
+from layermoe_core.environment import use_local_stack
+
 _WORKDIR = tempfile.mkdtemp(prefix="layermoe-registry-bench-")
 atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+use_local_stack(os.path.join(_WORKDIR, "prefect"))
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402

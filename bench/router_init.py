@@ -23,15 +23,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from layermoe_core.checkpoints import load_model
-from layermoe_core.data import CorpusSpec, load_sequences
-from layermoe_core.evaluation import language_perplexity
-from layermoe_core.routing_stats import routing_statistics
-from layermoe_core.surgery import expand, insert_classifiers
-from layermoe_core.training import train_stage1, train_stage2
-
 from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
-
+from layermoe_core.analysis.routing_stats import routing_statistics
+from layermoe_core.data.corpus import CorpusSpec, load_sequences
+from layermoe_core.evaluation.metrics import language_perplexity
+from layermoe_core.model.checkpoints import load_model
+from layermoe_core.model.surgery import expand, insert_classifiers
+from layermoe_core.training.trainer import train_stage1, train_stage2
 
 PRIOR = ({"router_init": "parent", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5})
 VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides, classifiers in every expanded layer)

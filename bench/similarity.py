@@ -21,7 +21,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run by path from a checkout, installed or not
-from layermoe_core.similarity import mean_unit_vectors  # noqa: E402
+from layermoe_core.analysis.similarity import mean_unit_vectors  # noqa: E402
 
 # name: (hidden, layers, tokens); heads of 64 dims, MLP 8/3 * hidden as in Llama/Qwen.
 SIZES = {"small": (128, 4, 4096), "mid": (512, 8, 16384), "large": (2048, 24, 131072)}

@@ -19,10 +19,20 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from layermoe_core.data import load_documents, validate_language_code
+from layermoe_core.data.corpus import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
-from tasks.analysis import TOKEN_STORE_DIR, measure_allocation_signal, measure_similarity, plan_allocation, sample_tokens
-from tasks.common import unless_cached_output
+from layermoe_core.training.launch import Stage1Job, Stage2Job
+from tasks.analysis import (
+    TOKEN_STORE_DIR,
+    Sampling,
+    allocation_total,
+    classifier_layers,
+    measure_allocation_signal,
+    measure_similarity,
+    new_experts,
+    plan_allocation,
+    sample_tokens,
+)
 from tasks.evaluation import evaluate_round, measure_routing, sample_heldout_text
 from tasks.parent import ParentModel, register_base_model, resolve_parent
 from tasks.registration import draw_plots, gate_and_promote, register_round
@@ -139,49 +149,57 @@ def add_languages(plan: ExpansionPlan) -> RoundSummary:
 
 
 def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSummary:
-    """Every step after the parent is local, in the round's folder `work`."""
-    registry, t = plan.registry, plan.tokens
-    old, new = round_languages(plan, parent), plan.new_languages
+    """Every step after the parent is local, in the round's folder `work`; a step whose output is gone runs again."""
+    old, new, t = round_languages(plan, parent), plan.new_languages, plan.tokens
+    sampling = Sampling(corpora=plan.corpora, tokenizer_dir=parent.path, seq_len=t.seq_len, seed=t.seed,
+                        heldout_fraction=t.heldout_fraction, store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR, out_dir=work / "tokens")
 
-    def tokens(name: str, languages: list[str], num_tokens: int, split: str = "train", parallel: bool | str = False) -> Path:
-        out_path = work / "tokens" / f"{name}.json"
-        return unless_cached_output(sample_tokens, out_path)(
-            plan.corpora, parent.path, languages, num_tokens, t.seq_len, t.seed, split, t.heldout_fraction, out_path,
-            plan.workdir.resolve() / TOKEN_STORE_DIR, parallel
-        )
+    # 1-3: where the new languages sit in the parent, and how many experts each layer gets
+    analysis = sample_tokens(sampling, "analysis", old + new, t.analysis_tokens, parallel="auto")
+    similarity = measure_similarity(parent.path, analysis, old, new, score=plan.similarity_score, batch_size=plan.similarity_batch_size)
+    signal = measure_allocation_signal(parent.path, analysis, old, new, plan.allocation, batch_size=plan.similarity_batch_size)
+    allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
 
-    analysis = tokens("analysis", old + new, t.analysis_tokens, parallel="auto")
-    similarity = measure_similarity(parent.path, analysis, old, new, plan.similarity_score, plan.similarity_batch_size)
-    signal = measure_allocation_signal(parent.path, analysis, old, new, plan.allocation, plan.similarity_batch_size)
-    allocation, classifier_layers, allocation_tables, allocation_plots = plan_allocation(
-        similarity, signal, plan.allocation, plan.classifier_layer_count, work / "plots")
-    stage1 = unless_cached_output(run_stage1, work / "stage1" / "final")(parent.path, allocation, old, new, plan.top_k, tokens("stage1", new, t.stage1_tokens),
-                        plan.stage1, work / "stage1", plan.launcher)
-    stage2 = unless_cached_output(run_stage2, work / "stage2" / "final")(stage1.model_dir, classifier_layers, tokens("replay-old", old, t.stage2_tokens),
-                        tokens("replay-new", new, t.stage2_tokens), plan.stage2, work / "stage2", plan.launcher)
-    heldout = tokens("heldout", old + new, t.eval_tokens, split="heldout")
-    routing = measure_routing(stage2.model_dir, heldout, old, plan.evaluation.batch_size)
-    text = unless_cached_output(sample_heldout_text, work / "heldout-text")(plan.corpora, old + new, plan.evaluation, t.seed,
-                                                                          t.heldout_fraction, work / "heldout-text")
-    comparison, samples = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text)
+    # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
+    stage1 = run_stage1(Stage1Job(
+        parent_dir=parent.path, tokenizer_dir=parent.path, allocation=new_experts(allocation), old_languages=old, new_languages=new,
+        top_k=plan.top_k, tokens_path=sample_tokens(sampling, "stage1", new, t.stage1_tokens), settings=plan.stage1,
+        output_dir=work / "stage1"), plan.launcher)
+    stage2 = run_stage2(Stage2Job(
+        stage1_dir=stage1.model_dir, tokenizer_dir=stage1.model_dir, classifier_layers=classifier_layers(allocation),
+        old_tokens_path=sample_tokens(sampling, "replay-old", old, t.stage2_tokens),
+        new_tokens_path=sample_tokens(sampling, "replay-new", new, t.stage2_tokens), settings=plan.stage2,
+        output_dir=work / "stage2"), plan.launcher)
 
+    # 7: the child against its parent, on held-out tokens and text
+    heldout = sample_tokens(sampling, "heldout", old + new, t.eval_tokens, split="heldout")
+    routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size)
+    text = sample_heldout_text(plan.corpora, old + new, plan.evaluation, seed=t.seed, heldout_fraction=t.heldout_fraction,
+                               out_dir=work / "heldout-text")
+    comparison, samples = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text)
+
+    # 8: register the child with its reports, then gate the alias
     round_info = {"round": parent.round + 1, "old_languages": old, "new_languages": new,
-                  "allocation": allocation, "classifier_layers": classifier_layers}
+                  "allocation": new_experts(allocation), "classifier_layers": classifier_layers(allocation)}
     version = register_round(
-        registry, stage2.model_dir, parent.version, round_info,
-        {"similarity": similarity, "routing": routing, "evaluation": comparison, "samples": samples, **allocation_tables},
-        {**draw_plots(similarity, allocation, routing, comparison, work / "plots"), **allocation_plots},
-        {"stage1": stage1.log_history, "stage2": stage2.log_history},
-        {**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
-        plan.evaluation.gates,
+        plan.registry, stage2.model_dir, parent.version, round_info,
+        tables={"similarity": similarity, "routing": routing, "evaluation": comparison, "samples": samples,
+                "allocation": allocation, "allocation_total": allocation_total(allocation),
+                **({"signal": signal} if signal is not None else {})},
+        plot_files=draw_plots(similarity, allocation, routing, comparison, out_dir=work / "plots",
+                              signal_method=plan.allocation.method if signal is not None else None),
+        training_history={"stage1": stage1.log_history, "stage2": stage2.log_history},
+        params={**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
+        gates=plan.evaluation.gates,
         pending_review=plan.promotion == "manual",
     )
     if plan.promotion == "manual":
-        promoted = review_promotion(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
+        promoted = review_promotion(plan.registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
     else:
-        promoted = gate_and_promote(registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
+        promoted = gate_and_promote(plan.registry, version, parent.version, comparison, gates=plan.evaluation.gates,
+                                    alias=plan.promote_alias)
     summary = RoundSummary(version=version, parent_version=parent.version, promoted=promoted, old_languages=old,
-                           new_languages=new, allocation=allocation, classifier_layers=classifier_layers,
+                           new_languages=new, allocation=new_experts(allocation), classifier_layers=classifier_layers(allocation),
                            comparison=comparison.to_dict(orient="records"))
     get_run_logger().info("round done: version %s, promoted=%s\n%s", version, promoted, summary.table().to_string(index=False))
     return summary

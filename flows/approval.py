@@ -18,7 +18,7 @@ from prefect.input import RunInput
 from pydantic import Field
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from registry import RegistrySettings, Verdict
 from tasks.common import publish_markdown, publish_table
 from tasks.registration import record_review
@@ -90,9 +90,13 @@ def answer_review(flow_run_id: str, approve: bool, reason: str) -> str:
         try:
             run = client.read_flow_run(run_id)
         except ObjectNotFound:
-            raise LayerMoEError(f"flow run {run_id} does not exist on {client.api_url}; is PREFECT_API_URL the server that ran it?") from None
+            raise LayerMoEError(
+                f"flow run {run_id} does not exist on {client.api_url}; is PREFECT_API_URL the server that ran it?"
+            ) from None
     if not (run.state and run.state.is_paused()):
-        raise LayerMoEError(f"flow run {run.name} ({run_id}) is {run.state.name if run.state else 'not started'}, "
-                            "not paused for review; only a round with `promotion: manual` waits for a decision")
+        raise LayerMoEError(
+            f"flow run {run.name} ({run_id}) is {run.state.name if run.state else 'not started'}, "
+            "not paused for review; only a round with `promotion: manual` waits for a decision"
+        )
     resume_flow_run(run_id, run_input=Review(approve=approve, reason=reason).model_dump())
     return run.name

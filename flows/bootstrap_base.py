@@ -6,13 +6,12 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
-from layermoe_core.data import CorpusSpec
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.training import TrainSettings
+from layermoe_core.data.corpus import CorpusSpec
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import TrainSettings
 from registry.settings import RegistrySettings
-from tasks.analysis import TOKEN_STORE_DIR, sample_tokens
+from tasks.analysis import TOKEN_STORE_DIR, Sampling, sample_tokens
 from tasks.bootstrap import train_base, train_tokenizer
-from tasks.common import unless_cached_output
 from tasks.parent import register_base_model
 
 from .plan import TokenSettings
@@ -40,14 +39,13 @@ class BootstrapPlan(BaseModel):
 @flow(name="bootstrap-base", log_prints=True)
 def bootstrap_base(plan: BootstrapPlan) -> int:
     work = plan.workdir.resolve() / "base"
-    tokenizer_dir = unless_cached_output(train_tokenizer, work / "tokenizer")(plan.corpora, plan.vocab_size, work / "tokenizer")
-    tokens = unless_cached_output(sample_tokens, work / "tokens.json")(
-        plan.corpora, tokenizer_dir, plan.languages, plan.train_tokens, plan.tokens.seq_len, plan.seed,
-        "train", plan.tokens.heldout_fraction, work / "tokens.json", plan.workdir.resolve() / TOKEN_STORE_DIR,
-    )
-    model_dir = unless_cached_output(train_base, work / "train" / "final")(
-        tokenizer_dir, tokens, plan.size, plan.seed, plan.train, work / "train", plan.launcher
-    )
+    tokenizer_dir = train_tokenizer(plan.corpora, vocab_size=plan.vocab_size, output_dir=work / "tokenizer")
+    sampling = Sampling(corpora=plan.corpora, tokenizer_dir=tokenizer_dir, seq_len=plan.tokens.seq_len, seed=plan.seed,
+                        heldout_fraction=plan.tokens.heldout_fraction, store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR,
+                        out_dir=work)
+    tokens = sample_tokens(sampling, "tokens", plan.languages, plan.train_tokens)
+    model_dir = train_base(tokenizer_dir, tokens, size=plan.size, seed=plan.seed, settings=plan.train, output_dir=work / "train",
+                           launcher=plan.launcher)
     version = register_base_model(plan.registry, model_dir, plan.languages, plan.alias)
     get_run_logger().info("base registered as version %s with alias %s", version, plan.alias)
     return version

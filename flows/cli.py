@@ -128,7 +128,7 @@ def cmd_approve(args) -> None:
 
 
 def cmd_estimate(args) -> None:
-    from layermoe_core.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
+    from layermoe_core.training.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
 
     from .plan import ExpansionPlan, load_plan
 
@@ -180,12 +180,9 @@ def cmd_demo(args) -> int | None:
     if not _flow_runs_here():
         return run_flow_in_child(args.argv)
     # The demo is self-contained: its Prefect state lives beside its MLflow store, telemetry off.
-    workdir = Path(args.workdir).resolve()
-    (workdir / "prefect").mkdir(parents=True, exist_ok=True)
-    for key, value in {"PREFECT_HOME": str(workdir / "prefect"), "DO_NOT_TRACK": "true",
-                       "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90", "HF_HUB_OFFLINE": "1"}.items():
-        os.environ.setdefault(key, value)
+    from layermoe_core.environment import use_local_stack
+
+    use_local_stack(Path(args.workdir).resolve() / "prefect")
     from .demo import run_demo
 
     _interruptible(lambda workdir: run_demo(workdir, quick=args.quick, processes=args.processes), Path(args.workdir))
@@ -277,15 +274,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.set_defaults(run=cmd_lifelong)
 
-    p = sub.add_parser("compare", help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data")
+    p = sub.add_parser("compare",
+                       help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data")
     p.add_argument("--plan", required=True, help="an add-languages plan, optionally with variants and uniform_budget_factor")
-    p.add_argument("--variants", help="comma-separated, e.g. layermoe,uniform,neuron,param_delta,late_layers,no_classifier "
-                                      "(default: the plan's `variants`)")
+    p.add_argument(
+        "--variants",
+        help="comma-separated, e.g. layermoe,uniform,neuron,param_delta,late_layers,no_classifier (default: the plan's `variants`)",
+    )
     p.add_argument("--seeds", type=at_least_one, help="runs per variant (Stage-1/2 seeds +0..N-1); the table gives mean and std")
     p.set_defaults(run=cmd_compare)
 
-    p = sub.add_parser("serve", aliases=["schedule"],
-                       help="serve add-languages, compare and lifelong-expansion for the Prefect UI (Ctrl-C stops)")
+    p = sub.add_parser(
+        "serve", aliases=["schedule"], help="serve add-languages, compare and lifelong-expansion for the Prefect UI (Ctrl-C stops)"
+    )
     p.add_argument("--plan", required=True, help="a lifelong or add-languages plan: every deployment's default parameters")
     p.add_argument("--cron", help="schedule lifelong-expansion, e.g. '0 3 * * 0'")
     p.add_argument("--interval", type=int, help="or run lifelong-expansion every SECONDS")
@@ -310,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_parser("list", help="every version: aliases, lineage, gate verdict, worst old-language drift, new-language gain")
     show = reg.add_parser("show", help="one version: tags, metrics, lineage")
     show.add_argument("ref", help="version number or alias, e.g. 3 or champion")
-    for verb, what in (("download", "a version, verified, as a save_pretrained folder"),
-                       ("export", "a version as a standalone save_pretrained folder (delta versions rebuilt)")):
+    for verb, what in (
+        ("download", "a version, verified, as a save_pretrained folder"),
+        ("export", "a version as a standalone save_pretrained folder (delta versions rebuilt)"),
+    ):
         fetch = reg.add_parser(verb, help=what)
         fetch.add_argument("ref", help="version number or alias")
         fetch.add_argument("dir", help="a new or empty folder")

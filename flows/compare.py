@@ -26,17 +26,16 @@ from prefect.runtime import flow_run
 from pydantic import ConfigDict, Field, model_validator
 
 from layermoe_core import plots
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import num_decoder_layers
+from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import compare_variants, summarise_seeds
+from layermoe_core.evaluation.metrics import compare_variants, summarise_seeds
+from layermoe_core.model.checkpoints import num_decoder_layers
 from registry import get_version
 from tasks.common import publish_table
 from tasks.registration import log_comparison_report
 
 from .add_languages import RoundSummary, add_languages, fetch_parent
 from .plan import ExpansionPlan, form_first
-
 
 VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
 VARIANTS: tuple[str, ...] = get_args(VariantName)
@@ -74,7 +73,9 @@ def with_variants(plan: ComparePlan, variants: list[str]) -> ComparePlan:
 def variant_allocation(plan: ComparePlan, name: str, num_layers: int) -> AllocationSettings:
     """The variant's allocation: the plan's budget, bounds and signal settings under the variant's method."""
     if name == "uniform":
-        return AllocationSettings(method="uniform", per_layer=max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers)))
+        return AllocationSettings(
+            method="uniform", per_layer=max(1, math.ceil(plan.uniform_budget_factor * plan.allocation.delta / num_layers))
+        )
     method = "layermoe" if name == "no_classifier" else name
     shared = plan.allocation.model_dump(exclude={"method", "mapping", "rounding", "per_layer", "fixed"})
     if not plan.equal_budget:
@@ -106,18 +107,33 @@ def variant_plans(plan: ComparePlan, num_layers: int) -> dict[tuple[str, int], E
 @task(name="report comparison")
 def report_comparison(plan: ComparePlan, summaries: dict[tuple[str, int], RoundSummary], out_dir: Path) -> pd.DataFrame:
     """Mean and std over seeds per variant (table `variants`, plot with error bars), and every run (`variant_runs`)."""
-    per_seed = compare_variants({
-        f"{name}/{seed}": {"variant": name, "seed": seed, "comparison": s.table(), "allocation": s.allocation,
-                           "params_added": get_version(plan.registry, s.version).params_added or 0}
-        for (name, seed), s in summaries.items()
-    })
+    per_seed = compare_variants(
+        {
+            f"{name}/{seed}": {
+                "variant": name,
+                "seed": seed,
+                "comparison": s.table(),
+                "allocation": s.allocation,
+                "params_added": get_version(plan.registry, s.version).params_added or 0,
+            }
+            for (name, seed), s in summaries.items()
+        }
+    )
     per_seed.insert(3, "allocation", [" ".join(map(str, s.allocation)) for s in summaries.values()])
     per_seed.insert(6, "old_drift_max", [max_old_drift(s.table()) for s in summaries.values()])
     table = summarise_seeds(per_seed)
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
-    log_comparison_report(plan.registry, f"compare-{plan.name}", {"variants": table, "variant_runs": per_seed}, plot,
-                          {"parent": next(iter(summaries.values())).parent_version, "seeds": plan.seeds,
-                           "versions": {f"{name}/{seed}": s.version for (name, seed), s in summaries.items()}})
+    log_comparison_report(
+        plan.registry,
+        f"compare-{plan.name}",
+        {"variants": table, "variant_runs": per_seed},
+        plot,
+        {
+            "parent": next(iter(summaries.values())).parent_version,
+            "seeds": plan.seeds,
+            "versions": {f"{name}/{seed}": s.version for (name, seed), s in summaries.items()},
+        },
+    )
     publish_table("variants", table.round(4), f"{', '.join(plan.variants)}: same parent and data, {plan.seeds} seed(s)")
     return table
 

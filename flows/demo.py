@@ -10,17 +10,16 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow
 
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.data import CorpusSpec
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.offline_corpus import DEFAULT_PACKAGES
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
-from layermoe_core.translation import TranslationSettings
+from demo.offline_corpus import DEFAULT_PACKAGES
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.data.corpus import CorpusSpec
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.evaluation.translation import TranslationSettings
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.settings import RegistrySettings
 from tasks.bootstrap import build_corpus
-from tasks.common import unless_cached_output
 
 from .add_languages import RoundSummary
 from .bootstrap_base import BootstrapPlan, bootstrap_base
@@ -60,7 +59,9 @@ def demo_plans(
         size="tiny" if quick else "demo",
         train_tokens=int(250_000 * scale),
         tokens=tokens,
-        train=TrainSettings(learning_rate=2e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200),
+        train=TrainSettings(
+            learning_rate=2e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200
+        ),
         launcher=launcher,
         workdir=workdir / "work",
     )
@@ -73,15 +74,22 @@ def demo_plans(
         allocation=AllocationSettings(method="layermoe", delta=6, clamp_similarity=1e-2 if quick else None),
         top_k=2,
         classifier_layer_count=2,
-        stage1=Stage1Settings(learning_rate=1e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200),
+        stage1=Stage1Settings(
+            learning_rate=1e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200
+        ),
         # The demo's replay is small (16k tokens a language), so the review steps harder than the reference's 0.1s.
-        stage2=Stage2Settings(learning_rate=3e-3, num_epochs=3, per_device_batch_size=16, lpr_coef=0.5, classifier_coef=0.5,
-                              logging_steps=10, save_steps=200),
+        stage2=Stage2Settings(
+            learning_rate=3e-3, num_epochs=3, per_device_batch_size=16, lpr_coef=0.5, classifier_coef=0.5, logging_steps=10, save_steps=200
+        ),
         # A 1.8M-parameter base drifts more per round than a real LLM: the demo allows 0.1 nats per old language.
         # Translation to and from English on held-out gettext pairs: short strings, so 8 shots fit the 512-token context.
-        evaluation=EvalSettings(batch_size=16, gates=GateSettings(max_old_loss_increase=0.1),
-                                translation=TranslationSettings(num_sentences=8 if quick else 40, max_chars=60 if quick else 120,
-                                                                max_new_tokens=24 if quick else 48, batch_size=16)),
+        evaluation=EvalSettings(
+            batch_size=16,
+            gates=GateSettings(max_old_loss_increase=0.1),
+            translation=TranslationSettings(
+                num_sentences=8 if quick else 40, max_chars=60 if quick else 120, max_new_tokens=24 if quick else 48, batch_size=16
+            ),
+        ),
         rounds=[RoundSpec(new_languages=langs) for langs in ROUNDS],
         launcher=launcher,
         workdir=workdir / "work",
@@ -93,7 +101,7 @@ def demo_plans(
 def demo(workdir: Path, quick: bool = False, processes: int | None = None) -> list[RoundSummary]:
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]
     corpus_dir = workdir.resolve() / "corpus"
-    corpora = unless_cached_output(build_corpus, corpus_dir)(corpus_dir, languages, list(DEFAULT_PACKAGES))
+    corpora = build_corpus(corpus_dir, languages, list(DEFAULT_PACKAGES))
     base_plan, lifelong_plan = demo_plans(workdir, corpora, quick, processes)
     bootstrap_base(base_plan)
     return lifelong_expansion(lifelong_plan)
@@ -105,14 +113,26 @@ def print_report(summaries: list[RoundSummary], tracking_uri: str) -> None:
         for s in summaries:
             table = s.table()
             table = table[table["metric"].str.endswith(metric)]
-            rows += [{"version": s.version, "parent": s.parent_version, "language": r.language, "group": r.group,
-                      "metric": r.metric, "parent_value": round(r.parent, 2), "child_value": round(r.child, 2), "promoted": s.promoted}
-                     for r in table.itertuples()]
+            rows += [
+                {
+                    "version": s.version,
+                    "parent": s.parent_version,
+                    "language": r.language,
+                    "group": r.group,
+                    "metric": r.metric,
+                    "parent_value": round(r.parent, 2),
+                    "child_value": round(r.child, 2),
+                    "promoted": s.promoted,
+                }
+                for r in table.itertuples()
+            ]
         print(f"\nPer-language {title}, parent vs child:\n")
         print(pd.DataFrame(rows).to_string(index=False))
-    print(f"\nBrowse the versions: mlflow ui --backend-store-uri {tracking_uri}\n"
-          "(then open http://127.0.0.1:5000 -> Models -> layermoe-demo; each version's run holds the tables "
-          "`evaluation` and `samples`, parent vs child continuations of held-out sentences)")
+    print(
+        f"\nBrowse the versions: mlflow ui --backend-store-uri {tracking_uri}\n"
+        "(then open http://127.0.0.1:5000 -> Models -> layermoe-demo; each version's run holds the tables "
+        "`evaluation` and `samples`, parent vs child continuations of held-out sentences)"
+    )
 
 
 def run_demo(workdir: str | Path, quick: bool = False, processes: int | None = None) -> list[RoundSummary]:

@@ -16,18 +16,18 @@ from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, Validat
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import core_schema as cs
 
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.configuration_layermoe import (
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.analysis.similarity import SimilarityScore
+from layermoe_core.data.corpus import CorpusSpec, check_corpus_source, check_old_new, validate_language_code
+from layermoe_core.errors import LayerMoEError, describe_validation_error
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.model.configuration_layermoe import (
     SUPPORTED_BASE_MODEL_TYPES,
     LayerMoEConfig,
 )
-from layermoe_core.data import CorpusSpec, check_corpus_source, validate_language_code
-from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.similarity import SimilarityScore
-from layermoe_core.surgery import check_same_as_parent
-from layermoe_core.training import Stage1Settings, Stage2Settings
+from layermoe_core.model.surgery import check_same_as_parent
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
 
 # Keys a plan used to have: each names what replaced it, so an old plan fails with the fix.
@@ -277,9 +277,7 @@ class ExpansionPlan(ExpansionSettings):
     @model_validator(mode="after")
     def _languages(self) -> "ExpansionPlan":
         _check_codes(self.old_languages + self.new_languages)
-        overlap = sorted(set(self.old_languages) & set(self.new_languages))
-        if overlap:
-            raise ValueError(f"languages {overlap} are both old and new; a round adds languages the parent lacks")
+        check_old_new(self.old_languages, self.new_languages)
         self.check_corpora(self.old_languages + self.new_languages)
         return self
 
@@ -355,7 +353,7 @@ def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> None:
     """The checks that need no model and no Prefect, run before either starts: corpus files exist and are
     not empty, the parent resolves (a model directory, or a registry version), the registry answers, and
     the plan fits the parent's languages, top_k and balance-loss coefficient as far as they are known."""
-    from layermoe_core.checkpoints import check_model_dir
+    from layermoe_core.model.files import check_model_dir
     from registry.client import open_client
     from registry.versions import show_version
 
@@ -391,5 +389,4 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
     try:
         return kind.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<plan>'}: {err['msg']}" for err in e.errors())
-        raise LayerMoEError(f"plan {path} is invalid: {problems}") from e
+        raise LayerMoEError(f"plan {path} is invalid: {describe_validation_error(e, root='<plan>')}") from e

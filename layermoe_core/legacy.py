@@ -19,8 +19,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .configuration_layermoe import ROUTING_FORMAT
 from .errors import LayerMoEError
+from .model.configuration_layermoe import ROUTING_FORMAT
 
 _OLD_KEY = re.compile(r"^(?P<prefix>.*\.layers\.(?P<layer>\d+)\.mlp)\.(?P<part>gate\.weight|classifier\.weight|classifier\.bias)$")
 

@@ -5,9 +5,9 @@ run that made it; its `layermoe.*` tags carry languages, parent, round, allocati
 gate verdict, and its description is a markdown model card. The rest of layermoe uses this API only.
 """
 
-import os
+from layermoe_core.environment import telemetry_off
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported; an explicit opt-in wins
+telemetry_off()  # before mlflow is imported; an explicit opt-in wins
 
 from .client import RegistryUnavailable  # noqa: E402
 from .download import LocalVersion, cached_version, download_version  # noqa: E402

@@ -153,7 +153,7 @@ def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
 def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, built: Path) -> None:
     manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
     write_full_model(_sources(client, settings, info), manifest, built)
-    verify_model_dir(built, info.manifest_sha256, _what(info))
+    verify_model_dir(built, info.manifest_sha256 or "", _what(info))
 
 
 def _lineage_versions(settings: RegistrySettings, info: VersionInfo) -> list[int]:
@@ -181,7 +181,8 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
         info = find_version(client, settings, ref)
     digest = info.manifest_sha256
     if digest is None:
-        raise LayerMoEError(f"{_what(info)} has no manifest tag, so its files cannot be verified; register it with registry.register_base/register_child")
+        raise LayerMoEError(f"{_what(info)} has no manifest tag, so its files cannot be verified; "
+                            "register it with registry.register_base/register_child")
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir.parent, prefix=f".{dest_dir.name}-partial-") as staging:
         with store_errors(settings):
@@ -226,4 +227,3 @@ def _intact(copy: Path, info: VersionInfo) -> bool:
         logger.warning("%s; downloading it again", e)
         return False
     return True
-

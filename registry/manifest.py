@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 
 from layermoe_core.errors import LayerMoEError
-
-from .model_files import list_model_files, refuse_pickles, require_loadable
+from layermoe_core.model.files import list_model_files, refuse_pickles, require_loadable
 
 MANIFEST_NAME = "layermoe_files.json"
 MANIFEST_FORMAT = "layermoe-files/1"

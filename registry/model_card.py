@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
@@ -18,7 +18,7 @@ from .tags import VERDICT, VERDICT_REASON
 
 
 class Verdict(BaseModel):
-    """The decision on a child: the automatic gate's (layermoe_core.gates.GateDecision has its fields) or a reviewer's.
+    """The decision on a child: the automatic gate's (layermoe_core.evaluation.gates.GateDecision has its fields) or a reviewer's.
 
     With `promotion: manual` a child is registered `pending` (its `passed` is then the gate's advice)
     and gets the reviewer's verdict when the round resumes.
@@ -70,13 +70,13 @@ def old_drift_max(comparison: pd.DataFrame) -> float:
 
 
 def old_language_drift(comparison: pd.DataFrame) -> float:
-    """Mean old-language loss rise (nats), as layermoe_core.evaluation.old_language_drift."""
+    """Mean old-language loss rise (nats), as layermoe_core.evaluation.metrics.old_language_drift."""
     deltas = _loss_deltas(comparison, "old")
     return float(deltas.mean()) if len(deltas) else math.nan
 
 
 def new_language_gain(comparison: pd.DataFrame) -> float:
-    """Mean new-language loss decrease (nats), as layermoe_core.evaluation.new_language_gain."""
+    """Mean new-language loss decrease (nats), as layermoe_core.evaluation.metrics.new_language_gain."""
     deltas = _loss_deltas(comparison, "new")
     return float(-deltas.mean()) if len(deltas) else math.nan
 
@@ -190,7 +190,7 @@ def base_card(languages: Sequence[str], params_total: int, description: str | No
     return "\n".join(lines)
 
 
-def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, object]]]) -> list[tuple[str, float, int]]:
+def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, float, int]]:
     """Trainer log rows as (key, value, step): `stage1.loss` at each logged step, so the UI draws curves."""
     rows = []
     for stage, entries in history.items():

@@ -60,7 +60,7 @@ class TextGenerator:
     def __init__(self, model_dir: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        import layermoe_core.modeling_layermoe  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
+        import layermoe_core.model.modeling_layermoe  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
 
         self.model_dir = model_dir
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

@@ -10,13 +10,20 @@ import posixpath
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from layermoe_core.errors import LayerMoEError
+from layermoe_core.errors import LayerMoEError, describe_validation_error
+from layermoe_core.model.files import (
+    CONFIG_FILE,
+    check_model_files,
+    list_model_files,
+    parameter_count,
+)
 
 from .client import (
     STORE_FAILURES,
@@ -39,12 +46,6 @@ from .model_card import (
     own_metrics,
     step_metric_rows,
     verdict_tags,
-)
-from .model_files import (
-    CONFIG_FILE,
-    check_model_files,
-    list_model_files,
-    parameter_count,
 )
 from .pyfunc_model import MLMODEL_FILE, write_mlmodel
 from .reports import check_reports, log_metrics_and_params, log_reports
@@ -314,7 +315,7 @@ def register_child(
     try:
         round_ = RoundInfo.model_validate(dict(round_info))
     except ValidationError as e:
-        raise LayerMoEError(f"round_info is invalid; fix these fields: {e}") from e
+        raise LayerMoEError(f"round_info is invalid; fix these fields: {describe_validation_error(e, RoundInfo)}") from e
     check_reports(tables, plots)
     prepared = prepare_model_dir(model_dir)
     _check_round_matches_config(prepared.model_dir, round_)
@@ -329,7 +330,7 @@ def register_child(
         )
     parent_params = parent.params_total
     params_added = prepared.params_total - parent_params if parent_params is not None else None
-    outcome = verdict_tags(verdict) if verdict is not None else {}
+    outcome: dict[str, Any] = verdict_tags(verdict) if verdict is not None else {}
     if comparison is not None:
         outcome |= {OLD_DRIFT_MAX: old_drift_max(comparison), NEW_GAIN: new_language_gain(comparison)}
     version_tags = encode_tags({

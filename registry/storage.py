@@ -26,9 +26,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model.files import WEIGHTS_SUFFIX, list_model_files, refuse_pickles
 
 from .manifest import MANIFEST_NAME, sha256_file
-from .model_files import WEIGHTS_SUFFIX, list_model_files, refuse_pickles
 
 LAYOUT_NAME = "layermoe_layout.json"
 TENSORS_NAME = "layermoe_tensors.json"
@@ -269,7 +269,7 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
             continue
         spans = []
         own: dict[str, dict[str, TensorSpan]] = {}
-        for name, origin, src_file, src_name in entry["tensors"]:
+        for _name, origin, src_file, src_name in entry["tensors"]:
             if origin == "stored":
                 if src_file not in own:
                     own[src_file] = _spans(stored_dir / src_file, read_header(stored_dir / src_file))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -58,8 +59,8 @@ class VersionInfo(BaseModel):
     created: datetime
     description: str | None = None
 
-    def tag(self, key: str) -> object:
-        """A `layermoe.*` tag decoded to its type (int, list); None when absent."""
+    def tag(self, key: str) -> Any:
+        """A `layermoe.*` tag decoded to its type (int, list, float: the key's); None when absent."""
         return decode_tag(key, self.tags.get(key))
 
     @property
@@ -323,7 +324,9 @@ def lineage_with(client: MlflowClient, settings: RegistrySettings, ref: VersionR
         try:
             chain.append(find_version(client, settings, parent))
         except LayerMoEError as e:
-            raise LayerMoEError(f"the lineage of version {chain[0].version} is broken at version {chain[-1].version}: its parent, {e}") from e
+            raise LayerMoEError(
+                f"the lineage of version {chain[0].version} is broken at version {chain[-1].version}: its parent, {e}"
+            ) from e
     return chain
 
 
@@ -332,8 +335,22 @@ def all_infos(client: MlflowClient, settings: RegistrySettings) -> list[VersionI
     return [_info(mv, rm) for mv in all_versions(client, rm.name)]
 
 
-LIST_COLUMNS = ["version", "aliases", "parent", "round", "languages", "new_languages", "verdict", "old_drift_max",
-                "new_gain", "storage", "stored_bytes", "created", "status", "run_id"]
+LIST_COLUMNS = [
+    "version",
+    "aliases",
+    "parent",
+    "round",
+    "languages",
+    "new_languages",
+    "verdict",
+    "old_drift_max",
+    "new_gain",
+    "storage",
+    "stored_bytes",
+    "created",
+    "status",
+    "run_id",
+]
 
 
 def list_versions(settings: RegistrySettings) -> pd.DataFrame:
@@ -341,22 +358,25 @@ def list_versions(settings: RegistrySettings) -> pd.DataFrame:
     new-language gain (nats), how it is stored, and its status."""
     with store_errors(settings):
         infos = all_infos(open_client(settings, create=False), settings)
-    rows = [{
-        "version": info.version,
-        "aliases": ",".join(info.aliases),
-        "parent": info.parent_version,
-        "round": info.tag(ROUND),
-        "languages": ",".join(info.languages),
-        "new_languages": ",".join(info.new_languages),
-        "verdict": info.verdict or "",
-        "old_drift_max": info.old_drift_max,
-        "new_gain": info.new_gain,
-        "storage": info.storage,
-        "stored_bytes": info.stored_bytes,
-        "created": info.created,
-        "status": info.status,
-        "run_id": info.run_id,
-    } for info in infos]
+    rows = [
+        {
+            "version": info.version,
+            "aliases": ",".join(info.aliases),
+            "parent": info.parent_version,
+            "round": info.tag(ROUND),
+            "languages": ",".join(info.languages),
+            "new_languages": ",".join(info.new_languages),
+            "verdict": info.verdict or "",
+            "old_drift_max": info.old_drift_max,
+            "new_gain": info.new_gain,
+            "storage": info.storage,
+            "stored_bytes": info.stored_bytes,
+            "created": info.created,
+            "status": info.status,
+            "run_id": info.run_id,
+        }
+        for info in infos
+    ]
     frame = pd.DataFrame(rows, columns=LIST_COLUMNS)
     return frame.astype({"parent": "Int64", "round": "Int64", "stored_bytes": "Int64", "old_drift_max": "float64", "new_gain": "float64"})
 

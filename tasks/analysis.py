@@ -4,44 +4,51 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import get_run_logger, task
+from pydantic import BaseModel, ConfigDict
 
-from layermoe_core import plots
-from layermoe_core.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
-from layermoe_core.signals import neuron_signal, param_delta_signal
-from layermoe_core.similarity import SimilarityScore, layer_similarity
+from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
+from layermoe_core.analysis.signals import neuron_signal, param_delta_signal
+from layermoe_core.analysis.similarity import SimilarityScore, layer_similarity
+from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
 
-from .common import STEP_CACHE, publish_markdown, publish_table
+from .common import STEP_CACHE, publish_markdown, publish_table, step
 
 TOKEN_STORE_DIR = "token-store"  # under the plan's workdir: every round of every plan there shares the tokenized corpora
 
 
-@task(name="sample tokens", cache_policy=STEP_CACHE, persist_result=True)
+class Sampling(BaseModel):
+    """Where a round's token samples come from and go; each sample is then named, sized and split by the step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpora: dict[str, CorpusSpec]
+    tokenizer_dir: Path
+    seq_len: int
+    seed: int
+    heldout_fraction: float
+    store_dir: Path  # the token store, shared by every step and round of a workdir (TOKEN_STORE_DIR)
+    out_dir: Path  # the samples: <out_dir>/<name>.json
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / f"{name}.json"
+
+
+@step(lambda a: a["sampling"].path(a["name"]), name="sample tokens")
 def sample_tokens(
-    corpora: dict[str, CorpusSpec],
-    tokenizer_dir: Path,
-    languages: list[str],
-    num_tokens: int,
-    seq_len: int,
-    seed: int,
-    split: Split,
-    heldout_fraction: float,
-    out_path: Path,
-    store_dir: Path,
-    parallel: bool | str = False,
+    sampling: Sampling, name: str, languages: list[str], num_tokens: int, split: Split = "train", parallel: bool | str = False
 ) -> Path:
-    """Seeded token rows per language, read from the token store in store_dir; out_path names them for the next steps."""
+    """Seeded token rows per language, read from the token store; the sample file `name` points the next steps at them."""
     path = sample_token_rows(
-        {lang: corpora[lang] for lang in languages},
-        load_tokenizer(tokenizer_dir),
+        {lang: sampling.corpora[lang] for lang in languages},
+        load_tokenizer(sampling.tokenizer_dir),
         num_tokens=num_tokens,
-        seq_len=seq_len,
-        seed=seed,
-        store_dir=store_dir,
-        out_path=out_path,
+        seq_len=sampling.seq_len,
+        seed=sampling.seed,
+        store_dir=sampling.store_dir,
+        out_path=sampling.path(name),
         split=split,
-        heldout_fraction=heldout_fraction,
+        heldout_fraction=sampling.heldout_fraction,
         parallel=parallel,
     )
     get_run_logger().info("sampled %s: %s", split, {lang: rows.shape for lang, rows in open_sequences(path).items()})
@@ -50,7 +57,7 @@ def sample_tokens(
 
 @task(name="measure layer similarity", cache_policy=STEP_CACHE, persist_result=True)
 def measure_similarity(
-    model_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], score: SimilarityScore, batch_size: int
+    model_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], *, score: SimilarityScore, batch_size: int
 ) -> pd.DataFrame:
     model = load_model(model_dir)
     table = layer_similarity(model, load_sequences(tokens_path), old_languages, new_languages, batch_size=batch_size, score=score)
@@ -60,7 +67,8 @@ def measure_similarity(
 
 @task(name="measure allocation signal", cache_policy=STEP_CACHE, persist_result=True)
 def measure_allocation_signal(
-    model_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], settings: AllocationSettings, batch_size: int
+    model_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], settings: AllocationSettings, *,
+    batch_size: int,
 ) -> pd.DataFrame | None:
     """The per-layer signal of "neuron" and "param_delta" (None for the methods that read the similarity or nothing)."""
     if settings.method not in ("neuron", "param_delta"):
@@ -77,24 +85,25 @@ def measure_allocation_signal(
 
 @task(name="allocate experts")
 def plan_allocation(
-    similarity: pd.DataFrame, signal: pd.DataFrame | None, settings: AllocationSettings, num_classifier_layers: int, plots_dir: Path
-) -> tuple[list[int], list[int], dict[str, pd.DataFrame], dict[str, Path]]:
-    """New experts per layer from the method's signal, and the K most similar layers for classifiers.
+    similarity: pd.DataFrame, signal: pd.DataFrame | None, settings: AllocationSettings, *, classifier_layer_count: int
+) -> pd.DataFrame:
+    """New experts per layer from the method's signal, and the K most similar of those layers for classifiers.
 
-    Returns the allocation, the classifier layers, the tables to register (`allocation` per layer,
-    `allocation_total` with the requested and realised totals and any note, and `signal`) and the signal plot.
+    The allocation table: one row per layer (`layer`, similarity `score`, the method's `signal`,
+    `new_experts`, `classifier`); its `attrs["total"]` holds the method and the requested and realised
+    totals, with any note (`allocation_total` gives it as the one-row table that is registered).
     """
     scores = similarity["score"].tolist()
     values = signal["signal"].tolist() if signal is not None else scores
     result = allocate_experts(values, settings)
-    classifier_layers = choose_classifier_layers(scores, num_classifier_layers, result.counts)
-    if len(classifier_layers) < num_classifier_layers:
+    chosen = choose_classifier_layers(scores, classifier_layer_count, result.counts)
+    if len(chosen) < classifier_layer_count:
         get_run_logger().warning("only %d layers get new experts, so only they get classifiers: %s",
-                                 sum(n > 0 for n in result.counts), classifier_layers)
+                                 sum(n > 0 for n in result.counts), chosen)
     table = pd.DataFrame({"layer": range(len(scores)), "score": scores, "signal": values, "new_experts": result.counts,
-                          "classifier": [i in classifier_layers for i in range(len(scores))]})
-    total = pd.DataFrame([{"method": settings.method, "mapping": settings.effective_mapping, "rounding": settings.rounding,
-                           "requested": result.requested, "total": result.total, "note": result.note}])
+                          "classifier": [i in chosen for i in range(len(scores))]})
+    table.attrs["total"] = {"method": settings.method, "mapping": settings.effective_mapping, "rounding": settings.rounding,
+                            "requested": result.requested, "total": result.total, "note": result.note}
     if result.note:
         get_run_logger().warning("allocation: %s", result.note)
     publish_markdown(
@@ -107,6 +116,19 @@ def plan_allocation(
         + (f"\n\n**{result.note}**" if result.note else ""),
         "Expert allocation of this round",
     )
-    tables = {"allocation": table, "allocation_total": total, **({"signal": signal} if signal is not None else {})}
-    plot = plots.plot_signal(table, settings.method, plots_dir / "signal.png") if signal is not None else None
-    return result.counts, classifier_layers, tables, ({"signal": plot} if plot else {})
+    return table
+
+
+def new_experts(allocation: pd.DataFrame) -> list[int]:
+    """The allocation vector of an allocation table (`plan_allocation`'s)."""
+    return [int(n) for n in allocation["new_experts"]]
+
+
+def classifier_layers(allocation: pd.DataFrame) -> list[int]:
+    """The classifier layers of an allocation table, ascending."""
+    return [int(layer) for layer in allocation.loc[allocation["classifier"], "layer"]]
+
+
+def allocation_total(allocation: pd.DataFrame) -> pd.DataFrame:
+    """The one-row table of the method and its requested and realised totals (and any note)."""
+    return pd.DataFrame([allocation.attrs["total"]])

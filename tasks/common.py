@@ -1,11 +1,14 @@
 """What every step task shares: the cache policy, the registry retry rule and the Prefect artifacts they publish."""
 
+import functools
+import inspect
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import Task
+from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
@@ -19,12 +22,27 @@ from registry import RegistryUnavailable
 STEP_CACHE = INPUTS + TASK_SOURCE
 
 
-def unless_cached_output(step: Task, output: Path) -> Task:
-    """`step`, made to run again if the file or folder its cached result points at was deleted.
+def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Callable[[Callable], Callable]:
+    """`@task(cache_policy=STEP_CACHE, persist_result=True, **task_options)` for a step that writes a file or folder.
 
-    A cache keyed on inputs cannot see that a user cleaned the work directory; this can.
+    `output(arguments)` is that path, from the call's arguments by name. Where it no longer exists, the
+    step runs again instead of returning its cached result: a cache keyed on inputs cannot see that a
+    user cleaned the work directory; this can. The Prefect task itself is the wrapper's `.task`.
     """
-    return step.with_options(refresh_cache=not Path(output).exists())
+    def decorate(fn: Callable) -> Callable:
+        as_task = task(cache_policy=STEP_CACHE, persist_result=True, **task_options)(fn)
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            arguments = signature.bind(*args, **kwargs)
+            arguments.apply_defaults()
+            return as_task.with_options(refresh_cache=not Path(output(arguments.arguments)).exists())(*args, **kwargs)
+
+        run.task = as_task  # type: ignore[attr-defined]
+        return run
+
+    return decorate
 
 
 def artifact_key(text: str) -> str:

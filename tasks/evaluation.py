@@ -5,26 +5,26 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec, load_sequences
-from layermoe_core.evaluation import EvalSettings, compare_models, continue_prompts, evaluate_model
-from layermoe_core.heldout_text import continuation_prompts
-from layermoe_core.routing_stats import routing_statistics
-from layermoe_core.translation import heldout_pairs
+from layermoe_core.analysis.routing_stats import routing_statistics
+from layermoe_core.data.corpus import CorpusSpec, load_sequences
+from layermoe_core.evaluation.heldout_text import continuation_prompts
+from layermoe_core.evaluation.metrics import EvalSettings, compare_models, continue_prompts, evaluate_model
+from layermoe_core.evaluation.translation import heldout_pairs
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
 
-from .common import STEP_CACHE, publish_markdown, publish_table
+from .common import STEP_CACHE, publish_markdown, publish_table, step
 
 
 @task(name="routing statistics", cache_policy=STEP_CACHE, persist_result=True)
-def measure_routing(model_dir: Path, tokens_path: Path, old_languages: list[str], batch_size: int) -> pd.DataFrame:
+def measure_routing(model_dir: Path, tokens_path: Path, old_languages: list[str], *, batch_size: int) -> pd.DataFrame:
     table = routing_statistics(load_model(model_dir), load_sequences(tokens_path), old_languages, batch_size=batch_size)
     publish_table("routing", table.drop(columns=["expert_load"], errors="ignore").round(4), "Routing per layer and language")
     return table
 
 
-@task(name="sample held-out text", cache_policy=STEP_CACHE, persist_result=True)
+@step(lambda a: a["out_dir"], name="sample held-out text")
 def sample_heldout_text(
-    corpora: dict[str, CorpusSpec], languages: list[str], settings: EvalSettings, seed: int, heldout_fraction: float, out_dir: Path
+    corpora: dict[str, CorpusSpec], languages: list[str], settings: EvalSettings, *, seed: int, heldout_fraction: float, out_dir: Path
 ) -> Path:
     """Translation pairs and continuation prompts from held-out documents, as jsonl files in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +58,7 @@ def evaluate_round(
     old_languages: list[str],
     new_languages: list[str],
     settings: EvalSettings,
+    *,
     text_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Held-out metrics of both models on the same tokens and text: the tidy comparison and the readable samples.

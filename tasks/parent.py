@@ -1,15 +1,16 @@
 """Resolve the parent of a round: a registry version, downloaded and verified locally."""
 
-import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from pydantic import BaseModel
+from transformers import AutoConfig
 
-from layermoe_core.checkpoints import check_model_dir
-from layermoe_core.configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES
-from layermoe_core.data import validate_language_code
+from layermoe_core.data.corpus import validate_language_code
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model import modeling_layermoe  # noqa: F401  (registers the layermoe config with AutoConfig)
+from layermoe_core.model.configuration_layermoe import check_supported_config
+from layermoe_core.model.files import check_model_dir
 from registry import RegistrySettings, alias_version, cached_version, find_or_register_base, promote
 
 from .common import REGISTRY_RETRY_DELAYS_S, registry_unreachable
@@ -26,13 +27,7 @@ class ParentModel(BaseModel):
 
 def check_expandable(model_dir: Path) -> None:
     """Refuse a model the surgery cannot expand before anything is registered or trained (config.json alone)."""
-    model_type = json.loads((check_model_dir(model_dir) / "config.json").read_text()).get("model_type")
-    if model_type != "layermoe" and model_type not in SUPPORTED_BASE_MODEL_TYPES:
-        raise LayerMoEError(
-            f"unsupported base architecture {model_type!r} in {model_dir}: layermoe expands "
-            f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)} models (decoder layers with a gated MLP); "
-            "convert the model to one of these families or pick another parent"
-        )
+    check_supported_config(AutoConfig.from_pretrained(check_model_dir(model_dir)), str(model_dir))
 
 
 @task(name="register base", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)

@@ -6,7 +6,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from layermoe_core import plots
-from layermoe_core.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from registry import (
     RegistrySettings,
     Verdict,
@@ -22,14 +22,17 @@ from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreacha
 
 @task(name="draw round plots")
 def draw_plots(
-    similarity: pd.DataFrame, allocation: list[int], routing: pd.DataFrame, comparison: pd.DataFrame, out_dir: Path
+    similarity: pd.DataFrame, allocation: pd.DataFrame, routing: pd.DataFrame, comparison: pd.DataFrame, *,
+    signal_method: str | None, out_dir: Path,
 ) -> dict[str, Path]:
+    """The round's figures; `signal_method` names the allocation's own signal where it has one (its bars over that line)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return {
         "similarity": plots.plot_similarity(similarity, out_dir / "similarity.png"),
-        "allocation": plots.plot_allocation(allocation, out_dir / "allocation.png"),
+        "allocation": plots.plot_allocation(allocation["new_experts"].tolist(), out_dir / "allocation.png"),
         "routing": plots.plot_routing_heatmap(routing, out_dir / "routing.png"),
         "languages": plots.plot_language_comparison(comparison, out_dir / "languages.png"),
+        **({"signal": plots.plot_signal(allocation, signal_method, out_dir / "signal.png")} if signal_method else {}),
     }
 
 
@@ -47,6 +50,7 @@ def register_round(
     child_dir: Path,
     parent_version: int,
     round_info: dict,
+    *,
     tables: dict[str, pd.DataFrame],
     plot_files: dict[str, Path],
     training_history: dict[str, list[dict]],
@@ -82,7 +86,7 @@ def move_alias(registry: RegistrySettings, version: int, parent_version: int, pa
 
 @task(name="gate and promote", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
 def gate_and_promote(
-    registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str
+    registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, *, gates: GateSettings, alias: str
 ) -> bool:
     """The child takes `alias` only if old languages held and new ones improved (see move_alias).
 

@@ -1,21 +1,19 @@
 """Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review).
 
-With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_core.launch)
+With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_core.training.launch)
 and this process only waits, forwarding rank 0's metrics; without one, it trains in-process.
 """
 
-from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import open_sequences
-from layermoe_core.launch import LauncherSettings, Stage1Job, Stage2Job, launch
-from layermoe_core.surgery import expand, insert_classifiers
-from layermoe_core.training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, train_stage1, train_stage2
+from layermoe_core.data.corpus import open_sequences
+from layermoe_core.model.checkpoints import load_tokenizer
+from layermoe_core.training.launch import LauncherSettings, Stage1Job, Stage2Job, launch
+from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult, train_stage1, train_stage2
 
-from .common import STEP_CACHE, artifact_key
+from .common import artifact_key, step
 
 
 class ProgressReporter(MetricsCallback):
@@ -52,56 +50,23 @@ def launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str)
     return result
 
 
-@task(name="stage 1: train new experts", cache_policy=STEP_CACHE, persist_result=True)
-def run_stage1(
-    parent_dir: Path,
-    allocation: list[int],
-    old_languages: list[str],
-    new_languages: list[str],
-    top_k: int,
-    tokens_path: Path,
-    settings: Stage1Settings,
-    output_dir: Path,
-    launcher: LauncherSettings | None = None,
-) -> TrainResult:
-    """Expand the parent with `allocation` and train this round's experts and routers on new-language text.
+@step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 1: train new experts")
+def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> TrainResult:
+    """Expand the parent with the job's allocation and train this round's experts and routers on new-language text.
 
-    A rerun after an interruption resumes from the last checkpoint in output_dir.
+    A rerun after an interruption resumes from the last checkpoint in the job's output_dir.
     """
     if launcher is not None:
-        job = Stage1Job(parent_dir=parent_dir, allocation=allocation, old_languages=old_languages, new_languages=new_languages,
-                        top_k=top_k, tokens_path=tokens_path, settings=settings, output_dir=output_dir, tokenizer_dir=parent_dir)
         return launched(job, launcher, "stage1")
-    # Seeded router initialisation: the same child in any process, on any rerun.
-    model = expand(load_model(parent_dir), allocation, old_languages, new_languages, top_k=top_k,
-                   router_aux_loss_coef=settings.balance_loss_coef, seed=settings.seed,
-                   router_init=settings.router_init)
-    result = train_stage1(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("stage1")])
-    load_tokenizer(parent_dir).save_pretrained(result.model_dir)
-    return result
+    return train_stage1(job.expanded_parent(), open_sequences(job.tokens_path), job.settings, job.output_dir,
+                        [ProgressReporter("stage1")], tokenizer=load_tokenizer(job.tokenizer_dir))
 
 
-@task(name="stage 2: review routers and classifiers", cache_policy=STEP_CACHE, persist_result=True)
-def run_stage2(
-    stage1_dir: Path,
-    classifier_layers: list[int],
-    old_tokens_path: Path,
-    new_tokens_path: Path,
-    settings: Stage2Settings,
-    output_dir: Path,
-    launcher: LauncherSettings | None = None,
-) -> TrainResult:
+@step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
+def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> TrainResult:
     """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix."""
-    get_run_logger().info("routing classifiers in layers %s", classifier_layers)
+    get_run_logger().info("routing classifiers in layers %s", job.classifier_layers)
     if launcher is not None:
-        job = Stage2Job(stage1_dir=stage1_dir, classifier_layers=classifier_layers, old_tokens_path=old_tokens_path,
-                        new_tokens_path=new_tokens_path, settings=settings, output_dir=output_dir, tokenizer_dir=stage1_dir)
         return launched(job, launcher, "stage2")
-    model = load_model(stage1_dir)
-    insert_classifiers(model, classifier_layers, seed=settings.seed)
-    result = train_stage2(
-        model, open_sequences(old_tokens_path), open_sequences(new_tokens_path), settings, output_dir,
-        [ProgressReporter("stage2")],
-    )
-    load_tokenizer(stage1_dir).save_pretrained(result.model_dir)
-    return result
+    return train_stage2(job.classified_stage1(), open_sequences(job.old_tokens_path), open_sequences(job.new_tokens_path),
+                        job.settings, job.output_dir, [ProgressReporter("stage2")], tokenizer=load_tokenizer(job.tokenizer_dir))

@@ -5,20 +5,16 @@ from __future__ import annotations
 import os
 import tempfile
 
+from layermoe_core.environment import use_local_stack
+
 # Keep Prefect and MLflow local, quiet and inside temporary directories for every test.
 _TMP = tempfile.mkdtemp(prefix="layermoe-tests-")
-os.environ.setdefault("PREFECT_HOME", os.path.join(_TMP, "prefect"))
-os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_TMP}/mlflow.db")
-os.environ.setdefault("LAYERMOE_REGISTRY_CACHE", os.path.join(_TMP, "registry-cache"))
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+use_local_stack(os.path.join(_TMP, "prefect"), tracking_uri=f"sqlite:///{_TMP}/mlflow.db",
+                registry_cache=os.path.join(_TMP, "registry-cache"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 # Session-wide real PostgreSQL + MLflow server fixtures (started only by tests that use them).
@@ -44,6 +40,13 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
     else:
         raise ValueError(family)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prefect_backend():
+    """A temporary Prefect server for the flows of one test module (`pytestmark = pytest.mark.usefixtures(...)`)."""
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
 
 
 @pytest.fixture(params=["qwen2", "llama"])

@@ -50,8 +50,8 @@ def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from layermoe_core.data import CorpusSpec, load_sequences, open_sequences, sample_token_rows
-    from layermoe_core.training import TrainSettings, train_causal_lm
+    from layermoe_core.data.corpus import CorpusSpec, load_sequences, open_sequences, sample_token_rows
+    from layermoe_core.training.trainer import TrainSettings, train_causal_lm
     from tests.tiny_tokenizer import tiny_tokenizer
 
     corpus = write_corpus(workdir / f"corpus-{scale}.txt", BASE_DOCUMENTS * scale, seed=scale)

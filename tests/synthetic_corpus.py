@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from layermoe_core.data import CorpusSpec
+from layermoe_core.data.corpus import CorpusSpec
 
 ALPHABETS = {
     "en": "abcdefghijklmnopqrstuvwxyz",

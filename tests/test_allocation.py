@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from flows.plan import ExpansionPlan, load_plan
-from layermoe_core.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
+from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
 from layermoe_core.errors import LayerMoEError
 
 SCORES = [0.5, 0.25, 1.0, 0.8]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from layermoe_core.data import CorpusSpec, load_sequences, sample_sequences, save_sequences
+from layermoe_core.data.corpus import CorpusSpec, load_sequences, sample_sequences, save_sequences
 from layermoe_core.errors import LayerMoEError
 
 from .tiny_tokenizer import tiny_tokenizer

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from demo.base import demo_base_config, train_demo_tokenizer
 from layermoe_core import LayerMoEError
-from layermoe_core.demo_base import build_base_model, demo_base_config, train_demo_tokenizer
+from layermoe_core.model.checkpoints import init_model
 
 TEXTS = {
     "el": ["Τύπωσε έναν φιλικό χαιρετισμό στον χρήστη", "Αδυναμία ανοίγματος του αρχείου για ανάγνωση"],
@@ -25,7 +26,9 @@ def corpus_files(tmp_path_factory):
     files = {}
     for lang, texts in TEXTS.items():
         files[lang] = directory / f"{lang}.jsonl"
-        files[lang].write_text("".join(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts * 5)), encoding="utf-8")
+        files[lang].write_text(
+            "".join(json.dumps({"id": str(i), "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts * 5)), encoding="utf-8"
+        )
     return files
 
 
@@ -59,7 +62,7 @@ def test_vocab_too_small_for_the_byte_alphabet_is_rejected(tmp_path):
 
 def test_base_model_builds_from_config_and_predicts_every_token():
     config = demo_base_config(vocab_size=320, size="tiny")
-    model = build_base_model(config, seed=0).eval()
+    model = init_model(config, seed=0).eval()
     ids = torch.randint(0, 320, (2, 7), generator=torch.Generator().manual_seed(0))
     output = model(input_ids=ids, labels=ids)
     assert output.logits.shape == (2, 7, 320)
@@ -72,7 +75,7 @@ def test_the_seed_fixes_the_weights_without_touching_global_randomness():
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    first, second, other = (build_base_model(config, seed) for seed in (7, 7, 8))
+    first, second, other = (init_model(config, seed) for seed in (7, 7, 8))
     assert torch.equal(torch.rand(1), expected_next)
     assert len(first.model.layers) == 3
     weights = [m.model.layers[0].mlp.up_proj.weight for m in (first, second, other)]

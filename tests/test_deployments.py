@@ -36,10 +36,10 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import main
 from flows.plan import LifelongPlan, ParentRef, RoundSpec
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.training import Stage1Settings, Stage2Settings
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.register import register_base
 from registry.settings import RegistrySettings
 from registry.versions import list_versions, promote, show_version
@@ -202,7 +202,8 @@ def test_layermoe_serve_serves_every_story_and_a_triggered_lifelong_run_complete
     (round_run,) = subflow_runs(flow_run)
     assert round_run.name == "round-1-hu"
     artifacts = artifacts_of(round_run)
-    assert {"round-1-hu-similarity", "round-1-hu-allocation", "round-1-hu-routing", "round-1-hu-evaluation", "round-1-hu-gate"} <= set(artifacts)
+    expected = {"round-1-hu-similarity", "round-1-hu-allocation", "round-1-hu-routing", "round-1-hu-evaluation", "round-1-hu-gate"}
+    assert expected <= set(artifacts)
     assert float(artifacts["round-1-hu-stage1-progress"]) == 100.0
     assert float(artifacts["round-1-hu-stage2-progress"]) == 100.0  # Stage 2 trains by epochs: no max_steps
 
@@ -212,14 +213,19 @@ def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_api, tiny_worl
     env = process_env(tmp_path / "deploy-home", prefect_api)
     for pool in ("layermoe", "layermoe-gpu"):  # the compose stack's pools (its workers create them)
         subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True)
-    deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"],
-                            check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    deploy = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all"], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     worker = [PREFECT, "worker", "start", "--pool", "layermoe", "--type", "process"]
     with running(worker, process_env(tmp_path / "worker-home", prefect_api), tmp_path / "worker.log"):
         # working_dir: prefect.yaml's /data is the compose workers' volume; here, this test's folder.
-        flow_run = run_deployment("lifelong-expansion/cpu", parameters={"plan": json.loads(plan.model_dump_json())},
-                                  job_variables={"working_dir": str(tmp_path)}, timeout=DEADLINE_S)
+        flow_run = run_deployment(
+            "lifelong-expansion/cpu",
+            parameters={"plan": json.loads(plan.model_dump_json())},
+            job_variables={"working_dir": str(tmp_path)},
+            timeout=DEADLINE_S,
+        )
     log = (tmp_path / "worker.log").read_text()
     assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-8000:]}"
     assert_round_registered(plan)
@@ -235,11 +241,19 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     with running(serve, process_env(tmp_path / "serve-home", prefect_api), tmp_path / "serve.log") as server:
         wait_until(lambda: read_deployment("add-languages/reviewed"), "the served deployments", server, tmp_path / "serve.log")
         defaults = read_deployment("add-languages/reviewed").parameters["plan"]
-        runs = {lang: run_deployment("add-languages/reviewed", parameters={"plan": {**defaults, "new_languages": [lang]}}, timeout=0)
-                for lang in ("hu", "tr")}
-        paused = {lang: wait_until(lambda run=run: (now := read_flow_run(run.id)).state.is_paused() and now,
-                                   f"round {lang} to pause for review", server, tmp_path / "serve.log")
-                  for lang, run in runs.items()}
+        runs = {
+            lang: run_deployment("add-languages/reviewed", parameters={"plan": {**defaults, "new_languages": [lang]}}, timeout=0)
+            for lang in ("hu", "tr")
+        }
+        paused = {
+            lang: wait_until(
+                lambda run=run: (now := read_flow_run(run.id)).state.is_paused() and now,
+                f"round {lang} to pause for review",
+                server,
+                tmp_path / "serve.log",
+            )
+            for lang, run in runs.items()
+        }
         assert {lang: run.name for lang, run in paused.items()} == {"hu": "round-1-hu", "tr": "round-1-tr"}
         for run in paused.values():
             artifacts = artifacts_of(run)
@@ -251,9 +265,15 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
 
         assert main(["approve", str(runs["hu"].id), "--yes", "--reason", "hu reads well"]) == 0
         assert main(["approve", str(runs["tr"].id), "--no", "--reason", "en drifted too far"]) == 0
-        done = {lang: wait_until(lambda run=run: (now := read_flow_run(run.id)).state.is_final() and now,
-                                 f"round {lang} to finish", server, tmp_path / "serve.log")
-                for lang, run in runs.items()}
+        done = {
+            lang: wait_until(
+                lambda run=run: (now := read_flow_run(run.id)).state.is_final() and now,
+                f"round {lang} to finish",
+                server,
+                tmp_path / "serve.log",
+            )
+            for lang, run in runs.items()
+        }
     log = (tmp_path / "serve.log").read_text()
     assert all(run.state.is_completed() for run in done.values()), f"{[r.state for r in done.values()]}\n{log[-8000:]}"
     # The reviewer's answer is written as the automatic gate writes its own: the verdict tag, the card, the reason.

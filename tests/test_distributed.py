@@ -3,7 +3,7 @@
 A tiny base (itself trained by a 2-process launch) gets "el" added, by the add-languages flow
 in this process; only the stages run in the launched ranks. Faults are injected into rank 1
 through a `sitecustomize` module on the ranks' PYTHONPATH (Python imports it at start-up):
-it wraps `layermoe_core.training._train` to add one TrainerCallback, and touches nothing else.
+it wraps `layermoe_core.training.trainer._train` to add one TrainerCallback, and touches nothing else.
 """
 
 import json
@@ -15,19 +15,18 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import load_file
 
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import load_model
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.launch import RESULT_NAME, LaunchError, LauncherSettings
-from layermoe_core.surgery import expand, insert_classifiers
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.model.checkpoints import load_model
+from layermoe_core.model.surgery import expand, insert_classifiers
+from layermoe_core.training.launch import RESULT_NAME, LaunchError, LauncherSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.register import register_base
 from registry.settings import RegistrySettings
@@ -35,6 +34,8 @@ from registry.versions import list_versions, promote
 
 from .synthetic_corpus import write_synthetic_corpus
 from .test_flows import TOKENS
+
+pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
 
 BASE_LANGUAGES = ["en", "zh"]
 GLOBAL_BATCH = 8
@@ -62,7 +63,7 @@ FAULTS = textwrap.dedent(
         import signal
         import torch
         from transformers import TrainerCallback
-        import layermoe_core.training as training
+        import layermoe_core.training.trainer as training
 
         kind, *where = fault.split(":")
 
@@ -89,19 +90,13 @@ FAULTS = textwrap.dedent(
                     os.kill(os.getpid(), signal.SIGKILL)
 
         _train = training._train
-        def _train_with_fault(model, rows, objective, settings, output_dir, callbacks):
+        def _train_with_fault(model, rows, objective, settings, output_dir, callbacks, tokenizer=None):
             if not str(output_dir).endswith("stage1"):  # faults strike Stage 1 only
-                return _train(model, rows, objective, settings, output_dir, callbacks)
-            return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)])
+                return _train(model, rows, objective, settings, output_dir, callbacks, tokenizer)
+            return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)], tokenizer)
         training._train = _train_with_fault
     """
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_backend():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +190,7 @@ def hang_guard():
     """Kill this test's launched ranks if they outlive DEADLINE_S (a hung collective), so the launch fails, not the CI."""
     def kill_ranks():
         for process in psutil.Process().children(recursive=True):
-            if "layermoe_core.launch" in " ".join(process.cmdline()):
+            if "layermoe_core.training.launch" in " ".join(process.cmdline()):
                 process.kill()
 
     timer = threading.Timer(DEADLINE_S, kill_ranks)

@@ -8,12 +8,12 @@ import torch
 import yaml
 
 from flows.cli import main
-from layermoe_core.allocation import AllocationSettings, allocate_experts
-from layermoe_core.checkpoints import load_model
-from layermoe_core.estimate import allocation_range, estimate_round, parent_config
-from layermoe_core.launch import LauncherSettings
-from layermoe_core.surgery import expand, insert_classifiers, set_trainable
-from layermoe_core.training import Stage1Settings, Stage2Settings, fp32_master_weights, train_stage1
+from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts
+from layermoe_core.model.checkpoints import load_model
+from layermoe_core.model.surgery import expand, insert_classifiers, set_trainable
+from layermoe_core.training.estimate import allocation_range, estimate_round, parent_config
+from layermoe_core.training.launch import LauncherSettings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, fp32_master_weights, train_stage1
 
 from .conftest import TINY, tiny_model
 

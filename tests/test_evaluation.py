@@ -17,18 +17,21 @@ from transformers import PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutput
 
 from layermoe_core import LayerMoEError, expand, insert_classifiers
-from layermoe_core.data import CorpusSpec, sample_sequences
-from layermoe_core.evaluation import (
+from layermoe_core.data.corpus import CorpusSpec, sample_sequences
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.generation import greedy_generate
+from layermoe_core.evaluation.heldout_text import continuation_prompts
+from layermoe_core.evaluation.metrics import (
     COMPARISON_COLUMNS,
     EvalSettings,
+    HarnessTask,
     compare_models,
     compare_variants,
     continuation_logprobs,
     continue_prompts,
     evaluate_model,
-    language_perplexity,
-    HarnessTask,
     harness_tasks,
+    language_perplexity,
     lm_eval_metrics,
     lm_eval_scores,
     load_multiple_choice,
@@ -38,11 +41,7 @@ from layermoe_core.evaluation import (
     score_multiple_choice,
     summarise_seeds,
 )
-from layermoe_core.gates import GateSettings, evaluate_gates
-from layermoe_core.generation import greedy_generate
-from layermoe_core.heldout_text import continuation_prompts
-from layermoe_core.plots import plot_language_comparison, plot_variant_comparison
-from layermoe_core.translation import (
+from layermoe_core.evaluation.translation import (
     TRANSLATION_COLUMNS,
     TranslationSettings,
     fitted_prompt,
@@ -50,6 +49,7 @@ from layermoe_core.translation import (
     translate_pairs,
     translation_metrics,
 )
+from layermoe_core.plots import plot_language_comparison, plot_variant_comparison
 
 from .conftest import TINY, tiny_model
 from .tiny_tokenizer import tiny_tokenizer
@@ -295,7 +295,8 @@ def test_lm_eval_results_become_metrics_without_stderr():
 def test_evaluate_model_reports_perplexity_and_every_task_per_language(tmp_path):
     path = write_jsonl(tmp_path / "colours.jsonl", [QUESTION, {**QUESTION, "language": "el"}])
     settings = EvalSettings(batch_size=2, max_sequences=2, multiple_choice_files=[path])
-    sequences = {lang: torch.randint(0, len(WORDS), (3, 5), generator=torch.Generator().manual_seed(i)) for i, lang in enumerate(["en", "el"])}
+    sequences = {lang: torch.randint(0, len(WORDS), (3, 5), generator=torch.Generator().manual_seed(i))
+                 for i, lang in enumerate(["en", "el"])}
     table = evaluate_model(answer_model(), word_tokenizer(), sequences, settings)
     assert list(table.columns) == ["language", "metric", "value", "n"]
     assert set(zip(table.language, table.metric)) == {
@@ -313,9 +314,7 @@ def test_eval_settings_refuse_unknown_fields_and_clashing_task_names():
 
 # -- parent vs child -----------------------------------------------------------------------------------
 def perplexity_table(losses: dict[str, float]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [{"language": lang, "loss": loss, "perplexity": math.exp(loss), "tokens": 100} for lang, loss in losses.items()]
-    )
+    return pd.DataFrame([{"language": lang, "loss": loss, "perplexity": math.exp(loss), "tokens": 100} for lang, loss in losses.items()])
 
 
 def metrics_table(losses: dict[str, float], accuracy: dict[str, float]) -> pd.DataFrame:
@@ -328,7 +327,7 @@ def test_compare_models_gives_tidy_rows_with_child_minus_parent():
     parent = metrics_table({"el": 4.0, "en": 2.0}, {"el": 0.25})
     child = metrics_table({"el": 3.0, "en": 2.1}, {"el": 0.5})
     table = compare_models(parent, child, old_languages=["en"], new_languages=["el"])
-    assert list(table.columns) == COMPARISON_COLUMNS
+    assert tuple(table.columns) == COMPARISON_COLUMNS
     assert list(zip(table.language, table.group, table.metric)) == [
         ("en", "old", "loss"),
         ("en", "old", "perplexity"),
@@ -347,10 +346,12 @@ def test_compare_variants_puts_each_variant_side_by_side(tmp_path):
     parent = metrics_table({"el": 4.0, "en": 2.0}, {})
     layermoe = compare_models(parent, metrics_table({"el": 3.0, "en": 2.1}, {}), ["en"], ["el"])
     uniform = compare_models(parent, metrics_table({"el": 3.2, "en": 2.3}, {}), ["en"], ["el"])
-    table = compare_variants({
-        "layermoe": {"comparison": layermoe, "allocation": [3, 1, 2], "params_added": 600},
-        "uniform": {"comparison": uniform, "allocation": [5, 5, 5], "params_added": 1500},
-    })
+    table = compare_variants(
+        {
+            "layermoe": {"comparison": layermoe, "allocation": [3, 1, 2], "params_added": 600},
+            "uniform": {"comparison": uniform, "allocation": [5, 5, 5], "params_added": 1500},
+        }
+    )
     rows = table.set_index("variant")
     assert rows.loc["layermoe", "new_experts"] == 6 and rows.loc["uniform", "new_experts"] == 15
     assert rows.loc["uniform", "params_added"] == 1500
@@ -444,8 +445,9 @@ def test_held_out_pairs_never_come_from_training_documents(tmp_path):
     pairs = heldout_pairs(corpora, ["en", "el"], settings, seed=7, heldout_fraction=0.2)
     assert list(pairs["role"]) == ["shot"] * 3 + ["test"] * 5 and pairs["id"].is_unique
     assert all(row.text == row.pivot_text.replace("en ", "el ", 1) for row in pairs.itertuples())  # aligned by id
-    train = sample_sequences(corpora, tiny_tokenizer(), num_tokens=300 * 30, seq_len=30, seed=7, heldout_fraction=0.2,
-                             languages=["en"], split="train")["en"]
+    train = sample_sequences(
+        corpora, tiny_tokenizer(), num_tokens=300 * 30, seq_len=30, seed=7, heldout_fraction=0.2, languages=["en"], split="train"
+    )["en"]
     trained_text = tiny_tokenizer().decode(train.flatten().tolist(), skip_special_tokens=True).replace(" ", "")
     assert trained_text.count("number") >= 250
     for text in pairs["pivot_text"]:
@@ -499,10 +501,26 @@ def test_sentences_too_long_for_the_context_are_left_out_of_the_score(tmp_path):
 
 
 def test_chrf_is_100_for_exact_translations_and_lower_for_wrong_ones():
-    translations = pd.DataFrame([
-        {"language": "el", "direction": "en-el", "id": "1", "source": "a", "reference": "καλημέρα κόσμε", "hypothesis": "καλημέρα κόσμε"},
-        {"language": "el", "direction": "el-en", "id": "1", "source": "a", "reference": "good morning world", "hypothesis": "good evening"},
-    ])
+    translations = pd.DataFrame(
+        [
+            {
+                "language": "el",
+                "direction": "en-el",
+                "id": "1",
+                "source": "a",
+                "reference": "καλημέρα κόσμε",
+                "hypothesis": "καλημέρα κόσμε",
+            },
+            {
+                "language": "el",
+                "direction": "el-en",
+                "id": "1",
+                "source": "a",
+                "reference": "good morning world",
+                "hypothesis": "good evening",
+            },
+        ]
+    )
     table = translation_metrics(translations).set_index("metric")
     assert table.loc["translation.en-el.chrfpp", "value"] == pytest.approx(100.0)
     assert 0 < table.loc["translation.el-en.chrfpp", "value"] < 100
@@ -534,16 +552,20 @@ def test_continuation_prompts_are_held_out_sentence_openings(tmp_path):
 
 
 def test_old_language_chrf_gate_bounds_the_drop_in_points():
-    comparison = pd.DataFrame([
-        {"language": "en", "group": "old", "metric": "loss", "parent": 2.0, "child": 2.0, "delta": 0.0},
-        {"language": "el", "group": "old", "metric": "translation.en-el.chrfpp", "parent": 30.0, "child": 27.0, "delta": -3.0},
-        {"language": "hu", "group": "new", "metric": "loss", "parent": 5.0, "child": 4.0, "delta": -1.0},
-        {"language": "hu", "group": "new", "metric": "translation.en-hu.chrfpp", "parent": 5.0, "child": 1.0, "delta": -4.0},
-    ])
+    comparison = pd.DataFrame(
+        [
+            {"language": "en", "group": "old", "metric": "loss", "parent": 2.0, "child": 2.0, "delta": 0.0},
+            {"language": "el", "group": "old", "metric": "translation.en-el.chrfpp", "parent": 30.0, "child": 27.0, "delta": -3.0},
+            {"language": "hu", "group": "new", "metric": "loss", "parent": 5.0, "child": 4.0, "delta": -1.0},
+            {"language": "hu", "group": "new", "metric": "translation.en-hu.chrfpp", "parent": 5.0, "child": 1.0, "delta": -4.0},
+        ]
+    )
     assert evaluate_gates(comparison, GateSettings()).passed  # no chrF bound by default
     decision = evaluate_gates(comparison, GateSettings(max_old_chrf_drop=2.0))
     assert not decision.passed
-    assert decision.reasons == ["old language el: translation.en-el.chrfpp 30.00 -> 27.00 (-3.00 points) exceeds the allowed drop of 2.00 points"]
+    assert decision.reasons == [
+        "old language el: translation.en-el.chrfpp 30.00 -> 27.00 (-3.00 points) exceeds the allowed drop of 2.00 points"
+    ]
     assert evaluate_gates(comparison, GateSettings(max_old_chrf_drop=3.0)).passed
 
 
@@ -551,10 +573,20 @@ def test_seed_summary_gives_mean_and_sample_std_per_variant(tmp_path):
     parent = metrics_table({"el": 4.0, "en": 2.0}, {})
     runs = {}
     for seed, (el, en) in enumerate([(3.0, 2.1), (3.2, 2.3), (3.4, 2.2)]):
-        runs[f"layermoe/{seed}"] = {"variant": "layermoe", "seed": seed, "allocation": [3, 1, 2], "params_added": 600,
-                                    "comparison": compare_models(parent, metrics_table({"el": el, "en": en}, {}), ["en"], ["el"])}
-    runs["uniform/0"] = {"variant": "uniform", "seed": 0, "allocation": [5, 5, 5], "params_added": 1500,
-                         "comparison": compare_models(parent, metrics_table({"el": 3.5, "en": 2.0}, {}), ["en"], ["el"])}
+        runs[f"layermoe/{seed}"] = {
+            "variant": "layermoe",
+            "seed": seed,
+            "allocation": [3, 1, 2],
+            "params_added": 600,
+            "comparison": compare_models(parent, metrics_table({"el": el, "en": en}, {}), ["en"], ["el"]),
+        }
+    runs["uniform/0"] = {
+        "variant": "uniform",
+        "seed": 0,
+        "allocation": [5, 5, 5],
+        "params_added": 1500,
+        "comparison": compare_models(parent, metrics_table({"el": 3.5, "en": 2.0}, {}), ["en"], ["el"]),
+    }
     per_seed = compare_variants(runs)
     assert list(zip(per_seed.variant, per_seed.seed)) == [("layermoe", 0), ("layermoe", 1), ("layermoe", 2), ("uniform", 0)]
     table = summarise_seeds(per_seed).set_index("variant")
@@ -570,14 +602,19 @@ def test_compare_with_seeds_runs_every_variant_at_each_training_seed(tmp_path):
     from flows.compare import ComparePlan, variant_plans
 
     (tmp_path / "el.txt").write_text("καλημέρα κόσμε\n", encoding="utf-8")
-    plan = ComparePlan.model_validate({"new_languages": ["el"], "corpora": {"el": {"path": tmp_path / "el.txt"}}, "name": "cmp",
-                                       "seeds": 3, "stage1": {"seed": 5}})
+    plan = ComparePlan.model_validate(
+        {"new_languages": ["el"], "corpora": {"el": {"path": tmp_path / "el.txt"}}, "name": "cmp", "seeds": 3, "stage1": {"seed": 5}}
+    )
     plans = variant_plans(plan, num_layers=4)
     assert sorted(plans) == sorted((v, s) for v in ("layermoe", "uniform", "no_classifier") for s in range(3))
     assert [plans["uniform", s].stage1.seed for s in range(3)] == [5, 6, 7]
     assert [plans["uniform", s].stage2.seed for s in range(3)] == [0, 1, 2]
     assert {p.tokens.seed for p in plans.values()} == {plan.tokens.seed}  # same data, so the same held-out text
-    assert [plans["layermoe", s].promote_alias for s in range(3)] == ["compare-layermoe", "compare-layermoe-seed1", "compare-layermoe-seed2"]
+    assert [plans["layermoe", s].promote_alias for s in range(3)] == [
+        "compare-layermoe",
+        "compare-layermoe-seed1",
+        "compare-layermoe-seed2",
+    ]
     assert len({p.name for p in plans.values()}) == 9
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
+from prefect import flow
 
 import tasks.registration
 import tasks.training
@@ -16,27 +16,24 @@ from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.compare import ComparePlan, compare, with_variants
 from flows.lifelong_expansion import lifelong_expansion
 from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import load_model
-from layermoe_core.data import load_sequences
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.data.corpus import load_sequences
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import EvalSettings, language_perplexity
-from layermoe_core.gates import GateDecision, GateSettings
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.evaluation.gates import GateDecision, GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings, language_perplexity
+from layermoe_core.model.checkpoints import load_model
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.settings import RegistrySettings
 from registry.versions import list_versions, show_version
+from tasks.common import step
 
 from .synthetic_corpus import write_synthetic_corpus
 
+pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
+
 TOKENS = TokenSettings(seq_len=32, analysis_tokens=1_000, stage1_tokens=2_000, stage2_tokens=1_000, eval_tokens=1_000)
 FAST = dict(learning_rate=3e-3, max_steps=6, per_device_batch_size=8, logging_steps=2, save_steps=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_backend():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +50,16 @@ def world(tmp_path_factory):
 
 def lifelong_plan(root, corpora, registry, rounds) -> LifelongPlan:
     return LifelongPlan(
-        registry=registry, corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1,
-        stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**FAST),
+        registry=registry,
+        corpora=corpora,
+        tokens=TOKENS,
+        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
+        classifier_layer_count=1,
+        stage1=Stage1Settings(**FAST),
+        stage2=Stage2Settings(**FAST),
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
-        rounds=[RoundSpec(new_languages=r) for r in rounds], workdir=root / "work",
+        rounds=[RoundSpec(new_languages=r) for r in rounds],
+        workdir=root / "work",
     )
 
 
@@ -167,3 +170,24 @@ def test_compare_runs_the_other_papers_signals_on_an_equal_budget(world):
         with_variants(plan, ["dmoe"])
     with pytest.raises(LayerMoEError, match="repeat a name"):
         with_variants(plan, ["neuron", "neuron"])
+
+
+def test_a_step_comes_from_the_cache_until_its_output_is_deleted_then_runs_again(tmp_path):
+    written = []
+
+    @step(lambda arguments: arguments["out"], name="write greeting")
+    def write_greeting(text: str, out: Path) -> Path:
+        written.append(text)
+        out.write_text(text)
+        return out
+
+    @flow
+    def greet(out: Path) -> Path:
+        return write_greeting("hello", out)
+
+    out = tmp_path / "greeting.txt"
+    assert greet(out) == out and greet(out) == out
+    assert written == ["hello"]  # the second run came from the cache
+    out.unlink()
+    assert greet(out) == out and out.read_text() == "hello"
+    assert written == ["hello", "hello"]  # its output was gone, so the step ran again

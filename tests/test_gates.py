@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from layermoe_core import LayerMoEError
-from layermoe_core.evaluation import compare_models
-from layermoe_core.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.metrics import compare_models
 
 
 def comparison(parent: dict[str, float], child: dict[str, float], old: list[str], new: list[str]) -> pd.DataFrame:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import layermoe_core.modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
+import layermoe_core.model.modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
 from layermoe_core import LayerMoEError
 from layermoe_core.legacy import convert_legacy_checkpoint
 

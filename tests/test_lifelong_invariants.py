@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from layermoe_core import expand, forced_old_routing, insert_classifiers
-from layermoe_core.losses import load_balancing_loss
-from layermoe_core.routing_stats import routing_statistics
-from layermoe_core.training import Stage1Settings, Stage2Settings, train_stage1, train_stage2
+from layermoe_core.analysis.routing_stats import routing_statistics
+from layermoe_core.model.losses import load_balancing_loss
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, train_stage1, train_stage2
 
 from .conftest import tiny_model
 from .test_training import QUICK, WIDE, cyclic_language
@@ -217,7 +217,7 @@ def test_parent_router_init_copies_the_parents_rows_and_starts_new_experts_at_ex
 
 
 def test_new_prior_loss_is_minus_log_router_mass_on_new_experts_for_new_tokens_only():
-    from layermoe_core.losses import IGNORE_INDEX, NEW, OLD, new_prior_loss
+    from layermoe_core.model.losses import IGNORE_INDEX, NEW, OLD, new_prior_loss
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [5.0, 5.0, 5.0]])  # (N, E), 1 old expert
     labels = torch.tensor([OLD, NEW, IGNORE_INDEX])

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from layermoe_core import LayerMoEError, LayerMoEForCausalLM, expand, forced_old_routing, insert_classifiers, set_trainable
-from layermoe_core.losses import load_balancing_loss
+from layermoe_core.model.losses import load_balancing_loss
 
 from .conftest import tiny_model
 

@@ -15,9 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from layermoe_core import moe_block
-from layermoe_core.experts import check_kernel, grouped_linear, grouped_mm_runs
-from layermoe_core.moe_block import LayerMoEBlock
+from layermoe_core.model import moe_block
+from layermoe_core.model.experts import check_kernel, grouped_linear, grouped_mm_runs
+from layermoe_core.model.moe_block import LayerMoEBlock
 
 HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")

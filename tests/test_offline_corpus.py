@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from demo import offline_corpus
+from demo.offline_corpus import build_gettext_corpus, parse_mo
 from layermoe_core import LayerMoEError
-from layermoe_core import offline_corpus
-from layermoe_core.offline_corpus import build_gettext_corpus, parse_mo
 
 HEADER = "Content-Type: text/plain; charset=UTF-8\nPlural-Forms: nplurals=2; plural=(n != 1);\n"
 COPYRIGHT = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\nFiles: *\nCopyright: someone\nLicense: GPL-3+\n"
@@ -47,7 +47,9 @@ def tar_xz(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def write_deb(directory: Path, name: str, version: str, catalogs: dict[str, dict[str, str]], copyright_text: str | None = COPYRIGHT) -> Path:
+def write_deb(
+    directory: Path, name: str, version: str, catalogs: dict[str, dict[str, str]], copyright_text: str | None = COPYRIGHT
+) -> Path:
     """A .deb (ar archive) whose data holds usr/share/locale/<locale>/LC_MESSAGES/<name>.mo."""
     control = f"Package: {name}\nVersion: {version}\nArchitecture: all\nDescription: test\n".encode()
     data = {f"usr/share/locale/{locale}/LC_MESSAGES/{name}.mo": mo_bytes(entries) for locale, entries in catalogs.items()}
@@ -93,7 +95,12 @@ def debs(tmp_path, monkeypatch):
         directory,
         "other",
         "0.5",
-        {"el": {"Print a friendly greeting": "Άλλη μετάφραση του χαιρετισμού", "Search the whole disk now": "Αναζήτηση σε όλο τον δίσκο τώρα"}},
+        {
+            "el": {
+                "Print a friendly greeting": "Άλλη μετάφραση του χαιρετισμού",
+                "Search the whole disk now": "Αναζήτηση σε όλο τον δίσκο τώρα",
+            }
+        },
         copyright_text="Not machine readable.\n",
     )
     return directory

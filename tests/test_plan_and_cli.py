@@ -190,7 +190,7 @@ def test_settings_a_layermoe_parent_fixes_are_checked_before_prefect_starts(tmp_
 
 def test_expand_applies_the_same_rule_to_a_layermoe_parent(tmp_path):
     from layermoe_core import expand
-    from layermoe_core.checkpoints import load_model
+    from layermoe_core.model.checkpoints import load_model
 
     parent = load_model(save_tiny_parent(tmp_path / "parent", top_k=1), device="cpu")
     with pytest.raises(LayerMoEError, match=r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from flows.cli import main as layermoe
 from layermoe_core import LayerMoEError, expand, insert_classifiers
+from layermoe_core.model.files import list_model_files
 from registry import (
     RegistrySettings,
     download_version,
@@ -25,7 +26,6 @@ from registry import (
     register_child,
 )
 from registry.manifest import MANIFEST_NAME, build_manifest, text_digest
-from registry.model_files import list_model_files
 
 from .conftest import tiny_model
 from .tiny_tokenizer import tiny_tokenizer
@@ -159,8 +159,11 @@ def test_whole_storage_when_asked_and_versions_registered_whole_before_deltas_st
     info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
     whole = register_child(settings, tmp_path / "child", legacy, info, {}, {}, {}, {})
     assert whole.storage == "whole"
-    assert sha256(download_version(settings, 1, tmp_path / "v1").path / "model.safetensors") == sha256(tmp_path / "base" / "model.safetensors")
-    assert sha256(download_version(settings, 2, tmp_path / "v2").path / "model.safetensors") == sha256(tmp_path / "child" / "model.safetensors")
+    downloaded = download_version(settings, 1, tmp_path / "v1").path
+    assert sha256(downloaded / "model.safetensors") == sha256(tmp_path / "base" / "model.safetensors")
+    assert sha256(download_version(settings, 2, tmp_path / "v2").path / "model.safetensors") == sha256(
+        tmp_path / "child" / "model.safetensors"
+    )
     # a delta child of a version stored before deltas is stored whole: there are no tensor digests to diff against
     delta_ok = settings.model_copy(update={"delta_storage": True})
     shutil.rmtree(tmp_path / "child")
@@ -179,7 +182,12 @@ def register_as_before_deltas(settings: RegistrySettings, model_dir: Path) -> in
     for name in files:
         client.log_artifact(run.info.run_id, str(model_dir / name), "model")
     client.log_text(run.info.run_id, manifest, f"model/{MANIFEST_NAME}")
-    tags = {"layermoe.kind": "base", "layermoe.round": "0", "layermoe.languages": '["en"]', "layermoe.manifest_sha256": text_digest(manifest)}
+    tags = {
+        "layermoe.kind": "base",
+        "layermoe.round": "0",
+        "layermoe.languages": '["en"]',
+        "layermoe.manifest_sha256": text_digest(manifest),
+    }
     return int(client.create_model_version(settings.registered_model_name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags).version)
 
 
@@ -215,7 +223,9 @@ def test_registering_a_child_fetches_no_parent_weights(tmp_path, monkeypatch):
     tiny_tokenizer().save_pretrained(tmp_path / "child")
     fetched = []
     real = mlflow.artifacts.download_artifacts
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw))
+    monkeypatch.setattr(
+        mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw)
+    )
     info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
     assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
     assert sorted(fetched) == ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]

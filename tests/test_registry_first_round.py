@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 import tasks.training
 from flows.add_languages import add_languages
 from flows.plan import ExpansionPlan, ParentRef, TokenSettings
 from layermoe_core import LayerMoEError, expand, insert_classifiers
-from layermoe_core.allocation import AllocationSettings
+from layermoe_core.analysis.allocation import AllocationSettings
 from registry import (
     RegistrySettings,
     list_versions,
@@ -24,13 +23,9 @@ from .conftest import tiny_model
 from .synthetic_corpus import write_synthetic_corpus
 from .tiny_tokenizer import tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
+
 TOKENS = TokenSettings(seq_len=16, analysis_tokens=64, stage1_tokens=64, stage2_tokens=64, eval_tokens=64)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_backend():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture

@@ -64,8 +64,13 @@ def comparison(old: dict[str, tuple[float, float]], new: dict[str, tuple[float, 
     return pd.DataFrame(rows)
 
 
-HISTORY = {"stage1": [{"loss": 3.0, "learning_rate": 1e-3, "epoch": 0.5, "step": 2}, {"loss": 2.5, "learning_rate": 5e-4, "epoch": 1.0, "step": 4}],
-           "stage2": [{"loss": 2.2, "step": 2}, {"loss": 2.1, "step": 4}, {"train_loss": 2.15, "train_runtime": 1.0, "step": 4}]}
+HISTORY = {
+    "stage1": [
+        {"loss": 3.0, "learning_rate": 1e-3, "epoch": 0.5, "step": 2},
+        {"loss": 2.5, "learning_rate": 5e-4, "epoch": 1.0, "step": 4},
+    ],
+    "stage2": [{"loss": 2.2, "step": 2}, {"loss": 2.1, "step": 4}, {"train_loss": 2.15, "train_runtime": 1.0, "step": 4}],
+}
 PLAN = {"stage1": {"learning_rate": 0.001, "max_steps": 4}, "allocation": {"method": "layermoe", "delta": 3}, "new_languages": ["el"]}
 
 
@@ -83,16 +88,34 @@ def story(sqlite_mlflow_server, tmp_path_factory):
     fig.savefig(root / "plot.png")
     plt.close(fig)
     first = comparison({"en": (2.00, 2.01)}, {"el": (4.0, 2.9)})
-    register_child(settings, root / "r1", 1, {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [2, 0, 1],
-                   "classifier_layers": [0]}, {"evaluation": first}, {"routing": root / "plot.png"}, {}, PLAN,
-                   comparison=first, verdict=Verdict(passed=True, reasons=["old language en: within", "new language el: improved"]),
-                   training_history=HISTORY)
+    register_child(
+        settings,
+        root / "r1",
+        1,
+        {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [2, 0, 1], "classifier_layers": [0]},
+        {"evaluation": first},
+        {"routing": root / "plot.png"},
+        {},
+        PLAN,
+        comparison=first,
+        verdict=Verdict(passed=True, reasons=["old language en: within", "new language el: improved"]),
+        training_history=HISTORY,
+    )
     save_child(root / "r2", round1, [1, 1, 0], ["en", "el"], ["hu"], seed=4)
     second = comparison({"en": (2.01, 2.30), "el": (2.9, 2.85)}, {"hu": (4.2, 3.1)})
-    register_child(settings, root / "r2", 2, {"round": 2, "old_languages": ["en", "el"], "new_languages": ["hu"], "allocation": [1, 1, 0],
-                   "classifier_layers": [0]}, {"evaluation": second}, {}, {}, PLAN,
-                   comparison=second, verdict=Verdict(passed=False, reasons=["old language en: loss 2.0100 -> 2.3000 exceeds"]),
-                   training_history=HISTORY)
+    register_child(
+        settings,
+        root / "r2",
+        2,
+        {"round": 2, "old_languages": ["en", "el"], "new_languages": ["hu"], "allocation": [1, 1, 0], "classifier_layers": [0]},
+        {"evaluation": second},
+        {},
+        {},
+        PLAN,
+        comparison=second,
+        verdict=Verdict(passed=False, reasons=["old language en: loss 2.0100 -> 2.3000 exceeds"]),
+        training_history=HISTORY,
+    )
     return sqlite_mlflow_server, settings
 
 
@@ -146,8 +169,13 @@ def test_training_losses_are_curves_and_the_plan_is_flat_params(story):
     history = api(server, "metrics/get-history", run_id=run["info"]["run_id"], metric_key="stage1.loss")["metrics"]
     assert [(m["step"], m["value"]) for m in history] == [(2, 3.0), (4, 2.5)]
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params == {"stage1.learning_rate": "0.001", "stage1.max_steps": "4", "allocation.method": "layermoe",
-                      "allocation.delta": "3", "new_languages": '["el"]'}
+    assert params == {
+        "stage1.learning_rate": "0.001",
+        "stage1.max_steps": "4",
+        "allocation.method": "layermoe",
+        "allocation.delta": "3",
+        "new_languages": '["el"]',
+    }
 
 
 def test_registry_list_shows_verdict_drift_and_gain(story):

@@ -26,7 +26,6 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from prefect.settings import PREFECT_API_URL
-from prefect.testing.utilities import prefect_test_harness
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -38,13 +37,13 @@ import tasks.training
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef, load_plan
-from layermoe_core.allocation import AllocationSettings
-from layermoe_core.checkpoints import load_model, load_tokenizer
-from layermoe_core.data import CorpusSpec
+from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.data.corpus import CorpusSpec
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation import EvalSettings
-from layermoe_core.gates import GateSettings
-from layermoe_core.training import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import cached_version, download_version
 from registry.manifest import verify_model_dir
 from registry.register import register_base
@@ -55,6 +54,8 @@ from tasks.parent import resolve_parent
 from .services import MlflowServer, running_mlflow_server
 from .synthetic_corpus import write_synthetic_corpus
 from .test_flows import FAST, TOKENS
+
+pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_LANGUAGES = ["en", "zh"]
@@ -81,9 +82,9 @@ class AtCheckpoint(TrainerCallback):
             time.sleep(0.05)
 
 train_stage1 = tasks.training.train_stage1
-def train_stage1_with_hook(*args):
+def train_stage1_with_hook(*args, **kwargs):
     *head, callbacks = args
-    return train_stage1(*head, [*callbacks, AtCheckpoint()])
+    return train_stage1(*head, [*callbacks, AtCheckpoint()], **kwargs)
 tasks.training.train_stage1 = train_stage1_with_hook
 add_languages(ExpansionPlan.model_validate_json(plan_json))
 """
@@ -96,12 +97,6 @@ class World:
     registry: RegistrySettings  # sqlite, base = version 1 = champion
     bootstrap: BootstrapPlan
     base_dir: Path  # the trained base's save_pretrained folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_backend():
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +231,8 @@ def test_round_on_real_mlflow_server_registers_model_tables_plots_and_moves_alia
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
     listed = {folder: {Path(a.path).name for a in client.list_artifacts(champion["run_id"], folder)}
               for folder in ("model", "tables", "plots")}
-    assert {"config.json", "model.safetensors.delta.safetensors", "tokenizer.json", "layermoe_files.json"} <= listed["model"]  # a delta of v1
+    # a delta of v1
+    assert {"config.json", "model.safetensors.delta.safetensors", "tokenizer.json", "layermoe_files.json"} <= listed["model"]
     assert {"similarity.csv", "allocation.csv", "routing.csv", "evaluation.csv", "stage1_log.csv"} <= listed["tables"]
     assert {"similarity.png", "allocation.png", "routing.png", "languages.png"} <= listed["plots"]
     # Proxied artifacts: the bytes sit in the server's store, and come back verified against the manifest.
@@ -261,8 +257,8 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
     resumed_from = []
     train_stage1 = tasks.training.train_stage1
 
-    def record_resume(*args):
-        result = train_stage1(*args)
+    def record_resume(*args, **kwargs):
+        result = train_stage1(*args, **kwargs)
         resumed_from.append(result.resumed_from)
         return result
 
@@ -279,8 +275,9 @@ def test_two_runs_of_one_plan_at_once_take_turns_and_both_register_the_same_chil
     go = tmp_path / "go"
     first = RoundProcess(plan, "hold", tmp_path / "first.log", go)
     try:
-        first.wait_for(lambda: (round_dir(plan, 1) / "stage1" / FIRST_CHECKPOINT / "trainer_state.json").is_file(),
-                       "its first Stage-1 checkpoint")
+        first.wait_for(
+            lambda: (round_dir(plan, 1) / "stage1" / FIRST_CHECKPOINT / "trainer_state.json").is_file(), "its first Stage-1 checkpoint"
+        )
         # The first run holds the round, mid-Stage-1. Release it once the second run queues behind it.
         watch = LogWatch("another run of this round holds")
         logging.getLogger("prefect.flow_runs").addHandler(watch)
@@ -418,12 +415,18 @@ def write_jsonl_without_text(directory: Path) -> CorpusSpec:
 
 BAD_ROUNDS = {
     "csv corpus": (lambda world, tmp: {"corpora": {**world.corpora, "el": write_csv(tmp)}}, r"el\.csv.* unsupported suffix"),
-    "jsonl without text": (lambda world, tmp: {"corpora": {**world.corpora, "el": write_jsonl_without_text(tmp)}},
-                           r"no text field 'text' \(columns: \['id', 'content'\]\)"),
-    "gpt2 base": (lambda world, tmp: {"parent": ParentRef(hf_path=write_gpt2(tmp / "gpt2", world.base_dir), languages=BASE_LANGUAGES)},
-                  r"unsupported base architecture 'gpt2'"),
-    "non-ISO base language": (lambda world, tmp: {"parent": ParentRef(hf_path=world.base_dir, languages=["en", "xx1"])},
-                              r"bad language code 'xx1'"),
+    "jsonl without text": (
+        lambda world, tmp: {"corpora": {**world.corpora, "el": write_jsonl_without_text(tmp)}},
+        r"no text field 'text' \(columns: \['id', 'content'\]\)",
+    ),
+    "gpt2 base": (
+        lambda world, tmp: {"parent": ParentRef(hf_path=write_gpt2(tmp / "gpt2", world.base_dir), languages=BASE_LANGUAGES)},
+        r"unsupported base architecture 'gpt2'",
+    ),
+    "non-ISO base language": (
+        lambda world, tmp: {"parent": ParentRef(hf_path=world.base_dir, languages=["en", "xx1"])},
+        r"bad language code 'xx1'",
+    ),
 }
 
 

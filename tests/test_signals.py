@@ -1,4 +1,4 @@
-"""The other papers' allocation signals (layermoe_core.signals), each against a hand computation on a tiny model."""
+"""The other papers' allocation signals (layermoe_core.analysis.signals), each against a hand computation on a tiny model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from layermoe_core import LayerMoEError, expand
-from layermoe_core.modeling_layermoe import decoder_layers
-from layermoe_core.signals import average_precision, neuron_responses, neuron_signal, param_delta_signal
+from layermoe_core.analysis.signals import average_precision, neuron_responses, neuron_signal, param_delta_signal
+from layermoe_core.model.modeling_layermoe import decoder_layers
 
 from .conftest import TINY, tiny_model
 

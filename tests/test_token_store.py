@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken
 
 from layermoe_core import expand
-from layermoe_core.data import CorpusSpec, corpus_fingerprint, load_sequences, open_sequences, sample_sequences, sample_token_rows
-from layermoe_core.token_store import SplitRule, TokenRows, store_key, tokenizer_fingerprint
-from layermoe_core.training import MetricsCallback, Stage1Settings, train_stage1
+from layermoe_core.data.corpus import CorpusSpec, corpus_fingerprint, load_sequences, open_sequences, sample_sequences, sample_token_rows
+from layermoe_core.data.token_store import SplitRule, TokenRows, store_key, tokenizer_fingerprint
+from layermoe_core.training.trainer import MetricsCallback, Stage1Settings, train_stage1
 
 from .conftest import tiny_model
 from .test_data import DOCS, complete_documents, write_jsonl

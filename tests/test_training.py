@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from layermoe_core import LayerMoEError, expand, insert_classifiers, set_trainable
-from layermoe_core.losses import IGNORE_INDEX, NEW, OLD
+from layermoe_core.analysis.routing_stats import routing_statistics
+from layermoe_core.model.losses import IGNORE_INDEX, NEW, OLD
 from layermoe_core.plots import plot_routing_heatmap
-from layermoe_core.routing_stats import routing_statistics
-from layermoe_core.training import (
+from layermoe_core.training.trainer import (
     MetricsCallback,
     Stage1Settings,
     Stage2Settings,

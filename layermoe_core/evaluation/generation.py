@@ -3,32 +3,20 @@
 Why a helper: evaluation generates from dense and LayerMoE models alike, in batches of prompts
 of different lengths. Prompts are left-padded so that every row's next token sits at the same
 position, and decoding is greedy so that the same model and prompts always give the same text.
-`inference` (eval mode, no autograd) is the context every evaluator runs a model in.
+Every evaluator runs a model inside `model.inference.inference` (eval mode, no autograd).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .errors import LayerMoEError
-
-
-@contextlib.contextmanager
-def inference(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout, no balance loss) and no autograd, restoring the training flag after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        model.train(was_training)
+from ..errors import LayerMoEError
+from ..model.inference import inference
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -20,9 +20,9 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import datasets
 import numpy as np
@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 from .token_store import TOKENIZE_BATCH, Split, SplitRule, TokenRows, TokenStore
 
 # ISO 639-1 (2 letters) or 639-3 (3 letters), then optionally a script (Latn) and/or a
@@ -55,6 +55,14 @@ def validate_language_code(code: str) -> str:
 LanguageCode = Annotated[str, AfterValidator(validate_language_code)]
 
 
+def check_old_new(old: Iterable[str], new: Iterable[str]) -> None:
+    """A language is old or new in a round, never both."""
+    both = sorted(set(old) & set(new))
+    if both:
+        raise LayerMoEError(f"languages {both} are both old and new; each language is one or the other "
+                            "(a round adds languages its parent lacks)")
+
+
 class CorpusSpec(BaseModel):
     """Where one language's documents come from: exactly one of `path` or `hub_name`.
 
@@ -63,7 +71,10 @@ class CorpusSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path | None = Field(None, description="a local .txt (one document per line), .jsonl/.json or .parquet file, or a folder of one format; empty: use hub_name")
+    path: Path | None = Field(
+        None,
+        description="a local .txt (one document per line), .jsonl/.json or .parquet file, or a folder of one format; empty: use hub_name",
+    )
     hub_name: str | None = Field(None, description="a datasets hub dataset, e.g. uonlp/CulturaX (needs hub access); empty: use path")
     hub_config: str | None = Field(None, description="the hub dataset's config, e.g. el; empty: its default")
     hub_split: str = Field("train", description="the hub dataset's split")
@@ -86,13 +97,11 @@ def _builder_and_files(path: Path) -> tuple[str, list[str]]:
     files = sorted(p for p in path.iterdir() if p.suffix in _BUILDERS) if path.is_dir() else [path]
     if not files:
         raise LayerMoEError(f"corpus directory {str(path)!r} holds no {'/'.join(_BUILDERS)} files; add some or fix `path`")
-    builders = {_BUILDERS.get(p.suffix) for p in files}
-    if None in builders:
+    if any(p.suffix not in _BUILDERS for p in files):
         raise LayerMoEError(f"corpus file {str(path)!r} has an unsupported suffix; use one of {', '.join(_BUILDERS)}")
+    builders = {_BUILDERS[p.suffix] for p in files}
     if len(builders) > 1:
-        raise LayerMoEError(
-            f"corpus directory {str(path)!r} mixes formats {sorted(builders)}; keep one format per directory"
-        )
+        raise LayerMoEError(f"corpus directory {str(path)!r} mixes formats {sorted(builders)}; keep one format per directory")
     if all(p.stat().st_size == 0 for p in files):
         raise LayerMoEError(f"corpus {str(path)!r} is empty; give it at least one document")
     return builders.pop(), [str(p) for p in files]
@@ -104,19 +113,22 @@ def check_corpus_source(spec: CorpusSpec) -> None:
         _builder_and_files(spec.path)
 
 
+def _local_path(spec: CorpusSpec) -> Path:
+    assert spec.path is not None  # CorpusSpec holds exactly one of path and hub_name
+    return spec.path
+
+
 def load_documents(spec: CorpusSpec) -> datasets.Dataset:
     """The corpus as a `datasets.Dataset` with a "text" column and, when it has ids, an "id" column."""
     if spec.hub_name is not None:
         dataset = datasets.load_dataset(spec.hub_name, spec.hub_config, split=spec.hub_split)
         source, text_field = spec.hub_name, spec.text_field
     else:
-        builder, files = _builder_and_files(spec.path)
+        builder, files = _builder_and_files(_local_path(spec))
         dataset = datasets.load_dataset(builder, data_files=files, split="train")
         source, text_field = str(spec.path), "text" if builder == "text" else spec.text_field
     if text_field not in dataset.column_names:
-        raise LayerMoEError(
-            f"corpus {source!r} has no text field {text_field!r} (columns: {dataset.column_names}); set `text_field`"
-        )
+        raise LayerMoEError(f"corpus {source!r} has no text field {text_field!r} (columns: {dataset.column_names}); set `text_field`")
     if len(dataset) == 0:
         raise LayerMoEError(f"corpus {source!r} is empty; give it at least one document")
     columns = {text_field: "text"}
@@ -133,10 +145,11 @@ def corpus_fingerprint(spec: CorpusSpec) -> str:
     dataset is named, not hashed (pin `hub_config`/`hub_split`; an upstream change is not seen).
     """
     fields = {"text_field": spec.text_field, "id_field": spec.id_field}
+    source: dict[str, Any]
     if spec.hub_name is not None:
         source = {"hub": [spec.hub_name, spec.hub_config, spec.hub_split]}
     else:
-        builder, files = _builder_and_files(spec.path)
+        builder, files = _builder_and_files(_local_path(spec))
         stats = [(str(Path(f).resolve()), Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
         source = {"builder": builder, "files": stats}
         if builder == "text":
@@ -205,7 +218,9 @@ class _HubDocuments:
         yield batch
 
 
-def open_store(spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase, rule: SplitRule, store_dir: Path, fingerprint: str | None = None) -> TokenStore:
+def open_store(
+    spec: CorpusSpec, tokenizer: PreTrainedTokenizerBase, rule: SplitRule, store_dir: Path, fingerprint: str | None = None
+) -> TokenStore:
     """The token store of `spec` under `store_dir` for this tokenizer and split rule, locked until closed."""
     source = _HubDocuments(spec) if spec.hub_name is not None else _LocalDocuments(spec)
     return TokenStore.open(store_dir, fingerprint or corpus_fingerprint(spec), source, tokenizer, rule)
@@ -226,8 +241,10 @@ def _aligned_tokens(stores: dict[str, TokenStore], sources: dict[str, CorpusSpec
     """
     hub = [lang for lang, spec in sources.items() if spec.hub_name is not None]
     if hub:
-        raise LayerMoEError(f"parallel sampling reads document ids from local corpora, but {hub} stream from the hub; "
-                            "download them to a local path or sample with parallel=False")
+        raise LayerMoEError(
+            f"parallel sampling reads document ids from local corpora, but {hub} stream from the hub; "
+            "download them to a local path or sample with parallel=False"
+        )
     key_sets = [set(_LocalDocuments(sources[lang]).keys()) for lang in stores]
     shared = set.intersection(*key_sets)
     del key_sets
@@ -242,7 +259,7 @@ def _aligned_tokens(stores: dict[str, TokenStore], sources: dict[str, CorpusSpec
             counts[lang] += len(tokens)
         if min(counts.values()) >= needed:
             return {lang: np.concatenate(parts) for lang, parts in pieces.items()}
-    lang = min(counts, key=counts.get)
+    lang = min(counts, key=lambda language: counts[language])
     where = f"the {split} split of the {len(shared)} document ids shared by {sorted(stores)}"
     raise _too_few(lang, where, counts[lang], needed)
 
@@ -281,9 +298,7 @@ def sample_token_rows(
     languages = list(corpora) if languages is None else list(languages)
     missing = [lang for lang in languages if lang not in corpora]
     if missing or not languages:
-        raise LayerMoEError(
-            f"no corpus for languages {missing or '[]'}; corpora exist for {sorted(corpora)}: add one per language"
-        )
+        raise LayerMoEError(f"no corpus for languages {missing or '[]'}; corpora exist for {sorted(corpora)}: add one per language")
     if seq_len < 1 or num_tokens < seq_len:
         raise LayerMoEError(f"num_tokens={num_tokens} must be at least seq_len={seq_len} >= 1, to fill one sequence")
     if split not in ("train", "heldout"):
@@ -322,8 +337,9 @@ def sample_token_rows(
     return _write_sample(rows, out_path)
 
 
-def _aligned_rows(stores: dict[str, TokenStore], sources: dict[str, CorpusSpec], split: Split, needed: int,
-                  seq_len: int, out_path: Path) -> dict[str, TokenRows]:
+def _aligned_rows(
+    stores: dict[str, TokenStore], sources: dict[str, CorpusSpec], split: Split, needed: int, seq_len: int, out_path: Path
+) -> dict[str, TokenRows]:
     without_ids = [lang for lang, spec in sources.items() if spec.hub_name is None and not _LocalDocuments(spec).has_ids]
     if without_ids:
         raise LayerMoEError(
@@ -356,8 +372,19 @@ def sample_sequences(
     Without `store_dir` the store lives in a temporary directory and nothing is reused.
     """
     with tempfile.TemporaryDirectory(prefix="layermoe-sample-") as temporary:
-        path = sample_token_rows(corpora, tokenizer, num_tokens, seq_len, seed, store_dir or Path(temporary) / "store",
-                                 Path(temporary) / "sample.json", split, heldout_fraction, languages, parallel)
+        path = sample_token_rows(
+            corpora,
+            tokenizer,
+            num_tokens,
+            seq_len,
+            seed,
+            store_dir or Path(temporary) / "store",
+            Path(temporary) / "sample.json",
+            split,
+            heldout_fraction,
+            languages,
+            parallel,
+        )
         return load_sequences(path)
 
 
@@ -371,8 +398,17 @@ def save_sequences(sequences: Mapping[str, torch.Tensor], path: str | Path) -> P
 
 def _write_sample(rows: Mapping[str, TokenRows], path: Path) -> Path:
     """A small JSON file naming each language's rows: file, dtype, offset, shape and largest token id."""
-    entries = {lang: {"file": str(Path(r.file).resolve()), "dtype": r.dtype.name, "offset": r.offset, "rows": r.num_rows,
-                      "seq_len": r.seq_len, "max_token_id": r.max_token_id} for lang, r in rows.items()}
+    entries = {
+        lang: {
+            "file": str(Path(r.file).resolve()),
+            "dtype": r.dtype.name,
+            "offset": r.offset,
+            "rows": r.num_rows,
+            "seq_len": r.seq_len,
+            "max_token_id": r.max_token_id,
+        }
+        for lang, r in rows.items()
+    }
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps({"format": SAMPLE_FORMAT, "languages": entries}, indent=1))
     os.replace(temporary, path)
@@ -390,8 +426,10 @@ def open_sequences(path: str | Path) -> dict[str, TokenRows | torch.Tensor]:
         raise LayerMoEError(f"cannot read token sample {str(path)!r} ({error}); sample the tokens again") from error
     if sample.get("format") != SAMPLE_FORMAT:
         raise LayerMoEError(f"{str(path)!r} is not a token sample ({SAMPLE_FORMAT}); pass the file `sample_token_rows` wrote")
-    return {lang: TokenRows(e["file"], e["dtype"], e["offset"], e["rows"], e["seq_len"], e["max_token_id"])
-            for lang, e in sample["languages"].items()}
+    return {
+        lang: TokenRows(e["file"], e["dtype"], e["offset"], e["rows"], e["seq_len"], e["max_token_id"])
+        for lang, e in sample["languages"].items()
+    }
 
 
 def load_sequences(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,18 +17,21 @@ from typing import Annotated, Any
 
 import pandas as pd
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from torch import nn
 
-from .errors import LayerMoEError
-from .gates import GateSettings
-from .generation import context_length, greedy_generate, inference, model_device
+from ..data.corpus import check_old_new
+from ..data.token_store import check_token_rows
+from ..errors import LayerMoEError, describe_validation_error
+from ..model.inference import inference
+from ..model.surgery import count_parameters
+from .gates import COMPARISON_COLUMNS, GateSettings
+from .generation import context_length, greedy_generate, model_device
 from .translation import TranslationSettings, translate_pairs, translation_metrics
 
 METRICS_COLUMNS = ["language", "metric", "value", "n"]
-COMPARISON_COLUMNS = ["language", "group", "metric", "parent", "child", "delta"]
 
 
 class HarnessTask(BaseModel):
@@ -78,17 +81,6 @@ class EvalSettings(BaseModel):
 
 
 # -- held-out perplexity --------------------------------------------------------------
-def checked_sequences(language: str, ids: Any) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
-        got = f"{type(ids).__name__} {getattr(ids, 'dtype', '')} of shape {tuple(getattr(ids, 'shape', ()))}"
-        raise LayerMoEError(f"held-out sequences for {language!r} are a {got}; pass a LongTensor (num_sequences, seq_len)")
-    if ids.shape[0] < 1 or ids.shape[1] < 2:
-        raise LayerMoEError(
-            f"held-out sequences for {language!r} have shape {tuple(ids.shape)}; "
-            "give at least one sequence of at least 2 tokens (one is predicted from the other)"
-        )
-    return ids
-
 
 def language_perplexity(
     model: nn.Module, sequences: Mapping[str, torch.Tensor], batch_size: int = 8, max_sequences: int | None = None
@@ -106,7 +98,8 @@ def language_perplexity(
     rows = []
     with inference(model):
         for language, ids in sequences.items():
-            ids = checked_sequences(language, ids)[:max_sequences]
+            check_token_rows(ids, f"held-out sequences for {language!r}", dtypes=(torch.int64, torch.int32))
+            ids = ids[:max_sequences]
             nll = torch.zeros((), dtype=torch.float64, device=device)
             for batch in ids.split(batch_size):
                 batch = batch.to(device=device, dtype=torch.long)
@@ -157,10 +150,6 @@ class MultipleChoiceRecord(BaseModel):
         return f"{self.passage}\n{question}" if self.passage else question
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in error.errors())
-
-
 def load_multiple_choice(path: str | Path) -> list[MultipleChoiceRecord]:
     """Read and validate a .jsonl task file; errors name the file and line."""
     path = Path(path)
@@ -181,7 +170,7 @@ def load_multiple_choice(path: str | Path) -> list[MultipleChoiceRecord]:
         try:
             records.append(MultipleChoiceRecord.model_validate(raw))
         except ValidationError as e:
-            raise LayerMoEError(f"{path}:{number}: {describe_validation_error(e)}; {MULTIPLE_CHOICE_FORMAT}") from None
+            raise LayerMoEError(f"{path}:{number}: {describe_validation_error(e, root='record')}; {MULTIPLE_CHOICE_FORMAT}") from None
     if not records:
         raise LayerMoEError(f"{path} holds no questions; {MULTIPLE_CHOICE_FORMAT}")
     return records
@@ -338,15 +327,19 @@ def evaluate_model(
     """
     settings = settings or EvalSettings()
     if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks or settings.translation):
-        raise LayerMoEError("multiple-choice, lm-eval or translation tasks are configured but no tokenizer was given; pass the model's tokenizer")
+        raise LayerMoEError("multiple-choice, lm-eval or translation tasks are configured but no tokenizer was given; "
+                            "pass the model's tokenizer")
     if settings.translation is not None and translation_pairs is None:
         raise LayerMoEError("translation is configured but no pairs were given; pass translation.heldout_pairs(...) as translation_pairs")
     perplexity = language_perplexity(model, sequences, settings.batch_size, settings.max_sequences)
     tables = [perplexity_metrics(perplexity)]
     tables += [score_multiple_choice(model, tokenizer, path, settings.batch_size) for path in settings.multiple_choice_files]
     if settings.lm_eval_tasks:
-        tables.append(lm_eval_scores(model, tokenizer, settings.lm_eval_tasks, settings.batch_size, settings.lm_eval_limit,
-                                     settings.lm_eval_task_files))
+        tables.append(
+            lm_eval_scores(
+                model, tokenizer, settings.lm_eval_tasks, settings.batch_size, settings.lm_eval_limit, settings.lm_eval_task_files
+            )
+        )
     if settings.translation is not None:
         tables.append(translation_metrics(translate_pairs(model, tokenizer, translation_pairs, settings.translation)))
     return pd.concat([t for t in tables if not t.empty], ignore_index=True)
@@ -378,25 +371,25 @@ def as_metrics(table: pd.DataFrame, side: str) -> pd.Series:
     return values
 
 
-def compare_models(
-    parent: pd.DataFrame, child: pd.DataFrame, old_languages: Sequence[str], new_languages: Sequence[str]
-) -> pd.DataFrame:
+def compare_models(parent: pd.DataFrame, child: pd.DataFrame, old_languages: Sequence[str], new_languages: Sequence[str]) -> pd.DataFrame:
     """Tidy parent-vs-child table: language, group ("old"/"new"), metric, parent, child, delta = child - parent.
 
     Rows: old languages first, then new, each in the given order; loss and perplexity first.
     """
     old, new = list(old_languages), list(new_languages)
-    both = sorted(set(old) & set(new))
-    if both:
-        raise LayerMoEError(f"languages {both} are listed as both old and new; each language belongs to one group")
+    check_old_new(old, new)
     parent_values, child_values = as_metrics(parent, "parent"), as_metrics(child, "child")
     unmatched = parent_values.index.symmetric_difference(child_values.index).tolist()
     if unmatched:
-        raise LayerMoEError(f"(language, metric) pairs {unmatched} were measured for only one model; evaluate both on the same data and tasks")
+        raise LayerMoEError(
+            f"(language, metric) pairs {unmatched} were measured for only one model; evaluate both on the same data and tasks"
+        )
     languages = parent_values.index.get_level_values("language").unique()
     ungrouped = [lang for lang in languages if lang not in old and lang not in new]
     if ungrouped:
-        raise LayerMoEError(f"languages {ungrouped} were evaluated but are neither old {old} nor new {new}; add them to the plan's languages")
+        raise LayerMoEError(
+            f"languages {ungrouped} were evaluated but are neither old {old} nor new {new}; add them to the plan's languages"
+        )
     without_loss = [lang for lang in old + new if (lang, "loss") not in parent_values.index]
     if without_loss:
         raise LayerMoEError(f"languages {without_loss} have no held-out loss; provide held-out sequences for every old and new language")
@@ -407,7 +400,7 @@ def compare_models(
     metric_rank = {"loss": 0, "perplexity": 1}
     keys = [(language_rank[lang], metric_rank.get(metric, 2), metric) for lang, metric in zip(table["language"], table["metric"])]
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    return table.iloc[order][COMPARISON_COLUMNS].reset_index(drop=True)
+    return table.iloc[order][list(COMPARISON_COLUMNS)].reset_index(drop=True)
 
 
 def old_language_drift(comparison: pd.DataFrame) -> float:
@@ -423,11 +416,6 @@ def new_language_gain(comparison: pd.DataFrame) -> float:
 def mean_loss_delta(comparison: pd.DataFrame, group: str) -> float:
     deltas = comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
     return float(deltas.mean()) if len(deltas) else math.nan
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def parameters_added(parent: nn.Module, child: nn.Module) -> int:
@@ -446,15 +434,17 @@ def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     for label, result in rounds.items():
         comparison = result["comparison"]
         losses = comparison[comparison["metric"] == "loss"]
-        rows.append({
-            "variant": result.get("variant", label),
-            "seed": int(result.get("seed", 0)),
-            "new_experts": int(sum(result["allocation"])),
-            "params_added": int(result["params_added"]),
-            "old_drift": old_language_drift(comparison),
-            "new_gain": new_language_gain(comparison),
-            **{f"loss_delta:{row.language}": row.delta for row in losses.itertuples()},
-        })
+        rows.append(
+            {
+                "variant": result.get("variant", label),
+                "seed": int(result.get("seed", 0)),
+                "new_experts": int(sum(result["allocation"])),
+                "params_added": int(result["params_added"]),
+                "old_drift": old_language_drift(comparison),
+                "new_gain": new_language_gain(comparison),
+                **{f"loss_delta:{row.language}": row.delta for row in losses.itertuples()},
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -29,13 +29,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 
 Split = Literal["train", "heldout"]
 SPLITS: tuple[Split, ...] = ("train", "heldout")
@@ -124,7 +124,7 @@ class TokenRows:
     def __len__(self) -> int:
         return self.num_rows
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int | slice) -> torch.Tensor:
         return torch.from_numpy(self._rows()[index].astype(np.int64))  # (seq_len,) or (n, seq_len) for a slice
 
     def to_tensor(self) -> torch.Tensor:
@@ -133,6 +133,31 @@ class TokenRows:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_map": None}
+
+
+def check_token_rows(
+    tokens: Any, what: str, *, vocab_size: int | None = None, min_length: int = 2,
+    dtypes: tuple[torch.dtype, ...] = (torch.long,), rows: bool = False,
+) -> None:
+    """`tokens` must be (num_sequences, seq_len) token ids: a 2-D integer tensor of `dtypes`, or (`rows`) `TokenRows`.
+
+    The one check of token inputs (training, evaluation, routing statistics); `what` names them in the error.
+    With `vocab_size`, ids must lie in [0, vocab_size) (token files record their largest id, so they are not read).
+    """
+    if rows and isinstance(tokens, TokenRows):
+        shape, lowest, highest = tokens.shape, 0, tokens.max_token_id
+    elif isinstance(tokens, torch.Tensor) and tokens.dtype in dtypes and tokens.dim() == 2:
+        shape = tuple(tokens.shape)
+        lowest, highest = (int(tokens.min()), int(tokens.max())) if vocab_size is not None and tokens.numel() else (0, 0)
+    else:
+        found = f"{tokens.dtype} {tuple(tokens.shape)} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise LayerMoEError(f"{what} are a {found}; give a 2-D LongTensor (num_sequences, seq_len) of token ids")
+    if shape[0] < 1 or shape[1] < min_length:
+        raise LayerMoEError(f"{what} have shape {tuple(shape)}; give at least one sequence of at least {min_length} tokens"
+                            + (" (one is predicted from the other)" if min_length == 2 else ""))
+    if vocab_size is not None and (lowest < 0 or highest >= vocab_size):
+        raise LayerMoEError(f"{what} hold token ids in [{lowest}, {highest}] but the model's vocabulary is [0, {vocab_size}); "
+                            "tokenize with the model's own tokenizer")
 
 
 def _text_groups(documents: list[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
@@ -164,7 +189,8 @@ class TokenStore:
     def __init__(self, directory: Path, source: DocumentSource, tokenizer: PreTrainedTokenizerBase, rule: SplitRule):
         self.directory, self.source, self.tokenizer, self.rule = directory, source, tokenizer, rule
         self._batches: Iterator[list[tuple[str, str]]] | None = None
-        self._lock = None
+        self._lock: IO[str] | None = None
+        self.index: dict[str, Any] = {}  # index.json, read by `open`
 
     @classmethod
     def open(cls, root: str | Path, corpus_fingerprint: str, source: DocumentSource, tokenizer: PreTrainedTokenizerBase,
@@ -174,8 +200,8 @@ class TokenStore:
         key = store_key(corpus_fingerprint, tokenizer_fingerprint(tokenizer), rule)
         store = cls(Path(root) / key, source, tokenizer, rule)
         store.directory.mkdir(parents=True, exist_ok=True)
-        store._lock = open(store.directory / "lock", "w")
-        fcntl.flock(store._lock, fcntl.LOCK_EX)
+        store._lock = lock = open(store.directory / "lock", "w")  # noqa: SIM115 (held until close)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         index_path = store.directory / "index.json"
         if index_path.is_file():
             store.index = json.loads(index_path.read_text())

@@ -20,8 +20,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .data import CorpusSpec, validate_language_code
-from .errors import LayerMoEError
+from ..data.corpus import CorpusSpec, validate_language_code
+from ..errors import LayerMoEError
 from .generation import context_length, greedy_generate
 from .heldout_text import heldout_texts
 

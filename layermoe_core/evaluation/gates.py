@@ -11,10 +11,10 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 from .translation import CHRF_METRIC
 
-COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")
+COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")  # metrics.compare_models' table
 
 
 class GateSettings(BaseModel):

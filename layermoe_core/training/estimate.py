@@ -13,17 +13,18 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from .allocation import AllocationSettings
-from .errors import LayerMoEError
+from ..analysis.allocation import AllocationSettings
+from ..errors import LayerMoEError
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.surgery import Stage, count_parameters, expand, insert_classifiers, set_trainable
 from .launch import LauncherSettings
-from .modeling_layermoe import LayerMoEForCausalLM
-from .surgery import expand, insert_classifiers, set_trainable
-from .training import Stage1Settings, Stage2Settings, TrainSettings, replay_mix
+from .trainer import Stage1Settings, Stage2Settings, TrainSettings, replay_mix
 
 FP32_BYTES = 4
 ADAM_MOMENTS = 2  # exp_avg and exp_avg_sq, fp32 each
@@ -59,7 +60,7 @@ class RoundEstimate(BaseModel):
 # -- the parent and the allocation ---------------------------------------------------------
 def parent_config(path: str | Path) -> PretrainedConfig:
     """The parent's config from a model directory or a config.json file (a LayerMoE config too)."""
-    from . import modeling_layermoe  # noqa: F401  (registers the layermoe config class)
+    from ..model import modeling_layermoe  # noqa: F401  (registers the layermoe config class)
 
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path
@@ -108,7 +109,7 @@ def candidate_allocations(settings: AllocationSettings, num_layers: int) -> list
     if settings.method == "uniform":
         return [[settings.per_layer] * num_layers]
     if settings.method == "fixed":
-        return [list(settings.fixed)]
+        return [list(settings.fixed or [])]
     low, high = allocation_range(settings, num_layers)
     return [spread(low, num_layers)] + ([spread(high, num_layers)] if high != low else [])
 
@@ -156,13 +157,10 @@ def meta_child(config: PretrainedConfig, allocation: Sequence[int], old: Sequenc
     return parent, child
 
 
-def _params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return list(model.parameters())  # shared (tied) parameters once
-
-
 def safetensors_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """The size of `model.safetensors` for this model's parameters in `dtype`: data plus the JSON header."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     seen = set()
     for name, parameter in model.named_parameters():
         if id(parameter) in seen:
@@ -184,12 +182,10 @@ def _steps(sequences: int, settings: TrainSettings, processes: int) -> int:
     return math.ceil(settings.num_epochs * per_epoch)
 
 
-def _stage(name: str, model: LayerMoEForCausalLM, dtype: torch.dtype, settings: TrainSettings, sequences: int, seq_len: int,
+def _stage(name: Stage, model: LayerMoEForCausalLM, dtype: torch.dtype, settings: TrainSettings, sequences: int, seq_len: int,
            processes: int, sharded: set[str]) -> StageEstimate:
     set_trainable(model, name)
-    params = _params(model)
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen = sum(p.numel() for p in params if not p.requires_grad)
+    trainable, frozen = count_parameters(model, trainable=True), count_parameters(model, trainable=False)
 
     def per_device(total: int, what: str) -> int:
         return math.ceil(total / processes) if what in sharded else total
@@ -230,8 +226,7 @@ def estimate_round(
     parent, child = meta_child(config, allocation, old_languages, new_languages, top_k, classifier_layers)
     processes = launcher.processes if launcher else 1
     name, sharded = sharding(launcher)
-    parent_params = sum(p.numel() for p in _params(parent))
-    total = sum(p.numel() for p in _params(child))
+    parent_params, total = count_parameters(parent), count_parameters(child)
     rows1, rows2 = stage1_tokens // seq_len, stage2_tokens // seq_len
     replay = len(replay_mix([lang for lang in old_languages for _ in range(rows2)],
                             [lang for lang in new_languages for _ in range(rows2)],

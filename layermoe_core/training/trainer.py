@@ -17,22 +17,24 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .errors import LayerMoEError
-from .losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, new_prior_loss
-from .modeling_layermoe import LayerMoEForCausalLM
-from .moe_block import RouterInit
-from .surgery import set_trainable
-from .token_store import TokenRows
+from ..data.corpus import check_old_new
+from ..data.token_store import TokenRows, check_token_rows
+from ..errors import LayerMoEError, describe_validation_error
+from ..model.checkpoints import save_model
+from ..model.losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, new_prior_loss
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.moe_block import RouterInit
+from ..model.surgery import set_trainable
 
 FINAL_DIR_NAME = "final"
 T = TypeVar("T")
@@ -59,18 +61,7 @@ class _Settings(BaseModel):
 
 
 def _settings_error(cls: type[BaseModel], error: ValidationError) -> LayerMoEError:
-    problems = []
-    for problem in error.errors():
-        name = ".".join(str(part) for part in problem["loc"]) or "settings"
-        field = cls.model_fields.get(str(problem["loc"][0])) if problem["loc"] else None
-        if problem["type"] == "extra_forbidden":
-            fix = f"remove it; {cls.__name__} accepts {', '.join(cls.model_fields)}"
-        elif field is not None and field.description:
-            fix = f"{name} is {field.description}"
-        else:
-            fix = f"see {cls.__name__}'s fields"
-        problems.append(f"{name}={problem.get('input')!r}: {problem['msg']} ({fix})")
-    return LayerMoEError(f"bad {cls.__name__}: " + "; ".join(problems))
+    return LayerMoEError(f"bad {cls.__name__}: {describe_validation_error(error, cls, root='settings')}")
 
 
 class TrainSettings(_Settings):
@@ -138,7 +129,7 @@ class TrainResult(BaseModel):
 
 
 # -- data ----------------------------------------------------------------------------
-TokenSource = torch.Tensor | TokenRows  # (rows, seq_len): a LongTensor in RAM, or rows read from a token file's memory map
+TokenSource: TypeAlias = torch.Tensor | TokenRows  # (rows, seq_len): a LongTensor in RAM, or rows read from a token file's memory map
 
 
 @dataclass(frozen=True)
@@ -220,26 +211,7 @@ def _check_sequences(sequences: Mapping[str, TokenSource], what: str, vocab_size
             f"no {what} sequences were given; pass a dict language -> (num_sequences, seq_len) LongTensor of token ids"
         )
     for language, tokens in sequences.items():
-        if isinstance(tokens, TokenRows):  # token files hold unsigned ids; the store recorded the largest
-            shape, lowest, highest = tokens.shape, 0, tokens.max_token_id
-        elif isinstance(tokens, torch.Tensor) and tokens.dtype == torch.long and tokens.dim() == 2:
-            shape = tuple(tokens.shape)
-            lowest, highest = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
-        else:
-            found = f"{tokens.dtype} {tuple(tokens.shape)} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise LayerMoEError(
-                f"{what} sequences of {language!r} are a {found}; give a 2-D torch.long tensor (num_sequences, seq_len)"
-            )
-        if shape[0] < 1 or shape[1] < 2:
-            raise LayerMoEError(
-                f"{what} sequences of {language!r} have shape {tuple(shape)}; "
-                "give at least one sequence of at least 2 tokens"
-            )
-        if lowest < 0 or highest >= vocab_size:
-            raise LayerMoEError(
-                f"{what} sequences of {language!r} hold token ids in [{lowest}, {highest}] but the "
-                f"model's vocabulary is [0, {vocab_size}); tokenize with the model's own tokenizer"
-            )
+        check_token_rows(tokens, f"{what} sequences of {language!r}", vocab_size=vocab_size, rows=True)
 
 
 def _balanced_pick(items: Sequence[T], count: int, language: Callable[[T], str], generator: torch.Generator) -> list[T]:
@@ -318,10 +290,10 @@ def _measure_stage2(outputs, language_labels: torch.Tensor, num_old_experts: Seq
     components = {"lm_loss": outputs.lm_loss, "lpr_loss": _prior_losses(outputs, labels, num_old_experts, lpr_loss),
                   "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss)}
     if outputs.classifier_logits:
-        components["classifier_loss"] = torch.stack([classifier_loss(l, labels) for l in outputs.classifier_logits]).mean()
+        components["classifier_loss"] = torch.stack([classifier_loss(logits, labels) for logits in outputs.classifier_logits]).mean()
         counted = labels != IGNORE_INDEX
         with torch.no_grad():
-            accuracy = [(l.argmax(-1)[counted] == labels[counted]).float().mean() for l in outputs.classifier_logits]
+            accuracy = [(logits.argmax(-1)[counted] == labels[counted]).float().mean() for logits in outputs.classifier_logits]
         components["classifier_accuracy"] = torch.stack(accuracy).mean()
     return components
 
@@ -456,8 +428,9 @@ def _train(
     settings: TrainSettings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback],
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
-    """The shared plumbing: Trainer run (resumed when a checkpoint exists), then save_pretrained to final/.
+    """The shared plumbing: Trainer run (resumed when a checkpoint exists), then the model (and `tokenizer`) to final/.
 
     Trainable parameters train in fp32 (`fp32_master_weights`); final/ is saved in the dtype the model came in.
     """
@@ -481,7 +454,7 @@ def _train(
         state_dict = {name: t.to(saved_dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         unwrapped.config.dtype = saved_dtype
-        unwrapped.save_pretrained(final_dir, state_dict=state_dict)
+        save_model(unwrapped, tokenizer, final_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
 
     counts = Counter(dataset.table.language(row) for row in dataset.rows)
@@ -512,12 +485,13 @@ def train_causal_lm(
     settings: TrainSettings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Plain causal-LM training of every trainable parameter (the demo trains its dense base with it)."""
     _check_sequences(sequences, "training", _vocab_size(model))
     objective = Objective({"lm_loss": 1.0}, _measure_lm)
     table = _RowTable.of((sequences, None))
-    return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks)
+    return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks, tokenizer)
 
 
 def train_stage1(
@@ -526,6 +500,7 @@ def train_stage1(
     settings: Stage1Settings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Stage 1: this round's experts and routers learn the new languages; loss = LM + coef * balance."""
     _check_sequences(new_sequences, "new-language", _vocab_size(model))
@@ -535,7 +510,7 @@ def train_stage1(
         partial(_measure_stage1, num_old_experts=_trained_routers_old_experts(model)),
     )
     table = _RowTable.of((new_sequences, NEW))
-    return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks)
+    return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks, tokenizer)
 
 
 def train_stage2(
@@ -545,6 +520,7 @@ def train_stage2(
     settings: Stage2Settings,
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Stage 2 (review): routers and classifiers train on a replay mix of old and new sequences.
 
@@ -555,9 +531,7 @@ def train_stage2(
     _check_sequences(old_sequences, "old-language", vocab_size)
     if settings.replay_old_fraction < 1:
         _check_sequences(new_sequences, "new-language", vocab_size)
-    overlap = set(old_sequences) & set(new_sequences)
-    if overlap:
-        raise LayerMoEError(f"languages {sorted(overlap)} are given as both old and new; each language is one or the other")
+    check_old_new(old_sequences, new_sequences)
     set_trainable(model, "stage2")
     table = _RowTable.of((old_sequences, OLD), (new_sequences, NEW))
     old_rows, new_rows = table.range_of(0, len(old_sequences)), table.range_of(len(old_sequences), len(table.sources))
@@ -567,7 +541,7 @@ def train_stage2(
          "new_prior_loss": settings.new_prior_coef},
         partial(_measure_stage2, num_old_experts=_trained_routers_old_experts(model)),
     )
-    return _train(model, SequenceDataset(table, rows), objective, settings, output_dir, callbacks)
+    return _train(model, SequenceDataset(table, rows), objective, settings, output_dir, callbacks, tokenizer)
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 Why: with no hub, the demo trains its own "pretrained" multilingual base. Like a real one,
 its tokenizer is trained on every demo language (old and new), so later rounds teach the
 model languages its vocabulary already covers. Training the base is `training.train_causal_lm`'s
-job; this module only makes the tokenizer, the config and the freshly initialised model.
+job, and `checkpoints.init_model` initialises it; this module only makes the tokenizer and the config.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config
 
-from .errors import LayerMoEError
+from layermoe_core.errors import LayerMoEError
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<|bos|>", "<|endoftext|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]  # ids 0, 1, 2
@@ -81,13 +80,6 @@ def demo_base_config(vocab_size: int, size: str = "demo", **overrides) -> Qwen2C
         eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
     )
     return Qwen2Config(**{**defaults, **DEMO_SIZES[size], **overrides})
-
-
-def build_base_model(config: Qwen2Config, seed: int) -> Qwen2ForCausalLM:
-    """A freshly initialised base model; the seed fixes its weights without touching global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Qwen2ForCausalLM(config)
 
 
 def _corpus_texts(corpus: Mapping[str, str | Path] | Iterable[str]) -> Iterator[str]:

@@ -26,7 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
 
 AllocationMethod = Literal["layermoe", "uniform", "fixed", "neuron", "param_delta", "late_layers"]
 AllocationMapping = Literal["proportional", "minmax", "threshold"]
@@ -105,7 +105,7 @@ class AllocationSettings(BaseModel):
             raise LayerMoEError("method='fixed' needs `fixed`, the list of new experts per layer")
         if self.fixed is not None and any(n < 0 for n in self.fixed):
             raise LayerMoEError(f"fixed={self.fixed} has negative counts; every count must be >= 0")
-        if self.method == "fixed" and not any(self.fixed):
+        if self.method == "fixed" and not any(self.fixed or []):
             raise LayerMoEError(f"fixed={self.fixed} adds no experts, so Stage 1 has nothing to train; give a layer at least 1")
         return self
 
@@ -188,10 +188,11 @@ def _spend(need: list[float], settings: AllocationSettings, eligible: list[bool]
     delta, num_layers = settings.delta, len(need)
     upper = [(settings.max_per_layer if settings.max_per_layer is not None else math.inf) if ok else 0 for ok in eligible]
     minimum = [settings.min_per_layer if ok else 0 for ok in eligible]
+    lower: list[float]
     if settings.rounding == "exact":
-        lower = minimum
+        lower = list(minimum)
         if sum(lower) > delta:
-            return Allocation(counts=list(lower), requested=delta, note=(
+            return Allocation(counts=list(minimum), requested=delta, note=(
                 f"min_per_layer={settings.min_per_layer} over {sum(eligible)} layers needs {sum(lower)} experts, "
                 f"more than delta={delta}"))
     else:  # ceil, as the paper: the minimum raises small shares after rounding, on top of delta
@@ -242,11 +243,11 @@ def allocate_experts(signal: Sequence[float], settings: AllocationSettings) -> A
     if settings.method == "uniform":
         return Allocation(counts=[settings.per_layer] * num_layers)
     if settings.method == "fixed":
-        if len(settings.fixed) != num_layers:
-            raise LayerMoEError(
-                f"fixed has {len(settings.fixed)} counts but the model has {num_layers} layers; give one count per layer"
-            )
-        return Allocation(counts=list(settings.fixed))
+        fixed = settings.fixed
+        assert fixed is not None  # AllocationSettings requires it for "fixed"
+        if len(fixed) != num_layers:
+            raise LayerMoEError(f"fixed has {len(fixed)} counts but the model has {num_layers} layers; give one count per layer")
+        return Allocation(counts=list(fixed))
     need, eligible = _need(signal, settings)
     mapping = settings.effective_mapping
     if mapping == "proportional":
@@ -254,6 +255,7 @@ def allocate_experts(signal: Sequence[float], settings: AllocationSettings) -> A
     normalised = _min_max(need)
     if mapping == "minmax":
         low, high = settings.min_per_layer, settings.max_per_layer
+        assert high is not None  # AllocationSettings requires it for "minmax"
         # the reference's int(): floor, so only the layer of the largest need reaches the maximum
         counts = [low + math.floor(round(x * (high - low), _ROUNDING_DIGITS)) for x in normalised]
         return Allocation(counts=counts)

@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from .data import CorpusSpec, load_documents, validate_language_code
-from .errors import LayerMoEError
-from .token_store import SplitRule
+from ..data.corpus import CorpusSpec, load_documents, validate_language_code
+from ..data.token_store import SplitRule
+from ..errors import LayerMoEError
 
 PROMPT_COLUMNS = ["language", "id", "prompt", "reference"]
 MAX_PROMPT_CHARS = 200  # continuation prompts come from sentences no longer than this, so they fit small contexts

@@ -7,7 +7,7 @@ or DeepSpeed ZeRO distribute as accelerate's config says. Rank 0 writes the `Tra
 `<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError` with the tail of
 its log; the next launch of the same job resumes from the newest complete checkpoint.
 
-    python -m layermoe_core.launch JOB.json     # what each rank runs (under accelerate launch)
+    python -m layermoe_core.training.launch JOB.json     # what each rank runs (under accelerate launch)
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 import layermoe_core
 
-from .errors import LayerMoEError
-from .training import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
+from ..errors import LayerMoEError
+from .trainer import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
 
 RESULT_NAME = "train_result.json"  # in the job's output_dir, written by rank 0
 LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output, appended per launch
@@ -86,7 +86,7 @@ class LauncherSettings(BaseModel):
                         "--mixed_precision", "no", "--dynamo_backend", "no"]  # precision is the Trainer's
             # torchrun starts the ranks; on a CPU-only machine accelerate picks gloo (MULTI_CPU).
             command += ["--multi_gpu"] if self.processes > 1 else ["--cpu"] if not _cuda() else []
-        return [*command, "-m", "layermoe_core.launch", str(job_path)]
+        return [*command, "-m", "layermoe_core.training.launch", str(job_path)]
 
 
 def _cuda() -> bool:
@@ -115,16 +115,23 @@ class Stage1Job(_Job):
     tokens_path: Path
     settings: Stage1Settings
 
-    def run(self, callbacks) -> TrainResult:
-        from .checkpoints import load_model
-        from .data import open_sequences
-        from .surgery import expand
-        from .training import train_stage1
+    def expanded_parent(self, device: str | None = None):
+        """The parent, expanded with `allocation`; the routers start from `settings.seed`, so every process and rerun
+        builds the same child."""
+        from ..model.checkpoints import load_model
+        from ..model.surgery import expand
 
-        model = expand(load_model(self.parent_dir, device="cpu"), self.allocation, self.old_languages, self.new_languages,
-                       top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
-                       router_init=self.settings.router_init)
-        return train_stage1(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+        return expand(load_model(self.parent_dir, device=device), self.allocation, self.old_languages, self.new_languages,
+                      top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
+                      router_init=self.settings.router_init)
+
+    def run(self, callbacks) -> TrainResult:
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import load_tokenizer
+        from .trainer import train_stage1
+
+        return train_stage1(self.expanded_parent(device="cpu"), open_sequences(self.tokens_path), self.settings,
+                            self.output_dir, callbacks, tokenizer=load_tokenizer(self.tokenizer_dir))
 
 
 class Stage2Job(_Job):
@@ -137,35 +144,44 @@ class Stage2Job(_Job):
     new_tokens_path: Path
     settings: Stage2Settings
 
-    def run(self, callbacks) -> TrainResult:
-        from .checkpoints import load_model
-        from .data import open_sequences
-        from .surgery import insert_classifiers
-        from .training import train_stage2
+    def classified_stage1(self, device: str | None = None):
+        """The Stage-1 model with its routing classifiers, initialised from `settings.seed`."""
+        from ..model.checkpoints import load_model
+        from ..model.surgery import insert_classifiers
 
-        model = load_model(self.stage1_dir, device="cpu")
+        model = load_model(self.stage1_dir, device=device)
         insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
-        return train_stage2(model, open_sequences(self.old_tokens_path), open_sequences(self.new_tokens_path),
-                            self.settings, self.output_dir, callbacks)
+        return model
+
+    def run(self, callbacks) -> TrainResult:
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import load_tokenizer
+        from .trainer import train_stage2
+
+        return train_stage2(self.classified_stage1(device="cpu"), open_sequences(self.old_tokens_path),
+                            open_sequences(self.new_tokens_path), self.settings, self.output_dir, callbacks,
+                            tokenizer=load_tokenizer(self.tokenizer_dir))
 
 
 class BaseJob(_Job):
-    """The demo's dense base, built from its config with `seed`, trained on the old languages."""
+    """A dense base, initialised from `base_config` (a config's to_dict()) with `seed`, trained on the old languages."""
 
     kind: Literal["base"] = "base"
-    size: Literal["demo", "tiny"]
+    base_config: dict[str, Any]
     seed: int
     tokens_path: Path
     settings: TrainSettings
 
     def run(self, callbacks) -> TrainResult:
-        from .checkpoints import load_tokenizer
-        from .data import open_sequences
-        from .demo_base import build_base_model, demo_base_config
-        from .training import train_causal_lm
+        from transformers import AutoConfig
 
-        model = build_base_model(demo_base_config(len(load_tokenizer(self.tokenizer_dir)), self.size), self.seed)
-        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks)
+        from ..data.corpus import open_sequences
+        from ..model.checkpoints import init_model, load_tokenizer
+        from .trainer import train_causal_lm
+
+        model = init_model(AutoConfig.for_model(**self.base_config), self.seed)
+        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks,
+                               tokenizer=load_tokenizer(self.tokenizer_dir))
 
 
 TrainJob = Annotated[Stage1Job | Stage2Job | BaseJob, Field(discriminator="kind")]
@@ -201,6 +217,7 @@ def launch(
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, errors="replace", start_new_session=True)
         try:
+            assert process.stdout is not None  # stdout=PIPE
             for line in process.stdout:
                 log.write(line)
                 tail.append(line.rstrip("\n"))
@@ -233,15 +250,12 @@ def _print_metrics(metrics: dict[str, float], step: int) -> None:
 
 
 def run_rank(job_path: Path) -> None:
-    """One rank of a launched job: train, then (rank 0) save the tokenizer and the result."""
+    """One rank of a launched job: train (rank 0 saves the model and tokenizer), then (rank 0) write the result."""
     from accelerate import PartialState
-
-    from .checkpoints import load_tokenizer
 
     job = _JOB.validate_json(Path(job_path).read_text(encoding="utf-8"))
     result = job.run([MetricsCallback(_print_metrics)])  # MetricsCallback reports on rank 0 only
     if PartialState().is_main_process:
-        load_tokenizer(job.tokenizer_dir).save_pretrained(result.model_dir)
         partial = Path(job.output_dir) / (RESULT_NAME + ".partial")
         partial.write_text(result.model_dump_json(), encoding="utf-8")
         partial.replace(Path(job.output_dir) / RESULT_NAME)
@@ -249,5 +263,5 @@ def run_rank(job_path: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m layermoe_core.launch JOB.json  (run by `accelerate launch`; see layermoe_core.launch)")
+        sys.exit("usage: python -m layermoe_core.training.launch JOB.json  (run by `accelerate launch`; see layermoe_core.training.launch)")
     run_rank(Path(sys.argv[1]))

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from .errors import LayerMoEError
-from .losses import NEW, OLD
-from .modeling_layermoe import LayerMoEForCausalLM
-from .moe_block import LayerMoEBlock
+from ..data.token_store import check_token_rows
+from ..errors import LayerMoEError
+from ..model.inference import forward_pre_hooks, inference
+from ..model.losses import NEW, OLD
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.moe_block import LayerMoEBlock
 
 
 @dataclass
@@ -80,10 +82,7 @@ def routing_statistics(
     if batch_size < 1:
         raise LayerMoEError(f"batch_size={batch_size}; give at least 1")
     for language, tokens in sequences.items():
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long or tokens.dim() != 2 or not len(tokens):
-            raise LayerMoEError(
-                f"sequences of {language!r} must be a non-empty 2-D torch.long tensor (num_sequences, seq_len) of token ids"
-            )
+        check_token_rows(tokens, f"sequences of {language!r}", min_length=1)
 
     counts = {(layer, language): _Counts(block.num_experts) for layer, block in blocks.items() for language in sequences}
     current: dict[str, str] = {}
@@ -95,19 +94,12 @@ def routing_statistics(
 
         return hook
 
-    handles = [block.register_forward_pre_hook(hook_for(layer)) for layer, block in blocks.items()]
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    try:
+    with inference(model), forward_pre_hooks((block, hook_for(layer)) for layer, block in blocks.items()):
         for language, tokens in sequences.items():
             current["language"] = language
             for batch in tokens.split(batch_size):
                 model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
 
     rows = []
     for (layer, language), c in counts.items():

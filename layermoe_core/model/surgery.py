@@ -14,8 +14,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from .configuration_layermoe import SUPPORTED_BASE_MODEL_TYPES, LayerMoEConfig
-from .errors import LayerMoEError
+from ..errors import LayerMoEError
+from .configuration_layermoe import LayerMoEConfig, check_supported_config
 from .modeling_layermoe import LayerMoEForCausalLM, decoder_layers
 from .moe_block import RouterInit
 
@@ -23,16 +23,11 @@ Stage = Literal["stage1", "stage2"]
 
 
 def check_supported(model: PreTrainedModel) -> None:
-    """Raise a clear error unless the model's layers have the MLP shape the surgery needs."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_BASE_MODEL_TYPES:
-        raise LayerMoEError(
-            f"unsupported base architecture {model_type!r}: layermoe expands {', '.join(SUPPORTED_BASE_MODEL_TYPES)} "
-            "models (decoder layers with a gated MLP). Convert the model to one of these families first."
-        )
+    """Raise a clear error unless the model's layers have the MLP shape the surgery needs (its config, then its MLP)."""
+    check_supported_config(model.config)
     mlp = decoder_layers(model)[0].mlp
     if getattr(mlp.gate_proj, "bias", None) is not None:
-        raise LayerMoEError(f"{model_type} MLPs with biases (mlp_bias=True) are not supported; use a model without MLP bias.")
+        raise LayerMoEError(f"{model.config.model_type} MLPs with biases are not supported; use a model without MLP bias.")
 
 
 def validate_allocation(allocation: Sequence[int], num_layers: int, existing_experts: Sequence[int], top_k: int) -> list[int]:
@@ -139,8 +134,18 @@ def insert_classifiers(model: LayerMoEForCausalLM, layers: Sequence[int], seed: 
         )
     generator = _generator(seed)
     for layer in sorted(set(layers)):
-        model.moe_block(layer).router.add_classifier(generator)
+        router = model.moe_block(layer).router
+        assert router is not None  # an eligible layer was expanded this round, so it has this round's router
+        router.add_classifier(generator)
     model.config.expansion_rounds[-1]["classifier_layers"] = sorted(set(layers))
+
+
+def count_parameters(model: torch.nn.Module, trainable: bool | None = None) -> int:
+    """Distinct parameters (tied embeddings counted once); only the trainable (True) or frozen (False) ones if asked.
+
+    A saved model's count, read from its safetensors headers, is `files.parameter_count`; the two agree.
+    """
+    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 def set_trainable(model: LayerMoEForCausalLM, stage: Stage) -> list[str]:

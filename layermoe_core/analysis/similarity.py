@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -20,13 +20,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .errors import LayerMoEError
-from .modeling_layermoe import causal_lm_of, decoder_layers
+from ..data.corpus import check_old_new
+from ..errors import LayerMoEError
+from ..model.inference import forward_pre_hooks, inference
+from ..model.modeling_layermoe import causal_lm_of, decoder_layers
 
 SimilarityScore = Literal["mean", "old_new", "new_new"]
 # Either token ids (rows, seq_len) with every token real, or a mapping with "input_ids" and
 # "attention_mask" (a tokenizer's padded output); padding is left out of every mean.
-Tokens = torch.Tensor | Mapping[str, torch.Tensor]
+Tokens: TypeAlias = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def check_sampled(sequences: Mapping[str, Tokens], languages: Sequence[str]) -> None:
+    """Every language of the measurement has token sequences."""
+    missing = [lang for lang in languages if lang not in sequences]
+    if missing:
+        raise LayerMoEError(f"no token sequences for languages {missing} (have {sorted(sequences)}); sample them first")
 
 
 def ids_and_mask(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +44,6 @@ def ids_and_mask(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens["input_ids"], tokens["attention_mask"]
 
 
-@torch.inference_mode()
 def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 8, device=None) -> torch.Tensor:
     """(num_layers, d) float64: per layer, the mean of the unit MLP-input vectors of all real tokens.
 
@@ -62,20 +70,13 @@ def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 
 
         return hook
 
-    was_training = model.training
-    handles = [layer.mlp.register_forward_pre_hook(accumulate(i)) for i, layer in enumerate(layers)]
-    try:
-        model.eval()
-        backbone = causal_lm_of(model).model  # the decoder stack, without the LM head
+    backbone = causal_lm_of(model).model  # the decoder stack, without the LM head
+    with inference(model), forward_pre_hooks((layer.mlp, accumulate(i)) for i, layer in enumerate(layers)):
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)  # (B, T)
             mask = attention_mask[start : start + batch_size].to(device)  # (B, T)
             batch_mask = mask.reshape(-1).float()
             backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return sums / num_real
 
 
@@ -86,12 +87,10 @@ def _check_languages(sequences: Mapping[str, Tokens], old: Sequence[str], new: S
         raise LayerMoEError("new_languages is empty; name at least one language to add")
     if not old and len(new) < 2:
         raise LayerMoEError(f"nothing to compare: one new language {list(new)} and no old ones; name the old languages")
-    both = sorted(set(old) & set(new))
-    if both or len(set(old)) != len(old) or len(set(new)) != len(new):
-        raise LayerMoEError(f"languages must be distinct and each old or new: old={list(old)}, new={list(new)}")
-    missing = [lang for lang in [*old, *new] if lang not in sequences]
-    if missing:
-        raise LayerMoEError(f"no token sequences for languages {missing} (have {sorted(sequences)}); sample them first")
+    check_old_new(old, new)
+    if len(set(old)) != len(old) or len(set(new)) != len(new):
+        raise LayerMoEError(f"languages must be distinct: old={list(old)}, new={list(new)}")
+    check_sampled(sequences, [*old, *new])
     if score == "new_new" and len(new) < 2:
         raise LayerMoEError(f"score='new_new' needs two new languages or more, got {list(new)}; use score='mean' or 'old_new'")
     if score == "old_new" and not old:

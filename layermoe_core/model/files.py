@@ -1,16 +1,21 @@
-"""Which files make a safe, loadable model directory, and how many parameters its weights hold."""
+"""What a safe, loadable model directory holds, and how many parameters its weights have: standard library only.
+
+One rule for every place that reads or stores a model directory (loading, planning, the registry):
+config.json and safetensors weights, and no file in a format that unpickles on load, i.e. runs code.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from pathlib import Path
 
-from safetensors import safe_open
-
-from layermoe_core.errors import LayerMoEError
+from ..errors import LayerMoEError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_SUFFIX = ".safetensors"
-# Formats that unpickle on load, i.e. run code: never stored, never loaded.
+# Formats that unpickle on load, i.e. run code: never stored, never loaded. Compared case-insensitively.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -39,14 +44,21 @@ def require_loadable(files: list[str], where: str) -> None:
     if not any(f.endswith(WEIGHTS_SUFFIX) for f in files):
         missing.append(f"*{WEIGHTS_SUFFIX}")
     if missing:
-        raise LayerMoEError(
-            f"{where} lacks {missing} (it has {files}); pass a directory written by model.save_pretrained(...)."
-        )
+        raise LayerMoEError(f"{where} lacks {missing} (it has {files}); pass a directory written by model.save_pretrained(...).")
 
 
 def check_model_files(files: list[str], where: str) -> None:
     refuse_pickles(files, where)
     require_loadable(files, where)
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """`model_dir`, if it is a directory that holds config.json and safetensors weights and no pickles."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LayerMoEError(f"{model_dir} is not a model directory (it does not exist); pass a save_pretrained directory")
+    check_model_files(list_model_files(model_dir), str(model_dir))
+    return model_dir
 
 
 def parameter_count(model_dir: Path, files: list[str]) -> int:
@@ -55,12 +67,10 @@ def parameter_count(model_dir: Path, files: list[str]) -> int:
     for name in files:
         if name.endswith(WEIGHTS_SUFFIX):
             try:
-                with safe_open(model_dir / name, framework="pt") as weights:
-                    for key in weights.keys():
-                        numel = 1
-                        for dim in weights.get_slice(key).get_shape():
-                            numel *= dim
-                        total += numel
-            except Exception as e:  # safetensors raises its own error types for bad headers
+                with (model_dir / name).open("rb") as weights:
+                    (size,) = struct.unpack("<Q", weights.read(8))  # the header: a little-endian u64 length, then JSON
+                    header = json.loads(weights.read(size))
+                total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
                 raise LayerMoEError(f"{model_dir / name} is not a readable safetensors file ({e}); re-save the model") from e
     return total

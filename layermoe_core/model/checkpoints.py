@@ -10,32 +10,29 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from ..errors import LayerMoEError
 from . import modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
-from .errors import LayerMoEError
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+from .files import check_model_dir
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def check_model_dir(model_dir: str | Path) -> Path:
-    """A loadable model directory has config.json and safetensors weights, and no pickles."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise LayerMoEError(f"{model_dir} is not a model directory (no config.json); pass a save_pretrained directory")
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise LayerMoEError(
-            f"{model_dir} holds pickle weights {pickles}; layermoe loads safetensors only. "
-            "Re-save the model with save_pretrained(..., safe_serialization=True) and remove the pickles."
-        )
-    if not any(model_dir.glob("*.safetensors")):
-        raise LayerMoEError(f"{model_dir} has no *.safetensors weights; re-save the model with save_pretrained")
-    return model_dir
+def init_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A freshly initialised causal LM of `config`; the seed fixes its weights without touching global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_model(
@@ -70,11 +67,17 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Pr
         raise LayerMoEError(f"no usable tokenizer in {model_dir}: {e}; save one with tokenizer.save_pretrained") from e
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_dir: str | Path) -> Path:
-    """Weights as safetensors, config and tokenizer side by side: what the registry stores."""
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, model_dir: str | Path, state_dict: dict | None = None
+) -> Path:
+    """Weights as safetensors, config and tokenizer side by side: what the registry stores.
+
+    `state_dict` replaces the model's own (a gathered FSDP / DeepSpeed one, cast to the saving dtype).
+    """
     model_dir = Path(model_dir)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    model.save_pretrained(model_dir, state_dict=state_dict)  # safetensors: transformers 5 writes no other format
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
     return model_dir
 
 

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .errors import LayerMoEError
-from .modeling_layermoe import causal_lm_of, decoder_layers
-from .moe_block import LayerMoEBlock
-from .similarity import Tokens, ids_and_mask
+from ..errors import LayerMoEError
+from ..model.inference import forward_pre_hooks, inference
+from ..model.modeling_layermoe import causal_lm_of, decoder_layers
+from ..model.moe_block import LayerMoEBlock
+from .similarity import Tokens, check_sampled, ids_and_mask
 
 
 def dense_mlp(layer: nn.Module) -> nn.Module:
@@ -36,7 +37,6 @@ def dense_mlp(layer: nn.Module) -> nn.Module:
     return layer.mlp.original_mlp if isinstance(layer.mlp, LayerMoEBlock) else layer.mlp
 
 
-@torch.inference_mode()
 def neuron_responses(model: PreTrainedModel, tokens: Tokens, batch_size: int = 8, device=None) -> torch.Tensor:
     """(rows, num_layers, intermediate) float32: each MLP neuron's mean activation over each row's real tokens."""
     input_ids, attention_mask = ids_and_mask(tokens)
@@ -57,11 +57,8 @@ def neuron_responses(model: PreTrainedModel, tokens: Tokens, batch_size: int = 8
         return hook
 
     rows = []
-    was_training = model.training
-    handles = [layer.mlp.register_forward_pre_hook(capture(i)) for i, layer in enumerate(layers)]
-    try:
-        model.eval()
-        backbone = causal_lm_of(model).model
+    backbone = causal_lm_of(model).model
+    with inference(model), forward_pre_hooks((layer.mlp, capture(i)) for i, layer in enumerate(layers)):
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size].to(device)  # (B, T)
             mask = attention_mask[start : start + batch_size].to(device)  # (B, T)
@@ -69,10 +66,6 @@ def neuron_responses(model: PreTrainedModel, tokens: Tokens, batch_size: int = 8
             weights = (mask / real).unsqueeze(-1).float()  # (B, T, 1)
             backbone(input_ids=ids, attention_mask=mask, use_cache=False)
             rows.append(torch.stack(per_layer, dim=1).cpu())  # (B, L, I)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return torch.cat(rows)
 
 
@@ -110,9 +103,7 @@ def neuron_signal(
         raise LayerMoEError("new_languages is empty; name at least one language to add")
     if len(languages) < 2:
         raise LayerMoEError(f"language-specific neurons need two languages or more to tell apart, got {languages}")
-    missing = [lang for lang in languages if lang not in sequences]
-    if missing:
-        raise LayerMoEError(f"no token sequences for languages {missing} (have {sorted(sequences)}); sample them first")
+    check_sampled(sequences, languages)
     responses = {lang: neuron_responses(model, sequences[lang], batch_size, device) for lang in languages}  # (rows, L, I)
     num_layers, intermediate = next(iter(responses.values())).shape[1:]
     if neurons_per_language > num_layers * intermediate:
@@ -141,7 +132,9 @@ def _flat(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w.detach().reshape(-1).double() for w in weights])
 
 
-def finetune_mlps(model: PreTrainedModel, tokens: Tokens, steps: int, learning_rate: float, batch_size: int, seed: int = 0) -> PreTrainedModel:
+def finetune_mlps(
+    model: PreTrainedModel, tokens: Tokens, steps: int, learning_rate: float, batch_size: int, seed: int = 0
+) -> PreTrainedModel:
     """A float32 copy of `model` whose MLP weights took `steps` AdamW steps of LM loss on `tokens` (the rest frozen)."""
     input_ids, attention_mask = ids_and_mask(tokens)
     probe = copy.deepcopy(model).float().train()

@@ -11,6 +11,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..errors import LayerMoEError
+
 # Base families whose decoder layers expose `mlp` (gate/up/down projections, no bias)
 # behind `post_attention_layernorm`: the shape the MoE surgery needs.
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -55,11 +57,11 @@ class LayerMoEConfig(PreTrainedConfig):
 
     @property
     def num_layers(self) -> int:
-        return self.base_config.num_hidden_layers
+        return self.get_text_config().num_hidden_layers
 
     def expert_group_sizes(self, layer: int) -> list[int]:
         """[1 (the original MLP), round-1 new experts, round-2 new experts, ...] for one layer."""
-        return [1] + [r["allocation"][layer] for r in self.expansion_rounds]
+        return [1] + [r["allocation"][layer] for r in self.expansion_rounds or []]
 
     def num_experts(self, layer: int) -> int:
         return sum(self.expert_group_sizes(layer))
@@ -87,4 +89,21 @@ class LayerMoEConfig(PreTrainedConfig):
         return list(last["old_languages"]) + list(last["new_languages"])
 
 
-__all__ = ["LayerMoEConfig", "ROUTING_FORMAT", "SUPPORTED_BASE_MODEL_TYPES"]
+def check_supported_config(config: PreTrainedConfig, where: str = "") -> None:
+    """Raise a clear error unless the surgery can expand a model of `config` (of a LayerMoE model: its base's).
+
+    The config alone decides, so a plan or a registry download is refused before any weight loads.
+    """
+    base = config.base_config if isinstance(config, LayerMoEConfig) else config
+    model_type = getattr(base, "model_type", None)
+    at = f" in {where}" if where else ""
+    if model_type not in SUPPORTED_BASE_MODEL_TYPES:
+        raise LayerMoEError(
+            f"unsupported base architecture {model_type!r}{at}: layermoe expands {', '.join(SUPPORTED_BASE_MODEL_TYPES)} "
+            "models (decoder layers with a gated MLP). Convert the model to one of these families or pick another parent."
+        )
+    if getattr(base, "mlp_bias", False):
+        raise LayerMoEError(f"{model_type} MLPs with biases (mlp_bias=True{at}) are not supported; use a model without MLP bias.")
+
+
+__all__ = ["LayerMoEConfig", "ROUTING_FORMAT", "SUPPORTED_BASE_MODEL_TYPES", "check_supported_config"]

@@ -1,0 +1,207 @@
+"""`LayerMoEForCausalLM`: a dense causal LM whose chosen MLPs are `LayerMoEBlock`s.
+
+It wraps the base model (`causal_lm`, e.g. `Qwen2ForCausalLM`) rather than re-implementing
+it, so attention, caching and generation stay the base family's own. Registered with the
+Auto classes, so `AutoModelForCausalLM.from_pretrained(dir)` reloads any expanded version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..errors import LayerMoEError
+from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
+from .experts import StackedExperts
+from .losses import load_balancing_loss
+from .moe_block import LayerMoEBlock, LayerMoERouter, recording_routing
+
+
+@dataclass
+class LayerMoECausalLMOutput(CausalLMOutputWithPast):
+    """`loss` = `lm_loss` + router_aux_loss_coef * `aux_loss` when labels are given.
+
+    router_logits: one (N, E_i) tensor per layer whose router trains this round (the layers the
+      newest round gave experts), in layer order (N = batch * seq): this round's router.
+    classifier_logits: one (N, 2) tensor per classifier layer of the newest round, in layer order.
+    Both are recorded (and aux_loss computed) in training mode, with labels, or with
+    `output_router_logits=True`; otherwise they are empty.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    classifier_logits: tuple[torch.Tensor, ...] | None = None
+
+
+def causal_lm_of(model: PreTrainedModel) -> PreTrainedModel:
+    """The HF causal LM itself: the model, or the one a LayerMoEForCausalLM wraps."""
+    return getattr(model, "causal_lm", model)
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder layers of a dense Llama/Qwen-style causal LM (model.model.layers) or of a LayerMoE model."""
+    layers = getattr(getattr(causal_lm_of(model), "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise LayerMoEError(
+            f"{type(model).__name__} has no decoder layers at model.model.layers; "
+            "layermoe needs a Llama/Qwen-style causal LM or a LayerMoEForCausalLM"
+        )
+    return layers
+
+
+def mlp_shape(base_config) -> tuple[int, int, str]:
+    return base_config.hidden_size, base_config.intermediate_size, base_config.hidden_act
+
+
+class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LayerMoEConfig
+    base_model_prefix = "causal_lm"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: LayerMoEConfig, causal_lm: PreTrainedModel | None = None):
+        if config.routing_format != ROUTING_FORMAT:
+            raise LayerMoEError(
+                "this LayerMoE checkpoint was saved by an earlier layermoe (one widened router per layer, "
+                f"routing_format={config.routing_format}); convert it once with "
+                "`python -m layermoe_core.legacy SOURCE_DIR TARGET_DIR`, which keeps its function exactly"
+            )
+        super().__init__(config)
+        # Composite configs leave the sub-config's attention backend unset; the base model reads it.
+        config.base_config._attn_implementation = config._attn_implementation
+        self.causal_lm = causal_lm if causal_lm is not None else AutoModelForCausalLM.from_config(config.base_config)
+        for layer in config.moe_layers:
+            block = self.install_block(layer)
+            for expansion, size in zip(config.expansion_rounds, config.expert_group_sizes(layer)[1:]):
+                block.add_expert_group(size)
+                if size and layer in expansion.get("classifier_layers", []):
+                    block.routers[-1].add_classifier()
+        self.post_init()
+
+    # -- structure -----------------------------------------------------------------
+    def install_block(self, layer: int) -> LayerMoEBlock:
+        """Turn layer `layer`'s dense MLP into a `LayerMoEBlock` whose expert 0 is that MLP."""
+        decoder_layer = decoder_layers(self.causal_lm)[layer]
+        block = LayerMoEBlock(decoder_layer.mlp, *mlp_shape(self.config.base_config), self.config.num_experts_per_tok)
+        block.to(next(decoder_layer.mlp.parameters()))
+        decoder_layer.mlp = block
+        return block
+
+    def moe_block(self, layer: int) -> LayerMoEBlock:
+        mlp = decoder_layers(self.causal_lm)[layer].mlp
+        if not isinstance(mlp, LayerMoEBlock):
+            raise KeyError(f"layer {layer} is dense; MoE layers are {self.config.moe_layers}")
+        return mlp
+
+    def moe_blocks(self) -> dict[int, LayerMoEBlock]:
+        """{layer index: block} for every MoE layer, in layer order."""
+        return {i: layer.mlp for i, layer in enumerate(decoder_layers(self.causal_lm)) if isinstance(layer.mlp, LayerMoEBlock)}
+
+    def get_input_embeddings(self):
+        return self.causal_lm.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.causal_lm.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.causal_lm.get_output_embeddings()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, LayerMoERouter):
+            module.gate.weight.normal_(std=0.02)
+            if module.classifier is not None:
+                module.classifier.weight.normal_(std=0.02)
+                module.classifier.bias.zero_()
+        elif isinstance(module, StackedExperts):
+            std = getattr(self.config.base_config, "initializer_range", 0.02)
+            module.gate_up_proj.normal_(std=std)
+            module.down_proj.normal_(std=std)
+        else:
+            self.causal_lm._init_weights(module)
+
+    # -- forward -------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits: bool | None = None, **kwargs) -> LayerMoECausalLMOutput:
+        """output_router_logits: record this round's router and classifier logits (and the balance
+        loss) in the output; by default in training mode or with labels, where the losses need them.
+        Without them (generation, evaluation) a router that no token reaches is not run at all."""
+        if output_router_logits is None:
+            output_router_logits = self.training or labels is not None
+        with self._recorded_routing(output_router_logits) as (router_logits, classifier_logits):
+            out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        router_logits, classifier_logits = tuple(router_logits.values()), tuple(classifier_logits.values())
+        aux_loss = None
+        if router_logits:
+            aux_loss = self.balance_loss(router_logits, attention_mask)
+        loss = None
+        if out.loss is not None:
+            loss = out.loss + self.config.router_aux_loss_coef * aux_loss if aux_loss is not None else out.loss
+        return LayerMoECausalLMOutput(
+            loss=loss,
+            lm_loss=out.loss,
+            aux_loss=aux_loss,
+            logits=out.logits,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            router_logits=router_logits,
+            classifier_logits=classifier_logits,
+        )
+
+    @contextlib.contextmanager
+    def _recorded_routing(self, record: bool = True) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+        """Collect this round's router and classifier logits during one forward, by layer (if `record`).
+
+        Forward hooks, removed at exit, as transformers records outputs: nothing stays on the
+        modules between calls, and a gradient-checkpointing recompute in backward records nothing twice.
+        """
+        router_logits: dict[int, torch.Tensor] = {}
+        classifier_logits: dict[int, torch.Tensor] = {}
+        if not record:
+            yield router_logits, classifier_logits
+            return
+
+        def keep(store: dict[int, torch.Tensor], layer: int, first_output: bool):
+            def hook(module, args, output):
+                store[layer] = output[0] if first_output else output
+
+            return hook
+
+        handles = []
+        for layer, block in self.moe_blocks().items():
+            if block.router is None:
+                continue
+            handles.append(block.router.register_forward_hook(keep(router_logits, layer, True)))
+            if block.router.classifier is not None:
+                handles.append(block.router.classifier.register_forward_hook(keep(classifier_logits, layer, False)))
+        try:
+            with recording_routing():
+                yield router_logits, classifier_logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def balance_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None):
+        """Mean over the trained routers' layers of the Mixtral balance loss, padding excluded."""
+        if not router_logits:
+            return None
+        mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
+        if mask is not None and mask.numel() != router_logits[0].shape[0]:
+            mask = None  # cached generation: logits cover the new tokens only
+        k = self.config.num_experts_per_tok
+        return torch.stack([load_balancing_loss(logits, k, mask) for logits in router_logits]).mean()
+
+
+AutoConfig.register(LayerMoEConfig.model_type, LayerMoEConfig)
+AutoModelForCausalLM.register(LayerMoEConfig, LayerMoEForCausalLM)
