@@ -79,11 +79,12 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             )
         super().__init__(config)
         # Composite configs leave the sub-config's attention backend unset; the base model reads it.
-        config.base_config._attn_implementation = config._attn_implementation
-        self.causal_lm = causal_lm if causal_lm is not None else AutoModelForCausalLM.from_config(config.base_config)
+        base_config = config.get_text_config()
+        base_config._attn_implementation = config._attn_implementation
+        self.causal_lm = causal_lm if causal_lm is not None else AutoModelForCausalLM.from_config(base_config)
         for layer in config.moe_layers:
             block = self.install_block(layer)
-            for expansion, size in zip(config.expansion_rounds, config.expert_group_sizes(layer)[1:]):
+            for expansion, size in zip(config.expansion_rounds or [], config.expert_group_sizes(layer)[1:]):
                 block.add_expert_group(size)
                 if size and layer in expansion.get("classifier_layers", []):
                     block.routers[-1].add_classifier()
@@ -138,9 +139,9 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         Without them (generation, evaluation) a router that no token reaches is not run at all."""
         if output_router_logits is None:
             output_router_logits = self.training or labels is not None
-        with self._recorded_routing(output_router_logits) as (router_logits, classifier_logits):
+        with self._recorded_routing(output_router_logits) as (router_by_layer, classifier_by_layer):
             out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        router_logits, classifier_logits = tuple(router_logits.values()), tuple(classifier_logits.values())
+        router_logits, classifier_logits = tuple(router_by_layer.values()), tuple(classifier_by_layer.values())
         aux_loss = None
         if router_logits:
             aux_loss = self.balance_loss(router_logits, attention_mask)

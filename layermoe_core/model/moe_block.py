@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..errors import LayerMoEError
 from .experts import StackedExperts
 
 RouterInit = Literal["fresh", "parent"]
@@ -84,7 +85,10 @@ class LayerMoERouter(nn.Module):
 
     def predicts_new(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the classifier's decision per token."""
-        return self.classifier(tokens.to(self.classifier.weight.dtype)).argmax(dim=-1) == NEW_LABEL
+        classifier = self.classifier
+        if classifier is None:
+            raise LayerMoEError("predicts_new needs a classifier; this router has none (insert_classifiers adds one)")
+        return classifier(tokens.to(classifier.weight.dtype)).argmax(dim=-1) == NEW_LABEL
 
 
 class LayerMoEBlock(nn.Module):
