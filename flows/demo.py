@@ -58,6 +58,9 @@ def demo_plans(
         vocab_size=2000 if quick else 8000,
         size="tiny" if quick else "demo",
         train_tokens=int(250_000 * scale),
+        # The tokenizer covers all nine languages; a little text of each keeps the base's embeddings of their tokens
+        # from staying random, as in a real multilingual base (the later rounds' languages are low-resource, not unseen).
+        exposure_tokens=int(20_000 * scale),
         tokens=tokens,
         train=TrainSettings(
             learning_rate=2e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200

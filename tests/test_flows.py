@@ -17,7 +17,7 @@ from flows.compare import ComparePlan, compare, with_variants
 from flows.lifelong_expansion import lifelong_expansion
 from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
 from layermoe_core.analysis.allocation import AllocationSettings
-from layermoe_core.data.corpus import load_sequences
+from layermoe_core.data.corpus import load_sequences, open_sequences
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateDecision, GateSettings
 from layermoe_core.evaluation.metrics import EvalSettings, language_perplexity
@@ -43,9 +43,18 @@ def world(tmp_path_factory):
     corpora = write_synthetic_corpus(root / "corpus", ["en", "zh", "el", "tr", "hu"])
     registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
     base = BootstrapPlan(registry=registry, corpora=corpora, languages=["en", "zh"], vocab_size=400, size="tiny",
-                         train_tokens=4_000, tokens=TOKENS, train=TrainSettings(**FAST), workdir=root / "work")
+                         train_tokens=4_000, exposure_tokens=1_000, tokens=TOKENS, train=TrainSettings(**FAST), workdir=root / "work")
     assert bootstrap_base(base) == 1
     return root, corpora, registry
+
+
+def test_the_base_also_trains_on_a_little_of_every_other_corpus_language(world):
+    root, corpora, registry = world
+    trained_on = open_sequences(root / "work" / "base" / "tokens-with-exposure.json")
+    assert sorted(trained_on) == sorted(corpora)
+    assert {lang: rows.num_rows for lang, rows in trained_on.items()} == {
+        "en": 4_000 // 32, "zh": 4_000 // 32, "el": 1_000 // 32, "tr": 1_000 // 32, "hu": 1_000 // 32}
+    assert show_version(registry, 1)["languages"] == ["en", "zh"], "the base knows only its main languages"
 
 
 def lifelong_plan(root, corpora, registry, rounds) -> LifelongPlan:

@@ -14,8 +14,17 @@ from safetensors.torch import load_file
 from tokenizers import AddedToken
 
 from layermoe_core import expand
-from layermoe_core.data.corpus import CorpusSpec, corpus_fingerprint, load_sequences, open_sequences, sample_sequences, sample_token_rows
+from layermoe_core.data.corpus import (
+    CorpusSpec,
+    combine_samples,
+    corpus_fingerprint,
+    load_sequences,
+    open_sequences,
+    sample_sequences,
+    sample_token_rows,
+)
 from layermoe_core.data.token_store import SplitRule, TokenRows, store_key, tokenizer_fingerprint
+from layermoe_core.errors import LayerMoEError
 from layermoe_core.training.trainer import MetricsCallback, Stage1Settings, train_stage1
 
 from .conftest import tiny_model
@@ -175,3 +184,14 @@ def test_parallel_sampling_stays_aligned_past_a_document_empty_in_one_language(t
     ids = {lang: [int(doc.split()[1]) for doc in complete_documents(rows, tokenizer)] for lang, rows in sample.items()}
     assert any(i % 5 == 0 for i in ids["en"]), "the sample passes documents empty in el"
     assert [i for i in ids["en"] if i % 5][: len(ids["el"]) - 1] == ids["el"][:-1]
+
+
+def test_samples_of_different_languages_combine_into_one_without_copying(corpus, tokenizer, tmp_path):
+    sample = lambda lang, name, num_tokens: sample_token_rows(  # noqa: E731
+        {lang: corpus}, tokenizer, num_tokens, 20, seed=0, store_dir=tmp_path / "store", out_path=tmp_path / f"{name}.json")
+    main, exposure = sample("el", "main", 400), sample("tr", "exposure", 100)
+    combined = open_sequences(combine_samples([main, exposure], tmp_path / "both.json"))
+    assert {lang: rows.num_rows for lang, rows in combined.items()} == {"el": 20, "tr": 5}
+    assert combined["el"].file == open_sequences(main)["el"].file, "the combined sample points at the same store rows"
+    with pytest.raises(LayerMoEError, match="'el' is in two samples"):
+        combine_samples([main, main], tmp_path / "twice.json")

@@ -415,6 +415,17 @@ def _write_sample(rows: Mapping[str, TokenRows], path: Path) -> Path:
     return path
 
 
+def combine_samples(paths: Sequence[str | Path], out_path: str | Path) -> Path:
+    """One token sample holding the languages of several (each language in one of them only); no token is copied."""
+    rows: dict[str, TokenRows] = {}
+    for path in paths:
+        for lang, lang_rows in open_sequences(path).items():
+            if lang in rows or not isinstance(lang_rows, TokenRows):
+                raise LayerMoEError(f"cannot combine {str(path)!r}: {lang!r} is in two samples or not in the token store")
+            rows[lang] = lang_rows
+    return _write_sample(rows, Path(out_path))
+
+
 def open_sequences(path: str | Path) -> dict[str, TokenRows | torch.Tensor]:
     """Sampled rows per language, memory-mapped: what training reads (a safetensors file loads as tensors)."""
     path = Path(path)
