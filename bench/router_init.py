@@ -2,7 +2,9 @@
 
 Variants: "fresh" (router re-initialised, the reference's choice), "parent-rows" (parent rows copied,
 new experts start at expert 0's row), "+prior" (plus the new-expert prior loss, -log P(new
-experts) of new-language tokens, in Stage 1 (0.1) and Stage 2 (0.5), or in Stage 1 only).
+experts) of new-language tokens, in Stage 1 (0.1) and Stage 2 (0.5), or in Stage 1 only), and two ways
+to keep the prior off the old languages: classifiers in every expanded layer (so old-classified tokens
+take the frozen parent path everywhere), or a stronger LPR loss (1.0).
 
 Run from the repository root after `make demo`:
 
@@ -29,12 +31,15 @@ from layermoe_core.model.checkpoints import load_model
 from layermoe_core.model.surgery import expand, insert_classifiers
 from layermoe_core.training.trainer import train_stage1, train_stage2
 
-VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides)
-    "fresh": ({"router_init": "fresh"}, {}),
-    "parent-rows": ({"router_init": "parent"}, {}),
-    "fresh+prior": ({"router_init": "fresh", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}),
-    "parent-rows+prior": ({"router_init": "parent", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}),
-    "parent-rows+stage1-prior": ({"router_init": "parent", "new_prior_coef": 0.1}, {}),
+PRIOR = ({"router_init": "parent", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5})
+VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides, classifiers in every expanded layer)
+    "fresh": ({"router_init": "fresh"}, {}, False),
+    "parent-rows": ({"router_init": "parent"}, {}, False),
+    "fresh+prior": ({"router_init": "fresh", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}, False),
+    "parent-rows+prior": (*PRIOR, False),
+    "parent-rows+stage1-prior": ({"router_init": "parent", "new_prior_coef": 0.1}, {}, False),
+    "parent-rows+prior+all-classifiers": (*PRIOR, True),
+    "parent-rows+prior+lpr1": (PRIOR[0], {**PRIOR[1], "lpr_coef": 1.0}, False),
 }
 
 
@@ -43,11 +48,15 @@ def run_variant(name: str, parent_dir: Path, round_dir: Path, out_dir: Path) -> 
     old, new = expansion["old_languages"], expansion["new_languages"]
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]
     _, plan = demo_plans(Path(".demo"), {lang: CorpusSpec(path=Path(".demo/corpus") / f"{lang}.jsonl") for lang in languages})
-    stage1 = plan.stage1.model_copy(update=VARIANTS[name][0])
-    stage2 = plan.stage2.model_copy(update=VARIANTS[name][1])
+    stage1_overrides, stage2_overrides, every_expanded_layer = VARIANTS[name]
+    stage1 = plan.stage1.model_copy(update=stage1_overrides)
+    stage2 = plan.stage2.model_copy(update=stage2_overrides)
+    classifier_layers = expansion["classifier_layers"]
+    if every_expanded_layer:
+        classifier_layers = [layer for layer, count in enumerate(expansion["allocation"]) if count > 0]
     model = expand(load_model(parent_dir), expansion["allocation"], old, new, seed=stage1.seed, router_init=stage1.router_init)
     train_stage1(model, load_sequences(round_dir / "tokens" / "stage1.json"), stage1, out_dir / "stage1")
-    insert_classifiers(model, expansion["classifier_layers"], seed=stage2.seed)
+    insert_classifiers(model, classifier_layers, seed=stage2.seed)
     train_stage2(model, load_sequences(round_dir / "tokens" / "replay-old.json"),
                  load_sequences(round_dir / "tokens" / "replay-new.json"), stage2, out_dir / "stage2")
     heldout = load_sequences(round_dir / "tokens" / "heldout.json")
