@@ -46,6 +46,7 @@ def main() -> None:
     corpus_dir = build_gettext_corpus(workdir / "corpus", languages, list(DEFAULT_PACKAGES), args.download_dir)
     corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
     base_plan, lifelong = demo_plans(workdir, corpora)
+
     def scaled(scale: float):
         return base_plan.tokens.model_copy(
             update={

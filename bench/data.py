@@ -57,8 +57,9 @@ def tokenize_plainly(spec: CorpusSpec, tokenizer) -> int:
 
 def throughput(work: Path, documents: int, repeats: int) -> None:
     spec = CorpusSpec(path=write_corpus(work / "corpus.txt", documents))
-    tokenizer = train_demo_tokenizer(list(load_documents(CorpusSpec(path=write_corpus(work / "tok.txt", 2000, seed=1)))["text"]),
-                                     8000, work / "tokenizer")
+    tokenizer = train_demo_tokenizer(
+        list(load_documents(CorpusSpec(path=write_corpus(work / "tok.txt", 2000, seed=1)))["text"]), 8000, work / "tokenizer"
+    )
     load_documents(spec)  # build the datasets cache once, outside the timings
     rates: dict[str, list[float]] = {"token store": [], "plain tokenizer loop": []}
     for repeat in range(repeats):

@@ -13,7 +13,8 @@ The ideal for `new` is not 1: a token that uses k experts runs (at batch 1: read
     ideal = parent time / (parent time + (k - 1) * MLP time),
 with MLP time the parent's own dense MLPs' time, all layers, measured inside the parent's run
 (`parent-timed`: clocks around each MLP call; measured alone, with its weights hot in the cache,
-a decoding MLP took under half its in-model time). For `old` the ideal is 1. Every variant is timed in turn within each repetition (rotating the order),
+a decoding MLP took under half its in-model time). For `old` the ideal is 1. Every variant is timed
+in turn within each repetition (rotating the order),
 and the ratios are taken per repetition, so a load that drifts hits them alike; each figure is the
 median with the min-max over repetitions. Each is given by wall time and by the process's CPU time:
 on a machine shared with other jobs the CPU time leaves out the waits for a core. On the CPU it runs
@@ -182,7 +183,8 @@ def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.de
             of_ideal = [r / i for r, i in zip(new_ratio, ideal)]
             share = [m / p for p, m in zip(times[("parent-timed", phase, clock)], mlp_s)]
             lines.append(
-                f"    {clock_name:4}: MLP share {spread(share)}, ideal {spread(ideal)}; new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal;"
+                f"    {clock_name:4}: MLP share {spread(share)}, ideal {spread(ideal)}; "
+                f"new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal;"
                 f" old/parent {spread(old_ratio)}"
             )
     return lines

@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-
 from transformers import MixtralConfig, Qwen2Config
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
@@ -161,7 +160,9 @@ def report(results: list[Result]) -> str:
     for size in dict.fromkeys(r.size for r in results):
         rows = {r.variant: r for r in results if r.size == size}
         hidden, intermediate, num_new, num_tokens = SIZES[size]
-        lines.append(f"\n{size}: hidden {hidden}, intermediate {intermediate}, 1 old + {num_new} new experts, top-{TOP_K}, {num_tokens} tokens")
+        lines.append(
+            f"\n{size}: hidden {hidden}, intermediate {intermediate}, 1 old + {num_new} new experts, top-{TOP_K}, {num_tokens} tokens"
+        )
         lines.append(f"  {'variant':28s} {'wall ms, median (min-max)':>32s} {'cpu ms, median (min-max)':>32s}")
         for r in rows.values():
             if r.error is None:

@@ -35,14 +35,26 @@ from layermoe_core import expand, insert_classifiers  # noqa: E402
 from registry import RegistrySettings, download_version, list_versions, register_base, register_child  # noqa: E402
 from registry.manifest import sha256_file  # noqa: E402
 
-ROUNDS = [(["en"], ["el"], [1, 2, 2, 1]), (["en", "el"], ["hu"], [2, 1, 1, 2]),
-          (["en", "el", "hu"], ["tr"], [1, 1, 2, 2]), (["en", "el", "hu", "tr"], ["bn"], [2, 2, 1, 1])]
+ROUNDS = [
+    (["en"], ["el"], [1, 2, 2, 1]),
+    (["en", "el"], ["hu"], [2, 1, 1, 2]),
+    (["en", "el", "hu"], ["tr"], [1, 1, 2, 2]),
+    (["en", "el", "hu", "tr"], ["bn"], [2, 2, 1, 1]),
+]
 
 
 def build_chain(root: Path, hidden: int) -> list[Path]:
     torch.manual_seed(0)
-    config = Qwen2Config(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=16_000, max_position_embeddings=512, tie_word_embeddings=False)
+    config = Qwen2Config(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=16_000,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config).eval()
     folders = [root / "v1"]
     model.save_pretrained(folders[0])
@@ -82,16 +94,22 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(_WORKDIR)
     folders = build_chain(root / "models", args.hidden)
-    stores = {kind: RegistrySettings(tracking_uri=f"sqlite:///{root}/{kind}/mlflow.db", cache_dir=root / kind / "cache",
-                                     delta_storage=kind == "delta") for kind in ("delta", "whole")}
+    stores = {
+        kind: RegistrySettings(
+            tracking_uri=f"sqlite:///{root}/{kind}/mlflow.db", cache_dir=root / kind / "cache", delta_storage=kind == "delta"
+        )
+        for kind in ("delta", "whole")
+    }
     register_s = {kind: register_chain(settings, folders) for kind, settings in stores.items()}
 
     print(f"model folders (MB): {', '.join(f'v{i + 1} {folder_bytes(f) / 1e6:.1f}' for i, f in enumerate(folders))}")
     for kind, settings in stores.items():
         stored = list_versions(settings)["stored_bytes"].astype(int).tolist()
         artifacts = folder_bytes(root / kind / "artifacts")
-        print(f"{kind:5s}: stored per version (MB) {[round(b / 1e6, 1) for b in stored]}, total {sum(stored) / 1e6:.1f} MB "
-              f"(artifact store on disk {artifacts / 1e6:.1f} MB); register s per version {[round(s, 2) for s in register_s[kind]]}")
+        print(
+            f"{kind:5s}: stored per version (MB) {[round(b / 1e6, 1) for b in stored]}, total {sum(stored) / 1e6:.1f} MB "
+            f"(artifact store on disk {artifacts / 1e6:.1f} MB); register s per version {[round(s, 2) for s in register_s[kind]]}"
+        )
 
     newest = folders[-1]
     times: dict[str, list[float]] = {"copytree": [], "delta cold": [], "delta warm": [], "whole cold": [], "whole warm": []}

@@ -57,8 +57,13 @@ def run_variant(name: str, parent_dir: Path, round_dir: Path, out_dir: Path) -> 
     model = expand(load_model(parent_dir), expansion["allocation"], old, new, seed=stage1.seed, router_init=stage1.router_init)
     train_stage1(model, load_sequences(round_dir / "tokens" / "stage1.json"), stage1, out_dir / "stage1")
     insert_classifiers(model, classifier_layers, seed=stage2.seed)
-    train_stage2(model, load_sequences(round_dir / "tokens" / "replay-old.json"),
-                 load_sequences(round_dir / "tokens" / "replay-new.json"), stage2, out_dir / "stage2")
+    train_stage2(
+        model,
+        load_sequences(round_dir / "tokens" / "replay-old.json"),
+        load_sequences(round_dir / "tokens" / "replay-new.json"),
+        stage2,
+        out_dir / "stage2",
+    )
     heldout = load_sequences(round_dir / "tokens" / "heldout.json")
     losses = language_perplexity(model, heldout, batch_size=16).set_index("language")["loss"]
     routing = routing_statistics(model, {lang: heldout[lang] for lang in new}, old, batch_size=16)

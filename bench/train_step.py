@@ -138,9 +138,7 @@ def main() -> None:
     seq_len = args.seq_len or (1024 if cuda else 128)
     modes = args.modes or (["bf16-weights", "bf16-autocast"] if cuda else ["fp32"])
     print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} batch={batch_size}x{seq_len} steps={args.steps}")
-    print(
-        f"{'size':6} {'mode':14} {'dense tok/s':>12} {'expanded tok/s':>15} {'ratio':>6} {'ideal':>6} {'ideal_frozen':>13}"
-    )
+    print(f"{'size':6} {'mode':14} {'dense tok/s':>12} {'expanded tok/s':>15} {'ratio':>6} {'ideal':>6} {'ideal_frozen':>13}")
     for name in args.sizes:
         size = SIZES[name]
         dense_flops, mlp_flops = forward_flops_per_token(size, seq_len)

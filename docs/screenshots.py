@@ -81,9 +81,21 @@ class Browser:
     def __init__(self, workdir: Path):
         self.port = free_port()
         self.process = subprocess.Popen(
-            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--remote-debugging-port={self.port}",
-             f"--window-size={WIDTH},{HEIGHT}", f"--user-data-dir={workdir / 'chromium'}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--remote-debugging-port={self.port}",
+                f"--window-size={WIDTH},{HEIGHT}",
+                f"--user-data-dir={workdir / 'chromium'}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         targets = wait_for(lambda: http_json(f"http://127.0.0.1:{self.port}/json/list"), "chromium", 60)
         self.ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
 
@@ -97,8 +109,9 @@ class Browser:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
 
-    async def _shoot(self, url: str, out: Path, wait_text: list[str], clicks: list[str], settle_s: float, script: str | None,
-                     height: int) -> None:
+    async def _shoot(
+        self, url: str, out: Path, wait_text: list[str], clicks: list[str], settle_s: float, script: str | None, height: int
+    ) -> None:
         async with websockets.connect(self.ws_url, max_size=64 * 2**20) as ws:
             await self._call(ws, "Emulation.setDeviceMetricsOverride", width=WIDTH, height=height, deviceScaleFactor=1, mobile=False)
             await self._call(ws, "Page.navigate", url=url)
@@ -108,9 +121,11 @@ class Browser:
                 await asyncio.sleep(2)
                 await self._call(ws, "Runtime.evaluate", expression=script)
             for label in clicks:  # a button or tab by its visible text: the innermost element showing exactly that text
-                script = ("(() => { const els = [...document.querySelectorAll('body *')]"
-                          f".filter(e => e.innerText && e.innerText.trim() === {json.dumps(label)});"
-                          " const el = els[els.length - 1]; if (el) { el.click(); return true; } return false; })()")
+                script = (
+                    "(() => { const els = [...document.querySelectorAll('body *')]"
+                    f".filter(e => e.innerText && e.innerText.trim() === {json.dumps(label)});"
+                    " const el = els[els.length - 1]; if (el) { el.click(); return true; } return false; })()"
+                )
                 clicked = False
                 for _ in range(60):
                     clicked = (await self._call(ws, "Runtime.evaluate", expression=script, returnByValue=True))["result"]["value"]
@@ -127,15 +142,28 @@ class Browser:
     async def _wait_text(self, ws, text: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = await self._call(ws, "Runtime.evaluate", expression=f"document.body && document.body.innerText.includes({json.dumps(text)})",
-                                     returnByValue=True)
+            found = await self._call(
+                ws,
+                "Runtime.evaluate",
+                expression=f"document.body && document.body.innerText.includes({json.dumps(text)})",
+                returnByValue=True,
+            )
             if found["result"].get("value"):
                 return
             await asyncio.sleep(1)
         print(f"warning: text {text!r} never appeared; capturing the page as it is", flush=True)
 
-    def shoot(self, url: str, out: Path, wait_text: list[str] = (), clicks: list[str] = (), settle_s: float = 3.0,
-              script: str | None = None, height: int = HEIGHT, keep: tuple[int | None, int | None] = (None, None)) -> Path:
+    def shoot(
+        self,
+        url: str,
+        out: Path,
+        wait_text: list[str] = (),
+        clicks: list[str] = (),
+        settle_s: float = 3.0,
+        script: str | None = None,
+        height: int = HEIGHT,
+        keep: tuple[int | None, int | None] = (None, None),
+    ) -> Path:
         asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s, script, height))
         crop(out, *keep)
         if shutil.which("pngquant"):
@@ -171,12 +199,15 @@ def tiny_world(root: Path) -> Path:
     corpora = write_synthetic_corpus(root / "corpus", ["en", "es", "hu", "tr"], documents=400)
     fast = dict(learning_rate=3e-3, per_device_batch_size=8, logging_steps=2, save_steps=50)
     plan = {
-        "name": "tiny", "parent": {"hf_path": str(root / "base"), "languages": ["en", "es"]},
+        "name": "tiny",
+        "parent": {"hf_path": str(root / "base"), "languages": ["en", "es"]},
         "rounds": [{"new_languages": ["hu"]}],
         "corpora": {lang: {"path": str(spec.path)} for lang, spec in corpora.items()},
-        "allocation": {"delta": 2, "clamp_similarity": 0.001}, "classifier_layer_count": 1,
+        "allocation": {"delta": 2, "clamp_similarity": 0.001},
+        "classifier_layer_count": 1,
         "tokens": {"seq_len": 32, "analysis_tokens": 1000, "stage1_tokens": 4000, "stage2_tokens": 1000, "eval_tokens": 1000},
-        "stage1": {**fast, "num_epochs": 1}, "stage2": {**fast, "num_epochs": 1},
+        "stage1": {**fast, "num_epochs": 1},
+        "stage2": {**fast, "num_epochs": 1},
         "evaluation": {"batch_size": 8, "gates": {"max_old_loss_increase": 10.0, "require_new_improvement": False}},
         "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
         "workdir": str(root / "work"),
@@ -197,12 +228,21 @@ def main() -> None:
     plan_file = tiny_world(root)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
-    env.update(PREFECT_HOME=str(root / "prefect"), PYTHONPATH=str(REPO), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        PREFECT_HOME=str(root / "prefect"),
+        PYTHONPATH=str(REPO),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="true",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     port = free_port()
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     server_env = {**env, "PREFECT_UI_API_URL": api}  # the UI's pages call the API here, not at the default port 4200
-    processes = [start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env, root / "server.log")]
+    processes = [
+        start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env, root / "server.log")
+    ]
     browser = None
     try:
         wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, "the Prefect server")
@@ -214,41 +254,82 @@ def main() -> None:
 
         add, lifelong = deployment("add-languages/tiny"), deployment("lifelong-expansion/tiny")
         browser = Browser(root)
-        browser.shoot(f"{ui}/deployments/deployment/{add['id']}/run", args.out / "prefect-run-form.png",
-                      wait_text=["Parent model", "New languages"])
-        browser.shoot(f"{ui}/deployments/deployment/{add['id']}/run", root / "prefect-run-form-whole.png",  # to read, not for the README
-                      wait_text=["Parent model", "New languages"], height=12000)
+        browser.shoot(
+            f"{ui}/deployments/deployment/{add['id']}/run", args.out / "prefect-run-form.png", wait_text=["Parent model", "New languages"]
+        )
+        browser.shoot(
+            f"{ui}/deployments/deployment/{add['id']}/run",
+            root / "prefect-run-form-whole.png",  # to read, not for the README
+            wait_text=["Parent model", "New languages"],
+            height=12000,
+        )
 
         def finished(run_id: str, want: str) -> dict:
-            return wait_for(lambda: (run := http_json(f"{api}/flow_runs/{run_id}"))["state"]["type"] in (want, "FAILED", "CRASHED")
-                            and run, f"flow run {run_id} {want}")
+            return wait_for(
+                lambda: (run := http_json(f"{api}/flow_runs/{run_id}"))["state"]["type"] in (want, "FAILED", "CRASHED") and run,
+                f"flow run {run_id} {want}",
+            )
 
         run = http_json(f"{api}/deployments/{lifelong['id']}/create_flow_run", {})
         assert finished(run["id"], "COMPLETED")["state"]["type"] == "COMPLETED", (root / "serve.log").read_text()[-3000:]
         (round_run,) = http_json(f"{api}/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}})
-        browser.shoot(f"{ui}/runs/flow-run/{round_run['id']}", args.out / "prefect-round-artifacts.png",
-                      wait_text=["Completed"], clicks=["Artifacts"], keep=(None, 1360))
+        browser.shoot(
+            f"{ui}/runs/flow-run/{round_run['id']}",
+            args.out / "prefect-round-artifacts.png",
+            wait_text=["Completed"],
+            clicks=["Artifacts"],
+            keep=(None, 1360),
+        )
 
-        manual = {**add["parameters"]["plan"], "new_languages": ["tr"], "promotion": "manual",
-                  "old_languages": [],
-                  "parent": {"alias": "champion", "version": None, "hf_path": None, "languages": []}}
+        manual = {
+            **add["parameters"]["plan"],
+            "new_languages": ["tr"],
+            "promotion": "manual",
+            "old_languages": [],
+            "parent": {"alias": "champion", "version": None, "hf_path": None, "languages": []},
+        }
         paused = http_json(f"{api}/deployments/{add['id']}/create_flow_run", {"parameters": {"plan": manual}})
         assert finished(paused["id"], "PAUSED")["state"]["type"] == "PAUSED", (root / "serve.log").read_text()[-3000:]
-        browser.shoot(f"{ui}/runs/flow-run/{paused['id']}", args.out / "prefect-review-resume.png",
-                      wait_text=["Paused"], clicks=["Resume"], keep=(None, 1500))
+        browser.shoot(
+            f"{ui}/runs/flow-run/{paused['id']}",
+            args.out / "prefect-review-resume.png",
+            wait_text=["Paused"],
+            clicks=["Resume"],
+            keep=(None, 1500),
+        )
         subprocess.run([str(BIN / "layermoe"), "approve", paused["id"], "--no", "--reason", "tr samples read badly"], env=env, check=True)
         finished(paused["id"], "COMPLETED")
 
         mlflow_port = free_port()
         mlflow_ui = f"http://127.0.0.1:{mlflow_port}"
-        processes.append(start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--default-artifact-root", str(root / "artifacts")],
-                               env, root / "mlflow.log"))
+        processes.append(
+            start(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--backend-store-uri",
+                    f"sqlite:///{root}/mlflow.db",
+                    "--default-artifact-root",
+                    str(root / "artifacts"),
+                ],
+                env,
+                root / "mlflow.log",
+            )
+        )
         wait_for(lambda: urllib.request.urlopen(f"{mlflow_ui}/health", timeout=5).status == 200, "the MLflow server")
-        browser.shoot(f"{mlflow_ui}/#/models/tiny", args.out / "mlflow-versions.png", wait_text=["Version 3"],
-                      keep=(MLFLOW_PAGE_WIDTH, 1760))
-        browser.shoot(f"{mlflow_ui}/#/models/tiny/versions/3", args.out / "mlflow-version.png", wait_text=["Round 2: adds tr"],
-                      keep=(MLFLOW_PAGE_WIDTH, 1560))
+        browser.shoot(
+            f"{mlflow_ui}/#/models/tiny", args.out / "mlflow-versions.png", wait_text=["Version 3"], keep=(MLFLOW_PAGE_WIDTH, 1760)
+        )
+        browser.shoot(
+            f"{mlflow_ui}/#/models/tiny/versions/3",
+            args.out / "mlflow-version.png",
+            wait_text=["Round 2: adds tr"],
+            keep=(MLFLOW_PAGE_WIDTH, 1560),
+        )
     finally:
         if browser:
             browser.close()

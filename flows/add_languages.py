@@ -151,8 +151,15 @@ def add_languages(plan: ExpansionPlan) -> RoundSummary:
 def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSummary:
     """Every step after the parent is local, in the round's folder `work`; a step whose output is gone runs again."""
     old, new, t = round_languages(plan, parent), plan.new_languages, plan.tokens
-    sampling = Sampling(corpora=plan.corpora, tokenizer_dir=parent.path, seq_len=t.seq_len, seed=t.seed,
-                        heldout_fraction=t.heldout_fraction, store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR, out_dir=work / "tokens")
+    sampling = Sampling(
+        corpora=plan.corpora,
+        tokenizer_dir=parent.path,
+        seq_len=t.seq_len,
+        seed=t.seed,
+        heldout_fraction=t.heldout_fraction,
+        store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR,
+        out_dir=work / "tokens",
+    )
 
     # 1-3: where the new languages sit in the parent, and how many experts each layer gets
     analysis = sample_tokens(sampling, "analysis", old + new, t.analysis_tokens, parallel="auto")
@@ -161,33 +168,71 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
-    stage1 = run_stage1(Stage1Job(
-        parent_dir=parent.path, tokenizer_dir=parent.path, allocation=new_experts(allocation), old_languages=old, new_languages=new,
-        top_k=plan.top_k, tokens_path=sample_tokens(sampling, "stage1", new, t.stage1_tokens), settings=plan.stage1,
-        output_dir=work / "stage1"), plan.launcher)
-    stage2 = run_stage2(Stage2Job(
-        stage1_dir=stage1.model_dir, tokenizer_dir=stage1.model_dir, classifier_layers=classifier_layers(allocation),
-        old_tokens_path=sample_tokens(sampling, "replay-old", old, t.stage2_tokens),
-        new_tokens_path=sample_tokens(sampling, "replay-new", new, t.stage2_tokens), settings=plan.stage2,
-        output_dir=work / "stage2"), plan.launcher)
+    stage1 = run_stage1(
+        Stage1Job(
+            parent_dir=parent.path,
+            tokenizer_dir=parent.path,
+            allocation=new_experts(allocation),
+            old_languages=old,
+            new_languages=new,
+            top_k=plan.top_k,
+            tokens_path=sample_tokens(sampling, "stage1", new, t.stage1_tokens),
+            settings=plan.stage1,
+            output_dir=work / "stage1",
+        ),
+        plan.launcher,
+    )
+    stage2 = run_stage2(
+        Stage2Job(
+            stage1_dir=stage1.model_dir,
+            tokenizer_dir=stage1.model_dir,
+            classifier_layers=classifier_layers(allocation),
+            old_tokens_path=sample_tokens(sampling, "replay-old", old, t.stage2_tokens),
+            new_tokens_path=sample_tokens(sampling, "replay-new", new, t.stage2_tokens),
+            settings=plan.stage2,
+            output_dir=work / "stage2",
+        ),
+        plan.launcher,
+    )
 
     # 7: the child against its parent, on held-out tokens and text
     heldout = sample_tokens(sampling, "heldout", old + new, t.eval_tokens, split="heldout")
     routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size)
-    text = sample_heldout_text(plan.corpora, old + new, plan.evaluation, seed=t.seed, heldout_fraction=t.heldout_fraction,
-                               out_dir=work / "heldout-text")
+    text = sample_heldout_text(
+        plan.corpora, old + new, plan.evaluation, seed=t.seed, heldout_fraction=t.heldout_fraction, out_dir=work / "heldout-text"
+    )
     comparison, samples = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text)
 
     # 8: register the child with its reports, then gate the alias
-    round_info = {"round": parent.round + 1, "old_languages": old, "new_languages": new,
-                  "allocation": new_experts(allocation), "classifier_layers": classifier_layers(allocation)}
+    round_info = {
+        "round": parent.round + 1,
+        "old_languages": old,
+        "new_languages": new,
+        "allocation": new_experts(allocation),
+        "classifier_layers": classifier_layers(allocation),
+    }
     version = register_round(
-        plan.registry, stage2.model_dir, parent.version, round_info,
-        tables={"similarity": similarity, "routing": routing, "evaluation": comparison, "samples": samples,
-                "allocation": allocation, "allocation_total": allocation_total(allocation),
-                **({"signal": signal} if signal is not None else {})},
-        plot_files=draw_plots(similarity, allocation, routing, comparison, out_dir=work / "plots",
-                              signal_method=plan.allocation.method if signal is not None else None),
+        plan.registry,
+        stage2.model_dir,
+        parent.version,
+        round_info,
+        tables={
+            "similarity": similarity,
+            "routing": routing,
+            "evaluation": comparison,
+            "samples": samples,
+            "allocation": allocation,
+            "allocation_total": allocation_total(allocation),
+            **({"signal": signal} if signal is not None else {}),
+        },
+        plot_files=draw_plots(
+            similarity,
+            allocation,
+            routing,
+            comparison,
+            out_dir=work / "plots",
+            signal_method=plan.allocation.method if signal is not None else None,
+        ),
         training_history={"stage1": stage1.log_history, "stage2": stage2.log_history},
         params={**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
         gates=plan.evaluation.gates,
@@ -196,10 +241,18 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     if plan.promotion == "manual":
         promoted = review_promotion(plan.registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
     else:
-        promoted = gate_and_promote(plan.registry, version, parent.version, comparison, gates=plan.evaluation.gates,
-                                    alias=plan.promote_alias)
-    summary = RoundSummary(version=version, parent_version=parent.version, promoted=promoted, old_languages=old,
-                           new_languages=new, allocation=new_experts(allocation), classifier_layers=classifier_layers(allocation),
-                           comparison=comparison.to_dict(orient="records"))
+        promoted = gate_and_promote(
+            plan.registry, version, parent.version, comparison, gates=plan.evaluation.gates, alias=plan.promote_alias
+        )
+    summary = RoundSummary(
+        version=version,
+        parent_version=parent.version,
+        promoted=promoted,
+        old_languages=old,
+        new_languages=new,
+        allocation=new_experts(allocation),
+        classifier_layers=classifier_layers(allocation),
+        comparison=comparison.to_dict(orient="records"),
+    )
     get_run_logger().info("round done: version %s, promoted=%s\n%s", version, promoted, summary.table().to_string(index=False))
     return summary

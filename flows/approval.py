@@ -46,8 +46,9 @@ def review_promotion(
     logger = get_run_logger()
     logger.info("version %s %s the gate; paused for review (Resume in the UI, or layermoe approve)", version, verdict)
     # The brief is also the Resume form's description, so the reviewer decides with the evidence in view.
-    review = pause_flow_run(wait_for_input=Review.with_initial_data(description=brief), timeout=REVIEW_TIMEOUT_S,
-                            poll_interval=REVIEW_POLL_S)
+    review = pause_flow_run(
+        wait_for_input=Review.with_initial_data(description=brief), timeout=REVIEW_TIMEOUT_S, poll_interval=REVIEW_POLL_S
+    )
     reason = f"reviewer: {review.reason.strip() or 'no reason given'}"
     advice = f"automatic gate: {'passes' if decision.passed else 'fails'}"
     verdict = Verdict(passed=review.approve, reasons=[reason, *(f"{advice}: {r}" for r in decision.reasons)], decided_by="reviewer")
@@ -61,21 +62,22 @@ def review_promotion(
     return review.approve
 
 
-def review_brief(registry: RegistrySettings, version: int, alias: str, comparison: pd.DataFrame, verdict: str,
-                 reasons: list[str]) -> str:
+def review_brief(registry: RegistrySettings, version: int, alias: str, comparison: pd.DataFrame, verdict: str, reasons: list[str]) -> str:
     """What a reviewer needs in one markdown page: the version, the gate's advice, the held-out losses, what each answer does."""
     losses = comparison[comparison["metric"] == "loss"]
-    return "\n".join([
-        f"**Version {version}** of `{registry.registered_model_name}` {verdict} the automatic gate; awaiting a reviewer's decision.",
-        "",
-        *(f"- {reason}" for reason in reasons),
-        "",
-        "| language | group | parent loss | child loss | delta |",
-        "|---|---|---:|---:|---:|",
-        *(f"| {r.language} | {r.group} | {r.parent:.4f} | {r.child:.4f} | {r.delta:+.4f} |" for r in losses.itertuples()),
-        "",
-        f"Approve moves `{alias}` to version {version}. Reject tags it `layermoe.rejected` with your reason; `{alias}` stays.",
-    ])
+    return "\n".join(
+        [
+            f"**Version {version}** of `{registry.registered_model_name}` {verdict} the automatic gate; awaiting a reviewer's decision.",
+            "",
+            *(f"- {reason}" for reason in reasons),
+            "",
+            "| language | group | parent loss | child loss | delta |",
+            "|---|---|---:|---:|---:|",
+            *(f"| {r.language} | {r.group} | {r.parent:.4f} | {r.child:.4f} | {r.delta:+.4f} |" for r in losses.itertuples()),
+            "",
+            f"Approve moves `{alias}` to version {version}. Reject tags it `layermoe.rejected` with your reason; `{alias}` stays.",
+        ]
+    )
 
 
 def answer_review(flow_run_id: str, approve: bool, reason: str) -> str:

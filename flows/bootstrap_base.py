@@ -29,9 +29,13 @@ class BootstrapPlan(BaseModel):
     size: Literal["demo", "tiny"] = "demo"
     seed: int = 0
     train_tokens: int = Field(400_000, ge=1, description="per language")
-    exposure_tokens: int = Field(0, ge=0, description="per corpus language outside `languages`: the base also trains on this "
-                                 "many of its tokens, as a real multilingual base has seen a little of every language its "
-                                 "tokenizer covers (their embeddings are trained); 0: none")
+    exposure_tokens: int = Field(
+        0,
+        ge=0,
+        description="per corpus language outside `languages`: the base also trains on this "
+        "many of its tokens, as a real multilingual base has seen a little of every language its "
+        "tokenizer covers (their embeddings are trained); 0: none",
+    )
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(learning_rate=1e-3, num_epochs=1, warmup_ratio=0.05))
     alias: str = "champion"
@@ -43,16 +47,23 @@ class BootstrapPlan(BaseModel):
 def bootstrap_base(plan: BootstrapPlan) -> int:
     work = plan.workdir.resolve() / "base"
     tokenizer_dir = train_tokenizer(plan.corpora, vocab_size=plan.vocab_size, output_dir=work / "tokenizer")
-    sampling = Sampling(corpora=plan.corpora, tokenizer_dir=tokenizer_dir, seq_len=plan.tokens.seq_len, seed=plan.seed,
-                        heldout_fraction=plan.tokens.heldout_fraction, store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR,
-                        out_dir=work)
+    sampling = Sampling(
+        corpora=plan.corpora,
+        tokenizer_dir=tokenizer_dir,
+        seq_len=plan.tokens.seq_len,
+        seed=plan.seed,
+        heldout_fraction=plan.tokens.heldout_fraction,
+        store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR,
+        out_dir=work,
+    )
     tokens = sample_tokens(sampling, "tokens", plan.languages, plan.train_tokens)
     exposed = [lang for lang in plan.corpora if lang not in plan.languages]
     if plan.exposure_tokens and exposed:
         exposure = sample_tokens(sampling, "exposure", exposed, plan.exposure_tokens)
         tokens = combine_samples([tokens, exposure], sampling.path("tokens-with-exposure"))
-    model_dir = train_base(tokenizer_dir, tokens, size=plan.size, seed=plan.seed, settings=plan.train, output_dir=work / "train",
-                           launcher=plan.launcher)
+    model_dir = train_base(
+        tokenizer_dir, tokens, size=plan.size, seed=plan.seed, settings=plan.train, output_dir=work / "train", launcher=plan.launcher
+    )
     version = register_base_model(plan.registry, model_dir, plan.languages, plan.alias)
     get_run_logger().info("base registered as version %s with alias %s", version, plan.alias)
     return version

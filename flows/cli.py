@@ -135,18 +135,33 @@ def cmd_estimate(args) -> None:
     plan = load_plan(args.plan, ExpansionPlan)
     source = args.parent_config or plan.parent.hf_path
     if source is None:
-        raise LayerMoEError("the plan's parent is a registry version; pass --parent-config with its config.json "
-                            "(or its model directory), e.g. from `layermoe registry show`'s run artifacts")
+        raise LayerMoEError(
+            "the plan's parent is a registry version; pass --parent-config with its config.json "
+            "(or its model directory), e.g. from `layermoe registry show`'s run artifacts"
+        )
     config = parent_config(source)
     old = plan.old_languages or plan.parent.languages or getattr(config, "languages", [])
     if not old:
         raise LayerMoEError("the plan names no old languages; set old_languages (or parent.languages) in the plan")
     layers = getattr(config, "base_config", config).num_hidden_layers
     t = plan.tokens
-    estimates = [estimate_round(config, allocation, old, plan.new_languages, top_k=plan.top_k,
-                                classifier_layers=plan.classifier_layer_count, seq_len=t.seq_len, stage1_tokens=t.stage1_tokens,
-                                stage2_tokens=t.stage2_tokens, stage1=plan.stage1, stage2=plan.stage2, launcher=plan.launcher)
-                 for allocation in candidate_allocations(plan.allocation, layers)]
+    estimates = [
+        estimate_round(
+            config,
+            allocation,
+            old,
+            plan.new_languages,
+            top_k=plan.top_k,
+            classifier_layers=plan.classifier_layer_count,
+            seq_len=t.seq_len,
+            stage1_tokens=t.stage1_tokens,
+            stage2_tokens=t.stage2_tokens,
+            stage1=plan.stage1,
+            stage2=plan.stage2,
+            launcher=plan.launcher,
+        )
+        for allocation in candidate_allocations(plan.allocation, layers)
+    ]
     print(format_estimate(estimates, plan.allocation, layers))
 
 
@@ -169,8 +184,10 @@ def cmd_registry(args) -> None:
         print(json.dumps(info, indent=2, default=str))
     elif command in ("download", "export"):
         local = download_version(settings, args.ref, args.dir)
-        print(f"version {local.version} ({local.info.storage}, verified) is in {local.path}: "
-              "load it with AutoModelForCausalLM.from_pretrained(path)")
+        print(
+            f"version {local.version} ({local.info.storage}, verified) is in {local.path}: "
+            "load it with AutoModelForCausalLM.from_pretrained(path)"
+        )
     elif command == "promote":
         info = promote(settings, args.ref, args.alias)
         print(f"version {info.version} now holds the alias {args.alias!r} (aliases: {', '.join(info.aliases)})")
@@ -235,8 +252,7 @@ def run_flow_in_child(argv: Sequence[str]) -> int:
     run could record its end (it stayed Running, after minutes of connection retries). Here only this
     process, which imports nothing heavy, gets it: the child's run ends Crashed and it prints one line.
     """
-    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env={**os.environ, FLOW_CHILD_ENV: "1"},
-                             start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env={**os.environ, FLOW_CHILD_ENV: "1"}, start_new_session=True)
 
     def forward(signum, frame):
         child.send_signal(signum)
@@ -252,8 +268,11 @@ def run_flow_in_child(argv: Sequence[str]) -> int:
 def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options every command takes, before or after its name, added to the parser and every subparser (commands
     added later get them too). SUPPRESS keeps a subcommand from resetting a value given before it."""
-    parser.add_argument("--tracking-uri", default=argparse.SUPPRESS,
-                        help="MLflow URI (default: the plan's, or $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri",
+        default=argparse.SUPPRESS,
+        help="MLflow URI (default: the plan's, or $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)",
+    )
     parser.add_argument("--model-name", default=argparse.SUPPRESS, help="registered model name (default: the plan's, or layermoe)")
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -274,8 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.set_defaults(run=cmd_lifelong)
 
-    p = sub.add_parser("compare",
-                       help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data")
+    p = sub.add_parser(
+        "compare", help="allocation methods side by side (LayerMoE, uniform MoE-LPR, NeuronMoE, DMoE, ...), same parent and data"
+    )
     p.add_argument("--plan", required=True, help="an add-languages plan, optionally with variants and uniform_budget_factor")
     p.add_argument(
         "--variants",

@@ -44,14 +44,25 @@ VARIANTS: tuple[str, ...] = get_args(VariantName)
 class ComparePlan(ExpansionPlan):
     """One round run once per allocation variant from the same parent; each variant's version holds the alias compare-VARIANT."""
 
-    model_config = ConfigDict(title="Compare plan", json_schema_extra=form_first(
-        "parent", "new_languages", "old_languages", "variants", "corpora", "allocation"))
+    model_config = ConfigDict(
+        title="Compare plan", json_schema_extra=form_first("parent", "new_languages", "old_languages", "variants", "corpora", "allocation")
+    )
 
-    variants: list[VariantName] = Field(["layermoe", "uniform", "no_classifier"], min_length=1, title="Variants",
-                                        description=f"the variants to run, in this order: any of {', '.join(VARIANTS)}")
-    uniform_budget_factor: float = Field(2.5, gt=0, title="Uniform budget factor", description="uniform baseline budget = factor x allocation.delta")
-    equal_budget: bool = Field(True, title="Equal budget", description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping")
-    seeds: int = Field(1, ge=1, title="Seeds", description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std")
+    variants: list[VariantName] = Field(
+        ["layermoe", "uniform", "no_classifier"],
+        min_length=1,
+        title="Variants",
+        description=f"the variants to run, in this order: any of {', '.join(VARIANTS)}",
+    )
+    uniform_budget_factor: float = Field(
+        2.5, gt=0, title="Uniform budget factor", description="uniform baseline budget = factor x allocation.delta"
+    )
+    equal_budget: bool = Field(
+        True, title="Equal budget", description="budgeted variants spend exactly delta (largest remainder); else each paper's mapping"
+    )
+    seeds: int = Field(
+        1, ge=1, title="Seeds", description="runs per variant, with Stage-1/2 seeds +0, +1, ...; the table gives mean and std"
+    )
 
     @model_validator(mode="after")
     def _distinct_variants(self) -> "ComparePlan":

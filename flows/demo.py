@@ -31,8 +31,9 @@ ROUNDS = [["el", "hu", "tr"], ["bn", "hi", "ne"]]
 
 
 def demo_registry(workdir: Path) -> RegistrySettings:
-    return RegistrySettings(tracking_uri=f"sqlite:///{workdir.resolve()}/mlflow.db", registered_model_name="layermoe-demo",
-                            experiment_name="layermoe-demo")
+    return RegistrySettings(
+        tracking_uri=f"sqlite:///{workdir.resolve()}/mlflow.db", registered_model_name="layermoe-demo", experiment_name="layermoe-demo"
+    )
 
 
 def demo_plans(

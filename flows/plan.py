@@ -33,12 +33,12 @@ from registry.settings import RegistrySettings
 # Keys a plan used to have: each names what replaced it, so an old plan fails with the fix.
 RENAMED_KEYS = {
     "classifier_layers": "`classifier_layers` is now `classifier_layer_count` (it is a count K: classifiers go "
-                         "to the K most similar layers); rename the key",
+    "to the K most similar layers); rename the key",
 }
 REMOVED_PARENT_KEYS = {
     "trust_remote_code": "`parent.trust_remote_code` is gone: layermoe expands only architectures that transformers "
-                         f"implements itself ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and never runs a model's own code; "
-                         "remove the key",
+    f"implements itself ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and never runs a model's own code; "
+    "remove the key",
 }
 
 
@@ -80,8 +80,13 @@ class FormSection:
     model reads the same wherever the form shows it.
     """
 
-    def __init__(self, title: str, description: str | None = None, fields: dict[str, dict[str, str]] | None = None,
-                 nested: dict[str, "FormSection"] | None = None):
+    def __init__(
+        self,
+        title: str,
+        description: str | None = None,
+        fields: dict[str, dict[str, str]] | None = None,
+        nested: dict[str, "FormSection"] | None = None,
+    ):
         self.title, self.description, self.fields, self.nested = title, description, fields or {}, nested or {}
 
     def __get_pydantic_json_schema__(self, schema: cs.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
@@ -114,58 +119,92 @@ def _model_ref(prop: dict[str, Any]) -> str:
 # The library's settings models as form sections. The field texts below only fill gaps in the library's own
 # descriptions (mostly: what an empty optional field does); they belong there once layermoe_core is free to change.
 EMPTY_MAX_STEPS = {"description": "optimizer steps, >= 1; empty: train num_epochs epochs (overrides num_epochs when set)"}
-TRAINING_TITLES = {"lr_scheduler": {"title": "LR schedule"}, "max_steps": {**EMPTY_MAX_STEPS, "title": "Max steps"},
-                   "new_prior_coef": {"title": "New-expert prior coefficient"}}
+TRAINING_TITLES = {
+    "lr_scheduler": {"title": "LR schedule"},
+    "max_steps": {**EMPTY_MAX_STEPS, "title": "Max steps"},
+    "new_prior_coef": {"title": "New-expert prior coefficient"},
+}
 ALLOCATION_FORM = FormSection(
     "Expert budget",
     "How many new experts a round adds and to which layers: the allocation method, its budget (delta) and per-layer "
     "bounds, and the settings of the signal the method reads.",
     fields={
-        "method": {"description": "layermoe: by hidden-state similarity to the old languages (the paper); uniform: the same "
-                                  "count in every layer (MoE-LPR); fixed: the counts in `fixed`; neuron, param_delta, late_layers: "
-                                  "the other signals compared in `layermoe compare`"},
+        "method": {
+            "description": "layermoe: by hidden-state similarity to the old languages (the paper); uniform: the same "
+            "count in every layer (MoE-LPR); fixed: the counts in `fixed`; neuron, param_delta, late_layers: "
+            "the other signals compared in `layermoe compare`"
+        },
         "fixed": {"description": "with method fixed: new experts per layer, one count per layer; empty: the method decides"},
         "max_per_layer": {"description": "at most this many new experts per layer (minmax: the top of the range); empty: no cap"},
-        "clamp_similarity": {"description": "layermoe: raise similarities below this positive floor to it, so 1/S stays "
-                                            "defined; empty: no floor"},
+        "clamp_similarity": {
+            "description": "layermoe: raise similarities below this positive floor to it, so 1/S stays defined; empty: no floor"
+        },
     },
 )
-CORPUS_FORM = FormSection("Corpus", "Where one language's documents come from: a local file or folder (`path`) or a "
-                                    "datasets hub dataset (`hub_name`), exactly one of them.")
-STAGE1_FORM = FormSection("Stage 1: new experts", "Stage 1 trains the new experts and their routers on the new languages; "
-                          "everything the parent had stays frozen.",
-                          fields={**TRAINING_TITLES, "balance_loss_coef": {"title": "Balance loss coefficient"}})
-STAGE2_FORM = FormSection("Stage 2: review", "Stage 2 (the review) trains only the routers and the routing classifiers, on a "
-                          "replay of old and new languages, so old-language tokens go back to the old experts.",
-                          fields={**TRAINING_TITLES, "lpr_coef": {"title": "LPR loss coefficient"},
-                                  "classifier_coef": {"title": "Classifier loss coefficient"}, "lm_coef": {"title": "LM loss coefficient"}})
+CORPUS_FORM = FormSection(
+    "Corpus",
+    "Where one language's documents come from: a local file or folder (`path`) or a "
+    "datasets hub dataset (`hub_name`), exactly one of them.",
+)
+STAGE1_FORM = FormSection(
+    "Stage 1: new experts",
+    "Stage 1 trains the new experts and their routers on the new languages; everything the parent had stays frozen.",
+    fields={**TRAINING_TITLES, "balance_loss_coef": {"title": "Balance loss coefficient"}},
+)
+STAGE2_FORM = FormSection(
+    "Stage 2: review",
+    "Stage 2 (the review) trains only the routers and the routing classifiers, on a "
+    "replay of old and new languages, so old-language tokens go back to the old experts.",
+    fields={
+        **TRAINING_TITLES,
+        "lpr_coef": {"title": "LPR loss coefficient"},
+        "classifier_coef": {"title": "Classifier loss coefficient"},
+        "lm_coef": {"title": "LM loss coefficient"},
+    },
+)
 EVALUATION_FORM = FormSection(
     "Evaluation and gate",
     "What the parent and its child are compared on (held-out loss per language, optional benchmarks), and the gate the "
     "child must pass to take the alias.",
-    fields={"translation": {"title": "Translation", "description": "few-shot translation to and from a pivot on held-out "
-                            "parallel sentences, scored with chrF++; empty: no translation evaluation"},
-            "gates": {"title": "Promotion gate", "description": "when the child may take the alias"},
-            "multiple_choice_files": {"description": "local Belebele-like .jsonl files; each file's metric is named after it "
-                                                     "(belebele_el.jsonl: belebele_el.mc_acc)"},
-            "lm_eval_tasks": {"title": "lm-eval tasks"}, "lm_eval_task_files": {"title": "lm-eval task files"},
-            "lm_eval_limit": {"title": "lm-eval limit"}},
+    fields={
+        "translation": {
+            "title": "Translation",
+            "description": "few-shot translation to and from a pivot on held-out "
+            "parallel sentences, scored with chrF++; empty: no translation evaluation",
+        },
+        "gates": {"title": "Promotion gate", "description": "when the child may take the alias"},
+        "multiple_choice_files": {
+            "description": "local Belebele-like .jsonl files; each file's metric is named after it (belebele_el.jsonl: belebele_el.mc_acc)"
+        },
+        "lm_eval_tasks": {"title": "lm-eval tasks"},
+        "lm_eval_task_files": {"title": "lm-eval task files"},
+        "lm_eval_limit": {"title": "lm-eval limit"},
+    },
     nested={
-        "gates": FormSection("Promotion gate", "Bounds on the child's held-out loss (and, optionally, translation chrF++) "
-                             "per language, relative to its parent; with `promotion: manual` the gate's verdict is advice "
-                             "shown to the reviewer."),
-        "translation": FormSection("Translation", "Few-shot translation between a pivot language (English by default) and "
-                                   "every other evaluated language."),
-        "lm_eval_tasks": FormSection("lm-eval task", "One lm-eval task: the language it measures and its few-shot count.",
-                                     fields={"language": {"description": "the language code the task measures, e.g. el"},
-                                             "num_fewshot": {"description": "few-shot examples per prompt, e.g. 25 for ARC"}}),
+        "gates": FormSection(
+            "Promotion gate",
+            "Bounds on the child's held-out loss (and, optionally, translation chrF++) "
+            "per language, relative to its parent; with `promotion: manual` the gate's verdict is advice "
+            "shown to the reviewer.",
+        ),
+        "translation": FormSection(
+            "Translation", "Few-shot translation between a pivot language (English by default) and every other evaluated language."
+        ),
+        "lm_eval_tasks": FormSection(
+            "lm-eval task",
+            "One lm-eval task: the language it measures and its few-shot count.",
+            fields={
+                "language": {"description": "the language code the task measures, e.g. el"},
+                "num_fewshot": {"description": "few-shot examples per prompt, e.g. 25 for ARC"},
+            },
+        ),
     },
 )
 LAUNCHER_FORM = FormSection(
-    "Launcher", "How Stage 1 and Stage 2 start: `accelerate launch` with this many processes (DDP), or an accelerate "
+    "Launcher",
+    "How Stage 1 and Stage 2 start: `accelerate launch` with this many processes (DDP), or an accelerate "
     "config (DDP, FSDP or DeepSpeed ZeRO).",
-    fields={"config_file": {"description": "an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO); empty: plain DDP with "
-                                           "num_processes"}},
+    fields={"config_file": {"description": "an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO); empty: plain DDP with num_processes"}},
 )
 
 
@@ -181,10 +220,24 @@ class ParentRef(_Strict):
 
     model_config = ConfigDict(title="Parent model", json_schema_extra=form_first("hf_path", "alias", "version", "languages"))
 
-    alias: str = Field("champion", title="Registry alias", description="start from the registry version holding this alias (used when version and hf_path are empty)")
-    version: int | None = Field(None, ge=1, title="Registry version", description="start from this version number instead of the alias; empty: use the alias")
-    hf_path: Path | None = Field(None, title="HF model directory", description="a local HF model directory (save_pretrained) for the first round; it is registered as version 1 first. Empty: start from the registry")
-    languages: list[str] = Field(default_factory=list, title="Languages of the HF model", description="with hf_path: the language codes that model already knows, e.g. [en, zh]")
+    alias: str = Field(
+        "champion",
+        title="Registry alias",
+        description="start from the registry version holding this alias (used when version and hf_path are empty)",
+    )
+    version: int | None = Field(
+        None, ge=1, title="Registry version", description="start from this version number instead of the alias; empty: use the alias"
+    )
+    hf_path: Path | None = Field(
+        None,
+        title="HF model directory",
+        description="a local HF model directory (save_pretrained) for the first round; it is registered as version 1 first. Empty: start from the registry",
+    )
+    languages: list[str] = Field(
+        default_factory=list,
+        title="Languages of the HF model",
+        description="with hf_path: the language codes that model already knows, e.g. [en, zh]",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -202,7 +255,9 @@ class TokenSettings(_Strict):
     model_config = ConfigDict(title="Token budgets")
 
     seq_len: int = Field(128, ge=8, title="Sequence length", description="tokens per packed training row, >= 8")
-    analysis_tokens: int = Field(100_000, ge=1, title="Analysis tokens", description="per language, for layer similarity (reference: ~100k)")
+    analysis_tokens: int = Field(
+        100_000, ge=1, title="Analysis tokens", description="per language, for layer similarity (reference: ~100k)"
+    )
     stage1_tokens: int = Field(200_000, ge=1, title="Stage-1 tokens", description="per new language, Stage-1 training")
     stage2_tokens: int = Field(20_000, ge=1, title="Stage-2 tokens", description="per language, the Stage-2 replay (old and new)")
     eval_tokens: int = Field(20_000, ge=1, title="Evaluation tokens", description="per language, held-out evaluation")
@@ -213,25 +268,53 @@ class TokenSettings(_Strict):
 class ExpansionSettings(_Strict):
     """Everything a round needs besides its languages: shared by every round of a lifelong plan."""
 
-    registry: RegistrySettings = Field(default_factory=RegistrySettings, title="Registry", description="the MLflow store that holds the versions")
+    registry: RegistrySettings = Field(
+        default_factory=RegistrySettings, title="Registry", description="the MLflow store that holds the versions"
+    )
     corpora: dict[str, Annotated[CorpusSpec, CORPUS_FORM]] = Field(
-        title="Corpora", description="one corpus per language code, old and new languages alike, e.g. "
-        "{\"el\": {\"path\": \"corpus/el.jsonl\"}}; paths are relative to the plan file")
-    tokens: TokenSettings = Field(default_factory=TokenSettings, title="Token budgets", description="tokens sampled per language for each step")
-    similarity_score: SimilarityScore = Field("mean", title="Similarity score", description="how a layer's old/new hidden-state similarity is summarised")
-    similarity_batch_size: int = Field(8, ge=1, title="Similarity batch size", description="sequences per forward pass while measuring similarity")
-    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] = Field(default_factory=AllocationSettings, title="Expert budget", description="how many new experts, and in which layers")
-    top_k: int = Field(2, ge=1, title="Experts per token (top_k)", description="set in the first round; a LayerMoE parent's value must be kept")
-    classifier_layer_count: int = Field(2, ge=0, title="Classifier layer count", description="K: routing classifiers go to the K most similar layers")
-    stage1: Annotated[Stage1Settings, STAGE1_FORM] = Field(default_factory=Stage1Settings, title="Stage 1", description="training of the new experts and routers on the new languages")
-    stage2: Annotated[Stage2Settings, STAGE2_FORM] = Field(default_factory=Stage2Settings, title="Stage 2", description="the review: classifiers and routers on a replay of old and new languages")
-    evaluation: Annotated[EvalSettings, EVALUATION_FORM] = Field(default_factory=EvalSettings, title="Evaluation", description="held-out parent-vs-child evaluation and the promotion gate")
+        title="Corpora",
+        description="one corpus per language code, old and new languages alike, e.g. "
+        '{"el": {"path": "corpus/el.jsonl"}}; paths are relative to the plan file',
+    )
+    tokens: TokenSettings = Field(
+        default_factory=TokenSettings, title="Token budgets", description="tokens sampled per language for each step"
+    )
+    similarity_score: SimilarityScore = Field(
+        "mean", title="Similarity score", description="how a layer's old/new hidden-state similarity is summarised"
+    )
+    similarity_batch_size: int = Field(
+        8, ge=1, title="Similarity batch size", description="sequences per forward pass while measuring similarity"
+    )
+    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] = Field(
+        default_factory=AllocationSettings, title="Expert budget", description="how many new experts, and in which layers"
+    )
+    top_k: int = Field(
+        2, ge=1, title="Experts per token (top_k)", description="set in the first round; a LayerMoE parent's value must be kept"
+    )
+    classifier_layer_count: int = Field(
+        2, ge=0, title="Classifier layer count", description="K: routing classifiers go to the K most similar layers"
+    )
+    stage1: Annotated[Stage1Settings, STAGE1_FORM] = Field(
+        default_factory=Stage1Settings, title="Stage 1", description="training of the new experts and routers on the new languages"
+    )
+    stage2: Annotated[Stage2Settings, STAGE2_FORM] = Field(
+        default_factory=Stage2Settings,
+        title="Stage 2",
+        description="the review: classifiers and routers on a replay of old and new languages",
+    )
+    evaluation: Annotated[EvalSettings, EVALUATION_FORM] = Field(
+        default_factory=EvalSettings, title="Evaluation", description="held-out parent-vs-child evaluation and the promotion gate"
+    )
     launcher: Annotated[LauncherSettings, LAUNCHER_FORM] | None = Field(
-        None, title="Launcher", description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process"
+        None,
+        title="Launcher",
+        description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process",
     )
     promote_alias: str = Field("champion", title="Alias to promote", description="the alias a child that passes the gate takes")
     promotion: Literal["auto", "manual"] = Field(
-        "auto", title="Promotion", description="auto: the gate moves the alias; manual: the round pauses after evaluation for a person to approve or reject"
+        "auto",
+        title="Promotion",
+        description="auto: the gate moves the alias; manual: the round pauses after evaluation for a person to approve or reject",
     )
     workdir: Path = Field(Path(".layermoe/work"), title="Work directory", description="checkpoints and reports of each round")
 
@@ -244,8 +327,7 @@ class ExpansionSettings(_Strict):
         missing = [lang for lang in languages if lang not in self.corpora]
         if missing:
             raise LayerMoEError(
-                f"languages {missing} have no corpus; add them under `corpora:` in the plan "
-                f"(corpora given: {sorted(self.corpora)})"
+                f"languages {missing} have no corpus; add them under `corpora:` in the plan (corpora given: {sorted(self.corpora)})"
             )
 
     def check_parent_model(self, model_dir: Path) -> None:
@@ -266,12 +348,15 @@ def _check_codes(codes: Iterable[str]) -> None:
 class ExpansionPlan(ExpansionSettings):
     """One "add languages" round. `old_languages` defaults to the parent version's languages."""
 
-    model_config = ConfigDict(title="Add-languages plan",
-                              json_schema_extra=form_first("parent", "new_languages", "old_languages", "corpora", "allocation"))
+    model_config = ConfigDict(
+        title="Add-languages plan", json_schema_extra=form_first("parent", "new_languages", "old_languages", "corpora", "allocation")
+    )
 
     name: str = Field("add-languages", title="Plan name", description="names the round's folder and its runs")
     parent: ParentRef = Field(default_factory=ParentRef, title="Parent model", description="the version this round starts from")
-    old_languages: list[str] = Field(default_factory=list, title="Old languages", description="languages the parent knows; empty: the parent's own list")
+    old_languages: list[str] = Field(
+        default_factory=list, title="Old languages", description="languages the parent knows; empty: the parent's own list"
+    )
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds, e.g. [el, hu]")
 
     @model_validator(mode="after")
@@ -295,7 +380,9 @@ class RoundSpec(_Strict):
     model_config = ConfigDict(title="Round")
 
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds")
-    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] | None = Field(None, title="Expert budget of this round", description="overrides the plan's allocation for this round; empty: the plan's")
+    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] | None = Field(
+        None, title="Expert budget of this round", description="overrides the plan's allocation for this round; empty: the plan's"
+    )
 
 
 class LifelongPlan(ExpansionSettings):
@@ -308,7 +395,9 @@ class LifelongPlan(ExpansionSettings):
     model_config = ConfigDict(title="Lifelong plan", json_schema_extra=form_first("parent", "rounds", "corpora", "allocation"))
 
     name: str = Field("lifelong", title="Plan name", description="names the rounds' folders and runs")
-    parent: ParentRef = Field(default_factory=ParentRef, title="Parent model", description="where round 1 starts; later rounds start from the promoted alias")
+    parent: ParentRef = Field(
+        default_factory=ParentRef, title="Parent model", description="where round 1 starts; later rounds start from the promoted alias"
+    )
     rounds: list[RoundSpec] = Field(min_length=1, title="Rounds", description="the languages each round adds, in order")
 
     @model_validator(mode="after")
@@ -341,8 +430,13 @@ class LifelongPlan(ExpansionSettings):
         if spec.allocation is not None:
             shared["allocation"] = spec.allocation.model_dump()
         return ExpansionPlan.model_validate(
-            {**shared, "name": f"{self.name}-round-{index + 1}", "parent": parent.model_dump(),
-             "old_languages": old_languages, "new_languages": spec.new_languages}
+            {
+                **shared,
+                "name": f"{self.name}-round-{index + 1}",
+                "parent": parent.model_dump(),
+                "old_languages": old_languages,
+                "new_languages": spec.new_languages,
+            }
         )
 
 

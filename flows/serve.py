@@ -54,13 +54,21 @@ def story_deployments(
     one_round, comparison, lifelong = story_plans(path)
     name = name or lifelong.name
     return [
-        add_languages.to_deployment(name=name, parameters={"plan": form_defaults(one_round)},
-                                    description="One round: add the plan's new languages to its parent."),
-        compare.to_deployment(name=name, parameters={"plan": form_defaults(comparison)},
-                              description="LayerMoE vs uniform MoE-LPR vs no classifier, from one parent."),
-        lifelong_expansion.to_deployment(name=name, cron=cron, interval=interval,
-                                         parameters={"plan": form_defaults(lifelong)},
-                                         description="Every round of the plan, each from the newest champion."),
+        add_languages.to_deployment(
+            name=name, parameters={"plan": form_defaults(one_round)}, description="One round: add the plan's new languages to its parent."
+        ),
+        compare.to_deployment(
+            name=name,
+            parameters={"plan": form_defaults(comparison)},
+            description="LayerMoE vs uniform MoE-LPR vs no classifier, from one parent.",
+        ),
+        lifelong_expansion.to_deployment(
+            name=name,
+            cron=cron,
+            interval=interval,
+            parameters={"plan": form_defaults(lifelong)},
+            description="Every round of the plan, each from the newest champion.",
+        ),
     ]
 
 

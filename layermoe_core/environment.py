@@ -26,8 +26,9 @@ def telemetry_off() -> None:
         os.environ.setdefault(key, value)
 
 
-def use_local_stack(prefect_home: str | Path, *, ephemeral: bool = False, tracking_uri: str | None = None,
-                    registry_cache: str | Path | None = None) -> None:
+def use_local_stack(
+    prefect_home: str | Path, *, ephemeral: bool = False, tracking_uri: str | None = None, registry_cache: str | Path | None = None
+) -> None:
     """Telemetry off, hubs offline, Prefect's state in `prefect_home` (created), and optionally MLflow's store.
 
     `ephemeral`: always a temporary Prefect server in `prefect_home`, even where the user's environment

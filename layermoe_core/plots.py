@@ -119,8 +119,11 @@ def plot_variant_comparison(df: pd.DataFrame, path: str | Path) -> Path:
     new-language gain; with `<column>_std` columns (several seeds), error bars of one std."""
     figure = Figure(figsize=(10.0, 3.4), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    panels = [("new_experts", "new experts added"), ("old_drift", "old-language drift (nats, lower is better)"),
-              ("new_gain", "new-language gain (nats, higher is better)")]
+    panels = [
+        ("new_experts", "new experts added"),
+        ("old_drift", "old-language drift (nats, lower is better)"),
+        ("new_gain", "new-language gain (nats, higher is better)"),
+    ]
     for index, (column, title) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, len(panels), index)
         errors = df[f"{column}_std"].fillna(0) if f"{column}_std" in df else None

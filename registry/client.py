@@ -20,13 +20,20 @@ from .settings import RegistrySettings
 REGISTERED_MODEL_DESCRIPTION = (  # markdown in the UI: a bare <name> would vanish as an HTML tag, so the name is filled in
     "LayerMoE lifelong language expansion. Each version's description is its model card (languages, parent, "
     "allocation, per-language metrics, gate verdict); its `layermoe.*` tags give lineage and sizes. Load a version "
-    "with `mlflow.pyfunc.load_model(\"models:/{name}@champion\")` or `registry.download_version`."
+    'with `mlflow.pyfunc.load_model("models:/{name}@champion")` or `registry.download_version`.'
 )
 
 # MLflow error codes that mean "the registry did not answer", not "the request was wrong".
 TRANSIENT_ERROR_CODES = frozenset(
-    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "IO_ERROR", "SERVICE_UNDER_MAINTENANCE", "DEADLINE_EXCEEDED",
-     "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"}
+    {
+        "INTERNAL_ERROR",
+        "TEMPORARILY_UNAVAILABLE",
+        "IO_ERROR",
+        "SERVICE_UNDER_MAINTENANCE",
+        "DEADLINE_EXCEEDED",
+        "REQUEST_LIMIT_EXCEEDED",
+        "RESOURCE_EXHAUSTED",
+    }
 )
 
 
@@ -35,11 +42,7 @@ class RegistryUnavailable(LayerMoEError):
 
 
 def unavailable_error(settings: RegistrySettings, cause: Exception, checkpoint: Path | None) -> RegistryUnavailable:
-    kept = (
-        f"; the checkpoint is still at {checkpoint}, so a retry can register it without retraining"
-        if checkpoint is not None
-        else ""
-    )
+    kept = f"; the checkpoint is still at {checkpoint}, so a retry can register it without retraining" if checkpoint is not None else ""
     return RegistryUnavailable(
         f"the MLflow registry at {settings.tracking_uri} is unreachable ({cause}){kept}. "
         "Start the tracking server or point MLFLOW_TRACKING_URI / RegistrySettings.tracking_uri at a reachable one."
@@ -128,9 +131,7 @@ def ensure_experiment(client: MlflowClient, settings: RegistrySettings) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(
-            settings.experiment_name, artifact_location=settings.experiment_artifact_location()
-        )
+        return client.create_experiment(settings.experiment_name, artifact_location=settings.experiment_artifact_location())
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
             raise
@@ -145,7 +146,9 @@ def ensure_registered_model(client: MlflowClient, settings: RegistrySettings) ->
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     try:
-        client.create_registered_model(settings.registered_model_name, description=REGISTERED_MODEL_DESCRIPTION.format(name=settings.registered_model_name))
+        client.create_registered_model(
+            settings.registered_model_name, description=REGISTERED_MODEL_DESCRIPTION.format(name=settings.registered_model_name)
+        )
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process created it meanwhile
             raise

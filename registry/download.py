@@ -68,10 +68,14 @@ def _what(info: VersionInfo) -> str:
 def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path, path: str | None = None) -> Path:
     uri = client.get_model_version_download_uri(info.name, str(info.version))
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{uri.rstrip('/')}/{path}" if path else uri,
-            dst_path=str(dst), tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri,
-        ))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{uri.rstrip('/')}/{path}" if path else uri,
+                dst_path=str(dst),
+                tracking_uri=settings.tracking_uri,
+                registry_uri=settings.tracking_uri,
+            )
+        )
     except STORE_FAILURES as e:
         kind = RegistryUnavailable if isinstance(as_registry_error(settings, e), RegistryUnavailable) else LayerMoEError
         raise kind(f"downloading {_what(info)} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
@@ -105,11 +109,15 @@ def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
         try:
             parent = find_version(client, settings, parent_ref["version"])
         except LayerMoEError as e:
-            raise LayerMoEError(f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
-                                "its lineage is broken: restore that version or re-register this one from its checkpoint") from e
+            raise LayerMoEError(
+                f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
+                "its lineage is broken: restore that version or re-register this one from its checkpoint"
+            ) from e
         if parent.manifest_sha256 != parent_ref["manifest_sha256"] or STORED_SHA256 not in parent.tags:
-            raise LayerMoEError(f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
-                                "the ones it was registered against; its lineage is broken: re-register it from its checkpoint")
+            raise LayerMoEError(
+                f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
+                "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
+            )
         parent_sources = _sources(client, settings, parent, (*seen, info.version))
     return locate_files(stored, parent_sources, _what(info))
 
@@ -126,7 +134,8 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
                 _download_artifacts(client, settings, parent, folder, name)
             listing = json.loads((folder / STORED_NAME).read_text())["files"]
             if sha256_file(folder / STORED_NAME) != parent.tags[STORED_SHA256] or any(
-                    sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)):
+                sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)
+            ):
                 raise LayerMoEError(f"{_what(parent)}: its stored listings differ from the ones registered; the artifacts were altered")
         return ParentFiles(
             version=parent.version,
@@ -181,8 +190,9 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
         info = find_version(client, settings, ref)
     digest = info.manifest_sha256
     if digest is None:
-        raise LayerMoEError(f"{_what(info)} has no manifest tag, so its files cannot be verified; "
-                            "register it with registry.register_base/register_child")
+        raise LayerMoEError(
+            f"{_what(info)} has no manifest tag, so its files cannot be verified; register it with registry.register_base/register_child"
+        )
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir.parent, prefix=f".{dest_dir.name}-partial-") as staging:
         with store_errors(settings):

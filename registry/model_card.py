@@ -98,8 +98,9 @@ def comparison_metrics(comparison: pd.DataFrame) -> dict[str, float]:
 
 def own_metrics(comparison: pd.DataFrame, side: str) -> dict[str, float]:
     """One model's held-out values (`side` "parent" or "child") under `<metric>.<language>`."""
-    return {f"{row.metric}.{row.language}": float(getattr(row, side)) for row in comparison.itertuples()
-            if not math.isnan(getattr(row, side))}
+    return {
+        f"{row.metric}.{row.language}": float(getattr(row, side)) for row in comparison.itertuples() if not math.isnan(getattr(row, side))
+    }
 
 
 def _number(value: float) -> str:
@@ -113,8 +114,10 @@ def _verdict_lines(verdict: Verdict | None) -> list[str]:
     if verdict is None:
         return [f"{VERDICT_HEAD}:** not evaluated."]
     head = {
-        ("gate", True): "PASSED**", ("gate", False): "REJECTED**",
-        ("reviewer", True): "PASSED** (approved by a reviewer)", ("reviewer", False): "REJECTED** (by a reviewer)",
+        ("gate", True): "PASSED**",
+        ("gate", False): "REJECTED**",
+        ("reviewer", True): "PASSED** (approved by a reviewer)",
+        ("reviewer", False): "REJECTED** (by a reviewer)",
         ("pending", True): "PENDING** (awaiting a reviewer; the automatic gate passes it)",
         ("pending", False): "PENDING** (awaiting a reviewer; the automatic gate rejects it)",
     }[verdict.decided_by, verdict.passed]
@@ -168,8 +171,10 @@ def child_card(
             "",
             "| language | group | metric | parent | child | delta |",
             "|---|---|---|---:|---:|---:|",
-            *[f"| {r.language} | {r.group} | {r.metric} | {_number(r.parent)} | {_number(r.child)} | {r.delta:+.4f} |"
-              for r in comparison.itertuples()],
+            *[
+                f"| {r.language} | {r.group} | {r.metric} | {_number(r.parent)} | {_number(r.child)} | {r.delta:+.4f} |"
+                for r in comparison.itertuples()
+            ],
             "",
             f"Old-language drift: max {_number(old_drift_max(comparison))}, mean {_number(old_language_drift(comparison))} nats; "
             f"new-language gain: {_number(new_language_gain(comparison))} nats.",

@@ -33,12 +33,14 @@ def _signature():
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),  # a list of prompts (unnamed, so predict(["..."]) works)
         outputs=Schema([ColSpec("string")]),  # one completion per prompt
-        params=ParamSchema([
-            ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
-            ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),  # 0: greedy
-            ParamSpec("top_p", "double", GENERATION_DEFAULTS["top_p"]),
-            ParamSpec("seed", "long", GENERATION_DEFAULTS["seed"]),
-        ]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
+                ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),  # 0: greedy
+                ParamSpec("top_p", "double", GENERATION_DEFAULTS["top_p"]),
+                ParamSpec("seed", "long", GENERATION_DEFAULTS["seed"]),
+            ]
+        ),
     )
 
 
@@ -84,10 +86,13 @@ class TextGenerator:
             inputs = self.tokenizer(str(prompt), return_tensors="pt")
             with torch.no_grad():
                 output = self.model.generate(
-                    **inputs, max_new_tokens=int(settings["max_new_tokens"]), do_sample=sample, pad_token_id=pad,
+                    **inputs,
+                    max_new_tokens=int(settings["max_new_tokens"]),
+                    do_sample=sample,
+                    pad_token_id=pad,
                     **({"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"])} if sample else {}),
                 )
-            completions.append(self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            completions.append(self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         return completions
 
 
@@ -128,8 +133,10 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
         client = open_client(settings, create=False)
         parent = find_version(client, settings, parent_ref["version"])
         if parent.manifest_sha256 != parent_ref["manifest_sha256"]:
-            raise LayerMoEError(f"{what} is a delta on version {parent.version} of {name!r}, whose files are not the ones it "
-                                "was registered against; its lineage is broken")
+            raise LayerMoEError(
+                f"{what} is a delta on version {parent.version} of {name!r}, whose files are not the ones it "
+                "was registered against; its lineage is broken"
+            )
         parent_sources = _sources(client, settings, parent)
     digest = sha256_file(stored / MANIFEST_NAME)
     full = RegistrySettings().cache_dir / "models" / digest[:24]  # one rebuilt copy per distinct model

@@ -194,9 +194,16 @@ def _register(
         upload = {**stored.files, MLMODEL_FILE: write_mlmodel(Path(staging), settings)}
         listing = write_stored_manifest(upload, Path(staging))
         upload[STORED_NAME] = listing
-        version_tags = {**version_tags, **encode_tags({
-            STORAGE: stored.storage, STORED_SHA256: sha256_file(listing), STORED_BYTES: sum(p.stat().st_size for p in upload.values()),
-        })}
+        version_tags = {
+            **version_tags,
+            **encode_tags(
+                {
+                    STORAGE: stored.storage,
+                    STORED_SHA256: sha256_file(listing),
+                    STORED_BYTES: sum(p.stat().st_size for p in upload.values()),
+                }
+            ),
+        }
         try:
             ensure_registered_model(client, settings)
             run_id = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags=version_tags).info.run_id
@@ -259,14 +266,16 @@ def register_base(
 
 
 def _base_tags(prepared: PreparedModel, languages: list[str]) -> dict[str, str]:
-    return encode_tags({
-        KIND: "base",
-        ROUND: 0,
-        LANGUAGES: languages,
-        PARAMS_TOTAL: prepared.params_total,
-        MANIFEST_SHA256: text_digest(prepared.manifest),
-        VERDICT: "base",
-    })
+    return encode_tags(
+        {
+            KIND: "base",
+            ROUND: 0,
+            LANGUAGES: languages,
+            PARAMS_TOTAL: prepared.params_total,
+            MANIFEST_SHA256: text_digest(prepared.manifest),
+            VERDICT: "base",
+        }
+    )
 
 
 def find_or_register_base(settings: RegistrySettings, model_dir: str | Path, languages: list[str]) -> VersionInfo:
@@ -286,8 +295,7 @@ def find_or_register_base(settings: RegistrySettings, model_dir: str | Path, lan
     for info in versions:
         if info.kind == "base" and info.manifest_sha256 == digest and info.languages == languages and info.is_ready:
             return info
-    return _register(client, settings, prepared, _base_tags(prepared, languages), "base",
-                     base_card(languages, prepared.params_total, None))
+    return _register(client, settings, prepared, _base_tags(prepared, languages), "base", base_card(languages, prepared.params_total, None))
 
 
 def register_child(
@@ -333,23 +341,34 @@ def register_child(
     outcome: dict[str, Any] = verdict_tags(verdict) if verdict is not None else {}
     if comparison is not None:
         outcome |= {OLD_DRIFT_MAX: old_drift_max(comparison), NEW_GAIN: new_language_gain(comparison)}
-    version_tags = encode_tags({
-        KIND: "child",
-        PARENT_VERSION: parent.version,
-        ROUND: round_.round,
-        OLD_LANGUAGES: round_.old_languages,
-        NEW_LANGUAGES: round_.new_languages,
-        LANGUAGES: round_.old_languages + round_.new_languages,
-        ALLOCATION: round_.allocation,
-        CLASSIFIER_LAYERS: round_.classifier_layers,
-        PARAMS_TOTAL: prepared.params_total,
-        **({PARAMS_ADDED: params_added} if params_added is not None else {}),
-        MANIFEST_SHA256: text_digest(prepared.manifest),
-        **outcome,
-    })
+    version_tags = encode_tags(
+        {
+            KIND: "child",
+            PARENT_VERSION: parent.version,
+            ROUND: round_.round,
+            OLD_LANGUAGES: round_.old_languages,
+            NEW_LANGUAGES: round_.new_languages,
+            LANGUAGES: round_.old_languages + round_.new_languages,
+            ALLOCATION: round_.allocation,
+            CLASSIFIER_LAYERS: round_.classifier_layers,
+            PARAMS_TOTAL: prepared.params_total,
+            **({PARAMS_ADDED: params_added} if params_added is not None else {}),
+            MANIFEST_SHA256: text_digest(prepared.manifest),
+            **outcome,
+        }
+    )
     card = child_card(
-        settings.registered_model_name, round_.round, parent.version, parent_round, round_.old_languages,
-        round_.new_languages, round_.allocation, round_.classifier_layers, comparison, verdict, params_added,
+        settings.registered_model_name,
+        round_.round,
+        parent.version,
+        parent_round,
+        round_.old_languages,
+        round_.new_languages,
+        round_.allocation,
+        round_.classifier_layers,
+        comparison,
+        verdict,
+        params_added,
     )
     if description:
         card += "\n\n" + description
@@ -362,8 +381,7 @@ def register_child(
         if comparison is not None and parent.run_id:
             _backfill_parent_metrics(run_client, parent.run_id, own_metrics(comparison, "parent"))
 
-    return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports,
-                     parent if settings.delta_storage else None)
+    return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports, parent if settings.delta_storage else None)
 
 
 def _backfill_parent_metrics(client: MlflowClient, parent_run_id: str, metrics: Mapping[str, float]) -> None:

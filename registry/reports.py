@@ -47,9 +47,9 @@ def log_metrics_and_params(
     rows += [Metric(key, value, now, step) for key, value, step in step_metrics]
     flat = [Param(key, value) for key, value in encode_tags(flatten_params(params)).items()]
     for start in range(0, len(rows), _MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=rows[start:start + _MAX_METRICS_PER_BATCH])
+        client.log_batch(run_id, metrics=rows[start : start + _MAX_METRICS_PER_BATCH])
     for start in range(0, len(flat), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=flat[start:start + _MAX_PARAMS_PER_BATCH])
+        client.log_batch(run_id, params=flat[start : start + _MAX_PARAMS_PER_BATCH])
 
 
 def log_reports(

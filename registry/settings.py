@@ -35,24 +35,41 @@ class RegistrySettings(BaseModel):
         title="Tracking URI",
         description="MLflow tracking and registry URI: sqlite:///path.db, http(s)://server, or a database URI.",
     )
-    registered_model_name: str = Field("layermoe", title="Registered model", description="The registered model whose versions the rounds add.")
+    registered_model_name: str = Field(
+        "layermoe", title="Registered model", description="The registered model whose versions the rounds add."
+    )
     experiment_name: str = Field("layermoe", title="Experiment", description="The MLflow experiment that holds each round's run.")
     artifact_location: str | None = Field(
         default=None,
         title="Artifact location",
         description="Artifact root of a new experiment. Empty: an `artifacts` folder beside the sqlite file, or the server's default.",
     )
-    connect_timeout_s: float = Field(default=5.0, gt=0, title="Connect timeout (s)", description="How long the first probe waits for an http(s) server.")
+    connect_timeout_s: float = Field(
+        default=5.0, gt=0, title="Connect timeout (s)", description="How long the first probe waits for an http(s) server."
+    )
     request_timeout_s: float = Field(
-        default=15.0, gt=0, title="Request timeout (s)", description="Per HTTP request to an http(s) server: connect, and each wait for an answer."
+        default=15.0,
+        gt=0,
+        title="Request timeout (s)",
+        description="Per HTTP request to an http(s) server: connect, and each wait for an answer.",
     )
     request_retries: int = Field(
-        default=2, ge=0, le=10, title="Request retries", description="Retries of a failed HTTP request (MLflow's own default, 7, waits for minutes)."
+        default=2,
+        ge=0,
+        le=10,
+        title="Request retries",
+        description="Retries of a failed HTTP request (MLflow's own default, 7, waits for minutes).",
     )
-    retry_backoff_s: int = Field(default=1, ge=0, le=30, title="Retry backoff (s)", description="Retry n waits retry_backoff_s * 2**(n-1) seconds.")
-    ready_timeout_s: int = Field(default=300, gt=0, title="Ready timeout (s)", description="How long to wait for a new version to be READY.")
+    retry_backoff_s: int = Field(
+        default=1, ge=0, le=30, title="Retry backoff (s)", description="Retry n waits retry_backoff_s * 2**(n-1) seconds."
+    )
+    ready_timeout_s: int = Field(
+        default=300, gt=0, title="Ready timeout (s)", description="How long to wait for a new version to be READY."
+    )
     delta_storage: bool = Field(
-        default=True, title="Delta storage", description="Store a child as the tensors and files its round changed; False stores every version whole."
+        default=True,
+        title="Delta storage",
+        description="Store a child as the tensors and files its round changed; False stores every version whole.",
     )
     cache_dir: Path = Field(
         default_factory=_cache_dir_from_env,

@@ -37,8 +37,23 @@ LAYOUT_FORMAT = "layermoe-layout/1"
 DELTA_SUFFIX = ".delta.safetensors"
 _CHUNK = 1 << 20
 # safetensors dtype names and their sizes in bytes
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 
 
 class TensorSpan(BaseModel):
@@ -81,9 +96,12 @@ def read_header(path: Path) -> SafetensorsHeader:
 
 
 def _spans(path: Path, header: SafetensorsHeader) -> dict[str, TensorSpan]:
-    return {name: TensorSpan(path=path, offset=header.data_start + info["data_offsets"][0],
-                             length=info["data_offsets"][1] - info["data_offsets"][0])
-            for name, info in header.tensors.items()}
+    return {
+        name: TensorSpan(
+            path=path, offset=header.data_start + info["data_offsets"][0], length=info["data_offsets"][1] - info["data_offsets"][0]
+        )
+        for name, info in header.tensors.items()
+    }
 
 
 def _contiguous(header: SafetensorsHeader) -> bool:
@@ -182,8 +200,9 @@ def plan_storage(
                 upload[delta_name] = staging / delta_name
                 layout[file] = {
                     "header": base64.b64encode(header.raw).decode(),
-                    "tensors": [[name, "parent", *reused[name]] if name in reused else [name, "stored", delta_name, name]
-                                for name in header.tensors],
+                    "tensors": [
+                        [name, "parent", *reused[name]] if name in reused else [name, "stored", delta_name, name] for name in header.tensors
+                    ],
                 }
                 continue
         elif parent is not None and parent.manifest.get(file, {}).get("sha256") == full[file]["sha256"]:
@@ -194,11 +213,19 @@ def plan_storage(
     storage = "delta" if any("stored" not in entry for entry in layout.values()) else "whole"
     (staging / MANIFEST_NAME).write_text(manifest)
     (staging / TENSORS_NAME).write_text(json.dumps(index, sort_keys=True))
-    (staging / LAYOUT_NAME).write_text(json.dumps({
-        "format": LAYOUT_FORMAT,
-        "parent": None if parent is None or storage == "whole" else {"version": parent.version, "manifest_sha256": parent.manifest_sha256},
-        "files": layout,
-    }, indent=1, sort_keys=True))
+    (staging / LAYOUT_NAME).write_text(
+        json.dumps(
+            {
+                "format": LAYOUT_FORMAT,
+                "parent": None
+                if parent is None or storage == "whole"
+                else {"version": parent.version, "manifest_sha256": parent.manifest_sha256},
+                "files": layout,
+            },
+            indent=1,
+            sort_keys=True,
+        )
+    )
     for name in (MANIFEST_NAME, TENSORS_NAME, LAYOUT_NAME):
         upload[name] = staging / name
     return StoredFiles(files=upload, storage=storage, stored_bytes=sum(path.stat().st_size for path in upload.values()))

@@ -28,8 +28,22 @@ NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
 
 # Written once at registration; changing one would falsify lineage or the checksum, so tag_version refuses.
 REGISTRATION_TAGS = frozenset(
-    {KIND, PARENT_VERSION, ROUND, LANGUAGES, OLD_LANGUAGES, NEW_LANGUAGES, ALLOCATION, CLASSIFIER_LAYERS,
-     PARAMS_TOTAL, PARAMS_ADDED, MANIFEST_SHA256, STORAGE, STORED_SHA256, STORED_BYTES}
+    {
+        KIND,
+        PARENT_VERSION,
+        ROUND,
+        LANGUAGES,
+        OLD_LANGUAGES,
+        NEW_LANGUAGES,
+        ALLOCATION,
+        CLASSIFIER_LAYERS,
+        PARAMS_TOTAL,
+        PARAMS_ADDED,
+        MANIFEST_SHA256,
+        STORAGE,
+        STORED_SHA256,
+        STORED_BYTES,
+    }
 )
 _JSON_TAGS = (REGISTRATION_TAGS - {KIND, MANIFEST_SHA256, STORAGE, STORED_SHA256}) | {OLD_DRIFT_MAX, NEW_GAIN}
 

@@ -109,7 +109,7 @@ class VersionInfo(BaseModel):
 
     @property
     def storage(self) -> str:
-        """"delta" (only what the round changed, rebuilt from the lineage) or "whole"."""
+        """ "delta" (only what the round changed, rebuilt from the lineage) or "whole"."""
         return self.tags.get(STORAGE, "whole")
 
     @property
@@ -118,7 +118,7 @@ class VersionInfo(BaseModel):
 
     @property
     def verdict(self) -> str | None:
-        """"passed", "rejected", "base" or "pending" (awaiting a reviewer); None on versions registered before verdicts were tagged."""
+        """ "passed", "rejected", "base" or "pending" (awaiting a reviewer); None on versions registered before verdicts were tagged."""
         return self.tags.get(VERDICT)
 
     @property

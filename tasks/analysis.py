@@ -67,7 +67,12 @@ def measure_similarity(
 
 @task(name="measure allocation signal", cache_policy=STEP_CACHE, persist_result=True)
 def measure_allocation_signal(
-    model_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], settings: AllocationSettings, *,
+    model_dir: Path,
+    tokens_path: Path,
+    old_languages: list[str],
+    new_languages: list[str],
+    settings: AllocationSettings,
+    *,
     batch_size: int,
 ) -> pd.DataFrame | None:
     """The per-layer signal of "neuron" and "param_delta" (None for the methods that read the similarity or nothing)."""
@@ -77,8 +82,13 @@ def measure_allocation_signal(
     if settings.method == "neuron":
         table = neuron_signal(model, sequences, old_languages, new_languages, settings.neurons_per_language, batch_size)
     else:
-        table = param_delta_signal(model, {lang: sequences[lang] for lang in new_languages}, settings.finetune_steps,
-                                   settings.finetune_learning_rate, settings.finetune_batch_size)
+        table = param_delta_signal(
+            model,
+            {lang: sequences[lang] for lang in new_languages},
+            settings.finetune_steps,
+            settings.finetune_learning_rate,
+            settings.finetune_batch_size,
+        )
     publish_table("allocation-signal", table.round(6), f"Per-layer {settings.method} signal of the parent")
     return table
 
@@ -98,19 +108,35 @@ def plan_allocation(
     result = allocate_experts(values, settings)
     chosen = choose_classifier_layers(scores, classifier_layer_count, result.counts)
     if len(chosen) < classifier_layer_count:
-        get_run_logger().warning("only %d layers get new experts, so only they get classifiers: %s",
-                                 sum(n > 0 for n in result.counts), chosen)
-    table = pd.DataFrame({"layer": range(len(scores)), "score": scores, "signal": values, "new_experts": result.counts,
-                          "classifier": [i in chosen for i in range(len(scores))]})
-    table.attrs["total"] = {"method": settings.method, "mapping": settings.effective_mapping, "rounding": settings.rounding,
-                            "requested": result.requested, "total": result.total, "note": result.note}
+        get_run_logger().warning(
+            "only %d layers get new experts, so only they get classifiers: %s", sum(n > 0 for n in result.counts), chosen
+        )
+    table = pd.DataFrame(
+        {
+            "layer": range(len(scores)),
+            "score": scores,
+            "signal": values,
+            "new_experts": result.counts,
+            "classifier": [i in chosen for i in range(len(scores))],
+        }
+    )
+    table.attrs["total"] = {
+        "method": settings.method,
+        "mapping": settings.effective_mapping,
+        "rounding": settings.rounding,
+        "requested": result.requested,
+        "total": result.total,
+        "note": result.note,
+    }
     if result.note:
         get_run_logger().warning("allocation: %s", result.note)
     publish_markdown(
         "allocation",
         "| layer | similarity | signal | new experts | classifier |\n|---|---|---|---|---|\n"
-        + "\n".join(f"| {r.layer} | {r.score:.4f} | {r.signal:.4g} | {r.new_experts} | {'yes' if r.classifier else ''} |"
-                    for r in table.itertuples())
+        + "\n".join(
+            f"| {r.layer} | {r.score:.4f} | {r.signal:.4g} | {r.new_experts} | {'yes' if r.classifier else ''} |"
+            for r in table.itertuples()
+        )
         + f"\n\nmethod `{settings.method}`, total new experts {result.total}"
         + (f" (requested {result.requested})" if result.requested is not None else "")
         + (f"\n\n**{result.note}**" if result.note else ""),

@@ -31,20 +31,31 @@ def train_tokenizer(corpora: dict[str, CorpusSpec], *, vocab_size: int, output_d
 
 @step(lambda a: a["output_dir"] / FINAL_DIR_NAME, name="train base model")
 def train_base(
-    tokenizer_dir: Path, tokens_path: Path, *, size: str, seed: int, settings: TrainSettings, output_dir: Path,
+    tokenizer_dir: Path,
+    tokens_path: Path,
+    *,
+    size: str,
+    seed: int,
+    settings: TrainSettings,
+    output_dir: Path,
     launcher: LauncherSettings | None = None,
 ) -> Path:
     """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
     tokenizer = load_tokenizer(tokenizer_dir)
     config = demo_base_config(len(tokenizer), size)
     if launcher is not None:
-        job = BaseJob(tokenizer_dir=tokenizer_dir, base_config=config.to_dict(), seed=seed, tokens_path=tokens_path,
-                      settings=settings, output_dir=output_dir)
+        job = BaseJob(
+            tokenizer_dir=tokenizer_dir,
+            base_config=config.to_dict(),
+            seed=seed,
+            tokens_path=tokens_path,
+            settings=settings,
+            output_dir=output_dir,
+        )
         result = launch(job, launcher, ProgressReporter("base").fn)
         get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
         return result.model_dir
     model = init_model(config, seed)
-    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")],
-                             tokenizer=tokenizer)
+    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")], tokenizer=tokenizer)
     get_run_logger().info("base model trained: %s", result.final_metrics)
     return result.model_dir

@@ -29,6 +29,7 @@ def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Calla
     step runs again instead of returning its cached result: a cache keyed on inputs cannot see that a
     user cleaned the work directory; this can. The Prefect task itself is the wrapper's `.task`.
     """
+
     def decorate(fn: Callable) -> Callable:
         as_task = task(cache_policy=STEP_CACHE, persist_result=True, **task_options)(fn)
         signature = inspect.signature(fn)

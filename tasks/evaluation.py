@@ -45,8 +45,12 @@ def samples_markdown(samples: pd.DataFrame) -> str:
     for lang, group in samples.groupby("language", sort=False):
         lines.append(f"### {lang}")
         for row in group.itertuples():
-            lines += [f"- **prompt**: {row.prompt}", f"  - parent: {row.parent}", f"  - child: {row.child}",
-                      f"  - reference: {row.reference}"]
+            lines += [
+                f"- **prompt**: {row.prompt}",
+                f"  - parent: {row.parent}",
+                f"  - child: {row.child}",
+                f"  - reference: {row.reference}",
+            ]
     return "\n".join(lines)
 
 

@@ -22,8 +22,13 @@ from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreacha
 
 @task(name="draw round plots")
 def draw_plots(
-    similarity: pd.DataFrame, allocation: pd.DataFrame, routing: pd.DataFrame, comparison: pd.DataFrame, *,
-    signal_method: str | None, out_dir: Path,
+    similarity: pd.DataFrame,
+    allocation: pd.DataFrame,
+    routing: pd.DataFrame,
+    comparison: pd.DataFrame,
+    *,
+    signal_method: str | None,
+    out_dir: Path,
 ) -> dict[str, Path]:
     """The round's figures; `signal_method` names the allocation's own signal where it has one (its bars over that line)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,8 +45,12 @@ def routing_metrics(routing: pd.DataFrame) -> dict[str, float]:
     """Per-language routing averaged over the MoE layers, under the same keys in every version."""
     columns = [c for c in ("old_expert_fraction", "new_expert_weight", "router_old_mass") if c in routing.columns]
     means = routing.groupby("language")[columns].mean()
-    return {f"routing.{column}.{language}": float(value)
-            for language, row in means.iterrows() for column, value in row.items() if pd.notna(value)}
+    return {
+        f"routing.{column}.{language}": float(value)
+        for language, row in means.iterrows()
+        for column, value in row.items()
+        if pd.notna(value)
+    }
 
 
 @task(name="register child version", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
@@ -65,13 +74,25 @@ def register_round(
     metrics = routing_metrics(tables["routing"]) if "routing" in tables else {}
     history_tables = {f"{stage}_log": pd.DataFrame(rows) for stage, rows in training_history.items() if rows}
     version = register_child(
-        registry, child_dir, parent_version, round_info, {**tables, **history_tables}, plot_files, metrics, params,
+        registry,
+        child_dir,
+        parent_version,
+        round_info,
+        {**tables, **history_tables},
+        plot_files,
+        metrics,
+        params,
         comparison=comparison,
         verdict=Verdict(passed=decision.passed, reasons=decision.reasons, decided_by="pending" if pending_review else "gate"),
         training_history=training_history,
     ).version
-    get_run_logger().info("registered version %s (parent %s), gate %s%s", version, parent_version,
-                          "passed" if decision.passed else "rejected", ", awaiting a reviewer" if pending_review else "")
+    get_run_logger().info(
+        "registered version %s (parent %s), gate %s%s",
+        version,
+        parent_version,
+        "passed" if decision.passed else "rejected",
+        ", awaiting a reviewer" if pending_review else "",
+    )
     return version
 
 

@@ -4,7 +4,6 @@ With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_
 and this process only waits, forwarding rank 0's metrics; without one, it trains in-process.
 """
 
-
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -26,8 +25,9 @@ class ProgressReporter(MetricsCallback):
     def __init__(self, stage: str):
         logger = get_run_logger()
         super().__init__(lambda metrics, step: logger.info("%s step %s: %s", stage, step, {k: round(v, 4) for k, v in metrics.items()}))
-        self.artifact_id = create_progress_artifact(progress=0.0, key=artifact_key(f"{stage}-progress"),
-                                                    description=f"{stage} training progress")
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=artifact_key(f"{stage}-progress"), description=f"{stage} training progress"
+        )
 
     def _update(self, state) -> None:
         if state.is_world_process_zero and state.max_steps:
@@ -58,8 +58,14 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
     """
     if launcher is not None:
         return launched(job, launcher, "stage1")
-    return train_stage1(job.expanded_parent(), open_sequences(job.tokens_path), job.settings, job.output_dir,
-                        [ProgressReporter("stage1")], tokenizer=load_tokenizer(job.tokenizer_dir))
+    return train_stage1(
+        job.expanded_parent(),
+        open_sequences(job.tokens_path),
+        job.settings,
+        job.output_dir,
+        [ProgressReporter("stage1")],
+        tokenizer=load_tokenizer(job.tokenizer_dir),
+    )
 
 
 @step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
@@ -68,5 +74,12 @@ def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> Trai
     get_run_logger().info("routing classifiers in layers %s", job.classifier_layers)
     if launcher is not None:
         return launched(job, launcher, "stage2")
-    return train_stage2(job.classified_stage1(), open_sequences(job.old_tokens_path), open_sequences(job.new_tokens_path),
-                        job.settings, job.output_dir, [ProgressReporter("stage2")], tokenizer=load_tokenizer(job.tokenizer_dir))
+    return train_stage2(
+        job.classified_stage1(),
+        open_sequences(job.old_tokens_path),
+        open_sequences(job.new_tokens_path),
+        job.settings,
+        job.output_dir,
+        [ProgressReporter("stage2")],
+        tokenizer=load_tokenizer(job.tokenizer_dir),
+    )

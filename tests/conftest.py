@@ -9,8 +9,9 @@ from layermoe_core.environment import use_local_stack
 
 # Keep Prefect and MLflow local, quiet and inside temporary directories for every test.
 _TMP = tempfile.mkdtemp(prefix="layermoe-tests-")
-use_local_stack(os.path.join(_TMP, "prefect"), tracking_uri=f"sqlite:///{_TMP}/mlflow.db",
-                registry_cache=os.path.join(_TMP, "registry-cache"))
+use_local_stack(
+    os.path.join(_TMP, "prefect"), tracking_uri=f"sqlite:///{_TMP}/mlflow.db", registry_cache=os.path.join(_TMP, "registry-cache")
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -57,20 +57,40 @@ def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
     corpus = write_corpus(workdir / f"corpus-{scale}.txt", BASE_DOCUMENTS * scale, seed=scale)
     num_tokens = int(0.8 * BASE_DOCUMENTS * scale * (DOCUMENT_CHARS + 1))  # 80% of the corpus: the train split holds ~90%
     reset_peak_rss()
-    sample = sample_token_rows({"en": CorpusSpec(path=corpus)}, tiny_tokenizer(), num_tokens, SEQ_LEN, seed=0,
-                               store_dir=workdir / "store", out_path=workdir / f"sample-{scale}.json")
+    sample = sample_token_rows(
+        {"en": CorpusSpec(path=corpus)},
+        tiny_tokenizer(),
+        num_tokens,
+        SEQ_LEN,
+        seed=0,
+        store_dir=workdir / "store",
+        out_path=workdir / f"sample-{scale}.json",
+    )
     sampling = peak_rss_mb()
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=SEQ_LEN))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+            max_position_embeddings=SEQ_LEN,
+        )
+    )
     settings = TrainSettings(max_steps=1, per_device_batch_size=8, learning_rate=1e-3, logging_steps=1, save_steps=10)
     reset_peak_rss()
     rows = load_sequences(sample) if in_ram else open_sequences(sample)
     train_causal_lm(model, rows, settings, workdir / f"train-{scale}")
     training = peak_rss_mb()
-    return {"scale": scale, "tokens": num_tokens // SEQ_LEN * SEQ_LEN, "sampling_peak_mb": round(sampling, 1),
-            "training_step_peak_mb": round(training, 1)}
+    return {
+        "scale": scale,
+        "tokens": num_tokens // SEQ_LEN * SEQ_LEN,
+        "sampling_peak_mb": round(sampling, 1),
+        "training_step_peak_mb": round(training, 1),
+    }
 
 
 def main(argv: list[str]) -> None:

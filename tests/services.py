@@ -130,16 +130,40 @@ def running_postgres(workdir: Path) -> Iterator[PostgresServer]:
         shutil.chown(workdir, POSTGRES_ACCOUNT, POSTGRES_ACCOUNT)
     data_dir, log = workdir / "data", workdir / "postgres.log"
     subprocess.run(
-        [PG_BIN / "initdb", "-D", data_dir, "-U", "postgres", "--auth-local=trust",
-         "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-sync"],
-        check=True, capture_output=True, **_as_postgres_account(),
+        [
+            PG_BIN / "initdb",
+            "-D",
+            data_dir,
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--no-sync",
+        ],
+        check=True,
+        capture_output=True,
+        **_as_postgres_account(),
     )
     server = PostgresServer(port=free_loopback_port(), socket_dir=workdir)
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [PG_BIN / "postgres", "-D", data_dir, "-p", str(server.port), "-k", workdir,
-             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-            stdout=log_file, stderr=subprocess.STDOUT, **_as_postgres_account(),
+            [
+                PG_BIN / "postgres",
+                "-D",
+                data_dir,
+                "-p",
+                str(server.port),
+                "-k",
+                workdir,
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            **_as_postgres_account(),
         )
     try:
         _wait_until(lambda: _accepts_sessions(server), process, log, "PostgreSQL")
@@ -149,9 +173,7 @@ def running_postgres(workdir: Path) -> Iterator[PostgresServer]:
 
 
 def _accepts_sessions(server: PostgresServer) -> bool:
-    ready = subprocess.run(
-        [PG_BIN / "pg_isready", "-q", "-h", server.socket_dir, "-p", str(server.port)], check=False
-    )
+    ready = subprocess.run([PG_BIN / "pg_isready", "-q", "-h", server.socket_dir, "-p", str(server.port)], check=False)
     return ready.returncode == 0
 
 
@@ -186,13 +208,28 @@ def running_mlflow_server(
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [mlflow_cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", backend_store_uri, "--serve-artifacts",
-             "--artifacts-destination", artifacts_dir, "--allowed-hosts", allowed_hosts],
-            stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir,
+            [
+                mlflow_cli,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                backend_store_uri,
+                "--serve-artifacts",
+                "--artifacts-destination",
+                artifacts_dir,
+                "--allowed-hosts",
+                allowed_hosts,
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
             # Server-side jobs (GenAI scorers) are not used by layermoe; without them it starts faster.
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True,  # its own process group: the web workers stop with it
         )
     try:

@@ -120,11 +120,12 @@ def test_classifier_count_outside_the_layers_is_rejected(k):
 
 
 def test_delta_zero_and_per_layer_zero_are_refused_when_the_plan_loads(tmp_path):
-    for allocation, message in [({"method": "layermoe", "delta": 0}, "allocation: .*delta=0"),
-                                ({"method": "uniform", "per_layer": 0}, "allocation: .*per_layer=0")]:
+    for allocation, message in [
+        ({"method": "layermoe", "delta": 0}, "allocation: .*delta=0"),
+        ({"method": "uniform", "per_layer": 0}, "allocation: .*per_layer=0"),
+    ]:
         plan = tmp_path / "plan.yaml"
-        plan.write_text(yaml.safe_dump({"new_languages": ["el"], "corpora": {"el": {"path": str(tmp_path)}},
-                                        "allocation": allocation}))
+        plan.write_text(yaml.safe_dump({"new_languages": ["el"], "corpora": {"el": {"path": str(tmp_path)}}, "allocation": allocation}))
         with pytest.raises(LayerMoEError, match=message):
             load_plan(plan, ExpansionPlan)
 

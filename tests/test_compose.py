@@ -31,7 +31,9 @@ def compose() -> dict:
 def validate_against_compose_spec(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -54,8 +56,15 @@ def test_compose_spec_validation_rejects_a_misspelt_depends_on_condition(tmp_pat
 
 def test_stack_runs_every_service_of_the_design(compose):
     assert set(compose["services"]) == {
-        "postgres", "redis", "prefect-server", "prefect-services", "s3", "create-bucket", "mlflow",
-        "worker", "gpu-worker",
+        "postgres",
+        "redis",
+        "prefect-server",
+        "prefect-services",
+        "s3",
+        "create-bucket",
+        "mlflow",
+        "worker",
+        "gpu-worker",
     }
 
 
@@ -136,8 +145,10 @@ def test_gpu_worker_runs_only_under_the_gpu_profile_with_an_nvidia_reservation(c
     devices = gpu_worker["deploy"]["resources"]["reservations"]["devices"]
     assert [(device["driver"], device["capabilities"]) for device in devices] == [("nvidia", ["gpu"])]
     assert worker["build"]["context"] == gpu_worker["build"]["context"] == "."
-    pools = {name: service["command"][service["command"].index("--pool") + 1]
-             for name, service in (("worker", worker), ("gpu-worker", gpu_worker))}
+    pools = {
+        name: service["command"][service["command"].index("--pool") + 1]
+        for name, service in (("worker", worker), ("gpu-worker", gpu_worker))
+    }
     assert pools["worker"] != pools["gpu-worker"]  # GPU flow runs go to GPU machines only
 
 
@@ -162,10 +173,7 @@ def test_compose_file_holds_no_literal_secrets(compose):
 
 def test_env_example_documents_every_variable_and_env_is_ignored_by_git(compose):
     used = {match.group(1) for match in VARIABLE.finditer(COMPOSE_FILE.read_text())}
-    example = dict(
-        line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines() if line and not line.startswith("#"))
     assert used == set(example)
     required = {match.group(1) for match in VARIABLE.finditer(COMPOSE_FILE.read_text()) if (match.group(2) or "").startswith(":?")}
     assert {name: example[name] for name in required} == dict.fromkeys(required, "")  # no shipped secret
@@ -177,10 +185,16 @@ def run_seaweedfs_entrypoint(tmp_path: Path, access_key: str, secret_key: str) -
     image_entrypoint = tmp_path / "image-entrypoint.sh"
     image_entrypoint.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     image_entrypoint.chmod(0o755)
-    environment = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path), "S3_ACCESS_KEY": access_key,
-                   "S3_SECRET_KEY": secret_key, "SEAWEEDFS_IMAGE_ENTRYPOINT": str(image_entrypoint)}
-    return subprocess.run(["sh", str(ROOT / "docker" / "seaweedfs" / "entrypoint.sh")],
-                          env=environment, capture_output=True, text=True, check=False)
+    environment = {
+        "PATH": "/usr/bin:/bin",
+        "TMPDIR": str(tmp_path),
+        "S3_ACCESS_KEY": access_key,
+        "S3_SECRET_KEY": secret_key,
+        "SEAWEEDFS_IMAGE_ENTRYPOINT": str(image_entrypoint),
+    }
+    return subprocess.run(
+        ["sh", str(ROOT / "docker" / "seaweedfs" / "entrypoint.sh")], env=environment, capture_output=True, text=True, check=False
+    )
 
 
 def test_seaweedfs_entrypoint_makes_the_env_key_pair_the_only_s3_identity(tmp_path):
@@ -189,9 +203,7 @@ def test_seaweedfs_entrypoint_makes_the_env_key_pair_the_only_s3_identity(tmp_pa
     config = tmp_path / "s3-identities.json"
     assert result.stdout.split() == ["server", "-ip.bind=0.0.0.0", "-s3", "-s3.port=8333", f"-s3.config={config}"]
     identities = json.loads(config.read_text())["identities"]
-    assert [identity["credentials"] for identity in identities] == [
-        [{"accessKey": "AKIA0example", "secretKey": "s3cr3t/with+base64="}]
-    ]
+    assert [identity["credentials"] for identity in identities] == [[{"accessKey": "AKIA0example", "secretKey": "s3cr3t/with+base64="}]]
     assert config.stat().st_mode & 0o077 == 0  # no one but its owner reads the secret
 
 

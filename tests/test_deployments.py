@@ -134,11 +134,17 @@ def tiny_plan(world: tuple[Path, dict], folder: Path, name: str, rounds: list[li
     """Rounds from the tiny base with gates that pass: the child's quality is not the point here."""
     base, corpora = world
     settings = dict(
-        name=name, registry=RegistrySettings(tracking_uri=f"sqlite:///{folder}/mlflow.db", registered_model_name="tiny"),
-        corpora=corpora, tokens=TOKENS, allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1,
-        stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**{**FAST, "max_steps": None, "num_epochs": 1}),  # by epochs, as shipped plans
+        name=name,
+        registry=RegistrySettings(tracking_uri=f"sqlite:///{folder}/mlflow.db", registered_model_name="tiny"),
+        corpora=corpora,
+        tokens=TOKENS,
+        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
+        classifier_layer_count=1,
+        stage1=Stage1Settings(**FAST),
+        stage2=Stage2Settings(**{**FAST, "max_steps": None, "num_epochs": 1}),  # by epochs, as shipped plans
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
-        parent=ParentRef(hf_path=base, languages=BASE_LANGUAGES), rounds=[RoundSpec(new_languages=r) for r in rounds],
+        parent=ParentRef(hf_path=base, languages=BASE_LANGUAGES),
+        rounds=[RoundSpec(new_languages=r) for r in rounds],
         workdir=folder / "work",
     )
     return LifelongPlan(**{**settings, **changes})
@@ -285,7 +291,11 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     assert "**Gate verdict: PASSED** (approved by a reviewer)\n\n- reviewer: hu reads well\n" in champion["description"]
     assert "PENDING" not in champion["description"] and "### Held-out metrics: parent / child / delta" in champion["description"]
     versions = list_versions(plan.registry)
-    assert versions.set_index("version")["verdict"].to_dict() == {1: "base", champion["version"]: "passed", 5 - champion["version"]: "rejected"}
+    assert versions.set_index("version")["verdict"].to_dict() == {
+        1: "base",
+        champion["version"]: "passed",
+        5 - champion["version"]: "rejected",
+    }
     rejected = show_version(plan.registry, 5 - champion["version"])
     assert rejected["new_languages"] == ["tr"] and rejected["aliases"] == []
     assert rejected["other_tags"]["layermoe.rejected"] == "true" and rejected["other_tags"]["layermoe.verdict"] == "rejected"
@@ -293,7 +303,7 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     assert "**Gate verdict: REJECTED** (by a reviewer)\n\n- reviewer: en drifted too far\n" in rejected["description"]
     assert "layermoe.approved" not in rejected["other_tags"]
     # the registered model's own description, markdown in the UI, names the model in its load example
-    assert 'models:/tiny@champion' in MlflowClient(plan.registry.tracking_uri).get_registered_model("tiny").description
+    assert "models:/tiny@champion" in MlflowClient(plan.registry.tracking_uri).get_registered_model("tiny").description
 
 
 def test_approve_refuses_a_run_that_is_not_paused_for_review(prefect_api, capsys):

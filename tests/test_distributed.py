@@ -105,9 +105,18 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     corpora = write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "el", "tr", "hu"])  # as test_flows: enough held-out tokens
     registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
-    base = BootstrapPlan(registry=registry, corpora=corpora, languages=BASE_LANGUAGES, vocab_size=400, size="tiny",
-                         train_tokens=4_000, tokens=TOKENS, train=TrainSettings(**STAGE, per_device_batch_size=4),
-                         launcher=TWO_PROCESSES, workdir=root / "work")
+    base = BootstrapPlan(
+        registry=registry,
+        corpora=corpora,
+        languages=BASE_LANGUAGES,
+        vocab_size=400,
+        size="tiny",
+        train_tokens=4_000,
+        tokens=TOKENS,
+        train=TrainSettings(**STAGE, per_device_batch_size=4),
+        launcher=TWO_PROCESSES,
+        workdir=root / "work",
+    )
     assert bootstrap_base(base) == 1
     base_dir = root / "work" / "base" / "train" / "final"
     checkpoint = root / "work" / "base" / "train" / "checkpoint-3"
@@ -136,11 +145,19 @@ def round_plan(world, registry, workdir: Path, launcher: LauncherSettings | None
     _, corpora, _ = world
     batch = {"per_device_batch_size": GLOBAL_BATCH // (launcher.processes if launcher else 1)}
     return ExpansionPlan(
-        name="distributed", registry=registry, corpora=corpora, tokens=TOKENS,
-        allocation=AllocationSettings(method="fixed", fixed=[2, 1]), classifier_layer_count=1,
-        stage1=Stage1Settings(**{**STAGE1, **batch, **stage}), stage2=Stage2Settings(**{**STAGE2, **batch, **stage}),
+        name="distributed",
+        registry=registry,
+        corpora=corpora,
+        tokens=TOKENS,
+        allocation=AllocationSettings(method="fixed", fixed=[2, 1]),
+        classifier_layer_count=1,
+        stage1=Stage1Settings(**{**STAGE1, **batch, **stage}),
+        stage2=Stage2Settings(**{**STAGE2, **batch, **stage}),
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
-        parent=ParentRef(version=1), new_languages=["el"], launcher=launcher, workdir=workdir,
+        parent=ParentRef(version=1),
+        new_languages=["el"],
+        launcher=launcher,
+        workdir=workdir,
     )
 
 
@@ -188,6 +205,7 @@ def test_two_process_round_registers_one_version_whose_child_matches_the_single_
 @pytest.fixture
 def hang_guard():
     """Kill this test's launched ranks if they outlive DEADLINE_S (a hung collective), so the launch fails, not the CI."""
+
     def kill_ranks():
         for process in psutil.Process().children(recursive=True):
             if "layermoe_core.training.launch" in " ".join(process.cmdline()):
@@ -204,8 +222,15 @@ def test_a_step_where_an_expert_group_gets_no_tokens_on_one_rank_neither_hangs_n
     faults.setenv("LAYERMOE_TEST_FAULT", "idle:0:2")
     registry = fresh_registry(world, tmp_path)
     for gradient_checkpointing in (False, True):  # transformers would turn find_unused_parameters off with checkpointing
-        plan = round_plan(world, registry, tmp_path / f"work-{gradient_checkpointing}", TWO_PROCESSES,
-                          gradient_checkpointing=gradient_checkpointing, max_steps=3, save_steps=10)
+        plan = round_plan(
+            world,
+            registry,
+            tmp_path / f"work-{gradient_checkpointing}",
+            TWO_PROCESSES,
+            gradient_checkpointing=gradient_checkpointing,
+            max_steps=3,
+            save_steps=10,
+        )
         summary = add_languages(plan)
         result = json.loads((round_dir(plan, 1) / "stage1" / RESULT_NAME).read_text())
         assert result["global_step"] == 3

@@ -53,9 +53,20 @@ def parent_dir(request, tmp_path):
 
 
 def estimate(parent_dir, stage1: Stage1Settings | None = None, launcher=None):
-    return estimate_round(parent_config(parent_dir), ALLOCATION, OLD, NEW, top_k=2, classifier_layers=1, seq_len=SEQ_LEN,
-                          stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS, stage1=stage1 or Stage1Settings(),
-                          stage2=Stage2Settings(), launcher=launcher)
+    return estimate_round(
+        parent_config(parent_dir),
+        ALLOCATION,
+        OLD,
+        NEW,
+        top_k=2,
+        classifier_layers=1,
+        seq_len=SEQ_LEN,
+        stage1_tokens=STAGE1_TOKENS,
+        stage2_tokens=STAGE2_TOKENS,
+        stage1=stage1 or Stage1Settings(),
+        stage2=Stage2Settings(),
+        launcher=launcher,
+    )
 
 
 def test_estimate_gives_the_real_parameter_counts_and_bytes_of_a_tiny_child(parent_dir, tmp_path):
@@ -119,9 +130,13 @@ def test_layermoe_allocations_fall_within_the_stated_range_and_reach_both_ends()
 
 
 def test_estimate_command_prints_the_report_for_a_plan(parent_dir, tmp_path, capsys):
-    plan = {"corpora": {lang: {"path": f"{lang}.txt"} for lang in OLD + NEW}, "new_languages": NEW,
-            "parent": {"hf_path": str(parent_dir), "languages": OLD},
-            "allocation": {"method": "layermoe", "delta": 4}, "launcher": {"num_processes": 2}}
+    plan = {
+        "corpora": {lang: {"path": f"{lang}.txt"} for lang in OLD + NEW},
+        "new_languages": NEW,
+        "parent": {"hf_path": str(parent_dir), "languages": OLD},
+        "allocation": {"method": "layermoe", "delta": 4},
+        "launcher": {"num_processes": 2},
+    }
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     assert main(["estimate", "--plan", str(tmp_path / "plan.yaml")]) == 0
     report = capsys.readouterr().out
@@ -134,9 +149,19 @@ def test_estimate_of_a_second_round_counts_a_layermoe_parent_exactly(tmp_path):
     first = expand(tiny_model("qwen2"), [1, 2, 1], ["en"], ["el"], top_k=2)
     insert_classifiers(first, [1])
     first.save_pretrained(tmp_path / "round1")
-    predicted = estimate_round(parent_config(tmp_path / "round1"), [1, 0, 2], ["en", "el"], ["tr"], top_k=2, classifier_layers=1,
-                               seq_len=SEQ_LEN, stage1_tokens=STAGE1_TOKENS, stage2_tokens=STAGE2_TOKENS,
-                               stage1=Stage1Settings(), stage2=Stage2Settings())
+    predicted = estimate_round(
+        parent_config(tmp_path / "round1"),
+        [1, 0, 2],
+        ["en", "el"],
+        ["tr"],
+        top_k=2,
+        classifier_layers=1,
+        seq_len=SEQ_LEN,
+        stage1_tokens=STAGE1_TOKENS,
+        stage2_tokens=STAGE2_TOKENS,
+        stage1=Stage1Settings(),
+        stage2=Stage2Settings(),
+    )
     parent = load_model(tmp_path / "round1", device="cpu")
     assert predicted.parent_params == sum(p.numel() for p in parent.parameters())
     child = expand(parent, [1, 0, 2], ["en", "el"], ["tr"])

@@ -262,8 +262,9 @@ def test_lm_eval_runs_a_local_belebele_task_on_the_live_model(expanded):
 
 def test_lm_eval_runs_each_task_at_its_own_shots():
     model = tiny_model("qwen2", max_position_embeddings=512)
-    table = lm_eval_scores(model, tiny_tokenizer(), {"belebele_tiny": HarnessTask(language="en", num_fewshot=2)},
-                           task_files=[HARNESS / "belebele_tiny.yaml"])
+    table = lm_eval_scores(
+        model, tiny_tokenizer(), {"belebele_tiny": HarnessTask(language="en", num_fewshot=2)}, task_files=[HARNESS / "belebele_tiny.yaml"]
+    )
     acc = table.set_index("metric").loc["belebele_tiny.acc", "value"]
     assert acc == pytest.approx(belebele_accuracy_by_hand(model, tiny_tokenizer(), shots=2))
 
@@ -295,8 +296,9 @@ def test_lm_eval_results_become_metrics_without_stderr():
 def test_evaluate_model_reports_perplexity_and_every_task_per_language(tmp_path):
     path = write_jsonl(tmp_path / "colours.jsonl", [QUESTION, {**QUESTION, "language": "el"}])
     settings = EvalSettings(batch_size=2, max_sequences=2, multiple_choice_files=[path])
-    sequences = {lang: torch.randint(0, len(WORDS), (3, 5), generator=torch.Generator().manual_seed(i))
-                 for i, lang in enumerate(["en", "el"])}
+    sequences = {
+        lang: torch.randint(0, len(WORDS), (3, 5), generator=torch.Generator().manual_seed(i)) for i, lang in enumerate(["en", "el"])
+    }
     table = evaluate_model(answer_model(), word_tokenizer(), sequences, settings)
     assert list(table.columns) == ["language", "metric", "value", "n"]
     assert set(zip(table.language, table.metric)) == {

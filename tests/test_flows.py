@@ -42,8 +42,18 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("flows")
     corpora = write_synthetic_corpus(root / "corpus", ["en", "zh", "el", "tr", "hu"])
     registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
-    base = BootstrapPlan(registry=registry, corpora=corpora, languages=["en", "zh"], vocab_size=400, size="tiny",
-                         train_tokens=4_000, exposure_tokens=1_000, tokens=TOKENS, train=TrainSettings(**FAST), workdir=root / "work")
+    base = BootstrapPlan(
+        registry=registry,
+        corpora=corpora,
+        languages=["en", "zh"],
+        vocab_size=400,
+        size="tiny",
+        train_tokens=4_000,
+        exposure_tokens=1_000,
+        tokens=TOKENS,
+        train=TrainSettings(**FAST),
+        workdir=root / "work",
+    )
     assert bootstrap_base(base) == 1
     return root, corpora, registry
 
@@ -53,7 +63,12 @@ def test_the_base_also_trains_on_a_little_of_every_other_corpus_language(world):
     trained_on = open_sequences(root / "work" / "base" / "tokens-with-exposure.json")
     assert sorted(trained_on) == sorted(corpora)
     assert {lang: rows.num_rows for lang, rows in trained_on.items()} == {
-        "en": 4_000 // 32, "zh": 4_000 // 32, "el": 1_000 // 32, "tr": 1_000 // 32, "hu": 1_000 // 32}
+        "en": 4_000 // 32,
+        "zh": 4_000 // 32,
+        "el": 1_000 // 32,
+        "tr": 1_000 // 32,
+        "hu": 1_000 // 32,
+    }
     assert show_version(registry, 1)["languages"] == ["en", "zh"], "the base knows only its main languages"
 
 

@@ -46,8 +46,9 @@ def run_round(parent_dir, old: list[str], new: str, allocation, classifier_layer
     train_stage1(child, {new: text(new, 48)}, stage1, out_dir / "stage1")
     insert_classifiers(child, classifier_layers, seed=len(old))
     stage2 = Stage2Settings(learning_rate=5e-2, max_steps=80, lpr_coef=1.0, classifier_coef=2.0, **QUICK)
-    result = train_stage2(child, {lang: text(lang, 24 + 8 * i) for i, lang in enumerate(old)}, {new: text(new, 48)},
-                          stage2, out_dir / "stage2")
+    result = train_stage2(
+        child, {lang: text(lang, 24 + 8 * i) for i, lang in enumerate(old)}, {new: text(new, 48)}, stage2, out_dir / "stage2"
+    )
     return result
 
 

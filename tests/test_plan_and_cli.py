@@ -108,11 +108,13 @@ def test_parent_trust_remote_code_is_refused_with_the_reason(tmp_path):
 
 
 def lifelong_text(rounds: list[list[str]], parent_languages=("en",), corpora=("en", "el", "hu")) -> str:
-    return yaml.safe_dump({
-        "parent": {"hf_path": "base", "languages": list(parent_languages)},
-        "corpora": {code: {"path": "el.txt"} for code in corpora},
-        "rounds": [{"new_languages": languages} for languages in rounds],
-    })
+    return yaml.safe_dump(
+        {
+            "parent": {"hf_path": "base", "languages": list(parent_languages)},
+            "corpora": {code: {"path": "el.txt"} for code in corpora},
+            "rounds": [{"new_languages": languages} for languages in rounds],
+        }
+    )
 
 
 BAD_LIFELONG = {
@@ -145,8 +147,17 @@ def save_tiny_parent(directory: Path, **expand_settings) -> Path:
     """A tiny Llama with the test tokenizer: dense, or (with expand_settings) a LayerMoE round-1 child."""
     from layermoe_core import expand
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=97,
+            max_position_embeddings=64,
+        )
+    )
     if expand_settings:
         model = expand(model, [1, 1], ["en"], ["el"], **expand_settings)
     model.save_pretrained(directory)
@@ -156,11 +167,16 @@ def save_tiny_parent(directory: Path, **expand_settings) -> Path:
 
 def round_plan_file(root: Path, parent_dir: Path, **changes) -> Path:
     corpora = write_synthetic_corpus(root / "corpus", ["en", "el", "hu"])
-    plan = {"parent": {"hf_path": str(parent_dir), "languages": ["en", "el"]}, "new_languages": ["hu"],
-            "corpora": {code: {"path": str(spec.path)} for code, spec in corpora.items()},
-            "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
-            "tokens": {"seq_len": 16, "analysis_tokens": 500, "stage1_tokens": 2000, "stage2_tokens": 500, "eval_tokens": 500},
-            "allocation": {"method": "uniform", "per_layer": 1}, "workdir": str(root / "work"), **changes}
+    plan = {
+        "parent": {"hf_path": str(parent_dir), "languages": ["en", "el"]},
+        "new_languages": ["hu"],
+        "corpora": {code: {"path": str(spec.path)} for code, spec in corpora.items()},
+        "registry": {"tracking_uri": f"sqlite:///{root}/mlflow.db", "registered_model_name": "tiny"},
+        "tokens": {"seq_len": 16, "analysis_tokens": 500, "stage1_tokens": 2000, "stage2_tokens": 500, "eval_tokens": 500},
+        "allocation": {"method": "uniform", "per_layer": 1},
+        "workdir": str(root / "work"),
+        **changes,
+    }
     path = root / "plan.yaml"
     path.write_text(yaml.safe_dump(plan), encoding="utf-8")
     return path
@@ -175,10 +191,13 @@ def own_prefect_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({}, r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"),
-    ({"top_k": 1, "stage1": {"balance_loss_coef": 0.05}}, r"stage1.balance_loss_coef=0.05 differs from the parent's value 0.01"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({}, r"top_k=2 differs from the parent's value 1; .*Set top_k to 1"),
+        ({"top_k": 1, "stage1": {"balance_loss_coef": 0.05}}, r"stage1.balance_loss_coef=0.05 differs from the parent's value 0.01"),
+    ],
+)
 def test_settings_a_layermoe_parent_fixes_are_checked_before_prefect_starts(tmp_path, own_prefect_home, capfd, changes, message):
     parent = save_tiny_parent(tmp_path / "parent", top_k=1)
     plan = round_plan_file(tmp_path, parent, **changes)
@@ -253,11 +272,14 @@ def test_a_model_name_from_layermoe_core_registers_the_auto_classes():
     ) == ["torch", "transformers"]
 
 
-@pytest.mark.parametrize("argv", [
-    ["--tracking-uri", "URI", "--model-name", "NAME", "registry", "list"],
-    ["registry", "--tracking-uri", "URI", "list", "--model-name", "NAME"],
-    ["registry", "list", "--tracking-uri", "URI", "--model-name", "NAME"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--tracking-uri", "URI", "--model-name", "NAME", "registry", "list"],
+        ["registry", "--tracking-uri", "URI", "list", "--model-name", "NAME"],
+        ["registry", "list", "--tracking-uri", "URI", "--model-name", "NAME"],
+    ],
+)
 def test_global_options_go_before_or_after_the_subcommand(argv):
     from flows.cli import build_parser
 
@@ -322,8 +344,18 @@ def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_
 
     for flow in (add_languages, lifelong_expansion, compare):
         definitions = flow_form(flow)["definitions"]
-        assert {"AllocationSettings", "Stage1Settings", "Stage2Settings", "EvalSettings", "GateSettings", "CorpusSpec",
-                "RegistrySettings", "LauncherSettings", "TranslationSettings", "HarnessTask"} <= set(definitions)
+        assert {
+            "AllocationSettings",
+            "Stage1Settings",
+            "Stage2Settings",
+            "EvalSettings",
+            "GateSettings",
+            "CorpusSpec",
+            "RegistrySettings",
+            "LauncherSettings",
+            "TranslationSettings",
+            "HarnessTask",
+        } <= set(definitions)
         for name, definition in definitions.items():
             title = definition.get("title", "")
             assert title and title != name and not re.search(r"[a-z][A-Z]", title), f"{name} shows as {title!r} in the form"
@@ -334,8 +366,9 @@ def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_
                 assert prop.get("description"), f"{name}.{field} lacks a description"
                 assert not re.search(r"<[A-Za-z]", prop["description"]), f"{name}.{field}: the form's markdown hides <...> as a tag"
                 if prop.get("default", "unset") is None:
-                    assert re.search(r"\b(empty|none|default)\b", prop["description"], re.IGNORECASE), \
+                    assert re.search(r"\b(empty|none|default)\b", prop["description"], re.IGNORECASE), (
                         f"{name}.{field}: the form shows an empty field; its description must say what empty does"
+                    )
     stage1 = flow_form(add_languages)["definitions"]["Stage1Settings"]
     assert stage1["title"] == "Stage 1: new experts" and "empty: train num_epochs" in stage1["properties"]["max_steps"]["description"]
 
@@ -343,14 +376,23 @@ def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_
 # -- Ctrl-C ------------------------------------------------------------------------------
 def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
     """SIGINT to the CLI's process group, as a terminal's Ctrl-C sends it, while Stage 1 trains."""
-    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "base"),
-                           stage1={"max_steps": 100_000, "save_steps": 1, "per_device_batch_size": 2, "logging_steps": 1})
+    plan = round_plan_file(
+        tmp_path,
+        save_tiny_parent(tmp_path / "base"),
+        stage1={"max_steps": 100_000, "save_steps": 1, "per_device_batch_size": 2, "logging_steps": 1},
+    )
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
     env.pop("PREFECT_API_URL", None)
     stderr_path = tmp_path / "stderr.txt"
     with stderr_path.open("w") as stderr:
-        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)], cwd=REPO_ROOT,
-                               env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)],
+            cwd=REPO_ROOT,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         deadline = time.monotonic() + PROCESS_DEADLINE_S
         while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
             assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
@@ -362,8 +404,11 @@ def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
 
     assert cli.returncode == 130 and "Traceback" not in after_ctrl_c and "Error" not in after_ctrl_c, after_ctrl_c
     last = after_ctrl_c.strip().splitlines()[-1]
-    assert re.fullmatch(r"layermoe: interrupted in task 'stage 1[^']*' of flow run '[^']+'; the run is marked Crashed\. "
-                        r"Rerun the same command to resume: .*", last), last
+    assert re.fullmatch(
+        r"layermoe: interrupted in task 'stage 1[^']*' of flow run '[^']+'; the run is marked Crashed\. "
+        r"Rerun the same command to resume: .*",
+        last,
+    ), last
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
         assert ("CRASHED",) in db.execute("select state_type from task_run").fetchall()

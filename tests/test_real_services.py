@@ -17,7 +17,11 @@ from tests.services import MlflowServer, StackDatabases
 
 def _connect(databases: StackDatabases, user: str, password: str, database: str):
     return psycopg2.connect(
-        host="127.0.0.1", port=databases.server.port, user=user, password=password, dbname=database,
+        host="127.0.0.1",
+        port=databases.server.port,
+        user=user,
+        password=password,
+        dbname=database,
         connect_timeout=5,
     )
 

@@ -92,9 +92,14 @@ def registered(settings, base_dir, child, plot):
     base = register_base(settings, base_dir, ["en"], description="tiny base")
     similarity = pd.DataFrame({"layer": [0, 1, 2], "similarity": [0.5, 0.9, 0.7]})
     kid = register_child(
-        settings, child[1], base.version, ROUND_1,
-        tables={"similarity": similarity}, plots={"allocation": plot},
-        metrics={"ppl_el": 12.5, "ppl_en": 9.0}, params={"delta": 3, "languages": ["el"]},
+        settings,
+        child[1],
+        base.version,
+        ROUND_1,
+        tables={"similarity": similarity},
+        plots={"allocation": plot},
+        metrics={"ppl_el": 12.5, "ppl_en": 9.0},
+        params={"delta": 3, "languages": ["el"]},
     )
     return base, kid
 
@@ -126,8 +131,14 @@ def test_child_version_carries_lineage_tags_and_run_reports(settings, registered
     assert (stored / "plots" / "allocation.png").read_bytes()[:4] == b"\x89PNG"
     # a delta on version 1: the new config and weights, not the unchanged tokenizer; an MLflow model (MLmodel)
     assert {p.name for p in (stored / "model").iterdir()} == {
-        "config.json", "model.safetensors.delta.safetensors", "MLmodel", "layermoe_files.json", "layermoe_layout.json",
-        "layermoe_stored.json", "layermoe_tensors.json"}
+        "config.json",
+        "model.safetensors.delta.safetensors",
+        "MLmodel",
+        "layermoe_files.json",
+        "layermoe_layout.json",
+        "layermoe_stored.json",
+        "layermoe_tensors.json",
+    }
     assert kid.storage == "delta" and base.storage == "whole"
 
 
@@ -259,7 +270,18 @@ def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, regis
     assert (tmp_path / "stable" / "model.safetensors").is_file()
     assert layermoe([*uri, "list"]) == 0
     header, base_row, child_row = capsys.readouterr().out.splitlines()[-3:]
-    assert header.split()[:11] == ["version", "aliases", "parent", "round", "languages", "new_languages", "verdict",
-                                   "old_drift_max", "new_gain", "storage", "stored_bytes"]
+    assert header.split()[:11] == [
+        "version",
+        "aliases",
+        "parent",
+        "round",
+        "languages",
+        "new_languages",
+        "verdict",
+        "old_drift_max",
+        "new_gain",
+        "storage",
+        "stored_bytes",
+    ]
     assert base_row.split()[0] == "1" and "base" in base_row.split()
     assert "stable" in child_row and "delta" in child_row

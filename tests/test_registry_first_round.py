@@ -37,9 +37,16 @@ def base_dir(tmp_path) -> Path:
 
 
 def first_round(tmp_path: Path, registry: RegistrySettings, base_dir: Path, corpora) -> ExpansionPlan:
-    return ExpansionPlan(registry=registry, corpora=corpora, parent=ParentRef(hf_path=base_dir, languages=["en"]),
-                         new_languages=["el"], tokens=TOKENS, workdir=tmp_path / "work",
-                         allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1)
+    return ExpansionPlan(
+        registry=registry,
+        corpora=corpora,
+        parent=ParentRef(hf_path=base_dir, languages=["en"]),
+        new_languages=["el"],
+        tokens=TOKENS,
+        workdir=tmp_path / "work",
+        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
+        classifier_layer_count=1,
+    )
 
 
 def test_a_first_round_with_an_empty_corpus_leaves_an_existing_champion_alone(tmp_path, base_dir):

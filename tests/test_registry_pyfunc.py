@@ -63,7 +63,7 @@ def greedy(folder: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             generated = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        out.append(tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
 
 
@@ -88,8 +88,11 @@ def test_version_page_shows_a_signature_not_zero_inputs(tmp_path):
     settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
     register_champion(settings, tmp_path)
     client = MlflowClient(settings.tracking_uri)
-    mlmodel = yaml.safe_load(Path(client.download_artifacts(client.get_model_version(settings.registered_model_name, "2").run_id,
-                                                         "model/MLmodel", str(tmp_path))).read_text())
+    mlmodel = yaml.safe_load(
+        Path(
+            client.download_artifacts(client.get_model_version(settings.registered_model_name, "2").run_id, "model/MLmodel", str(tmp_path))
+        ).read_text()
+    )
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "registry.pyfunc_model"
     assert json.loads(mlmodel["signature"]["inputs"]) == [{"type": "string", "required": True}]
     assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"max_new_tokens", "temperature", "top_p", "seed"}
@@ -109,13 +112,33 @@ def test_pyfunc_loads_from_a_real_server_and_mlflow_models_serve_answers(sqlite_
     assert load_and_predict(settings, monkeypatch)[0] == expected
 
     port = free_loopback_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri, "PYTHONPATH": str(REPO_ROOT),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # as in an activated venv: mlflow runs uvicorn
-           "LAYERMOE_REGISTRY_CACHE": str(tmp_path / "serve-cache")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "PYTHONPATH": str(REPO_ROOT),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # as in an activated venv: mlflow runs uvicorn
+        "LAYERMOE_REGISTRY_CACHE": str(tmp_path / "serve-cache"),
+    }
     serve = subprocess.Popen(
-        [Path(sys.executable).with_name("mlflow"), "models", "serve", "-m", f"models:/{settings.registered_model_name}@champion",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            Path(sys.executable).with_name("mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{settings.registered_model_name}@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         body = json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": 6}}).encode()

@@ -59,8 +59,11 @@ def save_child(path: Path, parent, allocation: list[int], old: list[str], new: l
 
 
 def comparison(old: dict[str, tuple[float, float]], new: dict[str, tuple[float, float]]) -> pd.DataFrame:
-    rows = [{"language": lang, "group": group, "metric": "loss", "parent": p, "child": c, "delta": c - p}
-            for group, languages in (("old", old), ("new", new)) for lang, (p, c) in languages.items()]
+    rows = [
+        {"language": lang, "group": group, "metric": "loss", "parent": p, "child": c, "delta": c - p}
+        for group, languages in (("old", old), ("new", new))
+        for lang, (p, c) in languages.items()
+    ]
     return pd.DataFrame(rows)
 
 

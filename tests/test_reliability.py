@@ -104,8 +104,17 @@ def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("reliability")
     corpora = write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "el", "tr", "hu"])  # as test_flows: enough held-out tokens
     registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
-    bootstrap = BootstrapPlan(registry=registry, corpora=corpora, languages=BASE_LANGUAGES, vocab_size=400, size="tiny",
-                              train_tokens=4_000, tokens=TOKENS, train=TrainSettings(**FAST), workdir=root / "work")
+    bootstrap = BootstrapPlan(
+        registry=registry,
+        corpora=corpora,
+        languages=BASE_LANGUAGES,
+        vocab_size=400,
+        size="tiny",
+        train_tokens=4_000,
+        tokens=TOKENS,
+        train=TrainSettings(**FAST),
+        workdir=root / "work",
+    )
     assert bootstrap_base(bootstrap) == 1
     return World(root, corpora, registry, bootstrap, root / "work" / "base" / "train" / "final")
 
@@ -113,11 +122,18 @@ def world(tmp_path_factory) -> World:
 def round_plan(world: World, registry: RegistrySettings, workdir: Path, **changes) -> ExpansionPlan:
     """Add "el" to version 1, with gates that pass (the tiny child's quality is not the point here)."""
     settings = dict(
-        name="reliability", registry=registry, corpora=world.corpora, tokens=TOKENS,
-        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3), classifier_layer_count=1,
-        stage1=Stage1Settings(**FAST), stage2=Stage2Settings(**FAST),
+        name="reliability",
+        registry=registry,
+        corpora=world.corpora,
+        tokens=TOKENS,
+        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
+        classifier_layer_count=1,
+        stage1=Stage1Settings(**FAST),
+        stage2=Stage2Settings(**FAST),
         evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
-        parent=ParentRef(version=1), new_languages=["el"], workdir=workdir,
+        parent=ParentRef(version=1),
+        new_languages=["el"],
+        workdir=workdir,
     )
     return ExpansionPlan(**{**settings, **changes})
 
@@ -178,7 +194,9 @@ class RoundProcess:
         with log.open("wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", ROUND_PROCESS, plan.model_dump_json(), at_first_checkpoint, str(go or log.with_suffix(".go"))],
-                cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
             )
 
@@ -229,8 +247,9 @@ def test_round_on_real_mlflow_server_registers_model_tables_plots_and_moves_alia
     assert champion["metrics"]["loss.el"] > 0
 
     client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
-    listed = {folder: {Path(a.path).name for a in client.list_artifacts(champion["run_id"], folder)}
-              for folder in ("model", "tables", "plots")}
+    listed = {
+        folder: {Path(a.path).name for a in client.list_artifacts(champion["run_id"], folder)} for folder in ("model", "tables", "plots")
+    }
     # a delta of v1
     assert {"config.json", "model.safetensors.delta.safetensors", "tokenizer.json", "layermoe_files.json"} <= listed["model"]
     assert {"similarity.csv", "allocation.csv", "routing.csv", "evaluation.csv", "stage1_log.csv"} <= listed["tables"]

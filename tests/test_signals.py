@@ -29,21 +29,25 @@ def languages():
 def hand_responses(model, tokens: torch.Tensor) -> torch.Tensor:
     """(rows, L, I): act(gate(x)) * up(x) of every token, from the post-attention norm's output, averaged per row."""
     layers, captured = decoder_layers(model), {}
-    handles = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
-               for i, layer in enumerate(layers)]
+    handles = [
+        layer.post_attention_layernorm.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+        for i, layer in enumerate(layers)
+    ]
     with torch.no_grad():
         model(tokens)
     for handle in handles:
         handle.remove()
     with torch.no_grad():
-        per_layer = [(layer.mlp.act_fn(layer.mlp.gate_proj(captured[i])) * layer.mlp.up_proj(captured[i])).mean(1)
-                     for i, layer in enumerate(layers)]
+        per_layer = [
+            (layer.mlp.act_fn(layer.mlp.gate_proj(captured[i])) * layer.mlp.up_proj(captured[i])).mean(1) for i, layer in enumerate(layers)
+        ]
     return torch.stack(per_layer, dim=1)
 
 
 def test_neuron_responses_are_the_mean_mlp_activation_of_each_row(base_model, languages):
-    torch.testing.assert_close(neuron_responses(base_model, languages["el"], batch_size=3), hand_responses(base_model, languages["el"]),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        neuron_responses(base_model, languages["el"], batch_size=3), hand_responses(base_model, languages["el"]), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_padding_is_left_out_of_the_responses():

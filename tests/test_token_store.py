@@ -55,7 +55,8 @@ def index_of(store_dir: Path) -> dict:
 def test_later_steps_and_rounds_read_the_tokens_already_stored(corpus, tokenizer, tmp_path):
     store = tmp_path / "store"
     sample = lambda name, num_tokens, split="train": sample_token_rows(  # noqa: E731
-        {"el": corpus}, tokenizer, num_tokens, 20, seed=0, store_dir=store, out_path=tmp_path / f"{name}.json", split=split)
+        {"el": corpus}, tokenizer, num_tokens, 20, seed=0, store_dir=store, out_path=tmp_path / f"{name}.json", split=split
+    )
     stage2 = load_sequences(sample("round1-stage2", 400))
     read_after_round1 = index_of(store)["consumed"]
     stage1 = load_sequences(sample("round2-stage1", 200))
@@ -74,8 +75,7 @@ def test_the_store_grows_only_as_far_as_the_budget_needs(tmp_path, tokenizer):
     store = tmp_path / "store"
     sample_token_rows({"el": CorpusSpec(path=path)}, tokenizer, 500, 50, seed=0, store_dir=store, out_path=tmp_path / "a.json")
     assert index_of(store)["consumed"] < 5000 and not index_of(store)["exhausted"]
-    rows = sample_token_rows({"el": CorpusSpec(path=path)}, tokenizer, 200_000, 50, seed=0, store_dir=store,
-                             out_path=tmp_path / "b.json")
+    rows = sample_token_rows({"el": CorpusSpec(path=path)}, tokenizer, 200_000, 50, seed=0, store_dir=store, out_path=tmp_path / "b.json")
     assert open_sequences(rows)["el"].shape == (4000, 50)
 
 
@@ -122,8 +122,9 @@ def test_a_stage_resumed_from_the_memory_map_ends_bit_identical(corpus, tokenize
     with pytest.raises(KeyboardInterrupt):
         train_stage1(fresh_model(), open_sequences(path), settings, tmp_path / "interrupted", [StopAfterStep(3)])
     steps = []
-    resumed = train_stage1(fresh_model(), open_sequences(path), settings, tmp_path / "interrupted",
-                           [MetricsCallback(lambda logs, step: steps.append(step))])
+    resumed = train_stage1(
+        fresh_model(), open_sequences(path), settings, tmp_path / "interrupted", [MetricsCallback(lambda logs, step: steps.append(step))]
+    )
     assert resumed.resumed_from.name == "checkpoint-2" and min(steps) > 2
     before, after = (load_file(r.model_dir / "model.safetensors") for r in (uninterrupted, resumed))
     assert all(torch.equal(before[name], after[name]) for name in before)
@@ -161,8 +162,16 @@ def test_peak_memory_of_sampling_and_a_training_step_stays_flat_as_the_corpus_gr
     processes = []
     for scale in (1, 4, 16):
         (tmp_path / str(scale)).mkdir()
-        processes.append(subprocess.Popen([sys.executable, "-m", "tests.memory_probe", str(tmp_path / str(scale)), str(scale)],
-                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.memory_probe", str(tmp_path / str(scale)), str(scale)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = {}
     for process in processes:
         out, err = process.communicate(timeout=900)
@@ -188,7 +197,8 @@ def test_parallel_sampling_stays_aligned_past_a_document_empty_in_one_language(t
 
 def test_samples_of_different_languages_combine_into_one_without_copying(corpus, tokenizer, tmp_path):
     sample = lambda lang, name, num_tokens: sample_token_rows(  # noqa: E731
-        {lang: corpus}, tokenizer, num_tokens, 20, seed=0, store_dir=tmp_path / "store", out_path=tmp_path / f"{name}.json")
+        {lang: corpus}, tokenizer, num_tokens, 20, seed=0, store_dir=tmp_path / "store", out_path=tmp_path / f"{name}.json"
+    )
     main, exposure = sample("el", "main", 400), sample("tr", "exposure", 100)
     combined = open_sequences(combine_samples([main, exposure], tmp_path / "both.json"))
     assert {lang: rows.num_rows for lang, rows in combined.items()} == {"el": 20, "tr": 5}

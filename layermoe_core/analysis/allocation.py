@@ -33,7 +33,10 @@ AllocationMapping = Literal["proportional", "minmax", "threshold"]
 Rounding = Literal["ceil", "exact"]
 # Each signal method's mapping in its paper; `mapping` overrides it (e.g. "proportional" for an equal budget).
 PAPER_MAPPING: dict[str, AllocationMapping] = {
-    "layermoe": "proportional", "neuron": "minmax", "param_delta": "threshold", "late_layers": "proportional",
+    "layermoe": "proportional",
+    "neuron": "minmax",
+    "param_delta": "threshold",
+    "late_layers": "proportional",
 }
 # Shares are ceiled; a share that is an integer up to float rounding (e.g. 1.0000000000000002)
 # must stay that integer, or every layer of a flat profile would overshoot by one.
@@ -91,8 +94,7 @@ class AllocationSettings(BaseModel):
             raise LayerMoEError(f"min_per_layer={self.min_per_layer} must be >= 0")
         if self.max_per_layer is not None and self.max_per_layer < self.min_per_layer:
             raise LayerMoEError(
-                f"min_per_layer={self.min_per_layer} exceeds max_per_layer={self.max_per_layer}; "
-                "lower the minimum or raise the maximum"
+                f"min_per_layer={self.min_per_layer} exceeds max_per_layer={self.max_per_layer}; lower the minimum or raise the maximum"
             )
         if mapping == "minmax" and self.max_per_layer is None:
             raise LayerMoEError(
@@ -192,16 +194,26 @@ def _spend(need: list[float], settings: AllocationSettings, eligible: list[bool]
     if settings.rounding == "exact":
         lower = list(minimum)
         if sum(lower) > delta:
-            return Allocation(counts=list(minimum), requested=delta, note=(
-                f"min_per_layer={settings.min_per_layer} over {sum(eligible)} layers needs {sum(lower)} experts, "
-                f"more than delta={delta}"))
+            return Allocation(
+                counts=list(minimum),
+                requested=delta,
+                note=(
+                    f"min_per_layer={settings.min_per_layer} over {sum(eligible)} layers needs {sum(lower)} experts, "
+                    f"more than delta={delta}"
+                ),
+            )
     else:  # ceil, as the paper: the minimum raises small shares after rounding, on top of delta
         lower = [0.0] * num_layers
     if sum(upper) < delta:
         counts = [int(max(u, lo)) for u, lo in zip(upper, minimum)]
-        return Allocation(counts=counts, requested=delta, note=(
-            f"max_per_layer={settings.max_per_layer} over {sum(eligible)} layers holds only {sum(upper)} "
-            f"of delta={delta} experts; raise max_per_layer or lower delta"))
+        return Allocation(
+            counts=counts,
+            requested=delta,
+            note=(
+                f"max_per_layer={settings.max_per_layer} over {sum(eligible)} layers holds only {sum(upper)} "
+                f"of delta={delta} experts; raise max_per_layer or lower delta"
+            ),
+        )
     shares = _water_fill(need, delta, lower, upper)
     if settings.rounding == "exact":
         counts = _largest_remainder(shares, delta, need)
@@ -272,8 +284,6 @@ def choose_classifier_layers(scores: Sequence[float], k: int, allocation: Sequen
     """
     scores = _finite(scores)
     if not 0 <= k <= len(scores):
-        raise LayerMoEError(
-            f"k={k} classifier layers requested but the model has {len(scores)} layers; use 0 <= k <= {len(scores)}"
-        )
+        raise LayerMoEError(f"k={k} classifier layers requested but the model has {len(scores)} layers; use 0 <= k <= {len(scores)}")
     candidates = [i for i in range(len(scores)) if allocation is None or allocation[i] > 0]
     return sorted(sorted(candidates, key=lambda i: (-scores[i], i))[:k])

@@ -59,8 +59,9 @@ def check_old_new(old: Iterable[str], new: Iterable[str]) -> None:
     """A language is old or new in a round, never both."""
     both = sorted(set(old) & set(new))
     if both:
-        raise LayerMoEError(f"languages {both} are both old and new; each language is one or the other "
-                            "(a round adds languages its parent lacks)")
+        raise LayerMoEError(
+            f"languages {both} are both old and new; each language is one or the other (a round adds languages its parent lacks)"
+        )
 
 
 class CorpusSpec(BaseModel):

@@ -79,8 +79,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         definition = tokenizer.backend_tokenizer.to_str()
     else:
         definition = json.dumps(sorted(tokenizer.get_vocab().items()))
-    description = json.dumps({"class": type(tokenizer).__name__, "definition": definition,
-                              "eos_token_id": tokenizer.eos_token_id, "size": len(tokenizer)})
+    description = json.dumps(
+        {"class": type(tokenizer).__name__, "definition": definition, "eos_token_id": tokenizer.eos_token_id, "size": len(tokenizer)}
+    )
     return hashlib.sha256(description.encode()).hexdigest()
 
 
@@ -117,8 +118,9 @@ class TokenRows:
         if self._map is None:
             if not Path(self.file).is_file():
                 raise LayerMoEError(f"token file {self.file!r} is missing; sample the tokens again (delete the sample file that names it)")
-            self._map = np.memmap(self.file, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize,
-                                  shape=(self.num_rows * self.seq_len,)).reshape(self.num_rows, self.seq_len)
+            self._map = np.memmap(
+                self.file, dtype=self.dtype, mode="r", offset=self.offset * self.dtype.itemsize, shape=(self.num_rows * self.seq_len,)
+            ).reshape(self.num_rows, self.seq_len)
         return self._map
 
     def __len__(self) -> int:
@@ -136,8 +138,13 @@ class TokenRows:
 
 
 def check_token_rows(
-    tokens: Any, what: str, *, vocab_size: int | None = None, min_length: int = 2,
-    dtypes: tuple[torch.dtype, ...] = (torch.long,), rows: bool = False,
+    tokens: Any,
+    what: str,
+    *,
+    vocab_size: int | None = None,
+    min_length: int = 2,
+    dtypes: tuple[torch.dtype, ...] = (torch.long,),
+    rows: bool = False,
 ) -> None:
     """`tokens` must be (num_sequences, seq_len) token ids: a 2-D integer tensor of `dtypes`, or (`rows`) `TokenRows`.
 
@@ -153,11 +160,15 @@ def check_token_rows(
         found = f"{tokens.dtype} {tuple(tokens.shape)} tensor" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise LayerMoEError(f"{what} are a {found}; give a 2-D LongTensor (num_sequences, seq_len) of token ids")
     if shape[0] < 1 or shape[1] < min_length:
-        raise LayerMoEError(f"{what} have shape {tuple(shape)}; give at least one sequence of at least {min_length} tokens"
-                            + (" (one is predicted from the other)" if min_length == 2 else ""))
+        raise LayerMoEError(
+            f"{what} have shape {tuple(shape)}; give at least one sequence of at least {min_length} tokens"
+            + (" (one is predicted from the other)" if min_length == 2 else "")
+        )
     if vocab_size is not None and (lowest < 0 or highest >= vocab_size):
-        raise LayerMoEError(f"{what} hold token ids in [{lowest}, {highest}] but the model's vocabulary is [0, {vocab_size}); "
-                            "tokenize with the model's own tokenizer")
+        raise LayerMoEError(
+            f"{what} hold token ids in [{lowest}, {highest}] but the model's vocabulary is [0, {vocab_size}); "
+            "tokenize with the model's own tokenizer"
+        )
 
 
 def _text_groups(documents: list[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
@@ -176,8 +187,15 @@ def _text_groups(documents: list[tuple[str, str]]) -> Iterator[list[tuple[str, s
 
 # -- the store ---------------------------------------------------------------------------
 def _empty_index(key: str, dtype: str, eos: int) -> dict:
-    return {"format": FORMAT_VERSION, "key": key, "dtype": dtype, "eos_token_id": eos, "consumed": 0, "exhausted": False,
-            "splits": {split: {"tokens": 0, "documents": 0, "keys_bytes": 0, "max_token_id": -1} for split in SPLITS}}
+    return {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "dtype": dtype,
+        "eos_token_id": eos,
+        "consumed": 0,
+        "exhausted": False,
+        "splits": {split: {"tokens": 0, "documents": 0, "keys_bytes": 0, "max_token_id": -1} for split in SPLITS},
+    }
 
 
 class TokenStore:
@@ -193,8 +211,9 @@ class TokenStore:
         self.index: dict[str, Any] = {}  # index.json, read by `open`
 
     @classmethod
-    def open(cls, root: str | Path, corpus_fingerprint: str, source: DocumentSource, tokenizer: PreTrainedTokenizerBase,
-             rule: SplitRule) -> TokenStore:
+    def open(
+        cls, root: str | Path, corpus_fingerprint: str, source: DocumentSource, tokenizer: PreTrainedTokenizerBase, rule: SplitRule
+    ) -> TokenStore:
         if tokenizer.eos_token_id is None:
             raise LayerMoEError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
         key = store_key(corpus_fingerprint, tokenizer_fingerprint(tokenizer), rule)
@@ -312,8 +331,11 @@ class TokenStore:
         """Drop what a writer that died mid-batch appended after the last index it recorded."""
         itemsize = np.dtype(self.index["dtype"]).itemsize
         for split, state in self.index["splits"].items():
-            for kind, size in (("bin", state["tokens"] * itemsize), ("ends.bin", state["documents"] * 8),
-                               ("keys.txt", state["keys_bytes"])):
+            for kind, size in (
+                ("bin", state["tokens"] * itemsize),
+                ("ends.bin", state["documents"] * 8),
+                ("keys.txt", state["keys_bytes"]),
+            ):
                 path = self.file(split, kind)
                 with open(path, "ab") as f:
                     if f.tell() != size:

@@ -82,6 +82,7 @@ class EvalSettings(BaseModel):
 
 # -- held-out perplexity --------------------------------------------------------------
 
+
 def language_perplexity(
     model: nn.Module, sequences: Mapping[str, torch.Tensor], batch_size: int = 8, max_sequences: int | None = None
 ) -> pd.DataFrame:
@@ -201,9 +202,7 @@ def continuation_logprobs(model: nn.Module, requests: Sequence[tuple[list[int], 
     return scores
 
 
-def score_multiple_choice(
-    model: nn.Module, tokenizer: Any, path: str | Path, batch_size: int = 8, task: str | None = None
-) -> pd.DataFrame:
+def score_multiple_choice(model: nn.Module, tokenizer: Any, path: str | Path, batch_size: int = 8, task: str | None = None) -> pd.DataFrame:
     """Zero-shot multiple-choice accuracy per language, as a metrics table.
 
     Each option is scored by the summed log-probability of " <option>" after the prompt
@@ -306,8 +305,9 @@ def lm_eval_scores(
     tables = []
     for shots in sorted({spec.num_fewshot for spec in specs.values()}):
         names = [name for name, spec in specs.items() if spec.num_fewshot == shots]
-        results = simple_evaluate(model=harness_model, tasks=[local.get(name, name) for name in names], num_fewshot=shots,
-                                  limit=limit, log_samples=False)
+        results = simple_evaluate(
+            model=harness_model, tasks=[local.get(name, name) for name in names], num_fewshot=shots, limit=limit, log_samples=False
+        )
         tables.append(lm_eval_metrics(results, {name: specs[name].language for name in names}))
     return pd.concat(tables, ignore_index=True)
 
@@ -327,8 +327,9 @@ def evaluate_model(
     """
     settings = settings or EvalSettings()
     if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks or settings.translation):
-        raise LayerMoEError("multiple-choice, lm-eval or translation tasks are configured but no tokenizer was given; "
-                            "pass the model's tokenizer")
+        raise LayerMoEError(
+            "multiple-choice, lm-eval or translation tasks are configured but no tokenizer was given; pass the model's tokenizer"
+        )
     if settings.translation is not None and translation_pairs is None:
         raise LayerMoEError("translation is configured but no pairs were given; pass translation.heldout_pairs(...) as translation_pairs")
     perplexity = language_perplexity(model, sequences, settings.batch_size, settings.max_sequences)

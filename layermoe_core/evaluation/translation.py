@@ -139,8 +139,15 @@ def translate_pairs(model: nn.Module, tokenizer: Any, pairs: pd.DataFrame, setti
                 if prompt is None:
                     continue
                 prompts.append(prompt)
-                items.append({"language": lang, "direction": f"{source_lang}-{target_lang}", "id": row["id"],
-                              "source": source, "reference": reference})
+                items.append(
+                    {
+                        "language": lang,
+                        "direction": f"{source_lang}-{target_lang}",
+                        "id": row["id"],
+                        "source": source,
+                        "reference": reference,
+                    }
+                )
     hypotheses = greedy_generate(model, tokenizer, prompts, settings.max_new_tokens, settings.batch_size, first_line=True)
     table = pd.DataFrame(items, columns=TRANSLATION_COLUMNS[:-1])
     table["hypothesis"] = hypotheses
@@ -158,6 +165,12 @@ def translation_metrics(translations: pd.DataFrame) -> pd.DataFrame:
     """A metrics table: `translation.<src>-<tgt>.chrfpp` per language and direction, n = sentences."""
     rows = []
     for (lang, direction), group in translations.groupby(["language", "direction"], sort=False):
-        rows.append({"language": lang, "metric": f"translation.{direction}.{CHRF_METRIC}",
-                     "value": chrf_plus_plus(group["hypothesis"], group["reference"]), "n": len(group)})
+        rows.append(
+            {
+                "language": lang,
+                "metric": f"translation.{direction}.{CHRF_METRIC}",
+                "value": chrf_plus_plus(group["hypothesis"], group["reference"]),
+                "n": len(group),
+            }
+        )
     return pd.DataFrame(rows, columns=["language", "metric", "value", "n"])

@@ -47,15 +47,12 @@ def load_model(
     """
     model_dir = check_model_dir(model_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype
-        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype)
     except LayerMoEError:
         raise  # already names the problem and the fix
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LayerMoEError(
-            f"could not load the model in {model_dir}: {e}. The checkpoint may be truncated or corrupt; "
-            "download or re-save it"
+            f"could not load the model in {model_dir}: {e}. The checkpoint may be truncated or corrupt; download or re-save it"
         ) from e
     return model.to(device or default_device()).eval()
 

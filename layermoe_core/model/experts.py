@@ -193,7 +193,9 @@ class StackedExperts(nn.Module):
 
     def one_expert(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         """Expert `index` alone on tokens (n, d) -> (n, d): the loop kernel's matmuls for one expert, no autograd function."""
-        tokens, gate_up_proj, down_proj = autocast_operands(tokens.to(self.gate_up_proj.dtype), self.gate_up_proj[index], self.down_proj[index])
+        tokens, gate_up_proj, down_proj = autocast_operands(
+            tokens.to(self.gate_up_proj.dtype), self.gate_up_proj[index], self.down_proj[index]
+        )
         gate_proj, up_proj = gate_up_proj.chunk(2)
         hidden = self.act_fn(torch.mm(tokens, gate_proj.t())) * torch.mm(tokens, up_proj.t())  # (n, ff)
         return torch.mm(hidden, down_proj.t())
@@ -225,6 +227,8 @@ class StackedExperts(nn.Module):
         """
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-        expert_ids = torch.repeat_interleave(torch.arange(self.num_experts, device=tokens.device), torch.tensor(counts, device=tokens.device))
+        expert_ids = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=tokens.device), torch.tensor(counts, device=tokens.device)
+        )
         ones = torch.ones(len(tokens), 1, dtype=torch.float32, device=tokens.device)  # x * 1.0 is exact
         return ALL_EXPERTS_FUNCTIONS[name](self, tokens.to(self.gate_up_proj.dtype), expert_ids[:, None], ones)

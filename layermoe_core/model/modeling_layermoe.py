@@ -133,7 +133,9 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             self.causal_lm._init_weights(module)
 
     # -- forward -------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits: bool | None = None, **kwargs) -> LayerMoECausalLMOutput:
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, output_router_logits: bool | None = None, **kwargs
+    ) -> LayerMoECausalLMOutput:
         """output_router_logits: record this round's router and classifier logits (and the balance
         loss) in the output; by default in training mode or with labels, where the losses need them.
         Without them (generation, evaluation) a router that no token reaches is not run at all."""

@@ -249,7 +249,11 @@ class LayerMoEBlock(nn.Module):
         # and in slot order: deterministic (no atomics).
         expert_outputs = torch.cat(outputs)  # (A, d), in autocast's dtype under autocast
         # Slots without weight stay zero; where every slot carries weight, index_copy writes them all.
-        slots = expert_outputs.new_zeros(num_tokens * k, hidden) if len(order) < num_tokens * k else expert_outputs.new_empty(num_tokens * k, hidden)
+        slots = (
+            expert_outputs.new_zeros(num_tokens * k, hidden)
+            if len(order) < num_tokens * k
+            else expert_outputs.new_empty(num_tokens * k, hidden)
+        )
         slots = slots.index_copy(0, order, expert_outputs)  # (N*k, d)
         combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)
@@ -278,7 +282,11 @@ class LayerMoEBlock(nn.Module):
             slot_weights = flat_weights[slot_ids[0] : slot_ids[0] + 1] if len(slot_ids) == 1 else flat_weights[slot_ids]
             weighted = out * slot_weights  # (n, d) fp32
             if combined is None:
-                combined = weighted if every_token else weighted.new_zeros(num_tokens, tokens.shape[1]).index_copy_(0, torch.tensor(token_ids), weighted)
+                combined = (
+                    weighted
+                    if every_token
+                    else weighted.new_zeros(num_tokens, tokens.shape[1]).index_copy_(0, torch.tensor(token_ids), weighted)
+                )
             elif every_token:
                 combined = combined + weighted
             else:

@@ -34,9 +34,7 @@ def validate_allocation(allocation: Sequence[int], num_layers: int, existing_exp
     """Check an allocation against the model before any weight is touched."""
     allocation = list(allocation)
     if len(allocation) != num_layers:
-        raise LayerMoEError(
-            f"allocation has {len(allocation)} entries but the model has {num_layers} layers; give one count per layer"
-        )
+        raise LayerMoEError(f"allocation has {len(allocation)} entries but the model has {num_layers} layers; give one count per layer")
     negative = [(i, n) for i, n in enumerate(allocation) if n < 0]
     if negative:
         raise LayerMoEError(f"allocation has negative expert counts at (layer, count) {negative}; counts must be >= 0")
@@ -92,9 +90,7 @@ def expand(
         check_supported(model)
         top_k = 2 if top_k is None else top_k
         router_aux_loss_coef = 0.01 if router_aux_loss_coef is None else router_aux_loss_coef
-        config = LayerMoEConfig(
-            base_config=model.config, num_experts_per_tok=top_k, router_aux_loss_coef=router_aux_loss_coef
-        )
+        config = LayerMoEConfig(base_config=model.config, num_experts_per_tok=top_k, router_aux_loss_coef=router_aux_loss_coef)
         wrapped = None
     num_layers = model.config.num_layers if wrapped else model.config.num_hidden_layers
     existing = [wrapped.config.num_experts(i) if wrapped else 1 for i in range(num_layers)]

@@ -145,8 +145,9 @@ def _zero_stage(deepspeed: dict) -> int:
 
 
 # -- the model on the meta device -------------------------------------------------------------
-def meta_child(config: PretrainedConfig, allocation: Sequence[int], old: Sequence[str], new: Sequence[str], top_k: int,
-               classifier_layers: int) -> tuple[torch.nn.Module, LayerMoEForCausalLM]:
+def meta_child(
+    config: PretrainedConfig, allocation: Sequence[int], old: Sequence[str], new: Sequence[str], top_k: int, classifier_layers: int
+) -> tuple[torch.nn.Module, LayerMoEForCausalLM]:
     """The parent and its child (after expand and insert_classifiers) with meta tensors: shapes only."""
     with torch.device("meta"):
         parent = AutoModelForCausalLM.from_config(config)
@@ -182,8 +183,16 @@ def _steps(sequences: int, settings: TrainSettings, processes: int) -> int:
     return math.ceil(settings.num_epochs * per_epoch)
 
 
-def _stage(name: Stage, model: LayerMoEForCausalLM, dtype: torch.dtype, settings: TrainSettings, sequences: int, seq_len: int,
-           processes: int, sharded: set[str]) -> StageEstimate:
+def _stage(
+    name: Stage,
+    model: LayerMoEForCausalLM,
+    dtype: torch.dtype,
+    settings: TrainSettings,
+    sequences: int,
+    seq_len: int,
+    processes: int,
+    sharded: set[str],
+) -> StageEstimate:
     set_trainable(model, name)
     trainable, frozen = count_parameters(model, trainable=True), count_parameters(model, trainable=False)
 
@@ -228,9 +237,15 @@ def estimate_round(
     name, sharded = sharding(launcher)
     parent_params, total = count_parameters(parent), count_parameters(child)
     rows1, rows2 = stage1_tokens // seq_len, stage2_tokens // seq_len
-    replay = len(replay_mix([lang for lang in old_languages for _ in range(rows2)],
-                            [lang for lang in new_languages for _ in range(rows2)],
-                            stage2.replay_old_fraction, stage2.seed, language=lambda lang: lang))
+    replay = len(
+        replay_mix(
+            [lang for lang in old_languages for _ in range(rows2)],
+            [lang for lang in new_languages for _ in range(rows2)],
+            stage2.replay_old_fraction,
+            stage2.seed,
+            language=lambda lang: lang,
+        )
+    )
     return RoundEstimate(
         allocation=list(allocation),
         parent_params=parent_params,
@@ -239,8 +254,10 @@ def estimate_round(
         child_bytes=safetensors_bytes(child, dtype),
         processes=processes,
         sharding=name,
-        stages=[_stage("stage1", child, dtype, stage1, rows1 * len(new_languages), seq_len, processes, sharded),
-                _stage("stage2", child, dtype, stage2, replay, seq_len, processes, sharded)],
+        stages=[
+            _stage("stage1", child, dtype, stage1, rows1 * len(new_languages), seq_len, processes, sharded),
+            _stage("stage2", child, dtype, stage2, replay, seq_len, processes, sharded),
+        ],
     )
 
 
@@ -256,10 +273,15 @@ def format_estimate(estimates: Sequence[RoundEstimate], allocation: AllocationSe
     else:
         low, high = allocation_range(allocation, num_layers)
         mapping, rounding = allocation.effective_mapping, allocation.rounding
-        lines.append(f"allocation: {allocation.method} ({mapping} mapping, {rounding} rounding), delta={allocation.delta} over "
-                     f"{num_layers} layers. The {allocation.method} signal decides the split"
-                     + (f"; ceil rounding puts the total in [{low}, {high}] new experts. Both ends are shown."
-                        if high != low else f"; shown at {low} new experts."))
+        lines.append(
+            f"allocation: {allocation.method} ({mapping} mapping, {rounding} rounding), delta={allocation.delta} over "
+            f"{num_layers} layers. The {allocation.method} signal decides the split"
+            + (
+                f"; ceil rounding puts the total in [{low}, {high}] new experts. Both ends are shown."
+                if high != low
+                else f"; shown at {low} new experts."
+            )
+        )
     for estimate in estimates:
         lines += [
             "",
@@ -277,5 +299,13 @@ def format_estimate(estimates: Sequence[RoundEstimate], allocation: AllocationSe
     return "\n".join(lines)
 
 
-__all__ = ["RoundEstimate", "StageEstimate", "allocation_range", "candidate_allocations", "estimate_round",
-           "format_estimate", "parent_config", "safetensors_bytes"]
+__all__ = [
+    "RoundEstimate",
+    "StageEstimate",
+    "allocation_range",
+    "candidate_allocations",
+    "estimate_round",
+    "format_estimate",
+    "parent_config",
+    "safetensors_bytes",
+]

@@ -82,8 +82,16 @@ class LauncherSettings(BaseModel):
                 command += ["--num_processes", str(self.num_processes)]
         else:
             # Explicit flags, so a user's default accelerate config cannot change the strategy.
-            command += ["--num_processes", str(self.processes), "--num_machines", "1",
-                        "--mixed_precision", "no", "--dynamo_backend", "no"]  # precision is the Trainer's
+            command += [
+                "--num_processes",
+                str(self.processes),
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ]  # precision is the Trainer's
             # torchrun starts the ranks; on a CPU-only machine accelerate picks gloo (MULTI_CPU).
             command += ["--multi_gpu"] if self.processes > 1 else ["--cpu"] if not _cuda() else []
         return [*command, "-m", "layermoe_core.training.launch", str(job_path)]
@@ -121,17 +129,30 @@ class Stage1Job(_Job):
         from ..model.checkpoints import load_model
         from ..model.surgery import expand
 
-        return expand(load_model(self.parent_dir, device=device), self.allocation, self.old_languages, self.new_languages,
-                      top_k=self.top_k, router_aux_loss_coef=self.settings.balance_loss_coef, seed=self.settings.seed,
-                      router_init=self.settings.router_init)
+        return expand(
+            load_model(self.parent_dir, device=device),
+            self.allocation,
+            self.old_languages,
+            self.new_languages,
+            top_k=self.top_k,
+            router_aux_loss_coef=self.settings.balance_loss_coef,
+            seed=self.settings.seed,
+            router_init=self.settings.router_init,
+        )
 
     def run(self, callbacks) -> TrainResult:
         from ..data.corpus import open_sequences
         from ..model.checkpoints import load_tokenizer
         from .trainer import train_stage1
 
-        return train_stage1(self.expanded_parent(device="cpu"), open_sequences(self.tokens_path), self.settings,
-                            self.output_dir, callbacks, tokenizer=load_tokenizer(self.tokenizer_dir))
+        return train_stage1(
+            self.expanded_parent(device="cpu"),
+            open_sequences(self.tokens_path),
+            self.settings,
+            self.output_dir,
+            callbacks,
+            tokenizer=load_tokenizer(self.tokenizer_dir),
+        )
 
 
 class Stage2Job(_Job):
@@ -158,9 +179,15 @@ class Stage2Job(_Job):
         from ..model.checkpoints import load_tokenizer
         from .trainer import train_stage2
 
-        return train_stage2(self.classified_stage1(device="cpu"), open_sequences(self.old_tokens_path),
-                            open_sequences(self.new_tokens_path), self.settings, self.output_dir, callbacks,
-                            tokenizer=load_tokenizer(self.tokenizer_dir))
+        return train_stage2(
+            self.classified_stage1(device="cpu"),
+            open_sequences(self.old_tokens_path),
+            open_sequences(self.new_tokens_path),
+            self.settings,
+            self.output_dir,
+            callbacks,
+            tokenizer=load_tokenizer(self.tokenizer_dir),
+        )
 
 
 class BaseJob(_Job):
@@ -180,8 +207,9 @@ class BaseJob(_Job):
         from .trainer import train_causal_lm
 
         model = init_model(AutoConfig.for_model(**self.base_config), self.seed)
-        return train_causal_lm(model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks,
-                               tokenizer=load_tokenizer(self.tokenizer_dir))
+        return train_causal_lm(
+            model, open_sequences(self.tokens_path), self.settings, self.output_dir, callbacks, tokenizer=load_tokenizer(self.tokenizer_dir)
+        )
 
 
 TrainJob = Annotated[Stage1Job | Stage2Job | BaseJob, Field(discriminator="kind")]
@@ -207,22 +235,33 @@ def launch(
     (output_dir / RESULT_NAME).unlink(missing_ok=True)
     command = launcher.command(job_path)
     # The ranks import this very tree, whatever is installed in the environment.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+    }
     tail: deque[str] = deque(maxlen=launcher.log_tail_lines)
     log_path = output_dir / LOG_NAME
     with log_path.open("a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, errors="replace", start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
         try:
             assert process.stdout is not None  # stdout=PIPE
             for line in process.stdout:
                 log.write(line)
                 tail.append(line.rstrip("\n"))
                 if line.startswith(METRICS_PREFIX):
-                    record = json.loads(line[len(METRICS_PREFIX):])
+                    record = json.loads(line[len(METRICS_PREFIX) :])
                     on_metrics(record["metrics"], record["step"])
             returncode = process.wait()
         finally:

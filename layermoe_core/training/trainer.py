@@ -79,9 +79,7 @@ class TrainSettings(_Settings):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, >= 0")
     max_grad_norm: float = Field(1.0, gt=0, description="the gradient-norm clip, > 0")
     seed: int = Field(0, ge=0, description="the seed of initialisation and data order, >= 0")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="fp32, bf16 (mixed, GPU or CPU) or fp16 (mixed, GPU only)"
-    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 (mixed, GPU or CPU) or fp16 (mixed, GPU only)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints, >= 1")
     save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (newest), >= 1, or None for all")
@@ -90,8 +88,9 @@ class TrainSettings(_Settings):
 
 
 def _new_prior_coef():
-    return Field(0.0, ge=0, description="the new-expert prior coefficient (-log P(new experts) of new-language tokens), >= 0; "
-                 "0 as in the papers")
+    return Field(
+        0.0, ge=0, description="the new-expert prior coefficient (-log P(new experts) of new-language tokens), >= 0; 0 as in the papers"
+    )
 
 
 class Stage1Settings(TrainSettings):
@@ -100,17 +99,16 @@ class Stage1Settings(TrainSettings):
     new_prior_coef: float = _new_prior_coef()
     balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
     router_init: RouterInit = Field(
-        "parent", description="this round's routers: parent (parent rows copied, new experts start at expert 0's row; "
-        "measured better than the reference's choice, bench/router_init.py) or fresh (re-initialised, as the reference)"
+        "parent",
+        description="this round's routers: parent (parent rows copied, new experts start at expert 0's row; "
+        "measured better than the reference's choice, bench/router_init.py) or fresh (re-initialised, as the reference)",
     )
 
 
 class Stage2Settings(TrainSettings):
     """Stage 2 (review): routers and classifiers learn to send old-language tokens to the old experts."""
 
-    replay_old_fraction: float = Field(
-        0.5, ge=0, le=1, description="the share of old-language sequences in the replay mix, in [0, 1]"
-    )
+    replay_old_fraction: float = Field(0.5, ge=0, le=1, description="the share of old-language sequences in the replay mix, in [0, 1]")
     lpr_coef: float = Field(0.1, ge=0, description="the LPR loss coefficient, >= 0 (reference: 0.1)")
     classifier_coef: float = Field(0.1, ge=0, description="the classifier loss coefficient, >= 0 (reference: 0.1)")
     lm_coef: float = Field(1.0, ge=0, description="the language-modelling loss coefficient, >= 0")
@@ -207,9 +205,7 @@ def collate_sequences(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]
 
 def _check_sequences(sequences: Mapping[str, TokenSource], what: str, vocab_size: int) -> None:
     if not sequences:
-        raise LayerMoEError(
-            f"no {what} sequences were given; pass a dict language -> (num_sequences, seq_len) LongTensor of token ids"
-        )
+        raise LayerMoEError(f"no {what} sequences were given; pass a dict language -> (num_sequences, seq_len) LongTensor of token ids")
     for language, tokens in sequences.items():
         check_token_rows(tokens, f"{what} sequences of {language!r}", vocab_size=vocab_size, rows=True)
 
@@ -236,9 +232,7 @@ def _balanced_capacity(items: Sequence[T], language: Callable[[T], str]) -> int:
     return len(counts) * min(counts.values(), default=0)
 
 
-def replay_mix(
-    old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int, language: Callable[[T], str]
-) -> list[T]:
+def replay_mix(old: Sequence[T], new: Sequence[T], old_fraction: float, seed: int, language: Callable[[T], str]) -> list[T]:
     """The largest mix holding `old_fraction` old sequences, each side balanced per language, drawn with `seed`.
 
     Balanced, so that a language with less replay text is not outvoted in the classifier and
@@ -279,16 +273,22 @@ def _prior_losses(outputs, labels: torch.Tensor, num_old_experts: Sequence[int],
 
 def _measure_stage1(outputs, language_labels: torch.Tensor, num_old_experts: Sequence[int]) -> dict[str, torch.Tensor]:
     labels = language_labels.reshape(-1)  # (N,): NEW, IGNORE_INDEX on padding
-    return {"lm_loss": outputs.lm_loss, "balance_loss": outputs.aux_loss,
-            "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss)}
+    return {
+        "lm_loss": outputs.lm_loss,
+        "balance_loss": outputs.aux_loss,
+        "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss),
+    }
 
 
 def _measure_stage2(outputs, language_labels: torch.Tensor, num_old_experts: Sequence[int]) -> dict[str, torch.Tensor]:
     """LPR (and the new-expert prior) averaged over the layers whose router trains; the classifier loss over
     the classifier layers."""
     labels = language_labels.reshape(-1)  # (N,) in the router logits' (batch * seq) order
-    components = {"lm_loss": outputs.lm_loss, "lpr_loss": _prior_losses(outputs, labels, num_old_experts, lpr_loss),
-                  "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss)}
+    components = {
+        "lm_loss": outputs.lm_loss,
+        "lpr_loss": _prior_losses(outputs, labels, num_old_experts, lpr_loss),
+        "new_prior_loss": _prior_losses(outputs, labels, num_old_experts, new_prior_loss),
+    }
     if outputs.classifier_logits:
         components["classifier_loss"] = torch.stack([classifier_loss(logits, labels) for logits in outputs.classifier_logits]).mean()
         counted = labels != IGNORE_INDEX
@@ -537,8 +537,12 @@ def train_stage2(
     old_rows, new_rows = table.range_of(0, len(old_sequences)), table.range_of(len(old_sequences), len(table.sources))
     rows = replay_mix(old_rows, new_rows, settings.replay_old_fraction, settings.seed, language=table.language)
     objective = Objective(
-        {"lm_loss": settings.lm_coef, "lpr_loss": settings.lpr_coef, "classifier_loss": settings.classifier_coef,
-         "new_prior_loss": settings.new_prior_coef},
+        {
+            "lm_loss": settings.lm_coef,
+            "lpr_loss": settings.lpr_coef,
+            "classifier_loss": settings.classifier_coef,
+            "new_prior_loss": settings.new_prior_coef,
+        },
         partial(_measure_stage2, num_old_experts=_trained_routers_old_experts(model)),
     )
     return _train(model, SequenceDataset(table, rows), objective, settings, output_dir, callbacks, tokenizer)
