@@ -28,57 +28,34 @@ import argparse
 import copy
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
-from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+from transformers import DynamicCache, Qwen2ForCausalLM
 
-from layermoe_core import expand, insert_classifiers
+from bench.train_step import SIZES as TRAIN_STEP_SIZES
+from bench.train_step import Size
+from bench.train_step import build as expanded_pair
+from layermoe_core import insert_classifiers
 from layermoe_core.model.losses import NEW, OLD
 
-
-@dataclass(frozen=True)
-class Size:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    new_per_layer: int = 3
-    top_k: int = 2
-
-
-SIZES = {
-    "demo": Size(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=2, vocab=8192),
-    "large": Size(hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=8, vocab=32000),
-}
+# bench.train_step's model shapes, with 3 new experts a layer (top-2 of 4 experts).
+SIZES = {name: replace(size, new_per_layer=3) for name, size in TRAIN_STEP_SIZES.items()}
 
 
 def build(size: Size, device: torch.device) -> tuple[Qwen2ForCausalLM, dict[str, torch.nn.Module]]:
-    """The parent and its child with every classifier set to `new` or to `old`."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        hidden_size=size.hidden,
-        intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.kv_heads,
-        vocab_size=size.vocab,
-        max_position_embeddings=4096,
-    )
-    parent = Qwen2ForCausalLM(config).to(device).eval()
+    """The parent and its child (bench.train_step's, router spread) with every classifier set to `new` or to `old`."""
+    parent, expanded = expanded_pair(size)
+    insert_classifiers(expanded, list(range(size.layers)))
     children = {}
     for setting, label in (("new", NEW), ("old", OLD)):
-        child = expand(copy.deepcopy(parent), [size.new_per_layer] * size.layers, ["en"], ["el"], top_k=size.top_k)
-        insert_classifiers(child, list(range(size.layers)))
+        child = copy.deepcopy(expanded)
         with torch.no_grad():
             for block in child.moe_blocks().values():
-                block.router.gate.weight.normal_(std=size.hidden**-0.5)  # a trained-looking router: tokens spread
                 block.router.classifier.bias.copy_(torch.tensor([-10.0, -10.0]))
                 block.router.classifier.bias[label] = 10.0  # a confident classifier: every token `label`
         children[setting] = child.to(device).eval()
-    return parent, children
+    return parent.to(device).eval(), children
 
 
 def synchronize(device: torch.device) -> None:
