@@ -77,8 +77,11 @@ def round_languages(plan: ExpansionPlan, parent: ParentModel) -> list[str]:
 
 
 def round_dir(plan: ExpansionPlan, parent_version: int) -> Path:
-    """Same plan and parent -> same folder, so a rerun resumes its checkpoints and cached steps."""
-    digest = hashlib.sha256(plan.model_dump_json(exclude={"name"}).encode()).hexdigest()[:10]
+    """Same plan and parent -> same folder, so a rerun resumes its checkpoints and cached steps.
+
+    The placement is left out: where the measuring steps run does not change what the round computes.
+    """
+    digest = hashlib.sha256(plan.model_dump_json(exclude={"name", "placement"}).encode()).hexdigest()[:10]
     return plan.workdir.resolve() / f"{plan.name}-parent-v{parent_version}-{digest}"
 
 
@@ -151,6 +154,7 @@ def add_languages(plan: ExpansionPlan) -> RoundSummary:
 def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSummary:
     """Every step after the parent is local, in the round's folder `work`; a step whose output is gone runs again."""
     old, new, t = round_languages(plan, parent), plan.new_languages, plan.tokens
+    placement = plan.placement.with_offload_folder(work / "offload")
     sampling = Sampling(
         corpora=plan.corpora,
         tokenizer_dir=parent.path,
@@ -163,8 +167,12 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
 
     # 1-3: where the new languages sit in the parent, and how many experts each layer gets
     analysis = sample_tokens(sampling, "analysis", old + new, t.analysis_tokens, parallel="auto")
-    similarity = measure_similarity(parent.path, analysis, old, new, score=plan.similarity_score, batch_size=plan.similarity_batch_size)
-    signal = measure_allocation_signal(parent.path, analysis, old, new, plan.allocation, batch_size=plan.similarity_batch_size)
+    similarity = measure_similarity(
+        parent.path, analysis, old, new, score=plan.similarity_score, batch_size=plan.similarity_batch_size, placement=placement
+    )
+    signal = measure_allocation_signal(
+        parent.path, analysis, old, new, plan.allocation, batch_size=plan.similarity_batch_size, placement=placement
+    )
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
@@ -197,11 +205,13 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
 
     # 7: the child against its parent, on held-out tokens and text
     heldout = sample_tokens(sampling, "heldout", old + new, t.eval_tokens, split="heldout")
-    routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size)
+    routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size, placement=placement)
     text = sample_heldout_text(
         plan.corpora, old + new, plan.evaluation, seed=t.seed, heldout_fraction=t.heldout_fraction, out_dir=work / "heldout-text"
     )
-    comparison, samples = evaluate_round(parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text)
+    comparison, samples = evaluate_round(
+        parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text, placement=placement
+    )
 
     # 8: register the child with its reports, then gate the alias
     round_info = {

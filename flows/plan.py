@@ -21,6 +21,7 @@ from layermoe_core.analysis.similarity import SimilarityScore
 from layermoe_core.data.corpus import CorpusSpec, check_corpus_source, check_old_new, validate_language_code
 from layermoe_core.errors import LayerMoEError, describe_validation_error
 from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.model.checkpoints import PlacementSettings
 from layermoe_core.model.configuration_layermoe import (
     SUPPORTED_BASE_MODEL_TYPES,
     LayerMoEConfig,
@@ -207,6 +208,17 @@ LAUNCHER_FORM = FormSection(
     fields={"config_file": {"description": "an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO); empty: plain DDP with num_processes"}},
 )
 
+PLACEMENT_FORM = FormSection(
+    "Model placement",
+    "How the flow's own process places a model it measures: similarity and the other allocation signals, routing "
+    "statistics and evaluation (held-out loss, benchmarks, translation, continuations). Training is the launcher's.",
+    fields={
+        "device_map": {"title": "Device map"},
+        "max_memory": {"title": "Memory per device"},
+        "offload_folder": {"title": "Offload folder"},
+    },
+)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -309,6 +321,11 @@ class ExpansionSettings(_Strict):
         None,
         title="Launcher",
         description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process",
+    )
+    placement: Annotated[PlacementSettings, PLACEMENT_FORM] = Field(
+        default_factory=PlacementSettings,
+        title="Model placement",
+        description="where the flow's own process puts a model it measures or evaluates: one device (the default), or device_map auto over every GPU, then CPU, then disk, for a model larger than one device",
     )
     promote_alias: str = Field("champion", title="Alias to promote", description="the alias a child that passes the gate takes")
     promotion: Literal["auto", "manual"] = Field(

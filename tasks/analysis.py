@@ -10,9 +10,9 @@ from layermoe_core.analysis.allocation import AllocationSettings, allocate_exper
 from layermoe_core.analysis.signals import neuron_signal, param_delta_signal
 from layermoe_core.analysis.similarity import SimilarityScore, layer_similarity
 from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
-from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import STEP_CACHE, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, load_placed, publish_markdown, publish_table, step
 
 TOKEN_STORE_DIR = "token-store"  # under the plan's workdir: every round of every plan there shares the tokenized corpora
 
@@ -55,17 +55,24 @@ def sample_tokens(
     return path
 
 
-@task(name="measure layer similarity", cache_policy=STEP_CACHE, persist_result=True)
+@task(name="measure layer similarity", cache_policy=PLACED_STEP_CACHE, persist_result=True)
 def measure_similarity(
-    model_dir: Path, tokens_path: Path, old_languages: list[str], new_languages: list[str], *, score: SimilarityScore, batch_size: int
+    model_dir: Path,
+    tokens_path: Path,
+    old_languages: list[str],
+    new_languages: list[str],
+    *,
+    score: SimilarityScore,
+    batch_size: int,
+    placement: PlacementSettings,
 ) -> pd.DataFrame:
-    model = load_model(model_dir)
+    model = load_placed(model_dir, placement)
     table = layer_similarity(model, load_sequences(tokens_path), old_languages, new_languages, batch_size=batch_size, score=score)
     publish_table("similarity", table.round(4), "Per-layer cross-lingual similarity of the parent (MLP inputs)")
     return table
 
 
-@task(name="measure allocation signal", cache_policy=STEP_CACHE, persist_result=True)
+@task(name="measure allocation signal", cache_policy=PLACED_STEP_CACHE, persist_result=True)
 def measure_allocation_signal(
     model_dir: Path,
     tokens_path: Path,
@@ -74,11 +81,12 @@ def measure_allocation_signal(
     settings: AllocationSettings,
     *,
     batch_size: int,
+    placement: PlacementSettings,
 ) -> pd.DataFrame | None:
     """The per-layer signal of "neuron" and "param_delta" (None for the methods that read the similarity or nothing)."""
     if settings.method not in ("neuron", "param_delta"):
         return None
-    model, sequences = load_model(model_dir), load_sequences(tokens_path)
+    model, sequences = load_placed(model_dir, placement), load_sequences(tokens_path)
     if settings.method == "neuron":
         table = neuron_signal(model, sequences, old_languages, new_languages, settings.neurons_per_language, batch_size)
     else:

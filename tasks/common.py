@@ -3,23 +3,38 @@
 import functools
 import inspect
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run
 from prefect.states import State
 
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model.checkpoints import PlacementSettings, load_model
 from registry import RegistryUnavailable
 
 # A rerun of a round with the same inputs (and the same task code) skips finished steps;
 # the results are persisted under PREFECT_HOME so this works across flow runs.
 STEP_CACHE = INPUTS + TASK_SOURCE
+# For a step that loads a model where its `placement` says: where it runs does not change what it computes
+# (to float rounding), so a rerun on other devices reuses it. (`STEP_CACHE - "placement"` would keep INPUTS whole.)
+PLACED_STEP_CACHE = (INPUTS - "placement") + TASK_SOURCE
+
+
+def load_placed(model_dir: Path, placement: PlacementSettings):
+    """The model in `model_dir`, placed as the plan says; a dispatched model's placement goes to the log."""
+    model = load_model(model_dir, device_map=placement.device_map, max_memory=placement.max_memory, offload_folder=placement.offload_folder)
+    device_map = getattr(model, "hf_device_map", None)
+    if placement.device_map is not None and device_map:
+        spread = ", ".join(f"{device} ({n} modules)" for device, n in Counter(map(str, device_map.values())).items())
+        get_run_logger().info("%s dispatched over %s", model_dir, spread)
+    return model
 
 
 def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Callable[[Callable], Callable]:

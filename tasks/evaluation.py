@@ -10,14 +10,16 @@ from layermoe_core.data.corpus import CorpusSpec, load_sequences
 from layermoe_core.evaluation.heldout_text import continuation_prompts
 from layermoe_core.evaluation.metrics import EvalSettings, compare_models, continue_prompts, evaluate_model
 from layermoe_core.evaluation.translation import heldout_pairs
-from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import STEP_CACHE, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, load_placed, publish_markdown, publish_table, step
 
 
-@task(name="routing statistics", cache_policy=STEP_CACHE, persist_result=True)
-def measure_routing(model_dir: Path, tokens_path: Path, old_languages: list[str], *, batch_size: int) -> pd.DataFrame:
-    table = routing_statistics(load_model(model_dir), load_sequences(tokens_path), old_languages, batch_size=batch_size)
+@task(name="routing statistics", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+def measure_routing(
+    model_dir: Path, tokens_path: Path, old_languages: list[str], *, batch_size: int, placement: PlacementSettings
+) -> pd.DataFrame:
+    table = routing_statistics(load_placed(model_dir, placement), load_sequences(tokens_path), old_languages, batch_size=batch_size)
     publish_table("routing", table.drop(columns=["expert_load"], errors="ignore").round(4), "Routing per layer and language")
     return table
 
@@ -54,7 +56,7 @@ def samples_markdown(samples: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@task(name="evaluate parent and child", cache_policy=STEP_CACHE, persist_result=True)
+@task(name="evaluate parent and child", cache_policy=PLACED_STEP_CACHE, persist_result=True)
 def evaluate_round(
     parent_dir: Path,
     child_dir: Path,
@@ -64,6 +66,7 @@ def evaluate_round(
     settings: EvalSettings,
     *,
     text_dir: Path | None = None,
+    placement: PlacementSettings,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Held-out metrics of both models on the same tokens and text: the tidy comparison and the readable samples.
 
@@ -75,7 +78,7 @@ def evaluate_round(
     samples = samples if samples is not None else pd.DataFrame(columns=["language", "id", "prompt", "reference"])
     tables = {}
     for side, model_dir in (("parent", parent_dir), ("child", child_dir)):
-        model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+        model, tokenizer = load_placed(model_dir, placement), load_tokenizer(model_dir)
         tables[side] = evaluate_model(model, tokenizer, sequences, settings, pairs)
         samples[side] = continue_prompts(model, tokenizer, samples, settings) if len(samples) else []
     comparison = compare_models(tables["parent"], tables["child"], old_languages, new_languages)

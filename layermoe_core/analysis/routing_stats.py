@@ -15,7 +15,7 @@ import torch
 
 from ..data.token_store import check_token_rows
 from ..errors import LayerMoEError
-from ..model.inference import forward_pre_hooks, inference
+from ..model.inference import forward_pre_hooks, inference, input_device
 from ..model.losses import NEW, OLD
 from ..model.modeling_layermoe import LayerMoEForCausalLM
 from ..model.moe_block import LayerMoEBlock
@@ -94,7 +94,7 @@ def routing_statistics(
 
         return hook
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     with inference(model), forward_pre_hooks((block, hook_for(layer)) for layer, block in blocks.items()):
         for language, tokens in sequences.items():
             current["language"] = language

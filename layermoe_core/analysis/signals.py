@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import LayerMoEError
-from ..model.inference import forward_pre_hooks, inference
+from ..model.inference import forward_pre_hooks, inference, input_device
 from ..model.modeling_layermoe import causal_lm_of, decoder_layers
 from ..model.moe_block import LayerMoEBlock
 from .similarity import Tokens, check_sampled, ids_and_mask
@@ -42,17 +42,17 @@ def neuron_responses(model: PreTrainedModel, tokens: Tokens, batch_size: int = 8
     input_ids, attention_mask = ids_and_mask(tokens)
     if batch_size < 1:
         raise LayerMoEError(f"batch_size={batch_size} must be at least 1")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else input_device(model)
     layers = decoder_layers(model)
-    per_layer: list[torch.Tensor | None] = [None] * len(layers)  # (B, I) of the current batch
+    per_layer: list[torch.Tensor | None] = [None] * len(layers)  # (B, I) of the current batch, on `device`
     weights: torch.Tensor | None = None  # (B, T, 1): 1/real tokens of the row on real tokens, 0 on padding
 
     def capture(index: int):
         def hook(module: nn.Module, args: tuple) -> None:
             mlp = dense_mlp(layers[index])
-            x = args[0]  # (B, T, d)
+            x = args[0]  # (B, T, d), on the layer's device
             activation = (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()  # (B, T, I)
-            per_layer[index] = (activation * weights).sum(1)  # (B, I)
+            per_layer[index] = (activation * weights.to(x.device)).sum(1).to(device)  # (B, I)
 
         return hook
 
@@ -137,6 +137,12 @@ def finetune_mlps(
 ) -> PreTrainedModel:
     """A float32 copy of `model` whose MLP weights took `steps` AdamW steps of LM loss on `tokens` (the rest frozen)."""
     input_ids, attention_mask = ids_and_mask(tokens)
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1 or torch.device("meta") in devices:
+        raise LayerMoEError(
+            f"param_delta fine-tunes a copy of the model, which needs it whole on one device; this one is dispatched over "
+            f"{sorted(map(str, devices))}. Drop placement.device_map, or pick an allocation method that only reads the model"
+        )
     probe = copy.deepcopy(model).float().train()
     probe.requires_grad_(False)
     weights = [w for layer in _mlp_weights(probe) for w in layer]

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from ..data.corpus import check_old_new
 from ..errors import LayerMoEError
-from ..model.inference import forward_pre_hooks, inference
+from ..model.inference import forward_pre_hooks, inference, input_device
 from ..model.modeling_layermoe import causal_lm_of, decoder_layers
 
 SimilarityScore = Literal["mean", "old_new", "new_new"]
@@ -56,7 +56,7 @@ def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 
     num_real = int(attention_mask.sum())
     if num_real == 0:
         raise LayerMoEError("no real tokens to measure (empty input or all padding); give at least one token")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else input_device(model)
     layers = decoder_layers(model)
     hidden_size = model.config.get_text_config().hidden_size
     sums = torch.zeros(len(layers), hidden_size, dtype=torch.float64, device=device)  # (L, d)
@@ -64,9 +64,9 @@ def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 
 
     def accumulate(layer: int):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, hidden_size).float()  # (B*T, d)
-            weights = batch_mask / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)  # (B*T,): 1/|x|, 0 on padding
-            sums[layer] += (weights @ x).double()  # sum of unit vectors, (d,)
+            x = args[0].reshape(-1, hidden_size).float()  # (B*T, d), on the layer's device
+            weights = batch_mask.to(x.device) / torch.linalg.vector_norm(x, dim=-1).clamp_min(1e-12)  # (B*T,): 1/|x|, 0 on padding
+            sums[layer] += (weights @ x).double().to(device)  # sum of unit vectors, (d,)
 
         return hook
 

@@ -16,11 +16,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import LayerMoEError
-from ..model.inference import inference
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+from ..model.inference import inference, input_device
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -78,7 +74,7 @@ def greedy_generate(
             f"prompts {too_long[:5]} plus {max_new_tokens} new tokens exceed the model's context of {limit} positions; "
             "shorten them (fewer shots or shorter sentences) or lower max_new_tokens"
         )
-    device = model_device(model)
+    device = input_device(model)
     texts = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
     with inference(model):

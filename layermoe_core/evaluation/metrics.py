@@ -25,10 +25,10 @@ from torch import nn
 from ..data.corpus import check_old_new
 from ..data.token_store import check_token_rows
 from ..errors import LayerMoEError, describe_validation_error
-from ..model.inference import inference
+from ..model.inference import inference, input_device
 from ..model.surgery import count_parameters
 from .gates import COMPARISON_COLUMNS, GateSettings
-from .generation import context_length, greedy_generate, model_device
+from .generation import context_length, greedy_generate
 from .translation import TranslationSettings, translate_pairs, translation_metrics
 
 METRICS_COLUMNS = ["language", "metric", "value", "n"]
@@ -95,7 +95,7 @@ def language_perplexity(
         raise LayerMoEError("no held-out sequences were given; pass {language: LongTensor (num_sequences, seq_len)}")
     if batch_size < 1:
         raise LayerMoEError(f"batch_size={batch_size}; it must be at least 1")
-    device = model_device(model)
+    device = input_device(model)
     rows = []
     with inference(model):
         for language, ids in sequences.items():
@@ -105,8 +105,8 @@ def language_perplexity(
             for batch in ids.split(batch_size):
                 batch = batch.to(device=device, dtype=torch.long)
                 logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
-                targets = batch[:, 1:]  # (B, T-1)
-                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+                targets = batch[:, 1:].to(logits.device)  # (B, T-1)
+                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum").double().to(device)
             tokens = ids.shape[0] * (ids.shape[1] - 1)
             loss = nll.item() / tokens
             rows.append({"language": language, "loss": loss, "perplexity": math.exp(loss), "tokens": tokens})
@@ -179,7 +179,7 @@ def load_multiple_choice(path: str | Path) -> list[MultipleChoiceRecord]:
 
 def continuation_logprobs(model: nn.Module, requests: Sequence[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
     """log p(continuation | context), summed over the continuation's tokens, for each (context, continuation)."""
-    device = model_device(model)
+    device = input_device(model)
     order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))  # similar lengths share a batch
     scores = [0.0] * len(requests)
     with inference(model):
@@ -195,9 +195,9 @@ def continuation_logprobs(model: nn.Module, requests: Sequence[tuple[list[int], 
             for r, i in enumerate(chunk):
                 context, continuation = requests[i]
                 # Position t predicts token t+1, so the continuation is read off the positions before it.
-                positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
+                positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=logits.device)
                 logprobs = logits[r, positions].float().log_softmax(-1)  # (len(continuation), V)
-                target = torch.tensor(continuation, device=device)
+                target = torch.tensor(continuation, device=logits.device)
                 scores[i] = logprobs.gather(-1, target[:, None]).sum().item()
     return scores
 
@@ -302,6 +302,8 @@ def lm_eval_scores(
     local = {config["task"]: config for config in map(load_task_file, task_files)}
     specs = harness_tasks(tasks)
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, backend="causal", max_length=context_length(model))
+    # HFLM sends inputs to `model.device`, the first parameter's: on the meta device where a dispatched model's embedding is offloaded.
+    harness_model._device = input_device(model)
     tables = []
     for shots in sorted({spec.num_fewshot for spec in specs.values()}):
         names = [name for name, spec in specs.items() if spec.num_fewshot == shots]

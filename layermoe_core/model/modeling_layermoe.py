@@ -69,6 +69,9 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+    # No `_no_split_modules` of its own: post_init takes the wrapped model's (e.g. LlamaDecoderLayer), so a
+    # device_map keeps each decoder layer, MoE block included, on one device. Listing LayerMoEBlock too would
+    # also make FSDP's transformer-based wrap (which reads the same list) shard the block apart from its layer.
 
     def __init__(self, config: LayerMoEConfig, causal_lm: PreTrainedModel | None = None):
         if config.routing_format != ROUTING_FORMAT:

@@ -224,7 +224,7 @@ class LayerMoEBlock(nn.Module):
             return self.original_mlp(hidden_states).to(hidden_states.dtype)  # under autocast, as the routed path returns
         experts, weights = routed  # (N, k) each
         num_tokens, k = experts.shape
-        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and num_tokens * k <= FEW_ASSIGNMENTS:
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and num_tokens * k <= FEW_ASSIGNMENTS and self._experts_resident():
             return self._dispatch_few(tokens, experts, weights).to(hidden_states.dtype).view(batch, seq, hidden)
 
         # Sort the (token, slot) assignments by expert, so each expert sees one contiguous slice.
@@ -257,6 +257,11 @@ class LayerMoEBlock(nn.Module):
         slots = slots.index_copy(0, order, expert_outputs)  # (N*k, d)
         combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)
+
+    def _experts_resident(self) -> bool:
+        """Whether the new experts' weights are in memory. Offloaded to disk (a dispatched model), they sit on the
+        meta device except inside their own `forward`, where accelerate's hook loads them, so `one_expert` cannot read them."""
+        return not any(experts.gate_up_proj.is_meta for experts in self.new_experts)
 
     def _dispatch_few(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort,
