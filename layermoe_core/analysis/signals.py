@@ -45,7 +45,7 @@ def neuron_responses(model: PreTrainedModel, tokens: Tokens, batch_size: int = 8
     device = torch.device(device) if device is not None else input_device(model)
     layers = decoder_layers(model)
     per_layer: list[torch.Tensor | None] = [None] * len(layers)  # (B, I) of the current batch, on `device`
-    weights: torch.Tensor | None = None  # (B, T, 1): 1/real tokens of the row on real tokens, 0 on padding
+    weights = torch.empty(0)  # (B, T, 1): 1/real tokens of the row on real tokens, 0 on padding; set per batch
 
     def capture(index: int):
         def hook(module: nn.Module, args: tuple) -> None:

@@ -60,7 +60,7 @@ def mean_unit_vectors(model: PreTrainedModel, tokens: Tokens, batch_size: int = 
     layers = decoder_layers(model)
     hidden_size = model.config.get_text_config().hidden_size
     sums = torch.zeros(len(layers), hidden_size, dtype=torch.float64, device=device)  # (L, d)
-    batch_mask: torch.Tensor | None = None  # (B*T,) float32, 1 for real tokens: set per batch
+    batch_mask = torch.empty(0)  # (B*T,) float32, 1 for real tokens: set per batch
 
     def accumulate(layer: int):
         def hook(module: nn.Module, args: tuple) -> None:

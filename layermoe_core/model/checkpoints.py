@@ -126,7 +126,9 @@ class PlacementSettings(BaseModel):
             except ValueError:
                 valid = False
             if not valid:
-                raise ValueError(f"max_memory[{device!r}]={size!r} is not a size; give bytes (an integer > 0) or a string like 20GiB or 500MB")
+                raise ValueError(
+                    f"max_memory[{device!r}]={size!r} is not a size; give bytes (an integer > 0) or a string like 20GiB or 500MB"
+                )
         return max_memory
 
     @model_validator(mode="after")
