@@ -295,7 +295,8 @@ class LayerMoEBlock(nn.Module):
         outputs, token_ids, token_weights = [], [], []  # in expert order
         for expert in sorted(assigned):
             expert_tokens, expert_weights = assigned[expert]
-            rows = tokens if len(expert_tokens) == num_tokens else tokens[expert_tokens]  # (n, d)
+            every_token = len(expert_tokens) == num_tokens  # each token at most once per expert, in order
+            rows = tokens if every_token else tokens[expert_tokens]  # (n, d)
             if expert == 0:
                 outputs.append(self.original_mlp(rows))  # (n, d)
             else:
