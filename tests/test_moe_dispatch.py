@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Qwen2Config
+from transformers import LlamaConfig, Qwen2Config
+from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from layermoe_core.model import moe_block
@@ -67,10 +68,16 @@ def expert_mlp(block: LayerMoEBlock, expert: int):
     return mlp
 
 
-def stage1_block(group_sizes: list[int], classifier: bool, device: str, dtype=torch.float32) -> LayerMoEBlock:
+MLPS = {  # family: its dense MLP, expert 0
+    "qwen2": lambda: Qwen2MLP(Qwen2Config(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu")),
+    "llama": lambda: LlamaMLP(LlamaConfig(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu")),
+}
+
+
+def stage1_block(group_sizes: list[int], classifier: bool, device: str, dtype=torch.float32, family: str = "qwen2") -> LayerMoEBlock:
     """A block after len(group_sizes) rounds, trained-looking, with only the newest round trainable."""
     torch.manual_seed(0)
-    mlp = Qwen2MLP(Qwen2Config(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, hidden_act="silu"))
+    mlp = MLPS[family]()
     block = LayerMoEBlock(mlp, HIDDEN, INTERMEDIATE, "silu", TOP_K)
     for size in group_sizes:
         block.add_expert_group(size)
@@ -279,13 +286,54 @@ def test_decoding_dispatch_on_the_host_equals_the_sorted_dispatch(scenario, batc
     torch.testing.assert_close(few, reference_forward(block, x).detach())
 
 
+def classify(router, decision: str) -> None:
+    """Set a router's classifier to send every token new, every token old, or (its random weights) some of each."""
+    with torch.no_grad():
+        if decision != "mixed":
+            router.classifier.weight.zero_()
+            router.classifier.bias.copy_(torch.tensor([-10.0, 10.0] if decision == "new" else [10.0, -10.0]))
+
+
+def two_rounds_with_classifiers(newest: str, older: str, family: str = "qwen2", dtype=torch.float32) -> LayerMoEBlock:
+    """A block after two rounds (2 then 3 experts), each router with a classifier that decides as told."""
+    block = stage1_block([2, 3], classifier=True, device="cpu", dtype=dtype, family=family)
+    older_router = block.routers[0]
+    older_router.add_classifier(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        older_router.classifier.weight.normal_()
+    classify(older_router, older)
+    classify(block.routers[1], newest)
+    return block.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(MLPS))
+@pytest.mark.parametrize("newest, older", [("new", "mixed"), ("old", "mixed"), ("mixed", "mixed"), ("mixed", "new"), ("old", "old")])
+@pytest.mark.parametrize("shape", [(1, 1), (16, 1), (2, 40)])  # decoding at batch 1 and 16 (host dispatch), a prefill (sorted)
+def test_inference_route_and_output_equal_the_general_path(newest, older, family, dtype, shape):
+    """Without autograd the block takes its inference route (routers newest first, top-k of the logits) and,
+    for a few tokens, the host dispatch; experts, weights and output equal the general route's and the
+    masked-loop reference's, up to float rounding."""
+    block = two_rounds_with_classifiers(newest, older, family, dtype)
+    x = torch.randn(*shape, HIDDEN, dtype=dtype)
+    tokens = x.reshape(-1, HIDDEN)
+    with torch.inference_mode():
+        routed = block._route(tokens, inference=True)
+        experts, weights = routed if routed is not None else block._dense_routing(tokens)
+        general_experts, general_weights = block.route(tokens)
+        ours = block(x)
+        reference = reference_forward(block, x)
+    assert (routed is None) == (newest == older == "old")
+    assert torch.equal(experts, general_experts)
+    torch.testing.assert_close(weights, general_weights)
+    assert_close(ours, reference, "output")
+
+
 def test_inference_runs_no_router_that_no_token_reaches():
     """Every token classified old: the block computes the classifier and expert 0, not this round's router.
     With autograd on (training, where the LPR loss reads the router's logits) the router still runs."""
     block = stage1_block([3], classifier=True, device="cpu")
-    with torch.no_grad():
-        block.router.classifier.weight.zero_()
-        block.router.classifier.bias.copy_(torch.tensor([10.0, -10.0]))  # every token predicted old
+    classify(block.router, "old")
     x = torch.randn(1, 33, HIDDEN)
     classifier_flops, mlp_flops = 2 * 33 * HIDDEN * 2, 2 * 33 * 3 * HIDDEN * INTERMEDIATE
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -295,6 +343,22 @@ def test_inference_runs_no_router_that_no_token_reaches():
     with FlopCounterMode(display=False) as counter:
         block(x)
     assert counter.get_total_flops() == classifier_flops + mlp_flops + 2 * 33 * HIDDEN * block.num_experts
+
+
+def test_inference_runs_no_older_router_when_the_newest_classifier_takes_every_token():
+    """The newest classifier sends every token new: the older round's classifier and gate decide nothing and do
+    not run. With autograd on, every router runs on every token."""
+    block = two_rounds_with_classifiers(newest="new", older="mixed")
+    x = torch.randn(1, 33, HIDDEN)
+    newest_router_flops = 2 * 33 * HIDDEN * (2 + block.num_experts)  # classifier and gate
+    older_router_flops = 2 * 33 * HIDDEN * (2 + block.routers[0].gate.out_features)
+    expert_flops = 2 * 33 * block.top_k * 3 * HIDDEN * INTERMEDIATE
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        block(x)
+    assert counter.get_total_flops() == newest_router_flops + expert_flops
+    with FlopCounterMode(display=False) as counter:
+        block(x)
+    assert counter.get_total_flops() == newest_router_flops + older_router_flops + expert_flops
 
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm", "transformers:grouped_mm", "transformers:batched_mm"])

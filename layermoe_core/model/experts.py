@@ -192,13 +192,13 @@ class StackedExperts(nn.Module):
         self.down_proj.copy_(mlp.down_proj.weight.expand_as(self.down_proj))
 
     def one_expert(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
-        """Expert `index` alone on tokens (n, d) -> (n, d): the loop kernel's matmuls for one expert, no autograd function."""
+        """Expert `index` alone on a few tokens (n, d) -> (n, d), in few ops (decoding): one matmul for the fused
+        gate_up, one for down. The loop kernel's products, up to float rounding; no autograd function."""
         tokens, gate_up_proj, down_proj = autocast_operands(
             tokens.to(self.gate_up_proj.dtype), self.gate_up_proj[index], self.down_proj[index]
         )
-        gate_proj, up_proj = gate_up_proj.chunk(2)
-        hidden = self.act_fn(torch.mm(tokens, gate_proj.t())) * torch.mm(tokens, up_proj.t())  # (n, ff)
-        return torch.mm(hidden, down_proj.t())
+        gate, up = torch.mm(tokens, gate_up_proj.t()).chunk(2, dim=-1)  # (n, ff) each
+        return torch.mm(self.act_fn(gate) * up, down_proj.t())
 
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(A, 2*ff) -> (A, ff): transformers' experts interface calls this between its two matmuls."""

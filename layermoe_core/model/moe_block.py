@@ -25,6 +25,7 @@ from contextvars import ContextVar
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerMoEError
@@ -82,6 +83,19 @@ class LayerMoERouter(nn.Module):
         if self.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return router_logits, weights, ids
+
+    def top_k_routing(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: `forward`'s top-k weights (N, k) fp32 and expert ids (N, k), up to float rounding, in fewer ops.
+
+        Softmax is monotone, so the top-k logits are the top-k probabilities; with k > 1 their
+        renormalised probabilities are the softmax of the k logits alone. With k = 1 the weight is
+        the probability over every expert, so that case takes `forward`.
+        """
+        if self.top_k == 1:
+            _, weights, ids = self(tokens)
+            return weights, ids
+        logits, ids = F.linear(tokens.to(self.gate.weight.dtype), self.gate.weight).float().topk(self.top_k, dim=-1)  # (N, k) each
+        return torch.softmax(logits, dim=-1), ids
 
     def predicts_new(self, tokens: torch.Tensor) -> torch.Tensor:
         """(N,) bool: the classifier's decision per token."""
@@ -156,7 +170,7 @@ class LayerMoEBlock(nn.Module):
         Slots that carry no weight (a dense fall-through uses expert 0 alone) get the id
         `num_experts`, which the dispatch never computes.
         """
-        routed = self._route(tokens, skip_unused=False)
+        routed = self._route(tokens, inference=False)
         return routed if routed is not None else self._dense_routing(tokens)
 
     def _dense_routing(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,39 +182,45 @@ class LayerMoEBlock(nn.Module):
         weights[:, 0] = 1.0
         return ids, weights
 
-    def _route(self, tokens: torch.Tensor, skip_unused: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _route(self, tokens: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`route`, or None where every token falls through to the dense layer (expert 0 alone, weight 1).
 
-        skip_unused (inference only): a router whose classifier sends no token down its new path
-        changes nothing, so it is dropped (newest first) before its gate runs; old-language text
-        then costs its classifiers and the parent's function, not this round's router too. The
-        check reads one bool per dropped router from the device.
+        inference (no autograd, nothing recorded) skips what cannot change the result. The deciding
+        routers are asked newest first, one bool count read from the device each: one whose classifier
+        sends no token down its new path is dropped before its gate runs (old-language text costs its
+        classifiers and the parent's function, not this round's router too), and one that sends every
+        token there decides alone (the routers before it are never reached). Their gates then take
+        `top_k_routing`. Training runs every router on every token, so a gradient-checkpointing
+        recompute takes the path its forward took.
         """
         routers = list(self.routers)
         if self.route_all_to_old and self.expanded_this_round:
             routers = routers[:-1]
         # Only routers from the last classifier-free one on can decide; older ones are never reached.
-        start = max((i for i, r in enumerate(routers) if r.classifier is None), default=None)
-        first = 0 if start is None else start + 1
-        takes_new_of_newest = None
-        if skip_unused:
-            while len(routers) > first:
-                takes_new_of_newest = routers[-1].predicts_new(tokens)  # (N,)
-                if bool(takes_new_of_newest.any()):
+        start = max((i for i, r in enumerate(routers) if r.classifier is None), default=-1)
+        fallback = routers[start] if start >= 0 else None  # routes the tokens every classifier calls old; None: dense
+        overrides = []  # (router, takes_new (N, 1)), newest first
+        for router in reversed(routers[start + 1 :]):
+            takes_new = router.predicts_new(tokens)  # (N,)
+            if inference:
+                new_tokens = int(takes_new.sum())  # the host sync
+                if new_tokens == 0:
+                    continue
+                if new_tokens == len(tokens):
+                    fallback = router
                     break
-                routers.pop()
-                takes_new_of_newest = None
-        if start is None:
-            if not routers:  # every token takes the dense layer
-                return None
-            ids, weights = self._dense_routing(tokens)
-        else:
-            _, weights, ids = routers[start](tokens)
-        for i in range(first, len(routers)):
-            router = routers[i]
-            _, new_weights, new_ids = router(tokens)
-            takes_new = takes_new_of_newest if i == len(routers) - 1 and takes_new_of_newest is not None else router.predicts_new(tokens)
-            takes_new = takes_new[:, None]  # (N, 1)
+            overrides.append((router, takes_new[:, None]))
+        if fallback is None and not overrides:  # every token takes the dense layer
+            return None
+
+        def top_k(router: LayerMoERouter) -> tuple[torch.Tensor, torch.Tensor]:
+            """(ids, weights), (N, k) each."""
+            weights, ids = router.top_k_routing(tokens) if inference else router(tokens)[1:]
+            return ids, weights
+
+        ids, weights = self._dense_routing(tokens) if fallback is None else top_k(fallback)
+        for router, takes_new in reversed(overrides):
+            new_ids, new_weights = top_k(router)
             ids, weights = torch.where(takes_new, new_ids, ids), torch.where(takes_new, new_weights, weights)
         return ids, weights
 
@@ -217,9 +237,8 @@ class LayerMoEBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, seq, hidden = hidden_states.shape
         tokens = hidden_states.reshape(-1, hidden)  # (N, d)
-        # Unused routers are skipped only without autograd: a gradient-checkpointing recompute must
-        # take the path its forward took.
-        routed = self._route(tokens, skip_unused=not torch.is_grad_enabled() and not _RECORDING.get())
+        # The inference route only without autograd and recording (see `_route`).
+        routed = self._route(tokens, inference=not torch.is_grad_enabled() and not _RECORDING.get())
         if routed is None:  # every token takes expert 0 alone, weight 1: exactly the parent's dense MLP
             return self.original_mlp(hidden_states).to(hidden_states.dtype)  # under autocast, as the routed path returns
         experts, weights = routed  # (N, k) each
@@ -264,38 +283,34 @@ class LayerMoEBlock(nn.Module):
         return not any(experts.gate_up_proj.is_meta for experts in self.new_experts)
 
     def _dispatch_few(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort,
-        no gather where an expert takes every token, no slot buffer. Each expert gets the same rows in
-        the same order as in the sorted dispatch, through the same matmuls; the output equals it up to
-        float rounding (where a row sits in memory, and for k > 2 the order of the k-term sum, may
-        change the last bit). -> (N, d), before the cast to the input dtype.
+        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort, no
+        gather where an expert takes every token, a fixed handful of ops besides the experts' own. Each
+        expert gets the same rows in the same order as in the sorted dispatch; the output equals it up
+        to float rounding (the fused gate_up matmul of `one_expert`, and for k > 2 the order of the
+        k-term sum, may change the last bit). -> (N, d) fp32, before the cast to the input dtype.
         """
         num_tokens, k = experts.shape
-        slots_of: dict[int, list[int]] = {}  # expert -> its weighted (token, slot) pairs as flat slot ids, in order
+        assigned: dict[int, tuple[list[int], list[float]]] = {}  # expert -> its weighted tokens and their weights, in order
         for slot, (expert, weight) in enumerate(zip(experts.view(-1).tolist(), weights.view(-1).tolist())):
             if weight != 0.0:
-                slots_of.setdefault(expert, []).append(slot)
-        owners = {first + i: (group, i) for group, first, size in self.expert_groups()[1:] for i in range(size)}
-        flat_weights = weights.view(-1, 1)  # (N*k, 1) fp32
-        combined = None
-        for expert in sorted(slots_of):
-            slot_ids = slots_of[expert]
-            token_ids = [slot // k for slot in slot_ids]
-            every_token = len(token_ids) == num_tokens  # each token at most once per expert, in order
-            rows = tokens if every_token else tokens[token_ids]  # (n, d)
-            out = self.original_mlp(rows) if expert == 0 else owners[expert][0].one_expert(owners[expert][1], rows)
-            slot_weights = flat_weights[slot_ids[0] : slot_ids[0] + 1] if len(slot_ids) == 1 else flat_weights[slot_ids]
-            weighted = out * slot_weights  # (n, d) fp32
-            if combined is None:
-                combined = (
-                    weighted
-                    if every_token
-                    else weighted.new_zeros(num_tokens, tokens.shape[1]).index_copy_(0, torch.tensor(token_ids), weighted)
-                )
-            elif every_token:
-                combined = combined + weighted
+                expert_tokens, expert_weights = assigned.setdefault(expert, ([], []))
+                expert_tokens.append(slot // k)
+                expert_weights.append(weight)
+        groups = self.expert_groups()[:0:-1]  # the new experts' groups, newest first
+        outputs, token_ids, token_weights = [], [], []  # in expert order
+        for expert in sorted(assigned):
+            expert_tokens, expert_weights = assigned[expert]
+            every_token = len(expert_tokens) == num_tokens  # each token at most once per expert, in order
+            rows = tokens if every_token else tokens[expert_tokens]  # (n, d)
+            if expert == 0:
+                outputs.append(self.original_mlp(rows))  # (n, d)
             else:
-                combined = combined.index_add(0, torch.tensor(token_ids), weighted)  # each token once: no atomics
-        if combined is None:  # every weight underflowed to 0
-            combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)
+                group, first, _ = next(group for group in groups if group[1] <= expert)
+                outputs.append(group.one_expert(expert - first, rows))
+            token_ids += expert_tokens
+            token_weights += expert_weights
+        combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)  # (N, d); stays zero where every weight underflowed
+        if outputs:
+            weighted = torch.cat(outputs) * torch.tensor(token_weights, device=tokens.device)[:, None]  # (A, d) fp32
+            combined.index_add_(0, torch.tensor(token_ids, device=tokens.device), weighted)  # in expert order, no atomics
         return combined  # (N, d)
