@@ -81,9 +81,17 @@ def demo_plans(
         stage1=Stage1Settings(
             learning_rate=1e-3, num_epochs=1, per_device_batch_size=16, warmup_ratio=0.05, logging_steps=20, save_steps=200
         ),
-        # The demo's replay is small (16k tokens a language), so the review steps harder than the reference's 0.1s.
+        # The demo's replay is small (16k tokens a language), so the review steps harder than the reference's 0.1s
+        # (and the new-expert prior, LPR's mirror, with it).
         stage2=Stage2Settings(
-            learning_rate=3e-3, num_epochs=3, per_device_batch_size=16, lpr_coef=0.5, classifier_coef=0.5, logging_steps=10, save_steps=200
+            learning_rate=3e-3,
+            num_epochs=3,
+            per_device_batch_size=16,
+            lpr_coef=0.5,
+            new_prior_coef=0.5,
+            classifier_coef=0.5,
+            logging_steps=10,
+            save_steps=200,
         ),
         # A 1.8M-parameter base drifts more per round than a real LLM: the demo allows 0.1 nats per old language.
         # Translation to and from English on held-out gettext pairs: short strings, so 8 shots fit the 512-token context.

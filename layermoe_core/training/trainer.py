@@ -87,16 +87,15 @@ class TrainSettings(_Settings):
     dataloader_num_workers: int = Field(0, ge=0, description="data-loading worker processes, >= 0")
 
 
-def _new_prior_coef():
-    return Field(
-        0.0, ge=0, description="the new-expert prior coefficient (-log P(new experts) of new-language tokens), >= 0; 0 as in the papers"
-    )
-
-
 class Stage1Settings(TrainSettings):
     """Stage 1: new experts and their routers learn the new languages."""
 
-    new_prior_coef: float = _new_prior_coef()
+    new_prior_coef: float = Field(
+        0.1,
+        ge=0,
+        description="the new-expert prior, -log P(this round's experts) of new-language tokens, >= 0 (not in the papers: "
+        "without it a lifelong round's new experts lose the new languages to earlier rounds' experts; bench/router_init.py)",
+    )
     balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
     router_init: RouterInit = Field(
         "parent",
@@ -112,7 +111,9 @@ class Stage2Settings(TrainSettings):
     lpr_coef: float = Field(0.1, ge=0, description="the LPR loss coefficient, >= 0 (reference: 0.1)")
     classifier_coef: float = Field(0.1, ge=0, description="the classifier loss coefficient, >= 0 (reference: 0.1)")
     lm_coef: float = Field(1.0, ge=0, description="the language-modelling loss coefficient, >= 0")
-    new_prior_coef: float = _new_prior_coef()
+    new_prior_coef: float = Field(
+        0.1, ge=0, description="the new-expert prior on the replay's new-language tokens, >= 0: LPR's mirror, set it with lpr_coef"
+    )
 
 
 class TrainResult(BaseModel):
