@@ -44,11 +44,12 @@ TWO_PROCESSES = LauncherSettings(num_processes=2)
 STAGE = {"learning_rate": 3e-3, "max_steps": 6, "logging_steps": 2, "save_steps": 3}
 # Every loss here is a mean over the same number of tokens on each rank, so DDP's mean of the
 # ranks' gradients is the single process's gradient: packed rows of one length, and no balance
-# (Stage 1) or LPR (Stage 2) term, whose per-rank values are not the global batch's (the balance
-# loss is a product of per-batch means, LPR a mean over a rank's old tokens). Measured with them on
+# (Stage 1) or LPR and new-expert prior (Stage 2) term, whose per-rank values are not the global batch's
+# (the balance loss is a product of per-batch means, LPR a mean over a rank's old tokens, the prior over
+# its new ones; in Stage 1 every token is new, so the prior is a plain token mean there). Measured with them on
 # (balance 0.01, Stage 1 alone): the update differed by up to 5% (relative L2) in one router.
 STAGE1 = dict(**STAGE, balance_loss_coef=0.0)
-STAGE2 = dict(**STAGE, lpr_coef=0.0)
+STAGE2 = dict(**STAGE, lpr_coef=0.0, new_prior_coef=0.0)
 # Relative L2 difference of each trained tensor's update (child - start), 2 processes vs 1.
 # Measured on Stage 1 alone: <= 2.5e-6 (float summation order); untrained tensors are bit-identical.
 MATCH_TOLERANCE = 1e-4
