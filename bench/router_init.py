@@ -1,8 +1,9 @@
 """How a lifelong round's routers start and what pushes new-language tokens to the new experts.
 
 Variants: "fresh" (router re-initialised, the reference's choice), "parent-rows" (parent rows copied,
-new experts start at expert 0's row), "+prior" (plus the new-expert prior loss, -log P(new
-experts) of new-language tokens, in Stage 1 (0.1) and Stage 2 (0.5), or in Stage 1 only), and two ways
+new experts start at expert 0's row), each without the new-expert prior; "+prior" (plus the prior,
+-log P(new experts) of new-language tokens, in Stage 1 (0.1) and Stage 2 (0.5): the demo's defaults,
+so "parent-rows+prior" is the demo as it runs; or in Stage 1 only), and two ways
 to keep the prior off the old languages: classifiers in every expanded layer (so old-classified tokens
 take the frozen parent path everywhere), or a stronger LPR loss (1.0).
 
@@ -31,13 +32,14 @@ from layermoe_core.model.checkpoints import load_model
 from layermoe_core.model.surgery import expand, insert_classifiers
 from layermoe_core.training.trainer import train_stage1, train_stage2
 
-PRIOR = ({"router_init": "parent", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5})
+NO_PRIOR = {"new_prior_coef": 0.0}
+PRIOR = ({"router_init": "parent", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5})  # the demo's defaults
 VARIANTS = {  # name: (Stage-1 overrides, Stage-2 overrides, classifiers in every expanded layer)
-    "fresh": ({"router_init": "fresh"}, {}, False),
-    "parent-rows": ({"router_init": "parent"}, {}, False),
-    "fresh+prior": ({"router_init": "fresh", "new_prior_coef": 0.1}, {"new_prior_coef": 0.5}, False),
+    "fresh": ({"router_init": "fresh", **NO_PRIOR}, NO_PRIOR, False),
+    "parent-rows": ({"router_init": "parent", **NO_PRIOR}, NO_PRIOR, False),
+    "fresh+prior": ({**PRIOR[0], "router_init": "fresh"}, PRIOR[1], False),
     "parent-rows+prior": (*PRIOR, False),
-    "parent-rows+stage1-prior": ({"router_init": "parent", "new_prior_coef": 0.1}, {}, False),
+    "parent-rows+stage1-prior": (PRIOR[0], NO_PRIOR, False),
     "parent-rows+prior+all-classifiers": (*PRIOR, True),
     "parent-rows+prior+lpr1": (PRIOR[0], {**PRIOR[1], "lpr_coef": 1.0}, False),
 }
