@@ -25,7 +25,6 @@ from contextvars import ContextVar
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerMoEError
@@ -94,7 +93,8 @@ class LayerMoERouter(nn.Module):
         if self.top_k == 1:
             _, weights, ids = self(tokens)
             return weights, ids
-        logits, ids = F.linear(tokens.to(self.gate.weight.dtype), self.gate.weight).float().topk(self.top_k, dim=-1)  # (N, k) each
+        # Through the module, not its weight: a dispatched model loads an offloaded gate in the module's own hook.
+        logits, ids = self.gate(tokens.to(self.gate.weight.dtype)).float().topk(self.top_k, dim=-1)  # (N, k) each
         return torch.softmax(logits, dim=-1), ids
 
     def predicts_new(self, tokens: torch.Tensor) -> torch.Tensor:
