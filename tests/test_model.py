@@ -148,6 +148,33 @@ def test_output_carries_router_logits_and_aux_loss(base_model, token_ids):
     torch.testing.assert_close(out.loss, out.lm_loss + child.config.router_aux_loss_coef * out.aux_loss)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_serving_returns_the_wrapped_models_output_and_generates_as_it_does(family, dtype):
+    """Without labels or recording (generation, evaluation) the forward hands back the wrapped causal LM's own
+    output: the same logits, bit for bit, and the same greedy generation, padding included. The recorded
+    path (every router on every token) gives the same logits up to float rounding, with this round's logits."""
+    child = expand(tiny_model(family), [2, 0, 3], ["en"], ["el"]).eval()
+    perturb_new_experts(child)
+    insert_classifiers(child, [0, 2])
+    child = child.to(dtype)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    with torch.inference_mode():
+        served = child(ids, attention_mask=mask)
+        wrapped = child.causal_lm(ids, attention_mask=mask)
+        recorded = child(ids, attention_mask=mask, output_router_logits=True)
+        generated = child.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        wrapped_generated = child.causal_lm.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert type(served) is type(wrapped)
+    assert torch.equal(served.logits, wrapped.logits)
+    assert torch.equal(generated, wrapped_generated)
+    assert len(recorded.router_logits) == len(recorded.classifier_logits) == 2
+    tolerance = 3e-2 * recorded.logits.float().abs().max().item() if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(served.logits.float(), recorded.logits.float(), rtol=0, atol=tolerance)
+
+
 @pytest.mark.parametrize(
     "allocation, top_k, message",
     [

@@ -193,20 +193,22 @@ class LayerMoEBlock(nn.Module):
         `top_k_routing`. Training runs every router on every token, so a gradient-checkpointing
         recompute takes the path its forward took.
         """
+        num_tokens = tokens.shape[0]
         routers = list(self.routers)
         if self.route_all_to_old and self.expanded_this_round:
             routers = routers[:-1]
-        # Only routers from the last classifier-free one on can decide; older ones are never reached.
-        start = max((i for i, r in enumerate(routers) if r.classifier is None), default=-1)
-        fallback = routers[start] if start >= 0 else None  # routes the tokens every classifier calls old; None: dense
+        fallback = None  # routes the tokens every classifier calls old; None: dense
         overrides = []  # (router, takes_new (N, 1)), newest first
-        for router in reversed(routers[start + 1 :]):
+        for router in reversed(routers):
+            if router.classifier is None:  # sends every token new: older routers are never reached
+                fallback = router
+                break
             takes_new = router.predicts_new(tokens)  # (N,)
             if inference:
-                new_tokens = int(takes_new.sum())  # the host sync
+                new_tokens = int(takes_new.sum() if num_tokens > 1 else takes_new)  # the host sync
                 if new_tokens == 0:
                     continue
-                if new_tokens == len(tokens):
+                if new_tokens == num_tokens:
                     fallback = router
                     break
             overrides.append((router, takes_new[:, None]))
@@ -289,13 +291,14 @@ class LayerMoEBlock(nn.Module):
         to float rounding (the fused gate_up matmul of `one_expert`, and for k > 2 the order of the
         k-term sum, may change the last bit). -> (N, d) fp32, before the cast to the input dtype.
         """
-        num_tokens, k = experts.shape
+        num_tokens = experts.shape[0]
         assigned: dict[int, tuple[list[int], list[float]]] = {}  # expert -> its weighted tokens and their weights, in order
-        for slot, (expert, weight) in enumerate(zip(experts.view(-1).tolist(), weights.view(-1).tolist())):
-            if weight != 0.0:
-                expert_tokens, expert_weights = assigned.setdefault(expert, ([], []))
-                expert_tokens.append(slot // k)
-                expert_weights.append(weight)
+        for token, (slot_experts, slot_weights) in enumerate(zip(experts.tolist(), weights.tolist())):  # (k,) each
+            for expert, weight in zip(slot_experts, slot_weights):
+                if weight != 0.0:
+                    expert_tokens, expert_weights = assigned.setdefault(expert, ([], []))
+                    expert_tokens.append(token)
+                    expert_weights.append(weight)
         groups = self.expert_groups()[:0:-1]  # the new experts' groups, newest first
         outputs, token_ids, token_weights = [], [], []  # in expert order
         for expert in sorted(assigned):
