@@ -292,6 +292,9 @@ class LayerMoEBlock(nn.Module):
         k-term sum, may change the last bit). -> (N, d) fp32, before the cast to the input dtype.
         """
         num_tokens = experts.shape[0]
+        groups = self.expert_groups()[:0:-1]  # the new experts' groups, newest first
+        if num_tokens == 1:  # batch-1 decoding: the same sum as the index_add below, without the grouping
+            return self._dispatch_one(tokens, experts, weights, groups)
         assigned: dict[int, tuple[list[int], list[float]]] = {}  # expert -> its weighted tokens and their weights, in order
         for token, (slot_experts, slot_weights) in enumerate(zip(experts.tolist(), weights.tolist())):  # (k,) each
             for expert, weight in zip(slot_experts, slot_weights):
@@ -299,17 +302,12 @@ class LayerMoEBlock(nn.Module):
                     expert_tokens, expert_weights = assigned.setdefault(expert, ([], []))
                     expert_tokens.append(token)
                     expert_weights.append(weight)
-        groups = self.expert_groups()[:0:-1]  # the new experts' groups, newest first
         outputs, token_ids, token_weights = [], [], []  # in expert order
         for expert in sorted(assigned):
             expert_tokens, expert_weights = assigned[expert]
             every_token = len(expert_tokens) == num_tokens  # each token at most once per expert, in order
             rows = tokens if every_token else tokens[expert_tokens]  # (n, d)
-            if expert == 0:
-                outputs.append(self.original_mlp(rows))  # (n, d)
-            else:
-                group, first, _ = next(group for group in groups if group[1] <= expert)
-                outputs.append(group.one_expert(expert - first, rows))
+            outputs.append(self._expert_output(expert, rows, groups))
             token_ids += expert_tokens
             token_weights += expert_weights
         combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)  # (N, d); stays zero where every weight underflowed
@@ -317,3 +315,22 @@ class LayerMoEBlock(nn.Module):
             weighted = torch.cat(outputs) * torch.tensor(token_weights, device=tokens.device)[:, None]  # (A, d) fp32
             combined.index_add_(0, torch.tensor(token_ids, device=tokens.device), weighted)  # in expert order, no atomics
         return combined  # (N, d)
+
+    def _dispatch_one(
+        self, token: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, groups: list[tuple[nn.Module, int, int]]
+    ) -> torch.Tensor:
+        """`_dispatch_few` for one token (1, d): its weighted expert outputs summed in expert order, the order in
+        which that index_add adds them to zero, so the values are the same. -> (1, d) fp32."""
+        combined = None
+        for expert, weight in sorted(zip(experts[0].tolist(), weights[0].tolist())):
+            if weight != 0.0:
+                weighted = self._expert_output(expert, token, groups).float() * weight
+                combined = weighted if combined is None else combined + weighted
+        return combined if combined is not None else token.new_zeros(token.shape, dtype=torch.float32)
+
+    def _expert_output(self, expert: int, rows: torch.Tensor, groups: list[tuple[nn.Module, int, int]]) -> torch.Tensor:
+        """Expert `expert` (0: the parent's MLP) on rows (n, d); `groups` are the new experts' groups, newest first."""
+        if expert == 0:
+            return self.original_mlp(rows)
+        group, first, _ = next(group for group in groups if group[1] <= expert)
+        return group.one_expert(expert - first, rows)
