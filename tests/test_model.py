@@ -171,6 +171,8 @@ def test_serving_returns_the_wrapped_models_output_and_generates_as_it_does(fami
     assert torch.equal(served.logits, wrapped.logits)
     assert torch.equal(generated, wrapped_generated)
     assert len(recorded.router_logits) == len(recorded.classifier_logits) == 2
+    assert "cache" in wrapped.keys() or "past_key_values" in wrapped.keys()
+    assert set(wrapped.keys()) <= set(recorded.keys())  # every field the wrapped model returns, its cache included
     tolerance = 3e-2 * recorded.logits.float().abs().max().item() if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(served.logits.float(), recorded.logits.float(), rtol=0, atol=tolerance)
 

@@ -69,7 +69,7 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    # No `_skip_keys_device_placement` of its own: post_init takes transformers' (the cache) and the wrapped model's.
     # No `_no_split_modules` of its own: post_init takes the wrapped model's (e.g. LlamaDecoderLayer), so a
     # device_map keeps each decoder layer, MoE block included, on one device. Listing LayerMoEBlock too would
     # also make FSDP's transformer-based wrap (which reads the same list) shard the block apart from its layer.
@@ -160,14 +160,12 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if out.loss is not None:
             loss = out.loss + self.config.router_aux_loss_coef * aux_loss if aux_loss is not None else out.loss
+        # The wrapped output's logits, cache, ... under the names this transformers version gives them.
+        inherited = {name: value for name, value in out.items() if name in CausalLMOutputWithPast.__dataclass_fields__}
         return LayerMoECausalLMOutput(
-            loss=loss,
+            **{**inherited, "loss": loss},
             lm_loss=out.loss,
             aux_loss=aux_loss,
-            logits=out.logits,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
             router_logits=router_logits,
             classifier_logits=classifier_logits,
         )
