@@ -6,7 +6,9 @@ any data setting could change that at the demo's size and budget, in the most fa
 could build: the base trains on translation pairs written in the evaluation's own prompt format
 (`evaluation.translation.prompt_line`, several pairs a document, one per line, as the shots are), and
 the "round" fine-tunes the whole dense model (every weight, not only new experts and routers, so it
-is an upper bound on what a LayerMoE round can learn) on Greek sentences and en-el pairs.
+is an upper bound on what a LayerMoE round can learn) on Greek sentences and en-el pairs. Rows are the
+demo's 128 tokens; a 3-shot prompt with its answer takes up to ~210, so `--seq-len 256` trains on rows that hold
+every prompt (with the same tokens, in half the optimizer steps).
 Pairs come only from documents in the training split (`SplitRule`, the demo's seed and held-out
 fraction), so no test pair or shot was trained on.
 
@@ -43,15 +45,17 @@ from layermoe_core.model.checkpoints import init_model
 from layermoe_core.training.trainer import TrainSettings, train_causal_lm
 
 PIVOT, BASE, EXPOSED, NEW = "en", ["es", "zh"], ["hu", "tr", "bn", "hi", "ne"], "el"
-SEED, HELDOUT_FRACTION, SEQ_LEN = 0, 0.1, 128
-# Short sentences and 3 shots, so that a prompt fits the 128 tokens the model trains on.
+SEED, HELDOUT_FRACTION = 0, 0.1
+# Short sentences and 3 shots: a prompt and its 32 new tokens take at most ~210 tokens (the demo's 8 shots of up to
+# 120 characters take about 380).
 TRANSLATION = TranslationSettings(num_shots=3, num_sentences=40, max_chars=60, max_new_tokens=32, batch_size=16)
 
 
 class Data:
     """Training rows of one language: its sentences, or pairs with the pivot in the prompt format."""
 
-    def __init__(self, corpus_dir: Path, tokenizer: PreTrainedTokenizerFast):
+    def __init__(self, corpus_dir: Path, tokenizer: PreTrainedTokenizerFast, seq_len: int):
+        self.seq_len = seq_len
         self.tokenizer, self.rule, self.rng = tokenizer, SplitRule(SEED, HELDOUT_FRACTION), random.Random(SEED)
         self.texts = {}
         for lang in [PIVOT, *BASE, NEW, *EXPOSED]:
@@ -83,8 +87,8 @@ class Data:
             flat += self.tokenizer.encode(text) + [self.tokenizer.eos_token_id]
             if len(flat) >= num_tokens:
                 break
-        count = len(flat) // SEQ_LEN
-        return torch.tensor(flat[: count * SEQ_LEN]).view(count, SEQ_LEN)
+        count = len(flat) // self.seq_len
+        return torch.tensor(flat[: count * self.seq_len]).view(count, self.seq_len)
 
     def mix(self, lang: str, num_tokens: int, pair_share: float) -> torch.Tensor:
         parts = [self.rows(self.sentences(lang), int(num_tokens * (1 - pair_share)))]
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="working folder (corpus, tokenizer, checkpoints)")
     parser.add_argument("--corpus", type=Path, help="an existing demo corpus folder; default: build one under --out")
     parser.add_argument("--base-tokens", type=int, default=250_000, help="per base language (the demo's)")
+    parser.add_argument("--seq-len", type=int, default=128, help="training row length (the demo's)")
     parser.add_argument("--pair-share", type=float, default=0.5, help="share of es/zh/el training tokens that are pairs")
     parser.add_argument(
         "--rounds", nargs="+", default=["40000x1", "150000x2"], help="round budgets TOKENSxEPOCHS of el (the demo's: 40000x1)"
@@ -120,7 +125,7 @@ def main() -> None:
     corpus_dir = args.corpus or build_gettext_corpus(args.out / "corpus", [PIVOT, *BASE, NEW, *EXPOSED], DEFAULT_PACKAGES)
     all_texts = [t for lang in [PIVOT, *BASE, NEW, *EXPOSED] for t in load_documents(CorpusSpec(path=corpus_dir / f"{lang}.jsonl"))["text"]]
     tokenizer = train_demo_tokenizer(all_texts, 8000, args.out / "tokenizer")
-    data = Data(corpus_dir, tokenizer)
+    data = Data(corpus_dir, tokenizer, args.seq_len)
 
     base_rows = {PIVOT: data.mix(PIVOT, args.base_tokens, 0.0)}
     base_rows |= {lang: data.mix(lang, args.base_tokens, args.pair_share) for lang in BASE}
