@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 
 from demo.base import demo_base_config, train_demo_tokenizer
@@ -45,6 +46,7 @@ from layermoe_core.model.checkpoints import init_model
 from layermoe_core.training.trainer import TrainSettings, train_causal_lm
 
 PIVOT, BASE, EXPOSED, NEW = "en", ["es", "zh"], ["hu", "tr", "bn", "hi", "ne"], "el"
+LANGUAGES = [PIVOT, *BASE, NEW, *EXPOSED]
 SEED, HELDOUT_FRACTION = 0, 0.1
 # Short sentences and 3 shots: a prompt and its 32 new tokens take at most ~210 tokens (the demo's 8 shots of up to
 # 120 characters take about 380).
@@ -52,15 +54,16 @@ TRANSLATION = TranslationSettings(num_shots=3, num_sentences=40, max_chars=60, m
 
 
 class Data:
-    """Training rows of one language: its sentences, or pairs with the pivot in the prompt format."""
+    """Training rows of a language from its training-split documents: its sentences, or pairs with the pivot in the prompt format."""
 
-    def __init__(self, corpus_dir: Path, tokenizer: PreTrainedTokenizerFast, seq_len: int):
+    def __init__(self, documents: dict[str, Dataset], tokenizer: PreTrainedTokenizerFast, seq_len: int):
         self.seq_len = seq_len
-        self.tokenizer, self.rule, self.rng = tokenizer, SplitRule(SEED, HELDOUT_FRACTION), random.Random(SEED)
-        self.texts = {}
-        for lang in [PIVOT, *BASE, NEW, *EXPOSED]:
-            documents = load_documents(CorpusSpec(path=corpus_dir / f"{lang}.jsonl"))
-            self.texts[lang] = {key: text for key, text in zip(documents["id"], documents["text"]) if self.rule.split_of(key) == "train"}
+        self.tokenizer, self.rng = tokenizer, random.Random(SEED)
+        rule = SplitRule(SEED, HELDOUT_FRACTION)
+        self.texts = {
+            lang: {key: text for key, text in zip(docs["id"], docs["text"]) if rule.split_of(key) == "train"}
+            for lang, docs in documents.items()
+        }
 
     def sentences(self, lang: str) -> list[str]:
         texts = list(self.texts[lang].values())
@@ -97,8 +100,7 @@ class Data:
         return torch.cat(parts)
 
 
-def chrf(model, tokenizer, corpus_dir: Path, languages: list[str], label: str, show: int = 3) -> pd.DataFrame:
-    corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in [PIVOT, *languages]}
+def chrf(model, tokenizer, corpora: dict[str, CorpusSpec], languages: list[str], label: str, show: int = 3) -> pd.DataFrame:
     pairs = heldout_pairs(corpora, languages, TRANSLATION, SEED, HELDOUT_FRACTION)
     model.eval()
     translations = translate_pairs(model, tokenizer, pairs, TRANSLATION)
@@ -122,10 +124,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.manual_seed(SEED)
-    corpus_dir = args.corpus or build_gettext_corpus(args.out / "corpus", [PIVOT, *BASE, NEW, *EXPOSED], DEFAULT_PACKAGES)
-    all_texts = [t for lang in [PIVOT, *BASE, NEW, *EXPOSED] for t in load_documents(CorpusSpec(path=corpus_dir / f"{lang}.jsonl"))["text"]]
-    tokenizer = train_demo_tokenizer(all_texts, 8000, args.out / "tokenizer")
-    data = Data(corpus_dir, tokenizer, args.seq_len)
+    corpus_dir = args.corpus or build_gettext_corpus(args.out / "corpus", LANGUAGES, DEFAULT_PACKAGES)
+    corpora = {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in LANGUAGES}
+    documents = {lang: load_documents(spec) for lang, spec in corpora.items()}
+    tokenizer = train_demo_tokenizer([text for docs in documents.values() for text in docs["text"]], 8000, args.out / "tokenizer")
+    data = Data(documents, tokenizer, args.seq_len)
 
     base_rows = {PIVOT: data.mix(PIVOT, args.base_tokens, 0.0)}
     base_rows |= {lang: data.mix(lang, args.base_tokens, args.pair_share) for lang in BASE}
@@ -135,7 +138,7 @@ def main() -> None:
     start = time.perf_counter()
     train_causal_lm(model, base_rows, train, args.out / "base")
     print(f"base: {sum(r.numel() for r in base_rows.values()):,} tokens in {time.perf_counter() - start:.0f} s")
-    tables = [chrf(model, tokenizer, corpus_dir, [*BASE, NEW], "base")]
+    tables = [chrf(model, tokenizer, corpora, [*BASE, NEW], "base")]
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     for budget in args.rounds:
@@ -147,7 +150,7 @@ def main() -> None:
         start = time.perf_counter()
         train_causal_lm(model, rows, settings, args.out / f"round-{budget}")
         print(f"round {budget}: {rows[NEW].numel():,} el tokens x {epochs} epochs in {time.perf_counter() - start:.0f} s")
-        tables.append(chrf(model, tokenizer, corpus_dir, [BASE[0], NEW], f"round {budget}"))
+        tables.append(chrf(model, tokenizer, corpora, [BASE[0], NEW], f"round {budget}"))
 
     summary = pd.concat(tables).pivot_table(index="metric", columns="model", values="value", sort=False)
     print("\nchrF++ (0-100), 3-shot, 40 held-out pairs a direction:\n" + summary.round(1).to_string())
