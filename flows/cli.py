@@ -369,7 +369,8 @@ def _run_command(args) -> int:
         print(f"layermoe: error: {error}", file=sys.stderr)
         return 2
     except Interrupted as stop:
-        print(f"layermoe: {stop}", file=sys.stderr)
+        # A training progress bar leaves its line open (it ends in \r, not \n): start the message on a line of its own.
+        print(f"\nlayermoe: {stop}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     except KeyboardInterrupt:  # outside a flow run (plan checks, registry commands): nothing to resume
         print("layermoe: interrupted (no flow run had started)", file=sys.stderr)
