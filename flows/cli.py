@@ -81,14 +81,29 @@ def cmd_add_languages(args) -> int | None:
 def cmd_lifelong(args) -> int | None:
     if not _flow_runs_here():
         return run_flow_in_child(args.argv)
-    from .plan import LifelongPlan
+    from .plan import check_plan_inputs, load_lifelong_plan
 
-    plan = _plan(args, LifelongPlan)
-    from .lifelong_expansion import lifelong_expansion
+    _refuse_registry_overrides(args, "lifelong")
+    plan = load_lifelong_plan(args.plan)
+    if plan.promotion == "manual":
+        _check_a_reviewer_can_answer()
+    check_plan_inputs(plan)
+    from .lifelong_expansion import run_pending_rounds
 
-    for summary in _interruptible(lifelong_expansion, plan):
-        print(f"\nversion {summary.version} (parent {summary.parent_version}, promoted={summary.promoted})")
-        print(summary.table().to_string(index=False))
+    for tick in _interruptible(lambda _: run_pending_rounds(Path(args.plan).resolve()), plan):
+        print(f"\n{tick.message}")
+        if tick.summary is not None:
+            print(tick.summary.table().to_string(index=False))
+
+
+def _refuse_registry_overrides(args, command: str) -> None:
+    """A tick reads its plan file anew, so only the file can say where the registry is."""
+    given = [f"--{key.replace('_', '-')}" for key in _registry_overrides(args)]
+    if given:
+        raise LayerMoEError(
+            f"{command} reads the registry from the plan file (each tick reads the file anew); drop {' and '.join(given)} "
+            "and set `registry: {tracking_uri: ..., registered_model_name: ...}` in the plan"
+        )
 
 
 def at_least_one(text: str) -> int:
@@ -115,8 +130,7 @@ def cmd_compare(args) -> int | None:
 def cmd_serve(args) -> None:
     from .serve import serve_plan
 
-    if args.command == "schedule" and not (args.cron or args.interval):  # the old verb always meant "on a schedule"
-        raise LayerMoEError("schedule needs --cron 'MIN HOUR DOM MON DOW' or --interval SECONDS")
+    _refuse_registry_overrides(args, "serve")
     serve_plan(args.plan, args.name, args.cron, args.interval)
 
 
@@ -130,21 +144,25 @@ def cmd_approve(args) -> None:
 def cmd_estimate(args) -> None:
     from layermoe_core.training.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
 
-    from .plan import ExpansionPlan, load_plan
+    from .plan import load_lifelong_plan
 
-    plan = load_plan(args.plan, ExpansionPlan)
-    source = args.parent_config or plan.parent.hf_path
+    lifelong = load_lifelong_plan(args.plan)  # any plan `serve` and `lifelong` take; a one-round plan is one round
+    if not 1 <= args.round <= len(lifelong.rounds):
+        raise LayerMoEError(f"--round {args.round}: the plan has rounds 1 to {len(lifelong.rounds)}")
+    source = args.parent_config or (lifelong.parent.hf_path if args.round == 1 else None)
     if source is None:
         raise LayerMoEError(
-            "the plan's parent is a registry version; pass --parent-config with its config.json "
-            "(or its model directory), e.g. from `layermoe registry show`'s run artifacts"
+            f"round {args.round}'s parent is a registry version; pass --parent-config with its config.json "
+            "(or its model directory), e.g. from `layermoe registry download`"
         )
     config = parent_config(source)
-    old = plan.old_languages or plan.parent.languages or getattr(config, "languages", [])
+    earlier = [code for spec in lifelong.rounds[: args.round - 1] for code in spec.new_languages]
+    old = lifelong.parent.languages + earlier if lifelong.parent.languages else list(getattr(config, "languages", []))
     if not old:
-        raise LayerMoEError("the plan names no old languages; set old_languages (or parent.languages) in the plan")
+        raise LayerMoEError("the plan names no old languages; set parent.languages (or old_languages) in the plan")
+    plan = lifelong.round_plan(args.round - 1, old, lifelong.parent)
     layers = getattr(config, "base_config", config).num_hidden_layers
-    t = plan.tokens
+    tokens = plan.tokens
     estimates = [
         estimate_round(
             config,
@@ -153,15 +171,16 @@ def cmd_estimate(args) -> None:
             plan.new_languages,
             top_k=plan.top_k,
             classifier_layers=plan.classifier_layer_count,
-            seq_len=t.seq_len,
-            stage1_tokens=t.stage1_tokens,
-            stage2_tokens=t.stage2_tokens,
+            seq_len=tokens.seq_len,
+            stage1_tokens=tokens.stage1_tokens,
+            stage2_tokens=tokens.stage2_tokens,
             stage1=plan.stage1,
             stage2=plan.stage2,
             launcher=plan.launcher,
         )
         for allocation in candidate_allocations(plan.allocation, layers)
     ]
+    print(f"round {args.round} of {len(lifelong.rounds)}: adds {', '.join(plan.new_languages)} to {', '.join(old)}")
     print(format_estimate(estimates, plan.allocation, layers))
 
 
@@ -169,6 +188,7 @@ def cmd_registry(args) -> None:
     import pandas as pd
 
     from registry import download_version, lineage, list_versions, promote, show_version
+    from registry.versions import schedule_pause_note
 
     settings = _registry_settings(args)
     command = args.registry_command
@@ -177,12 +197,15 @@ def cmd_registry(args) -> None:
         table["created"] = table["created"].dt.strftime("%Y-%m-%d %H:%M")
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:+.4f}".format):
             print(table.to_string(index=False))
+        paused = schedule_pause_note(settings)
+        if paused:
+            print(f"\nlifelong schedule paused: {paused}")
     elif command == "show":
         ref = int(args.ref) if args.ref.isdigit() else args.ref
         info = show_version(settings, ref)
         info["lineage"] = [v.version for v in lineage(settings, ref)]
         print(json.dumps(info, indent=2, default=str))
-    elif command in ("download", "export"):
+    elif command == "download":
         local = download_version(settings, args.ref, args.dir)
         print(
             f"version {local.version} ({local.info.storage}, verified) is in {local.path}: "
@@ -202,7 +225,12 @@ def cmd_demo(args) -> int | None:
     use_local_stack(Path(args.workdir).resolve() / "prefect")
     from .demo import run_demo
 
-    _interruptible(lambda workdir: run_demo(workdir, quick=args.quick, processes=args.processes), Path(args.workdir))
+    if getattr(args, "model_name", None):
+        raise LayerMoEError("the demo registers its versions as layermoe-demo; drop --model-name")
+    tracking_uri = _registry_settings(args).tracking_uri if getattr(args, "tracking_uri", None) else None
+    _interruptible(
+        lambda workdir: run_demo(workdir, quick=args.quick, processes=args.processes, tracking_uri=tracking_uri), Path(args.workdir)
+    )
 
 
 class Interrupted(Exception):
@@ -289,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="YAML plan (see plans/)")
     p.set_defaults(run=cmd_add_languages)
 
-    p = sub.add_parser("lifelong", help="run every round of a lifelong plan now")
-    p.add_argument("--plan", required=True)
+    p = sub.add_parser("lifelong", help="run the pending rounds of a lifelong plan now, until none is pending or one is rejected")
+    p.add_argument("--plan", required=True, help="a lifelong plan (or a one-round plan)")
     p.set_defaults(run=cmd_lifelong)
 
     p = sub.add_parser(
@@ -304,12 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=at_least_one, help="runs per variant (Stage-1/2 seeds +0..N-1); the table gives mean and std")
     p.set_defaults(run=cmd_compare)
 
-    p = sub.add_parser(
-        "serve", aliases=["schedule"], help="serve add-languages, compare and lifelong-expansion for the Prefect UI (Ctrl-C stops)"
-    )
-    p.add_argument("--plan", required=True, help="a lifelong or add-languages plan: every deployment's default parameters")
-    p.add_argument("--cron", help="schedule lifelong-expansion, e.g. '0 3 * * 0'")
-    p.add_argument("--interval", type=int, help="or run lifelong-expansion every SECONDS")
+    p = sub.add_parser("serve", help="serve add-languages, compare and lifelong-expansion for the Prefect UI (Ctrl-C stops)")
+    p.add_argument("--plan", required=True, help="a lifelong or add-languages plan file; each lifelong tick reads it anew")
+    p.add_argument("--cron", help="tick lifelong-expansion on a cron schedule, e.g. '0 3 * * 0': each tick runs the next pending round")
+    p.add_argument("--interval", type=at_least_one, help="or tick lifelong-expansion every SECONDS")
     p.add_argument("--name", help="deployment name (default: the plan's name)")
     p.set_defaults(run=cmd_serve)
 
@@ -322,8 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_approve)
 
     p = sub.add_parser("estimate", help="parameters, child size, memory per device, tokens and steps of a plan; trains nothing")
-    p.add_argument("--plan", required=True, help="an add-languages plan")
-    p.add_argument("--parent-config", help="the parent's config.json or model directory (default: the plan's parent.hf_path)")
+    p.add_argument("--plan", required=True, help="a lifelong or add-languages plan")
+    p.add_argument("--round", type=at_least_one, default=1, help="which round of a lifelong plan (default: 1)")
+    p.add_argument(
+        "--parent-config", help="the round's parent's config.json or model directory (default for round 1: the plan's parent.hf_path)"
+    )
     p.set_defaults(run=cmd_estimate)
 
     p = sub.add_parser("registry", help="browse registered versions")
@@ -331,13 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_parser("list", help="every version: aliases, lineage, gate verdict, worst old-language drift, new-language gain")
     show = reg.add_parser("show", help="one version: tags, metrics, lineage")
     show.add_argument("ref", help="version number or alias, e.g. 3 or champion")
-    for verb, what in (
-        ("download", "a version, verified, as a save_pretrained folder"),
-        ("export", "a version as a standalone save_pretrained folder (delta versions rebuilt)"),
-    ):
-        fetch = reg.add_parser(verb, help=what)
-        fetch.add_argument("ref", help="version number or alias")
-        fetch.add_argument("dir", help="a new or empty folder")
+    fetch = reg.add_parser("download", help="a version, verified and rebuilt from its lineage, as a standalone save_pretrained folder")
+    fetch.add_argument("ref", help="version number or alias")
+    fetch.add_argument("dir", help="a new or empty folder")
     move = reg.add_parser("promote", help="point an alias at a READY, checksummed version")
     move.add_argument("ref", help="version number or alias")
     move.add_argument("--alias", default="champion", help="the alias to move (default: champion)")

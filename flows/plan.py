@@ -7,6 +7,7 @@ so every field has a title and a description, and the form lists first what a us
 """
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -220,6 +221,9 @@ PLACEMENT_FORM = FormSection(
 )
 
 
+WORKDIR_ENV = "LAYERMOE_WORKDIR"  # where a plan without `workdir` keeps its rounds (the compose workers: /data/work)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -243,7 +247,7 @@ class ParentRef(_Strict):
     hf_path: Path | None = Field(
         None,
         title="HF model directory",
-        description="a local HF model directory (save_pretrained) for the first round; it is registered as version 1 first. Empty: start from the registry",
+        description="a local HF model directory (save_pretrained) for the first round, relative to the plan file; it is registered as version 1 first. Empty: start from the registry",
     )
     languages: list[str] = Field(
         default_factory=list,
@@ -333,7 +337,11 @@ class ExpansionSettings(_Strict):
         title="Promotion",
         description="auto: the gate moves the alias; manual: the round pauses after evaluation for a person to approve or reject",
     )
-    workdir: Path = Field(Path(".layermoe/work"), title="Work directory", description="checkpoints and reports of each round")
+    workdir: Path = Field(
+        default_factory=lambda: Path(os.environ.get(WORKDIR_ENV, ".layermoe/work")),
+        title="Work directory",
+        description=f"checkpoints and reports of each round; empty: ${WORKDIR_ENV}, or .layermoe/work under the current folder",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -435,11 +443,28 @@ class LifelongPlan(ExpansionSettings):
         return self
 
     def check_parent_languages(self, known: list[str]) -> None:
-        """Against a registry parent's languages, known once the registry answers."""
-        already = sorted({code for spec in self.rounds for code in spec.new_languages} & set(known))
-        if already:
-            raise LayerMoEError(f"rounds add languages {already} that the parent already knows ({known}); drop them")
+        """Against the current parent's languages: its pending round must be whole, and every language it knows needs a corpus."""
+        self.pending_round(known)
         self.check_corpora(known)
+
+    def pending_round(self, known: list[str]) -> int | None:
+        """The index of the first round whose new languages the parent lacks; None when every round is done.
+
+        A round whose languages the parent knows only in part cannot be rerun (a language is added once) nor
+        skipped (the rest would never be added): it is an error that names the round.
+        """
+        for index, spec in enumerate(self.rounds):
+            learned = [code for code in spec.new_languages if code in known]
+            if len(learned) == len(spec.new_languages):
+                continue
+            if learned:
+                missing = [code for code in spec.new_languages if code not in known]
+                raise LayerMoEError(
+                    f"round {index + 1} ({', '.join(spec.new_languages)}) is half done: the parent already knows {learned} "
+                    f"but not {missing}; edit that round in the plan to add only {missing}"
+                )
+            return index
+        return None
 
     def round_plan(self, index: int, old_languages: list[str], parent: ParentRef) -> ExpansionPlan:
         spec = self.rounds[index]
@@ -470,14 +495,34 @@ def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> None:
 
     for spec in plan.corpora.values():
         check_corpus_source(spec)
-    if plan.parent.hf_path is None:
-        known = show_version(plan.registry, plan.parent.ref).get("languages") or []
+    parent = current_parent(plan) if isinstance(plan, LifelongPlan) else plan.parent
+    if parent.hf_path is None:
+        known = show_version(plan.registry, parent.ref).get("languages") or []
     else:
-        _check_codes(plan.parent.languages)
-        plan.check_parent_model(check_model_dir(plan.parent.hf_path))
+        _check_codes(parent.languages)
+        plan.check_parent_model(check_model_dir(parent.hf_path))
         open_client(plan.registry)
-        known = plan.parent.languages
+        known = parent.languages
     plan.check_parent_languages(known)
+
+
+def current_parent(plan: LifelongPlan) -> ParentRef:
+    """Where a lifelong plan's next round starts: the version holding the plan's alias once a round has taken it,
+    and until then the plan's own parent (an HF directory, or a registry version)."""
+    from registry.versions import alias_version
+
+    return ParentRef(alias=plan.promote_alias) if alias_version(plan.registry, plan.promote_alias) is not None else plan.parent
+
+
+def load_lifelong_plan(path: str | Path) -> LifelongPlan:
+    """A lifelong plan file, or a one-round plan file read as a lifelong plan of that one round."""
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+    if isinstance(raw, dict) and "new_languages" in raw and "rounds" not in raw:
+        one_round = load_plan(path, ExpansionPlan)
+        shared = one_round.model_dump(exclude={"new_languages", "old_languages"})
+        shared["parent"]["languages"] = one_round.parent.languages or one_round.old_languages
+        return LifelongPlan.model_validate({**shared, "rounds": [{"new_languages": one_round.new_languages}]})
+    return load_plan(path, LifelongPlan)
 
 
 def load_plan(path: str | Path, kind: type[BaseModel]):
@@ -493,10 +538,13 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
         raise LayerMoEError(f"plan {path} is empty; write a plan (see plans/ for examples)")
     if not isinstance(raw, dict):
         raise LayerMoEError(f"plan {path} is a YAML {type(raw).__name__}, not a mapping of plan keys (see plans/ for examples)")
-    base = path.parent
-    for spec in (raw.get("corpora") or {}).values():  # corpus paths are relative to the plan file
+    base = path.parent  # a plan's input paths, its corpora and its HF parent, are relative to the plan file
+    for spec in (raw.get("corpora") or {}).values():
         if isinstance(spec, dict) and spec.get("path") and not Path(spec["path"]).is_absolute():
             spec["path"] = str(base / spec["path"])
+    parent = raw.get("parent")
+    if isinstance(parent, dict) and parent.get("hf_path") and not Path(parent["hf_path"]).is_absolute():
+        parent["hf_path"] = str(base / parent["hf_path"])
     try:
         return kind.model_validate(raw)
     except ValidationError as e:

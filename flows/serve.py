@@ -1,16 +1,15 @@
 """`layermoe serve`: every user story as a deployment, served from one process.
 
-`add-languages`, `compare` and `lifelong-expansion` are served together, so each has a
-"Run" button and a form in the Prefect UI, with the user's plan as its default parameters;
-only `lifelong-expansion` carries the schedule. The plan file may be a lifelong plan (with
-`rounds`) or a one-round plan (with `new_languages`); the other deployments' defaults are
-derived from it.
+`add-languages`, `compare` and `lifelong-expansion` are served together, so each has a "Run" button in
+the Prefect UI. add-languages and compare are forms whose defaults are the plan's first round;
+lifelong-expansion takes the plan file itself, which each tick reads anew (flows/lifelong_expansion.py),
+and carries the schedule. The plan file may be a lifelong plan (with `rounds`) or a one-round plan.
 """
 
 from pathlib import Path
 
-import yaml
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 
 from layermoe_core.errors import LayerMoEError
@@ -18,29 +17,14 @@ from layermoe_core.errors import LayerMoEError
 from .add_languages import add_languages
 from .compare import ComparePlan, compare
 from .lifelong_expansion import lifelong_expansion
-from .plan import ExpansionPlan, LifelongPlan, RoundSpec, load_plan
+from .plan import ExpansionPlan, LifelongPlan, load_lifelong_plan
+
+# A tick due while the previous one still trains is cancelled, not queued: it would find the same round
+# pending and wait on its lock, and queued ticks pile up over a long round. The next tick after it runs.
+ONE_TICK_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
 
 
-def story_plans(path: str | Path) -> tuple[ExpansionPlan, ComparePlan, LifelongPlan]:
-    """The default plan of each deployment, all read from one plan file.
-
-    From a lifelong plan, add-languages and compare default to its first round; from a
-    one-round plan, lifelong-expansion defaults to that round alone.
-    """
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-    if isinstance(raw, dict) and "rounds" in raw:
-        lifelong = load_plan(path, LifelongPlan)
-        parent = lifelong.parent
-        first = lifelong.round_plan(0, parent.languages if parent.hf_path else [], parent)
-        one_round = first.model_copy(update={"name": lifelong.name})
-    else:
-        one_round = load_plan(path, ExpansionPlan)
-        shared = one_round.model_dump(exclude={"new_languages", "old_languages"})
-        lifelong = LifelongPlan.model_validate({**shared, "rounds": [RoundSpec(new_languages=one_round.new_languages).model_dump()]})
-    return one_round, ComparePlan.model_validate(one_round.model_dump()), lifelong
-
-
-def form_defaults(plan: ExpansionPlan | LifelongPlan) -> dict:
+def form_defaults(plan: ExpansionPlan | ComparePlan) -> dict:
     """The plan as a deployment's default parameters. Corpora are a JSON editor in the form (a mapping of
     language -> corpus), so each corpus lists only what the plan sets, e.g. {"el": {"path": ...}}."""
     defaults = plan.model_dump(mode="json")
@@ -48,10 +32,16 @@ def form_defaults(plan: ExpansionPlan | LifelongPlan) -> dict:
     return defaults
 
 
+def first_round(lifelong: LifelongPlan) -> ExpansionPlan:
+    parent = lifelong.parent
+    return lifelong.round_plan(0, parent.languages if parent.hf_path else [], parent).model_copy(update={"name": lifelong.name})
+
+
 def story_deployments(
     path: str | Path, name: str | None = None, cron: str | None = None, interval: int | None = None
 ) -> list[RunnerDeployment]:
-    one_round, comparison, lifelong = story_plans(path)
+    lifelong = load_lifelong_plan(path)
+    one_round = first_round(lifelong)
     name = name or lifelong.name
     return [
         add_languages.to_deployment(
@@ -59,15 +49,16 @@ def story_deployments(
         ),
         compare.to_deployment(
             name=name,
-            parameters={"plan": form_defaults(comparison)},
+            parameters={"plan": form_defaults(ComparePlan.model_validate(one_round.model_dump()))},
             description="LayerMoE vs uniform MoE-LPR vs no classifier, from one parent.",
         ),
         lifelong_expansion.to_deployment(
             name=name,
             cron=cron,
             interval=interval,
-            parameters={"plan": form_defaults(lifelong)},
-            description="Every round of the plan, each from the newest champion.",
+            parameters={"plan": str(Path(path).resolve())},
+            concurrency_limit=ONE_TICK_AT_A_TIME,
+            description="Each run: the plan file's next pending round, from the current champion; nothing to do when none is pending.",
         ),
     ]
 

@@ -26,6 +26,9 @@ VERDICT_REASON = "layermoe.verdict_reason"
 OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
 NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
 
+# On the registered model, not a version: why its lifelong schedule paused (absent while it runs).
+SCHEDULE_PAUSED = "layermoe.schedule_paused"
+
 # Written once at registration; changing one would falsify lineage or the checksum, so tag_version refuses.
 REGISTRATION_TAGS = frozenset(
     {

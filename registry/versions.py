@@ -32,6 +32,7 @@ from .tags import (
     PARENT_VERSION,
     REGISTRATION_TAGS,
     ROUND,
+    SCHEDULE_PAUSED,
     STORAGE,
     STORED_BYTES,
     VERDICT,
@@ -231,6 +232,27 @@ def alias_version(settings: RegistrySettings, alias: str) -> int | None:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
             return None
+
+
+def schedule_pause_note(settings: RegistrySettings) -> str | None:
+    """Why the model's lifelong schedule paused itself, or None (no store, no model, or not paused)."""
+    try:
+        with store_errors(settings):
+            return registered_model(open_client(settings, create=False), settings).tags.get(SCHEDULE_PAUSED)
+    except LayerMoEError:
+        return None
+
+
+def set_schedule_pause_note(settings: RegistrySettings, note: str | None) -> None:
+    """Write (or, with None, clear) the note `registry list` shows under the versions while a schedule is paused."""
+    if note is None and schedule_pause_note(settings) is None:
+        return
+    with store_errors(settings):
+        client = open_client(settings)
+        if note is None:
+            client.delete_registered_model_tag(settings.registered_model_name, SCHEDULE_PAUSED)
+        else:
+            client.set_registered_model_tag(settings.registered_model_name, SCHEDULE_PAUSED, note)
 
 
 def promote(settings: RegistrySettings, version: VersionRef, alias: str = "champion") -> VersionInfo:

@@ -6,6 +6,7 @@ is deployed with `prefect deploy --all` and run by a `prefect worker start --typ
 Each run is triggered through the API, as the UI's "Run" button does, on a tiny round.
 """
 
+import glob
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     FlowRunFilter,
+    FlowRunFilterDeploymentId,
     FlowRunFilterParentFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun
@@ -42,7 +44,7 @@ from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.register import register_base
 from registry.settings import RegistrySettings
-from registry.versions import list_versions, promote, show_version
+from registry.versions import list_versions, promote, schedule_pause_note, show_version
 
 from .conftest import tiny_model
 from .synthetic_corpus import write_synthetic_corpus
@@ -105,7 +107,8 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**process_env(home), "PREFECT_UI_ENABLED": "false"}
+    # The scheduler looks for due schedules every 2 s (60 by default), so a short-interval schedule ticks on time.
+    env = {**process_env(home), "PREFECT_UI_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2"}
     command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with running(command, env, home / "server.log") as server:
 
@@ -214,27 +217,82 @@ def test_layermoe_serve_serves_every_story_and_a_triggered_lifelong_run_complete
     assert float(artifacts["round-1-hu-stage2-progress"]) == 100.0  # Stage 2 trains by epochs: no max_steps
 
 
-def test_prefect_yaml_deployment_runs_on_a_process_worker(prefect_api, tiny_world, tmp_path):
-    plan = tiny_plan(tiny_world, tmp_path, "on-worker", [["tr"]])
+def compose_service(name: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][name]
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL to a process and every process under it at once, as a container stop past its grace period does."""
+    import psutil
+
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        member.kill()
+    process.wait()
+
+
+def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends_crashed_and_resumes(prefect_api, tiny_world, tmp_path):
+    # A Stage 1 long enough to kill mid-way, with a checkpoint every 5 steps.
+    plan = tiny_plan(tiny_world, tmp_path, "on-worker", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
+    plan_file = write_plan(plan, tmp_path / "on-worker.yaml")
     env = process_env(tmp_path / "deploy-home", prefect_api)
-    for pool in ("layermoe", "layermoe-gpu"):  # the compose stack's pools (its workers create them)
-        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True, capture_output=True)
+    # What `docker compose up -d` runs before anyone deploys: prefect-setup's pools and crash automation.
+    setup = compose_service("prefect-setup")["command"]
+    assert setup[1] == "/opt/layermoe/setup_server.py"
+    silence_s = 45  # the automation's window; the compose stack keeps its default of 90 s
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "docker/prefect/setup_server.py")],
+        env={**env, "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)},
+        check=True,
+        capture_output=True,
+    )
     deploy = subprocess.run(
         [PREFECT, "--no-prompt", "deploy", "--all"], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    worker = [PREFECT, "worker", "start", "--pool", "layermoe", "--type", "process"]
-    with running(worker, process_env(tmp_path / "worker-home", prefect_api), tmp_path / "worker.log"):
-        # working_dir: prefect.yaml's /data is the compose workers' volume; here, this test's folder.
-        flow_run = run_deployment(
-            "lifelong-expansion/cpu",
-            parameters={"plan": json.loads(plan.model_dump_json())},
-            job_variables={"working_dir": str(tmp_path)},
-            timeout=DEADLINE_S,
-        )
-    log = (tmp_path / "worker.log").read_text()
-    assert flow_run.state.is_completed(), f"{flow_run.state}\n{log[-8000:]}"
+    for flow_name in ("add-languages", "compare", "lifelong-expansion"):
+        assert read_deployment(f"{flow_name}/cpu") and read_deployment(f"{flow_name}/gpu")
+    assert read_deployment("lifelong-expansion/cpu").parameters == {"plan": "/inputs/lifelong.yaml"}
+
+    # The compose worker's own command and environment, started from an unrelated folder.
+    worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
+    worker_env = {
+        **process_env(tmp_path / "worker-home", prefect_api),
+        **{key: value for key, value in compose_service("worker")["environment"].items() if key.startswith(("LAYERMOE_", "PREFECT_FLOWS"))},
+        "LAYERMOE_WORKDIR": str(tmp_path / "data-work"),
+    }
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    log = tmp_path / "worker.log"
+    with running(worker_command, worker_env, log, cwd=elsewhere) as worker:
+        started = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=0)
+        checkpoints = plan.workdir / "on-worker-round-1-parent-v1-*" / "stage1" / "checkpoint-*"
+        wait_until(lambda: glob.glob(str(checkpoints)), "a Stage-1 checkpoint", worker, log)
+        kill_tree(worker)
+    killed_at = time.monotonic()
+    crashed = wait_until_state(started.id, "Crashed", deadline_s=silence_s * 4)
+    assert "no heartbeat" in crashed.state.message
+    seconds_to_crashed = time.monotonic() - killed_at
+    assert list_versions(plan.registry)["version"].tolist() == [1], "the killed run registered nothing"
+
+    # A re-trigger on a new worker resumes Stage 1 from its checkpoint and registers the round once.
+    with running(worker_command, worker_env, tmp_path / "worker-2.log", cwd=elsewhere):
+        again = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=DEADLINE_S)
+    second_log = (tmp_path / "worker-2.log").read_text()
+    assert again.state.is_completed(), f"{again.state}\n{second_log[-8000:]}"
+    assert "stage 1 resumed from" in second_log.lower()
     assert_round_registered(plan)
+    (tmp_path / "crash.json").write_text(json.dumps({"seconds_to_crashed": seconds_to_crashed}))
+
+
+def wait_until_state(run_id, state_name: str, deadline_s: float) -> FlowRun:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        run = read_flow_run(run_id)
+        if run.state.name == state_name:
+            return run
+        time.sleep(2)
+    pytest.fail(f"flow run {run_id} is {read_flow_run(run_id).state.name}, not {state_name}, after {deadline_s} s")
 
 
 def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_alias(prefect_api, tiny_world, tmp_path):
@@ -309,3 +367,121 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
 def test_approve_refuses_a_run_that_is_not_paused_for_review(prefect_api, capsys):
     assert main(["approve", "00000000-0000-0000-0000-000000000000", "--yes"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def deployment_runs(name: str) -> list[FlowRun]:
+    """Every flow run of the deployment `name`, in the order they were due."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(name)
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id])))
+    return sorted(runs, key=lambda run: run.expected_start_time)
+
+
+def completed_tick(deployment: str, name_part: str, after: FlowRun | None = None) -> FlowRun | None:
+    """The first completed tick whose name holds `name_part` (and that started after `after` ended)."""
+    return next(
+        (
+            run
+            for run in deployment_runs(deployment)
+            if name_part in run.name and run.state.is_completed() and (after is None or run.start_time > after.end_time)
+        ),
+        None,
+    )
+
+
+def write_plan(plan: LifelongPlan, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def tick_table(deployment: str, plan: LifelongPlan) -> list[dict]:
+    """Tick, state, round, version and seconds of every run of the schedule: what docs/scheduling.md shows."""
+    versions = {v["new_languages"]: v["version"] for v in list_versions(plan.registry).to_dict(orient="records")}
+    rows = []
+    for number, run in enumerate(deployment_runs(deployment), start=1):
+        languages = ",".join(run.name.split("-r", 1)[1].split("-")[1:-3]) if "-r" in run.name else ""
+        seconds = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None
+        rows.append({"tick": number, "name": run.name, "state": run.state.name, "version": versions.get(languages), "seconds": seconds})
+    return rows
+
+
+SCHEDULE_INTERVAL_S = 10  # shorter than a tiny round, so ticks fall due while a round trains
+
+
+def test_a_served_schedule_runs_the_next_pending_round_at_each_tick_and_takes_a_round_appended_to_the_plan(
+    prefect_api, tiny_world, tmp_path
+):
+    base, _ = tiny_world
+    corpora = write_synthetic_corpus(tmp_path / "corpus", [*BASE_LANGUAGES, "tr", "hu", "el"], documents=400)
+    plan = tiny_plan((base, corpora), tmp_path, "ticks", [["hu"], ["tr"]])
+    plan_file = write_plan(plan, tmp_path / "ticks.yaml")
+    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file), "--interval", str(SCHEDULE_INTERVAL_S)]
+    env = {**process_env(tmp_path / "serve-home", prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = tmp_path / "serve.log"
+    deployment = "lifelong-expansion/ticks"
+    with running(serve, env, log) as server:
+        wait_until(lambda: read_deployment(deployment), "the served deployment", server, log)
+        assert read_deployment(deployment).parameters == {"plan": str(plan_file.resolve())}
+        limit = read_deployment(deployment)
+        assert limit.global_concurrency_limit.limit == 1 and limit.concurrency_options.collision_strategy == "CANCEL_NEW"
+
+        first = wait_until(lambda: completed_tick(deployment, "ticks-r1-hu-"), "round 1's tick", server, log)
+        second = wait_until(lambda: completed_tick(deployment, "ticks-r2-tr-"), "round 2's tick", server, log)
+        idle = wait_until(lambda: completed_tick(deployment, "ticks-idle-"), "a tick with nothing to do", server, log)
+        # A person appends a round to the plan file; the schedule keeps running, and the next tick takes it.
+        write_plan(plan.model_copy(update={"rounds": [*plan.rounds, RoundSpec(new_languages=["el"])]}), plan_file)
+        third = wait_until(lambda: completed_tick(deployment, "ticks-r3-el-"), "the appended round's tick", server, log)
+
+    versions = list_versions(plan.registry)
+    assert versions["version"].tolist() == [1, 2, 3, 4] and versions["parent"].tolist()[1:] == [1, 2, 3]
+    assert versions["new_languages"].tolist() == ["", "hu", "tr", "el"]
+    assert show_version(plan.registry, "champion")["version"] == 4
+    assert first.start_time < second.start_time < idle.start_time < third.start_time
+    assert "nothing to do: version 3 already has every language of the plan" in artifacts_of(idle)[f"{idle.name.lower()}-tick"]
+
+    runs = deployment_runs(deployment)
+    assert len({run.name for run in runs}) == len(runs), "every tick has a name of its own"
+    finished = [run for run in runs if run.state.is_final()]
+    assert {run.state.name for run in finished} <= {"Completed", "Cancelled"}, [(r.name, r.state.name) for r in finished]
+    # No overlap: ticks that fell due while a round trained were cancelled, and the ticks that ran never overlapped.
+    assert any(run.state.name == "Cancelled" for run in finished)
+    ran = sorted((run for run in finished if run.start_time), key=lambda run: run.start_time)
+    assert all(earlier.end_time <= later.start_time for earlier, later in zip(ran, ran[1:]))
+    (tmp_path / "ticks.json").write_text(json.dumps(tick_table(deployment, plan), default=str, indent=1))
+
+
+def test_a_rejected_round_pauses_its_schedule_until_a_person_changes_the_plan_and_resumes_it(prefect_api, tiny_world, tmp_path, capsys):
+    # Stage 1 at this learning rate diverges, so the new language's loss rises and the gate rejects the round.
+    diverging = Stage1Settings(**{**FAST, "learning_rate": 30.0})
+    plan = tiny_plan(
+        tiny_world,
+        tmp_path,
+        "rejects",
+        [["hu"]],
+        stage1=diverging,
+        evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=True)),
+    )
+    plan_file = write_plan(plan, tmp_path / "rejects.yaml")
+    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file), "--interval", str(SCHEDULE_INTERVAL_S)]
+    env = {**process_env(tmp_path / "serve-home", prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    log = tmp_path / "serve.log"
+    deployment = "lifelong-expansion/rejects"
+    with running(serve, env, log) as server:
+        wait_until(lambda: read_deployment(deployment), "the served deployment", server, log)
+        rejected = wait_until(lambda: completed_tick(deployment, "rejects-r1-hu-"), "the rejected round's tick", server, log)
+        assert read_deployment(deployment).paused
+        assert not [run for run in deployment_runs(deployment) if run.state.is_scheduled()], "a paused schedule keeps no ticks due"
+        note = schedule_pause_note(plan.registry)
+        assert note and "round 1 of the plan (hu) was rejected as version 2" in note and "lifelong-expansion/rejects is paused" in note
+        assert main(["registry", "list", "--tracking-uri", plan.registry.tracking_uri, "--model-name", "tiny"]) == 0
+        assert "lifelong schedule paused: " in capsys.readouterr().out
+        assert show_version(plan.registry, 2)["other_tags"]["layermoe.verdict"] == "rejected"
+
+        # The person lowers the learning rate and resumes the schedule: the next tick runs the round again.
+        write_plan(plan.model_copy(update={"stage1": Stage1Settings(**FAST)}), plan_file)
+        with get_client(sync_client=True) as client:
+            client.resume_deployment(read_deployment(deployment).id)
+        promoted = wait_until(lambda: completed_tick(deployment, "rejects-r1-hu-", after=rejected), "the resumed round's tick", server, log)
+    assert promoted.start_time > rejected.end_time
+    assert show_version(plan.registry, "champion")["version"] == 3 and show_version(plan.registry, 3)["parent_version"] == 1
+    assert schedule_pause_note(plan.registry) is None

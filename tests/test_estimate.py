@@ -170,3 +170,23 @@ def test_estimate_of_a_second_round_counts_a_layermoe_parent_exactly(tmp_path):
     set_trainable(child, "stage2")
     assert predicted.total_params == sum(p.numel() for p in child.parameters())
     assert predicted.stages[1].trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+
+
+def test_estimate_takes_a_lifelong_plan_and_estimates_the_round_asked_for(parent_dir, tmp_path, capsys):
+    plan = {
+        "corpora": {lang: {"path": f"{lang}.txt"} for lang in OLD + NEW + ["tr"]},
+        "parent": {"hf_path": str(parent_dir), "languages": OLD},
+        "rounds": [{"new_languages": NEW}, {"new_languages": ["tr"]}],
+        "allocation": {"method": "uniform", "per_layer": 1},
+    }
+    (tmp_path / "lifelong.yaml").write_text(yaml.safe_dump(plan))
+    assert main(["estimate", "--plan", str(tmp_path / "lifelong.yaml")]) == 0
+    assert f"round 1 of 2: adds {', '.join(NEW)} to {', '.join(OLD)}" in capsys.readouterr().out
+
+    first = expand(tiny_model("qwen2"), [1, 1, 1], OLD, NEW, top_k=2)
+    first.save_pretrained(tmp_path / "round1")
+    args = ["estimate", "--plan", str(tmp_path / "lifelong.yaml"), "--round", "2"]
+    assert main(args) == 2
+    assert "round 2's parent is a registry version; pass --parent-config" in capsys.readouterr().err
+    assert main([*args, "--parent-config", str(tmp_path / "round1")]) == 0
+    assert f"round 2 of 2: adds tr to {', '.join(OLD + NEW)}" in capsys.readouterr().out

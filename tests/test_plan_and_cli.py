@@ -85,14 +85,14 @@ def test_cli_reports_a_missing_plan_file_in_one_line(tmp_path, capfd):
 
 
 def test_cli_reports_an_invalid_plan(tmp_path, capfd):
-    assert main(["lifelong", "--plan", str(write(tmp_path, PLAN))]) == 2  # a round plan is not a lifelong plan
+    assert main(["lifelong", "--plan", str(write(tmp_path, PLAN.replace("new_languages: [el]", "")))]) == 2  # no rounds
     assert "rounds: Field required" in capfd.readouterr().err
 
 
-def test_cli_schedule_needs_cron_or_interval(tmp_path, capsys):
-    text = PLAN.replace("new_languages: [el]", "rounds: [{new_languages: [el]}]")
-    assert main(["schedule", "--plan", str(write(tmp_path, text))]) == 2
-    assert "--cron" in capsys.readouterr().err
+def test_lifelong_refuses_registry_options_because_each_tick_reads_only_the_plan_file(tmp_path, capfd):
+    assert main(["lifelong", "--plan", str(write(tmp_path, PLAN)), "--tracking-uri", "sqlite:///x.db"]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert "lifelong reads the registry from the plan file" in line and "drop --tracking-uri" in line
 
 
 # -- the plan means what it says ----------------------------------------------------------
@@ -137,9 +137,16 @@ def test_lifelong_plan_needs_a_corpus_for_the_parents_languages_too(tmp_path):
         load_plan(write(tmp_path, lifelong_text([["el"]], corpora=("el",))), LifelongPlan)
 
 
-def test_lifelong_plan_against_a_registry_parent_refuses_languages_it_knows(tmp_path):
+def test_the_pending_round_is_the_first_whose_languages_the_parent_lacks(tmp_path):
     plan = LifelongPlan.model_validate(yaml.safe_load(lifelong_text([["el"], ["hu"]]).replace("hf_path: base", "alias: champion")))
-    with pytest.raises(LayerMoEError, match=r"rounds add languages \['hu'\] that the parent already knows"):
+    assert plan.pending_round(["en"]) == 0
+    assert plan.pending_round(["en", "el"]) == 1
+    assert plan.pending_round(["en", "el", "hu"]) is None
+
+
+def test_a_half_done_round_is_an_error_that_names_it(tmp_path):
+    plan = LifelongPlan.model_validate(yaml.safe_load(lifelong_text([["el", "hu"]]).replace("hf_path: base", "alias: champion")))
+    with pytest.raises(LayerMoEError, match=r"round 1 \(el, hu\) is half done: the parent already knows \['hu'\] but not \['el'\]"):
         plan.check_parent_languages(["en", "hu"])
 
 

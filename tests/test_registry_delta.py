@@ -191,10 +191,10 @@ def register_as_before_deltas(settings: RegistrySettings, model_dir: Path) -> in
     return int(client.create_model_version(settings.registered_model_name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags).version)
 
 
-def test_export_writes_a_standalone_save_pretrained_folder(chain, tmp_path, capsys):
+def test_download_writes_a_standalone_save_pretrained_folder(chain, tmp_path, capsys):
     settings, folders = chain
-    dest = tmp_path / "exported"
-    assert layermoe(["registry", "--tracking-uri", settings.tracking_uri, "export", "4", str(dest)]) == 0
+    dest = tmp_path / "downloaded"
+    assert layermoe(["registry", "--tracking-uri", settings.tracking_uri, "download", "4", str(dest)]) == 0
     assert sha256(dest / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
     assert AutoModelForCausalLM.from_pretrained(dest).config.languages == ["en", "el", "hu", "tr"]
     assert "version 4" in capsys.readouterr().out
