@@ -77,9 +77,8 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LayerMoEConfig, causal_lm: PreTrainedModel | None = None):
         if config.routing_format != ROUTING_FORMAT:
             raise LayerMoEError(
-                "this LayerMoE checkpoint was saved by an earlier layermoe (one widened router per layer, "
-                f"routing_format={config.routing_format}); convert it once with "
-                "`python -m layermoe_core.legacy SOURCE_DIR TARGET_DIR`, which keeps its function exactly"
+                f"this LayerMoE checkpoint has routing_format={config.routing_format}; layermoe loads only "
+                f"routing_format {ROUTING_FORMAT} (one router per round and layer): rerun its rounds with this layermoe"
             )
         super().__init__(config)
         # Composite configs leave the sub-config's attention backend unset; the base model reads it.
