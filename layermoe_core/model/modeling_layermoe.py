@@ -144,7 +144,7 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         Without them (generation, evaluation) a router that no token reaches is not run at all.
 
         Serving (nothing recorded, no labels) returns the wrapped model's own output: there is nothing
-        to add to it, and building a second one (~40 us for a ModelOutput) was ~2% of a demo-size decoding step on the CPU.
+        to add to it, and building a second one is a visible share of a small model's decoding step (docs/performance.md).
         """
         if output_router_logits is None:
             output_router_logits = self.training or labels is not None
