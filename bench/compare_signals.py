@@ -1,4 +1,4 @@
-"""Every allocation signal on the demo's base and data, side by side: the README's variants table.
+"""Every allocation signal on the demo's base and data, side by side: the variants table of docs/results.md.
 
 Run from the repository root: `python -m bench.compare_signals --workdir .signals`. It builds
 the demo corpus (Debian gettext catalogs, as `make demo`; pass `--download-dir` to reuse .debs),

@@ -7,7 +7,7 @@ could build: the base trains on translation pairs written in the evaluation's ow
 (`evaluation.translation.prompt_line`, several pairs a document, one per line, as the shots are), and
 the "round" fine-tunes the whole dense model (every weight, not only new experts and routers, so it
 is an upper bound on what a LayerMoE round can learn) on Greek sentences and en-el pairs. Rows are the
-demo's 128 tokens; a 3-shot prompt with its answer takes up to ~210, so `--seq-len 256` trains on rows that hold
+demo's 128 tokens; a 3-shot prompt with its answer takes up to 210, so `--seq-len 256` trains on rows that hold
 every prompt (with the same tokens, in half the optimizer steps).
 Pairs come only from documents in the training split (`SplitRule`, the demo's seed and held-out
 fraction), so no test pair or shot was trained on.
@@ -17,7 +17,7 @@ Run from the repository root (downloads the demo corpus's Debian packages unless
     OMP_NUM_THREADS=1 python -m bench.demo_translation --out /tmp/demo-translation
 
 It prints the base's chrF++ for es/zh/el, then el's and es's after each round budget, with a few
-translations. On one CPU thread the base takes about 4 minutes, the rounds 0.2-1.5 minutes each.
+translations. docs/results.md records a run, with its time.
 """
 
 import argparse

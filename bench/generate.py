@@ -13,13 +13,13 @@ The ideal for `new` is not 1: a token that uses k experts runs (at batch 1: read
     ideal = parent time / (parent time + (k - 1) * MLP time),
 with MLP time the parent's own dense MLPs' time, all layers, measured inside the parent's run
 (`parent-timed`: clocks around each MLP call; measured alone, with its weights hot in the cache,
-a decoding MLP took under half its in-model time). For `old` the ideal is 1. Every variant is timed
+a decoding MLP runs much faster than inside the model). For `old` the ideal is 1. Every variant is timed
 in turn within each repetition (rotating the order),
 and the ratios are taken per repetition, so a load that drifts hits them alike; each figure is the
 median with the min-max over repetitions. Each is given by wall time and by the process's CPU time:
 on a machine shared with other jobs the CPU time leaves out the waits for a core. On the CPU it runs
 one thread by default (`--threads`): with two threads on a loaded machine each small op waits for
-the other thread's turn, and decoding slowed 5x.
+the other thread's turn (docs/performance.md).
 """
 
 from __future__ import annotations

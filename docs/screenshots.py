@@ -1,4 +1,4 @@
-"""Take the README's screenshots of the Prefect and MLflow UIs from a tiny run (a developer tool, not part of the package).
+"""Take the docs' screenshots of the Prefect and MLflow UIs from a tiny run (a developer tool, not part of the package).
 
     PYTHONPATH=. python docs/screenshots.py [--out docs/img] [--keep DIR]
 
@@ -259,7 +259,7 @@ def main() -> None:
         )
         browser.shoot(
             f"{ui}/deployments/deployment/{add['id']}/run",
-            root / "prefect-run-form-whole.png",  # to read, not for the README
+            root / "prefect-run-form-whole.png",  # to read, not for the docs
             wait_text=["Parent model", "New languages"],
             height=12000,
         )

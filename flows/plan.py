@@ -23,33 +23,11 @@ from layermoe_core.data.corpus import CorpusSpec, check_corpus_source, check_old
 from layermoe_core.errors import LayerMoEError, describe_validation_error
 from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.model.checkpoints import PlacementSettings
-from layermoe_core.model.configuration_layermoe import (
-    SUPPORTED_BASE_MODEL_TYPES,
-    LayerMoEConfig,
-)
+from layermoe_core.model.configuration_layermoe import LayerMoEConfig
 from layermoe_core.model.surgery import check_same_as_parent
 from layermoe_core.training.launch import LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
-
-# Keys a plan used to have: each names what replaced it, so an old plan fails with the fix.
-RENAMED_KEYS = {
-    "classifier_layers": "`classifier_layers` is now `classifier_layer_count` (it is a count K: classifiers go "
-    "to the K most similar layers); rename the key",
-}
-REMOVED_PARENT_KEYS = {
-    "trust_remote_code": "`parent.trust_remote_code` is gone: layermoe expands only architectures that transformers "
-    f"implements itself ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}) and never runs a model's own code; "
-    "remove the key",
-}
-
-
-def _refuse_old_keys(data: Any, old_keys: dict[str, str]) -> Any:
-    if isinstance(data, dict):
-        for key, fix in old_keys.items():
-            if key in data:
-                raise ValueError(fix)
-    return data
 
 
 def form_first(*names: str):
@@ -255,11 +233,6 @@ class ParentRef(_Strict):
         description="with hf_path: the language codes that model already knows, e.g. [en, zh]",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _removed_keys(cls, data: Any) -> Any:
-        return _refuse_old_keys(data, REMOVED_PARENT_KEYS)
-
     @property
     def ref(self) -> int | str:
         return self.version if self.version is not None else self.alias
@@ -342,11 +315,6 @@ class ExpansionSettings(_Strict):
         title="Work directory",
         description=f"checkpoints and reports of each round; empty: ${WORKDIR_ENV}, or .layermoe/work under the current folder",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed_keys(cls, data: Any) -> Any:
-        return _refuse_old_keys(data, RENAMED_KEYS)
 
     def check_corpora(self, languages: Iterable[str]) -> None:
         missing = [lang for lang in languages if lang not in self.corpora]

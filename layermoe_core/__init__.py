@@ -11,8 +11,7 @@ The parts, one subpackage each (imports point from later to earlier in this list
 - `analysis/`: per-layer similarity, the other papers' signals, allocation, routing statistics;
 - `training/`: Stage-1/Stage-2 training, `accelerate launch` jobs, memory and size estimates;
 - `evaluation/`: perplexity, multiple choice, lm-eval, translation, generation, comparison, gates.
-`errors` (the one exception type), `plots` (figures of every part) and `legacy` (the converter of
-checkpoints saved before the routing tree, `python -m layermoe_core.legacy`) sit at the top.
+`errors` (the one exception type) and `plots` (figures of every part) sit at the top.
 """
 
 from importlib import import_module

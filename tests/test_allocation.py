@@ -1,4 +1,4 @@
-"""Expert allocation and classifier-layer choice (shared/design.md, 'Allocation', 'Classifiers')."""
+"""Expert allocation and classifier-layer choice (docs/design.md, 'Allocation', 'Classifiers')."""
 
 from __future__ import annotations
 

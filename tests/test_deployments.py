@@ -1,7 +1,7 @@
 """The deployments users run from the Prefect UI, against a real `prefect server start` on loopback.
 
 `layermoe serve` serves its deployments from one process (Flow.serve hands each run to a new
-process, which is where string annotations used to break every scheduled run); `prefect.yaml`
+process, which is where string annotations would break every scheduled run); `prefect.yaml`
 is deployed with `prefect deploy --all` and run by a `prefect worker start --type process`.
 Each run is triggered through the API, as the UI's "Run" button does, on a tiny round.
 """

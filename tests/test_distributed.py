@@ -53,7 +53,7 @@ STAGE2 = dict(**STAGE, lpr_coef=0.0, new_prior_coef=0.0)
 # Relative L2 difference of each trained tensor's update (child - start), 2 processes vs 1.
 # Measured on Stage 1 alone: <= 2.5e-6 (float summation order); untrained tensors are bit-identical.
 MATCH_TOLERANCE = 1e-4
-DEADLINE_S = 600.0  # a guard against a hung launch, not a timing: the idle test takes ~2 min on 2 loaded cores
+DEADLINE_S = 600.0  # a guard against a hung launch, not a timing: far above what a healthy launch needs
 
 FAULTS = textwrap.dedent(
     """

@@ -1,4 +1,4 @@
-"""Invariants of the expanded model (shared/design.md, 'Invariants worth testing')."""
+"""Invariants of the expanded model (docs/design.md, 'Invariants worth testing')."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -64,10 +63,11 @@ def test_the_parent_check_accepts_an_expanded_model_and_its_base(model_dir, tmp_
     check_expandable(tmp_path / "child")
 
 
-def test_the_paths_earlier_releases_documented_still_work():
-    import layermoe_core.modeling_layermoe as old_path
-    from layermoe_core import LayerMoEForCausalLM
-
-    assert old_path.LayerMoEForCausalLM is LayerMoEForCausalLM
-    usage = subprocess.run([sys.executable, "-m", "layermoe_core.offline_corpus", "--help"], capture_output=True, text=True, check=True)
-    assert "--languages" in usage.stdout
+def test_a_checkpoint_without_the_routing_tree_format_is_refused_when_it_loads(tmp_path):
+    expand(tiny_model(), [1, 0, 1], ["en"], ["el"]).save_pretrained(tmp_path / "child")
+    config = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert config["routing_format"] == 2
+    del config["routing_format"]
+    (tmp_path / "child" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LayerMoEError, match=r"routing_format=None; layermoe loads only routing_format 2"):
+        load_model(tmp_path / "child", device="cpu")

@@ -96,17 +96,6 @@ def test_lifelong_refuses_registry_options_because_each_tick_reads_only_the_plan
 
 
 # -- the plan means what it says ----------------------------------------------------------
-def test_old_classifier_layers_key_names_its_new_name(tmp_path):
-    with pytest.raises(LayerMoEError, match=r"`classifier_layers` is now `classifier_layer_count` \(it is a count K"):
-        load_plan(write(tmp_path, PLAN + "classifier_layers: 1\n"), ExpansionPlan)
-    assert load_plan(write(tmp_path, PLAN + "classifier_layer_count: 3\n"), ExpansionPlan).classifier_layer_count == 3
-
-
-def test_parent_trust_remote_code_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(LayerMoEError, match=r"parent: .*`parent.trust_remote_code` is gone: .*never runs a model's own code"):
-        load_plan(write(tmp_path, PLAN + "parent: {alias: champion, trust_remote_code: true}\n"), ExpansionPlan)
-
-
 def lifelong_text(rounds: list[list[str]], parent_languages=("en",), corpora=("en", "el", "hu")) -> str:
     return yaml.safe_dump(
         {

@@ -1,4 +1,4 @@
-"""Per-layer similarity (shared/design.md, 'Similarity'): the streaming mean of cosines over token pairs."""
+"""Per-layer similarity (docs/design.md, 'Similarity'): the streaming mean of cosines over token pairs."""
 
 from __future__ import annotations
 

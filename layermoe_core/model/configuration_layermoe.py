@@ -29,8 +29,8 @@ class LayerMoEConfig(PreTrainedConfig):
     then each round's experts in order. Every round's classifiers stay active: an earlier
     round's classifier is part of the frozen parent path that old tokens take.
 
-    `routing_format` 2 is the routing tree (one router per round); checkpoints without it were
-    saved with one widened router per layer and are converted by `layermoe_core.legacy`.
+    `routing_format` 2 is the routing tree (one router per round); a checkpoint without it is
+    refused when it loads.
     """
 
     model_type = "layermoe"
@@ -47,7 +47,7 @@ class LayerMoEConfig(PreTrainedConfig):
         if self.expansion_rounds is None:
             self.expansion_rounds = []
         if self.routing_format is None and not self.expansion_rounds:
-            self.routing_format = ROUTING_FORMAT  # a new model; a loaded legacy one keeps None
+            self.routing_format = ROUTING_FORMAT  # a new model; a loaded config keeps what it says
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
 

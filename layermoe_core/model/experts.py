@@ -34,8 +34,8 @@ def grouped_mm_runs(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM is CUDA's fast kernel for this call, forward and backward.
 
     It is, for bf16 on SM80+ with rows 16-byte aligned; ask with the operands as the matmul gets
-    them (after `autocast_operands`). On an H100 in fp32 it took 11.0 ms against the loop's
-    10.8 ms (fwd+bwd of the large bench size's gate_up), so fp32 on CUDA keeps the loop.
+    them (after `autocast_operands`). In fp32 it is no faster than the loop, so fp32 on CUDA keeps the
+    loop (docs/performance.md, "Expert kernels on CUDA").
     """
     return (
         tokens.is_cuda
@@ -54,7 +54,7 @@ def grouped_mm_runs(tokens: torch.Tensor, weight: torch.Tensor) -> bool:
 #                 batched_mm, or a registered hub kernel) runs the whole group, so its backends serve ours.
 LOOP, GROUPED_MM, TRANSFORMERS = "loop", "grouped_mm", "transformers:"
 
-# Measured with `python -m bench.moe_layer --kernels` (README, Performance), per (device type, dtype):
+# Measured with `python -m bench.moe_layer --kernels` (docs/performance.md), per (device type, dtype):
 # the kernel that won at the demo and large sizes. CPU: "loop" and "grouped_mm" run the same MKL
 # matmuls (torch's CPU grouped_mm is a loop of mm) and were within the load's spread of each other;
 # the loop skips grouped_mm's extra chunk copy of the fused gate_up output, and transformers'

@@ -51,7 +51,7 @@ def new_prior_loss(router_logits: torch.Tensor, language_labels: torch.Tensor, n
     Not in the papers. In a lifelong round the new experts start as copies of the dense MLP beside
     earlier rounds' trained experts, which win the new languages' tokens at first; without a push
     the new experts get few tokens, learn little, and Stage 2's LPR then folds all routing onto
-    old experts (measured on the demo: README, "Where we differ"). router_logits: (N, E), labels: (N,).
+    old experts (measured on the demo: docs/results.md). router_logits: (N, E), labels: (N,).
     """
     is_new = language_labels == NEW
     if not is_new.any():

@@ -77,9 +77,8 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LayerMoEConfig, causal_lm: PreTrainedModel | None = None):
         if config.routing_format != ROUTING_FORMAT:
             raise LayerMoEError(
-                "this LayerMoE checkpoint was saved by an earlier layermoe (one widened router per layer, "
-                f"routing_format={config.routing_format}); convert it once with "
-                "`python -m layermoe_core.legacy SOURCE_DIR TARGET_DIR`, which keeps its function exactly"
+                f"this LayerMoE checkpoint has routing_format={config.routing_format}; layermoe loads only "
+                f"routing_format {ROUTING_FORMAT} (one router per round and layer): rerun its rounds with this layermoe"
             )
         super().__init__(config)
         # Composite configs leave the sub-config's attention backend unset; the base model reads it.
@@ -145,7 +144,7 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         Without them (generation, evaluation) a router that no token reaches is not run at all.
 
         Serving (nothing recorded, no labels) returns the wrapped model's own output: there is nothing
-        to add to it, and building a second one (~40 us for a ModelOutput) was ~2% of a demo-size decoding step on the CPU.
+        to add to it, and building a second one is a visible share of a small model's decoding step (docs/performance.md).
         """
         if output_router_logits is None:
             output_router_logits = self.training or labels is not None

@@ -4,7 +4,7 @@ Experts: expert 0 is the parent's original MLP (frozen); each expansion round th
 layer experts appends a group of new ones (`StackedExperts`), copies of expert 0.
 
 Routing is a tree with one `LayerMoERouter` per such round, newest last (the lifelong
-invariant of shared/design.md):
+invariant of docs/design.md):
 
     round r router ──new──> softmax top-k over every expert so far          (trained in round r)
          │
@@ -142,7 +142,7 @@ class LayerMoEBlock(nn.Module):
         expert's row at expert 0's row (plus N(0, 0.02^2) noise from `generator`), so the copies
         compete with the expert they copy; in a layer's first round there is no parent router and
         it is the same as "fresh". "fresh" (the reference's choice) draws every row from the noise.
-        Zero-initialised new rows beside trained ones (the old behaviour) could never win a token.
+        Zero-initialised new rows beside trained ones could never win a token.
         Old tokens keep their parent's routing either way, through the parent routers.
         """
         self.group_sizes.append(num_new)
