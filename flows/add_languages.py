@@ -153,20 +153,20 @@ def add_languages(plan: ExpansionPlan) -> RoundSummary:
 
 def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSummary:
     """Every step after the parent is local, in the round's folder `work`; a step whose output is gone runs again."""
-    old, new, t = round_languages(plan, parent), plan.new_languages, plan.tokens
+    old, new, tokens = round_languages(plan, parent), plan.new_languages, plan.tokens
     placement = plan.placement.with_offload_folder(work / "offload")
     sampling = Sampling(
         corpora=plan.corpora,
         tokenizer_dir=parent.path,
-        seq_len=t.seq_len,
-        seed=t.seed,
-        heldout_fraction=t.heldout_fraction,
+        seq_len=tokens.seq_len,
+        seed=tokens.seed,
+        heldout_fraction=tokens.heldout_fraction,
         store_dir=plan.workdir.resolve() / TOKEN_STORE_DIR,
         out_dir=work / "tokens",
     )
 
     # 1-3: where the new languages sit in the parent, and how many experts each layer gets
-    analysis = sample_tokens(sampling, "analysis", old + new, t.analysis_tokens, parallel="auto")
+    analysis = sample_tokens(sampling, "analysis", old + new, tokens.analysis_tokens, parallel="auto")
     similarity = measure_similarity(
         parent.path, analysis, old, new, score=plan.similarity_score, batch_size=plan.similarity_batch_size, placement=placement
     )
@@ -184,7 +184,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
             old_languages=old,
             new_languages=new,
             top_k=plan.top_k,
-            tokens_path=sample_tokens(sampling, "stage1", new, t.stage1_tokens),
+            tokens_path=sample_tokens(sampling, "stage1", new, tokens.stage1_tokens),
             settings=plan.stage1,
             output_dir=work / "stage1",
         ),
@@ -195,8 +195,8 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
             stage1_dir=stage1.model_dir,
             tokenizer_dir=stage1.model_dir,
             classifier_layers=classifier_layers(allocation),
-            old_tokens_path=sample_tokens(sampling, "replay-old", old, t.stage2_tokens),
-            new_tokens_path=sample_tokens(sampling, "replay-new", new, t.stage2_tokens),
+            old_tokens_path=sample_tokens(sampling, "replay-old", old, tokens.stage2_tokens),
+            new_tokens_path=sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens),
             settings=plan.stage2,
             output_dir=work / "stage2",
         ),
@@ -204,10 +204,10 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     )
 
     # 7: the child against its parent, on held-out tokens and text
-    heldout = sample_tokens(sampling, "heldout", old + new, t.eval_tokens, split="heldout")
+    heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
     routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size, placement=placement)
     text = sample_heldout_text(
-        plan.corpora, old + new, plan.evaluation, seed=t.seed, heldout_fraction=t.heldout_fraction, out_dir=work / "heldout-text"
+        plan.corpora, old + new, plan.evaluation, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction, out_dir=work / "heldout-text"
     )
     comparison, samples = evaluate_round(
         parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text, placement=placement

@@ -319,19 +319,6 @@ def record_verdict(settings: RegistrySettings, version: VersionRef, verdict: Ver
         return find_version(client, settings, info.version)
 
 
-def newest_version(settings: RegistrySettings, alias: str | None = "champion") -> VersionInfo:
-    """The version `alias` points at, or with alias=None the highest version number."""
-    with store_errors(settings):
-        client = open_client(settings, create=False)
-        if alias is not None:
-            return find_version(client, settings, alias)
-        rm = registered_model(client, settings)
-        versions = all_versions(client, rm.name)
-        if not versions:
-            raise LayerMoEError(f"registered model {rm.name!r} has no versions yet; register a base with registry.register_base")
-        return _info(versions[-1], rm)
-
-
 def lineage(settings: RegistrySettings, ref: VersionRef) -> list[VersionInfo]:
     """`ref`'s version, its parent, and so on back to the base (newest first)."""
     with store_errors(settings):

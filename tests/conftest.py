@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 from layermoe_core.environment import use_local_stack
 
@@ -58,3 +59,12 @@ def base_model(request):
 @pytest.fixture
 def token_ids():
     return torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def save_sequences(sequences: dict[str, torch.Tensor], path: Path) -> Path:
+    """Token rows (one tensor per language) as the safetensors file `load_sequences` reads."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({lang: rows.contiguous() for lang, rows in sequences.items()}, str(path))
+    return path

@@ -9,9 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from layermoe_core.data.corpus import CorpusSpec, load_sequences, sample_sequences, save_sequences
+from layermoe_core.data.corpus import CorpusSpec, load_sequences, sample_sequences
 from layermoe_core.errors import LayerMoEError
 
+from .conftest import save_sequences
 from .tiny_tokenizer import tiny_tokenizer
 
 DOCS = [f"document {i} says hello to the reader" for i in range(60)]  # about 35 tokens each

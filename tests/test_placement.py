@@ -22,14 +22,14 @@ from layermoe_core import LayerMoEError, expand, insert_classifiers
 from layermoe_core.analysis.routing_stats import routing_statistics
 from layermoe_core.analysis.signals import neuron_signal, param_delta_signal
 from layermoe_core.analysis.similarity import layer_similarity
-from layermoe_core.data.corpus import load_sequences, save_sequences
+from layermoe_core.data.corpus import load_sequences
 from layermoe_core.evaluation.metrics import language_perplexity
 from layermoe_core.model.checkpoints import load_model
 from layermoe_core.model.inference import input_device
 from tasks.analysis import measure_similarity
 from tasks.evaluation import measure_routing
 
-from .conftest import TINY, tiny_model
+from .conftest import TINY, save_sequences, tiny_model
 
 OLD, NEW = ["en"], ["el", "hu"]
 ATOL = 1e-5  # fp32: the same kernels on the same CPU; only where tensors sit differs

@@ -21,9 +21,9 @@ from layermoe_core import LayerMoEError, expand, insert_classifiers  # noqa: E40
 from registry import (  # noqa: E402
     RegistrySettings,
     download_version,
+    get_version,
     lineage,
     list_versions,
-    newest_version,
     promote,
     register_base,
     register_child,
@@ -146,13 +146,12 @@ def test_aliases_move_only_through_promote(settings, registered):
     base, kid = registered
     assert base.aliases == [] and kid.aliases == []
     with pytest.raises(LayerMoEError, match=r"alias 'champion' is not set.*versions \[1, 2\]"):
-        newest_version(settings)
+        get_version(settings, "champion")
     assert promote(settings, base.version).aliases == ["champion"]
-    assert newest_version(settings).version == 1
+    assert get_version(settings, "champion").version == 1
     promote(settings, kid.version)
-    assert newest_version(settings).version == 2
+    assert get_version(settings, "champion").version == 2
     assert list_versions(settings)["aliases"].tolist() == ["", "champion"]
-    assert newest_version(settings, alias=None).version == 2
 
 
 def test_download_verifies_and_reloads_with_identical_logits(settings, registered, child, tmp_path, token_ids):

@@ -28,7 +28,7 @@ import datasets
 import numpy as np
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import LayerMoEError
@@ -387,14 +387,6 @@ def sample_sequences(
             parallel,
         )
         return load_sequences(path)
-
-
-def save_sequences(sequences: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Write sampled rows to a safetensors file (one tensor per language), so steps pass a path, not tensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({lang: rows.contiguous() for lang, rows in sequences.items()}, str(path))
-    return path
 
 
 def _write_sample(rows: Mapping[str, TokenRows], path: Path) -> Path:

@@ -26,7 +26,6 @@ from ..data.corpus import check_old_new
 from ..data.token_store import check_token_rows
 from ..errors import LayerMoEError, describe_validation_error
 from ..model.inference import inference, input_device
-from ..model.surgery import count_parameters
 from .gates import COMPARISON_COLUMNS, GateSettings
 from .generation import context_length, greedy_generate
 from .translation import TranslationSettings, translate_pairs, translation_metrics
@@ -419,10 +418,6 @@ def new_language_gain(comparison: pd.DataFrame) -> float:
 def mean_loss_delta(comparison: pd.DataFrame, group: str) -> float:
     deltas = comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
     return float(deltas.mean()) if len(deltas) else math.nan
-
-
-def parameters_added(parent: nn.Module, child: nn.Module) -> int:
-    return count_parameters(child) - count_parameters(parent)
 
 
 def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
