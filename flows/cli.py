@@ -33,7 +33,7 @@ def _registry_settings(args):
     return RegistrySettings(**_registry_overrides(args))
 
 
-def _plan(args, kind):
+def load_checked_plan(args, kind):
     """The plan, with --tracking-uri / --model-name applied, and its inputs checked before Prefect starts."""
     from registry.settings import RegistrySettings
 
@@ -71,7 +71,7 @@ def cmd_add_languages(args) -> int | None:
         return run_flow_in_child(args.argv)
     from .plan import ExpansionPlan
 
-    plan = _plan(args, ExpansionPlan)
+    plan = load_checked_plan(args, ExpansionPlan)
     from .add_languages import add_languages
 
     summary = _interruptible(add_languages, plan)
@@ -117,7 +117,7 @@ def cmd_compare(args) -> int | None:
         return run_flow_in_child(args.argv)
     from .compare import ComparePlan, with_variants
 
-    plan = _plan(args, ComparePlan)
+    plan = load_checked_plan(args, ComparePlan)
     if args.variants:
         plan = with_variants(plan, args.variants.split(","))
     if args.seeds is not None:
@@ -405,7 +405,7 @@ def _run_command(args) -> int:
 def _exit_without_teardown(exit_code: list[int]) -> None:
     """End the flow child once every other exit handler (Prefect's server shutdown included) has run.
 
-    Tearing down the torch/transformers/mlflow modules takes 5-15 s on a loaded machine, and nothing
+    Tearing down the torch/transformers/mlflow modules is slow, and nothing
     is left for it to do: the run's state is recorded and files are closed.
     """
     logging.shutdown()

@@ -41,10 +41,13 @@ class ProgressReporter(MetricsCallback):
         self._update(state)
 
 
-def launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str) -> TrainResult:
+def train_launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str) -> TrainResult:
     """Run `job` under accelerate launch; a failed or killed launch fails the task with its log's tail."""
     get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
-    result = launch(job, launcher, ProgressReporter(stage).fn)
+    return launch(job, launcher, ProgressReporter(stage).fn)
+
+
+def say_where_it_resumed(result: TrainResult, stage: str) -> TrainResult:
     if result.resumed_from:
         get_run_logger().info("%s resumed from %s", stage, result.resumed_from)
     return result
@@ -57,8 +60,8 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
     A rerun after an interruption resumes from the last checkpoint in the job's output_dir.
     """
     if launcher is not None:
-        return launched(job, launcher, "stage1")
-    return train_stage1(
+        return say_where_it_resumed(train_launched(job, launcher, "stage1"), "stage1")
+    result = train_stage1(
         job.expanded_parent(),
         open_sequences(job.tokens_path),
         job.settings,
@@ -66,6 +69,7 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
         [ProgressReporter("stage1")],
         tokenizer=load_tokenizer(job.tokenizer_dir),
     )
+    return say_where_it_resumed(result, "stage1")
 
 
 @step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
@@ -73,8 +77,8 @@ def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> Trai
     """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix."""
     get_run_logger().info("routing classifiers in layers %s", job.classifier_layers)
     if launcher is not None:
-        return launched(job, launcher, "stage2")
-    return train_stage2(
+        return say_where_it_resumed(train_launched(job, launcher, "stage2"), "stage2")
+    result = train_stage2(
         job.classified_stage1(),
         open_sequences(job.old_tokens_path),
         open_sequences(job.new_tokens_path),
@@ -83,3 +87,4 @@ def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> Trai
         [ProgressReporter("stage2")],
         tokenizer=load_tokenizer(job.tokenizer_dir),
     )
+    return say_where_it_resumed(result, "stage2")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 from prefect import flow
 
@@ -14,7 +15,7 @@ import tasks.training
 from flows.add_languages import add_languages
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.compare import ComparePlan, compare, with_variants
-from flows.lifelong_expansion import lifelong_expansion
+from flows.lifelong_expansion import run_pending_rounds
 from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, RoundSpec, TokenSettings
 from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.data.corpus import load_sequences, open_sequences
@@ -89,7 +90,11 @@ def lifelong_plan(root, corpora, registry, rounds) -> LifelongPlan:
 
 def test_two_lifelong_rounds_register_linked_versions(world, tmp_path):
     root, corpora, registry = world
-    summaries = lifelong_expansion(lifelong_plan(root, corpora, registry, [["el"], ["tr"]]))
+    plan_file = tmp_path / "lifelong.yaml"
+    plan_file.write_text(yaml.safe_dump(lifelong_plan(root, corpora, registry, [["el"], ["tr"]]).model_dump(mode="json")))
+    ticks = run_pending_rounds(plan_file)
+    assert [tick.outcome for tick in ticks] == ["promoted", "promoted", "nothing to do"]
+    summaries = [tick.summary for tick in ticks[:2]]
     assert [s.version for s in summaries] == [2, 3] and [s.parent_version for s in summaries] == [1, 2]
 
     versions = list_versions(registry)
