@@ -28,6 +28,7 @@ from tasks.analysis import (
     allocation_total,
     classifier_layers,
     measure_allocation_signal,
+    measure_fertility,
     measure_similarity,
     new_experts,
     plan_allocation,
@@ -174,6 +175,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         parent.path, analysis, old, new, plan.allocation, batch_size=plan.similarity_batch_size, placement=placement
     )
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
+    fertility = measure_fertility(parent.path, plan.corpora, old, new, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction)
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
     stage1 = run_stage1(
@@ -233,6 +235,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
             "samples": samples,
             "allocation": allocation,
             "allocation_total": allocation_total(allocation),
+            "fertility": fertility,
             **({"signal": signal} if signal is not None else {}),
         },
         plot_files=draw_plots(

@@ -7,9 +7,11 @@ from prefect import get_run_logger, task
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
+from layermoe_core.analysis.fertility import costly_languages, fertility_table
 from layermoe_core.analysis.signals import neuron_signal, param_delta_signal
 from layermoe_core.analysis.similarity import SimilarityScore, layer_similarity
 from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
+from layermoe_core.evaluation.heldout_text import heldout_texts
 from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
 from .common import PLACED_STEP_CACHE, load_placed, publish_markdown, publish_table, step
@@ -166,3 +168,20 @@ def classifier_layers(allocation: pd.DataFrame) -> list[int]:
 def allocation_total(allocation: pd.DataFrame) -> pd.DataFrame:
     """The one-row table of the method and its requested and realised totals (and any note)."""
     return pd.DataFrame([allocation.attrs["total"]])
+
+
+FERTILITY_DOCUMENTS = 2_000  # held-out documents per language: enough for a ratio stable to two decimals
+
+
+@task(name="measure tokenizer fertility", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+def measure_fertility(
+    tokenizer_dir: Path, corpora: dict[str, CorpusSpec], old: list[str], new: list[str], *, seed: int, heldout_fraction: float
+) -> pd.DataFrame:
+    """Tokens per character and per word of every language's held-out text, under the parent's tokenizer."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = {lang: list(heldout_texts(corpora[lang], seed, heldout_fraction).values())[:FERTILITY_DOCUMENTS] for lang in old + new}
+    table = fertility_table(tokenizer, texts, new)
+    publish_table("fertility", table, "Tokens per character and per word of each language's held-out text (the parent's tokenizer)")
+    for warning in costly_languages(table):
+        get_run_logger().warning(warning)
+    return table

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from flows.plan import ExpansionPlan, load_plan
 from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts, choose_classifier_layers
 from layermoe_core.errors import LayerMoEError
+from tests.tiny_tokenizer import tiny_tokenizer
 
 SCORES = [0.5, 0.25, 1.0, 0.8]
 
@@ -231,3 +232,22 @@ def test_uniform_and_fixed_totals_are_the_stated_counts():
         assert uniform.total == per_layer * num_layers and uniform.requested is None and uniform.note == ""
         vector = [rng.randint(0, 4) for _ in range(num_layers - 1)] + [1]
         assert allocate_experts([0.5] * num_layers, AllocationSettings(method="fixed", fixed=vector)).counts == vector
+
+
+def test_fertility_counts_tokens_per_character_and_word_and_warns_about_a_costly_new_script():
+    from layermoe_core.analysis.fertility import costly_languages, fertility_table
+
+    tokenizer = tiny_tokenizer()
+    texts = {"en": ["the cat sat on the mat"], "el": ["η γάτα κάθεται"]}
+    table = fertility_table(tokenizer, texts, new_languages=["el"]).set_index("language")
+    for language, (text,) in texts.items():
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        assert table.loc[language, "tokens"] == tokens
+        assert table.loc[language, "tokens_per_char"] == pytest.approx(tokens / len(text))
+        assert table.loc[language, "tokens_per_word"] == pytest.approx(tokens / len(text.split()))
+    assert table.loc["el", "group"] == "new" and table.loc["en", "group"] == "old"
+    ratio = table.loc["el", "tokens_per_char"] / table.loc["en", "tokens_per_char"]
+    warnings = costly_languages(table.reset_index())
+    assert (len(warnings) == 1 and "new language el costs" in warnings[0]) == (ratio >= 2.0)
+    assert costly_languages(table.reset_index(), factor=ratio * 1.01) == []
+    assert len(costly_languages(table.reset_index(), factor=ratio * 0.99)) == 1

@@ -109,7 +109,7 @@ def test_two_lifelong_rounds_register_linked_versions(world, tmp_path):
     plots = {Path(a.path).name for a in artifacts.list_artifacts(newest["run_id"], "plots")}
     tables = {Path(a.path).name for a in artifacts.list_artifacts(newest["run_id"], "tables")}
     assert {"similarity.png", "allocation.png", "routing.png", "languages.png"} <= plots
-    assert {"similarity.csv", "allocation.csv", "routing.csv", "evaluation.csv"} <= tables
+    assert {"similarity.csv", "allocation.csv", "routing.csv", "evaluation.csv", "fertility.csv"} <= tables
 
     child = load_model(download_version(registry, 3, tmp_path / "v3").path)
     assert child.config.languages == ["en", "zh", "el", "tr"]
