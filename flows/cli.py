@@ -83,7 +83,7 @@ def cmd_lifelong(args) -> int | None:
         return run_flow_in_child(args.argv)
     from .plan import check_plan_inputs, load_lifelong_plan
 
-    _refuse_registry_overrides(args, "lifelong")
+    _refuse_registry_overrides(args, "lifelong", TICKS_READ_THE_PLAN)
     plan = load_lifelong_plan(args.plan)
     if plan.promotion == "manual":
         _check_a_reviewer_can_answer()
@@ -96,14 +96,17 @@ def cmd_lifelong(args) -> int | None:
             print(tick.summary.table().to_string(index=False))
 
 
-def _refuse_registry_overrides(args, command: str) -> None:
-    """A tick reads its plan file anew, so only the file can say where the registry is."""
+TICKS_READ_THE_PLAN = (
+    "reads the registry from the plan file (each tick reads the file anew); set `registry: {tracking_uri: ..., "
+    "registered_model_name: ...}` in the plan"
+)
+
+
+def _refuse_registry_overrides(args, command: str, why: str) -> None:
+    """Refuse --tracking-uri / --model-name where they would be ignored, saying why."""
     given = [f"--{key.replace('_', '-')}" for key in _registry_overrides(args)]
     if given:
-        raise LayerMoEError(
-            f"{command} reads the registry from the plan file (each tick reads the file anew); drop {' and '.join(given)} "
-            "and set `registry: {tracking_uri: ..., registered_model_name: ...}` in the plan"
-        )
+        raise LayerMoEError(f"{command} {why}; drop {' and '.join(given)}")
 
 
 def at_least_one(text: str) -> int:
@@ -130,11 +133,12 @@ def cmd_compare(args) -> int | None:
 def cmd_serve(args) -> None:
     from .serve import serve_plan
 
-    _refuse_registry_overrides(args, "serve")
+    _refuse_registry_overrides(args, "serve", TICKS_READ_THE_PLAN)
     serve_plan(args.plan, args.name, args.cron, args.interval)
 
 
 def cmd_approve(args) -> None:
+    _refuse_registry_overrides(args, "approve", "answers the paused run, which writes to its own plan's registry")
     from .approval import answer_review
 
     name = answer_review(args.run_id, args.approve, args.reason)
@@ -142,6 +146,7 @@ def cmd_approve(args) -> None:
 
 
 def cmd_estimate(args) -> None:
+    _refuse_registry_overrides(args, "estimate", "reads no registry (pass a registry parent's config with --parent-config)")
     from layermoe_core.training.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
 
     from .plan import load_lifelong_plan

@@ -95,6 +95,13 @@ def test_lifelong_refuses_registry_options_because_each_tick_reads_only_the_plan
     assert "lifelong reads the registry from the plan file" in line and "drop --tracking-uri" in line
 
 
+def test_commands_that_read_no_registry_refuse_registry_options_instead_of_ignoring_them(tmp_path, capsys):
+    assert main(["estimate", "--plan", str(write(tmp_path, PLAN)), "--model-name", "other"]) == 2
+    assert "estimate reads no registry" in capsys.readouterr().err
+    assert main(["approve", "00000000-0000-0000-0000-000000000000", "--yes", "--tracking-uri", "sqlite:///x.db"]) == 2
+    assert "approve answers the paused run" in capsys.readouterr().err
+
+
 # -- the plan means what it says ----------------------------------------------------------
 def lifelong_text(rounds: list[list[str]], parent_languages=("en",), corpora=("en", "el", "hu")) -> str:
     return yaml.safe_dump(
