@@ -9,6 +9,7 @@ Each run is triggered through the API, as the UI's "Run" button does, on a tiny 
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -395,13 +396,22 @@ def write_plan(plan: LifelongPlan, path: Path) -> Path:
 
 
 def tick_table(deployment: str, plan: LifelongPlan) -> list[dict]:
-    """Tick, state, round, version and seconds of every run of the schedule: what docs/scheduling.md shows."""
+    """Tick, state, round, languages, version and seconds of every run of the schedule: what docs/scheduling.md shows."""
     versions = {v["new_languages"]: v["version"] for v in list_versions(plan.registry).to_dict(orient="records")}
     rows = []
     for number, run in enumerate(deployment_runs(deployment), start=1):
-        languages = ",".join(run.name.split("-r", 1)[1].split("-")[1:-3]) if "-r" in run.name else ""
-        seconds = (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None
-        rows.append({"tick": number, "name": run.name, "state": run.state.name, "version": versions.get(languages), "seconds": seconds})
+        did = re.search(r"-r(\d+)-(.+)-\d{4}-\d\d-\d\dT", run.name)
+        languages = did.group(2).replace("-", ",") if did else ""
+        rows.append(
+            {
+                "tick": number,
+                "name": run.name,
+                "state": run.state.name,
+                "round": int(did.group(1)) if did else None,
+                "version": versions.get(languages) if did else None,
+                "seconds": (run.end_time - run.start_time).total_seconds() if run.start_time and run.end_time else None,
+            }
+        )
     return rows
 
 
