@@ -30,7 +30,7 @@ from .plan import check_plan_inputs, current_parent, load_lifelong_plan
 class Tick(BaseModel):
     """What one tick did; `summary` is the round it ran, if it ran one."""
 
-    outcome: Literal["promoted", "rejected", "nothing to do"]
+    outcome: Literal["promoted", "rejected", "nothing to do", "paused"]
     message: str
     plan_sha256: str
     summary: RoundSummary | None = None
@@ -63,10 +63,15 @@ def lifelong_expansion(plan: str) -> Tick | State:
 
 
 def next_round(path: Path) -> Tick:
+    """The tick itself: read the plan, resolve the parent, then run the pending round (or say why not)."""
     lifelong = load_lifelong_plan(path)
     plan_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-    logger = get_run_logger()
-    logger.info("plan %s, sha256 %s", path.resolve(), plan_sha256)
+    get_run_logger().info("plan %s, sha256 %s", path.resolve(), plan_sha256)
+    if schedule_paused():
+        # A tick the scheduler had already queued when a rejection paused the schedule.
+        name_this_run(f"{lifelong.name}-paused-{utc_stamp()}")
+        message = "the schedule is paused after a rejected round; resume it once the plan is changed"
+        return finish(Tick(outcome="paused", message=message, plan_sha256=plan_sha256))
     check_plan_inputs(lifelong)
 
     parent = current_parent(lifelong)
@@ -97,6 +102,15 @@ def next_round(path: Path) -> Tick:
     )
     set_schedule_pause_note(lifelong.registry, f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {message}")
     return finish(Tick(outcome="rejected", message=message, plan_sha256=plan_sha256, summary=summary))
+
+
+def schedule_paused() -> bool:
+    """Whether this run is a scheduled tick of a deployment whose schedule is paused (a run started by hand is not)."""
+    run = FlowRunContext.get().flow_run
+    if run.deployment_id is None or not run.auto_scheduled:
+        return False
+    with get_client(sync_client=True) as client:
+        return bool(client.read_deployment(run.deployment_id).paused)
 
 
 def pause_schedule() -> str:

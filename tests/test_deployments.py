@@ -480,12 +480,17 @@ def test_a_rejected_round_pauses_its_schedule_until_a_person_changes_the_plan_an
         assert main(["approve", str(review.id), "--no", "--reason", "hu reads badly"]) == 0
         rejected = wait_until(lambda: completed_tick(deployment, "rejects-r1-hu-"), "the rejected round's tick", server, log)
         assert read_deployment(deployment).paused
-        assert not [run for run in deployment_runs(deployment) if run.state.is_scheduled()], "a paused schedule keeps no ticks due"
         note = schedule_pause_note(plan.registry)
         assert note and "round 1 of the plan (hu) was rejected as version 2" in note and "lifelong-expansion/rejects is paused" in note
         assert main(["registry", "list", "--tracking-uri", plan.registry.tracking_uri, "--model-name", "tiny"]) == 0
         assert "lifelong schedule paused: " in capsys.readouterr().out
         assert show_version(plan.registry, 2)["other_tags"]["layermoe.verdict"] == "rejected"
+
+        # While paused, no tick trains: ticks already due when the pause came end at once, named `...-paused-...`.
+        time.sleep(3 * SCHEDULE_INTERVAL_S)
+        later = [run for run in deployment_runs(deployment) if run.start_time and run.start_time > rejected.end_time]
+        assert all(run.state.is_cancelled() or "-paused-" in run.name for run in later), [(r.name, r.state.name) for r in later]
+        assert list_versions(plan.registry)["version"].tolist() == [1, 2]
 
         # The person changes the plan (here: the gate decides, no review) and resumes the schedule: the next tick runs the round again.
         write_plan(plan.model_copy(update={"promotion": "auto"}), plan_file)
