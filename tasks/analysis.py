@@ -12,7 +12,7 @@ from layermoe_core.analysis.similarity import SimilarityScore, layer_similarity
 from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
 from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import PLACED_STEP_CACHE, load_placed, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, cached_task, load_placed, publish_markdown, publish_table, step
 
 TOKEN_STORE_DIR = "token-store"  # under the plan's workdir: every round of every plan there shares the tokenized corpora
 
@@ -55,7 +55,7 @@ def sample_tokens(
     return path
 
 
-@task(name="measure layer similarity", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="measure layer similarity")
 def measure_similarity(
     model_dir: Path,
     tokens_path: Path,
@@ -72,7 +72,7 @@ def measure_similarity(
     return table
 
 
-@task(name="measure allocation signal", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="measure allocation signal")
 def measure_allocation_signal(
     model_dir: Path,
     tokens_path: Path,
