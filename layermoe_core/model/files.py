@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from ..errors import LayerMoEError
 
@@ -27,6 +27,36 @@ def list_model_files(model_dir: Path, exclude: tuple[str, ...] = ()) -> list[str
         if path.is_file() and not any(part.startswith(".") for part in rel.parts) and rel.as_posix() not in exclude:
             files.append(rel.as_posix())
     return sorted(files)
+
+
+def path_inside(folder: Path, name: str, what: str) -> Path:
+    """`folder / name`, for a file name read from a manifest, a layout or a listing: a relative path that stays in `folder`.
+
+    An absolute path, a `..` part or a symlink on the way could reach any file of the machine, to
+    overwrite it or to copy it into a model, so each is refused. Every such name goes through here.
+    """
+    relative = PurePosixPath(name) if isinstance(name, str) else None
+    if (
+        relative is None
+        or not relative.parts
+        or relative.is_absolute()
+        or PureWindowsPath(name).drive
+        or "\\" in name
+        or ".." in relative.parts
+    ):
+        raise LayerMoEError(
+            f"{what} names the file {name!r}, which leaves its folder (an absolute path, .. or not a file name); "
+            "refused: its manifest or layout was altered. Delete that version, or re-register it from its checkpoint"
+        )
+    path = folder
+    for part in relative.parts:
+        path = path / part
+        if path.is_symlink():
+            raise LayerMoEError(
+                f"{what}: {path} is a symlink, which could point at any file; refused. "
+                "A model folder holds plain files only: delete the folder and download the version again"
+            )
+    return path
 
 
 def refuse_pickles(files: list[str], where: str) -> None:
