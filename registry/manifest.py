@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.model.files import list_model_files, path_inside, refuse_pickles, require_loadable
+from layermoe_core.model.files import list_model_files, path_inside, refuse_custom_code, refuse_pickles, require_loadable
 
 MANIFEST_NAME = "layermoe_files.json"
 MANIFEST_FORMAT = "layermoe-files/1"
@@ -37,7 +37,7 @@ def text_digest(text: str) -> str:
 
 
 def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
-    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt."""
+    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt, or code (auto_map)."""
     manifest_path = model_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise LayerMoEError(f"{what} has no {MANIFEST_NAME}; register the model with registry.register_base/register_child")
@@ -63,3 +63,4 @@ def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
                 "download again, or re-register the version from its checkpoint"
             )
     require_loadable(present, what)
+    refuse_custom_code(model_dir)

@@ -65,8 +65,8 @@ class TextGenerator:
         import layermoe_core.model.modeling_layermoe  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
 
         self.model_dir = model_dir
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
         import torch

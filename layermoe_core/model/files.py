@@ -1,7 +1,8 @@
 """What a safe, loadable model directory holds, and how many parameters its weights have: standard library only.
 
 One rule for every place that reads or stores a model directory (loading, planning, the registry):
-config.json and safetensors weights, and no file in a format that unpickles on load, i.e. runs code.
+config.json and safetensors weights, no file in a format that unpickles on load, i.e. runs code,
+no code of the model's own (`auto_map`), and no file name that leaves the folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from ..errors import LayerMoEError
 
 CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 WEIGHTS_SUFFIX = ".safetensors"
 # Formats that unpickle on load, i.e. run code: never stored, never loaded. Compared case-insensitively.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -59,6 +61,28 @@ def path_inside(folder: Path, name: str, what: str) -> Path:
     return path
 
 
+def refuse_custom_code(path: Path) -> None:
+    """Refuse a model or tokenizer folder (or a config file) that names its own code in `auto_map`.
+
+    transformers would import and run that code if trust_remote_code were True, and asks on a terminal
+    where it is not given; layermoe passes False everywhere and refuses such a folder up front.
+    """
+    path = Path(path)
+    for config_file in [path] if path.is_file() else [path / CONFIG_FILE, path / TOKENIZER_CONFIG_FILE]:
+        if not config_file.is_file():
+            continue
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise LayerMoEError(f"{config_file} is not valid JSON ({e}); re-save the model with save_pretrained") from e
+        if isinstance(config, dict) and "auto_map" in config:
+            raise LayerMoEError(
+                f"{config_file} names the model's own code (auto_map: {', '.join(sorted(config['auto_map']))}); "
+                "layermoe never runs code from a model folder (trust_remote_code is always False): use a model whose "
+                "architecture transformers implements, or delete auto_map if that code is not needed"
+            )
+
+
 def refuse_pickles(files: list[str], where: str) -> None:
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
@@ -88,6 +112,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if not model_dir.is_dir():
         raise LayerMoEError(f"{model_dir} is not a model directory (it does not exist); pass a save_pretrained directory")
     check_model_files(list_model_files(model_dir), str(model_dir))
+    refuse_custom_code(model_dir)
     return model_dir
 
 
