@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import pty
+import random
 import re
 import select
 import shutil
@@ -504,3 +505,28 @@ def test_every_loader_refuses_a_folder_with_its_own_code(tmp_path):
     with pytest.raises(LayerMoEError, match=r"tokenizer_config\.json names the model's own code \(auto_map: AutoTokenizer\)"):
         load_tokenizer(tokenizer_only)
     assert not (parent / "custom-code-ran").exists()
+
+
+# -- a corpus that is not text --------------------------------------------------------------
+NOT_TEXT = {
+    "random bytes as .txt": ("hu.txt", lambda: random.Random(0).randbytes(20_000), r"is not UTF-8 text \(byte \d+: "),
+    "random bytes as .jsonl": ("hu.jsonl", lambda: random.Random(1).randbytes(20_000), r"is not UTF-8 text \(byte \d+: "),
+    "UTF-16 text": ("hu.txt", lambda: "Jó napot kívánok\n".encode("utf-16"), r"is not UTF-8 text \(byte 0: "),
+    "NUL bytes": ("hu.txt", lambda: b"abc\x00\x01\x02" * 100, r"holds NUL bytes at character 3: it is binary"),
+    "random bytes as .parquet": ("hu.parquet", lambda: random.Random(2).randbytes(20_000), r"is not a parquet file"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_TEXT)
+def test_a_corpus_that_is_not_text_is_named_before_prefect_starts(tmp_path, own_prefect_home, capfd, case):
+    name, content, message = NOT_TEXT[case]
+    (tmp_path / name).write_bytes(content())
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "parent"))
+    raw = yaml.safe_load(plan.read_text())
+    raw["corpora"]["hu"] = {"path": str(tmp_path / name)}
+    plan.write_text(yaml.safe_dump(raw))
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"layermoe: error: corpus file '{tmp_path / name}' ") and re.search(message, line), line
+    assert not (own_prefect_home / "prefect.db").exists()
