@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.model.files import list_model_files, refuse_pickles, require_loadable
+from layermoe_core.model.files import list_model_files, path_inside, refuse_custom_code, refuse_pickles, require_loadable
 
 MANIFEST_NAME = "layermoe_files.json"
 MANIFEST_FORMAT = "layermoe-files/1"
@@ -37,29 +37,30 @@ def text_digest(text: str) -> str:
 
 
 def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
-    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt."""
+    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt, or code (auto_map)."""
     manifest_path = model_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise LayerMoEError(f"{what} has no {MANIFEST_NAME}; register the model with registry.register_base/register_child")
     if sha256_file(manifest_path) != expected_digest:
         raise LayerMoEError(f"{what}: {MANIFEST_NAME} does not match the digest recorded at registration; the artifacts were altered")
-    expected = json.loads(manifest_path.read_text())["files"]
+    expected = {name: (path_inside(model_dir, name, what), entry) for name, entry in json.loads(manifest_path.read_text())["files"].items()}
     present = list_model_files(model_dir, exclude=(MANIFEST_NAME,))
     refuse_pickles(present, what)
     unexpected = [f for f in present if f not in expected]
     missing = [f for f in expected if f not in present]
     if unexpected or missing:
         raise LayerMoEError(f"{what}: files missing {missing}, files not in the manifest {unexpected}; re-register the version")
-    for name, entry in expected.items():
-        size = (model_dir / name).stat().st_size
+    for name, (path, entry) in expected.items():
+        size = path.stat().st_size
         if size != entry["bytes"]:
             raise LayerMoEError(
                 f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
                 "download again, or re-register the version from its checkpoint"
             )
-        if sha256_file(model_dir / name) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise LayerMoEError(
                 f"{what}: {name} is corrupt (sha256 differs from the one registered); "
                 "download again, or re-register the version from its checkpoint"
             )
     require_loadable(present, what)
+    refuse_custom_code(model_dir)

@@ -65,8 +65,8 @@ class TextGenerator:
         import layermoe_core.model.modeling_layermoe  # noqa: F401  (registers the layermoe model type with transformers' Auto classes)
 
         self.model_dir = model_dir
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
     def predict(self, model_input, params: dict | None = None) -> list[str]:
         import torch
@@ -149,7 +149,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     full.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=full.parent, prefix=f".{full.name}-partial-") as staging:
         built = Path(staging) / "model"
-        write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built)
+        write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built, what)
         verify_model_dir(built, digest, what)
         try:
             built.rename(full)

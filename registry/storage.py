@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.model.files import WEIGHTS_SUFFIX, list_model_files, refuse_pickles
+from layermoe_core.model.files import WEIGHTS_SUFFIX, list_model_files, path_inside, refuse_pickles
 
 from .manifest import MANIFEST_NAME, sha256_file
 
@@ -256,20 +256,20 @@ def verify_stored_dir(stored_dir: Path, expected_digest: str, what: str, ignore:
     listing = stored_dir / STORED_NAME
     if not listing.is_file() or sha256_file(listing) != expected_digest:
         raise LayerMoEError(f"{what}: {STORED_NAME} is missing or differs from the one registered; the artifacts were altered")
-    expected = json.loads(listing.read_text())["files"]
+    expected = {name: (path_inside(stored_dir, name, what), entry) for name, entry in json.loads(listing.read_text())["files"].items()}
     present = list_model_files(stored_dir, exclude=(STORED_NAME, *ignore))
     refuse_pickles(present, what)
     unexpected, missing = [f for f in present if f not in expected], [f for f in expected if f not in present]
     if unexpected or missing:
         raise LayerMoEError(f"{what}: stored files missing {missing}, files not registered {unexpected}; re-register the version")
-    for name, entry in expected.items():
-        size = (stored_dir / name).stat().st_size
+    for name, (path, entry) in expected.items():
+        size = path.stat().st_size
         if size != entry["bytes"]:
             raise LayerMoEError(
                 f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
                 "download again, or re-register the version from its checkpoint"
             )
-        if sha256_file(stored_dir / name) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise LayerMoEError(
                 f"{what}: {name} is corrupt (sha256 differs from the one registered); download again, or re-register the version"
             )
@@ -287,7 +287,7 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
     sources: dict[str, FileSource] = {}
     for file, entry in layout["files"].items():
         if "stored" in entry:
-            sources[file] = stored_dir / entry["stored"]
+            sources[file] = path_inside(stored_dir, entry["stored"], what)
             continue
         if parent_sources is None:
             raise LayerMoEError(f"{what} refers to its parent for {file}, but no parent was given; its lineage is broken")
@@ -299,7 +299,8 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
         for _name, origin, src_file, src_name in entry["tensors"]:
             if origin == "stored":
                 if src_file not in own:
-                    own[src_file] = _spans(stored_dir / src_file, read_header(stored_dir / src_file))
+                    path = path_inside(stored_dir, src_file, what)
+                    own[src_file] = _spans(path, read_header(path))
                 spans.append(own[src_file][src_name])
             else:
                 spans.append(_tensor_in(parent_sources, src_file, src_name, what))
@@ -331,10 +332,10 @@ def _parse_raw_header(raw: bytes) -> list[str]:
     return [name for name, _ in sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0])]
 
 
-def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path) -> None:
-    """The full save_pretrained directory (plus its manifest) from its sources."""
+def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path, what: str) -> None:
+    """The full save_pretrained directory (plus its manifest) from its sources; `what` names the version in errors."""
     for file, source in sources.items():
-        target = dest / file
+        target = path_inside(dest, file, what)
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(source, Path):
             shutil.copyfile(source, target)

@@ -14,7 +14,7 @@ from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_se
 from layermoe_core.evaluation.heldout_text import heldout_texts
 from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import PLACED_STEP_CACHE, load_placed, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, cached_task, load_placed, publish_markdown, publish_table, step
 
 TOKEN_STORE_DIR = "token-store"  # under the plan's workdir: every round of every plan there shares the tokenized corpora
 
@@ -57,7 +57,7 @@ def sample_tokens(
     return path
 
 
-@task(name="measure layer similarity", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="measure layer similarity")
 def measure_similarity(
     model_dir: Path,
     tokens_path: Path,
@@ -74,7 +74,7 @@ def measure_similarity(
     return table
 
 
-@task(name="measure allocation signal", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="measure allocation signal")
 def measure_allocation_signal(
     model_dir: Path,
     tokens_path: Path,
@@ -173,7 +173,7 @@ def allocation_total(allocation: pd.DataFrame) -> pd.DataFrame:
 FERTILITY_DOCUMENTS = 2_000  # held-out documents per language: enough for a ratio stable to two decimals
 
 
-@task(name="measure tokenizer fertility", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="measure tokenizer fertility")
 def measure_fertility(
     tokenizer_dir: Path, corpora: dict[str, CorpusSpec], old: list[str], new: list[str], *, seed: int, heldout_fraction: float
 ) -> pd.DataFrame:

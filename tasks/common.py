@@ -19,12 +19,20 @@ from layermoe_core.errors import LayerMoEError
 from layermoe_core.model.checkpoints import PlacementSettings, load_model
 from registry import RegistryUnavailable
 
-# A rerun of a round with the same inputs (and the same task code) skips finished steps;
-# the results are persisted under PREFECT_HOME so this works across flow runs.
-STEP_CACHE = INPUTS + TASK_SOURCE
+from .results import StepResultRecords, StepResultSerializer
+
+# A rerun of a round with the same inputs (and the same task code) skips finished steps; the results are
+# persisted under PREFECT_HOME so this works across flow runs, as JSON, looked up only through records that
+# `StepResultRecords` accepts (see results.py).
+STEP_CACHE = (INPUTS + TASK_SOURCE).configure(key_storage=StepResultRecords())
 # For a step that loads a model where its `placement` says: where it runs does not change what it computes
 # (to float rounding), so a rerun on other devices reuses it. (`STEP_CACHE - "placement"` would keep INPUTS whole.)
-PLACED_STEP_CACHE = (INPUTS - "placement") + TASK_SOURCE
+PLACED_STEP_CACHE = ((INPUTS - "placement") + TASK_SOURCE).configure(key_storage=StepResultRecords())
+
+
+def cached_task(cache_policy: Any, **task_options: Any) -> Callable[[Callable], Task]:
+    """`@task` whose result persists for the next run under `cache_policy`, as JSON that loads without running code."""
+    return task(cache_policy=cache_policy, persist_result=True, result_serializer=StepResultSerializer(), **task_options)
 
 
 def load_placed(model_dir: Path, placement: PlacementSettings):
@@ -38,7 +46,7 @@ def load_placed(model_dir: Path, placement: PlacementSettings):
 
 
 def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Callable[[Callable], Callable]:
-    """`@task(cache_policy=STEP_CACHE, persist_result=True, **task_options)` for a step that writes a file or folder.
+    """`@cached_task(STEP_CACHE, **task_options)` for a step that writes a file or folder.
 
     `output(arguments)` is that path, from the call's arguments by name. Where it no longer exists, the
     step runs again instead of returning its cached result: a cache keyed on inputs cannot see that a
@@ -46,7 +54,7 @@ def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Calla
     """
 
     def decorate(fn: Callable) -> Callable:
-        as_task = task(cache_policy=STEP_CACHE, persist_result=True, **task_options)(fn)
+        as_task = cached_task(STEP_CACHE, **task_options)(fn)
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
 
 from layermoe_core.analysis.routing_stats import routing_statistics
 from layermoe_core.data.corpus import CorpusSpec, load_sequences
@@ -12,10 +11,10 @@ from layermoe_core.evaluation.metrics import EvalSettings, compare_models, conti
 from layermoe_core.evaluation.translation import heldout_pairs
 from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import PLACED_STEP_CACHE, load_placed, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, cached_task, load_placed, publish_markdown, publish_table, step
 
 
-@task(name="routing statistics", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="routing statistics")
 def measure_routing(
     model_dir: Path, tokens_path: Path, old_languages: list[str], *, batch_size: int, placement: PlacementSettings
 ) -> pd.DataFrame:
@@ -56,7 +55,7 @@ def samples_markdown(samples: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@task(name="evaluate parent and child", cache_policy=PLACED_STEP_CACHE, persist_result=True)
+@cached_task(PLACED_STEP_CACHE, name="evaluate parent and child")
 def evaluate_round(
     parent_dir: Path,
     child_dir: Path,

@@ -27,7 +27,7 @@ class ParentModel(BaseModel):
 
 def check_expandable(model_dir: Path) -> None:
     """Refuse a model the surgery cannot expand before anything is registered or trained (config.json alone)."""
-    check_supported_config(AutoConfig.from_pretrained(check_model_dir(model_dir)), str(model_dir))
+    check_supported_config(AutoConfig.from_pretrained(check_model_dir(model_dir), trust_remote_code=False), str(model_dir))
 
 
 @task(name="register base", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)

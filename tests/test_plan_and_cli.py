@@ -1,8 +1,13 @@
 """Plans are validated at the edge, and the CLI turns bad input into one clear line and exit code 2."""
 
 import glob
+import json
 import os
+import pty
+import random
 import re
+import select
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -415,3 +420,116 @@ def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
         assert ("CRASHED",) in db.execute("select state_type from task_run").fetchall()
+
+
+# -- a model folder with its own code -----------------------------------------------------
+CUSTOM_CODE = """
+from pathlib import Path
+Path(__file__).with_name("custom-code-ran").touch()
+from transformers import Qwen2Config
+class EvilConfig(Qwen2Config):
+    model_type = "evil"
+"""
+
+
+def add_custom_code(model_dir: Path) -> Path:
+    """What a downloaded checkpoint can hold: `auto_map` naming a module of the folder, which runs when imported."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (model_dir / "config.json").write_text(json.dumps(config))
+    (model_dir / "configuration_evil.py").write_text(CUSTOM_CODE)
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["configuration_evil.EvilTokenizer", None]}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return model_dir
+
+
+def run_cli_answering_yes(argv: list[str], env: dict[str, str], terminal: bool, stderr_path: Path) -> tuple[int, str]:
+    """The CLI with a terminal (a pty, where transformers would ask "run the custom code? [y/N]", answered y) or without."""
+    master, slave = pty.openpty() if terminal else (None, None)
+    with stderr_path.open("w") as stderr:
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *argv],
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=slave if terminal else subprocess.DEVNULL,
+            stdout=slave if terminal else subprocess.PIPE,
+            stderr=stderr,
+        )
+        shown = ""
+        if terminal:
+            os.close(slave)
+            os.write(master, b"y\n" * 3)
+        try:
+            if terminal:
+                while cli.poll() is None or select.select([master], [], [], 0)[0]:
+                    if select.select([master], [], [], 0.2)[0]:
+                        try:
+                            shown += os.read(master, 65536).decode(errors="replace")
+                        except OSError:  # the terminal closed with the process
+                            break
+            else:
+                shown = cli.communicate(timeout=PROCESS_DEADLINE_S)[0].decode(errors="replace")
+            cli.wait(timeout=PROCESS_DEADLINE_S)
+        finally:
+            if master is not None:
+                os.close(master)
+    return cli.returncode, shown
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "no-terminal"])
+def test_a_parent_with_its_own_code_is_refused_in_one_line_without_a_prompt(tmp_path, terminal):
+    parent = add_custom_code(save_tiny_parent(tmp_path / "parent"))
+    plan = round_plan_file(tmp_path, parent)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    code, shown = run_cli_answering_yes(["add-languages", "--plan", str(plan)], env, terminal, tmp_path / "stderr.txt")
+    errors = (tmp_path / "stderr.txt").read_text().strip().splitlines()
+    assert code == 2 and len(errors) == 1, errors
+    assert re.fullmatch(r"layermoe: error: .*config\.json names the model's own code \(auto_map: AutoConfig\); .*", errors[0]), errors
+    assert "custom code" not in shown and not (parent / "custom-code-ran").exists()
+    assert not (tmp_path / "prefect" / "prefect.db").exists()  # refused before Prefect started
+
+
+def test_every_loader_refuses_a_folder_with_its_own_code(tmp_path):
+    from layermoe_core.model.checkpoints import load_model, load_tokenizer, num_decoder_layers
+    from layermoe_core.training.estimate import parent_config
+    from tasks.parent import check_expandable
+
+    parent = add_custom_code(save_tiny_parent(tmp_path / "parent"))
+    tokenizer_only = tmp_path / "tokenizer"
+    tokenizer_only.mkdir()
+    shutil.copy(parent / "tokenizer_config.json", tokenizer_only)
+    shutil.copy(parent / "tokenizer.json", tokenizer_only)
+    loaders = [load_model, num_decoder_layers, parent_config, check_expandable, lambda path: parent_config(path / "config.json")]
+    for load in loaders:
+        with pytest.raises(LayerMoEError, match=r"config\.json names the model's own code \(auto_map: AutoConfig\)"):
+            load(parent)
+    with pytest.raises(LayerMoEError, match=r"tokenizer_config\.json names the model's own code \(auto_map: AutoTokenizer\)"):
+        load_tokenizer(tokenizer_only)
+    assert not (parent / "custom-code-ran").exists()
+
+
+# -- a corpus that is not text --------------------------------------------------------------
+NOT_TEXT = {
+    "random bytes as .txt": ("hu.txt", lambda: random.Random(0).randbytes(20_000), r"is not UTF-8 text \(byte \d+: "),
+    "random bytes as .jsonl": ("hu.jsonl", lambda: random.Random(1).randbytes(20_000), r"is not UTF-8 text \(byte \d+: "),
+    "UTF-16 text": ("hu.txt", lambda: "Jó napot kívánok\n".encode("utf-16"), r"is not UTF-8 text \(byte 0: "),
+    "NUL bytes": ("hu.txt", lambda: b"abc\x00\x01\x02" * 100, r"holds NUL bytes at character 3: it is binary"),
+    "random bytes as .parquet": ("hu.parquet", lambda: random.Random(2).randbytes(20_000), r"is not a parquet file"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_TEXT)
+def test_a_corpus_that_is_not_text_is_named_before_prefect_starts(tmp_path, own_prefect_home, capfd, case):
+    name, content, message = NOT_TEXT[case]
+    (tmp_path / name).write_bytes(content())
+    plan = round_plan_file(tmp_path, save_tiny_parent(tmp_path / "parent"))
+    raw = yaml.safe_load(plan.read_text())
+    raw["corpora"]["hu"] = {"path": str(tmp_path / name)}
+    plan.write_text(yaml.safe_dump(raw))
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith(f"layermoe: error: corpus file '{tmp_path / name}' ") and re.search(message, line), line
+    assert not (own_prefect_home / "prefect.db").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,8 +27,11 @@ from registry import (
     register_child,
 )
 from registry.manifest import MANIFEST_NAME, build_manifest, text_digest
+from registry.storage import LAYOUT_NAME, STORED_NAME
+from registry.tags import MANIFEST_SHA256, STORED_SHA256
 
 from .conftest import tiny_model
+from .services import running_mlflow_server
 from .tiny_tokenizer import tiny_tokenizer
 
 
@@ -229,3 +233,117 @@ def test_registering_a_child_fetches_no_parent_weights(tmp_path, monkeypatch):
     info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
     assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
     assert sorted(fetched) == ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]
+
+
+# -- file names from a version's layout and manifest (a shared registry's writer controls them) ----------------
+def base_and_child(settings: RegistrySettings, tmp_path: Path) -> None:
+    """Version 1 (whole) and version 2, a delta on it."""
+    base = tiny_model("qwen2")
+    for folder, model in ((tmp_path / "v1", base), (tmp_path / "v2", grow(base, ["en"], ["el"], [1, 1, 1], seed=1))):
+        model.save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+    register_base(settings, tmp_path / "v1", ["en"])
+    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    register_child(settings, tmp_path / "v2", 1, info, {}, {}, {}, {})
+
+
+def artifact_folder(settings: RegistrySettings, version: int, artifacts_root: Path | None) -> Path:
+    """Where the store keeps the version's model artifacts: a sqlite store's own folder, or a server's proxied root."""
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    uri = urlparse(client.get_run(get_version(settings, version).run_id).info.artifact_uri)
+    return (Path(uri.path) if artifacts_root is None else artifacts_root / uri.path.lstrip("/")) / "model"
+
+
+def rewrite_as_a_registry_writer_could(settings: RegistrySettings, version: int, artifacts_root: Path | None, change) -> None:
+    """`change(layout, manifest)`, then the stored listing and both digest tags made to match, so every checksum holds."""
+    folder = artifact_folder(settings, version, artifacts_root)
+    layout, manifest = (json.loads((folder / name).read_text()) for name in (LAYOUT_NAME, MANIFEST_NAME))
+    change(layout, manifest)
+    (folder / LAYOUT_NAME).write_text(json.dumps(layout, indent=1, sort_keys=True))
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    listing = json.loads((folder / STORED_NAME).read_text())
+    for name in (LAYOUT_NAME, MANIFEST_NAME):
+        listing["files"][name] = {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+    (folder / STORED_NAME).write_text(json.dumps(listing, indent=1, sort_keys=True))
+    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
+    for tag, name in ((STORED_SHA256, STORED_NAME), (MANIFEST_SHA256, MANIFEST_NAME)):
+        client.set_model_version_tag(settings.registered_model_name, str(version), tag, sha256(folder / name))
+
+
+def write_outside(tmp_path: Path):
+    """The layout adds a file named ../../../escaped.txt, a copy of config.json, to the rebuilt folder."""
+
+    def change(layout, manifest):
+        layout["files"]["../../../escaped.txt"] = {"parent": "config.json"}
+
+    return change
+
+
+def write_to_an_absolute_path(tmp_path: Path):
+    def change(layout, manifest):
+        layout["files"][str(tmp_path / "escaped.txt")] = {"parent": "config.json"}
+
+    return change
+
+
+def copy_a_file_of_the_machine_in(tmp_path: Path):
+    """config.json taken from an absolute path (a secret of the downloading machine), the manifest saying so."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a file of the machine that downloads")
+
+    def change(layout, manifest):
+        layout["files"]["config.json"] = {"stored": str(secret)}
+        manifest["files"]["config.json"] = {"sha256": sha256(secret), "bytes": secret.stat().st_size}
+
+    return change
+
+
+ESCAPES = {
+    ".. in a file name": (write_outside, r"names the file '\.\./\.\./\.\./escaped\.txt', which leaves its folder"),
+    "absolute file name": (write_to_an_absolute_path, r"escaped\.txt', which leaves its folder"),
+    "absolute stored file": (copy_a_file_of_the_machine_in, r"secret\.txt', which leaves its folder"),
+}
+
+
+def assert_refused_and_nothing_written(settings: RegistrySettings, tmp_path: Path, message: str) -> None:
+    fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
+    with pytest.raises(LayerMoEError, match=message):
+        download_version(fresh, 2, tmp_path / "downloads" / "fetched")
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "downloads" / "fetched").exists()
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_a_layout_naming_a_path_outside_the_folder_is_refused_and_nothing_is_written(tmp_path, escape):
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+    base_and_child(settings, tmp_path)
+    change, message = ESCAPES[escape]
+    rewrite_as_a_registry_writer_could(settings, 2, None, change(tmp_path))
+    assert_refused_and_nothing_written(settings, tmp_path, message)
+
+
+def test_a_layout_naming_a_path_outside_the_folder_is_refused_through_a_server(tmp_path, capfd):
+    """The same, with artifacts proxied by an `mlflow server`, and from the command line: one error line."""
+    with running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server") as server:
+        settings = RegistrySettings(tracking_uri=server.tracking_uri, cache_dir=tmp_path / "cache")
+        base_and_child(settings, tmp_path)
+        rewrite_as_a_registry_writer_could(settings, 2, server.artifacts_dir, write_outside(tmp_path))
+        assert_refused_and_nothing_written(settings, tmp_path, ESCAPES[".. in a file name"][1])
+        rewrite_as_a_registry_writer_could(settings, 2, server.artifacts_dir, copy_a_file_of_the_machine_in(tmp_path))
+        capfd.readouterr()
+        assert layermoe(["registry", "--tracking-uri", server.tracking_uri, "download", "2", str(tmp_path / "cli")]) == 2
+        errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("layermoe: error:")]
+        assert len(errors) == 1 and "secret.txt', which leaves its folder" in errors[0], errors
+        assert not (tmp_path / "cli").exists()
+
+
+def test_a_symlink_in_the_download_cache_is_refused_and_the_files_fetched_again(chain, tmp_path, caplog):
+    settings, folders = chain
+    download_version(settings, 2, tmp_path / "first")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("a file of the machine that downloads")
+    cached = settings.version_cache(1) / "config.json"
+    cached.unlink()
+    cached.symlink_to(secret)
+    local = download_version(settings, 2, tmp_path / "second")
+    assert "config.json is a symlink, which could point at any file; refused" in caplog.text
+    assert sha256(local.path / "config.json") == sha256(folders[1] / "config.json") and not cached.is_symlink()

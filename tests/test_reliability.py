@@ -25,7 +25,9 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from prefect.settings import PREFECT_API_URL
+from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+from prefect.serializers import PickleSerializer
+from prefect.settings import PREFECT_API_URL, get_current_settings
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -143,6 +145,10 @@ def registry_with_base(world: World, tracking_uri: str) -> RegistrySettings:
     registry = RegistrySettings(tracking_uri=tracking_uri, registered_model_name="tiny")
     promote(registry, register_base(registry, world.base_dir, BASE_LANGUAGES).version)
     return registry
+
+
+def sqlite_registry_settings(folder: Path) -> RegistrySettings:
+    return RegistrySettings(tracking_uri=f"sqlite:///{folder}/mlflow.db", registered_model_name="tiny")
 
 
 def sqlite_registry(world: World, folder: Path) -> RegistrySettings:
@@ -467,3 +473,48 @@ def test_plan_with_a_non_iso_language_code_is_refused_naming_it(world, tmp_path,
     plan_file.write_text(yaml.safe_dump({"corpora": {"en": {"path": str(world.corpora["en"].path)}}, "new_languages": [code]}))
     with pytest.raises(LayerMoEError, match=f"plan {plan_file} is invalid: .*bad language code '{code}'"):
         load_plan(plan_file, ExpansionPlan)
+
+
+# -- 6. shared result storage ---------------------------------------------------------------
+PLANTED_PAYLOAD_RAN = "planted-payload-ran"
+
+
+class PlantedPayload:
+    """Unpickling this creates a file next to the test: proof that a stored result ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def step_results_since(start_ns: int) -> list[Path]:
+    storage = get_current_settings().results.local_storage_path
+    return [path for path in storage.rglob("*") if path.is_file() and path.stat().st_mtime_ns >= start_ns]
+
+
+def test_step_results_are_json_and_planted_pickle_records_are_refused_and_recomputed(world, tmp_path, caplog):
+    """What one writer of a shared PREFECT_HOME/storage can plant: a record naming the pickle serializer, in either
+    of Prefect's layouts (metadata beside the result, or one file). Rerunning the steps must not run its payload."""
+    start = time.time_ns()
+    plan = world.bootstrap.model_copy(update={"workdir": tmp_path / "work", "registry": sqlite_registry_settings(tmp_path)})
+    assert bootstrap_base(plan) == 1
+    written = step_results_since(start)
+    assert written, "the bootstrap persisted no step result"
+    for path in written:  # every record and every result is JSON, and none names a pickle serializer
+        text = path.read_text(encoding="utf-8")
+        assert '"pickle"' not in text and json.loads(text) is not None, path
+
+    marker = tmp_path / PLANTED_PAYLOAD_RAN
+    for path in written:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        key = stored["storage_key"] if "storage_key" in stored else str(path)
+        planted = ResultRecord(metadata=ResultRecordMetadata(serializer=PickleSerializer(), storage_key=key), result=PlantedPayload(marker))
+        path.write_bytes(planted.serialize_metadata() if "storage_key" in stored else planted.serialize())
+    caplog.set_level(logging.WARNING, logger="tasks.results")
+    assert bootstrap_base(plan) == 1
+    assert not marker.exists(), "a planted pickle in the result storage ran its code"
+    assert "written by serializer 'pickle'" in caplog.text and "the step runs again" in caplog.text
+    for path in step_results_since(start):
+        assert '"pickle"' not in path.read_text(encoding="utf-8"), f"{path} still holds the planted record"

@@ -15,6 +15,7 @@ held-out documents never reach training as long as the same seed is used.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from .token_store import TOKENIZE_BATCH, Split, SplitRule, TokenRows, TokenStore
 # region (BR, 419), joined by "_" or "-": en, zh_CN, pt-BR, sr-Latn, zh_Hans_CN.
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}([_-][A-Z][a-z]{3})?([_-]([A-Z]{2}|[0-9]{3}))?")
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SAMPLE_BYTES = 1 << 16  # of every local corpus file, checked before anything reads it (see _check_readable)
 _KEY_BATCH = 65_536  # document ids read per batch when ordering a corpus
 _SHUFFLE_BUFFER = 10_000  # documents in the seeded shuffle buffer of a streamed hub corpus
 SAMPLE_FORMAT = "layermoe-token-sample/1"
@@ -105,11 +107,40 @@ def _builder_and_files(path: Path) -> tuple[str, list[str]]:
         raise LayerMoEError(f"corpus directory {str(path)!r} mixes formats {sorted(builders)}; keep one format per directory")
     if all(p.stat().st_size == 0 for p in files):
         raise LayerMoEError(f"corpus {str(path)!r} is empty; give it at least one document")
+    for file in files:
+        _check_readable(file)
     return builders.pop(), [str(p) for p in files]
 
 
+def _check_readable(path: Path) -> None:
+    """The start of a corpus file is what its suffix says: UTF-8 text without NUL bytes, or a parquet file.
+
+    A binary file, or text in another encoding, would otherwise fail deep inside the sampling step's
+    tokenizer run, without the file's name; here it is named before any step runs.
+    """
+    with path.open("rb") as f:
+        sample = f.read(_SAMPLE_BYTES)
+    if path.suffix == ".parquet":
+        if sample and not sample.startswith(b"PAR1"):
+            raise LayerMoEError(
+                f"corpus file {str(path)!r} is not a parquet file (it does not start with PAR1); write it with pandas or pyarrow"
+            )
+        return
+    try:  # a character cut at the end of the sample is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=len(sample) < _SAMPLE_BYTES)
+    except UnicodeDecodeError as e:
+        raise LayerMoEError(
+            f"corpus file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8, "
+            "one document per line (.txt) or one JSON object per line (.jsonl)"
+        ) from e
+    if "\x00" in text:
+        raise LayerMoEError(
+            f"corpus file {str(path)!r} holds NUL bytes at character {text.index(chr(0))}: it is binary, not text; give a UTF-8 text file"
+        )
+
+
 def check_corpus_source(spec: CorpusSpec) -> None:
-    """A local corpus exists, has one supported format and is not empty; a hub corpus is checked when it loads."""
+    """A local corpus exists, has one supported format, is not empty and starts readable; a hub corpus is checked when it loads."""
     if spec.path is not None:
         _builder_and_files(spec.path)
 

@@ -1,4 +1,4 @@
-"""Load and save model directories safely: safetensors only, no remote code unless asked.
+"""Load and save model directories safely: safetensors only, never a model's own code.
 
 Every step of a round reads its input model from a directory and writes its output to
 another, so steps can be cached, retried and resumed without passing live models around.
@@ -26,7 +26,7 @@ from transformers import (
 
 from ..errors import LayerMoEError
 from . import modeling_layermoe  # noqa: F401  (registers the layermoe Auto classes)
-from .files import check_model_dir
+from .files import check_model_dir, refuse_custom_code
 
 
 def default_device() -> torch.device:
@@ -43,7 +43,6 @@ def init_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:
 def load_model(
     model_dir: str | Path,
     device: torch.device | str | None = None,
-    trust_remote_code: bool = False,
     dtype: torch.dtype | str = "auto",
     *,
     device_map: str | dict[str, int | str] | None = None,
@@ -70,9 +69,7 @@ def load_model(
     elif max_memory is not None:
         raise LayerMoEError(f"max_memory={max_memory} limits a device_map; pass device_map='auto' with it, or drop max_memory")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=dtype, **placement
-        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=False, dtype=dtype, **placement)
     except LayerMoEError:
         raise  # already names the problem and the fix
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -142,9 +139,10 @@ class PlacementSettings(BaseModel):
         return self if self.offload_folder is not None else self.model_copy(update={"offload_folder": folder})
 
 
-def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:
+    refuse_custom_code(Path(model_dir))
     try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise LayerMoEError(f"no usable tokenizer in {model_dir}: {e}; save one with tokenizer.save_pretrained") from e
 
@@ -165,5 +163,5 @@ def save_model(
 
 def num_decoder_layers(model_dir: str | Path) -> int:
     """Decoder layers of a saved dense or LayerMoE model, read from its config alone."""
-    config = AutoConfig.from_pretrained(check_model_dir(model_dir))
+    config = AutoConfig.from_pretrained(check_model_dir(model_dir), trust_remote_code=False)
     return getattr(config, "base_config", config).num_hidden_layers

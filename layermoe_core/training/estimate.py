@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..analysis.allocation import AllocationSettings
 from ..errors import LayerMoEError
+from ..model.files import refuse_custom_code
 from ..model.modeling_layermoe import LayerMoEForCausalLM
 from ..model.surgery import Stage, count_parameters, expand, insert_classifiers, set_trainable
 from .launch import LauncherSettings
@@ -66,7 +67,8 @@ def parent_config(path: str | Path) -> PretrainedConfig:
     config_file = path / "config.json" if path.is_dir() else path
     if not config_file.is_file():
         raise LayerMoEError(f"no parent config at {config_file}; pass a model directory or its config.json")
-    return AutoConfig.from_pretrained(str(config_file))
+    refuse_custom_code(config_file)
+    return AutoConfig.from_pretrained(str(config_file), trust_remote_code=False)
 
 
 def parent_dtype(config: PretrainedConfig) -> torch.dtype:
