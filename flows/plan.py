@@ -506,7 +506,7 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
         raise LayerMoEError(f"plan {path} is empty; write a plan (see plans/ for examples)")
     if not isinstance(raw, dict):
         raise LayerMoEError(f"plan {path} is a YAML {type(raw).__name__}, not a mapping of plan keys (see plans/ for examples)")
-    base = path.parent  # a plan's input paths, its corpora and its HF parent, are relative to the plan file
+    base = path.resolve().parent  # a plan's input paths, its corpora and its HF parent, are relative to the plan file
     for spec in (raw.get("corpora") or {}).values():
         if isinstance(spec, dict) and spec.get("path") and not Path(spec["path"]).is_absolute():
             spec["path"] = str(base / spec["path"])

@@ -533,3 +533,11 @@ def test_a_corpus_that_is_not_text_is_named_before_prefect_starts(tmp_path, own_
     (line,) = capfd.readouterr().err.splitlines()
     assert line.startswith(f"layermoe: error: corpus file '{tmp_path / name}' ") and re.search(message, line), line
     assert not (own_prefect_home / "prefect.db").exists()
+
+
+def test_a_missing_corpus_is_named_by_the_path_it_resolved_to_beside_the_plan(tmp_path, capfd, monkeypatch):
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "plan.yaml").write_text(PLAN.replace("el.txt", "corpus/el.txt"), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["add-languages", "--plan", "plans/plan.yaml"]) == 2
+    assert f"corpus path '{tmp_path / 'plans' / 'corpus' / 'el.txt'}' does not exist" in capfd.readouterr().err
