@@ -128,7 +128,13 @@ def cmd_approve(args) -> None:
 
 
 def cmd_estimate(args) -> None:
-    from layermoe_core.training.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
+    from layermoe_core.training.estimate import (
+        DEFAULT_TFLOPS_PER_DEVICE,
+        candidate_allocations,
+        estimate_round,
+        format_estimate,
+        parent_config,
+    )
 
     from .plan import ExpansionPlan, load_plan
 
@@ -159,6 +165,9 @@ def cmd_estimate(args) -> None:
             stage1=plan.stage1,
             stage2=plan.stage2,
             launcher=plan.launcher,
+            analysis_tokens=t.analysis_tokens,
+            eval_tokens=t.eval_tokens,
+            tflops_per_device=args.tflops_per_device or DEFAULT_TFLOPS_PER_DEVICE,
         )
         for allocation in candidate_allocations(plan.allocation, layers)
     ]
@@ -324,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="parameters, child size, memory per device, tokens and steps of a plan; trains nothing")
     p.add_argument("--plan", required=True, help="an add-languages plan")
     p.add_argument("--parent-config", help="the parent's config.json or model directory (default: the plan's parent.hf_path)")
+    p.add_argument(
+        "--tflops-per-device",
+        type=float,
+        help="achieved training throughput of one device in TFLOP/s, for the time (default: 400, Llama 3's reported "
+        "38-43%% bf16 utilisation of an H100; docs/multi-gpu.md)",
+    )
     p.set_defaults(run=cmd_estimate)
 
     p = sub.add_parser("registry", help="browse registered versions")
