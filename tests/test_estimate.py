@@ -177,6 +177,7 @@ def test_disk_time_and_totals_follow_the_plan(parent_dir):
     settings = Stage1Settings(per_device_batch_size=4, save_steps=5, save_total_limit=None)
     predicted = estimate(parent_dir, stage1=settings)
     stage1, _ = predicted.stages
+    assert stage1.gathered_bytes == 0  # one process: nothing sharded, nothing gathered
     assert stage1.total_bytes == stage1.weights_bytes + stage1.grads_bytes + stage1.optimizer_bytes + stage1.activations_bytes
     assert stage1.activations_bytes == stage1.activations_without_checkpointing_bytes > stage1.activations_with_checkpointing_bytes
     assert stage1.checkpoints_kept == math.ceil(stage1.steps / 5)

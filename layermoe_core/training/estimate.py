@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..analysis.allocation import AllocationSettings
 from ..errors import LayerMoEError
-from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.modeling_layermoe import LayerMoEForCausalLM, decoder_layers
 from ..model.surgery import Stage, count_parameters, expand, insert_classifiers, set_trainable
 from .launch import LauncherSettings
 from .trainer import Stage1Settings, Stage2Settings, TrainSettings, replay_mix
@@ -48,9 +48,10 @@ class StageEstimate(BaseModel):
     grads_bytes: int
     optimizer_bytes: int
     activations_bytes: int  # at the stage's gradient_checkpointing setting
+    gathered_bytes: int  # sharded weights: the largest decoder layer gathered, twice (the next one is prefetched)
     activations_without_checkpointing_bytes: int
     activations_with_checkpointing_bytes: int
-    total_bytes: int  # per device: weights + grads + optimizer + activations
+    total_bytes: int  # per device: weights + grads + optimizer + activations + gathered
     checkpoint_bytes: int  # one Trainer checkpoint on disk (all ranks' shards together)
     checkpoints_kept: int  # save_total_limit, or every checkpoint of the stage
     sequences: int
@@ -213,19 +214,13 @@ def activation_bytes(model: LayerMoEForCausalLM, config: PretrainedConfig, batch
 
 def _active_params(model: LayerMoEForCausalLM, trainable: bool | None) -> int:
     """Parameters (all, or the trainable ones) one token's forward multiplies by: none of the embedding, and of each
-    MoE layer's experts only the ones it is routed to (at most top_k of them, all experts being the same size)."""
+    MoE layer's experts (all the size of expert 0) only as many as it is routed to, top_k at most."""
     unused = 0
-    for block, used in zip(
-        model.moe_blocks().values(), [n for i, n in enumerate(_experts_per_token(model)) if i in model.moe_blocks()], strict=True
-    ):
+    for block in model.moe_blocks().values():
         per_expert = count_parameters(block.original_mlp)
-        experts = count_parameters(block.new_experts, trainable) // per_expert + (trainable is not True and not _trains(block.original_mlp))
-        unused += max(experts - used, 0) * per_expert
+        counted = block.num_experts if trainable is None else count_parameters(block.new_experts, trainable) // per_expert
+        unused += max(counted - min(block.top_k, block.num_experts), 0) * per_expert
     return count_parameters(model, trainable) - count_parameters(model.get_input_embeddings(), trainable) - unused
-
-
-def _trains(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def train_flops(model: LayerMoEForCausalLM, config: PretrainedConfig, tokens: int, seq_len: int, checkpointing: bool) -> float:
@@ -262,6 +257,13 @@ def _stage(
         checkpointing: activation_bytes(model, config, settings.per_device_batch_size, seq_len, checkpointing)
         for checkpointing in (False, True)
     }
+    gathered = 0
+    if "weights" in sharded and processes > 1:
+        held = [
+            sum(p.numel() * (FP32_BYTES if p.requires_grad else dtype.itemsize) for p in layer.parameters())
+            for layer in decoder_layers(model.causal_lm)
+        ]
+        gathered = 2 * max(held)
     steps = _steps(sequences, settings, processes)
     tokens_per_step = settings.per_device_batch_size * settings.gradient_accumulation_steps * processes * seq_len
     flops = train_flops(model, config, steps * tokens_per_step, seq_len, settings.gradient_checkpointing)
@@ -273,9 +275,10 @@ def _stage(
         grads_bytes=per_device(trainable * FP32_BYTES, "grads"),
         optimizer_bytes=per_device(optimizer, "optimizer"),
         activations_bytes=activations[settings.gradient_checkpointing],
+        gathered_bytes=gathered,
         activations_without_checkpointing_bytes=activations[False],
         activations_with_checkpointing_bytes=activations[True],
-        total_bytes=per_step + activations[settings.gradient_checkpointing],
+        total_bytes=per_step + activations[settings.gradient_checkpointing] + gathered,
         checkpoint_bytes=weights + optimizer,  # Trainer saves the weights as trained (fp32 masters) and AdamW's moments
         checkpoints_kept=min(settings.save_total_limit or steps, math.ceil(steps / settings.save_steps)),  # and one at the end
         sequences=sequences,
@@ -392,7 +395,9 @@ def format_estimate(estimates: Sequence[RoundEstimate], allocation: AllocationSe
             lines += [
                 f"  {stage.stage}: trainable {stage.trainable_params:,}  weights {_gib(stage.weights_bytes)}  "
                 f"grads {_gib(stage.grads_bytes)}  optimizer {_gib(stage.optimizer_bytes)}  "
-                f"activations {_gib(stage.activations_bytes)}  = total {_gib(stage.total_bytes)} per device",
+                f"activations {_gib(stage.activations_bytes)}"
+                + (f"  gathered layers {_gib(stage.gathered_bytes)}" if stage.gathered_bytes else "")
+                + f"  = total {_gib(stage.total_bytes)} per device",
                 f"    activations per micro-batch: {_gib(stage.activations_without_checkpointing_bytes)} without, "
                 f"{_gib(stage.activations_with_checkpointing_bytes)} with gradient checkpointing",
                 f"    {stage.sequences:,} sequences, {stage.tokens_per_step:,} tokens/step, {stage.steps:,} steps; "

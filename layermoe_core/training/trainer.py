@@ -551,8 +551,11 @@ def _train(
     final_dir = output_dir / FINAL_DIR_NAME
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers FSDP / DeepSpeed shards
     if trainer.args.should_save:
-        state_dict = {name: t.to(saved_dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        # A gathered FSDP state dict holds tied weights (lm_head = embed_tokens) as separate copies, which
+        # save_pretrained cannot recognise as shared; keep the names the model itself keeps.
+        kept = {name for name, _ in unwrapped.named_parameters()} | {name for name, _ in unwrapped.named_buffers()}
+        state_dict = {name: t.to(saved_dtype) if t.is_floating_point() else t for name, t in state_dict.items() if name in kept}
         unwrapped.config.dtype = saved_dtype
         save_model(unwrapped, tokenizer, final_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
