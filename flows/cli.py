@@ -147,7 +147,13 @@ def cmd_approve(args) -> None:
 
 def cmd_estimate(args) -> None:
     _refuse_registry_overrides(args, "estimate", "reads no registry (pass a registry parent's config with --parent-config)")
-    from layermoe_core.training.estimate import candidate_allocations, estimate_round, format_estimate, parent_config
+    from layermoe_core.training.estimate import (
+        DEFAULT_TFLOPS_PER_DEVICE,
+        candidate_allocations,
+        estimate_round,
+        format_estimate,
+        parent_config,
+    )
 
     from .plan import load_lifelong_plan
 
@@ -182,6 +188,9 @@ def cmd_estimate(args) -> None:
             stage1=plan.stage1,
             stage2=plan.stage2,
             launcher=plan.launcher,
+            analysis_tokens=tokens.analysis_tokens,
+            eval_tokens=tokens.eval_tokens,
+            tflops_per_device=args.tflops_per_device or DEFAULT_TFLOPS_PER_DEVICE,
         )
         for allocation in candidate_allocations(plan.allocation, layers)
     ]
@@ -357,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=at_least_one, default=1, help="which round of a lifelong plan (default: 1)")
     p.add_argument(
         "--parent-config", help="the round's parent's config.json or model directory (default for round 1: the plan's parent.hf_path)"
+    )
+    p.add_argument(
+        "--tflops-per-device",
+        type=float,
+        help="achieved training throughput of one device in TFLOP/s, for the time (default: 400, Llama 3's reported "
+        "38-43%% bf16 utilisation of an H100; docs/multi-gpu.md)",
     )
     p.set_defaults(run=cmd_estimate)
 

@@ -506,13 +506,14 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
         raise LayerMoEError(f"plan {path} is empty; write a plan (see plans/ for examples)")
     if not isinstance(raw, dict):
         raise LayerMoEError(f"plan {path} is a YAML {type(raw).__name__}, not a mapping of plan keys (see plans/ for examples)")
-    base = path.resolve().parent  # a plan's input paths, its corpora and its HF parent, are relative to the plan file
+    base = path.resolve().parent  # a plan's input paths (corpora, HF parent, accelerate config) are relative to the plan file
     for spec in (raw.get("corpora") or {}).values():
         if isinstance(spec, dict) and spec.get("path") and not Path(spec["path"]).is_absolute():
             spec["path"] = str(base / spec["path"])
-    parent = raw.get("parent")
-    if isinstance(parent, dict) and parent.get("hf_path") and not Path(parent["hf_path"]).is_absolute():
-        parent["hf_path"] = str(base / parent["hf_path"])
+    for section, key in (("parent", "hf_path"), ("launcher", "config_file")):
+        holder = raw.get(section)
+        if isinstance(holder, dict) and holder.get(key) and not Path(holder[key]).is_absolute():
+            holder[key] = str(base / holder[key])
     try:
         return kind.model_validate(raw)
     except ValidationError as e:

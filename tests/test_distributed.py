@@ -1,4 +1,4 @@
-"""Stages launched by the flow as `accelerate launch` jobs: 2 CPU processes under torchrun, gloo.
+"""Stages launched by the flow as `accelerate launch` jobs: 2 CPU processes under torchrun, gloo, as DDP and FSDP2.
 
 A tiny base (itself trained by a 2-process launch) gets "el" added, by the add-languages flow
 in this process; only the stages run in the launched ranks. Faults are injected into rank 1
@@ -8,6 +8,7 @@ it wraps `layermoe_core.training.trainer._train` to add one TrainerCallback, and
 
 import json
 import os
+import re
 import textwrap
 import threading
 from pathlib import Path
@@ -15,15 +16,17 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef
 from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateSettings
 from layermoe_core.evaluation.metrics import EvalSettings
-from layermoe_core.model.checkpoints import load_model
+from layermoe_core.model.checkpoints import load_model, load_tokenizer, save_model
 from layermoe_core.model.surgery import expand, insert_classifiers
 from layermoe_core.training.launch import RESULT_NAME, LaunchError, LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
@@ -53,6 +56,24 @@ STAGE2 = dict(**STAGE, lpr_coef=0.0, new_prior_coef=0.0)
 # Relative L2 difference of each trained tensor's update (child - start), 2 processes vs 1.
 # Measured on Stage 1 alone: <= 2.5e-6 (float summation order); untrained tensors are bit-identical.
 MATCH_TOLERANCE = 1e-4
+# An accelerate config as `accelerate config` writes it for FSDP2 (docs/multi-gpu.md); on these CPUs
+# accelerate alone would run it as DDP, so the ranks turn FSDP2 on (trainer.LayerMoETrainer).
+FSDP2_CONFIG = {
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "FSDP",
+    "num_machines": 1,
+    "num_processes": 2,
+    "mixed_precision": "no",
+    "fsdp_config": {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_cpu_ram_efficient_loading": False,
+    },
+}
+# Not anchored at a line's start: rank 0's progress bar leaves its line open on the shared stream.
+RANK_LINE = re.compile(r"layermoe rank (\d+)/(\d+): (.+); trainable parameters held by this rank: ([\d,]+) of ([\d,]+) bytes$", re.M)
 DEADLINE_S = 600.0  # a guard against a hung launch, not a timing: far above what a healthy launch needs
 
 FAULTS = textwrap.dedent(
@@ -260,3 +281,101 @@ def test_a_rank_killed_mid_stage_fails_the_round_clearly_and_the_rerun_resumes(w
     _, _, uninterrupted, _ = two_process_round
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+# -- FSDP2 -------------------------------------------------------------------------------------
+def rank_lines(log: Path) -> list[tuple[int, int, str, int, int]]:
+    """(rank, world size, strategy, held bytes, total bytes) of each rank's start-up line in a launch log."""
+    return [
+        (int(r), int(w), name, int(held.replace(",", "")), int(total.replace(",", "")))
+        for r, w, name, held, total in RANK_LINE.findall(log.read_text())
+    ]
+
+
+@pytest.fixture(scope="module")
+def bf16_rounds(world, tmp_path_factory):
+    """A bf16 copy of the base, and one round from it launched as DDP and one as FSDP2 (frozen bf16, trainable fp32)."""
+    root = tmp_path_factory.mktemp("bf16")
+    _, _, base_dir = world
+    save_model(load_model(base_dir, device="cpu").to(torch.bfloat16), load_tokenizer(base_dir), root / "base")
+    (root / "fsdp2.yaml").write_text(yaml.safe_dump(FSDP2_CONFIG))
+    fsdp = LauncherSettings(config_file=root / "fsdp2.yaml")
+    rounds = {}
+    for name, launcher in [("ddp", TWO_PROCESSES), ("fsdp", fsdp)]:
+        registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/{name}.db", registered_model_name="tiny")
+        promote(registry, register_base(registry, root / "base", BASE_LANGUAGES).version)
+        plan = round_plan(world, registry, root / name, launcher)
+        summary = add_languages(plan)
+        rounds[name] = (plan, summary, child_weights(registry, summary.version, root / f"{name}-child"))
+    return root, fsdp, rounds
+
+
+def test_fsdp2_shards_each_stage_over_two_cpu_ranks_and_its_child_matches_the_ddp_child(world, bf16_rounds):
+    root, fsdp, rounds = bf16_rounds
+    assert fsdp.strategy().name == "FSDP2 full shard"
+    for name, expected in [("ddp", "DDP (replicated)"), ("fsdp", "FSDP2 full shard")]:
+        plan, _, _ = rounds[name]
+        for stage in ("stage1", "stage2"):
+            lines = rank_lines(round_dir(plan, 1) / stage / "launch.log")
+            assert sorted(line[:3] for line in lines) == [(0, 2, expected), (1, 2, expected)], (name, stage, lines)  # once per rank
+            total = lines[0][4]
+            for _, _, _, held, line_total in lines:
+                assert line_total == total
+                # DDP: each rank holds all; FSDP2: each rank about half (dimension sizes need not split evenly).
+                assert held == total if name == "ddp" else abs(held - total / 2) <= 0.05 * total, (name, stage, held, total)
+            checkpoint = round_dir(plan, 1) / stage / "checkpoint-3"
+            # FSDP2 checkpoints are sharded (torch.distributed.checkpoint folders), DDP's are one model file.
+            assert (checkpoint / "pytorch_model_fsdp_0").is_dir() == (name == "fsdp"), (name, stage)
+
+    ddp_child, fsdp_child = rounds["ddp"][2], rounds["fsdp"][2]
+    assert fsdp_child.keys() == ddp_child.keys()
+    assert {t.dtype for t in fsdp_child.values()} == {torch.bfloat16}  # gathered and saved in the parent's dtype
+    stage1 = Stage1Settings(**STAGE1)
+    start = expand(
+        load_model(root / "base", device="cpu"), [2, 1], BASE_LANGUAGES, ["el"], seed=stage1.seed, router_init=stage1.router_init
+    )
+    insert_classifiers(start, rounds["ddp"][1].classifier_layers, seed=Stage2Settings(**STAGE2).seed)
+    start = start.state_dict()
+    for name, tensor in ddp_child.items():
+        if "routers" not in name and "new_experts" not in name:
+            assert torch.equal(fsdp_child[name], tensor), name  # frozen: untouched by either
+            continue
+        update, fsdp_update = tensor.float() - start[name].float(), fsdp_child[name].float() - start[name].float()
+        assert update.norm() > 0, name
+        # bf16 saving rounds each update to the weight's bf16 grid; both children round the same fp32 masters.
+        assert ((fsdp_update - update).norm() / update.norm()).item() <= MATCH_TOLERANCE, name
+
+
+def test_a_rank_killed_mid_fsdp2_stage_fails_clearly_and_the_rerun_resumes_from_the_sharded_checkpoint(
+    world, bf16_rounds, faults, tmp_path
+):
+    root, fsdp, rounds = bf16_rounds
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registered_model_name="tiny")
+    promote(registry, register_base(registry, root / "base", BASE_LANGUAGES).version)
+    plan = round_plan(world, registry, tmp_path / "work", fsdp)
+    stage1 = round_dir(plan, 1) / "stage1"
+
+    faults.setenv("LAYERMOE_TEST_FAULT", "kill:4")
+    with pytest.raises(LaunchError):
+        add_languages(plan)
+    assert (stage1 / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir() and not (stage1 / "final").exists()
+    assert list_versions(registry)["version"].tolist() == [1]
+
+    faults.delenv("LAYERMOE_TEST_FAULT")
+    summary = add_languages(plan)
+    assert json.loads((stage1 / RESULT_NAME).read_text())["resumed_from"] == str(stage1 / "checkpoint-3")
+    resumed = child_weights(registry, summary.version, tmp_path / "child")
+    for name, tensor in rounds["fsdp"][2].items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_launch_that_cannot_run_as_configured_fails_before_training(tmp_path):
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(yaml.safe_dump({**FSDP2_CONFIG, "fsdp_config": {"fsdp_version": 1}}))
+    with pytest.raises(ValueError, match="layermoe runs FSDP2 only"):  # pydantic's wrapping of the LayerMoEError
+        LauncherSettings(config_file=config)
+    config.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}, "num_processes": 2}))
+    launcher = LauncherSettings(config_file=config)
+    assert launcher.strategy().name == "DeepSpeed ZeRO-2"
+    with pytest.raises(LayerMoEError, match="deepspeed is not installed|needs CUDA GPUs"):
+        launcher.check_runnable()

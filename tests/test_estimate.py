@@ -1,7 +1,11 @@
-"""`layermoe estimate`: the sizes it predicts against a tiny model's real ones (parameters exact, bytes within 5%)."""
+"""`layermoe estimate`: the sizes it predicts against a tiny model's real ones (parameters exact, bytes within 5%),
+and its per-device total against peak memory measured on CPU training runs (within 20%)."""
 
+import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from flows.cli import main
 from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts
 from layermoe_core.model.checkpoints import load_model
 from layermoe_core.model.surgery import expand, insert_classifiers, set_trainable
-from layermoe_core.training.estimate import allocation_range, estimate_round, parent_config
+from layermoe_core.training.estimate import DEFAULT_TFLOPS_PER_DEVICE, allocation_range, estimate_round, parent_config
 from layermoe_core.training.launch import LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, fp32_master_weights, train_stage1
 
@@ -21,6 +25,7 @@ ALLOCATION = [2, 0, 1]  # a dense layer in the middle
 OLD, NEW = ["en", "zh"], ["el"]
 SEQ_LEN, STAGE1_TOKENS, STAGE2_TOKENS = 16, 1_000, 400
 BYTES_TOLERANCE = 0.05
+PEAK_TOLERANCE = 0.20  # the per-device total against a measured peak RSS: allocator slack and transient buffers
 
 
 def within(predicted: int, real: int) -> bool:
@@ -106,7 +111,8 @@ def test_estimated_steps_and_tokens_per_step_are_the_trainers(parent_dir, tmp_pa
 def test_sharded_launchers_divide_what_they_shard(parent_dir, tmp_path):
     replicated = estimate(parent_dir, launcher=LauncherSettings(num_processes=4)).stages[0]
     for distributed, sharded in [
-        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_sharding_strategy": "FULL_SHARD"}}, {"weights", "grads", "optimizer"}),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}}, {"weights", "grads", "optimizer"}),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2, "fsdp_reshard_after_forward": False}}, {"grads", "optimizer"}),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}, {"grads", "optimizer"}),
         ({"distributed_type": "MULTI_GPU"}, set()),
     ]:
@@ -143,6 +149,68 @@ def test_estimate_command_prints_the_report_for_a_plan(parent_dir, tmp_path, cap
     assert "ceil rounding puts the total in [4, 6]" in report
     assert "== 4 new experts ==" in report and "== 6 new experts ==" in report
     assert "2 process(es), DDP (replicated)" in report and "stage2: trainable" in report
+    assert "token store on disk" in report and "Trainer checkpoints on disk" in report and "with gradient checkpointing" in report
+    assert f"time at {DEFAULT_TFLOPS_PER_DEVICE:g} TFLOP/s per device" in report
+    assert main(["estimate", "--plan", str(tmp_path / "plan.yaml"), "--tflops-per-device", "1e-3"]) == 0
+    assert "time at 0.001 TFLOP/s per device" in capsys.readouterr().out
+
+
+def test_the_estimate_names_the_strategy_that_runs_and_refuses_a_config_the_launch_would_refuse(parent_dir, tmp_path, capsys):
+    config = tmp_path / "accelerate.yaml"
+    plan = {
+        "corpora": {lang: {"path": f"{lang}.txt"} for lang in OLD + NEW},
+        "new_languages": NEW,
+        "parent": {"hf_path": str(parent_dir), "languages": OLD},
+        "allocation": {"method": "uniform", "per_layer": 1},
+        "launcher": {"config_file": str(config)},
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    config.write_text(yaml.safe_dump({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}, "num_processes": 2}))
+    assert main(["estimate", "--plan", str(tmp_path / "plan.yaml")]) == 0
+    assert "2 process(es), FSDP2 full shard" in capsys.readouterr().out
+    config.write_text(yaml.safe_dump({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 1}, "num_processes": 2}))
+    assert main(["estimate", "--plan", str(tmp_path / "plan.yaml")]) == 2
+    assert "layermoe runs FSDP2 only" in capsys.readouterr().err
+
+
+def test_disk_time_and_totals_follow_the_plan(parent_dir):
+    settings = Stage1Settings(per_device_batch_size=4, save_steps=5, save_total_limit=None)
+    predicted = estimate(parent_dir, stage1=settings)
+    stage1, _ = predicted.stages
+    assert stage1.gathered_bytes == 0  # one process: nothing sharded, nothing gathered
+    assert stage1.total_bytes == stage1.weights_bytes + stage1.grads_bytes + stage1.optimizer_bytes + stage1.activations_bytes
+    assert stage1.activations_bytes == stage1.activations_without_checkpointing_bytes > stage1.activations_with_checkpointing_bytes
+    assert stage1.checkpoints_kept == math.ceil(stage1.steps / 5)
+    # uint16 token ids: Stage-1 tokens of the new language, Stage-2 replay of each old one
+    assert predicted.token_store_bytes == 2 * (len(NEW) * STAGE1_TOKENS + len(OLD) * STAGE2_TOKENS)
+    slower = estimate_round(
+        parent_config(parent_dir),
+        ALLOCATION,
+        OLD,
+        NEW,
+        top_k=2,
+        classifier_layers=1,
+        seq_len=SEQ_LEN,
+        stage1_tokens=STAGE1_TOKENS,
+        stage2_tokens=STAGE2_TOKENS,
+        stage1=settings,
+        stage2=Stage2Settings(),
+        tflops_per_device=DEFAULT_TFLOPS_PER_DEVICE / 2,
+    ).stages[0]
+    assert slower.hours == pytest.approx(2 * stage1.hours) and stage1.device_hours == pytest.approx(stage1.hours)
+
+
+@pytest.mark.parametrize(("hidden", "layers", "checkpointing"), [(256, 4, True), (384, 6, False), (512, 8, True)])
+def test_the_per_device_total_is_within_20_percent_of_the_peak_memory_of_cpu_training(hidden, layers, checkpointing, tmp_path):
+    """Stage 1 of an fp32 Llama child, two steps in a fresh process (tests/training_memory_probe.py)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.training_memory_probe", str(tmp_path), str(hidden), str(layers), str(int(checkpointing))],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    probe = json.loads(run.stdout.strip().splitlines()[-1])
+    assert abs(probe["estimated_bytes"] - probe["measured_bytes"]) <= PEAK_TOLERANCE * probe["measured_bytes"], probe
 
 
 def test_estimate_of_a_second_round_counts_a_layermoe_parent_exactly(tmp_path):

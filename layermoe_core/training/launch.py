@@ -2,8 +2,10 @@
 
 The flow process alone samples, measures, evaluates and registers; the launched ranks only
 train. A job is a JSON file (`Stage1Job`, `Stage2Job` or `BaseJob`); every rank reads it, builds
-the same seeded model, reads the same token files and trains with HF `Trainer`, which DDP, FSDP
-or DeepSpeed ZeRO distribute as accelerate's config says. Rank 0 writes the `TrainResult` to
+the same seeded model, reads the same token files and trains with HF `Trainer`, which DDP, FSDP2
+or DeepSpeed ZeRO distribute as accelerate's config says (`LauncherSettings.strategy`; on a CPU,
+where accelerate itself would fall back to DDP, the ranks turn FSDP2 on: `trainer.LayerMoETrainer`;
+docs/multi-gpu.md). Each rank logs its rank, the world size and the strategy once. Rank 0 writes the `TrainResult` to
 `<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError` with the tail of
 its log; the next launch of the same job resumes from the newest complete checkpoint.
 
@@ -12,6 +14,7 @@ its log; the next launch of the same job resumes from the newest complete checkp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +22,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,12 +44,26 @@ class LaunchError(LayerMoEError):
     """A launched stage exited non-zero (or was killed); the message carries the tail of its log."""
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """How a launch distributes training: its name, and which of {weights, grads, optimizer} it splits over the ranks."""
+
+    name: str
+    sharded: frozenset[str]
+
+
+_REPLICATED = frozenset[str]()
+_ALL = frozenset({"weights", "grads", "optimizer"})
+_DDP_TYPES = ("NO", "MULTI_GPU", "MULTI_CPU")  # accelerate's distributed types that run DDP (or one process)
+
+
 class LauncherSettings(BaseModel):
     """How the flow starts a training stage: `accelerate launch` with this many processes, or an accelerate config.
 
     Without a config file, N > 1 processes run under torchrun as DDP (NCCL on GPUs, gloo on a
     CPU-only machine), 1 process runs alone. With `config_file` (from `accelerate config`: DDP,
-    FSDP or DeepSpeed ZeRO), the file decides the strategy; `num_processes` overrides its count.
+    FSDP2 or DeepSpeed ZeRO), the file decides the strategy; `num_processes` overrides its count.
+    A config that layermoe cannot run as written (FSDP1, another distributed type) fails here.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -61,6 +79,7 @@ class LauncherSettings(BaseModel):
                 f"launcher.config_file {self.config_file} does not exist; write one with `accelerate config --config_file PATH` "
                 "or drop config_file to launch plain DDP with num_processes"
             )
+        self.strategy()  # a config that cannot run fails when the plan loads, not after sampling
         return self
 
     def accelerate_config(self) -> dict:
@@ -72,6 +91,53 @@ class LauncherSettings(BaseModel):
     @property
     def processes(self) -> int:
         return self.num_processes or int(self.accelerate_config().get("num_processes") or 1)
+
+    def strategy(self) -> Strategy:
+        """The strategy the launched ranks run, on GPUs and CPUs alike (the ranks check they got it).
+
+        FSDP must be FSDP2 (`fully_shard`): FSDP1 flattens each wrapped module's parameters into one
+        tensor, which cannot mix our frozen bf16 parameters with trainable fp32 master weights.
+        """
+        config = self.accelerate_config()
+        where = f"launcher.config_file {self.config_file}"
+        kind = str(config.get("distributed_type", "MULTI_GPU")).upper()
+        if kind == "FSDP":
+            fsdp = config.get("fsdp_config") or {}
+            if str(fsdp.get("fsdp_version", 1)) != "2":
+                raise LayerMoEError(
+                    f"{where} asks for FSDP version {fsdp.get('fsdp_version', 1)}; layermoe runs FSDP2 only "
+                    "(FSDP1 cannot hold frozen bf16 and trainable fp32 parameters in one module): set fsdp_config.fsdp_version: 2"
+                )
+            if str(fsdp.get("fsdp_reshard_after_forward", True)).lower() in ("true", "full_shard"):
+                return Strategy("FSDP2 full shard", _ALL)
+            # Weights stay gathered from forward to backward: a peak holds all of them.
+            return Strategy("FSDP2, no reshard after forward", frozenset({"grads", "optimizer"}))
+        if kind == "DEEPSPEED":
+            stage = _zero_stage(config.get("deepspeed_config") or {})
+            return Strategy(
+                f"DeepSpeed ZeRO-{stage}", [_REPLICATED, frozenset({"optimizer"}), frozenset({"grads", "optimizer"}), _ALL][stage]
+            )
+        if kind not in _DDP_TYPES:
+            raise LayerMoEError(
+                f"{where} has distributed_type {kind}; layermoe launches {', '.join(_DDP_TYPES)} (DDP), FSDP (fsdp_version: 2) "
+                "or DEEPSPEED: write one with `accelerate config --config_file PATH`"
+            )
+        return Strategy("DDP (replicated)" if self.processes > 1 else "single process", _REPLICATED)
+
+    def check_runnable(self) -> None:
+        """Fail before launching what this machine cannot run, instead of letting accelerate fall back to DDP."""
+        name = self.strategy().name
+        if name.startswith("DeepSpeed"):
+            if importlib.util.find_spec("deepspeed") is None:
+                raise LayerMoEError(
+                    f"launcher.config_file {self.config_file} asks for {name}, but deepspeed is not installed; "
+                    "`pip install deepspeed` (CUDA GPUs only), or use an FSDP2 config (distributed_type: FSDP, fsdp_version: 2)"
+                )
+            if not _cuda():
+                raise LayerMoEError(
+                    f"launcher.config_file {self.config_file} asks for {name}, which needs CUDA GPUs, and none is visible; "
+                    "use an FSDP2 config (distributed_type: FSDP, fsdp_version: 2), which also runs on CPUs"
+                )
 
     def command(self, job_path: Path) -> list[str]:
         """The `accelerate launch` command line that runs `job_path` on every rank."""
@@ -101,6 +167,15 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _zero_stage(deepspeed: dict) -> int:
+    if deepspeed.get("deepspeed_config_file"):
+        file = Path(deepspeed["deepspeed_config_file"])
+        if not file.is_file():
+            raise LayerMoEError(f"deepspeed_config_file {file} does not exist; fix the path in the accelerate config")
+        return int(json.loads(file.read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage", 0))
+    return int(deepspeed.get("zero_stage", 0))
 
 
 # -- jobs ------------------------------------------------------------------------------
@@ -228,6 +303,7 @@ def launch(
     `on_metrics` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns
     into the end of every rank) raises `LaunchError` with the log's tail.
     """
+    launcher.check_runnable()
     output_dir = Path(job.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job_path = output_dir / f"{job.kind}-job.json"

@@ -2,8 +2,9 @@
 
 One `Trainer` subclass computes each objective as named components (LM, balance, LPR,
 classifier), so the loss is one weighted sum and every component is logged through
-`on_log`. Because it is plain `Trainer`, `accelerate launch` / torchrun with FSDP or
-DeepSpeed scale it with no code change. Checkpoints are Trainer checkpoints (safetensors
+`on_log`. Because it is plain `Trainer`, `accelerate launch` / torchrun with FSDP2 or
+DeepSpeed scale it; the one addition is FSDP2 on CPUs, which accelerate does not set up
+(`LayerMoETrainer.create_accelerator_and_postprocess`). Checkpoints are Trainer checkpoints (safetensors
 weights) in `output_dir`; a rerun resumes from the newest complete one, and the data order
 depends only on the seed, so a resumed run ends where an uninterrupted one would.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -305,6 +307,40 @@ class LayerMoETrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-micro-batch mean; Trainer divides by accumulation
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """Accelerate's set-up, then FSDP2 where `accelerate launch` asked for it and accelerate did not apply it.
+
+        On a CPU-only machine accelerate makes every multi-process run MULTI_CPU (DDP over gloo) and
+        drops the FSDP plugin its launcher asked for. FSDP2's `fully_shard` runs on CPU tensors over
+        gloo, so the ranks mark accelerate's state FSDP with the launcher's plugin (read from the same
+        FSDP_* environment): accelerate's own `fully_shard` wrapping, sharded checkpoints, resume and
+        full-state-dict gather then run as on GPUs. Any other mismatch between what the launcher asked
+        for and what accelerate set up fails here (no silent fallback to DDP).
+        """
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        asked_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if asked_fsdp and state.distributed_type == DistributedType.MULTI_CPU:
+            plugin = FullyShardedDataParallelPlugin()  # FSDP_* variables, as accelerate's GPU path builds it
+            if plugin.fsdp_version != 2:
+                raise LayerMoEError("FSDP on CPUs runs as FSDP2 only; set fsdp_config.fsdp_version: 2 in the accelerate config")
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            # AcceleratorState copies PartialState's distributed_type whenever it is built, so both are set.
+            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.fsdp_plugin = plugin
+            self.is_fsdp_enabled = True
+        if (asked_fsdp and not self.accelerator.is_fsdp2) or (asked_deepspeed and state.distributed_type != DistributedType.DEEPSPEED):
+            raise LayerMoEError(
+                f"accelerate launch asked for {'FSDP2' if asked_fsdp else 'DeepSpeed'} but accelerate set up "
+                f"{state.distributed_type.value}; rather than train undistributed, this rank stops. Check the accelerate "
+                "config (distributed_type, fsdp_version: 2) and, for DeepSpeed, that it is installed and CUDA GPUs are visible"
+            )
+
     def __init__(self, *args, objective: Objective, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
@@ -330,6 +366,66 @@ class LayerMoETrainer(Trainer):
             logs.update(zip(names, means.tolist()))
             self._component_sums, self._component_batches = {}, 0
         super().log(logs, start_time)
+
+
+def shard_moe_blocks(model: torch.nn.Module, plugin) -> None:
+    """FSDP2-shard each MoE block on its parameters' largest dimension, before accelerate shards the rest.
+
+    `fully_shard` splits dimension 0 by default, and a block's stacked experts are (new experts,
+    2 * intermediate, hidden): with 1 or 2 new experts a layer, dimension 0 gives whole experts to
+    one or two ranks and nothing to the others. accelerate skips modules that are already sharded.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(model, LayerMoEForCausalLM):
+        return
+    for block in model.moe_blocks().values():
+        fully_shard(
+            block,
+            reshard_after_forward=plugin.reshard_after_forward,
+            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+            offload_policy=plugin.cpu_offload,
+            shard_placement_fn=lambda parameter: Shard(max(range(parameter.ndim), key=lambda dim: parameter.shape[dim])),
+        )
+
+
+def strategy_name(accelerator) -> str:
+    """What this rank runs, in the words of `LauncherSettings.strategy`."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.is_fsdp2:
+        full = accelerator.state.fsdp_plugin.reshard_after_forward in (True, "FULL_SHARD")
+        return "FSDP2 full shard" if full else "FSDP2, no reshard after forward"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "DDP (replicated)" if accelerator.num_processes > 1 else "single process"
+
+
+def held_trainable_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of trainable parameters this rank stores, bytes of all trainable parameters): a shard's local part
+    against the whole."""
+    from torch.distributed.tensor import DTensor
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in trainable)
+    return local, sum(p.numel() * p.element_size() for p in trainable)
+
+
+class _AnnounceRank(TrainerCallback):
+    """One line per rank when training starts: rank, world size, strategy, and the trainable bytes it holds."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        accelerator = self.trainer.accelerator
+        local, total = held_trainable_bytes(self.trainer.model_wrapped)
+        print(
+            f"layermoe rank {accelerator.process_index}/{accelerator.num_processes}: {strategy_name(accelerator)}; "
+            f"trainable parameters held by this rank: {local:,} of {total:,} bytes",
+            flush=True,
+        )
 
 
 class _LogLastStep(TrainerCallback):
@@ -446,14 +542,20 @@ def _train(
         callbacks=[_LogLastStep(), *callbacks],
         objective=objective,
     )
+    trainer.add_callback(_AnnounceRank(trainer))
+    if trainer.accelerator.is_fsdp2:
+        shard_moe_blocks(model, trainer.accelerator.state.fsdp_plugin)
     checkpoint = latest_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     final_dir = output_dir / FINAL_DIR_NAME
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers FSDP / DeepSpeed shards
     if trainer.args.should_save:
-        state_dict = {name: t.to(saved_dtype) if t.is_floating_point() else t for name, t in state_dict.items()}
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        # A gathered FSDP state dict holds tied weights (lm_head = embed_tokens) as separate copies, which
+        # save_pretrained cannot recognise as shared; keep the names the model itself keeps.
+        kept = {name for name, _ in unwrapped.named_parameters()} | {name for name, _ in unwrapped.named_buffers()}
+        state_dict = {name: t.to(saved_dtype) if t.is_floating_point() else t for name, t in state_dict.items() if name in kept}
         unwrapped.config.dtype = saved_dtype
         save_model(unwrapped, tokenizer, final_dir, state_dict=state_dict)
     trainer.accelerator.wait_for_everyone()
@@ -557,8 +659,10 @@ __all__ = [
     "TrainSettings",
     "collate_sequences",
     "fp32_master_weights",
+    "held_trainable_bytes",
     "latest_checkpoint",
     "replay_mix",
+    "strategy_name",
     "train_causal_lm",
     "train_stage1",
     "train_stage2",
