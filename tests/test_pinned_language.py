@@ -8,13 +8,17 @@ child's old languages drift and the pinned checks below are not empty.
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layermoe_core import LayerMoEError, expand, forced_old_routing, pinned_language
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from layermoe_core.evaluation.generation import greedy_generate
+from layermoe_core.evaluation.metrics import EvalSettings, compare_models, evaluate_model
 from registry import download_version
+from registry.model_card import child_card, drift_tags, pinned_drifts
 
 from .conftest import tiny_model
 from .test_registry_delta import ROUNDS, build_chain
@@ -115,3 +119,59 @@ def test_a_dense_model_has_nothing_to_pin():
     with pytest.raises(LayerMoEError, match=r"pinning language 'en' needs a LayerMoE model; Qwen2ForCausalLM is a dense model"):
         with pinned_language(tiny_model("qwen2"), "en"):
             pass
+
+
+# -- pinned drift, measured -----------------------------------------------------------------
+def heldout(languages) -> dict[str, torch.Tensor]:
+    """Held-out rows per language (ids of the tiny tokenizer's characters), a different draw per language."""
+    return {language: torch.randint(3, 79, (6, 16), generator=torch.Generator().manual_seed(i)) for i, language in enumerate(languages)}
+
+
+def test_evaluation_measures_pinned_drift_zero_where_plain_drift_is_not(lineage):
+    dtype, folders, newest = lineage
+    old, new = ["en", "el", "hu"], ["tr"]
+    sequences = heldout(old + new)
+    settings = EvalSettings(batch_size=4, continuation_prompts=0)
+    parent = evaluate_model(load(folders[-2]), None, sequences, settings, pinned_languages=old)
+    child = evaluate_model(load(newest), None, sequences, settings, pinned_languages=old)
+    comparison = compare_models(parent, child, old, new)
+    pinned = pinned_drifts(comparison)
+    assert pinned.index.tolist() == old
+    assert (pinned.abs() <= (1e-6 if dtype == torch.float32 else 0.0)).all(), pinned
+    plain = comparison[(comparison["metric"] == "loss") & (comparison["group"] == "old")].set_index("language")["delta"]
+    assert (plain.abs() > 1e-3).all(), plain  # the classifier-routed child drifted on every old language
+    values = comparison.set_index(["language", "metric"])["parent"]
+    assert values["en", "pinned_loss"] != values["en", "loss"]  # the parent pinned to en is the base, not the parent itself
+
+    decision = evaluate_gates(comparison, GateSettings(max_old_loss_increase=10.0, require_new_improvement=False))
+    for language in old:
+        (reason,) = [r for r in decision.reasons if r.startswith(f"old language {language}:")]
+        assert f"; pinned to {language}: " in reason and reason.endswith("(+0.0000 nats)"), reason
+    card = child_card("layermoe", 3, 3, 2, old, new, [1, 2, 0], [0], comparison, None, None)
+    assert "### Forgetting per old language: plain / pinned" in card
+    assert f"| en | {plain['en']:+.4f} | {pinned['en']:+.4f} |" in card
+    assert drift_tags(comparison)["layermoe.pinned_drift_max"] == pinned.max()
+
+
+def test_a_pinned_drift_above_the_bound_fails_the_gate_and_names_the_language():
+    rows = [
+        ("en", "old", "loss", 2.0, 2.01),
+        ("en", "old", "pinned_loss", 2.0, 2.3),
+        ("el", "new", "loss", 4.0, 3.0),
+    ]
+    comparison = pd.DataFrame(
+        [{"language": lang, "group": g, "metric": m, "parent": p, "child": c, "delta": c - p} for lang, g, m, p, c in rows]
+    )
+    decision = evaluate_gates(comparison, GateSettings(max_old_loss_increase=0.05))
+    assert not decision.passed
+    assert decision.reasons == [
+        "old language en: pinned loss rose +0.3000 nats, beyond 0.0500; pinned to its language the child must compute "
+        "the version that learned it"
+    ]
+
+
+def test_a_dense_parent_is_its_own_pinned_model(token_ids):
+    sequences = heldout(["en"])
+    dense = tiny_model("qwen2")
+    table = evaluate_model(dense, None, sequences, EvalSettings(batch_size=4), pinned_languages=["en"]).set_index("metric")["value"]
+    assert table["pinned_loss"] == table["loss"]

@@ -15,6 +15,8 @@ from ..errors import LayerMoEError
 from .translation import CHRF_METRIC
 
 COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")  # metrics.compare_models' table
+# Held-out loss with the model pinned to the language (surgery.pinned_language; docs/pinned-serving.md), old languages only.
+PINNED_LOSS = "pinned_loss"
 
 
 class GateSettings(BaseModel):
@@ -43,6 +45,14 @@ class GateDecision(BaseModel):
     reasons: list[str]
 
 
+def _pinned_figure(pinned: pd.DataFrame, language: str) -> str:
+    """The pinned drift beside the plain one, when it was measured."""
+    if language not in pinned.index:
+        return ""
+    row = pinned.loc[language]
+    return f"; pinned to {language}: {row['parent']:.4f} -> {row['child']:.4f} ({row['delta']:+.4f} nats)"
+
+
 def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = None) -> GateDecision:
     """Apply the gates to a `compare_models` table (its `loss` rows, and its chrF++ rows when bounded)."""
     settings = settings or GateSettings()
@@ -53,6 +63,7 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
             "pass the table that evaluation.compare_models returns"
         )
     loss = comparison[comparison["metric"] == "loss"]
+    pinned = comparison[comparison["metric"] == PINNED_LOSS].set_index("language")
     passes: list[str] = []
     failures: list[str] = []
     for row in loss[loss["group"] == "old"].itertuples():
@@ -61,8 +72,13 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
         verdict = "within" if ok else "exceeds"
         (passes if ok else failures).append(
             f"old language {row.language}: loss {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} nats) "
-            f"{verdict} the allowed increase of {allowed:.4f} nats"
+            f"{verdict} the allowed increase of {allowed:.4f} nats" + _pinned_figure(pinned, row.language)
         )
+        if row.language in pinned.index and not pinned.loc[row.language, "delta"] <= allowed:  # zero by construction: a fault
+            failures.append(
+                f"old language {row.language}: pinned loss rose {pinned.loc[row.language, 'delta']:+.4f} nats, beyond "
+                f"{allowed:.4f}; pinned to its language the child must compute the version that learned it"
+            )
     if settings.require_new_improvement:
         new = loss[loss["group"] == "new"]
         if new.empty:
