@@ -6,13 +6,17 @@ rejected, with `GateDecision.reasons` saying which language broke which bound.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import LayerMoEError
 from .translation import CHRF_METRIC
+
+if TYPE_CHECKING:
+    from ..training.trainer import ClassifierAccuracy
 
 COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")  # metrics.compare_models' table
 # Held-out loss with the model pinned to the language (surgery.pinned_language; docs/pinned-serving.md), old languages only.
@@ -53,8 +57,11 @@ def _pinned_figure(pinned: pd.DataFrame, language: str) -> str:
     return f"; pinned to {language}: {row['parent']:.4f} -> {row['child']:.4f} ({row['delta']:+.4f} nats)"
 
 
-def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = None) -> GateDecision:
-    """Apply the gates to a `compare_models` table (its `loss` rows, and its chrF++ rows when bounded)."""
+def evaluate_gates(
+    comparison: pd.DataFrame, settings: GateSettings | None = None, classifier_accuracy: Sequence[ClassifierAccuracy] = ()
+) -> GateDecision:
+    """Apply the gates to a `compare_models` table (its `loss` rows, and its chrF++ rows when bounded), and to
+    Stage 2's held-out classifier accuracies (`TrainResult.classifier_accuracy`): each must reach its target."""
     settings = settings or GateSettings()
     missing = [c for c in COMPARISON_COLUMNS if c not in comparison.columns]
     if missing:
@@ -101,6 +108,19 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
                 f"old language {row.language}: {row.metric} {row.parent:.2f} -> {row.child:.2f} ({row.delta:+.2f} points) "
                 f"{verdict} the allowed drop of {settings.max_old_chrf_drop:.2f} points"
             )
+    for layer in sorted({entry.layer for entry in classifier_accuracy}):
+        entries = [entry for entry in classifier_accuracy if entry.layer == layer]
+        below = [entry for entry in entries if not entry.accuracy >= entry.target]
+        if below:
+            failures.append(
+                f"classifier in layer {layer}: held-out accuracy "
+                + ", ".join(f"{entry.language} {entry.accuracy:.3f}" for entry in below)
+                + f" below the target {below[0].target:.2f} after {below[0].step} Stage-2 steps; raise stage2.classifier_max_steps "
+                "(or max_steps), or serve with a language (pinned)"
+            )
+        else:
+            worst = min(entries, key=lambda entry: entry.accuracy)
+            passes.append(f"classifier in layer {layer}: held-out accuracy at least {worst.accuracy:.3f} on every language")
     if failures:
         return GateDecision(passed=False, reasons=failures)
     return GateDecision(passed=True, reasons=passes or ["no gate applies: no old-language loss and no new-language requirement"])
