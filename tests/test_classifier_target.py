@@ -46,16 +46,25 @@ def test_stage2_trains_on_past_its_planned_steps_until_every_classifier_reaches_
     saved = routing_statistics(AutoModelForCausalLM.from_pretrained(result.model_dir), heldout, OLD).dropna(subset=["classifier_accuracy"])
     recorded = {(e.layer, e.language): e.accuracy for e in result.classifier_accuracy}
     assert {(r.layer, r.language): r.classifier_accuracy for r in saved.itertuples()} == pytest.approx(recorded, abs=1e-6)
-    assert evaluate_gates(passing_comparison(), GateSettings(), result.classifier_accuracy).passed
+    decision = evaluate_gates(passing_comparison(), GateSettings(), result.classifier_accuracy)
+    assert decision.passed and decision.reasons[-2:] == [
+        f"classifier in layer {layer}: held-out accuracy at least "
+        f"{min(e.accuracy for e in result.classifier_accuracy if e.layer == layer):.3f} on every language, the target reached"
+        for layer in (0, 2)
+    ]
 
 
-def test_a_target_not_reached_within_the_cap_is_recorded_and_the_gate_names_the_classifier(tmp_path):
+def test_a_target_not_reached_within_the_cap_is_recorded_and_the_gate_reason_names_the_classifier(tmp_path):
     result, _ = stage2(tmp_path, "qwen2", target=1.0, cap=12, max_steps=4)
     assert result.global_step == 12
     below = [entry for entry in result.classifier_accuracy if entry.accuracy < 1.0]
     assert below, "an accuracy of 1.0 on every token is out of reach in 12 steps"
     decision = evaluate_gates(passing_comparison(), GateSettings(), result.classifier_accuracy)
-    assert not decision.passed
+    assert decision.passed  # the verdict is the bounds' (the gate policy's); the reason names the classifier
+    drifted = passing_comparison().assign(child=[2.5, 3.0], delta=[0.5, -1.0])
+    rejected = evaluate_gates(drifted, GateSettings(), result.classifier_accuracy)
+    assert not rejected.passed and rejected.reasons[0].startswith("old language aa: loss 2.0000 -> 2.5000")
+    assert any(r.startswith("classifier in layer") for r in rejected.reasons)  # named beside the failed bound
     layer = below[0].layer
     (reason,) = [r for r in decision.reasons if r.startswith(f"classifier in layer {layer}: held-out accuracy ")]
     assert f"{below[0].language} {below[0].accuracy:.3f}" in reason and "below the target 1.00 after 12 Stage-2 steps" in reason
