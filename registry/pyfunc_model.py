@@ -6,6 +6,8 @@ registry's lineage when the version is a delta, verifies it against its manifest
 a text generator. Prompts in, completions out; generation parameters are the signature's params.
 `language` pins every prompt of the request to that language (docs/pinned-serving.md): the model then
 computes exactly the version that learned it; empty (the default) serves the classifier-routed model.
+`language: auto` identifies each prompt's language offline and pins it when the model knows it; each
+prediction is then {"completion", "language", "route": "pinned" or "plain"}.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ MLMODEL_FILE = "MLmodel"
 LOADER_MODULE = "registry.pyfunc_model"
 MODEL_NAME_KEY = "layermoe_registered_model"
 REGISTERED_MODEL_META = "registered_model_meta"
+AUTO = "auto"  # the `language` that identifies each prompt's language
 GENERATION_DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0, "language": ""}
 
 
@@ -42,7 +45,7 @@ def _signature():
                 ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),  # 0: greedy
                 ParamSpec("top_p", "double", GENERATION_DEFAULTS["top_p"]),
                 ParamSpec("seed", "long", GENERATION_DEFAULTS["seed"]),
-                ParamSpec("language", "string", GENERATION_DEFAULTS["language"]),  # "": not pinned
+                ParamSpec("language", "string", GENERATION_DEFAULTS["language"]),  # "": not pinned; "auto": identified
             ]
         ),
     )
@@ -73,7 +76,7 @@ class TextGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._serving = threading.Lock()
 
-    def predict(self, model_input, params: dict | None = None) -> list[str]:
+    def predict(self, model_input, params: dict | None = None) -> list[str] | list[dict]:
         import contextlib
 
         from layermoe_core.model.surgery import pinned_language
@@ -86,11 +89,30 @@ class TextGenerator:
             prompts = list(model_input)
         settings = {**GENERATION_DEFAULTS, **(params or {})}
         language = str(settings["language"])
-        pin = pinned_language(self.model, language) if language else contextlib.nullcontext()  # refuses an unknown language first
         sample = float(settings["temperature"]) > 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        if language == AUTO:
+            return self._predict_identified([str(prompt) for prompt in prompts], settings, sample, pad)
+        pin = pinned_language(self.model, language) if language else contextlib.nullcontext()  # refuses an unknown language first
         with self._serving, pin:  # the pin is routing state on the model's blocks: one request at a time
             return [self._complete(str(prompt), settings, sample, pad) for prompt in prompts]
+
+    def _predict_identified(self, prompts: list[str], settings: dict, sample: bool, pad: int | None) -> list[dict]:
+        """Each prompt pinned to its identified language; one the identifier cannot name, or the model does not know, plain."""
+        import contextlib
+
+        from layermoe_core.language_id import identify_language
+        from layermoe_core.model.surgery import pinned_language
+
+        known = getattr(self.model.config, "languages", [])  # a dense base records none: every prompt plain
+        predictions = []
+        with self._serving:
+            for prompt in prompts:
+                language = identify_language(prompt, known)
+                with pinned_language(self.model, language) if language else contextlib.nullcontext():
+                    completion = self._complete(prompt, settings, sample, pad)
+                predictions.append({"completion": completion, "language": language or "", "route": "pinned" if language else "plain"})
+        return predictions
 
     def _complete(self, prompt: str, settings: dict, sample: bool, pad: int | None) -> str:
         import torch

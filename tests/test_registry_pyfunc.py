@@ -98,6 +98,18 @@ def test_pyfunc_pinned_to_a_language_generates_as_the_version_that_learned_it(tm
     assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == plain  # a refused pin leaves the model as it was
 
 
+def test_pyfunc_language_auto_pins_each_prompt_it_identifies_and_says_which_route(tmp_path, monkeypatch):
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    child = register_champion(settings, tmp_path)
+    _, model = load_and_predict(settings, monkeypatch)
+    prompts = ["The cat sat on the mat and looked out of the window.", "Kalimera sas, ti kaneis", "abc"]
+    answered = model.predict(prompts, params={"max_new_tokens": 6, "language": "auto"})
+    # English is the base's language: pinned, the base's greedy text; the other two are not identified as en or el: plain
+    assert [(a["language"], a["route"]) for a in answered] == [("en", "pinned"), ("", "plain"), ("", "plain")]
+    assert answered[0]["completion"] == greedy(tmp_path / "base", prompts[:1], 6, tokenizer_folder=child)[0]
+    assert [a["completion"] for a in answered[1:]] == greedy(child, prompts[1:], 6)
+
+
 def test_version_page_shows_a_signature_not_zero_inputs(tmp_path):
     settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
     register_champion(settings, tmp_path)
