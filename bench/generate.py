@@ -6,6 +6,11 @@ layer, top-2) with a classifier in every layer, in two settings:
   new  the classifiers send every token down the new path: each token runs k = 2 expert MLPs;
   old  the classifiers send every token to the parent's path, here expert 0 alone (old-language text
        that the classifiers recognise): the child should cost what the parent costs.
+and the `new` child served pinned to a language (`pinned_language`, docs/pinned-serving.md), the pin set
+once per request as serving sets it:
+  pinned-el  pinned to the round's own language: the same function as `new`, so pinned-el/new is the
+             pin's own cost, ideally 1;
+  pinned-en  pinned to the base's language: the dense base, so pinned-en/parent is ideally 1.
 Phases: prefill (one forward over a `--prompt`-token prompt per row, filling the KV cache) and decode
 (`--new-tokens` greedy steps of one token per row, each reusing the cache), both as `generate` runs them.
 
@@ -25,6 +30,7 @@ the other thread's turn (docs/performance.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -36,7 +42,7 @@ from transformers import DynamicCache, Qwen2ForCausalLM
 from bench.train_step import SIZES as TRAIN_STEP_SIZES
 from bench.train_step import Size
 from bench.train_step import build as expanded_pair
-from layermoe_core import insert_classifiers
+from layermoe_core import insert_classifiers, pinned_language
 from layermoe_core.model.losses import NEW, OLD
 
 # bench.train_step's model shapes, with 3 new experts a layer (top-2 of 4 experts).
@@ -127,18 +133,25 @@ def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.de
     parent, children = build(size, device)
     timed_parent = copy.deepcopy(parent)
     mlp_clocks = MLPClocks(timed_parent, device)
-    models = {"parent": parent, "parent-timed": timed_parent, **{f"child-{name}": child for name, child in children.items()}}
+    pins = {"pinned-el": (children["new"], "el"), "pinned-en": (children["new"], "en")}  # variant: (model, language)
+    models = {
+        "parent": parent,
+        "parent-timed": timed_parent,
+        **{f"child-{name}": child for name, child in children.items()},
+        **{name: model for name, (model, _) in pins.items()},
+    }
     prompt = torch.randint(0, size.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
     times: dict[tuple[str, str, int], list[float]] = {}  # (variant, phase, 0 wall / 1 cpu) -> seconds per rep
     for rep in range(args.warmup + args.reps):
         names = list(models)
         names = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
         for name in names:
-            prefill_s, cache, token = prefill(models[name], prompt)
-            measured = {("prefill", name): prefill_s}
-            if name == "parent-timed":
-                measured[("prefill", "mlp")] = mlp_clocks.take()
-            measured[("decode", name)] = decode(models[name], cache, token, args.new_tokens)
+            with pinned_language(*pins[name]) if name in pins else contextlib.nullcontext():
+                prefill_s, cache, token = prefill(models[name], prompt)
+                measured = {("prefill", name): prefill_s}
+                if name == "parent-timed":
+                    measured[("prefill", "mlp")] = mlp_clocks.take()
+                measured[("decode", name)] = decode(models[name], cache, token, args.new_tokens)
             if name == "parent-timed":
                 measured[("decode", "mlp")] = mlp_clocks.take()
             if rep >= args.warmup:
@@ -151,6 +164,7 @@ def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.de
         lines.append(
             f"{size_name:6} batch {batch:3d} {phase:8} tok/s (wall) parent {rates['parent']:9,.0f}"
             f"  child-new {rates['child-new']:9,.0f}  child-old {rates['child-old']:9,.0f}"
+            f"  pinned-el {rates['pinned-el']:9,.0f}  pinned-en {rates['pinned-en']:9,.0f}"
         )
         for clock, clock_name in enumerate(("wall", "cpu")):
             parent_s, mlp_s = times[("parent", phase, clock)], times[("mlp", phase, clock)]
@@ -159,10 +173,12 @@ def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.de
             old_ratio = [p / c for p, c in zip(parent_s, times[("child-old", phase, clock)])]
             of_ideal = [r / i for r, i in zip(new_ratio, ideal)]
             share = [m / p for p, m in zip(times[("parent-timed", phase, clock)], mlp_s)]
+            pinned_el = [n / c for n, c in zip(times[("child-new", phase, clock)], times[("pinned-el", phase, clock)])]
+            pinned_en = [p / c for p, c in zip(parent_s, times[("pinned-en", phase, clock)])]
             lines.append(
                 f"    {clock_name:4}: MLP share {spread(share)}, ideal {spread(ideal)}; "
                 f"new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal;"
-                f" old/parent {spread(old_ratio)}"
+                f" old/parent {spread(old_ratio)}; pinned-el/new {spread(pinned_el)}; pinned-en/parent {spread(pinned_en)}"
             )
     return lines
 

@@ -192,6 +192,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         ),
         plan.launcher,
     )
+    heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
     stage2 = run_stage2(
         Stage2Job(
             stage1_dir=stage1.model_dir,
@@ -201,12 +202,12 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
             new_tokens_path=sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens),
             settings=plan.stage2,
             output_dir=work / "stage2",
+            heldout_tokens_path=heldout,
         ),
         plan.launcher,
     )
 
     # 7: the child against its parent, on held-out tokens and text
-    heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
     routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size, placement=placement)
     text = sample_heldout_text(
         plan.corpora, old + new, plan.evaluation, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction, out_dir=work / "heldout-text"
@@ -250,12 +251,21 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         params={**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
         gates=plan.evaluation.gates,
         pending_review=plan.promotion == "manual",
+        classifier_accuracy=stage2.classifier_accuracy,
     )
     if plan.promotion == "manual":
-        promoted = review_promotion(plan.registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias)
+        promoted = review_promotion(
+            plan.registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias, stage2.classifier_accuracy
+        )
     else:
         promoted = gate_and_promote(
-            plan.registry, version, parent.version, comparison, gates=plan.evaluation.gates, alias=plan.promote_alias
+            plan.registry,
+            version,
+            parent.version,
+            comparison,
+            gates=plan.evaluation.gates,
+            alias=plan.promote_alias,
+            classifier_accuracy=stage2.classifier_accuracy,
         )
     summary = RoundSummary(
         version=version,

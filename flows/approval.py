@@ -8,6 +8,7 @@ the model card's verdict, with the reviewer's reason. Approve moves the alias to
 `layermoe.approved`); reject tags it `layermoe.rejected` and leaves the alias where it is.
 """
 
+from collections.abc import Sequence
 from uuid import UUID
 
 import pandas as pd
@@ -19,6 +20,7 @@ from pydantic import Field
 
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
+from layermoe_core.training.trainer import ClassifierAccuracy
 from registry import RegistrySettings, Verdict
 from tasks.common import publish_markdown, publish_table
 from tasks.registration import record_review
@@ -35,10 +37,16 @@ class Review(RunInput):
 
 
 def review_promotion(
-    registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, gates: GateSettings, alias: str
+    registry: RegistrySettings,
+    version: int,
+    parent_version: int,
+    comparison: pd.DataFrame,
+    gates: GateSettings,
+    alias: str,
+    classifier_accuracy: Sequence[ClassifierAccuracy] = (),
 ) -> bool:
     """Pause for a person's decision on `version`; returns whether it took `alias`."""
-    decision = evaluate_gates(comparison, gates)
+    decision = evaluate_gates(comparison, gates, classifier_accuracy)
     verdict = "passes" if decision.passed else "fails"
     publish_table("comparison", comparison.round(4), f"Version {version} vs its parent, held out: the review's evidence")
     brief = review_brief(registry, version, alias, comparison, verdict, decision.reasons)

@@ -26,6 +26,7 @@ _LAZY = {
     "expand": "model.surgery",
     "forced_old_routing": "model.surgery",
     "insert_classifiers": "model.surgery",
+    "pinned_language": "model.surgery",
     "set_trainable": "model.surgery",
 }
 

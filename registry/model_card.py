@@ -14,7 +14,9 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from .tags import VERDICT, VERDICT_REASON
+from .tags import NEW_GAIN, OLD_DRIFT_MAX, PINNED_DRIFT_MAX, VERDICT, VERDICT_REASON
+
+PINNED_LOSS = "pinned_loss"  # layermoe_core.evaluation.gates.PINNED_LOSS (registry imports no torch to read a table)
 
 
 class Verdict(BaseModel):
@@ -69,6 +71,28 @@ def old_drift_max(comparison: pd.DataFrame) -> float:
     return float(deltas.max()) if len(deltas) else math.nan
 
 
+def pinned_drifts(comparison: pd.DataFrame) -> pd.Series:
+    """Per old language (index): its loss rise with parent and child pinned to it (nats), 0 by construction. Empty if not measured."""
+    rows = comparison[(comparison["metric"] == PINNED_LOSS) & (comparison["group"] == "old")]
+    return rows.set_index("language")["delta"].astype(float)
+
+
+def pinned_drift_max(comparison: pd.DataFrame) -> float:
+    """The largest pinned drift (nats); NaN where pinned loss was not measured."""
+    drifts = pinned_drifts(comparison)
+    return float(drifts.max()) if len(drifts) else math.nan
+
+
+def drift_tags(comparison: pd.DataFrame) -> dict[str, float]:
+    """The version tags `registry list` shows: worst plain and pinned drift (when measured), new-language gain."""
+    pinned = pinned_drift_max(comparison)
+    return {
+        OLD_DRIFT_MAX: old_drift_max(comparison),
+        NEW_GAIN: new_language_gain(comparison),
+        **({} if math.isnan(pinned) else {PINNED_DRIFT_MAX: pinned}),
+    }
+
+
 def old_language_drift(comparison: pd.DataFrame) -> float:
     """Mean old-language loss rise (nats), as layermoe_core.evaluation.metrics.old_language_drift."""
     deltas = _loss_deltas(comparison, "old")
@@ -86,6 +110,7 @@ def comparison_metrics(comparison: pd.DataFrame) -> dict[str, float]:
     metrics = {
         "old_language_drift": old_language_drift(comparison),
         "old_language_drift_max": old_drift_max(comparison),
+        "pinned_drift_max": pinned_drift_max(comparison),
         "new_language_gain": new_language_gain(comparison),
     }
     for row in comparison.itertuples():
@@ -179,7 +204,27 @@ def child_card(
             f"Old-language drift: max {_number(old_drift_max(comparison))}, mean {_number(old_language_drift(comparison))} nats; "
             f"new-language gain: {_number(new_language_gain(comparison))} nats.",
         ]
+        lines += _forgetting_lines(comparison)
     return "\n".join(lines)
+
+
+def _forgetting_lines(comparison: pd.DataFrame) -> list[str]:
+    """Plain (classifier-routed) against pinned drift per old language, where pinned loss was measured."""
+    pinned = pinned_drifts(comparison)
+    if pinned.empty:
+        return []
+    plain = comparison[(comparison["metric"] == "loss") & (comparison["group"] == "old")].set_index("language")["delta"]
+    return [
+        "",
+        "### Forgetting per old language: plain / pinned",
+        "",
+        "Plain: the served model routes each token by its classifiers. Pinned: served with the request's language, "
+        "the model computes the version that learned it, so its drift is 0 by construction; both are measured.",
+        "",
+        "| old language | plain drift (nats) | pinned drift (nats) |",
+        "|---|---:|---:|",
+        *[f"| {language} | {plain.get(language, math.nan):+.4f} | {drift:+.4f} |" for language, drift in pinned.items()],
+    ]
 
 
 def base_card(languages: Sequence[str], params_total: int, description: str | None) -> str:

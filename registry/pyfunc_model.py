@@ -4,6 +4,10 @@ The version's artifact folder carries an `MLmodel` whose pyfunc loader is this m
 Python object: layermoe loads only safetensors). The loader rebuilds the full model, from the
 registry's lineage when the version is a delta, verifies it against its manifest, and wraps it in
 a text generator. Prompts in, completions out; generation parameters are the signature's params.
+`language` pins every prompt of the request to that language (docs/pinned-serving.md): the model then
+computes exactly the version that learned it; empty (the default) serves the classifier-routed model.
+`language: auto` identifies each prompt's language offline and pins it when the model knows it; each
+prediction is then {"completion", "language", "route": "pinned" or "plain"}.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +28,8 @@ MLMODEL_FILE = "MLmodel"
 LOADER_MODULE = "registry.pyfunc_model"
 MODEL_NAME_KEY = "layermoe_registered_model"
 REGISTERED_MODEL_META = "registered_model_meta"
-GENERATION_DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+AUTO = "auto"  # the `language` that identifies each prompt's language
+GENERATION_DEFAULTS = {"max_new_tokens": 32, "temperature": 0.0, "top_p": 1.0, "seed": 0, "language": ""}
 
 
 def _signature():
@@ -39,6 +45,7 @@ def _signature():
                 ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),  # 0: greedy
                 ParamSpec("top_p", "double", GENERATION_DEFAULTS["top_p"]),
                 ParamSpec("seed", "long", GENERATION_DEFAULTS["seed"]),
+                ParamSpec("language", "string", GENERATION_DEFAULTS["language"]),  # "": not pinned; "auto": identified
             ]
         ),
     )
@@ -67,9 +74,12 @@ class TextGenerator:
         self.model_dir = model_dir
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        self._serving = threading.Lock()
 
-    def predict(self, model_input, params: dict | None = None) -> list[str]:
-        import torch
+    def predict(self, model_input, params: dict | None = None) -> list[str] | list[dict]:
+        import contextlib
+
+        from layermoe_core.model.surgery import pinned_language
 
         if isinstance(model_input, pd.DataFrame):
             prompts = model_input.iloc[:, 0].tolist()
@@ -78,22 +88,46 @@ class TextGenerator:
         else:
             prompts = list(model_input)
         settings = {**GENERATION_DEFAULTS, **(params or {})}
+        language = str(settings["language"])
         sample = float(settings["temperature"]) > 0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        completions = []
-        for prompt in prompts:
-            torch.manual_seed(int(settings["seed"]))
-            inputs = self.tokenizer(str(prompt), return_tensors="pt")
-            with torch.no_grad():
-                output = self.model.generate(
-                    **inputs,
-                    max_new_tokens=int(settings["max_new_tokens"]),
-                    do_sample=sample,
-                    pad_token_id=pad,
-                    **({"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"])} if sample else {}),
-                )
-            completions.append(self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-        return completions
+        if language == AUTO:
+            return self._predict_identified([str(prompt) for prompt in prompts], settings, sample, pad)
+        pin = pinned_language(self.model, language) if language else contextlib.nullcontext()  # refuses an unknown language first
+        with self._serving, pin:  # the pin is routing state on the model's blocks: one request at a time
+            return [self._complete(str(prompt), settings, sample, pad) for prompt in prompts]
+
+    def _predict_identified(self, prompts: list[str], settings: dict, sample: bool, pad: int | None) -> list[dict]:
+        """Each prompt pinned to its identified language; one the identifier cannot name, or the model does not know, plain."""
+        import contextlib
+
+        from layermoe_core.language_id import identify_language
+        from layermoe_core.model.surgery import pinned_language
+
+        known = getattr(self.model.config, "languages", [])  # a dense base records none: every prompt plain
+        predictions = []
+        with self._serving:
+            for prompt in prompts:
+                language = identify_language(prompt, known)
+                with pinned_language(self.model, language) if language else contextlib.nullcontext():
+                    completion = self._complete(prompt, settings, sample, pad)
+                predictions.append({"completion": completion, "language": language or "", "route": "pinned" if language else "plain"})
+        return predictions
+
+    def _complete(self, prompt: str, settings: dict, sample: bool, pad: int | None) -> str:
+        import torch
+
+        torch.manual_seed(int(settings["seed"]))
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=int(settings["max_new_tokens"]),
+                do_sample=sample,
+                pad_token_id=pad,
+                **({"temperature": float(settings["temperature"]), "top_p": float(settings["top_p"])} if sample else {}),
+            )
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenerator:

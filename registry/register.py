@@ -41,8 +41,7 @@ from .model_card import (
     base_card,
     child_card,
     comparison_metrics,
-    new_language_gain,
-    old_drift_max,
+    drift_tags,
     own_metrics,
     step_metric_rows,
     verdict_tags,
@@ -57,9 +56,7 @@ from .tags import (
     KIND,
     LANGUAGES,
     MANIFEST_SHA256,
-    NEW_GAIN,
     NEW_LANGUAGES,
-    OLD_DRIFT_MAX,
     OLD_LANGUAGES,
     PARAMS_ADDED,
     PARAMS_TOTAL,
@@ -340,7 +337,7 @@ def register_child(
     params_added = prepared.params_total - parent_params if parent_params is not None else None
     outcome: dict[str, Any] = verdict_tags(verdict) if verdict is not None else {}
     if comparison is not None:
-        outcome |= {OLD_DRIFT_MAX: old_drift_max(comparison), NEW_GAIN: new_language_gain(comparison)}
+        outcome |= drift_tags(comparison)
     version_tags = encode_tags(
         {
             KIND: "child",

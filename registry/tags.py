@@ -24,6 +24,7 @@ STORED_BYTES = "layermoe.stored_bytes"  # bytes this version adds to the artifac
 VERDICT = "layermoe.verdict"  # "passed", "rejected", "base", or "pending" (awaiting a reviewer)
 VERDICT_REASON = "layermoe.verdict_reason"
 OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
+PINNED_DRIFT_MAX = "layermoe.pinned_drift_max"  # largest old-language loss rise pinned to the language, nats: 0 by construction
 NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
 
 # On the registered model, not a version: why its lifelong schedule paused (absent while it runs).
@@ -48,7 +49,7 @@ REGISTRATION_TAGS = frozenset(
         STORED_BYTES,
     }
 )
-_JSON_TAGS = (REGISTRATION_TAGS - {KIND, MANIFEST_SHA256, STORAGE, STORED_SHA256}) | {OLD_DRIFT_MAX, NEW_GAIN}
+_JSON_TAGS = (REGISTRATION_TAGS - {KIND, MANIFEST_SHA256, STORAGE, STORED_SHA256}) | {OLD_DRIFT_MAX, PINNED_DRIFT_MAX, NEW_GAIN}
 
 
 def encode_tags(values: Mapping[str, object]) -> dict[str, str]:

@@ -30,6 +30,7 @@ from .tags import (
     PARAMS_ADDED,
     PARAMS_TOTAL,
     PARENT_VERSION,
+    PINNED_DRIFT_MAX,
     REGISTRATION_TAGS,
     ROUND,
     SCHEDULE_PAUSED,
@@ -129,6 +130,10 @@ class VersionInfo(BaseModel):
     @property
     def old_drift_max(self) -> float | None:
         return self.tag(OLD_DRIFT_MAX)
+
+    @property
+    def pinned_drift_max(self) -> float | None:
+        return self.tag(PINNED_DRIFT_MAX)
 
     @property
     def new_gain(self) -> float | None:
@@ -353,6 +358,7 @@ LIST_COLUMNS = [
     "new_languages",
     "verdict",
     "old_drift_max",
+    "pinned_drift_max",
     "new_gain",
     "storage",
     "stored_bytes",
@@ -363,8 +369,8 @@ LIST_COLUMNS = [
 
 
 def list_versions(settings: RegistrySettings) -> pd.DataFrame:
-    """One row per version, oldest first: lineage, the gate verdict with the worst old-language drift and the
-    new-language gain (nats), how it is stored, and its status."""
+    """One row per version, oldest first: lineage, the gate verdict with the worst old-language drift (plain, and
+    pinned to the language), the new-language gain (nats), how it is stored, and its status."""
     with store_errors(settings):
         infos = all_infos(open_client(settings, create=False), settings)
     rows = [
@@ -377,6 +383,7 @@ def list_versions(settings: RegistrySettings) -> pd.DataFrame:
             "new_languages": ",".join(info.new_languages),
             "verdict": info.verdict or "",
             "old_drift_max": info.old_drift_max,
+            "pinned_drift_max": info.pinned_drift_max,
             "new_gain": info.new_gain,
             "storage": info.storage,
             "stored_bytes": info.stored_bytes,
@@ -387,7 +394,8 @@ def list_versions(settings: RegistrySettings) -> pd.DataFrame:
         for info in infos
     ]
     frame = pd.DataFrame(rows, columns=LIST_COLUMNS)
-    return frame.astype({"parent": "Int64", "round": "Int64", "stored_bytes": "Int64", "old_drift_max": "float64", "new_gain": "float64"})
+    floats = {"old_drift_max": "float64", "pinned_drift_max": "float64", "new_gain": "float64"}
+    return frame.astype({"parent": "Int64", "round": "Int64", "stored_bytes": "Int64", **floats})
 
 
 def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:

@@ -69,6 +69,8 @@ def evaluate_round(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Held-out metrics of both models on the same tokens and text: the tidy comparison and the readable samples.
 
+    Each old language is measured twice: classifier-routed (`loss`, the plain drift) and pinned to it (`pinned_loss`).
+
     `text_dir` is `sample_heldout_text`'s folder; without it there is no translation and no samples.
     """
     sequences = load_sequences(tokens_path)
@@ -78,7 +80,7 @@ def evaluate_round(
     tables = {}
     for side, model_dir in (("parent", parent_dir), ("child", child_dir)):
         model, tokenizer = load_placed(model_dir, placement), load_tokenizer(model_dir)
-        tables[side] = evaluate_model(model, tokenizer, sequences, settings, pairs)
+        tables[side] = evaluate_model(model, tokenizer, sequences, settings, pairs, pinned_languages=old_languages)
         samples[side] = continue_prompts(model, tokenizer, samples, settings) if len(samples) else []
     comparison = compare_models(tables["parent"], tables["child"], old_languages, new_languages)
     samples = samples[["language", "id", "prompt", "parent", "child", "reference"]]

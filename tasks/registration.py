@@ -1,5 +1,6 @@
 """Step 8 of a round: register the child with its model card and reports, then gate the `champion` alias."""
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -7,6 +8,7 @@ from prefect import get_run_logger, task
 
 from layermoe_core import plots
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
+from layermoe_core.training.trainer import ClassifierAccuracy
 from registry import (
     RegistrySettings,
     Verdict,
@@ -66,11 +68,15 @@ def register_round(
     params: dict,
     gates: GateSettings,
     pending_review: bool = False,
+    classifier_accuracy: Sequence[ClassifierAccuracy] = (),
 ) -> int:
     """Everything is written before this returns, the gate verdict included; no alias moves here. With
-    `pending_review` the verdict is "pending" and the gate's decision is shown as advice to the reviewer."""
+    `pending_review` the verdict is "pending" and the gate's decision is shown as advice to the reviewer.
+    `classifier_accuracy` (Stage 2's held-out figures) is gated and logged as the table `classifier_accuracy`."""
     comparison = tables["evaluation"]
-    decision = evaluate_gates(comparison, gates)
+    decision = evaluate_gates(comparison, gates, classifier_accuracy)
+    if classifier_accuracy:
+        tables = {**tables, "classifier_accuracy": pd.DataFrame([entry.model_dump() for entry in classifier_accuracy])}
     metrics = routing_metrics(tables["routing"]) if "routing" in tables else {}
     history_tables = {f"{stage}_log": pd.DataFrame(rows) for stage, rows in training_history.items() if rows}
     version = register_child(
@@ -107,13 +113,19 @@ def move_alias(registry: RegistrySettings, version: int, parent_version: int, pa
 
 @task(name="gate and promote", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
 def gate_and_promote(
-    registry: RegistrySettings, version: int, parent_version: int, comparison: pd.DataFrame, *, gates: GateSettings, alias: str
+    registry: RegistrySettings,
+    version: int,
+    parent_version: int,
+    comparison: pd.DataFrame,
+    *,
+    gates: GateSettings,
+    alias: str,
+    classifier_accuracy: Sequence[ClassifierAccuracy] = (),
 ) -> bool:
-    """The child takes `alias` only if old languages held and new ones improved (see move_alias).
-
-    Its verdict (tags, `layermoe.rejected` on a rejection, the card) was written at registration.
+    """The child takes `alias` only if old languages held, new ones improved and every classifier reached its
+    target (see move_alias). Its verdict (tags, `layermoe.rejected` on a rejection, the card) was written at registration.
     """
-    decision = evaluate_gates(comparison, gates)
+    decision = evaluate_gates(comparison, gates, classifier_accuracy)
     move_alias(registry, version, parent_version, decision.passed, alias)
     verdict = f"promoted to `{alias}`" if decision.passed else f"rejected; `{alias}` stays on the parent"
     publish_markdown("gate", f"Version {version} {verdict}.\n\n" + "\n".join(f"- {r}" for r in decision.reasons), "Round gate")

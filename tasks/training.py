@@ -7,7 +7,7 @@ and this process only waits, forwarding rank 0's metrics; without one, it trains
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from layermoe_core.data.corpus import open_sequences
+from layermoe_core.data.corpus import load_sequences, open_sequences
 from layermoe_core.model.checkpoints import load_tokenizer
 from layermoe_core.training.launch import LauncherSettings, Stage1Job, Stage2Job, launch
 from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult, train_stage1, train_stage2
@@ -74,7 +74,8 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
 
 @step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
 def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> TrainResult:
-    """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix."""
+    """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix (and, with held-out
+    tokens, on until the classifiers reach their accuracy target or the step cap)."""
     get_run_logger().info("routing classifiers in layers %s", job.classifier_layers)
     if launcher is not None:
         return say_where_it_resumed(train_launched(job, launcher, "stage2"), "stage2")
@@ -86,5 +87,6 @@ def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> Trai
         job.output_dir,
         [ProgressReporter("stage2")],
         tokenizer=load_tokenizer(job.tokenizer_dir),
+        heldout_sequences=load_sequences(job.heldout_tokens_path) if job.heldout_tokens_path else None,
     )
     return say_where_it_resumed(result, "stage2")

@@ -26,7 +26,7 @@ from layermoe_core.model.checkpoints import load_model
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.settings import RegistrySettings
-from registry.versions import list_versions, show_version
+from registry.versions import get_version, list_versions, show_version
 from tasks.common import step
 
 from .synthetic_corpus import write_synthetic_corpus
@@ -118,6 +118,16 @@ def test_two_lifelong_rounds_register_linked_versions(world, tmp_path):
     measured = language_perplexity(child, heldout, batch_size=8).set_index("language")["loss"]
     for lang in ("en", "tr"):
         torch.testing.assert_close(float(measured[lang]), newest["metrics"][f"loss.{lang}"], atol=1e-4, rtol=0)
+    # pinned drift per old language, measured by the round: zero (docs/pinned-serving.md); the plain drift is not
+    for lang in newest["old_languages"]:
+        assert abs(newest["metrics"][f"pinned_loss.{lang}.delta"]) <= 1e-6
+    assert any(abs(newest["metrics"][f"loss.{lang}.delta"]) > 1e-4 for lang in newest["old_languages"])
+    assert abs(versions.set_index("version").loc[3, "pinned_drift_max"]) <= 1e-6
+    reason = get_version(registry, 3).verdict_reason
+    assert "pinned to el: " in reason
+    # Stage 2's held-out classifier accuracy, per layer and language, against the target: recorded and in the gate's reason
+    assert "classifier_accuracy.csv" in tables
+    assert f"classifier in layer {newest['classifier_layers'][0]}: held-out accuracy" in reason
 
 
 def test_failed_round_registers_nothing_and_keeps_alias(world, monkeypatch):
@@ -152,7 +162,7 @@ def test_failed_gate_registers_child_as_rejected_and_keeps_alias(world, monkeypa
     root, corpora, registry = world
     champion_before = show_version(registry, "champion")["version"]
 
-    def failing_gate(comparison, settings):
+    def failing_gate(comparison, settings, classifier_accuracy=()):
         return GateDecision(passed=False, reasons=["old language en: loss rose beyond the bound"])
 
     monkeypatch.setattr(tasks.registration, "evaluate_gates", failing_gate)

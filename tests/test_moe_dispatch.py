@@ -125,7 +125,7 @@ SCENARIOS = {  # name: (experts per round, classifier, forced-old routing)
 def test_dispatch_matches_masked_loop_reference(scenario, device, dtype):
     group_sizes, classifier, forced_old = SCENARIOS[scenario]
     block = stage1_block(group_sizes, classifier, device, dtype)
-    block.route_all_to_old = forced_old
+    block.routed_rounds = len(block.group_sizes) - 2 if forced_old else None  # forced: cut below the newest round
     x = torch.randn(3, 11, HIDDEN, device=device, dtype=dtype)
     upstream = torch.randn_like(x)
 
@@ -178,7 +178,7 @@ def test_bf16_autocast_over_fp32_weights_runs_experts_in_bf16_and_matches_refere
     like the input, and the fp32 weight gradients must match the reference under the same autocast."""
     group_sizes, classifier, forced_old = SCENARIOS[scenario]
     block = stage1_block(group_sizes, classifier, device)  # fp32 weights
-    block.route_all_to_old = forced_old
+    block.routed_rounds = len(block.group_sizes) - 2 if forced_old else None  # forced: cut below the newest round
     x = torch.randn(3, 11, HIDDEN, device=device)
     upstream = torch.randn_like(x)
 
@@ -203,7 +203,7 @@ def test_bf16_autocast_over_fp32_weights_runs_experts_in_bf16_and_matches_refere
 def test_zero_weight_slots_of_old_routed_tokens_cost_no_expert_flops(scenario):
     group_sizes, classifier, forced_old = SCENARIOS[scenario]
     block = stage1_block(group_sizes, classifier, "cpu")
-    block.route_all_to_old = forced_old
+    block.routed_rounds = len(block.group_sizes) - 2 if forced_old else None  # forced: cut below the newest round
     x = torch.randn(1, 33, HIDDEN)
     _, weights = block.route(x[0])
     is_old = weights[:, 1] == 0
@@ -276,7 +276,7 @@ def test_decoding_dispatch_on_the_host_equals_the_sorted_dispatch(scenario, batc
     Same rows, same matmuls; only where a row sits in memory differs, which BLAS may round differently."""
     group_sizes, classifier, forced_old = SCENARIOS[scenario]
     block = stage1_block(group_sizes, classifier, "cpu")
-    block.route_all_to_old = forced_old
+    block.routed_rounds = len(block.group_sizes) - 2 if forced_old else None  # forced: cut below the newest round
     x = torch.randn(batch, 1, HIDDEN)
     with torch.inference_mode():
         few = block(x)

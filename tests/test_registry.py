@@ -269,7 +269,7 @@ def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, regis
     assert (tmp_path / "stable" / "model.safetensors").is_file()
     assert layermoe([*uri, "list"]) == 0
     header, base_row, child_row = capsys.readouterr().out.splitlines()[-3:]
-    assert header.split()[:11] == [
+    assert header.split()[:12] == [
         "version",
         "aliases",
         "parent",
@@ -278,6 +278,7 @@ def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, regis
         "new_languages",
         "verdict",
         "old_drift_max",
+        "pinned_drift_max",
         "new_gain",
         "storage",
         "stored_bytes",

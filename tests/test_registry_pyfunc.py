@@ -23,7 +23,7 @@ import yaml
 from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from layermoe_core import expand, insert_classifiers
+from layermoe_core import LayerMoEError, expand, insert_classifiers
 from registry import RegistrySettings, promote, register_base, register_child
 
 from .conftest import tiny_model
@@ -56,8 +56,9 @@ def register_champion(settings: RegistrySettings, root: Path) -> Path:
     return root / "child"
 
 
-def greedy(folder: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+def greedy(folder: Path, prompts: list[str], max_new_tokens: int, tokenizer_folder: Path | None = None) -> list[str]:
+    """The model in `folder`, with the tokenizer in `tokenizer_folder` (default the same folder)."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")
@@ -67,11 +68,11 @@ def greedy(folder: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
     return out
 
 
-def load_and_predict(settings: RegistrySettings, monkeypatch) -> tuple[list[str], object]:
+def load_and_predict(settings: RegistrySettings, monkeypatch, **params) -> tuple[list[str], object]:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     mlflow.set_tracking_uri(settings.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}@champion")
-    return model.predict(PROMPTS, params={"max_new_tokens": 6}), model
+    return model.predict(PROMPTS, params={"max_new_tokens": 6, **params}), model
 
 
 def test_pyfunc_loads_a_delta_champion_from_sqlite_and_generates(tmp_path, monkeypatch):
@@ -81,7 +82,32 @@ def test_pyfunc_loads_a_delta_champion_from_sqlite_and_generates(tmp_path, monke
     assert completions == greedy(child, PROMPTS, 6) and all(isinstance(c, str) for c in completions)
     signature = model.metadata.signature
     assert signature.inputs.to_dict() == signature.outputs.to_dict() == [{"type": "string", "required": True}]
-    assert {p.name for p in signature.params.params} == {"max_new_tokens", "temperature", "top_p", "seed"}
+    assert {p.name for p in signature.params.params} == {"max_new_tokens", "temperature", "top_p", "seed", "language"}
+
+
+def test_pyfunc_pinned_to_a_language_generates_as_the_version_that_learned_it(tmp_path, monkeypatch):
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    child = register_champion(settings, tmp_path)
+    plain, model = load_and_predict(settings, monkeypatch)
+    base = greedy(tmp_path / "base", PROMPTS, 6, tokenizer_folder=child)  # the base's config makes it load a Qwen2 tokenizer
+    assert plain != base  # the child's classifier routes some English tokens to its new experts
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6, "language": "en"}) == base  # the base learned en: the dense base
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6, "language": "el"}) == greedy(child, PROMPTS, 6) == plain
+    with pytest.raises(LayerMoEError, match=r"language 'fi' is not one this model was taught; its languages are \['en', 'el'\]"):
+        model.predict(PROMPTS, params={"language": "fi"})
+    assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == plain  # a refused pin leaves the model as it was
+
+
+def test_pyfunc_language_auto_pins_each_prompt_it_identifies_and_says_which_route(tmp_path, monkeypatch):
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    child = register_champion(settings, tmp_path)
+    _, model = load_and_predict(settings, monkeypatch)
+    prompts = ["The cat sat on the mat and looked out of the window.", "Kalimera sas, ti kaneis", "abc"]
+    answered = model.predict(prompts, params={"max_new_tokens": 6, "language": "auto"})
+    # English is the base's language: pinned, the base's greedy text; the other two are not identified as en or el: plain
+    assert [(a["language"], a["route"]) for a in answered] == [("en", "pinned"), ("", "plain"), ("", "plain")]
+    assert answered[0]["completion"] == greedy(tmp_path / "base", prompts[:1], 6, tokenizer_folder=child)[0]
+    assert [a["completion"] for a in answered[1:]] == greedy(child, prompts[1:], 6)
 
 
 def test_version_page_shows_a_signature_not_zero_inputs(tmp_path):
@@ -95,7 +121,7 @@ def test_version_page_shows_a_signature_not_zero_inputs(tmp_path):
     )
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "registry.pyfunc_model"
     assert json.loads(mlmodel["signature"]["inputs"]) == [{"type": "string", "required": True}]
-    assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"max_new_tokens", "temperature", "top_p", "seed"}
+    assert {p["name"] for p in json.loads(mlmodel["signature"]["params"])} == {"max_new_tokens", "temperature", "top_p", "seed", "language"}
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +179,10 @@ def test_pyfunc_loads_from_a_real_server_and_mlflow_models_serve_answers(sqlite_
                 time.sleep(1)
         assert answer is not None, serve.stdout.read().decode()[-4000:] if serve.poll() is not None else "no answer"
         assert answer == {"predictions": expected}
+        pinned = json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": 6, "language": "en"}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", pinned, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read()) == {"predictions": greedy(tmp_path / "base", PROMPTS, 6, tokenizer_folder=child)}
     finally:
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGTERM)

@@ -6,7 +6,8 @@ rejected, with `GateDecision.reasons` saying which language broke which bound.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,7 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import LayerMoEError
 from .translation import CHRF_METRIC
 
+if TYPE_CHECKING:
+    from ..training.trainer import ClassifierAccuracy
+
 COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")  # metrics.compare_models' table
+# Held-out loss with the model pinned to the language (surgery.pinned_language; docs/pinned-serving.md), old languages only.
+PINNED_LOSS = "pinned_loss"
 
 
 class GateSettings(BaseModel):
@@ -43,8 +49,20 @@ class GateDecision(BaseModel):
     reasons: list[str]
 
 
-def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = None) -> GateDecision:
-    """Apply the gates to a `compare_models` table (its `loss` rows, and its chrF++ rows when bounded)."""
+def _pinned_figure(pinned: pd.DataFrame, language: str) -> str:
+    """The pinned drift beside the plain one, when it was measured."""
+    if language not in pinned.index:
+        return ""
+    row = pinned.loc[language]
+    return f"; pinned to {language}: {row['parent']:.4f} -> {row['child']:.4f} ({row['delta']:+.4f} nats)"
+
+
+def evaluate_gates(
+    comparison: pd.DataFrame, settings: GateSettings | None = None, classifier_accuracy: Sequence[ClassifierAccuracy] = ()
+) -> GateDecision:
+    """Apply the gates to a `compare_models` table (its `loss` rows, and its chrF++ rows when bounded). Stage 2's
+    held-out classifier accuracies (`TrainResult.classifier_accuracy`) are reported against their target in the
+    reasons; the bounds decide the verdict."""
     settings = settings or GateSettings()
     missing = [c for c in COMPARISON_COLUMNS if c not in comparison.columns]
     if missing:
@@ -53,6 +71,7 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
             "pass the table that evaluation.compare_models returns"
         )
     loss = comparison[comparison["metric"] == "loss"]
+    pinned = comparison[comparison["metric"] == PINNED_LOSS].set_index("language")
     passes: list[str] = []
     failures: list[str] = []
     for row in loss[loss["group"] == "old"].itertuples():
@@ -61,8 +80,13 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
         verdict = "within" if ok else "exceeds"
         (passes if ok else failures).append(
             f"old language {row.language}: loss {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} nats) "
-            f"{verdict} the allowed increase of {allowed:.4f} nats"
+            f"{verdict} the allowed increase of {allowed:.4f} nats" + _pinned_figure(pinned, row.language)
         )
+        if row.language in pinned.index and not pinned.loc[row.language, "delta"] <= allowed:  # zero by construction: a fault
+            failures.append(
+                f"old language {row.language}: pinned loss rose {pinned.loc[row.language, 'delta']:+.4f} nats, beyond "
+                f"{allowed:.4f}; pinned to its language the child must compute the version that learned it"
+            )
     if settings.require_new_improvement:
         new = loss[loss["group"] == "new"]
         if new.empty:
@@ -85,6 +109,28 @@ def evaluate_gates(comparison: pd.DataFrame, settings: GateSettings | None = Non
                 f"old language {row.language}: {row.metric} {row.parent:.2f} -> {row.child:.2f} ({row.delta:+.2f} points) "
                 f"{verdict} the allowed drop of {settings.max_old_chrf_drop:.2f} points"
             )
+    notes = classifier_notes(classifier_accuracy)  # the verdict stays the bounds' above; the reasons name the classifiers
     if failures:
-        return GateDecision(passed=False, reasons=failures)
-    return GateDecision(passed=True, reasons=passes or ["no gate applies: no old-language loss and no new-language requirement"])
+        return GateDecision(passed=False, reasons=failures + notes)
+    return GateDecision(passed=True, reasons=(passes or ["no gate applies: no old-language loss and no new-language requirement"]) + notes)
+
+
+def classifier_notes(classifier_accuracy: Sequence[ClassifierAccuracy]) -> list[str]:
+    """One line per classifier layer: the languages below the target with their held-out accuracy, or its worst accuracy."""
+    notes = []
+    for layer in sorted({entry.layer for entry in classifier_accuracy}):
+        entries = [entry for entry in classifier_accuracy if entry.layer == layer]
+        below = [entry for entry in entries if not entry.accuracy >= entry.target]
+        if below:
+            notes.append(
+                f"classifier in layer {layer}: held-out accuracy "
+                + ", ".join(f"{entry.language} {entry.accuracy:.3f}" for entry in below)
+                + f" below the target {below[0].target:.2f} after {below[0].step} Stage-2 steps; plain serving of those "
+                "languages depends on it (raise stage2.classifier_max_steps, or serve with a language: pinned)"
+            )
+        else:
+            worst = min(entries, key=lambda entry: entry.accuracy)
+            notes.append(
+                f"classifier in layer {layer}: held-out accuracy at least {worst.accuracy:.3f} on every language, the target reached"
+            )
+    return notes

@@ -8,6 +8,7 @@ Every evaluator runs a model inside `model.inference.inference` (eval mode, no a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..errors import LayerMoEError
 from ..model.inference import inference, input_device
+from ..model.surgery import pinned_language
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -53,8 +55,12 @@ def greedy_generate(
     batch_size: int = 8,
     first_line: bool = False,
     min_new_tokens: int = 0,
+    language: str | None = None,
 ) -> list[str]:
     """The greedy continuation of each prompt (prompt excluded), decoded without special tokens.
+
+    language: serve every prompt pinned to that language (`surgery.pinned_language`): exactly the
+    version that learned it. None takes the classifier-routed model.
 
     first_line=True stops a row at its first newline and returns the text before it (a
     translation prompt's answer is one line). Generation also stops at EOS, except within the
@@ -74,10 +80,11 @@ def greedy_generate(
             f"prompts {too_long[:5]} plus {max_new_tokens} new tokens exceed the model's context of {limit} positions; "
             "shorten them (fewer shots or shorter sentences) or lower max_new_tokens"
         )
+    pin = pinned_language(model, language) if language is not None else contextlib.nullcontext()
     device = input_device(model)
     texts = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
-    with inference(model):
+    with inference(model), pin:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in chunk)

@@ -9,6 +9,7 @@ LayerMoE, on any device.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,9 @@ from ..data.corpus import check_old_new
 from ..data.token_store import check_token_rows
 from ..errors import LayerMoEError, describe_validation_error
 from ..model.inference import inference, input_device
-from .gates import COMPARISON_COLUMNS, GateSettings
+from ..model.modeling_layermoe import LayerMoEForCausalLM
+from ..model.surgery import pinned_language
+from .gates import COMPARISON_COLUMNS, PINNED_LOSS, GateSettings
 from .generation import context_length, greedy_generate
 from .translation import TranslationSettings, translate_pairs, translation_metrics
 
@@ -67,6 +70,12 @@ class EvalSettings(BaseModel):
         3, ge=0, description="Held-out sentence openings per language that parent and child continue, for a person to read."
     )
     continuation_tokens: int = Field(24, ge=1, description="Tokens generated per continuation.")
+    pinned_drift: bool = Field(
+        True,
+        title="Measure pinned drift",
+        description="Also measure each old language's held-out loss with parent and child pinned to it (metric "
+        "'pinned_loss'; docs/pinned-serving.md): zero drift by construction, measured. Costs one more pass per old language.",
+    )
     gates: GateSettings = Field(default_factory=GateSettings)
 
     @field_validator("multiple_choice_files")
@@ -110,6 +119,27 @@ def language_perplexity(
             loss = nll.item() / tokens
             rows.append({"language": language, "loss": loss, "perplexity": math.exp(loss), "tokens": tokens})
     return pd.DataFrame(rows, columns=["language", "loss", "perplexity", "tokens"])
+
+
+def pinned_perplexity_metrics(
+    model: nn.Module, sequences: Mapping[str, torch.Tensor], languages: Sequence[str], batch_size: int = 8, max_sequences: int | None = None
+) -> pd.DataFrame:
+    """Metric `pinned_loss` per language: its held-out loss with `model` pinned to it (`surgery.pinned_language`).
+
+    A dense model has one path, so its pinned loss is its loss, measured the same way.
+    """
+    missing = [language for language in languages if language not in sequences]
+    if missing:
+        raise LayerMoEError(f"no held-out sequences for {missing}, whose pinned loss was asked; provide them or drop those languages")
+    tables = []
+    for language in languages:
+        pin = pinned_language(model, language) if isinstance(model, LayerMoEForCausalLM) else contextlib.nullcontext()
+        with pin:
+            tables.append(language_perplexity(model, {language: sequences[language]}, batch_size, max_sequences))
+    if not tables:
+        return pd.DataFrame(columns=METRICS_COLUMNS)
+    table = pd.concat(tables, ignore_index=True)
+    return pd.DataFrame({"language": table["language"], "metric": PINNED_LOSS, "value": table["loss"], "n": table["tokens"]})
 
 
 def perplexity_metrics(perplexity: pd.DataFrame) -> pd.DataFrame:
@@ -320,11 +350,13 @@ def evaluate_model(
     sequences: Mapping[str, torch.Tensor],
     settings: EvalSettings | None = None,
     translation_pairs: pd.DataFrame | None = None,
+    pinned_languages: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Held-out loss and perplexity per language plus every configured task, as one metrics table.
 
     With `settings.translation`, `translation_pairs` (from `translation.heldout_pairs`) are translated
-    and scored; parent and child must be given the same pairs.
+    and scored; parent and child must be given the same pairs. With `settings.pinned_drift`, each of
+    `pinned_languages` (a round's old languages) also gets its `pinned_loss`.
     """
     settings = settings or EvalSettings()
     if tokenizer is None and (settings.multiple_choice_files or settings.lm_eval_tasks or settings.translation):
@@ -335,6 +367,8 @@ def evaluate_model(
         raise LayerMoEError("translation is configured but no pairs were given; pass translation.heldout_pairs(...) as translation_pairs")
     perplexity = language_perplexity(model, sequences, settings.batch_size, settings.max_sequences)
     tables = [perplexity_metrics(perplexity)]
+    if settings.pinned_drift:
+        tables.append(pinned_perplexity_metrics(model, sequences, pinned_languages, settings.batch_size, settings.max_sequences))
     tables += [score_multiple_choice(model, tokenizer, path, settings.batch_size) for path in settings.multiple_choice_files]
     if settings.lm_eval_tasks:
         tables.append(
@@ -399,8 +433,8 @@ def compare_models(parent: pd.DataFrame, child: pd.DataFrame, old_languages: Seq
     table["group"] = table["language"].map(lambda lang: "old" if lang in old else "new")
     table["delta"] = table["child"] - table["parent"]
     language_rank = {lang: i for i, lang in enumerate(old + new)}
-    metric_rank = {"loss": 0, "perplexity": 1}
-    keys = [(language_rank[lang], metric_rank.get(metric, 2), metric) for lang, metric in zip(table["language"], table["metric"])]
+    metric_rank = {"loss": 0, "perplexity": 1, PINNED_LOSS: 2}
+    keys = [(language_rank[lang], metric_rank.get(metric, 3), metric) for lang, metric in zip(table["language"], table["metric"])]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     return table.iloc[order][list(COMPARISON_COLUMNS)].reset_index(drop=True)
 

@@ -88,6 +88,23 @@ class LayerMoEConfig(PreTrainedConfig):
         last = self.expansion_rounds[-1]
         return list(last["old_languages"]) + list(last["new_languages"])
 
+    def rounds_before_learning(self, language: str) -> int:
+        """How many rounds the version that learned `language` had: 0 for a base language, r for round r's.
+
+        The pinned route cuts the routing tree there (`surgery.pinned_language`); a language taught
+        again in a later round keeps its first round.
+        """
+        rounds = self.expansion_rounds or []
+        if rounds and language in rounds[0]["old_languages"]:
+            return 0
+        for number, expansion in enumerate(rounds, start=1):
+            if language in expansion["new_languages"]:
+                return number
+        raise LayerMoEError(
+            f"language {language!r} is not one this model was taught; its languages are {self.languages} "
+            "(give one of them, or no language for the classifier-routed model)"
+        )
+
 
 def check_supported_config(config: PreTrainedConfig, where: str = "") -> None:
     """Raise a clear error unless the surgery can expand a model of `config` (of a LayerMoE model: its base's).

@@ -14,7 +14,8 @@ invariant of docs/design.md):
 A router without a classifier sends every token down its new path. So a token that this
 round's classifier calls "old", or every token under `forced_old_routing`, goes through exactly
 the parent's MoE function: the parent's routers and classifiers, frozen, over the parent's
-frozen experts.
+frozen experts. Cutting the tree at an older round (`routed_rounds`, set by `pinned_language`)
+gives that round's version's function in the same way; cut at round 0 the block is the dense layer.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class LayerMoEBlock(nn.Module):
         self.routers = nn.ModuleList()  # one LayerMoERouter per such round, newest last
         self.group_sizes: list[int] = [1]  # experts per round, zeros included, expert 0 first
         self.top_k = top_k
-        self.route_all_to_old = False  # set by `forced_old_routing`: skip this round's router
+        # Rounds whose routers route (None: all): the tree cut by `forced_old_routing` or `pinned_language`.
+        self.routed_rounds: int | None = None
         self._shape = (hidden_size, intermediate_size, hidden_act)
 
     @property
@@ -195,8 +197,9 @@ class LayerMoEBlock(nn.Module):
         """
         num_tokens = tokens.shape[0]
         routers = list(self.routers)
-        if self.route_all_to_old and self.expanded_this_round:
-            routers = routers[:-1]
+        if self.routed_rounds is not None:  # the tree cut: only the routers of the first `routed_rounds` rounds
+            rounds = [index for index, size in enumerate(self.group_sizes[1:]) if size]  # each router's round, 0-based
+            routers = [router for router, index in zip(routers, rounds) if index < self.routed_rounds]
         fallback = None  # routes the tokens every classifier calls old; None: dense
         overrides = []  # (router, takes_new (N, 1)), newest first
         for router in reversed(routers):

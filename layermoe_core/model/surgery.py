@@ -164,13 +164,34 @@ def set_trainable(model: LayerMoEForCausalLM, stage: Stage) -> list[str]:
 
 
 @contextlib.contextmanager
-def forced_old_routing(model: LayerMoEForCausalLM) -> Iterator[LayerMoEForCausalLM]:
-    """Route every token down the parent's path: the child then computes exactly its parent."""
+def _routing_cut(model: LayerMoEForCausalLM, rounds: int) -> Iterator[LayerMoEForCausalLM]:
+    """Only the routers of the first `rounds` rounds route; each newer round's router takes its parent path."""
     blocks = list(model.moe_blocks().values())
+    before = [block.routed_rounds for block in blocks]  # a cut inside another restores the outer one
     for block in blocks:
-        block.route_all_to_old = True
+        block.routed_rounds = rounds
     try:
         yield model
     finally:
-        for block in blocks:
-            block.route_all_to_old = False
+        for block, routed in zip(blocks, before):
+            block.routed_rounds = routed
+
+
+def forced_old_routing(model: LayerMoEForCausalLM) -> contextlib.AbstractContextManager[LayerMoEForCausalLM]:
+    """Route every token down the parent's path: the child then computes exactly its parent."""
+    return _routing_cut(model, len(model.config.expansion_rounds) - 1)
+
+
+def pinned_language(model: PreTrainedModel, language: str) -> contextlib.AbstractContextManager[PreTrainedModel]:
+    """Serve `language` with exactly the function of the version that learned it (docs/pinned-serving.md).
+
+    The routing tree is cut at that version's round: every newer round's router takes its parent
+    path, so no later round can change that language's output. For a base language the model
+    computes the dense base. A language the model was not taught is refused with its languages.
+    """
+    if not isinstance(model, LayerMoEForCausalLM):
+        raise LayerMoEError(
+            f"pinning language {language!r} needs a LayerMoE model; {type(model).__name__} is a dense model with one path "
+            "and no record of its languages (serve it without a language)"
+        )
+    return _routing_cut(model, model.config.rounds_before_learning(language))

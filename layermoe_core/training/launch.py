@@ -239,6 +239,7 @@ class Stage2Job(_Job):
     old_tokens_path: Path
     new_tokens_path: Path
     settings: Stage2Settings
+    heldout_tokens_path: Path | None = None  # held-out text of every language: the classifiers are trained to their target on it
 
     def classified_stage1(self, device: str | None = None):
         """The Stage-1 model with its routing classifiers, initialised from `settings.seed`."""
@@ -250,7 +251,7 @@ class Stage2Job(_Job):
         return model
 
     def run(self, callbacks) -> TrainResult:
-        from ..data.corpus import open_sequences
+        from ..data.corpus import load_sequences, open_sequences
         from ..model.checkpoints import load_tokenizer
         from .trainer import train_stage2
 
@@ -262,6 +263,7 @@ class Stage2Job(_Job):
             self.output_dir,
             callbacks,
             tokenizer=load_tokenizer(self.tokenizer_dir),
+            heldout_sequences=load_sequences(self.heldout_tokens_path) if self.heldout_tokens_path else None,
         )
 
 

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..analysis.routing_stats import routing_statistics
 from ..data.corpus import check_old_new
 from ..data.token_store import TokenRows, check_token_rows
 from ..errors import LayerMoEError, describe_validation_error
@@ -116,6 +117,41 @@ class Stage2Settings(TrainSettings):
     new_prior_coef: float = Field(
         0.1, ge=0, description="the new-expert prior on the replay's new-language tokens, >= 0: LPR's mirror, set it with lpr_coef"
     )
+    classifier_target_accuracy: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        title="Classifier accuracy target",
+        description="held-out accuracy every routing classifier must reach on every language, in (0, 1]; measured "
+        "after the planned steps, the round records it per layer and language and the gate names a classifier below it",
+    )
+    classifier_max_steps: int | None = Field(
+        None,
+        ge=1,
+        title="Classifier step cap",
+        description="the step cap: while a classifier is below its target after max_steps, Stage 2 trains on, measuring "
+        "every logging_steps, up to this many optimizer steps in all (>= max_steps; the LR schedule spans the cap). "
+        "None: no steps past max_steps",
+    )
+
+    @model_validator(mode="after")
+    def cap_follows_the_planned_steps(self) -> Stage2Settings:
+        if self.classifier_max_steps is not None and (self.max_steps is None or self.classifier_max_steps < self.max_steps):
+            raise ValueError(
+                f"classifier_max_steps={self.classifier_max_steps} needs max_steps set and at most equal to it "
+                f"(max_steps={self.max_steps}); set max_steps, or raise the cap"
+            )
+        return self
+
+
+class ClassifierAccuracy(BaseModel):
+    """One routing classifier's held-out accuracy on one language, after Stage 2."""
+
+    layer: int
+    language: str
+    accuracy: float  # share of the language's held-out tokens the classifier labels right (old or new)
+    target: float
+    step: int  # the optimizer step it was measured at
 
 
 class TrainResult(BaseModel):
@@ -127,6 +163,7 @@ class TrainResult(BaseModel):
     num_sequences: dict[str, int]  # training sequences per language
     final_metrics: dict[str, float]  # the last logged value of each loss component (and train_loss)
     log_history: list[dict[str, Any]]
+    classifier_accuracy: list[ClassifierAccuracy] = []  # Stage 2 with held-out text: per classifier layer and language
 
 
 # -- data ----------------------------------------------------------------------------
@@ -452,6 +489,44 @@ class MetricsCallback(TrainerCallback):
             self.fn({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step)
 
 
+class ClassifierTarget(TrainerCallback):
+    """Held-out accuracy of this round's classifiers per (layer, language), first when the planned steps are done.
+
+    Below the target anywhere, training goes on (the Trainer runs to the cap) and is measured again every
+    `logging_steps`; it stops once every classifier reaches the target, or at the cap.
+    """
+
+    def __init__(
+        self, heldout: Mapping[str, torch.Tensor], old_languages: Sequence[str], planned_steps: int | None, target: float, batch_size: int
+    ):
+        self.heldout, self.old_languages, self.target, self.batch_size = heldout, list(old_languages), target, batch_size
+        self.planned = planned_steps
+        self.measured: list[ClassifierAccuracy] = []
+
+    def measure(self, model: LayerMoEForCausalLM, step: int) -> bool:
+        """Record the accuracies at `step`; whether every classifier reached the target."""
+        table = routing_statistics(model, self.heldout, self.old_languages, batch_size=self.batch_size).dropna(
+            subset=["classifier_accuracy"]
+        )
+        self.measured = [
+            ClassifierAccuracy(layer=row.layer, language=row.language, accuracy=row.classifier_accuracy, target=self.target, step=step)
+            for row in table.itertuples()
+        ]
+        return all(entry.accuracy >= self.target for entry in self.measured)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.planned is None:  # trained by epochs, with no cap: the planned steps are the Trainer's total
+            self.planned = state.max_steps
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if step < self.planned or (step > self.planned and step < state.max_steps and (step - self.planned) % args.logging_steps):
+            return
+        if self.measure(model, step) or step >= state.max_steps:
+            control.should_training_stop = True
+            control.should_log = True
+
+
 def training_arguments(settings: TrainSettings, output_dir: Path) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     if settings.precision == "fp16" and not on_gpu:
@@ -624,11 +699,14 @@ def train_stage2(
     output_dir: str | Path,
     callbacks: Sequence[TrainerCallback] = (),
     tokenizer: PreTrainedTokenizerBase | None = None,
+    heldout_sequences: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Stage 2 (review): routers and classifiers train on a replay mix of old and new sequences.
 
     loss = lm_coef * LM + lpr_coef * LPR + classifier_coef * classifier CE; insert the
-    classifiers (`surgery.insert_classifiers`) before calling this.
+    classifiers (`surgery.insert_classifiers`) before calling this. With `heldout_sequences` (every
+    old and new language) the classifiers' held-out accuracy is measured after the planned steps and
+    recorded in the result; below `classifier_target_accuracy`, training goes on up to `classifier_max_steps`.
     """
     vocab_size = _vocab_size(model)
     _check_sequences(old_sequences, "old-language", vocab_size)
@@ -648,13 +726,31 @@ def train_stage2(
         },
         partial(_measure_stage2, num_old_experts=_trained_routers_old_experts(model)),
     )
-    return _train(model, SequenceDataset(table, rows), objective, settings, output_dir, callbacks, tokenizer)
+    has_classifiers = any(block.router is not None and block.router.classifier is not None for block in model.moe_blocks().values())
+    if heldout_sequences is None or not has_classifiers:
+        return _train(model, SequenceDataset(table, rows), objective, settings, output_dir, callbacks, tokenizer)
+    missing = sorted((set(old_sequences) | set(new_sequences)) - set(heldout_sequences))
+    if missing:
+        raise LayerMoEError(
+            f"held-out sequences lack {missing}; give held-out text of every old and new language to measure the classifiers"
+        )
+    dataset = SequenceDataset(table, rows)
+    planned = settings.max_steps  # None: the Trainer's count for num_epochs, read when training begins
+    target = ClassifierTarget(
+        heldout_sequences, list(old_sequences), planned, settings.classifier_target_accuracy, settings.per_device_batch_size
+    )
+    run = settings.model_copy(update={"max_steps": settings.classifier_max_steps or settings.max_steps})
+    result = _train(model, dataset, objective, run, output_dir, [*callbacks, target], tokenizer)
+    if not target.measured:  # resumed after the last step: nothing left to train, measure the saved model
+        target.measure(model, result.global_step)
+    return result.model_copy(update={"classifier_accuracy": target.measured})
 
 
 __all__ = [
     "MetricsCallback",
     "Stage1Settings",
     "Stage2Settings",
+    "ClassifierAccuracy",
     "TrainResult",
     "TrainSettings",
     "collate_sequences",
