@@ -25,6 +25,7 @@ VERDICT = "layermoe.verdict"  # "passed", "rejected", "base", or "pending" (awai
 VERDICT_REASON = "layermoe.verdict_reason"
 OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
 NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
+GATE_OVERRIDDEN = "layermoe.gate_overridden"  # "true" where a reviewer approved a version the automatic gate failed
 
 # On the registered model, not a version: why its lifelong schedule paused (absent while it runs).
 SCHEDULE_PAUSED = "layermoe.schedule_paused"
