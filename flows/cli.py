@@ -274,7 +274,8 @@ def markdown_text(markdown: str) -> str:
     from rich.console import Console
     from rich.markdown import Markdown
 
-    console = Console(width=min(Console().width, 120), highlight=False)
+    terminal = Console()
+    console = Console(width=min(terminal.width, 120) if terminal.is_terminal else 120, highlight=False)  # a pipe or file: 120
     with console.capture() as rendered:
         console.print(Markdown(markdown))
     return "\n".join(line.rstrip() for line in rendered.get().splitlines())
