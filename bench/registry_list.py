@@ -73,10 +73,11 @@ def main() -> None:
         command = [python, "-m", "flows.cli", "registry", "list", "--tracking-uri", uri, "--model-name", name]
         rows[f"layermoe registry list ({args.before})"] = (command, args.before.resolve())
     times: dict[str, list[tuple[float, float]]] = {label: [] for label in rows}
+    load_before = os.getloadavg()[0]
     for _ in range(args.repeats):
         for label, (command, cwd) in rows.items():
             times[label].append(timed(command, cwd))
-    print(f"{args.repeats} interleaved repeats; load average before: {os.getloadavg()[0]:.1f}, after: see `uptime`")
+    print(f"{args.repeats} interleaved repeats; 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"{'':42s} {'wall s: median (min-max)':>26s} {'CPU s: median (min-max)':>26s}")
     for label, samples in times.items():
         walls, cpus = [w for w, _ in samples], [c for _, c in samples]
