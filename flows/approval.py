@@ -5,18 +5,22 @@ gate's advice), and the round pauses with the comparison table and the gate's ad
 The Prefect UI's "Resume" form (or `layermoe approve RUN_ID --yes|--no --reason ...`) answers it,
 and the answer is written on the version as the automatic gate's is: the `layermoe.verdict` tag and
 the model card's verdict, with the reviewer's reason. Approve moves the alias to the child (and tags it
-`layermoe.approved`); reject tags it `layermoe.rejected` and leaves the alias where it is.
+`layermoe.approved`); reject tags it `layermoe.rejected` and leaves the alias where it is. Approving a
+version the automatic gate failed needs an explicit override (`--override-gate`, or the form's box),
+which tags it `layermoe.gate_overridden`. See docs/registry.md.
 """
 
 from collections.abc import Sequence
+from typing import Literal
 from uuid import UUID
 
 import pandas as pd
 from prefect import get_client, get_run_logger
 from prefect.exceptions import ObjectNotFound
 from prefect.flow_runs import pause_flow_run, resume_flow_run
-from prefect.input import RunInput
-from pydantic import Field
+from prefect.input import RunInput, read_flow_run_input
+from prefect.input.run_input import keyset_from_paused_state
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
@@ -27,13 +31,58 @@ from tasks.registration import record_review
 
 REVIEW_TIMEOUT_S = 7 * 24 * 3600  # unanswered for a week, the run fails and the alias stays
 REVIEW_POLL_S = 5
+REJECTION_NEEDS_A_REASON = "a rejection needs a reason: it is stored on the version for whoever looks next"
+FAILED_GATE_NEEDS_AN_OVERRIDE = "the automatic gate failed this version: approving it needs the gate override, recorded on the version"
+
+# The same rules as the validators below, for the Prefect server, which checks the Resume form's answer against
+# the form's JSON schema before the run resumes (the UI shows its refusal).
+_REASON_TO_REJECT = {
+    "if": {"properties": {"decision": {"const": "reject"}}, "required": ["decision"]},
+    "then": {"properties": {"reason": {"type": "string", "pattern": "\\S"}}, "required": ["reason"]},
+}
+_OVERRIDE_TO_APPROVE = {
+    "if": {"properties": {"decision": {"const": "approve"}}, "required": ["decision"]},
+    "then": {"properties": {"override_gate": {"const": True}}, "required": ["override_gate"]},
+}
 
 
 class Review(RunInput):
-    """The reviewer's answer: the resume form in the Prefect UI."""
+    """The reviewer's answer: the Resume form in the Prefect UI. The decision has no default, so Submit alone decides nothing."""
 
-    approve: bool = Field(description="Approve: move the alias to this version. Reject: tag it layermoe.rejected.")
-    reason: str = Field("", description="Why; stored on the version (required to reject).")
+    model_config = ConfigDict(json_schema_extra=_REASON_TO_REJECT)
+
+    decision: Literal["approve", "reject"] = Field(
+        title="Decision", description="approve: move the alias to this version. reject: tag it layermoe.rejected; the alias stays."
+    )
+    reason: str = Field("", title="Reason", description="Why; stored on the version. Required to reject; optional to approve.")
+
+    @model_validator(mode="after")
+    def _a_rejection_has_a_reason(self):
+        if self.decision == "reject" and not self.reason.strip():
+            raise ValueError(REJECTION_NEEDS_A_REASON)
+        return self
+
+    @property
+    def approved(self) -> bool:
+        return self.decision == "approve"
+
+
+class ReviewOfFailedGate(Review):
+    """The Resume form for a version the automatic gate failed: approving it overrides the gate, on the record."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [_REASON_TO_REJECT, _OVERRIDE_TO_APPROVE]})
+
+    override_gate: bool = Field(
+        False,
+        title="Override the gate",
+        description="Approve although the automatic gate failed it; the version is tagged layermoe.gate_overridden.",
+    )
+
+    @model_validator(mode="after")
+    def _an_approval_overrides_the_gate(self):
+        if self.decision == "approve" and not self.override_gate:
+            raise ValueError(FAILED_GATE_NEEDS_AN_OVERRIDE)
+        return self
 
 
 def review_promotion(
@@ -54,44 +103,67 @@ def review_promotion(
     logger = get_run_logger()
     logger.info("version %s %s the gate; paused for review (Resume in the UI, or layermoe approve)", version, verdict)
     # The brief is also the Resume form's description, so the reviewer decides with the evidence in view.
-    review = pause_flow_run(
-        wait_for_input=Review.with_initial_data(description=brief), timeout=REVIEW_TIMEOUT_S, poll_interval=REVIEW_POLL_S
-    )
-    reason = f"reviewer: {review.reason.strip() or 'no reason given'}"
+    form = Review if decision.passed else ReviewOfFailedGate
+    review = pause_flow_run(wait_for_input=form.with_initial_data(description=brief), timeout=REVIEW_TIMEOUT_S, poll_interval=REVIEW_POLL_S)
+    overridden = review.approved and not decision.passed
+    reason = f"reviewer: {review.reason.strip() or 'no reason given'}" + (" (overrode the automatic gate)" if overridden else "")
     advice = f"automatic gate: {'passes' if decision.passed else 'fails'}"
-    verdict = Verdict(passed=review.approve, reasons=[reason, *(f"{advice}: {r}" for r in decision.reasons)], decided_by="reviewer")
-    record_review(registry, version, parent_version, verdict, alias)
-    if review.approve:
+    verdict = Verdict(passed=review.approved, reasons=[reason, *(f"{advice}: {r}" for r in decision.reasons)], decided_by="reviewer")
+    record_review(registry, version, parent_version, verdict, alias, gate_overridden=overridden)
+    if review.approved:
         outcome = f"approved ({reason}): version {version} holds `{alias}`"
     else:
         outcome = f"rejected ({reason}); `{alias}` stays where it was"
     publish_markdown("review", f"Version {version} {outcome}.", "Reviewer's decision")
     logger.info("review: %s", outcome)
-    return review.approve
+    return review.approved
 
 
 def review_brief(registry: RegistrySettings, version: int, alias: str, comparison: pd.DataFrame, verdict: str, reasons: list[str]) -> str:
-    """What a reviewer needs in one markdown page: the version, the gate's advice, the held-out losses, what each answer does."""
+    """What a reviewer needs in one markdown page: the version, the gate's verdict, one row per language with its
+    held-out losses and what the gate says of it, and what each answer does."""
     losses = comparison[comparison["metric"] == "loss"]
+    said: set[str] = set()
+
+    def gate_says(row) -> str:
+        """The gate's reason for this language's loss, less the losses the row already shows."""
+        prefix = f"{row.group} language {row.language}: loss "
+        reason = next((r for r in reasons if r.startswith(prefix)), None)
+        if reason is None:
+            return ""
+        said.add(reason)
+        return reason.split(" nats) ", 1)[-1]
+
+    rows = [f"| {r.language} | {r.group} | {r.parent:.4f} | {r.child:.4f} | {r.delta:+.4f} | {gate_says(r)} |" for r in losses.itertuples()]
+    others = [reason for reason in reasons if reason not in said]  # not about one language's loss: chrF, a missing language
+    failed = verdict == "fails"
     return "\n".join(
         [
             f"**Version {version}** of `{registry.registered_model_name}` {verdict} the automatic gate; awaiting a reviewer's decision.",
             "",
-            *(f"- {reason}" for reason in reasons),
+            "| language | group | parent loss | child loss | delta | gate |",
+            "|---|---|---:|---:|---:|---|",
+            *rows,
+            *(["", *(f"- {reason}" for reason in others)] if others else []),
             "",
-            "| language | group | parent loss | child loss | delta |",
-            "|---|---|---:|---:|---:|",
-            *(f"| {r.language} | {r.group} | {r.parent:.4f} | {r.child:.4f} | {r.delta:+.4f} |" for r in losses.itertuples()),
-            "",
-            f"Approve moves `{alias}` to version {version}. Reject tags it `layermoe.rejected` with your reason; `{alias}` stays.",
+            f"Approve moves `{alias}` to version {version}"
+            + (" and overrides the failed gate (tick Override the gate; `layermoe approve --yes --override-gate`)" if failed else "")
+            + f". Reject tags it `layermoe.rejected` with your reason; `{alias}` stays.",
         ]
     )
 
 
-def answer_review(flow_run_id: str, approve: bool, reason: str) -> str:
-    """Resume a paused round with a decision, as the UI's resume form does; returns the run's name."""
-    if not approve and not reason.strip():
-        raise LayerMoEError("a rejection needs --reason: it is stored on the version for whoever looks next")
+class PausedReview(BaseModel):
+    """A round paused for review, as `layermoe approve` finds it: the run, its brief and which form it waits for."""
+
+    run_id: UUID
+    name: str
+    brief: str
+    gate_failed: bool
+
+
+def paused_review(flow_run_id: str) -> PausedReview:
+    """The paused round `flow_run_id` names, with the brief its Resume form shows; an error if it is not waiting."""
     try:
         run_id = UUID(flow_run_id)
     except ValueError:
@@ -103,10 +175,32 @@ def answer_review(flow_run_id: str, approve: bool, reason: str) -> str:
             raise LayerMoEError(
                 f"flow run {run_id} does not exist on {client.api_url}; is PREFECT_API_URL the server that ran it?"
             ) from None
-    if not (run.state and run.state.is_paused()):
+    if not (run.state and run.state.is_paused() and run.state.state_details.run_input_keyset):
         raise LayerMoEError(
             f"flow run {run.name} ({run_id}) is {run.state.name if run.state else 'not started'}, "
             "not paused for review; only a round with `promotion: manual` waits for a decision"
         )
-    resume_flow_run(run_id, run_input=Review(approve=approve, reason=reason).model_dump())
-    return run.name
+    keyset = keyset_from_paused_state(run.state)
+    schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id) or {}
+    brief = read_flow_run_input(keyset["description"], flow_run_id=run_id) or ""
+    return PausedReview(run_id=run_id, name=run.name, brief=brief, gate_failed="override_gate" in schema.get("properties", {}))
+
+
+def review_answer(approve: bool, reason: str, override_gate: bool, gate_failed: bool) -> Review:
+    """The form's answer from the CLI's flags, refused as the UI refuses it (see Review and ReviewOfFailedGate)."""
+    if override_gate and not approve:
+        raise LayerMoEError("--override-gate goes with --yes: a rejection overrides nothing")
+    if override_gate and not gate_failed:
+        raise LayerMoEError("--override-gate: the automatic gate passed this version, so there is nothing to override; drop it")
+    values = {"decision": "approve" if approve else "reject", "reason": reason}
+    try:
+        return ReviewOfFailedGate(**values, override_gate=override_gate) if gate_failed else Review(**values)
+    except ValidationError as error:
+        message = "; ".join(str(e["ctx"]["error"]) if "ctx" in e else e["msg"] for e in error.errors())
+        flag = "--reason" if not approve else "--override-gate"
+        raise LayerMoEError(f"{message} (pass {flag})") from None
+
+
+def answer_review(paused: PausedReview, answer: Review) -> None:
+    """Resume a paused round with a decision, as the UI's Resume form does."""
+    resume_flow_run(paused.run_id, run_input=answer.model_dump())

@@ -139,10 +139,14 @@ def cmd_serve(args) -> None:
 
 def cmd_approve(args) -> None:
     _refuse_registry_overrides(args, "approve", "answers the paused run, which writes to its own plan's registry")
-    from .approval import answer_review
+    from .approval import answer_review, paused_review, review_answer
 
-    name = answer_review(args.run_id, args.approve, args.reason)
-    print(f"{'approved' if args.approve else 'rejected'}: flow run {name} resumes")
+    paused = paused_review(args.run_id)
+    print(markdown_text(paused.brief) + "\n")  # the gate's verdict and table, as the Resume form shows them
+    answer = review_answer(args.approve, args.reason, args.override_gate, paused.gate_failed)
+    answer_review(paused, answer)
+    overridden = " over the failed automatic gate (tagged layermoe.gate_overridden)" if args.override_gate else ""
+    print(f"{'approved' if args.approve else 'rejected'}{overridden}: flow run {paused.name} resumes")
 
 
 def cmd_estimate(args) -> None:
@@ -199,35 +203,96 @@ def cmd_estimate(args) -> None:
 
 
 def cmd_registry(args) -> None:
-    import pandas as pd
-
-    from registry import download_version, lineage, list_versions, promote, show_version
-    from registry.versions import schedule_pause_note
-
     settings = _registry_settings(args)
+    if not getattr(args, "model_name", None):
+        from registry.versions import sole_registered_model_name
+
+        settings = settings.model_copy(update={"registered_model_name": sole_registered_model_name(settings)})
     command = args.registry_command
     if command == "list":
-        table = list_versions(settings).drop(columns=["run_id"])
-        table["created"] = table["created"].dt.strftime("%Y-%m-%d %H:%M")
-        with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:+.4f}".format):
-            print(table.to_string(index=False))
-        paused = schedule_pause_note(settings)
-        if paused:
-            print(f"\nlifelong schedule paused: {paused}")
+        _print_versions(settings)
     elif command == "show":
+        from registry import lineage, show_version
+
         ref = int(args.ref) if args.ref.isdigit() else args.ref
         info = show_version(settings, ref)
         info["lineage"] = [v.version for v in lineage(settings, ref)]
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info, indent=2, default=str) if args.json else version_text(info))
     elif command == "download":
+        from registry import download_version
+
         local = download_version(settings, args.ref, args.dir)
-        print(
-            f"version {local.version} ({local.info.storage}, verified) is in {local.path}: "
-            "load it with AutoModelForCausalLM.from_pretrained(path)"
-        )
+        print(f"version {local.version} ({local.info.storage}, verified) is in {local.path}; load it in Python with:\n")
+        print(load_snippet(local.path))
     elif command == "promote":
+        from registry import promote
+
         info = promote(settings, args.ref, args.alias)
         print(f"version {info.version} now holds the alias {args.alias!r} (aliases: {', '.join(info.aliases)})")
+
+
+def _print_versions(settings) -> None:
+    import pandas as pd
+
+    from registry import list_versions
+    from registry.versions import schedule_pause_note
+
+    table = list_versions(settings).drop(columns=["run_id"])
+    table["created"] = table["created"].dt.strftime("%Y-%m-%d %H:%M")
+    with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:+.4f}".format):
+        print(table.to_string(index=False))
+    paused = schedule_pause_note(settings)
+    if paused:
+        print(f"\nlifelong schedule paused: {paused}")
+
+
+def load_snippet(path: Path) -> str:
+    """Python that loads a downloaded version as written, in a fresh process.
+
+    Importing `layermoe_core.model.modeling_layermoe` registers the "layermoe" model type with transformers'
+    Auto classes; a bare `import layermoe_core` loads names lazily and registers nothing (see layermoe_core/__init__.py).
+    """
+    return "\n".join(
+        [
+            "import layermoe_core.model.modeling_layermoe  # registers the layermoe model type with transformers' Auto classes",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"model = AutoModelForCausalLM.from_pretrained({str(path)!r})",
+            f"tokenizer = AutoTokenizer.from_pretrained({str(path)!r})",
+        ]
+    )
+
+
+def version_text(info: dict) -> str:
+    """`registry show` for a person: what the version is, in a few lines, then its model card rendered for a terminal."""
+    aliases = f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""
+    languages = ", ".join(info.get("languages") or [])
+    new = info.get("new_languages")
+    verdict = info["other_tags"].get("layermoe.verdict")
+    reason = info["other_tags"].get("layermoe.verdict_reason")
+    lines = [
+        f"{info['name']} version {info['version']}{aliases}",
+        f"  status     {info['status']}, created {info['created'][:16].replace('T', ' ')} UTC, run {info['run_id'] or '-'}",
+        f"  lineage    {' <- '.join(str(v) for v in info['lineage'])}",
+        f"  round      {info.get('round', 0)}: {languages}" + (f" (new: {', '.join(new)})" if new else ""),
+        f"  storage    {info.get('storage', 'whole')}" + (f", {info['stored_bytes']:,} bytes" if info.get("stored_bytes") else ""),
+    ]
+    if verdict:
+        lines.append(f"  verdict    {verdict}" + (f": {reason}" if reason else ""))
+    lines += ["  (every tag, metric and param: add --json)", ""]
+    return "\n".join(lines) + "\n" + markdown_text(info["description"] or "(no model card)")
+
+
+def markdown_text(markdown: str) -> str:
+    """Markdown (a model card, a review brief) rendered for a terminal: headings, lists and tables drawn as text."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    terminal = Console()
+    console = Console(width=min(terminal.width, 120) if terminal.is_terminal else 120, highlight=False)  # a pipe or file: 120
+    with console.capture() as rendered:
+        console.print(Markdown(markdown))
+    return "\n".join(line.rstrip() for line in rendered.get().splitlines())
 
 
 def cmd_demo(args) -> int | None:
@@ -315,7 +380,11 @@ def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=argparse.SUPPRESS,
         help="MLflow URI (default: the plan's, or $MLFLOW_TRACKING_URI, or sqlite:///mlruns/mlflow.db)",
     )
-    parser.add_argument("--model-name", default=argparse.SUPPRESS, help="registered model name (default: the plan's, or layermoe)")
+    parser.add_argument(
+        "--model-name",
+        default=argparse.SUPPRESS,
+        help="registered model name (default: the plan's; registry commands: the store's only one)",
+    )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in {id(choice): choice for choice in action.choices.values()}.values():  # an alias repeats its parser
@@ -359,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     decision.add_argument("--yes", dest="approve", action="store_true", help="move the alias to the round's version")
     decision.add_argument("--no", dest="approve", action="store_false", help="tag the version layermoe.rejected")
     p.add_argument("--reason", default="", help="stored on the version (required with --no)")
+    p.add_argument(
+        "--override-gate",
+        action="store_true",
+        help="with --yes: approve a version the automatic gate failed (tagged layermoe.gate_overridden)",
+    )
     p.set_defaults(run=cmd_approve)
 
     p = sub.add_parser("estimate", help="parameters, child size, memory per device, tokens and steps of a plan; trains nothing")
@@ -378,8 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="browse registered versions")
     reg = p.add_subparsers(dest="registry_command", required=True)
     reg.add_parser("list", help="every version: aliases, lineage, gate verdict, worst old-language drift, new-language gain")
-    show = reg.add_parser("show", help="one version: tags, metrics, lineage")
+    show = reg.add_parser("show", help="one version: what it is, its lineage and its model card")
     show.add_argument("ref", help="version number or alias, e.g. 3 or champion")
+    show.add_argument("--json", action="store_true", help="everything as JSON, for programs: tags, run metrics and params, card")
     fetch = reg.add_parser("download", help="a version, verified and rebuilt from its lineage, as a standalone save_pretrained folder")
     fetch.add_argument("ref", help="version number or alias")
     fetch.add_argument("dir", help="a new or empty folder")

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 class LocalVersion(BaseModel):
-    """A verified local copy of a version: load it with AutoModelForCausalLM.from_pretrained(path)."""
+    """A verified local copy of a version: AutoModelForCausalLM.from_pretrained(path) loads it once
+    `layermoe_core.model.modeling_layermoe` is imported (that import registers the model type)."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -26,6 +26,7 @@ VERDICT_REASON = "layermoe.verdict_reason"
 OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
 PINNED_DRIFT_MAX = "layermoe.pinned_drift_max"  # largest old-language loss rise pinned to the language, nats: 0 by construction
 NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
+GATE_OVERRIDDEN = "layermoe.gate_overridden"  # "true" where a reviewer approved a version the automatic gate failed
 
 # On the registered model, not a version: why its lifelong schedule paused (absent while it runs).
 SCHEDULE_PAUSED = "layermoe.schedule_paused"

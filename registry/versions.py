@@ -179,6 +179,20 @@ def registered_model(client: MlflowClient, settings: RegistrySettings) -> Regist
         ) from e
 
 
+def sole_registered_model_name(settings: RegistrySettings) -> str:
+    """The store's one registered model, for commands given no name; with none or several, an error that lists them."""
+    with store_errors(settings):
+        names = sorted(rm.name for rm in open_client(settings, create=False).search_registered_models())
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise LayerMoEError(f"{settings.tracking_uri} has no registered model yet; register a base model first (a round's plan does)")
+    raise LayerMoEError(
+        f"{settings.tracking_uri} holds {len(names)} registered models ({', '.join(names)}); pick one with --model-name, "
+        f"e.g. --model-name {names[0]}"
+    )
+
+
 def _aliases_by_version(rm: RegisteredModel) -> dict[int, list[str]]:
     by_version: dict[int, list[str]] = {}
     for alias, version in sorted(rm.aliases.items()):

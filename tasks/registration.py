@@ -17,7 +17,9 @@ from registry import (
     promote,
     record_verdict,
     register_child,
+    tag_version,
 )
+from registry.tags import GATE_OVERRIDDEN
 
 from .common import REGISTRY_RETRY_DELAYS_S, publish_markdown, registry_unreachable
 
@@ -133,9 +135,16 @@ def gate_and_promote(
 
 
 @task(name="record review", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
-def record_review(registry: RegistrySettings, version: int, parent_version: int, verdict: Verdict, alias: str) -> bool:
-    """A reviewer's verdict, written on the version as the gate's is (tags, card), then the alias moved as the gate would."""
+def record_review(
+    registry: RegistrySettings, version: int, parent_version: int, verdict: Verdict, alias: str, gate_overridden: bool = False
+) -> bool:
+    """A reviewer's verdict, written on the version as the gate's is (tags, card), then the alias moved as the gate would.
+
+    An approval over a failed automatic gate is also tagged `layermoe.gate_overridden`, before the alias moves.
+    """
     record_verdict(registry, version, verdict)
+    if gate_overridden:
+        tag_version(registry, version, {GATE_OVERRIDDEN: "true"})
     move_alias(registry, version, parent_version, verdict.passed, alias)
     return verdict.passed
 

@@ -29,12 +29,14 @@ from prefect.client.schemas.filters import (
     ArtifactFilterFlowRunId,
     FlowRunFilter,
     FlowRunFilterDeploymentId,
+    FlowRunFilterName,
     FlowRunFilterParentFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.flow_runs import resume_flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import main
@@ -328,6 +330,13 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
             assert waiting["other_tags"]["layermoe.verdict"] == "pending"
             assert "**Gate verdict: PENDING** (awaiting a reviewer; the automatic gate passes it)" in waiting["description"]
 
+        # The Resume form's answer is checked by the server against the form's schema, as the UI submits it.
+        for unanswerable in ({}, {"reason": "fine"}, {"decision": "reject"}, {"decision": "reject", "reason": "  "}):
+            with pytest.raises(RuntimeError, match="Cannot resume this run"):
+                resume_flow_run(runs["tr"].id, run_input=unanswerable)
+        assert read_flow_run(runs["tr"].id).state.is_paused()
+        assert main(["approve", str(runs["tr"].id), "--no"]) == 2  # the CLI refuses a reasonless rejection too
+        assert main(["approve", str(runs["hu"].id), "--yes", "--override-gate", "--reason", "x"]) == 2  # it passed the gate
         assert main(["approve", str(runs["hu"].id), "--yes", "--reason", "hu reads well"]) == 0
         assert main(["approve", str(runs["tr"].id), "--no", "--reason", "en drifted too far"]) == 0
         done = {
@@ -363,6 +372,68 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     assert "layermoe.approved" not in rejected["other_tags"]
     # the registered model's own description, markdown in the UI, names the model in its load example
     assert "models:/tiny@champion" in MlflowClient(plan.registry.tracking_uri).get_registered_model("tiny").description
+
+
+REVIEWED_RUN = "review-over-a-failed-gate"
+FAILED_GATE = [  # en's loss rose 0.1 nats, over the default gate's 0.05
+    {"language": "en", "group": "old", "metric": "loss", "parent": 2.0, "child": 2.1, "delta": 0.1},
+    {"language": "es", "group": "old", "metric": "loss", "parent": 2.0, "child": 2.01, "delta": 0.01},
+    {"language": "hu", "group": "new", "metric": "loss", "parent": 3.0, "child": 2.5, "delta": -0.5},
+]
+
+
+def review_a_failed_gate(tracking_uri: str) -> None:
+    """Run in a child process: version 2 paused for review, with a comparison the automatic gate fails."""
+    import pandas as pd
+    from prefect import flow
+
+    from flows.approval import review_promotion
+
+    @flow(name="review", flow_run_name=REVIEWED_RUN)
+    def review() -> bool:
+        registry = RegistrySettings(tracking_uri=tracking_uri, registered_model_name="tiny")
+        return review_promotion(registry, 2, 1, pd.DataFrame(FAILED_GATE), GateSettings(), "champion")
+
+    review()
+
+
+def test_approving_a_version_that_failed_the_gate_needs_override_gate_which_is_recorded(prefect_api, tiny_world, tmp_path, capsys):
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registered_model_name="tiny")
+    promote(registry, register_base(registry, tiny_world[0], BASE_LANGUAGES).version)
+    register_base(registry, tiny_world[0], BASE_LANGUAGES)  # version 2 stands for the round's child
+    code = f"from tests.test_deployments import review_a_failed_gate; review_a_failed_gate({registry.tracking_uri!r})"
+    child = [sys.executable, "-c", code]
+    log = tmp_path / "review.log"
+    with running(child, process_env(tmp_path / "review-home", prefect_api), log) as reviewed:
+
+        def paused_run() -> FlowRun | None:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[REVIEWED_RUN])))
+            return next((run for run in runs if run.state and run.state.is_paused()), None)
+
+        run = wait_until(paused_run, "the review to pause", reviewed, log)
+        # The form for a failed gate: approving needs the override box, rejecting a reason; the server refuses otherwise.
+        for unanswerable in ({"decision": "approve"}, {"decision": "approve", "override_gate": False}, {"decision": "reject"}):
+            with pytest.raises(RuntimeError, match="Cannot resume this run"):
+                resume_flow_run(run.id, run_input=unanswerable)
+
+        assert main(["approve", str(run.id), "--yes", "--reason", "en drift is noise"]) == 2
+        refused = capsys.readouterr()
+        assert "needs the gate override" in refused.err and "--override-gate" in refused.err
+        # the brief came first: the verdict, and each language once with what the gate says of it
+        assert "Version 2 of tiny fails the automatic gate" in refused.out
+        assert refused.out.count("exceeds the allowed increase of 0.0500 nats") == 1 and refused.out.count(" hu ") == 1
+        assert show_version(registry, "champion")["version"] == 1 and read_flow_run(run.id).state.is_paused()
+
+        assert main(["approve", str(run.id), "--yes", "--override-gate", "--reason", "en drift is noise"]) == 0
+        assert "approved over the failed automatic gate" in capsys.readouterr().out
+        assert reviewed.wait(timeout=DEADLINE_S) == 0, log.read_text()[-4000:]
+    approved = show_version(registry, "champion")
+    assert approved["version"] == 2 and approved["other_tags"]["layermoe.gate_overridden"] == "true"
+    assert approved["other_tags"]["layermoe.verdict"] == "passed"
+    assert approved["other_tags"]["layermoe.verdict_reason"].startswith(
+        "reviewer: en drift is noise (overrode the automatic gate); automatic gate: fails: old language en: loss 2.0000 -> 2.1000"
+    )
 
 
 def test_approve_refuses_a_run_that_is_not_paused_for_review(prefect_api, capsys):

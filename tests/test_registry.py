@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -267,6 +271,9 @@ def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, regis
     assert "version 7 does not exist" in capsys.readouterr().err
     assert layermoe([*uri, "download", "stable", str(tmp_path / "stable")]) == 0
     assert (tmp_path / "stable" / "model.safetensors").is_file()
+    snippet = capsys.readouterr().out.split("load it in Python with:\n", 1)[1]
+    loaded = run_in_fresh_process(snippet + "print(type(model).__name__, model.config.languages, type(tokenizer).__name__)", tmp_path)
+    assert loaded.split() == ["LayerMoEForCausalLM", "['en',", "'el']", type(tiny_tokenizer()).__name__]
     assert layermoe([*uri, "list"]) == 0
     header, base_row, child_row = capsys.readouterr().out.splitlines()[-3:]
     assert header.split()[:12] == [
@@ -285,3 +292,45 @@ def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, regis
     ]
     assert base_row.split()[0] == "1" and "base" in base_row.split()
     assert "stable" in child_row and "delta" in child_row
+
+
+def run_in_fresh_process(code: str, cwd: Path) -> str:
+    """`code`'s output in a new interpreter that imports nothing first, as a user's own script would."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_bare_import_of_layermoe_core_does_not_load_a_version(settings, registered, tmp_path):
+    """Why the download's snippet imports modeling_layermoe: the line it once printed fails as written."""
+    path = download_version(settings, 2, tmp_path / "v2").path
+    code = f"import layermoe_core\nfrom transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(path)!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "layermoe" in done.stderr
+
+
+def test_cli_show_prints_the_version_and_its_card_and_json_on_request(settings, registered, capsys):
+    from flows.cli import main as layermoe
+
+    uri = ["registry", "--tracking-uri", settings.tracking_uri]
+    assert layermoe([*uri, "show", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("layermoe version 2\n") and "  lineage    2 <- 1\n" in text and "  round      1: en, el (new: el)\n" in text
+    assert "Round 1: adds el" in text and "## " not in text and "|---" not in text  # the card rendered, not its markdown
+    assert layermoe([*uri, "show", "2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["lineage"] == [2, 1] and shown["metrics"]["ppl_el"] == 12.5 and shown["description"].startswith("## Round 1")
+
+
+def test_cli_finds_the_registered_model_when_the_store_holds_one_and_names_them_otherwise(settings, base_dir, capsys):
+    from flows.cli import main as layermoe
+
+    named = settings.model_copy(update={"registered_model_name": "tiny-demo"})
+    register_base(named, base_dir, ["en"])
+    assert layermoe(["registry", "list", "--tracking-uri", settings.tracking_uri]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:2] == ["1", "<NA>"]
+    MlflowClient(settings.tracking_uri).create_registered_model("other")
+    assert layermoe(["registry", "list", "--tracking-uri", settings.tracking_uri]) == 2
+    assert "holds 2 registered models (other, tiny-demo); pick one with --model-name" in capsys.readouterr().err
+    assert layermoe(["registry", "show", "1", "--tracking-uri", settings.tracking_uri, "--model-name", "tiny-demo"]) == 0

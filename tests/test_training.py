@@ -187,6 +187,17 @@ def test_train_causal_lm_lowers_loss_and_reports_loss_curves(tmp_path):
     assert result.final_metrics["lm_loss"] == curve[-1][1]
 
 
+def test_a_metrics_callback_prints_each_log_step_once(tmp_path, capfd):
+    """The demo's console: the reporter's line per log step, not also the Trainer's own log dict after it."""
+    settings = TrainSettings(learning_rate=1e-2, max_steps=4, per_device_batch_size=4, save_steps=100, logging_steps=2)
+    train_causal_lm(tiny_model(), {"el": new_language(16)}, settings, tmp_path / "plain")
+    assert "{'loss': " in capfd.readouterr().out  # without a reporter the Trainer prints its dict
+    report = MetricsCallback(lambda metrics, step: print(f"base step {step}: {sorted(metrics)}"))
+    train_causal_lm(tiny_model(), {"el": new_language(16)}, settings, tmp_path / "reported", [report])
+    printed = capfd.readouterr().out
+    assert "{'loss': " not in printed and "base step 2: " in printed and "base step 4: " in printed, printed
+
+
 def test_routing_heatmap_is_written(tmp_path):
     model = expand(tiny_model(), [1, 0, 2], ["en"], ["el"])
     stats = routing_statistics(model, {"en": old_language(4), "el": new_language(4)}, ["en"], batch_size=3)

@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..analysis.routing_stats import routing_statistics
@@ -527,6 +528,22 @@ class ClassifierTarget(TrainerCallback):
             control.should_log = True
 
 
+class _ProgressBarOnly(ProgressCallback):
+    """The Trainer's progress bar without its printed log dict: a `MetricsCallback` already reports each log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def _print_each_log_once(trainer: Trainer, callbacks: Sequence[TrainerCallback]) -> None:
+    """With a `MetricsCallback`, each log step prints one line (the callback's), not that line and the Trainer's dict."""
+    if not any(isinstance(callback, MetricsCallback) for callback in callbacks):
+        return
+    trainer.remove_callback(PrinterCallback)  # the Trainer's printer when its progress bar is off
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_ProgressBarOnly)
+
+
 def training_arguments(settings: TrainSettings, output_dir: Path) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     if settings.precision == "fp16" and not on_gpu:
@@ -620,6 +637,7 @@ def _train(
     trainer.add_callback(_AnnounceRank(trainer))
     if trainer.accelerator.is_fsdp2:
         shard_moe_blocks(model, trainer.accelerator.state.fsdp_plugin)
+    _print_each_log_once(trainer, callbacks)
     checkpoint = latest_checkpoint(output_dir)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
