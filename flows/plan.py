@@ -10,12 +10,10 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_validator
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema as cs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.analysis.similarity import SimilarityScore
@@ -49,156 +47,6 @@ def form_first(*names: str):
     return reorder
 
 
-class FormSection:
-    """How a settings model of the library reads as a section of the Prefect run form.
-
-    Prefect titles a nested model's section with the model's schema title, which is its class name
-    (`Stage1Settings`) unless the model sets one. The library's settings models stay free of form
-    concerns, so the plan annotates its fields with this: the model's title and description, texts
-    for the fields that lack them (or do not say what leaving them empty does), and the same for the
-    models nested inside it (by field name). It edits the model's shared schema definition, so the
-    model reads the same wherever the form shows it.
-    """
-
-    def __init__(
-        self,
-        title: str,
-        description: str | None = None,
-        fields: dict[str, dict[str, str]] | None = None,
-        nested: dict[str, "FormSection"] | None = None,
-    ):
-        self.title, self.description, self.fields, self.nested = title, description, fields or {}, nested or {}
-
-    def __get_pydantic_json_schema__(self, schema: cs.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        json_schema = handler(schema)
-        self.apply(handler.resolve_ref_schema(json_schema), handler)
-        return json_schema
-
-    def apply(self, definition: dict[str, Any], handler: GetJsonSchemaHandler) -> None:
-        definition["title"] = self.title
-        if self.description:
-            definition["description"] = self.description
-        properties = definition.get("properties", {})
-        for name, texts in self.fields.items():
-            properties[name].update(texts)
-        for name, section in self.nested.items():
-            ref = _model_ref(properties[name])
-            section.apply(handler.resolve_ref_schema({"$ref": ref}), handler)
-
-
-def _model_ref(prop: dict[str, Any]) -> str:
-    """The `$ref` of the model a property holds: directly, as an optional, or as a dict's values."""
-    if "$ref" in prop:
-        return prop["$ref"]
-    for option in prop.get("anyOf", []):
-        if "$ref" in option:
-            return option["$ref"]
-    return _model_ref(prop["additionalProperties"])
-
-
-# The library's settings models as form sections. The field texts below only fill gaps in the library's own
-# descriptions (mostly: what an empty optional field does); they belong there once layermoe_core is free to change.
-EMPTY_MAX_STEPS = {"description": "optimizer steps, >= 1; empty: train num_epochs epochs (overrides num_epochs when set)"}
-TRAINING_TITLES = {
-    "lr_scheduler": {"title": "LR schedule"},
-    "max_steps": {**EMPTY_MAX_STEPS, "title": "Max steps"},
-    "new_prior_coef": {"title": "New-expert prior coefficient"},
-}
-ALLOCATION_FORM = FormSection(
-    "Expert budget",
-    "How many new experts a round adds and to which layers: the allocation method, its budget (delta) and per-layer "
-    "bounds, and the settings of the signal the method reads.",
-    fields={
-        "method": {
-            "description": "layermoe: by hidden-state similarity to the old languages (the paper); uniform: the same "
-            "count in every layer (MoE-LPR); fixed: the counts in `fixed`; neuron, param_delta, late_layers: "
-            "the other signals compared in `layermoe compare`"
-        },
-        "fixed": {"description": "with method fixed: new experts per layer, one count per layer; empty: the method decides"},
-        "max_per_layer": {"description": "at most this many new experts per layer (minmax: the top of the range); empty: no cap"},
-        "clamp_similarity": {
-            "description": "layermoe: raise similarities below this positive floor to it, so 1/S stays defined; empty: no floor"
-        },
-    },
-)
-CORPUS_FORM = FormSection(
-    "Corpus",
-    "Where one language's documents come from: a local file or folder (`path`) or a "
-    "datasets hub dataset (`hub_name`), exactly one of them.",
-)
-STAGE1_FORM = FormSection(
-    "Stage 1: new experts",
-    "Stage 1 trains the new experts and their routers on the new languages; everything the parent had stays frozen.",
-    fields={**TRAINING_TITLES, "balance_loss_coef": {"title": "Balance loss coefficient"}},
-)
-STAGE2_FORM = FormSection(
-    "Stage 2: review",
-    "Stage 2 (the review) trains only the routers and the routing classifiers, on a "
-    "replay of old and new languages, so old-language tokens go back to the old experts.",
-    fields={
-        **TRAINING_TITLES,
-        "lpr_coef": {"title": "LPR loss coefficient"},
-        "classifier_coef": {"title": "Classifier loss coefficient"},
-        "lm_coef": {"title": "LM loss coefficient"},
-    },
-)
-EVALUATION_FORM = FormSection(
-    "Evaluation and gate",
-    "What the parent and its child are compared on (held-out loss per language, optional benchmarks), and the gate the "
-    "child must pass to take the alias.",
-    fields={
-        "translation": {
-            "title": "Translation",
-            "description": "few-shot translation to and from a pivot on held-out "
-            "parallel sentences, scored with chrF++; empty: no translation evaluation",
-        },
-        "gates": {"title": "Promotion gate", "description": "when the child may take the alias"},
-        "multiple_choice_files": {
-            "description": "local Belebele-like .jsonl files; each file's metric is named after it (belebele_el.jsonl: belebele_el.mc_acc)"
-        },
-        "lm_eval_tasks": {"title": "lm-eval tasks"},
-        "lm_eval_task_files": {"title": "lm-eval task files"},
-        "lm_eval_limit": {"title": "lm-eval limit"},
-    },
-    nested={
-        "gates": FormSection(
-            "Promotion gate",
-            "Bounds on the child's held-out loss (and, optionally, translation chrF++) "
-            "per language, relative to its parent; with `promotion: manual` the gate's verdict is advice "
-            "shown to the reviewer.",
-        ),
-        "translation": FormSection(
-            "Translation", "Few-shot translation between a pivot language (English by default) and every other evaluated language."
-        ),
-        "lm_eval_tasks": FormSection(
-            "lm-eval task",
-            "One lm-eval task: the language it measures and its few-shot count.",
-            fields={
-                "language": {"description": "the language code the task measures, e.g. el"},
-                "num_fewshot": {"description": "few-shot examples per prompt, e.g. 25 for ARC"},
-            },
-        ),
-    },
-)
-LAUNCHER_FORM = FormSection(
-    "Launcher",
-    "How Stage 1 and Stage 2 start: `accelerate launch` with this many processes (DDP), or an accelerate "
-    "config (DDP, FSDP or DeepSpeed ZeRO).",
-    fields={"config_file": {"description": "an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO); empty: plain DDP with num_processes"}},
-)
-
-PLACEMENT_FORM = FormSection(
-    "Model placement",
-    "How the flow's own process places a model it measures: similarity and the other allocation signals, routing "
-    "statistics and evaluation (held-out loss, benchmarks, translation, continuations). Training is the launcher's.",
-    fields={
-        "device_map": {"title": "Device map"},
-        "max_memory": {"title": "Memory per device"},
-        "offload_folder": {"title": "Offload folder"},
-    },
-)
-
-
 WORKDIR_ENV = "LAYERMOE_WORKDIR"  # where a plan without `workdir` keeps its rounds (the compose workers: /data/work)
 
 
@@ -225,7 +73,8 @@ class ParentRef(_Strict):
     hf_path: Path | None = Field(
         None,
         title="HF model directory",
-        description="a local HF model directory (save_pretrained) for the first round, relative to the plan file; it is registered as version 1 first. Empty: start from the registry",
+        description="a local HF model directory (save_pretrained) for the first round, relative to the plan file; "
+        "it is registered as version 1 first. Empty: start from the registry",
     )
     languages: list[str] = Field(
         default_factory=list,
@@ -260,7 +109,7 @@ class ExpansionSettings(_Strict):
     registry: RegistrySettings = Field(
         default_factory=RegistrySettings, title="Registry", description="the MLflow store that holds the versions"
     )
-    corpora: dict[str, Annotated[CorpusSpec, CORPUS_FORM]] = Field(
+    corpora: dict[str, CorpusSpec] = Field(
         title="Corpora",
         description="one corpus per language code, old and new languages alike, e.g. "
         '{"el": {"path": "corpus/el.jsonl"}}; paths are relative to the plan file',
@@ -274,7 +123,7 @@ class ExpansionSettings(_Strict):
     similarity_batch_size: int = Field(
         8, ge=1, title="Similarity batch size", description="sequences per forward pass while measuring similarity"
     )
-    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] = Field(
+    allocation: AllocationSettings = Field(
         default_factory=AllocationSettings, title="Expert budget", description="how many new experts, and in which layers"
     )
     top_k: int = Field(
@@ -283,26 +132,27 @@ class ExpansionSettings(_Strict):
     classifier_layer_count: int = Field(
         2, ge=0, title="Classifier layer count", description="K: routing classifiers go to the K most similar layers"
     )
-    stage1: Annotated[Stage1Settings, STAGE1_FORM] = Field(
+    stage1: Stage1Settings = Field(
         default_factory=Stage1Settings, title="Stage 1", description="training of the new experts and routers on the new languages"
     )
-    stage2: Annotated[Stage2Settings, STAGE2_FORM] = Field(
+    stage2: Stage2Settings = Field(
         default_factory=Stage2Settings,
         title="Stage 2",
         description="the review: classifiers and routers on a replay of old and new languages",
     )
-    evaluation: Annotated[EvalSettings, EVALUATION_FORM] = Field(
+    evaluation: EvalSettings = Field(
         default_factory=EvalSettings, title="Evaluation", description="held-out parent-vs-child evaluation and the promotion gate"
     )
-    launcher: Annotated[LauncherSettings, LAUNCHER_FORM] | None = Field(
+    launcher: LauncherSettings | None = Field(
         None,
         title="Launcher",
         description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process",
     )
-    placement: Annotated[PlacementSettings, PLACEMENT_FORM] = Field(
+    placement: PlacementSettings = Field(
         default_factory=PlacementSettings,
         title="Model placement",
-        description="where the flow's own process puts a model it measures or evaluates: one device (the default), or device_map auto over every GPU, then CPU, then disk, for a model larger than one device",
+        description="where the flow's own process puts a model it measures or evaluates: one device (the default), "
+        "or device_map auto over every GPU, then CPU, then disk, for a model larger than one device",
     )
     promote_alias: str = Field("champion", title="Alias to promote", description="the alias a child that passes the gate takes")
     promotion: Literal["auto", "manual"] = Field(
@@ -373,7 +223,7 @@ class RoundSpec(_Strict):
     model_config = ConfigDict(title="Round")
 
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds")
-    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] | None = Field(
+    allocation: AllocationSettings | None = Field(
         None, title="Expert budget of this round", description="overrides the plan's allocation for this round; empty: the plan's"
     )
 
