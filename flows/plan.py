@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,23 +28,47 @@ from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
 
 
-def form_first(*names: str):
-    """A `json_schema_extra` that lists `names` first in the Prefect form, the other fields after in their order.
+def settings_section(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a plan field holds: itself, as an optional, or as a mapping's values (corpora)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
-    It also keeps each field's own title: pydantic leaves it out where it equals the title of the model the
-    field holds, and the form then shows the bare key ("Parent") instead.
+
+def section_keys(model: type[BaseModel]) -> str:
+    """A section's keys in one line, a nested section's keys in parentheses: `batch_size, ..., gates (max_old_loss_increase, ...)`."""
+    keys = []
+    for name, field in model.model_fields.items():
+        nested = settings_section(field.annotation)
+        keys.append(f"{name} ({section_keys(nested)})" if nested is not None else name)
+    return ", ".join(keys)
+
+
+def run_form(*first: str):
+    """A plan's `json_schema_extra`: how the plan reads as the Prefect UI's run form (docs/operations.md).
+
+    The form lists `first` first, the other fields after in their order. Prefect draws every field of a nested
+    model and cannot fold a section, so each settings section is drawn as a JSON editor instead (Prefect's widget
+    for an object without properties) that holds what the plan sets; its description lists the section's keys
+    and their defaults. The models keep every field's title and description for the plan's own schema.
     """
 
-    def reorder(schema: dict[str, Any], model: type[BaseModel]) -> None:
-        properties = schema.get("properties", {})
-        for name, prop in properties.items():
-            field = model.model_fields.get(name)
-            if field is not None and field.title and "title" not in prop:
-                prop["title"] = field.title
-        first = [name for name in names if name in properties]
-        schema["properties"] = {name: properties[name] for name in [*first, *(n for n in properties if n not in first)]}
+    def form(schema: dict[str, Any], model: type[BaseModel]) -> None:
+        properties = schema["properties"]
+        for name, field in model.model_fields.items():
+            section = settings_section(field.annotation)
+            if section is not None:
+                each = "Each corpus's keys" if get_origin(field.annotation) is dict else "Keys"
+                properties[name] = {
+                    "type": "object",
+                    "title": field.title,
+                    "description": f"{field.description}. {each}: {section_keys(section)}",
+                }
+        names = [name for name in first if name in properties]
+        schema["properties"] = {name: properties[name] for name in [*names, *(n for n in properties if n not in names)]}
 
-    return reorder
+    return form
 
 
 WORKDIR_ENV = "LAYERMOE_WORKDIR"  # where a plan without `workdir` keeps its rounds (the compose workers: /data/work)
@@ -60,7 +84,7 @@ class ParentRef(_Strict):
     An HF directory is registered as version 1 (round 0) of the registered model first.
     """
 
-    model_config = ConfigDict(title="Parent model", json_schema_extra=form_first("hf_path", "alias", "version", "languages"))
+    model_config = ConfigDict(title="Parent model")
 
     alias: str = Field(
         "champion",
@@ -192,7 +216,8 @@ class ExpansionPlan(ExpansionSettings):
     """One "add languages" round. `old_languages` defaults to the parent version's languages."""
 
     model_config = ConfigDict(
-        title="Add-languages plan", json_schema_extra=form_first("parent", "new_languages", "old_languages", "corpora", "allocation")
+        title="Add-languages plan",
+        json_schema_extra=run_form("new_languages", "corpora", "allocation", "promotion", "old_languages", "parent"),
     )
 
     name: str = Field("add-languages", title="Plan name", description="names the round's folder and its runs")
@@ -235,7 +260,7 @@ class LifelongPlan(ExpansionSettings):
     already in the parent, a corpus for every language.
     """
 
-    model_config = ConfigDict(title="Lifelong plan", json_schema_extra=form_first("parent", "rounds", "corpora", "allocation"))
+    model_config = ConfigDict(title="Lifelong plan")
 
     name: str = Field("lifelong", title="Plan name", description="names the rounds' folders and runs")
     parent: ParentRef = Field(
