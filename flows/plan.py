@@ -2,8 +2,8 @@
 
 Each plan is validated once, here at the edge, and composes the settings models of the
 library (`layermoe_core`) and of the registry. Unknown keys are errors, so a typo in a
-plan never silently falls back to a default. The same models are the Prefect UI's run form,
-so every field has a title and a description, and the form lists first what a user sets first.
+plan never silently falls back to a default. Every field has a title and a description, on the
+model that holds it; `run_form` says how a plan reads as the Prefect UI's run form.
 """
 
 import json
@@ -50,8 +50,8 @@ def run_form(*first: str):
 
     The form lists `first` first, the other fields after in their order. Prefect draws every field of a nested
     model and cannot fold a section, so each settings section is drawn as a JSON editor instead (Prefect's widget
-    for an object without properties) that holds what the plan sets; its description lists the section's keys
-    and their defaults. The models keep every field's title and description for the plan's own schema.
+    for an object without properties) that holds what the plan sets; its description names the section's keys.
+    Each key's title and description stay on its settings model.
     """
 
     def form(schema: dict[str, Any], model: type[BaseModel]) -> None:
