@@ -29,8 +29,8 @@ def form_defaults(plan: ExpansionPlan | ComparePlan) -> dict:
     """The plan as a deployment's default parameters, which the run form shows.
 
     Each settings section is a JSON editor in the form (flows/plan.py `run_form`) and holds only what the plan
-    sets, the expert budget also its method and delta; a section the plan leaves empty (the launcher) is left
-    out. Input paths (corpora, an HF parent) are absolute, as the plan file means them, so a run from the form
+    sets, the expert budget also its method and delta; an optional section the plan does not set (the launcher) is
+    left out. Input paths (corpora, an HF parent) are absolute, as the plan file means them, so a run from the form
     reads the same files wherever `serve` was started.
     """
     defaults = plan.model_dump(mode="json")
