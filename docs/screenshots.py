@@ -4,7 +4,8 @@
 
 What it runs, all on 127.0.0.1 in a temporary folder:
 1. `prefect server start` (temporary PREFECT_HOME, sqlite) and `layermoe serve --plan tiny.yaml`: a tiny Qwen2 base,
-   synthetic en/es/hu/tr corpora, the registry a sqlite MLflow store. Screenshot: add-languages' custom-run form.
+   synthetic en/es/hu/tr corpora, the registry a sqlite MLflow store. Screenshot: add-languages' custom-run form; its
+   whole height and how often it shows Prefect's `Property is type "None"` are printed. `--form-only` stops here.
 2. A run of the `lifelong-expansion` deployment (one round adding hu) to Completed. Screenshot: the round's run, Artifacts tab.
 3. A run of `add-languages` adding tr with `promotion: manual`, which pauses for review. Screenshot: its Resume form.
    Then `layermoe approve RUN_ID --no --reason ...` answers it.
@@ -28,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import websockets
 import yaml
@@ -139,6 +141,19 @@ class Browser:
             shot = await self._call(ws, "Page.captureScreenshot", format="png")
             out.write_bytes(base64.b64decode(shot["data"]))
 
+    async def _measure(self, url: str, wait_text: list[str], script: str) -> Any:
+        async with websockets.connect(self.ws_url, max_size=64 * 2**20) as ws:
+            await self._call(ws, "Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+            await self._call(ws, "Page.navigate", url=url)
+            for text in wait_text:
+                await self._wait_text(ws, text)
+            await asyncio.sleep(3)
+            return (await self._call(ws, "Runtime.evaluate", expression=script, returnByValue=True))["result"]["value"]
+
+    def measure(self, url: str, wait_text: list[str], script: str) -> Any:
+        """The value of `script` on the rendered page."""
+        return asyncio.run(self._measure(url, list(wait_text), script))
+
     async def _wait_text(self, ws, text: str, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -175,6 +190,11 @@ class Browser:
         stop(self.process)
 
 
+FORM_HEIGHT = """(() => {  // the page's full height: the document's, or a scrolling panel's where that is taller
+  let height = document.documentElement.scrollHeight;
+  for (const e of document.querySelectorAll('*')) if (e.scrollHeight > e.clientHeight + 10) height = Math.max(height, e.scrollHeight);
+  return [height, (document.body.innerText.match(/Property is type/g) || []).length];
+})()"""
 MLFLOW_PAGE_WIDTH = 1035  # MLflow 3's UI opens an "MLflow Assistant" panel right of the page: crop it off
 
 
@@ -221,6 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--form-only", action="store_true", help="take and measure the run form, then stop")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     root = args.keep or Path(tempfile.mkdtemp(prefix="layermoe-screens-"))
@@ -257,12 +278,12 @@ def main() -> None:
         browser.shoot(
             f"{ui}/deployments/deployment/{add['id']}/run", args.out / "prefect-run-form.png", wait_text=["Parent model", "New languages"]
         )
-        browser.shoot(
-            f"{ui}/deployments/deployment/{add['id']}/run",
-            root / "prefect-run-form-whole.png",  # to read, not for the docs
-            wait_text=["Parent model", "New languages"],
-            height=12000,
-        )
+        form_url = f"{ui}/deployments/deployment/{add['id']}/run"
+        height, none_count = browser.measure(form_url, ["Parent model", "New languages"], FORM_HEIGHT)
+        print(f"run form: {height} px tall at {WIDTH} px wide; 'Property is type \"None\"' {none_count} times", flush=True)
+        browser.shoot(form_url, root / "prefect-run-form-whole.png", wait_text=["Parent model", "New languages"], height=height)  # to read
+        if args.form_only:
+            return
 
         def finished(run_id: str, want: str) -> dict:
             return wait_for(

@@ -35,7 +35,7 @@ from tasks.common import publish_table
 from tasks.registration import log_comparison_report
 
 from .add_languages import RoundSummary, add_languages, fetch_parent
-from .plan import ExpansionPlan, form_first
+from .plan import ExpansionPlan, run_form
 
 VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
 VARIANTS: tuple[str, ...] = get_args(VariantName)
@@ -45,7 +45,8 @@ class ComparePlan(ExpansionPlan):
     """One round run once per allocation variant from the same parent; each variant's version holds the alias compare-VARIANT."""
 
     model_config = ConfigDict(
-        title="Compare plan", json_schema_extra=form_first("parent", "new_languages", "old_languages", "variants", "corpora", "allocation")
+        title="Compare plan",
+        json_schema_extra=run_form("new_languages", "corpora", "allocation", "variants", "promotion", "old_languages", "parent"),
     )
 
     variants: list[VariantName] = Field(

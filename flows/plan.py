@@ -2,20 +2,18 @@
 
 Each plan is validated once, here at the edge, and composes the settings models of the
 library (`layermoe_core`) and of the registry. Unknown keys are errors, so a typo in a
-plan never silently falls back to a default. The same models are the Prefect UI's run form,
-so every field has a title and a description, and the form lists first what a user sets first.
+plan never silently falls back to a default. Every field has a title and a description, on the
+model that holds it; `run_form` says how a plan reads as the Prefect UI's run form.
 """
 
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, ValidationError, model_validator
-from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import core_schema as cs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.analysis.similarity import SimilarityScore
@@ -30,173 +28,47 @@ from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
 
 
-def form_first(*names: str):
-    """A `json_schema_extra` that lists `names` first in the Prefect form, the other fields after in their order.
+def settings_section(annotation: Any) -> type[BaseModel] | None:
+    """The settings model a plan field holds: itself, as an optional, or as a mapping's values (corpora)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
-    It also keeps each field's own title: pydantic leaves it out where it equals the title of the model the
-    field holds, and the form then shows the bare key ("Parent") instead.
+
+def section_keys(model: type[BaseModel]) -> str:
+    """A section's keys in one line, a nested section's keys in parentheses: `batch_size, ..., gates (max_old_loss_increase, ...)`."""
+    keys = []
+    for name, field in model.model_fields.items():
+        nested = settings_section(field.annotation)
+        keys.append(f"{name} ({section_keys(nested)})" if nested is not None else name)
+    return ", ".join(keys)
+
+
+def run_form(*first: str):
+    """A plan's `json_schema_extra`: how the plan reads as the Prefect UI's run form (docs/operations.md).
+
+    The form lists `first` first, the other fields after in their order. Prefect draws every field of a nested
+    model and cannot fold a section, so each settings section is drawn as a JSON editor instead (Prefect's widget
+    for an object without properties) that holds what the plan sets; its description names the section's keys.
+    Each key's title and description stay on its settings model.
     """
 
-    def reorder(schema: dict[str, Any], model: type[BaseModel]) -> None:
-        properties = schema.get("properties", {})
-        for name, prop in properties.items():
-            field = model.model_fields.get(name)
-            if field is not None and field.title and "title" not in prop:
-                prop["title"] = field.title
-        first = [name for name in names if name in properties]
-        schema["properties"] = {name: properties[name] for name in [*first, *(n for n in properties if n not in first)]}
+    def form(schema: dict[str, Any], model: type[BaseModel]) -> None:
+        properties = schema["properties"]
+        for name, field in model.model_fields.items():
+            section = settings_section(field.annotation)
+            if section is not None:
+                each = "Each corpus's keys" if get_origin(field.annotation) is dict else "Keys"
+                properties[name] = {
+                    "type": "object",
+                    "title": field.title,
+                    "description": f"{field.description}. {each}: {section_keys(section)}",
+                }
+        names = [name for name in first if name in properties]
+        schema["properties"] = {name: properties[name] for name in [*names, *(n for n in properties if n not in names)]}
 
-    return reorder
-
-
-class FormSection:
-    """How a settings model of the library reads as a section of the Prefect run form.
-
-    Prefect titles a nested model's section with the model's schema title, which is its class name
-    (`Stage1Settings`) unless the model sets one. The library's settings models stay free of form
-    concerns, so the plan annotates its fields with this: the model's title and description, texts
-    for the fields that lack them (or do not say what leaving them empty does), and the same for the
-    models nested inside it (by field name). It edits the model's shared schema definition, so the
-    model reads the same wherever the form shows it.
-    """
-
-    def __init__(
-        self,
-        title: str,
-        description: str | None = None,
-        fields: dict[str, dict[str, str]] | None = None,
-        nested: dict[str, "FormSection"] | None = None,
-    ):
-        self.title, self.description, self.fields, self.nested = title, description, fields or {}, nested or {}
-
-    def __get_pydantic_json_schema__(self, schema: cs.CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        json_schema = handler(schema)
-        self.apply(handler.resolve_ref_schema(json_schema), handler)
-        return json_schema
-
-    def apply(self, definition: dict[str, Any], handler: GetJsonSchemaHandler) -> None:
-        definition["title"] = self.title
-        if self.description:
-            definition["description"] = self.description
-        properties = definition.get("properties", {})
-        for name, texts in self.fields.items():
-            properties[name].update(texts)
-        for name, section in self.nested.items():
-            ref = _model_ref(properties[name])
-            section.apply(handler.resolve_ref_schema({"$ref": ref}), handler)
-
-
-def _model_ref(prop: dict[str, Any]) -> str:
-    """The `$ref` of the model a property holds: directly, as an optional, or as a dict's values."""
-    if "$ref" in prop:
-        return prop["$ref"]
-    for option in prop.get("anyOf", []):
-        if "$ref" in option:
-            return option["$ref"]
-    return _model_ref(prop["additionalProperties"])
-
-
-# The library's settings models as form sections. The field texts below only fill gaps in the library's own
-# descriptions (mostly: what an empty optional field does); they belong there once layermoe_core is free to change.
-EMPTY_MAX_STEPS = {"description": "optimizer steps, >= 1; empty: train num_epochs epochs (overrides num_epochs when set)"}
-TRAINING_TITLES = {
-    "lr_scheduler": {"title": "LR schedule"},
-    "max_steps": {**EMPTY_MAX_STEPS, "title": "Max steps"},
-    "new_prior_coef": {"title": "New-expert prior coefficient"},
-}
-ALLOCATION_FORM = FormSection(
-    "Expert budget",
-    "How many new experts a round adds and to which layers: the allocation method, its budget (delta) and per-layer "
-    "bounds, and the settings of the signal the method reads.",
-    fields={
-        "method": {
-            "description": "layermoe: by hidden-state similarity to the old languages (the paper); uniform: the same "
-            "count in every layer (MoE-LPR); fixed: the counts in `fixed`; neuron, param_delta, late_layers: "
-            "the other signals compared in `layermoe compare`"
-        },
-        "fixed": {"description": "with method fixed: new experts per layer, one count per layer; empty: the method decides"},
-        "max_per_layer": {"description": "at most this many new experts per layer (minmax: the top of the range); empty: no cap"},
-        "clamp_similarity": {
-            "description": "layermoe: raise similarities below this positive floor to it, so 1/S stays defined; empty: no floor"
-        },
-    },
-)
-CORPUS_FORM = FormSection(
-    "Corpus",
-    "Where one language's documents come from: a local file or folder (`path`) or a "
-    "datasets hub dataset (`hub_name`), exactly one of them.",
-)
-STAGE1_FORM = FormSection(
-    "Stage 1: new experts",
-    "Stage 1 trains the new experts and their routers on the new languages; everything the parent had stays frozen.",
-    fields={**TRAINING_TITLES, "balance_loss_coef": {"title": "Balance loss coefficient"}},
-)
-STAGE2_FORM = FormSection(
-    "Stage 2: review",
-    "Stage 2 (the review) trains only the routers and the routing classifiers, on a "
-    "replay of old and new languages, so old-language tokens go back to the old experts.",
-    fields={
-        **TRAINING_TITLES,
-        "lpr_coef": {"title": "LPR loss coefficient"},
-        "classifier_coef": {"title": "Classifier loss coefficient"},
-        "lm_coef": {"title": "LM loss coefficient"},
-    },
-)
-EVALUATION_FORM = FormSection(
-    "Evaluation and gate",
-    "What the parent and its child are compared on (held-out loss per language, optional benchmarks), and the gate the "
-    "child must pass to take the alias.",
-    fields={
-        "translation": {
-            "title": "Translation",
-            "description": "few-shot translation to and from a pivot on held-out "
-            "parallel sentences, scored with chrF++; empty: no translation evaluation",
-        },
-        "gates": {"title": "Promotion gate", "description": "when the child may take the alias"},
-        "multiple_choice_files": {
-            "description": "local Belebele-like .jsonl files; each file's metric is named after it (belebele_el.jsonl: belebele_el.mc_acc)"
-        },
-        "lm_eval_tasks": {"title": "lm-eval tasks"},
-        "lm_eval_task_files": {"title": "lm-eval task files"},
-        "lm_eval_limit": {"title": "lm-eval limit"},
-    },
-    nested={
-        "gates": FormSection(
-            "Promotion gate",
-            "Bounds on the child's held-out loss (and, optionally, translation chrF++) "
-            "per language, relative to its parent; with `promotion: manual` the gate's verdict is advice "
-            "shown to the reviewer.",
-        ),
-        "translation": FormSection(
-            "Translation", "Few-shot translation between a pivot language (English by default) and every other evaluated language."
-        ),
-        "lm_eval_tasks": FormSection(
-            "lm-eval task",
-            "One lm-eval task: the language it measures and its few-shot count.",
-            fields={
-                "language": {"description": "the language code the task measures, e.g. el"},
-                "num_fewshot": {"description": "few-shot examples per prompt, e.g. 25 for ARC"},
-            },
-        ),
-    },
-)
-LAUNCHER_FORM = FormSection(
-    "Launcher",
-    "How Stage 1 and Stage 2 start: `accelerate launch` with this many processes (DDP), or an accelerate "
-    "config (DDP, FSDP or DeepSpeed ZeRO).",
-    fields={"config_file": {"description": "an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO); empty: plain DDP with num_processes"}},
-)
-
-PLACEMENT_FORM = FormSection(
-    "Model placement",
-    "How the flow's own process places a model it measures: similarity and the other allocation signals, routing "
-    "statistics and evaluation (held-out loss, benchmarks, translation, continuations). Training is the launcher's.",
-    fields={
-        "device_map": {"title": "Device map"},
-        "max_memory": {"title": "Memory per device"},
-        "offload_folder": {"title": "Offload folder"},
-    },
-)
+    return form
 
 
 WORKDIR_ENV = "LAYERMOE_WORKDIR"  # where a plan without `workdir` keeps its rounds (the compose workers: /data/work)
@@ -212,7 +84,7 @@ class ParentRef(_Strict):
     An HF directory is registered as version 1 (round 0) of the registered model first.
     """
 
-    model_config = ConfigDict(title="Parent model", json_schema_extra=form_first("hf_path", "alias", "version", "languages"))
+    model_config = ConfigDict(title="Parent model")
 
     alias: str = Field(
         "champion",
@@ -225,7 +97,8 @@ class ParentRef(_Strict):
     hf_path: Path | None = Field(
         None,
         title="HF model directory",
-        description="a local HF model directory (save_pretrained) for the first round, relative to the plan file; it is registered as version 1 first. Empty: start from the registry",
+        description="a local HF model directory (save_pretrained) for the first round, relative to the plan file; "
+        "it is registered as version 1 first. Empty: start from the registry",
     )
     languages: list[str] = Field(
         default_factory=list,
@@ -260,7 +133,7 @@ class ExpansionSettings(_Strict):
     registry: RegistrySettings = Field(
         default_factory=RegistrySettings, title="Registry", description="the MLflow store that holds the versions"
     )
-    corpora: dict[str, Annotated[CorpusSpec, CORPUS_FORM]] = Field(
+    corpora: dict[str, CorpusSpec] = Field(
         title="Corpora",
         description="one corpus per language code, old and new languages alike, e.g. "
         '{"el": {"path": "corpus/el.jsonl"}}; paths are relative to the plan file',
@@ -274,7 +147,7 @@ class ExpansionSettings(_Strict):
     similarity_batch_size: int = Field(
         8, ge=1, title="Similarity batch size", description="sequences per forward pass while measuring similarity"
     )
-    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] = Field(
+    allocation: AllocationSettings = Field(
         default_factory=AllocationSettings, title="Expert budget", description="how many new experts, and in which layers"
     )
     top_k: int = Field(
@@ -283,26 +156,27 @@ class ExpansionSettings(_Strict):
     classifier_layer_count: int = Field(
         2, ge=0, title="Classifier layer count", description="K: routing classifiers go to the K most similar layers"
     )
-    stage1: Annotated[Stage1Settings, STAGE1_FORM] = Field(
+    stage1: Stage1Settings = Field(
         default_factory=Stage1Settings, title="Stage 1", description="training of the new experts and routers on the new languages"
     )
-    stage2: Annotated[Stage2Settings, STAGE2_FORM] = Field(
+    stage2: Stage2Settings = Field(
         default_factory=Stage2Settings,
         title="Stage 2",
         description="the review: classifiers and routers on a replay of old and new languages",
     )
-    evaluation: Annotated[EvalSettings, EVALUATION_FORM] = Field(
+    evaluation: EvalSettings = Field(
         default_factory=EvalSettings, title="Evaluation", description="held-out parent-vs-child evaluation and the promotion gate"
     )
-    launcher: Annotated[LauncherSettings, LAUNCHER_FORM] | None = Field(
+    launcher: LauncherSettings | None = Field(
         None,
         title="Launcher",
         description="run Stage 1 and Stage 2 as `accelerate launch` jobs (processes, or an accelerate config); empty: in-process",
     )
-    placement: Annotated[PlacementSettings, PLACEMENT_FORM] = Field(
+    placement: PlacementSettings = Field(
         default_factory=PlacementSettings,
         title="Model placement",
-        description="where the flow's own process puts a model it measures or evaluates: one device (the default), or device_map auto over every GPU, then CPU, then disk, for a model larger than one device",
+        description="where the flow's own process puts a model it measures or evaluates: one device (the default), "
+        "or device_map auto over every GPU, then CPU, then disk, for a model larger than one device",
     )
     promote_alias: str = Field("champion", title="Alias to promote", description="the alias a child that passes the gate takes")
     promotion: Literal["auto", "manual"] = Field(
@@ -342,7 +216,8 @@ class ExpansionPlan(ExpansionSettings):
     """One "add languages" round. `old_languages` defaults to the parent version's languages."""
 
     model_config = ConfigDict(
-        title="Add-languages plan", json_schema_extra=form_first("parent", "new_languages", "old_languages", "corpora", "allocation")
+        title="Add-languages plan",
+        json_schema_extra=run_form("new_languages", "corpora", "allocation", "promotion", "old_languages", "parent"),
     )
 
     name: str = Field("add-languages", title="Plan name", description="names the round's folder and its runs")
@@ -373,7 +248,7 @@ class RoundSpec(_Strict):
     model_config = ConfigDict(title="Round")
 
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds")
-    allocation: Annotated[AllocationSettings, ALLOCATION_FORM] | None = Field(
+    allocation: AllocationSettings | None = Field(
         None, title="Expert budget of this round", description="overrides the plan's allocation for this round; empty: the plan's"
     )
 
@@ -385,7 +260,7 @@ class LifelongPlan(ExpansionSettings):
     already in the parent, a corpus for every language.
     """
 
-    model_config = ConfigDict(title="Lifelong plan", json_schema_extra=form_first("parent", "rounds", "corpora", "allocation"))
+    model_config = ConfigDict(title="Lifelong plan")
 
     name: str = Field("lifelong", title="Plan name", description="names the rounds' folders and runs")
     parent: ParentRef = Field(

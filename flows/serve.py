@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
+from pydantic import BaseModel
 
 from layermoe_core.errors import LayerMoEError
 
@@ -25,10 +26,27 @@ ONE_TICK_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=Concurre
 
 
 def form_defaults(plan: ExpansionPlan | ComparePlan) -> dict:
-    """The plan as a deployment's default parameters. Corpora are a JSON editor in the form (a mapping of
-    language -> corpus), so each corpus lists only what the plan sets, e.g. {"el": {"path": ...}}."""
+    """The plan as a deployment's default parameters, which the run form shows.
+
+    Each settings section is a JSON editor in the form (flows/plan.py `run_form`) and holds only what the plan
+    sets, the expert budget also its method and delta; an optional section the plan does not set (the launcher) is
+    left out. Input paths (corpora, an HF parent) are absolute, as the plan file means them, so a run from the form
+    reads the same files wherever `serve` was started.
+    """
     defaults = plan.model_dump(mode="json")
-    defaults["corpora"] = {language: spec.model_dump(mode="json", exclude_defaults=True) for language, spec in plan.corpora.items()}
+    for name in type(plan).model_fields:
+        value = getattr(plan, name)
+        if isinstance(value, BaseModel):
+            defaults[name] = value.model_dump(mode="json", exclude_defaults=True)
+        elif value is None:
+            del defaults[name]
+    defaults["allocation"] = {"method": plan.allocation.method, "delta": plan.allocation.delta, **defaults["allocation"]}
+    defaults["corpora"] = {
+        language: spec.model_dump(mode="json", exclude_defaults=True) | ({"path": str(spec.path.resolve())} if spec.path else {})
+        for language, spec in plan.corpora.items()
+    }
+    if plan.parent.hf_path is not None:
+        defaults["parent"]["hf_path"] = str(plan.parent.hf_path.resolve())
     return defaults
 
 

@@ -17,11 +17,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flows.cli import main
-from flows.plan import ExpansionPlan, LifelongPlan, load_plan
+from flows.compare import ComparePlan
+from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, load_lifelong_plan, load_plan
+from layermoe_core.data.corpus import CorpusSpec
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.evaluation.metrics import EvalSettings
+from layermoe_core.training.trainer import Stage1Settings
 
 from .synthetic_corpus import write_synthetic_corpus
 from .tiny_tokenizer import tiny_tokenizer
@@ -301,7 +306,7 @@ def test_registry_list_uses_options_given_after_the_subcommand(tmp_path, capsys)
 
 
 # -- a form a person can fill in --------------------------------------------------------
-PLAN_FORM_MODELS = ("ExpansionPlan", "LifelongPlan", "ParentRef", "TokenSettings", "RoundSpec", "CorpusSpec", "RegistrySettings")
+SECTIONS = {"corpora", "allocation", "parent", "registry", "tokens", "stage1", "stage2", "evaluation", "launcher", "placement"}
 
 
 def flow_form(flow) -> dict:
@@ -311,74 +316,90 @@ def flow_form(flow) -> dict:
     return parameter_schema(flow).model_dump(mode="json")
 
 
-def form_fields(schema: dict):
-    """(model, field, property) for every field of the plan's own models; a $ref'd model's title and description
-    replace the field's, as in Prefect's form."""
-    definitions = schema["definitions"]
-    for model in PLAN_FORM_MODELS:
-        for field, prop in definitions.get(model, {}).get("properties", {}).items():
-            referenced = definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {}
-            yield model, field, {**prop, **referenced}
+def settings_models(plan: type[BaseModel]) -> set[type[BaseModel]]:
+    """The plan's own models and every settings model they hold, nested ones included."""
+    from flows.plan import settings_section
+
+    found, todo = set(), [plan]
+    while todo:
+        model = todo.pop()
+        found.add(model)
+        todo += [nested for field in model.model_fields.values() if (nested := settings_section(field.annotation)) not in found | {None}]
+    return found
 
 
-def test_the_run_form_lists_what_a_user_sets_first():
-    from flows.add_languages import add_languages
-    from flows.lifelong_expansion import lifelong_expansion
-
-    add, lifelong = flow_form(add_languages)["definitions"], flow_form(lifelong_expansion)["definitions"]
-    assert list(add["ExpansionPlan"]["properties"])[:5] == ["parent", "new_languages", "old_languages", "corpora", "allocation"]
-    assert list(lifelong["LifelongPlan"]["properties"])[:4] == ["parent", "rounds", "corpora", "allocation"]
-    assert list(add["ParentRef"]["properties"])[:3] == ["hf_path", "alias", "version"]
-
-
-def test_every_plan_field_in_the_run_form_has_a_title_and_a_description_and_says_what_empty_means():
-    from flows.add_languages import add_languages
-    from flows.lifelong_expansion import lifelong_expansion
-
-    for flow in (add_languages, lifelong_expansion):
-        fields = list(form_fields(flow_form(flow)))
-        assert len(fields) > 30
-        for model, field, prop in fields:
-            assert prop.get("title") and prop.get("description"), f"{model}.{field} lacks a title or description"
-            if "anyOf" in prop and prop.get("default", "unset") is None:
-                assert re.search(r"\b(empty|none)\b", prop["description"], re.IGNORECASE), f"{model}.{field}: what does empty mean?"
-
-
-def test_every_settings_section_in_the_run_form_has_a_human_title_and_says_what_empty_optional_fields_do():
-    """Prefect titles a nested model's section with its schema title; without one, that is the class name."""
+def test_the_run_form_lists_what_a_user_sets_first_and_draws_each_settings_section_as_json():
+    """Prefect draws a nested model field by field and cannot fold it: each section is a JSON editor (an object without
+    properties), whose description names every key, and no field is an optional Prefect would draw as a type picker
+    reading 'Property is type "None"'."""
     from flows.add_languages import add_languages
     from flows.compare import compare
-    from flows.lifelong_expansion import lifelong_expansion
+    from flows.plan import section_keys, settings_section
 
-    for flow in (add_languages, lifelong_expansion, compare):
-        definitions = flow_form(flow)["definitions"]
-        assert {
-            "AllocationSettings",
-            "Stage1Settings",
-            "Stage2Settings",
-            "EvalSettings",
-            "GateSettings",
-            "CorpusSpec",
-            "RegistrySettings",
-            "LauncherSettings",
-            "TranslationSettings",
-            "HarnessTask",
-        } <= set(definitions)
-        for name, definition in definitions.items():
-            title = definition.get("title", "")
-            assert title and title != name and not re.search(r"[a-z][A-Z]", title), f"{name} shows as {title!r} in the form"
-            assert len(definition.get("description") or "") > 20, f"section {title!r} ({name}) lacks a description"
-            for field, prop in definition.get("properties", {}).items():
-                assert prop.get("title"), f"{name}.{field} has no title: the form would show its bare key"
-                prop = {**(definitions[prop["$ref"].rsplit("/", 1)[-1]] if "$ref" in prop else {}), **prop}
-                assert prop.get("description"), f"{name}.{field} lacks a description"
-                assert not re.search(r"<[A-Za-z]", prop["description"]), f"{name}.{field}: the form's markdown hides <...> as a tag"
-                if prop.get("default", "unset") is None:
-                    assert re.search(r"\b(empty|none|default)\b", prop["description"], re.IGNORECASE), (
-                        f"{name}.{field}: the form shows an empty field; its description must say what empty does"
-                    )
-    stage1 = flow_form(add_languages)["definitions"]["Stage1Settings"]
-    assert stage1["title"] == "Stage 1: new experts" and "empty: train num_epochs" in stage1["properties"]["max_steps"]["description"]
+    for flow, model in ((add_languages, ExpansionPlan), (compare, ComparePlan)):
+        form = flow_form(flow)["definitions"][model.__name__]
+        properties = form["properties"]
+        assert list(properties)[:3] == ["new_languages", "corpora", "allocation"] and "promotion" in list(properties)[3:5]
+        assert {name for name, prop in properties.items() if prop.get("type") == "object"} == SECTIONS
+        for name in SECTIONS:
+            assert "properties" not in properties[name] and "$ref" not in json.dumps(properties[name]), f"{name} is drawn field by field"
+            section = settings_section(model.model_fields[name].annotation)
+            assert all(key in properties[name]["description"] for key in section.model_fields), f"{name}: a key is not named"
+        assert section_keys(EvalSettings).endswith(
+            "gates (max_old_loss_increase, old_loss_bound, require_new_improvement, max_old_chrf_drop)"
+        )
+        assert '"null"' not in json.dumps(form), "an optional field would show Prefect's 'Property is type \"None\"'"
+
+
+def test_every_plan_and_settings_field_has_a_title_and_a_description_and_says_what_empty_means():
+    """The models themselves carry the text (docs/plans.md): a human title per section, a title and a description per field."""
+    models = settings_models(ExpansionPlan) | settings_models(LifelongPlan) | settings_models(ComparePlan)
+    assert {m.__name__ for m in models} >= {
+        "AllocationSettings", "Stage1Settings", "Stage2Settings", "EvalSettings", "GateSettings", "CorpusSpec",
+        "RegistrySettings", "LauncherSettings", "TranslationSettings", "PlacementSettings", "ParentRef", "TokenSettings",
+        "RoundSpec",
+    }  # fmt: skip
+    for model in models:
+        schema = model.model_json_schema()
+        title, name = schema.get("title", ""), model.__name__
+        assert title and title != name and not re.search(r"[a-z][A-Z]", title), f"{name} shows as {title!r} in the form"
+        assert len(schema.get("description") or "") > 20, f"section {title!r} ({name}) lacks a description"
+        for field_name, field in model.model_fields.items():
+            assert field.title and field.description, f"{name}.{field_name} lacks a title or a description"
+            assert not re.search(r"<[A-Za-z]", field.description), f"{name}.{field_name}: the form's markdown hides <...> as a tag"
+            if field.default is None:
+                assert re.search(r"\b(empty|none)\b", field.description, re.IGNORECASE), f"{name}.{field_name}: what does empty mean?"
+    assert Stage1Settings.model_json_schema()["title"] == "Stage 1: new experts"
+    assert "empty: train num_epochs" in Stage1Settings.model_fields["max_steps"].description
+
+
+def test_the_served_form_holds_what_the_plan_sets_with_paths_as_the_plan_file_means_them(tmp_path, monkeypatch):
+    """`serve` started in another folder: the form's corpus and parent paths are absolute, the plan's own files."""
+    from flows.serve import first_round, form_defaults
+
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    plan_file = plans / "plan.yaml"
+    plan_file.write_text(
+        "new_languages: [el]\ncorpora: {el: {path: ../corpus/el.txt}, en: {path: ../corpus/en.txt}}\n"
+        "parent: {hf_path: ../base, languages: [en]}\nstage1: {learning_rate: 0.001, num_epochs: 1.0}\nallocation: {delta: 4}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    plan = first_round(load_lifelong_plan(Path("..") / "plans" / "plan.yaml"))
+    defaults = form_defaults(plan)
+    corpora = {lang: str(tmp_path / "corpus" / f"{lang}.txt") for lang in ("el", "en")}
+    assert defaults["corpora"] == {lang: {"path": path} for lang, path in corpora.items()}
+    assert defaults["parent"] == {"hf_path": str(tmp_path / "base"), "languages": ["en"]}
+    assert defaults["stage1"] == {"learning_rate": 0.001} and defaults["allocation"] == {"method": "layermoe", "delta": 4}
+    assert "launcher" not in defaults and defaults["placement"] == {}
+    assert ExpansionPlan.model_validate(defaults) == plan.model_copy(
+        update={
+            "corpora": {lang: CorpusSpec(path=Path(path)) for lang, path in corpora.items()},
+            "parent": ParentRef(hf_path=tmp_path / "base", languages=["en"]),
+        }
+    )
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------

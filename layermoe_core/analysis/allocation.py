@@ -44,30 +44,63 @@ _ROUNDING_DIGITS = 9
 
 
 class AllocationSettings(BaseModel):
-    """The allocation method, its budget and bounds, and the settings of the signal it reads."""
+    """How many new experts a round adds and to which layers: the allocation method, its budget (delta) and per-layer
+    bounds, and the settings of the signal the method reads."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Expert budget")
 
-    method: AllocationMethod = "layermoe"
-    delta: int = Field(8, description="total budget of new experts over all layers (proportional and threshold mappings)")
+    method: AllocationMethod = Field(
+        "layermoe",
+        title="Method",
+        description="layermoe: by hidden-state similarity to the old languages (the paper); uniform: the same count in every "
+        "layer (MoE-LPR); fixed: the counts in `fixed`; neuron, param_delta, late_layers: the other signals compared in "
+        "`layermoe compare`",
+    )
+    delta: int = Field(
+        8, title="Budget (delta)", description="total budget of new experts over all layers (proportional and threshold mappings)"
+    )
     rounding: Rounding = Field(
-        "ceil", description="proportional: 'ceil' (the paper; the total may exceed delta) or 'exact' (largest remainder, total = delta)"
+        "ceil",
+        title="Rounding",
+        description="proportional: 'ceil' (the paper; the total may exceed delta) or 'exact' (largest remainder, total = delta)",
     )
-    mapping: AllocationMapping | None = Field(None, description="signal -> counts; default: the method's paper (see PAPER_MAPPING)")
-    per_layer: int = Field(1, description="uniform: new experts in every layer (the MoE-LPR baseline)")
-    fixed: list[int] | None = Field(None, description="fixed: new experts per layer, one count per layer")
-    min_per_layer: int = Field(1, description="at least this many new experts per layer that may get experts (0 lets a layer stay dense)")
-    max_per_layer: int | None = Field(None, description="at most this many new experts per layer (minmax: the top of the range)")
+    mapping: AllocationMapping | None = Field(
+        None, title="Mapping", description="signal -> counts; empty: the method's paper mapping (see PAPER_MAPPING)"
+    )
+    per_layer: int = Field(1, title="Experts per layer (uniform)", description="uniform: new experts in every layer (the MoE-LPR baseline)")
+    fixed: list[int] | None = Field(
+        None, title="Fixed counts", description="with method fixed: new experts per layer, one count per layer; empty: the method decides"
+    )
+    min_per_layer: int = Field(
+        1, title="Min per layer", description="at least this many new experts per layer that may get experts (0 lets a layer stay dense)"
+    )
+    max_per_layer: int | None = Field(
+        None, title="Max per layer", description="at most this many new experts per layer (minmax: the top of the range); empty: no cap"
+    )
     clamp_similarity: float | None = Field(
-        None, description="layermoe: raise similarities below this positive floor to it, so 1/S stays defined"
+        None,
+        title="Similarity floor",
+        description="layermoe: raise similarities below this positive floor to it, so 1/S stays defined; empty: no floor",
     )
-    threshold: float = Field(0.6, ge=0, le=1, description="threshold mapping: min-max normalised need that makes a layer MoE (DMoE: 0.6)")
-    start_layer: int | None = Field(None, ge=0, description="late_layers: first layer with experts (default: the second half)")
-    late_layers_by: Literal["uniform", "similarity"] = Field("uniform", description="late_layers: spread delta evenly or by 1/S")
-    neurons_per_language: int = Field(1000, ge=1, description="neuron: top neurons by average precision per language (NeuronMoE: 1000)")
-    finetune_steps: int = Field(10, ge=1, description="param_delta: MLP fine-tuning steps per new language (DMoE: 10)")
-    finetune_learning_rate: float = Field(1e-4, gt=0, description="param_delta: AdamW learning rate of the probe fine-tune")
-    finetune_batch_size: int = Field(4, ge=1, description="param_delta: sequences per probe step")
+    threshold: float = Field(
+        0.6, ge=0, le=1, title="Threshold", description="threshold mapping: min-max normalised need that makes a layer MoE (DMoE: 0.6)"
+    )
+    start_layer: int | None = Field(
+        None, ge=0, title="Start layer", description="late_layers: first layer with experts; empty: the second half"
+    )
+    late_layers_by: Literal["uniform", "similarity"] = Field(
+        "uniform", title="Late layers by", description="late_layers: spread delta evenly or by 1/S"
+    )
+    neurons_per_language: int = Field(
+        1000, ge=1, title="Neurons per language", description="neuron: top neurons by average precision per language (NeuronMoE: 1000)"
+    )
+    finetune_steps: int = Field(
+        10, ge=1, title="Probe fine-tune steps", description="param_delta: MLP fine-tuning steps per new language (DMoE: 10)"
+    )
+    finetune_learning_rate: float = Field(
+        1e-4, gt=0, title="Probe learning rate", description="param_delta: AdamW learning rate of the probe fine-tune"
+    )
+    finetune_batch_size: int = Field(4, ge=1, title="Probe batch size", description="param_delta: sequences per probe step")
 
     @property
     def effective_mapping(self) -> AllocationMapping | None:

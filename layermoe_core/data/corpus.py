@@ -67,22 +67,25 @@ def check_old_new(old: Iterable[str], new: Iterable[str]) -> None:
 
 
 class CorpusSpec(BaseModel):
-    """Where one language's documents come from: exactly one of `path` or `hub_name`.
+    """Where one language's documents come from: a local file or folder (`path`) or a datasets hub dataset
+    (`hub_name`), exactly one of them. Data without the `id_field` column simply has no ids."""
 
-    Data without the `id_field` column simply has no ids.
-    """
-
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Corpus")
 
     path: Path | None = Field(
         None,
+        title="Local path",
         description="a local .txt (one document per line), .jsonl/.json or .parquet file, or a folder of one format; empty: use hub_name",
     )
-    hub_name: str | None = Field(None, description="a datasets hub dataset, e.g. uonlp/CulturaX (needs hub access); empty: use path")
-    hub_config: str | None = Field(None, description="the hub dataset's config, e.g. el; empty: its default")
-    hub_split: str = Field("train", description="the hub dataset's split")
-    text_field: str = Field("text", description="the text column of json/parquet/hub data")
-    id_field: str | None = Field("id", description="a column of document ids shared across languages (parallel corpora); empty: no ids")
+    hub_name: str | None = Field(
+        None, title="Hub dataset", description="a datasets hub dataset, e.g. uonlp/CulturaX (needs hub access); empty: use path"
+    )
+    hub_config: str | None = Field(None, title="Hub config", description="the hub dataset's config, e.g. el; empty: its default")
+    hub_split: str = Field("train", title="Hub split", description="the hub dataset's split")
+    text_field: str = Field("text", title="Text field", description="the text column of json/parquet/hub data")
+    id_field: str | None = Field(
+        "id", title="Id field", description="a column of document ids shared across languages (parallel corpora); empty: no ids"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> CorpusSpec:

@@ -24,19 +24,30 @@ PINNED_LOSS = "pinned_loss"
 
 
 class GateSettings(BaseModel):
-    """Bounds on the child's held-out loss (and, optionally, translation chrF++), per language, relative to its parent."""
+    """Bounds on the child's held-out loss (and, optionally, translation chrF++) per language, relative to its parent;
+    with `promotion: manual` the gate's verdict is advice shown to the reviewer."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Promotion gate")
 
     max_old_loss_increase: float = Field(
-        0.05, ge=0, description="Largest allowed rise of each old language's loss: nats, or a fraction of the parent's loss."
+        0.05,
+        ge=0,
+        title="Max old-language loss increase",
+        description="Largest allowed rise of each old language's loss: nats, or a fraction of the parent's loss.",
     )
     old_loss_bound: Literal["absolute", "relative"] = Field(
-        "absolute", description="'absolute': the bound is in nats; 'relative': it is a fraction of the parent's loss."
+        "absolute",
+        title="Old-loss bound",
+        description="'absolute': the bound is in nats; 'relative': it is a fraction of the parent's loss.",
     )
-    require_new_improvement: bool = Field(True, description="Every new language's loss must be lower than the parent's.")
+    require_new_improvement: bool = Field(
+        True, title="New languages must improve", description="Every new language's loss must be lower than the parent's."
+    )
     max_old_chrf_drop: float | None = Field(
-        None, ge=0, description="Largest allowed fall of each old language's chrF++ (points, 0-100) per direction; None: no chrF gate."
+        None,
+        ge=0,
+        title="Max old-language chrF++ drop",
+        description="Largest allowed fall of each old language's chrF++ (points, 0-100) per direction; empty: no chrF gate.",
     )
 
 

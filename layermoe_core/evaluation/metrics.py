@@ -39,44 +39,56 @@ METRICS_COLUMNS = ["language", "metric", "value", "n"]
 class HarnessTask(BaseModel):
     """One lm-eval task: the language it measures and its few-shot count (the reference's shots, e.g. ARC 25)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="lm-eval task")
 
-    language: str = Field(min_length=1)
-    num_fewshot: int = Field(0, ge=0)
+    language: str = Field(min_length=1, title="Language", description="the language code the task measures, e.g. el")
+    num_fewshot: int = Field(0, ge=0, title="Few-shot examples", description="few-shot examples per prompt, e.g. 25 for ARC")
 
 
 class EvalSettings(BaseModel):
-    """What to evaluate a parent and its child on, and the gates the child must pass."""
+    """What the parent and its child are compared on (held-out loss per language, optional benchmarks), and the gate
+    the child must pass to take the alias."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Evaluation and gate")
 
-    batch_size: int = Field(8, ge=1, description="Sequences (or answer options) per forward pass.")
-    max_sequences: int | None = Field(256, ge=1, description="Held-out sequences per language; None keeps all.")
+    batch_size: int = Field(8, ge=1, title="Batch size", description="Sequences (or answer options) per forward pass.")
+    max_sequences: int | None = Field(256, ge=1, title="Held-out sequences", description="Held-out sequences per language; none keeps all.")
     multiple_choice_files: list[Path] = Field(
-        default_factory=list, description="Local Belebele-like .jsonl files; metrics are named '<file stem>.mc_acc'."
+        default_factory=list,
+        title="Multiple-choice files",
+        description="Local Belebele-like .jsonl files; each file's metric is named after it (belebele_el.jsonl: belebele_el.mc_acc).",
     )
     lm_eval_tasks: dict[str, str | HarnessTask] = Field(
         default_factory=dict,
+        title="lm-eval tasks",
         description="lm-eval task -> its language, or {language, num_fewshot}; tasks not in lm_eval_task_files need hub access.",
     )
     lm_eval_task_files: list[Path] = Field(
-        default_factory=list, description="Local lm-eval task YAMLs (over local data files); name their tasks in lm_eval_tasks."
+        default_factory=list,
+        title="lm-eval task files",
+        description="Local lm-eval task YAMLs (over local data files); name their tasks in lm_eval_tasks.",
     )
-    lm_eval_limit: int | None = Field(None, ge=1, description="Examples per lm-eval task; None runs them all.")
+    lm_eval_limit: int | None = Field(None, ge=1, title="lm-eval limit", description="Examples per lm-eval task; empty: run them all.")
     translation: TranslationSettings | None = Field(
-        None, description="Few-shot translation to and from a pivot on held-out parallel sentences, scored with chrF++."
+        None,
+        title="Translation",
+        description="Few-shot translation to and from a pivot on held-out parallel sentences, scored with chrF++; "
+        "empty: no translation evaluation.",
     )
     continuation_prompts: int = Field(
-        3, ge=0, description="Held-out sentence openings per language that parent and child continue, for a person to read."
+        3,
+        ge=0,
+        title="Continuation prompts",
+        description="Held-out sentence openings per language that parent and child continue, for a person to read.",
     )
-    continuation_tokens: int = Field(24, ge=1, description="Tokens generated per continuation.")
+    continuation_tokens: int = Field(24, ge=1, title="Continuation tokens", description="Tokens generated per continuation.")
     pinned_drift: bool = Field(
         True,
         title="Measure pinned drift",
         description="Also measure each old language's held-out loss with parent and child pinned to it (metric "
         "'pinned_loss'; docs/pinned-serving.md): zero drift by construction, measured. Costs one more pass per old language.",
     )
-    gates: GateSettings = Field(default_factory=GateSettings)
+    gates: GateSettings = Field(default_factory=GateSettings, title="Gate", description="When the child may take the alias.")
 
     @field_validator("multiple_choice_files")
     @classmethod

@@ -39,16 +39,20 @@ LANGUAGE_NAMES = {
 class TranslationSettings(BaseModel):
     """Few-shot translation between a pivot language (English by default) and every other evaluated language."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", title="Translation")
 
-    pivot: str = Field("en", description="Every language is translated from and into this one.")
-    directions: Literal["both", "from_pivot", "to_pivot"] = Field("both", description="pivot->xx, xx->pivot, or both.")
-    num_shots: int = Field(8, ge=0, description="Held-out example pairs before each test sentence (the reference: 8).")
-    num_sentences: int = Field(50, ge=1, description="Held-out test sentences per language.")
-    max_chars: int = Field(200, ge=1, description="Longer sentences are left out, so that the shots fit a small context.")
-    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per translation at most.")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
-    language_names: dict[str, str] = Field(default_factory=dict, description="Names the prompt uses, e.g. {'ne': 'Nepali'}.")
+    pivot: str = Field("en", title="Pivot language", description="Every language is translated from and into this one.")
+    directions: Literal["both", "from_pivot", "to_pivot"] = Field("both", title="Directions", description="pivot->xx, xx->pivot, or both.")
+    num_shots: int = Field(8, ge=0, title="Shots", description="Held-out example pairs before each test sentence (the reference: 8).")
+    num_sentences: int = Field(50, ge=1, title="Test sentences", description="Held-out test sentences per language.")
+    max_chars: int = Field(
+        200, ge=1, title="Max characters", description="Longer sentences are left out, so that the shots fit a small context."
+    )
+    max_new_tokens: int = Field(64, ge=1, title="Max new tokens", description="Tokens generated per translation at most.")
+    batch_size: int = Field(8, ge=1, title="Batch size", description="Prompts per generate call.")
+    language_names: dict[str, str] = Field(
+        default_factory=dict, title="Language names", description="Names the prompt uses, e.g. {'ne': 'Nepali'}."
+    )
 
     def name(self, language: str) -> str:
         return self.language_names.get(language) or LANGUAGE_NAMES.get(language) or language

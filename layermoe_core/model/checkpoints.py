@@ -96,20 +96,23 @@ class PlacementSettings(BaseModel):
     float rounding.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Model placement")
 
     device_map: Literal["auto"] | None = Field(
         None,
+        title="Device map",
         description="auto: spread the model over every GPU, then CPU memory, then disk, whole decoder layers at a time; "
         "empty: the whole model on one device, CUDA if present",
     )
     max_memory: dict[int | Literal["cpu"], int | str] | None = Field(
         None,
+        title="Memory per device",
         description="with device_map auto: the most each device may hold, by GPU index or cpu, in bytes or as 20GiB; "
         "a device left out holds nothing, and what does not fit goes to disk. Empty: what each device has free",
     )
     offload_folder: Path | None = Field(
         None,
+        title="Offload folder",
         description="where weights sent to disk are re-written when they cannot be read from the checkpoint itself; "
         "empty: the folder offload in the round's work folder",
     )

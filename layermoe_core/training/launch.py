@@ -66,11 +66,17 @@ class LauncherSettings(BaseModel):
     A config that layermoe cannot run as written (FSDP1, another distributed type) fails here.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Launcher")
 
-    num_processes: int | None = Field(None, ge=1, description="processes (devices) per stage; default the config file's, or 1")
-    config_file: Path | None = Field(None, description="an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO)")
-    log_tail_lines: int = Field(60, ge=1, description="lines of the launch log quoted when a launch fails")
+    num_processes: int | None = Field(
+        None, ge=1, title="Processes", description="processes (devices) per stage; empty: the config file's, or 1"
+    )
+    config_file: Path | None = Field(
+        None,
+        title="Accelerate config",
+        description="an accelerate config YAML (DDP, FSDP or DeepSpeed ZeRO); empty: plain DDP with num_processes",
+    )
+    log_tail_lines: int = Field(60, ge=1, title="Log lines quoted", description="lines of the launch log quoted when a launch fails")
 
     @model_validator(mode="after")
     def _config_exists(self) -> LauncherSettings:

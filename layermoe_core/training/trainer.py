@@ -71,52 +71,80 @@ def _settings_error(cls: type[BaseModel], error: ValidationError) -> LayerMoEErr
 class TrainSettings(_Settings):
     """Optimisation settings shared by every training run; the defaults run on a CPU."""
 
-    learning_rate: float = Field(5e-5, gt=0, description="the peak learning rate, > 0 (reference: 5e-5)")
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps, >= 1; overrides num_epochs when set")
-    num_epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is unset, > 0")
-    per_device_batch_size: int = Field(8, ge=1, description="sequences per device and micro-batch, >= 1")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step, >= 1")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="the share of steps of linear warm-up, in [0, 1)")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="one of cosine (reference), linear, constant, constant_with_warmup"
+    learning_rate: float = Field(5e-5, title="Learning rate", gt=0, description="the peak learning rate, > 0 (reference: 5e-5)")
+    max_steps: int | None = Field(
+        None, title="Max steps", ge=1, description="optimizer steps, >= 1; empty: train num_epochs epochs (overrides num_epochs when set)"
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay, >= 0")
-    max_grad_norm: float = Field(1.0, gt=0, description="the gradient-norm clip, > 0")
-    seed: int = Field(0, ge=0, description="the seed of initialisation and data order, >= 0")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 (mixed, GPU or CPU) or fp16 (mixed, GPU only)")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    save_steps: int = Field(500, ge=1, description="optimizer steps between checkpoints, >= 1")
-    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept (newest), >= 1, or None for all")
-    logging_steps: int = Field(10, ge=1, description="optimizer steps between loss logs, >= 1")
-    dataloader_num_workers: int = Field(0, ge=0, description="data-loading worker processes, >= 0")
+    num_epochs: float = Field(1.0, title="Epochs", gt=0, description="passes over the data when max_steps is unset, > 0")
+    per_device_batch_size: int = Field(8, title="Batch size per device", ge=1, description="sequences per device and micro-batch, >= 1")
+    gradient_accumulation_steps: int = Field(
+        1, title="Gradient accumulation steps", ge=1, description="micro-batches per optimizer step, >= 1"
+    )
+    warmup_ratio: float = Field(0.0, title="Warm-up ratio", ge=0, lt=1, description="the share of steps of linear warm-up, in [0, 1)")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", title="LR schedule", description="one of cosine (reference), linear, constant, constant_with_warmup"
+    )
+    weight_decay: float = Field(0.0, title="Weight decay", ge=0, description="AdamW weight decay, >= 0")
+    max_grad_norm: float = Field(1.0, title="Gradient-norm clip", gt=0, description="the gradient-norm clip, > 0")
+    seed: int = Field(0, title="Seed", ge=0, description="the seed of initialisation and data order, >= 0")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", title="Precision", description="fp32, bf16 (mixed, GPU or CPU) or fp16 (mixed, GPU only)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, title="Gradient checkpointing", description="recompute activations in backward to save memory"
+    )
+    save_steps: int = Field(500, title="Save steps", ge=1, description="optimizer steps between checkpoints, >= 1")
+    save_total_limit: int | None = Field(2, title="Checkpoints kept", ge=1, description="checkpoints kept (newest), >= 1; none: keep all")
+    logging_steps: int = Field(10, title="Logging steps", ge=1, description="optimizer steps between loss logs, >= 1")
+    dataloader_num_workers: int = Field(0, title="Data-loading workers", ge=0, description="data-loading worker processes, >= 0")
 
 
 class Stage1Settings(TrainSettings):
-    """Stage 1: new experts and their routers learn the new languages."""
+    """Stage 1 trains the new experts and their routers on the new languages; everything the parent had stays frozen."""
+
+    model_config = ConfigDict(title="Stage 1: new experts")
 
     new_prior_coef: float = Field(
         0.1,
         ge=0,
+        title="New-expert prior coefficient",
         description="the new-expert prior, -log P(this round's experts) of new-language tokens, >= 0 (not in the papers: "
         "without it a lifelong round's new experts lose the new languages to earlier rounds' experts; bench/router_init.py)",
     )
-    balance_loss_coef: float = Field(0.01, ge=0, description="the load-balancing loss coefficient, >= 0 (reference: 0.01)")
+    balance_loss_coef: float = Field(
+        0.01, ge=0, title="Balance loss coefficient", description="the load-balancing loss coefficient, >= 0 (reference: 0.01)"
+    )
     router_init: RouterInit = Field(
         "parent",
+        title="Router initialisation",
         description="this round's routers: parent (parent rows copied, new experts start at expert 0's row; "
         "measured better than the reference's choice, bench/router_init.py) or fresh (re-initialised, as the reference)",
     )
 
 
 class Stage2Settings(TrainSettings):
-    """Stage 2 (review): routers and classifiers learn to send old-language tokens to the old experts."""
+    """Stage 2 (the review) trains only the routers and the routing classifiers, on a replay of old and new languages,
+    so old-language tokens go back to the old experts."""
 
-    replay_old_fraction: float = Field(0.5, ge=0, le=1, description="the share of old-language sequences in the replay mix, in [0, 1]")
-    lpr_coef: float = Field(0.1, ge=0, description="the LPR loss coefficient, >= 0 (reference: 0.1)")
-    classifier_coef: float = Field(0.1, ge=0, description="the classifier loss coefficient, >= 0 (reference: 0.1)")
-    lm_coef: float = Field(1.0, ge=0, description="the language-modelling loss coefficient, >= 0")
+    model_config = ConfigDict(title="Stage 2: review")
+
+    replay_old_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        title="Old-language share of the replay",
+        description="the share of old-language sequences in the replay mix, in [0, 1]",
+    )
+    lpr_coef: float = Field(0.1, ge=0, title="LPR loss coefficient", description="the LPR loss coefficient, >= 0 (reference: 0.1)")
+    classifier_coef: float = Field(
+        0.1, ge=0, title="Classifier loss coefficient", description="the classifier loss coefficient, >= 0 (reference: 0.1)"
+    )
+    lm_coef: float = Field(1.0, ge=0, title="LM loss coefficient", description="the language-modelling loss coefficient, >= 0")
     new_prior_coef: float = Field(
-        0.1, ge=0, description="the new-expert prior on the replay's new-language tokens, >= 0: LPR's mirror, set it with lpr_coef"
+        0.1,
+        ge=0,
+        title="New-expert prior coefficient",
+        description="the new-expert prior on the replay's new-language tokens, >= 0: LPR's mirror, set it with lpr_coef",
     )
     classifier_target_accuracy: float = Field(
         0.95,
