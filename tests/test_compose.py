@@ -60,6 +60,7 @@ def test_stack_runs_every_service_of_the_design(compose):
         "redis",
         "prefect-server",
         "prefect-services",
+        "prefect-setup",
         "s3",
         "create-bucket",
         "mlflow",
@@ -80,6 +81,7 @@ def test_startup_waits_for_healthy_dependencies_and_the_finished_bucket_job(comp
         ("prefect-server", "redis"): "service_healthy",
         ("prefect-services", "prefect-server"): "service_healthy",
         ("prefect-services", "redis"): "service_healthy",
+        ("prefect-setup", "prefect-server"): "service_healthy",
         ("create-bucket", "s3"): "service_healthy",
         ("mlflow", "postgres"): "service_healthy",
         ("mlflow", "create-bucket"): "service_completed_successfully",
@@ -135,7 +137,23 @@ def test_workers_only_talk_to_the_servers_and_hold_no_s3_credentials(compose):
         assert environment == {
             "PREFECT_API_URL": "http://prefect-server:4200/api",
             "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+            "LAYERMOE_WORKDIR": "/data/work",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         }
+
+
+def test_workers_read_inputs_read_only_and_stop_within_a_grace_period(compose):
+    for name in ("worker", "gpu-worker"):
+        service = compose["services"][name]
+        assert "${LAYERMOE_INPUTS:-./inputs}:/inputs:ro" in service["volumes"]
+        assert service["stop_grace_period"] == "60s"
+
+
+def test_prefect_setup_runs_the_server_setup_script_the_tests_run(compose):
+    setup = compose["services"]["prefect-setup"]
+    assert setup["command"] == ["python", "/opt/layermoe/setup_server.py"]
+    assert "./docker/prefect/setup_server.py:/opt/layermoe/setup_server.py:ro" in setup["volumes"]
+    assert setup["restart"] == "no"
 
 
 def test_gpu_worker_runs_only_under_the_gpu_profile_with_an_nvidia_reservation(compose):
