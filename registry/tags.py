@@ -26,6 +26,11 @@ VERDICT_REASON = "layermoe.verdict_reason"
 OLD_DRIFT_MAX = "layermoe.old_drift_max"  # largest old-language loss rise, nats: what the gate bounds
 NEW_GAIN = "layermoe.new_gain"  # mean new-language loss decrease, nats
 
+# "incomplete" from the moment the version is created until its run is closed; removed then. A registration killed in
+# between leaves it, so the version is never promoted; the rerun of its round finds the version and completes it.
+REGISTRATION_STATE = "layermoe.registration"
+INCOMPLETE = "incomplete"
+
 # Written once at registration; changing one would falsify lineage or the checksum, so tag_version refuses.
 REGISTRATION_TAGS = frozenset(
     {
