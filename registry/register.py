@@ -66,7 +66,6 @@ from .tags import (
     PARAMS_TOTAL,
     PARENT_VERSION,
     REGISTRATION_STATE,
-    REGISTRATION_TAGS,
     ROUND,
     STORAGE,
     STORED_BYTES,
@@ -252,14 +251,14 @@ def _register_once(
     log_run_reports: LogReports | None = None,
     parent: VersionInfo | None = None,
 ) -> VersionInfo:
-    """`_register`, unless a version with these registration tags (the same files, lineage and round) exists:
-    then that version, completed where a registration was killed after creating it. So a rerun never duplicates one."""
-    identity = {key: value for key, value in version_tags.items() if key in REGISTRATION_TAGS}
+    """`_register`, unless a version with these tags exists (the same files, lineage, round and verdict): then that
+    version, completed where a registration was killed after creating it. So a rerun never duplicates a version;
+    a rerun whose verdict differs (its gate was changed) registers a new one."""
     with store_errors(settings, prepared.model_dir):
         same = [
             info
             for info in _versions_if_any(client, settings)
-            if info.status == READY and all(info.tags.get(key) == value for key, value in identity.items())
+            if info.status == READY and all(info.tags.get(key) == value for key, value in version_tags.items())
         ]
         if same:
             _close_unfinished_runs(client, settings, prepared.model_dir)
