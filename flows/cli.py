@@ -352,24 +352,53 @@ def _silence_console_logs() -> None:
 
 
 def run_flow_in_child(argv: Sequence[str]) -> int:
-    """Run this command again in a child process in its own session; pass Ctrl-C (and SIGTERM) on to it.
+    """Run this command again in a child process in its own session; pass Ctrl-C (and SIGTERM) on to it, and end it with this one.
 
     A terminal Ctrl-C goes to every process of the foreground group. Prefect's temporary API server is
     a child of the process running the flow, so in one process the Ctrl-C stopped the server before the
     run could record its end (it stayed Running, after minutes of connection retries). Here only this
     process, which imports nothing heavy, gets it: the child's run ends Crashed and it prints one line.
+    The child must not outlive the command, or it would train on and register unseen: a closed terminal's
+    SIGHUP is passed on as a Ctrl-C, and where this process is killed outright (SIGKILL) the kernel sends
+    the child a Ctrl-C's SIGINT itself (see _interrupt_when_parent_dies).
     """
-    child = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env={**os.environ, FLOW_CHILD_ENV: "1"}, start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *argv],
+        env={**os.environ, FLOW_CHILD_ENV: "1"},
+        start_new_session=True,
+        preexec_fn=_interrupt_when_parent_dies(os.getpid()),
+    )
 
     def forward(signum, frame):
-        child.send_signal(signum)
+        child.send_signal(signal.SIGINT if signum == signal.SIGHUP else signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         return child.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
+
+
+def _interrupt_when_parent_dies(parent_pid: int):
+    """What the child runs before it starts: ask Linux for SIGINT when its parent dies, as on Ctrl-C.
+
+    Elsewhere there is no such request, and the child outlives a parent killed with SIGKILL.
+    """
+
+    def request() -> None:
+        if not sys.platform.startswith("linux"):
+            return
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+        if os.getppid() != parent_pid:  # the parent died before the request: nobody will send the signal
+            os._exit(INTERRUPTED_EXIT_CODE)
+
+    return request
 
 
 def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -371,10 +371,15 @@ def load_lifelong_plan(path: str | Path) -> LifelongPlan:
 def load_plan(path: str | Path, kind: type[BaseModel]):
     """Read and validate a YAML plan; every problem is reported with its key path."""
     path = Path(path)
+    if path.is_dir():
+        plans = sorted(p.name for p in path.glob("*.yaml"))
+        raise LayerMoEError(f"plan {path} is a folder; pass --plan with one YAML plan file{f' in it, e.g. {plans[0]}' if plans else ''}")
     if not path.is_file():
         raise LayerMoEError(f"plan file {path} does not exist; pass --plan with a YAML plan (see plans/ for examples)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise LayerMoEError(f"plan {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
     except yaml.YAMLError as e:
         raise LayerMoEError(f"plan {path} is not valid YAML: {e}") from e
     if raw is None:

@@ -119,10 +119,33 @@ def open_client(settings: RegistrySettings, checkpoint: Path | None = None, crea
                 "pass the right --tracking-uri / MLFLOW_TRACKING_URI, or register a base model first"
             )
         sqlite_path.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates files, not folders
+        return _open_sqlite_store(settings, sqlite_path)
     if settings.is_http:
         _apply_http_limits(settings)
         _probe_http(settings, checkpoint)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def _open_sqlite_store(settings: RegistrySettings, sqlite_path: Path) -> MlflowClient:
+    """A client on the sqlite store, its tables created (or upgraded) by one process at a time.
+
+    MLflow creates a new store's tables (alembic migrations) when a process first opens it; two commands
+    doing that at once on one file collide ("Online migration expected to match one row"). Each process
+    opens the store under an exclusive lock on `.<name>.lock` beside it, so the second waits, then finds it
+    made. (The lock is `fcntl.flock`; where that is missing, as on Windows, stores are opened unlocked.)
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    with open(sqlite_path.with_name(f".{sqlite_path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:  # the client opens the tracking store, its first registry call the registry store: each creates its tables
+            client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+            client.search_registered_models(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def ensure_experiment(client: MlflowClient, settings: RegistrySettings) -> str:

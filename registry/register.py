@@ -53,6 +53,7 @@ from .storage import STORED_NAME, plan_storage, write_stored_manifest
 from .tags import (
     ALLOCATION,
     CLASSIFIER_LAYERS,
+    INCOMPLETE,
     KIND,
     LANGUAGES,
     MANIFEST_SHA256,
@@ -61,6 +62,7 @@ from .tags import (
     PARAMS_ADDED,
     PARAMS_TOTAL,
     PARENT_VERSION,
+    REGISTRATION_STATE,
     ROUND,
     STORAGE,
     STORED_BYTES,
@@ -68,7 +70,7 @@ from .tags import (
     VERDICT,
     encode_tags,
 )
-from .versions import VersionInfo, VersionRef, all_infos, find_version
+from .versions import READY, VersionInfo, VersionRef, all_infos, find_version
 
 MODEL_ARTIFACT_DIR = "model"  # the version's source: runs:/<run_id>/model
 
@@ -218,11 +220,12 @@ def _register(
                 name,
                 source=f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}",
                 run_id=run_id,
-                tags=version_tags,
+                tags={**version_tags, REGISTRATION_STATE: INCOMPLETE},
                 description=description,
                 await_creation_for=settings.ready_timeout_s,
             )
             client.set_terminated(run_id, "FINISHED")
+            client.delete_model_version_tag(name, created.version, REGISTRATION_STATE)
         except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING
             try:
                 client.set_terminated(run_id, "FAILED")
@@ -233,6 +236,58 @@ def _register(
             raise
     with store_errors(settings, prepared.model_dir):
         return find_version(client, settings, int(created.version))
+
+
+def _register_once(
+    client: MlflowClient,
+    settings: RegistrySettings,
+    prepared: PreparedModel,
+    version_tags: dict[str, str],
+    run_name: str,
+    description: str,
+    log_run_reports: LogReports | None = None,
+    parent: VersionInfo | None = None,
+) -> VersionInfo:
+    """`_register`, unless a version with these tags exists (the same files, lineage, round and verdict): then that
+    version, completed where a registration was killed after creating it. So a rerun never duplicates a version;
+    a rerun whose verdict differs (its gate was changed) registers a new one."""
+    with store_errors(settings, prepared.model_dir):
+        same = [
+            info
+            for info in _versions_if_any(client, settings)
+            if info.status == READY and all(info.tags.get(key) == value for key, value in version_tags.items())
+        ]
+        if same:
+            _close_unfinished_runs(client, settings, prepared.model_dir)
+            return _complete(client, settings, same[-1], version_tags, description)
+    return _register(client, settings, prepared, version_tags, run_name, description, log_run_reports, parent)
+
+
+def _versions_if_any(client: MlflowClient, settings: RegistrySettings) -> list[VersionInfo]:
+    try:
+        return all_infos(client, settings)
+    except RegistryUnavailable:
+        raise
+    except LayerMoEError:  # no registered model yet
+        return []
+
+
+def _complete(
+    client: MlflowClient, settings: RegistrySettings, info: VersionInfo, version_tags: dict[str, str], description: str
+) -> VersionInfo:
+    """What a registration killed after creating `info` left undone: tags and card it lacks, its run FINISHED, the
+    incomplete mark removed. A complete version is returned as it is (a reviewer's verdict on it stays)."""
+    if info.is_complete:
+        return info
+    for key, value in version_tags.items():
+        if key not in info.tags:
+            client.set_model_version_tag(info.name, str(info.version), key, value)
+    if not info.description:
+        client.update_model_version(info.name, str(info.version), description=description)
+    if info.run_id and client.get_run(info.run_id).info.status != "FINISHED":
+        client.set_terminated(info.run_id, "FINISHED")
+    client.delete_model_version_tag(info.name, str(info.version), REGISTRATION_STATE)
+    return find_version(client, settings, info.version)
 
 
 def _registration_error(settings: RegistrySettings, model_dir: Path, cause: Exception) -> LayerMoEError:
@@ -282,17 +337,9 @@ def find_or_register_base(settings: RegistrySettings, model_dir: str | Path, lan
     """
     languages = _check_languages(languages)
     prepared = prepare_model_dir(model_dir)
-    digest = text_digest(prepared.manifest)
-    with store_errors(settings, prepared.model_dir):
-        client = open_client(settings, checkpoint=prepared.model_dir)
-        try:
-            versions = all_infos(client, settings)
-        except LayerMoEError:  # no registered model yet
-            versions = []
-    for info in versions:
-        if info.kind == "base" and info.manifest_sha256 == digest and info.languages == languages and info.is_ready:
-            return info
-    return _register(client, settings, prepared, _base_tags(prepared, languages), "base", base_card(languages, prepared.params_total, None))
+    client = open_client(settings, checkpoint=prepared.model_dir)
+    card = base_card(languages, prepared.params_total, None)
+    return _register_once(client, settings, prepared, _base_tags(prepared, languages), "base", card)
 
 
 def register_child(
@@ -378,7 +425,9 @@ def register_child(
         if comparison is not None and parent.run_id:
             _backfill_parent_metrics(run_client, parent.run_id, own_metrics(comparison, "parent"))
 
-    return _register(client, settings, prepared, version_tags, run_name, card, log_run_reports, parent if settings.delta_storage else None)
+    return _register_once(
+        client, settings, prepared, version_tags, run_name, card, log_run_reports, parent if settings.delta_storage else None
+    )
 
 
 def _backfill_parent_metrics(client: MlflowClient, parent_run_id: str, metrics: Mapping[str, float]) -> None:

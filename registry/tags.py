@@ -31,6 +31,11 @@ GATE_OVERRIDDEN = "layermoe.gate_overridden"  # "true" where a reviewer approved
 # On the registered model, not a version: why its lifelong schedule paused (absent while it runs).
 SCHEDULE_PAUSED = "layermoe.schedule_paused"
 
+# "incomplete" from the moment the version is created until its run is closed; removed then. A registration killed in
+# between leaves it, so the version is never promoted; the rerun of its round finds the version and completes it.
+REGISTRATION_STATE = "layermoe.registration"
+INCOMPLETE = "incomplete"
+
 # Written once at registration; changing one would falsify lineage or the checksum, so tag_version refuses.
 REGISTRATION_TAGS = frozenset(
     {

@@ -20,6 +20,7 @@ from .settings import RegistrySettings
 from .tags import (
     ALLOCATION,
     CLASSIFIER_LAYERS,
+    INCOMPLETE,
     KIND,
     LANGUAGES,
     MANIFEST_SHA256,
@@ -31,6 +32,7 @@ from .tags import (
     PARAMS_TOTAL,
     PARENT_VERSION,
     PINNED_DRIFT_MAX,
+    REGISTRATION_STATE,
     REGISTRATION_TAGS,
     ROUND,
     SCHEDULE_PAUSED,
@@ -140,9 +142,14 @@ class VersionInfo(BaseModel):
         return self.tag(NEW_GAIN)
 
     @property
+    def is_complete(self) -> bool:
+        """False while its registration has not closed its run (or was killed before it could)."""
+        return self.tags.get(REGISTRATION_STATE) != INCOMPLETE
+
+    @property
     def is_ready(self) -> bool:
-        """Fully written: READY in MLflow and carrying its checksum manifest digest."""
-        return self.status == READY and self.manifest_sha256 is not None
+        """Fully written: READY in MLflow, carrying its checksum manifest digest, its registration complete."""
+        return self.status == READY and self.manifest_sha256 is not None and self.is_complete
 
 
 def parse_ref(ref: VersionRef) -> int | str:
@@ -284,7 +291,8 @@ def promote(settings: RegistrySettings, version: VersionRef, alias: str = "champ
         if not info.is_ready:
             raise LayerMoEError(
                 f"version {info.version} is not fully registered (status {info.status}, manifest tag "
-                f"{'present' if info.manifest_sha256 else 'missing'}); re-register its checkpoint before promoting"
+                f"{'present' if info.manifest_sha256 else 'missing'}, registration {'complete' if info.is_complete else INCOMPLETE}); "
+                "rerun its round, which completes it, or re-register its checkpoint before promoting"
             )
         for attempt in range(3):
             try:
@@ -384,7 +392,8 @@ LIST_COLUMNS = [
 
 def list_versions(settings: RegistrySettings) -> pd.DataFrame:
     """One row per version, oldest first: lineage, the gate verdict with the worst old-language drift (plain, and
-    pinned to the language), the new-language gain (nats), how it is stored, and its status."""
+    pinned to the language), the new-language gain (nats), how it is stored, and its status (INCOMPLETE: a
+    registration killed half-way)."""
     with store_errors(settings):
         infos = all_infos(open_client(settings, create=False), settings)
     rows = [
@@ -402,7 +411,7 @@ def list_versions(settings: RegistrySettings) -> pd.DataFrame:
             "storage": info.storage,
             "stored_bytes": info.stored_bytes,
             "created": info.created,
-            "status": info.status,
+            "status": info.status if info.is_complete else INCOMPLETE.upper(),
             "run_id": info.run_id,
         }
         for info in infos

@@ -76,7 +76,8 @@ def evaluate_round(
     sequences = load_sequences(tokens_path)
     pairs = read_jsonl(text_dir / "pairs.jsonl") if text_dir else None
     samples = read_jsonl(text_dir / "prompts.jsonl") if text_dir else None
-    samples = samples if samples is not None else pd.DataFrame(columns=["language", "id", "prompt", "reference"])
+    if samples is None or samples.columns.empty:  # no text, or no prompts asked for (continuation_prompts: 0): an empty file
+        samples = pd.DataFrame(columns=["language", "id", "prompt", "reference"])
     tables = {}
     for side, model_dir in (("parent", parent_dir), ("child", child_dir)):
         model, tokenizer = load_placed(model_dir, placement), load_tokenizer(model_dir)

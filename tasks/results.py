@@ -39,6 +39,8 @@ def encode(value: Any) -> Any:
     """`value` as plain JSON data; a type outside the closed set is a bug in the step, so it raises."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
+    if value is pd.NA or value is pd.NaT:  # a missing value of a nullable column: its dtype restores it
+        return None
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, list):

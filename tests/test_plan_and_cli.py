@@ -94,6 +94,19 @@ def test_cli_reports_a_missing_plan_file_in_one_line(tmp_path, capfd):
     assert "plan file" in capfd.readouterr().err
 
 
+def test_cli_reports_a_plan_folder_and_a_plan_that_is_not_utf8_in_one_line(tmp_path, capfd):
+    (tmp_path / "el-hu.yaml").write_text(PLAN, encoding="utf-8")
+    assert main(["add-languages", "--plan", str(tmp_path)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line == f"layermoe: error: plan {tmp_path} is a folder; pass --plan with one YAML plan file in it, e.g. el-hu.yaml"
+    (tmp_path / "latin1.yaml").write_bytes(PLAN.replace("el.txt", "él.txt").encode("latin-1"))
+    assert main(["add-languages", "--plan", str(tmp_path / "latin1.yaml")]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert re.fullmatch(
+        r"layermoe: error: plan .*latin1\.yaml is not UTF-8 text \(byte \d+: invalid continuation byte\); save it as UTF-8", line
+    )
+
+
 def test_cli_reports_an_invalid_plan(tmp_path, capfd):
     assert main(["lifelong", "--plan", str(write(tmp_path, PLAN.replace("new_languages: [el]", "")))]) == 2  # no rounds
     assert "rounds: Field required" in capfd.readouterr().err
@@ -562,3 +575,60 @@ def test_a_missing_corpus_is_named_by_the_path_it_resolved_to_beside_the_plan(tm
     monkeypatch.chdir(tmp_path)
     assert main(["add-languages", "--plan", "plans/plan.yaml"]) == 2
     assert f"corpus path '{tmp_path / 'plans' / 'corpus' / 'el.txt'}' does not exist" in capfd.readouterr().err
+
+
+# -- the terminal closed, or the command killed --------------------------------------------
+def children_of(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def has_exited(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (an orphan's new parent may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP], ids=["kill-9", "terminal-closed"])
+def test_a_killed_command_leaves_no_run_behind_and_the_rerun_resumes(tmp_path, signum):
+    """kill -9 -PGID, or SIGHUP to the group as a closing terminal sends it, while Stage 1 trains: the flow's own process
+    stops with the command, registers nothing, and the same command run again resumes from Stage 1's checkpoint."""
+    plan = round_plan_file(
+        tmp_path,
+        save_tiny_parent(tmp_path / "base"),
+        stage1={"max_steps": 40, "save_steps": 4, "per_device_batch_size": 2, "logging_steps": 1},
+        evaluation={"continuation_prompts": 0},  # the tiny parent's 64 positions hold no continuation
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)]
+    with (tmp_path / "killed.txt").open("w") as output:
+        cli = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + PROCESS_DEADLINE_S
+        while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
+            assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
+            time.sleep(0.1)
+        (flow_process,) = children_of(cli.pid)
+        os.killpg(cli.pid, signum)
+        cli.wait(timeout=PROCESS_DEADLINE_S)
+        while not has_exited(flow_process):
+            assert time.monotonic() < deadline, "the flow's process outlived the command"
+            time.sleep(0.1)
+    assert not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "final")), "Stage 1 finished: the round was not stopped"
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("select version from model_versions").fetchall() == [(1,)]  # the base only
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        assert db.execute("select state_type from flow_run").fetchall() == [("CRASHED",)]
+
+    rerun = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_DEADLINE_S)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("select version from model_versions").fetchall() == [(1,), (2,)]
+    stage1_results = [
+        json.loads(path.read_text())
+        for path in (tmp_path / "prefect" / "storage").glob("*")
+        if path.is_file() and '"model": "TrainResult"' in path.read_text()
+    ]
+    resumed = [result["fields"]["resumed_from"] for result in stage1_results if "/stage1/" in result["fields"]["model_dir"]]
+    assert len(resumed) == 1 and re.search(r"/stage1/checkpoint-\d+$", resumed[0] or ""), resumed

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +24,9 @@ from registry import (
     RegistryUnavailable,
     find_or_register_base,
     list_versions,
+    promote,
     register_base,
+    register_child,
     show_version,
 )
 
@@ -29,6 +34,7 @@ from .conftest import tiny_model
 from .services import running_mlflow_server
 from .tiny_tokenizer import tiny_tokenizer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # The bar: a dead registry is reported within a minute, not after MLflow's own retries (docs/registry.md, "Outages").
 ERROR_WITHIN_S = 60
 
@@ -141,3 +147,78 @@ def test_the_same_base_is_registered_once(base_dir, tmp_path):
     tiny_model("llama", seed=1).save_pretrained(base_dir)
     assert find_or_register_base(settings, base_dir, ["en"]).version == 3  # other weights: another base
     assert list_versions(settings)["verdict"].tolist() == ["base", "base", "base"]
+
+
+def test_a_registration_killed_after_creating_the_version_is_marked_and_the_rerun_completes_it(tmp_path, monkeypatch):
+    """Killed between creating the version and closing its run: the version is marked INCOMPLETE and never promoted;
+    registering the same child again finds it and completes it, with no second version."""
+    from .test_registry_delta import grow
+
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cache_dir=tmp_path / "cache")
+    base = tiny_model("qwen2")
+    for folder, model in ((tmp_path / "v1", base), (tmp_path / "child", grow(base, ["en"], ["el"], [1, 1, 1], seed=1))):
+        model.save_pretrained(folder)
+        tiny_tokenizer().save_pretrained(folder)
+    promote(settings, register_base(settings, tmp_path / "v1", ["en"]).version)
+    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    create = MlflowClient.create_model_version
+
+    def create_then_die(self, *args, **kwargs):
+        create(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the process ends right after the version exists
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {})
+    monkeypatch.undo()
+    assert list_versions(settings)["status"].tolist() == ["READY", "INCOMPLETE"]
+    with pytest.raises(LayerMoEError, match=r"version 2 is not fully registered \(.*registration incomplete\); rerun its round"):
+        promote(settings, 2)
+
+    again = register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {})
+    assert again.version == 2 and again.is_ready and again.description
+    assert list_versions(settings)["status"].tolist() == ["READY", "READY"]
+    assert MlflowClient(settings.tracking_uri).get_run(again.run_id).info.status == "FINISHED"
+    assert promote(settings, 2).aliases == ["champion"]
+    assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).version == 2  # a third run: still one version
+
+
+# Opens a store once `go` exists, as a command does at its start.
+OPEN_STORE_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+from registry import RegistrySettings, find_or_register_base
+tracking_uri, base_dir, ready, go = sys.argv[1:]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+print(find_or_register_base(RegistrySettings(tracking_uri=tracking_uri), Path(base_dir), ["en"]).version)
+"""
+
+
+def test_commands_started_together_on_a_store_that_does_not_exist_yet_all_succeed(base_dir, tmp_path):
+    """MLflow creates a new sqlite store's tables when a process first opens it; started together, the commands take turns."""
+    tracking_uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    go, env = tmp_path / "go", {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    ready = [tmp_path / f"ready-{i}" for i in range(3)]
+    commands = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE_WHEN_TOLD, tracking_uri, str(base_dir), str(flag), str(go)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flag in ready
+    ]
+    deadline = time.monotonic() + 300
+    while not all(flag.exists() for flag in ready):
+        assert time.monotonic() < deadline and all(c.poll() is None for c in commands), [c.communicate() for c in commands]
+        time.sleep(0.05)
+    go.touch()
+    results = [(command.wait(timeout=300), *command.communicate()) for command in commands]
+    assert [code for code, _, _ in results] == [0, 0, 0], [err[-3000:] for _, _, err in results]
+    assert all("Traceback" not in err for _, _, err in results)
+    versions = list_versions(RegistrySettings(tracking_uri=tracking_uri))
+    assert set(versions["status"]) == {"READY"} and {int(out.split()[-1]) for _, out, _ in results} <= set(versions["version"])

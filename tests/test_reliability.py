@@ -294,7 +294,7 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
 
 
 # -- 3. two runs at once ------------------------------------------------------------------
-def test_two_runs_of_one_plan_at_once_take_turns_and_both_register_the_same_child(world, reference_child, tmp_path, monkeypatch):
+def test_two_runs_of_one_plan_at_once_take_turns_and_both_end_with_the_one_child_version(world, reference_child, tmp_path, monkeypatch):
     registry = sqlite_registry(world, tmp_path)
     plan = round_plan(world, registry, tmp_path / "work")
     go = tmp_path / "go"
@@ -319,13 +319,12 @@ def test_two_runs_of_one_plan_at_once_take_turns_and_both_register_the_same_chil
     finally:
         first.stop()
 
-    versions = list_versions(registry)  # the first run registered version 2 before it let the second one in
-    assert versions["version"].tolist() == [1, 2, 3] and second.version == 3
-    assert versions["parent"].tolist()[1:] == [1, 1] and set(versions["status"]) == {"READY"}
+    versions = list_versions(registry)  # the first run registered version 2 before it let the second one in, which found it
+    assert versions["version"].tolist() == [1, 2] and second.version == 2
+    assert versions["parent"].tolist()[1:] == [1] and set(versions["status"]) == {"READY"}
     champion = show_version(registry, "champion")
-    assert champion["version"] == 3 and champion["status"] == "READY" and champion["manifest_sha256"]
-    assert show_version(registry, 2)["manifest_sha256"] == show_version(registry, 3)["manifest_sha256"]
-    assert_same_weights(child_weights(registry, 3, tmp_path / "v3"), reference_child)
+    assert champion["version"] == 2 and champion["status"] == "READY" and champion["manifest_sha256"]
+    assert_same_weights(child_weights(registry, 2, tmp_path / "v2"), reference_child)
 
 
 def test_concurrent_registrations_on_one_sqlite_store_all_become_ready_versions(world, tmp_path):
@@ -518,3 +517,37 @@ def test_step_results_are_json_and_planted_pickle_records_are_refused_and_recomp
     assert "written by serializer 'pickle'" in caplog.text and "the step runs again" in caplog.text
     for path in step_results_since(start):
         assert '"pickle"' not in path.read_text(encoding="utf-8"), f"{path} still holds the planted record"
+
+
+# -- 7. the server killed right after it created the version -----------------------------------
+def test_server_killed_right_after_creating_the_version_and_the_rerun_completes_it_without_a_duplicate(world, tmp_path, monkeypatch):
+    backend, server_dir = f"sqlite:///{tmp_path}/server.db", tmp_path / "server"
+    with ExitStack() as running:
+        server = running.enter_context(running_mlflow_server(backend, server_dir))
+        registry = registry_with_base(world, server.tracking_uri)
+        plan = round_plan(world, registry, tmp_path / "work")
+        create = MlflowClient.create_model_version
+
+        def create_then_stop_server(self, *args, **kwargs):
+            created = create(self, *args, **kwargs)
+            running.close()  # the server dies right after POST /model-versions/create
+            return created
+
+        monkeypatch.setattr(MlflowClient, "create_model_version", create_then_stop_server)
+        with pytest.raises(LayerMoEError):
+            add_languages(plan)
+
+    monkeypatch.undo()
+    forbid_recomputing_finished_steps(monkeypatch)
+    with running_mlflow_server(backend, server_dir, port=urlparse(server.tracking_uri).port):
+        left = list_versions(registry)
+        assert left["version"].tolist() == [1, 2] and left["status"].tolist() == ["READY", "INCOMPLETE"]
+        assert show_version(registry, "champion")["version"] == 1  # never promoted half-registered
+        summary = add_languages(plan)
+        versions = list_versions(registry)
+        assert summary.version == 2 and versions["version"].tolist() == [1, 2] and set(versions["status"]) == {"READY"}
+        champion = show_version(registry, "champion")
+        assert champion["version"] == 2 and champion["description"] and champion["other_tags"]["layermoe.verdict"] == "passed"
+        client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
+        assert client.get_run(champion["run_id"]).info.status == "FINISHED"
+        download_version(registry, 2, tmp_path / "child")  # every file there, verified
