@@ -27,21 +27,26 @@ def _registry_overrides(args) -> dict[str, str]:
     return {key: value for key, value in given.items() if value}
 
 
-def _registry_settings(args):
+def _registry_settings(args, base: dict | None = None):
+    """RegistrySettings from `base` (a plan's) with --tracking-uri / --model-name applied; a bad value is one line."""
+    from pydantic import ValidationError
+
+    from layermoe_core.errors import describe_validation_error
     from registry.settings import RegistrySettings
 
-    return RegistrySettings(**_registry_overrides(args))
+    try:
+        return RegistrySettings(**{**(base or {}), **_registry_overrides(args)})
+    except ValidationError as error:
+        raise LayerMoEError(f"bad registry option: {describe_validation_error(error)}") from None
 
 
 def load_checked_plan(args, kind):
     """The plan, with --tracking-uri / --model-name applied, and its inputs checked before Prefect starts."""
-    from registry.settings import RegistrySettings
-
     from .plan import check_plan_inputs, load_plan
 
     plan = load_plan(args.plan, kind)
     if _registry_overrides(args):
-        plan = plan.model_copy(update={"registry": RegistrySettings(**{**plan.registry.model_dump(), **_registry_overrides(args)})})
+        plan = plan.model_copy(update={"registry": _registry_settings(args, plan.registry.model_dump())})
     if plan.promotion == "manual":
         _check_a_reviewer_can_answer()
     check_plan_inputs(plan)

@@ -632,3 +632,10 @@ def test_a_killed_command_leaves_no_run_behind_and_the_rerun_resumes(tmp_path, s
     ]
     resumed = [result["fields"]["resumed_from"] for result in stage1_results if "/stage1/" in result["fields"]["model_dir"]]
     assert len(resumed) == 1 and re.search(r"/stage1/checkpoint-\d+$", resumed[0] or ""), resumed
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "/tmp/mlruns"])
+def test_a_tracking_uri_the_registry_cannot_use_is_one_line(uri, capsys):
+    assert main(["registry", "list", "--tracking-uri", uri]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("layermoe: error: bad registry option: tracking_uri")
