@@ -20,7 +20,8 @@ delta version. At each of `--rounds` the bench prints, one line per quantity:
                                           parent / (parent + (k - 1) x MLP time x MoE layers / layers)
   peak memory of the loaded model         in a fresh process, the rise of the peak RSS (VmHWM, reset
                                           after the imports) while `AutoModelForCausalLM.from_pretrained`
-                                          loads the saved folder;                      x the parent
+                                          loads the saved folder and every weight is read once;
+                                                                                       x the parent
   registry bytes of the round             `stored_bytes` of its version against the bytes of the
                                           parameters it added (its ideal)
   load from the registry                  `download_version` into a new folder with a cold cache (the
@@ -75,6 +76,7 @@ from tests.memory_probe import peak_rss_mb, reset_peak_rss
 reset_peak_rss()
 before = peak_rss_mb()
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+sum(float(p.sum()) for p in model.parameters())  # every weight read once, as serving does: resident even if file-mapped
 print(peak_rss_mb() - before)
 """
 
