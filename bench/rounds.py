@@ -27,7 +27,9 @@ delta version. At each of `--rounds` the bench prints, one line per quantity:
   load from the registry                  `download_version` into a new folder with a cold cache (the
                                           version rebuilt from its delta and its ancestors') and
                                           `from_pretrained`, against `from_pretrained` of the saved
-                                          folder (one full file), interleaved; the ideal is the full file
+                                          folder (one full file), interleaved, each followed by reading
+                                          every weight once (a file-mapped weight is read on first use);
+                                          the ideal is the full file
 Each figure is the median with the min-max over repetitions; decoding is given by wall time and by the
 process's CPU time (one thread: on a machine shared with other jobs the CPU time leaves out the waits
 for a core, so the goals are judged on it there). Goals (issue 31): at 8 rounds old text
@@ -171,6 +173,11 @@ def peak_load_mb(folder: Path) -> float:
     return float(subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
+def read_every_weight(model: torch.nn.Module) -> None:
+    """Read each weight once: `from_pretrained` may leave them mapped from the file, read only when first used."""
+    sum(float(p.sum()) for p in model.parameters())
+
+
 def load_times(settings: RegistrySettings, version: int, folder: Path, reps: int) -> tuple[list[float], list[float]]:
     """Seconds to load `version` from the registry (cold cache, rebuilt from deltas) and from its saved folder, interleaved."""
     from transformers import AutoModelForCausalLM
@@ -183,10 +190,10 @@ def load_times(settings: RegistrySettings, version: int, folder: Path, reps: int
             if how == "registry":
                 cold = settings.model_copy(update={"cache_dir": scratch / "cache"})
                 local = download_version(cold, version, scratch / "model").path
-                AutoModelForCausalLM.from_pretrained(local)
+                read_every_weight(AutoModelForCausalLM.from_pretrained(local))
                 registry_s.append(time.perf_counter() - start)
             else:
-                AutoModelForCausalLM.from_pretrained(folder)
+                read_every_weight(AutoModelForCausalLM.from_pretrained(folder))
                 file_s.append(time.perf_counter() - start)
             shutil.rmtree(scratch, ignore_errors=True)
     return registry_s, file_s
