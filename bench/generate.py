@@ -18,7 +18,14 @@ The ideal for `new` is not 1: a token that uses k experts runs (at batch 1: read
     ideal = parent time / (parent time + (k - 1) * MLP time),
 with MLP time the parent's own dense MLPs' time, all layers, measured inside the parent's run
 (`parent-timed`: clocks around each MLP call; measured alone, with its weights hot in the cache,
-a decoding MLP runs much faster than inside the model). For `old` the ideal is 1. Every variant is timed
+a decoding MLP runs much faster than inside the model). For `old` the ideal is 1.
+That k-MLPs ideal cannot be reached by a batch whose tokens take different experts: a decoding step
+reads every expert that any token of the batch takes. The bytes ideal counts what a step must read:
+    bytes ideal = parent bytes a step / child bytes a step,
+the weights of attention, norms and lm_head (embeddings: a row a token, left out) plus each layer's
+MLP for the parent; for the child, each layer's routers and classifiers plus one MLP's bytes for every
+distinct expert the batch's tokens take in that step (weight > 0), counted in an untimed decoding run
+of the same prompt. At batch 1 with k = 2 both ideals count the same two MLPs a layer. Every variant is timed
 in turn within each repetition (rotating the order),
 and the ratios are taken per repetition, so a load that drifts hits them alike; each figure is the
 median with the min-max over repetitions. Each is given by wall time and by the process's CPU time:
@@ -124,6 +131,51 @@ class MLPClocks:
         return seconds
 
 
+class ExpertReads:
+    """Distinct experts each forward of an expanded model reads, summed over its MoE layers: the experts any
+    token takes with a weight > 0 (a layer every token leaves dense reads expert 0 alone). Wraps each
+    block's routing; used in untimed runs only (it reads the routing back to the host)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.reads, self.forwards = 0, 0
+        model.register_forward_pre_hook(self.count_forward)
+        for block in model.moe_blocks().values():
+            block._route = self.recording(block._route)
+
+    def count_forward(self, module, args) -> None:
+        self.forwards += 1
+
+    def recording(self, route):
+        def routed_and_counted(tokens: torch.Tensor, inference: bool):
+            routed = route(tokens, inference)
+            self.reads += 1 if routed is None else int(routed[0][routed[1] > 0].unique().numel())
+            return routed
+
+        return routed_and_counted
+
+    def take(self) -> float:
+        """Experts read per forward since the last take."""
+        per_forward, self.reads, self.forwards = self.reads / max(self.forwards, 1), 0, 0
+        return per_forward
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def step_bytes(parent: torch.nn.Module, child: torch.nn.Module, experts_read: float) -> tuple[float, float]:
+    """(parent, child) weight bytes one decoding step reads: everything but the embeddings and the MLPs, then
+    the parent's MLPs, or the child's routers and classifiers and `experts_read` MLPs (all layers together)."""
+    layers = parent.model.layers
+    mlp = weight_bytes(layers[0].mlp)
+    shared = weight_bytes(parent) - weight_bytes(parent.model.embed_tokens) - len(layers) * mlp
+    if parent.lm_head.weight is parent.model.embed_tokens.weight:  # tied: lm_head is read in full
+        shared += weight_bytes(parent.lm_head)
+    routers = sum(weight_bytes(block.routers) for block in child.moe_blocks().values())
+    dense_layers = len(layers) - len(child.moe_blocks())
+    return shared + len(layers) * mlp, shared + routers + (experts_read + dense_layers) * mlp
+
+
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -141,6 +193,16 @@ def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.de
         **{name: model for name, (model, _) in pins.items()},
     }
     prompt = torch.randint(0, size.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
+    bytes_ideal = {}  # setting -> parent bytes / child bytes a decoding step
+    for setting, child in children.items():
+        counted = copy.deepcopy(child)
+        reads = ExpertReads(counted)
+        _, cache, token = prefill(counted, prompt)
+        reads.take()
+        decode(counted, cache, token, args.new_tokens)
+        parent_bytes, child_bytes = step_bytes(parent, counted, reads.take())
+        bytes_ideal[setting] = parent_bytes / child_bytes
+        del counted
     times: dict[tuple[str, str, int], list[float]] = {}  # (variant, phase, 0 wall / 1 cpu) -> seconds per rep
     for rep in range(args.warmup + args.reps):
         names = list(models)
@@ -180,6 +242,12 @@ def bench(size_name: str, batch: int, args: argparse.Namespace, device: torch.de
                 f"new/parent {spread(new_ratio)} = {spread(of_ideal)} of ideal;"
                 f" old/parent {spread(old_ratio)}; pinned-el/new {spread(pinned_el)}; pinned-en/parent {spread(pinned_en)}"
             )
+            if phase == "decode":
+                of_bytes = [r / bytes_ideal["new"] for r in new_ratio]
+                lines.append(
+                    f"    {clock_name:4}: bytes ideal new {bytes_ideal['new']:.2f} (old {bytes_ideal['old']:.2f}) x the parent; "
+                    f"new/parent {spread(new_ratio)} = {spread(of_bytes)} of the bytes ideal"
+                )
     return lines
 
 

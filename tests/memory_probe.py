@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sys
+import threading
 from pathlib import Path
 
 BASE_DOCUMENTS = 640  # x DOCUMENT_CHARS: about 640k tokens at scale 1 with the character tokenizer
@@ -39,11 +40,39 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+class PeakAnonymous:
+    """The peak of this process's anonymous resident memory (RssAnon), polled by a thread every millisecond.
+
+    Anonymous memory is what the process allocates (Python objects, arrays, tokenizer output); the
+    peak RSS also counts pages of memory-mapped files read (the corpus, the token files), which the
+    kernel can drop at any time. Polled, so a peak shorter than a poll can be missed.
+    """
+
+    def __enter__(self) -> PeakAnonymous:
+        self.peak_mb, self._done = _status_mb("RssAnon"), threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, _status_mb("RssAnon"))
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
@@ -57,15 +86,16 @@ def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
     corpus = write_corpus(workdir / f"corpus-{scale}.txt", BASE_DOCUMENTS * scale, seed=scale)
     num_tokens = int(0.8 * BASE_DOCUMENTS * scale * (DOCUMENT_CHARS + 1))  # 80% of the corpus: the train split holds ~90%
     reset_peak_rss()
-    sample = sample_token_rows(
-        {"en": CorpusSpec(path=corpus)},
-        tiny_tokenizer(),
-        num_tokens,
-        SEQ_LEN,
-        seed=0,
-        store_dir=workdir / "store",
-        out_path=workdir / f"sample-{scale}.json",
-    )
+    with PeakAnonymous() as anonymous:
+        sample = sample_token_rows(
+            {"en": CorpusSpec(path=corpus)},
+            tiny_tokenizer(),
+            num_tokens,
+            SEQ_LEN,
+            seed=0,
+            store_dir=workdir / "store",
+            out_path=workdir / f"sample-{scale}.json",
+        )
     sampling = peak_rss_mb()
 
     torch.manual_seed(0)
@@ -88,7 +118,9 @@ def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
     return {
         "scale": scale,
         "tokens": num_tokens // SEQ_LEN * SEQ_LEN,
+        "corpus_mb": round(corpus.stat().st_size / 2**20, 1),
         "sampling_peak_mb": round(sampling, 1),
+        "sampling_peak_anonymous_mb": round(anonymous.peak_mb, 1),
         "training_step_peak_mb": round(training, 1),
     }
 

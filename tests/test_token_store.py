@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,6 +21,7 @@ from layermoe_core.data.corpus import (
     corpus_fingerprint,
     load_sequences,
     open_sequences,
+    open_store,
     sample_sequences,
     sample_token_rows,
 )
@@ -205,3 +207,42 @@ def test_samples_of_different_languages_combine_into_one_without_copying(corpus,
     assert combined["el"].file == open_sequences(main)["el"].file, "the combined sample points at the same store rows"
     with pytest.raises(LayerMoEError, match="'el' is in two samples"):
         combine_samples([main, main], tmp_path / "twice.json")
+
+
+def _bpe_tokenizer(directory: Path, split_special_tokens: bool = False):
+    """The demo's byte-level BPE, with a truncation left switched on in its backend, as a loaded tokenizer.json may have."""
+    from demo.base import train_demo_tokenizer
+
+    texts = [f"λόγος {i} hello reader, token store {i * 7} of the corpus" for i in range(300)]
+    tokenizer = train_demo_tokenizer(texts, 400, directory)
+    tokenizer.split_special_tokens = split_special_tokens
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["characters", "bpe", "bpe-split-special"])
+def test_stored_tokens_are_byte_identical_to_the_tokenizer_called_one_document_at_a_time(kind, tmp_path, monkeypatch):
+    """The batched, multi-core encoding stores what `tokenizer(text, add_special_tokens=False)` gives each document."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    tokenizer = tiny_tokenizer() if kind == "characters" else _bpe_tokenizer(tmp_path / "bpe", kind == "bpe-split-special")
+    eos = tokenizer.eos_token
+    documents = [f"document {i}: hello reader {'λόγος ' * (i % 4)}{eos if i % 9 == 0 else ''} and more" for i in range(1500)]
+    documents[3] = ""  # an empty document stores nothing
+    documents[5] = "a long document " * 20_000  # longer than one tokenizer call's text
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(documents) + "\n")
+    spec = CorpusSpec(path=path)
+    with open_store(spec, tokenizer, SplitRule(seed=0, heldout_fraction=0.1), tmp_path / "store") as store:
+        store.ensure("train", 2**62)
+        files = {split: (store.file(split), store.file(split, "keys.txt"), store.index["dtype"]) for split in ("train", "heldout")}
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false", "the setting is put back after each batch"
+    text_of = {str(row): text for row, text in enumerate(documents)}
+    for split, (tokens_file, keys_file, dtype) in files.items():
+        expected = [
+            token
+            for key in keys_file.read_text().splitlines()
+            if text_of[key]
+            for token in tokenizer(text_of[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ]
+        assert len(expected) > 1000, split
+        assert tokens_file.read_bytes() == np.array(expected, dtype=dtype).tobytes(), split

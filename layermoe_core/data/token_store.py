@@ -33,6 +33,7 @@ from typing import IO, Any, Literal, Protocol
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import LayerMoEError
@@ -44,6 +45,7 @@ TOKENIZE_BATCH = 1024  # documents read from the corpus at a time
 # Characters per tokenizer call: a fast tokenizer holds ~100 bytes per token of the call's output
 # (ids, offsets, masks), so calls are bounded by text, not by documents, to keep memory flat.
 TOKENIZE_CHARS = 1 << 18
+_PARALLELISM = "TOKENIZERS_PARALLELISM"  # read by the Rust tokenizer at each batch call
 
 
 # -- the split rule --------------------------------------------------------------------
@@ -185,6 +187,41 @@ def _text_groups(documents: list[tuple[str, str]]) -> Iterator[list[tuple[str, s
         yield group
 
 
+class BatchEncoder:
+    """Token ids of many texts per call, exactly as `tokenizer(texts, add_special_tokens=False)` gives them.
+
+    A fast tokenizer's texts go to its Rust backend's `encode_batch_fast` (ids without offsets),
+    with the batch spread over every core by the backend's thread pool: parallelism is switched
+    on for that call alone, whatever TOKENIZERS_PARALLELISM says (it is off where processes fork
+    DataLoader workers), and the setting is put back after it, so a process forked later still
+    sees it. The backend is a copy without truncation or padding, as `tokenizer(...)` runs it,
+    with the tokenizer's rule for special tokens in the text. A slow tokenizer is called as is.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.backend: Tokenizer | None = None
+        if tokenizer.is_fast:
+            self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            self.backend.no_truncation()
+            self.backend.no_padding()
+            self.backend.encode_special_tokens = tokenizer.split_special_tokens
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
+            return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        setting = os.environ.get(_PARALLELISM)
+        os.environ[_PARALLELISM] = "true"
+        try:
+            encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        finally:
+            if setting is None:
+                del os.environ[_PARALLELISM]
+            else:
+                os.environ[_PARALLELISM] = setting
+        return [encoding.ids for encoding in encodings]
+
+
 # -- the store ---------------------------------------------------------------------------
 def _empty_index(key: str, dtype: str, eos: int) -> dict:
     return {
@@ -206,6 +243,7 @@ class TokenStore:
 
     def __init__(self, directory: Path, source: DocumentSource, tokenizer: PreTrainedTokenizerBase, rule: SplitRule):
         self.directory, self.source, self.tokenizer, self.rule = directory, source, tokenizer, rule
+        self._encode = BatchEncoder(tokenizer)
         self._batches: Iterator[list[tuple[str, str]]] | None = None
         self._lock: IO[str] | None = None
         self.index: dict[str, Any] = {}  # index.json, read by `open`
@@ -293,7 +331,7 @@ class TokenStore:
         eos, dtype = self.index["eos_token_id"], self.index["dtype"]
         for group in _text_groups([(key, text if text and text.strip() else "") for key, text in batch]):
             texts = [text for _, text in group if text]
-            encoded = iter(self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"] if texts else [])
+            encoded = iter(self._encode(texts) if texts else [])
             by_split: dict[Split, list[tuple[str, list[int] | None]]] = {split: [] for split in SPLITS}
             for key, text in group:  # an empty document stays, with no tokens (None), so parallel stores keep in step
                 by_split[self.rule.split_of(key)].append((key, next(encoded) if text else None))
