@@ -489,6 +489,17 @@ def tick_table(deployment: str, plan: LifelongPlan) -> list[dict]:
 SCHEDULE_INTERVAL_S = 10  # shorter than a tiny round, so ticks fall due while a round trains
 
 
+@contextmanager
+def served_schedule(plan_file: Path, prefect_api: str, tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """`layermoe serve --plan plan_file --interval SCHEDULE_INTERVAL_S`, once its lifelong deployment exists; log: serve.log."""
+    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file), "--interval", str(SCHEDULE_INTERVAL_S)]
+    env = {**process_env(tmp_path / "serve-home", prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    deployment = f"lifelong-expansion/{yaml.safe_load(plan_file.read_text())['name']}"
+    with running(serve, env, tmp_path / "serve.log") as server:
+        wait_until(lambda: read_deployment(deployment), "the served deployment", server, tmp_path / "serve.log")
+        yield server
+
+
 def test_a_served_schedule_runs_the_next_pending_round_at_each_tick_and_takes_a_round_appended_to_the_plan(
     prefect_api, tiny_world, tmp_path
 ):
@@ -496,12 +507,8 @@ def test_a_served_schedule_runs_the_next_pending_round_at_each_tick_and_takes_a_
     corpora = write_synthetic_corpus(tmp_path / "corpus", [*BASE_LANGUAGES, "tr", "hu", "it"], documents=400)
     plan = tiny_plan((base, corpora), tmp_path, "ticks", [["hu"], ["tr"]])
     plan_file = write_plan(plan, tmp_path / "ticks.yaml")
-    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file), "--interval", str(SCHEDULE_INTERVAL_S)]
-    env = {**process_env(tmp_path / "serve-home", prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    log = tmp_path / "serve.log"
-    deployment = "lifelong-expansion/ticks"
-    with running(serve, env, log) as server:
-        wait_until(lambda: read_deployment(deployment), "the served deployment", server, log)
+    deployment, log = "lifelong-expansion/ticks", tmp_path / "serve.log"
+    with served_schedule(plan_file, prefect_api, tmp_path) as server:
         assert read_deployment(deployment).parameters == {"plan": str(plan_file.resolve())}
         limit = read_deployment(deployment)
         assert limit.global_concurrency_limit.limit == 1 and limit.concurrency_options.collision_strategy == "CANCEL_NEW"
@@ -535,12 +542,8 @@ def test_a_served_schedule_runs_the_next_pending_round_at_each_tick_and_takes_a_
 def test_a_rejected_round_pauses_its_schedule_until_a_person_changes_the_plan_and_resumes_it(prefect_api, tiny_world, tmp_path, capsys):
     plan = tiny_plan(tiny_world, tmp_path, "rejects", [["hu"]], promotion="manual")
     plan_file = write_plan(plan, tmp_path / "rejects.yaml")
-    serve = [sys.executable, "-m", "flows.cli", "serve", "--plan", str(plan_file), "--interval", str(SCHEDULE_INTERVAL_S)]
-    env = {**process_env(tmp_path / "serve-home", prefect_api), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    log = tmp_path / "serve.log"
-    deployment = "lifelong-expansion/rejects"
-    with running(serve, env, log) as server:
-        wait_until(lambda: read_deployment(deployment), "the served deployment", server, log)
+    deployment, log = "lifelong-expansion/rejects", tmp_path / "serve.log"
+    with served_schedule(plan_file, prefect_api, tmp_path) as server:
         # The round pauses for review; the reviewer rejects it.
         review = wait_until(
             lambda: next((run for tick in deployment_runs(deployment) for run in subflow_runs(tick) if run.state.is_paused()), None),
