@@ -104,10 +104,10 @@ def wait_until(condition, what: str, process: subprocess.Popen, log: Path):
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-5000:]}")
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory) -> Iterator[str]:
-    """A real Prefect server (API only, sqlite) on a free loopback port, for this module."""
-    home = tmp_path_factory.mktemp("prefect-server")
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A real Prefect server (API only, sqlite) on a free loopback port; its API URL is the current setting inside."""
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     # The scheduler looks for due schedules every 2 s (60 by default), so a short-interval schedule ticks on time.
@@ -124,6 +124,13 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
         wait_until(healthy, "the Prefect server", server, home / "server.log")
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """One Prefect server for this module's tests."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +241,15 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends_crashed_and_resumes(prefect_api, tiny_world, tmp_path):
+@pytest.fixture
+def own_prefect_api(tmp_path) -> Iterator[str]:
+    """A Prefect server of the test's own: the compose set-up's crash automation stays out of the module's server."""
+    with prefect_server(tmp_path / "prefect-server") as url:
+        yield url
+
+
+def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends_crashed_and_resumes(own_prefect_api, tiny_world, tmp_path):
+    prefect_api = own_prefect_api
     # A Stage 1 long enough to kill mid-way, with a checkpoint every 5 steps.
     plan = tiny_plan(tiny_world, tmp_path, "on-worker", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
     plan_file = write_plan(plan, tmp_path / "on-worker.yaml")
