@@ -284,8 +284,8 @@ def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends
     log = tmp_path / "worker.log"
     with running(worker_command, worker_env, log, cwd=elsewhere) as worker:
         started = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=0)
-        checkpoints = plan.workdir / "on-worker-round-1-parent-v1-*" / "stage1" / "checkpoint-*"
-        wait_until(lambda: glob.glob(str(checkpoints)), "a Stage-1 checkpoint", worker, log)
+        checkpoints = plan.workdir / "on-worker-round-1-parent-v1-*" / "stage1" / "checkpoint-*" / "trainer_state.json"
+        wait_until(lambda: glob.glob(str(checkpoints)), "a complete Stage-1 checkpoint", worker, log)
         kill_tree(worker)
     killed_at = time.monotonic()
     crashed = wait_until_state(started.id, "Crashed", deadline_s=silence_s * 4)

@@ -606,7 +606,8 @@ def test_a_killed_command_leaves_no_run_behind_and_the_rerun_resumes(tmp_path, s
     with (tmp_path / "killed.txt").open("w") as output:
         cli = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, start_new_session=True, stdout=output, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + PROCESS_DEADLINE_S
-        while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*")):
+        # A complete checkpoint (its trainer state is written last), so the rerun has one to resume from.
+        while not glob.glob(str(tmp_path / "work" / "*" / "stage1" / "checkpoint-*" / "trainer_state.json")):
             assert cli.poll() is None and time.monotonic() < deadline, "the round ended before Stage 1 saved a checkpoint"
             time.sleep(0.1)
         (flow_process,) = children_of(cli.pid)
