@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -487,11 +488,14 @@ class _AnnounceRank(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         accelerator = self.trainer.accelerator
         local, total = held_trainable_bytes(self.trainer.model_wrapped)
-        print(
+        line = (
             f"layermoe rank {accelerator.process_index}/{accelerator.num_processes}: {strategy_name(accelerator)}; "
-            f"trainable parameters held by this rank: {local:,} of {total:,} bytes",
-            flush=True,
+            f"trainable parameters held by this rank: {local:,} of {total:,} bytes\n"
         )
+        # One write with its newline: the ranks share an unbuffered stream (python -u), where print's separate
+        # write of the newline let two ranks' lines run together.
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 class _LogLastStep(TrainerCallback):
