@@ -426,10 +426,7 @@ def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layermoe", description="Teach an LLM new languages with LayerMoE, round after round.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_round_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("add-languages", help="run one expansion round (the add-languages flow)")
     p.add_argument("--plan", required=True, help="YAML plan (see plans/)")
     p.set_defaults(run=cmd_add_languages)
@@ -456,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="deployment name (default: the plan's name)")
     p.set_defaults(run=cmd_serve)
 
+
+def _add_approve_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("approve", help="answer a round paused for review (promotion: manual), as the UI's Resume form does")
     p.add_argument("run_id", help="the paused add-languages flow run's id")
     decision = p.add_mutually_exclusive_group(required=True)
@@ -469,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_approve)
 
+
+def _add_estimate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("estimate", help="parameters, child size, memory per device, tokens and steps of a plan; trains nothing")
     p.add_argument("--plan", required=True, help="a lifelong or add-languages plan")
     p.add_argument("--round", type=at_least_one, default=1, help="which round of a lifelong plan (default: 1)")
@@ -483,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=cmd_estimate)
 
+
+def _add_registry_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("registry", help="browse registered versions")
     reg = p.add_subparsers(dest="registry_command", required=True)
     reg.add_parser("list", help="every version: aliases, lineage, gate verdict, worst old-language drift, new-language gain")
@@ -497,11 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("--alias", default="champion", help="the alias to move (default: champion)")
     p.set_defaults(run=cmd_registry)
 
+
+def _add_demo_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the embedded-default demo: base + two lifelong rounds, all local")
     p.add_argument("--workdir", default=".demo", help="where corpus, checkpoints and the MLflow store go")
     p.add_argument("--quick", action="store_true", help="a much smaller run, for a smoke test")
     p.add_argument("--processes", type=int, help="launch base training and every stage with accelerate, this many processes")
     p.set_defaults(run=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layermoe", description="Teach an LLM new languages with LayerMoE, round after round.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_round_commands(sub)
+    _add_approve_command(sub)
+    _add_estimate_command(sub)
+    _add_registry_command(sub)
+    _add_demo_command(sub)
     return _with_global_options(parser)
 
 
