@@ -44,37 +44,43 @@ from types import ModuleType  # noqa: E402
 from unittest import mock  # noqa: E402
 
 import tasks.analysis  # noqa: E402
+import tasks.common  # noqa: E402
 import tasks.evaluation  # noqa: E402
 import tasks.parent  # noqa: E402
 import tasks.registration  # noqa: E402
-import tasks.training  # noqa: E402
 from demo.base import DEMO_SIZES  # noqa: E402
 from flows.add_languages import add_languages  # noqa: E402
 from flows.bootstrap_base import bootstrap_base  # noqa: E402
 from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans  # noqa: E402
 from flows.plan import ExpansionPlan, ParentRef  # noqa: E402
 from layermoe_core import plots  # noqa: E402
+from layermoe_core.data import corpus  # noqa: E402
+from layermoe_core.model import checkpoints  # noqa: E402
+from layermoe_core.training import trainer  # noqa: E402
 from layermoe_core.training.trainer import TrainSettings  # noqa: E402
 from registry.download import download_version  # noqa: E402
 from registry.register import register_base  # noqa: E402
 from registry.settings import RegistrySettings  # noqa: E402
 from tests.synthetic_corpus import write_synthetic_corpus  # noqa: E402
 
-_STEP_MODULES = (tasks.analysis, tasks.training, tasks.evaluation)
+# The steps' own imports, and (for the training jobs of layermoe_core.training.launch, which import what they call
+# when they run) the modules that define them.
+_STEP_MODULES = (tasks.analysis, tasks.evaluation)
 # part: {category: the (module, function) places the round's tasks call}
 TIMED: dict[str, dict[str, list[tuple[ModuleType, str]]]] = {
     "compute": {
         "similarity": [(tasks.analysis, "layer_similarity")],
-        "stage 1": [(tasks.training, "train_stage1")],
-        "stage 2": [(tasks.training, "train_stage2")],
+        "stage 1": [(trainer, "train_stage1")],
+        "stage 2": [(trainer, "train_stage2")],
         "evaluation": [(tasks.evaluation, "routing_statistics"), (tasks.evaluation, "evaluate_model")],
     },
     "data": {
         "token sampling and token files": [(tasks.analysis, "sample_token_rows")]
-        + [(module, name) for module in _STEP_MODULES for name in ("load_sequences", "open_sequences") if hasattr(module, name)],
+        + [(module, name) for module in (*_STEP_MODULES, corpus) for name in ("load_sequences", "open_sequences") if hasattr(module, name)],
     },
     "overhead": {
-        "checkpoint loading": [(module, name) for module in _STEP_MODULES for name in ("load_model", "load_tokenizer")],
+        "checkpoint loading": [(tasks.common, "load_model"), (checkpoints, "load_model"), (checkpoints, "load_tokenizer")]
+        + [(module, "load_tokenizer") for module in _STEP_MODULES],
         "registry: parent download + verify": [(tasks.parent, "download_version")],
         "registry: child upload": [(tasks.registration, "register_child")],
         "report plots": [
@@ -198,12 +204,12 @@ def main() -> None:
     megabytes, transfers = registry_throughput(registry, summary.version, languages, workdir / "throughput", args.repeats)
 
     size = DEMO_SIZES["demo"]
-    t = plan.tokens
+    tokens = plan.tokens
     print(
         f"\nadd-languages round {summary.new_languages} over {summary.old_languages}: demo-size base (hidden "
         f"{size['hidden_size']}, {size['num_hidden_layers']} layers), allocation {summary.allocation}; tokens per "
-        f"language: analysis {t.analysis_tokens}, stage 1 {t.stage1_tokens}, stage 2 {t.stage2_tokens}, "
-        f"eval {t.eval_tokens} (scale {args.scale})"
+        f"language: analysis {tokens.analysis_tokens}, stage 1 {tokens.stage1_tokens}, stage 2 {tokens.stage2_tokens}, "
+        f"eval {tokens.eval_tokens} (scale {args.scale})"
     )
     print(report(stopwatch, wall, megabytes, transfers, args.repeats))
 

@@ -6,13 +6,13 @@ from prefect import get_run_logger
 
 from demo.base import demo_base_config, train_demo_tokenizer
 from demo.offline_corpus import build_gettext_corpus
-from layermoe_core.data.corpus import CorpusSpec, load_documents, open_sequences
-from layermoe_core.model.checkpoints import init_model, load_tokenizer
-from layermoe_core.training.launch import BaseJob, LauncherSettings, launch
-from layermoe_core.training.trainer import FINAL_DIR_NAME, TrainSettings, train_causal_lm
+from layermoe_core.data.corpus import CorpusSpec, load_documents
+from layermoe_core.model.checkpoints import load_tokenizer
+from layermoe_core.training.launch import BaseJob, LauncherSettings
+from layermoe_core.training.trainer import FINAL_DIR_NAME, TrainSettings
 
 from .common import step
-from .training import ProgressReporter
+from .training import run_job
 
 
 @step(lambda a: a["output_dir"], name="build offline corpus", retries=2, retry_delay_seconds=10)
@@ -41,21 +41,14 @@ def train_base(
     launcher: LauncherSettings | None = None,
 ) -> Path:
     """A small Qwen2 trained from scratch on the old languages: the demo's "pretrained" model."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = demo_base_config(len(tokenizer), size)
-    if launcher is not None:
-        job = BaseJob(
-            tokenizer_dir=tokenizer_dir,
-            base_config=config.to_dict(),
-            seed=seed,
-            tokens_path=tokens_path,
-            settings=settings,
-            output_dir=output_dir,
-        )
-        result = launch(job, launcher, ProgressReporter("base").fn)
-        get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
-        return result.model_dir
-    model = init_model(config, seed)
-    result = train_causal_lm(model, open_sequences(tokens_path), settings, output_dir, [ProgressReporter("base")], tokenizer=tokenizer)
+    job = BaseJob(
+        tokenizer_dir=tokenizer_dir,
+        base_config=demo_base_config(len(load_tokenizer(tokenizer_dir)), size).to_dict(),
+        seed=seed,
+        tokens_path=tokens_path,
+        settings=settings,
+        output_dir=output_dir,
+    )
+    result = run_job(job, launcher, "base")
     get_run_logger().info("base model trained: %s", result.final_metrics)
     return result.model_dir

@@ -1,16 +1,14 @@
 """Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review).
 
-With a plan `launcher`, each stage runs as an `accelerate launch` job (layermoe_core.training.launch)
-and this process only waits, forwarding rank 0's metrics; without one, it trains in-process.
+Each step runs its job (layermoe_core.training.launch): in this process, or with a plan `launcher` as an
+`accelerate launch` job, while this process only waits, forwarding rank 0's metrics.
 """
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from layermoe_core.data.corpus import load_sequences, open_sequences
-from layermoe_core.model.checkpoints import load_tokenizer
-from layermoe_core.training.launch import LauncherSettings, Stage1Job, Stage2Job, launch
-from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult, train_stage1, train_stage2
+from layermoe_core.training.launch import BaseJob, LauncherSettings, Stage1Job, Stage2Job, launch
+from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult
 
 from .common import artifact_key, step
 
@@ -41,13 +39,15 @@ class ProgressReporter(MetricsCallback):
         self._update(state)
 
 
-def train_launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str) -> TrainResult:
-    """Run `job` under accelerate launch; a failed or killed launch fails the task with its log's tail."""
-    get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
-    return launch(job, launcher, ProgressReporter(stage).fn)
-
-
-def say_where_it_resumed(result: TrainResult, stage: str) -> TrainResult:
+def run_job(job: Stage1Job | Stage2Job | BaseJob, launcher: LauncherSettings | None, stage: str) -> TrainResult:
+    """`job.run` in this process, or under accelerate launch with `launcher` (a failed or killed launch fails the task
+    with its log's tail); either way its progress reaches the flow's log and artifacts."""
+    reporter = ProgressReporter(stage)
+    if launcher is None:
+        result = job.run([reporter])
+    else:
+        get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
+        result = launch(job, launcher, reporter.fn)
     if result.resumed_from:
         get_run_logger().info("%s resumed from %s", stage, result.resumed_from)
     return result
@@ -59,17 +59,7 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
 
     A rerun after an interruption resumes from the last checkpoint in the job's output_dir.
     """
-    if launcher is not None:
-        return say_where_it_resumed(train_launched(job, launcher, "stage1"), "stage1")
-    result = train_stage1(
-        job.expanded_parent(),
-        open_sequences(job.tokens_path),
-        job.settings,
-        job.output_dir,
-        [ProgressReporter("stage1")],
-        tokenizer=load_tokenizer(job.tokenizer_dir),
-    )
-    return say_where_it_resumed(result, "stage1")
+    return run_job(job, launcher, "stage1")
 
 
 @step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
@@ -77,16 +67,4 @@ def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> Trai
     """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix (and, with held-out
     tokens, on until the classifiers reach their accuracy target or the step cap)."""
     get_run_logger().info("routing classifiers in layers %s", job.classifier_layers)
-    if launcher is not None:
-        return say_where_it_resumed(train_launched(job, launcher, "stage2"), "stage2")
-    result = train_stage2(
-        job.classified_stage1(),
-        open_sequences(job.old_tokens_path),
-        open_sequences(job.new_tokens_path),
-        job.settings,
-        job.output_dir,
-        [ProgressReporter("stage2")],
-        tokenizer=load_tokenizer(job.tokenizer_dir),
-        heldout_sequences=load_sequences(job.heldout_tokens_path) if job.heldout_tokens_path else None,
-    )
-    return say_where_it_resumed(result, "stage2")
+    return run_job(job, launcher, "stage2")

@@ -11,7 +11,6 @@ from mlflow import MlflowClient
 from prefect import flow
 
 import tasks.registration
-import tasks.training
 from flows.add_languages import add_languages
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.compare import ComparePlan, compare, with_variants
@@ -23,6 +22,7 @@ from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateDecision, GateSettings
 from layermoe_core.evaluation.metrics import EvalSettings, language_perplexity
 from layermoe_core.model.checkpoints import load_model
+from layermoe_core.training import trainer
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
 from registry.settings import RegistrySettings
@@ -137,7 +137,7 @@ def test_failed_round_registers_nothing_and_keeps_alias(world, monkeypatch):
     def broken_stage2(*args, **kwargs):
         raise RuntimeError("injected Stage-2 failure")
 
-    monkeypatch.setattr(tasks.training, "train_stage2", broken_stage2)
+    monkeypatch.setattr(trainer, "train_stage2", broken_stage2)
     plan = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(alias="champion"))
     with pytest.raises(RuntimeError, match="injected Stage-2 failure"):
         add_languages(plan)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-import tasks.training
 from flows.add_languages import add_languages
 from flows.plan import ExpansionPlan, ParentRef, TokenSettings
 from layermoe_core import LayerMoEError, expand, insert_classifiers
 from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.training import trainer
 from registry import (
     RegistrySettings,
     list_versions,
@@ -74,7 +74,7 @@ def test_a_rerun_of_a_failed_first_round_reuses_its_base_and_round_folder(tmp_pa
     def stage1_breaks(*args, **kwargs):
         raise RuntimeError("injected Stage-1 failure")
 
-    monkeypatch.setattr(tasks.training, "train_stage1", stage1_breaks)
+    monkeypatch.setattr(trainer, "train_stage1", stage1_breaks)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="injected Stage-1 failure"):
             add_languages(plan)

@@ -35,7 +35,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import tasks.analysis
 import tasks.evaluation
 import tasks.parent
-import tasks.training
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef, load_plan
@@ -45,6 +44,7 @@ from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateSettings
 from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.training import trainer
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import cached_version, download_version
 from registry.manifest import verify_model_dir
@@ -70,9 +70,9 @@ ROUND_PROCESS = """
 import os, signal, sys, time
 from pathlib import Path
 from transformers import TrainerCallback
-import tasks.training
 from flows.add_languages import add_languages
 from flows.plan import ExpansionPlan
+from layermoe_core.training import trainer
 
 plan_json, at_first_checkpoint, go = sys.argv[1:]
 
@@ -83,11 +83,11 @@ class AtCheckpoint(TrainerCallback):
         while not Path(go).exists():
             time.sleep(0.05)
 
-train_stage1 = tasks.training.train_stage1
+train_stage1 = trainer.train_stage1
 def train_stage1_with_hook(*args, **kwargs):
     *head, callbacks = args
     return train_stage1(*head, [*callbacks, AtCheckpoint()], **kwargs)
-tasks.training.train_stage1 = train_stage1_with_hook
+trainer.train_stage1 = train_stage1_with_hook
 add_languages(ExpansionPlan.model_validate_json(plan_json))
 """
 
@@ -187,8 +187,8 @@ def forbid(monkeypatch, module, name: str) -> None:
 def forbid_recomputing_finished_steps(monkeypatch) -> None:
     forbid(monkeypatch, tasks.analysis, "sample_token_rows")
     forbid(monkeypatch, tasks.analysis, "layer_similarity")
-    forbid(monkeypatch, tasks.training, "train_stage1")
-    forbid(monkeypatch, tasks.training, "train_stage2")
+    forbid(monkeypatch, trainer, "train_stage1")
+    forbid(monkeypatch, trainer, "train_stage2")
     forbid(monkeypatch, tasks.evaluation, "evaluate_model")
 
 
@@ -280,14 +280,14 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
 
     forbid(monkeypatch, tasks.analysis, "layer_similarity")  # finished before the kill: comes from the cache
     resumed_from = []
-    train_stage1 = tasks.training.train_stage1
+    train_stage1 = trainer.train_stage1
 
     def record_resume(*args, **kwargs):
         result = train_stage1(*args, **kwargs)
         resumed_from.append(result.resumed_from)
         return result
 
-    monkeypatch.setattr(tasks.training, "train_stage1", record_resume)
+    monkeypatch.setattr(trainer, "train_stage1", record_resume)
     summary = add_languages(plan)
     assert resumed_from == [stage1 / FIRST_CHECKPOINT]
     assert_same_weights(child_weights(registry, summary.version, tmp_path / "child"), reference_child)

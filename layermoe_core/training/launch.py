@@ -1,4 +1,4 @@
-"""Training stages as `accelerate launch` jobs: one process per device, started by the flow's task.
+"""Training stages as jobs: `job.run` trains in the calling process, `launch` runs it under `accelerate launch`, one process per device.
 
 The flow process alone samples, measures, evaluates and registers; the launched ranks only
 train. A job is a JSON file (`Stage1Job`, `Stage2Job` or `BaseJob`); every rank reads it, builds
@@ -204,14 +204,14 @@ class Stage1Job(_Job):
     tokens_path: Path
     settings: Stage1Settings
 
-    def expanded_parent(self, device: str | None = None):
-        """The parent, expanded with `allocation`; the routers start from `settings.seed`, so every process and rerun
-        builds the same child."""
+    def expanded_parent(self):
+        """The parent on the CPU (the Trainer moves it to this process's device), expanded with `allocation`; the
+        routers start from `settings.seed`, so every process and rerun builds the same child."""
         from ..model.checkpoints import load_model
         from ..model.surgery import expand
 
         return expand(
-            load_model(self.parent_dir, device=device),
+            load_model(self.parent_dir, device="cpu"),
             self.allocation,
             self.old_languages,
             self.new_languages,
@@ -227,7 +227,7 @@ class Stage1Job(_Job):
         from .trainer import train_stage1
 
         return train_stage1(
-            self.expanded_parent(device="cpu"),
+            self.expanded_parent(),
             open_sequences(self.tokens_path),
             self.settings,
             self.output_dir,
@@ -247,12 +247,12 @@ class Stage2Job(_Job):
     settings: Stage2Settings
     heldout_tokens_path: Path | None = None  # held-out text of every language: the classifiers are trained to their target on it
 
-    def classified_stage1(self, device: str | None = None):
-        """The Stage-1 model with its routing classifiers, initialised from `settings.seed`."""
+    def classified_stage1(self):
+        """The Stage-1 model on the CPU (the Trainer moves it), with its routing classifiers initialised from `settings.seed`."""
         from ..model.checkpoints import load_model
         from ..model.surgery import insert_classifiers
 
-        model = load_model(self.stage1_dir, device=device)
+        model = load_model(self.stage1_dir, device="cpu")
         insert_classifiers(model, self.classifier_layers, seed=self.settings.seed)
         return model
 
@@ -262,7 +262,7 @@ class Stage2Job(_Job):
         from .trainer import train_stage2
 
         return train_stage2(
-            self.classified_stage1(device="cpu"),
+            self.classified_stage1(),
             open_sequences(self.old_tokens_path),
             open_sequences(self.new_tokens_path),
             self.settings,
