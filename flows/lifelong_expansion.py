@@ -24,7 +24,7 @@ from registry.versions import get_version, set_schedule_pause_note
 from tasks.common import publish_markdown
 
 from .add_languages import RoundSummary, add_languages, name_this_run
-from .plan import check_plan_inputs, current_parent, load_lifelong_plan
+from .plan import check_plan_inputs, parse_lifelong_plan, read_plan_file
 
 
 class Tick(BaseModel):
@@ -64,32 +64,28 @@ def lifelong_expansion(plan: str) -> Tick | State:
 
 def next_round(path: Path) -> Tick:
     """The tick itself: read the plan, resolve the parent, then run the pending round (or say why not)."""
-    lifelong = load_lifelong_plan(path)
-    plan_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    content = read_plan_file(path)
+    lifelong = parse_lifelong_plan(path, content)
+    plan_sha256 = hashlib.sha256(content).hexdigest()
     get_run_logger().info("plan %s, sha256 %s", path.resolve(), plan_sha256)
     if schedule_paused():
         # A tick the scheduler had already queued when a rejection paused the schedule.
         name_this_run(f"{lifelong.name}-paused-{utc_stamp()}")
         message = "the schedule is paused after a rejected round; resume it once the plan is changed"
         return finish(Tick(outcome="paused", message=message, plan_sha256=plan_sha256))
-    check_plan_inputs(lifelong)
 
-    parent = current_parent(lifelong)
-    if parent.hf_path is not None:
-        known, parent_label, round_number = parent.languages, f"the base {parent.hf_path}", 1
-    else:
-        info = get_version(lifelong.registry, parent.ref)
-        known, parent_label, round_number = info.languages, f"version {info.version}", info.round + 1
-    index = lifelong.pending_round(known)
+    parent = check_plan_inputs(lifelong)
+    parent_label = f"the base {parent.ref.hf_path}" if parent.version is None else f"version {parent.version}"
+    index = lifelong.pending_round(parent.languages)
     if index is None:
         message = f"nothing to do: {parent_label} already has every language of the plan"
         name_this_run(f"{lifelong.name}-idle-{utc_stamp()}")
         return finish(Tick(outcome="nothing to do", message=message, plan_sha256=plan_sha256))
 
     new = lifelong.rounds[index].new_languages
-    name_this_run(f"{lifelong.name}-r{round_number}-{'-'.join(new)}-{utc_stamp()}")
+    name_this_run(f"{lifelong.name}-r{parent.round + 1}-{'-'.join(new)}-{utc_stamp()}")
     set_schedule_pause_note(lifelong.registry, None)  # a tick that trains again was resumed by a person
-    summary = add_languages(lifelong.round_plan(index, parent.languages if parent.hf_path else [], parent))
+    summary = add_languages(lifelong.round_plan(index, parent.languages if parent.version is None else [], parent.ref))
     if summary.promoted:
         message = f"round {index + 1} of the plan ({', '.join(new)}) is version {summary.version}, now `{lifelong.promote_alias}`"
         return finish(Tick(outcome="promoted", message=message, plan_sha256=plan_sha256, summary=summary))

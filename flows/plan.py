@@ -9,6 +9,7 @@ model that holds it; `run_form` says how a plan reads as the Prefect UI's run fo
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -328,25 +329,37 @@ class LifelongPlan(ExpansionSettings):
 PlanKind = Literal["add-languages", "lifelong"]
 
 
-def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> None:
+@dataclass(frozen=True)
+class CheckedParent:
+    """A plan's parent as its check found it: the reference a round starts from, and what that model is now."""
+
+    ref: ParentRef
+    version: int | None  # the registry version `ref` names; None for an HF directory, which its round registers
+    round: int  # rounds behind the parent: 0 for an HF directory
+    languages: list[str]
+
+
+def check_plan_inputs(plan: ExpansionPlan | LifelongPlan) -> CheckedParent:
     """The checks that need no model and no Prefect, run before either starts: corpus files exist and are
     not empty, the parent resolves (a model directory, or a registry version), the registry answers, and
     the plan fits the parent's languages, top_k and balance-loss coefficient as far as they are known."""
     from layermoe_core.model.files import check_model_dir
     from registry.client import open_client
-    from registry.versions import show_version
+    from registry.versions import get_version
 
     for spec in plan.corpora.values():
         check_corpus_source(spec)
-    parent = current_parent(plan) if isinstance(plan, LifelongPlan) else plan.parent
-    if parent.hf_path is None:
-        known = show_version(plan.registry, parent.ref).get("languages") or []
+    ref = current_parent(plan) if isinstance(plan, LifelongPlan) else plan.parent
+    if ref.hf_path is None:
+        info = get_version(plan.registry, ref.ref)
+        parent = CheckedParent(ref, info.version, info.round, info.languages)
     else:
-        _check_codes(parent.languages)
-        plan.check_parent_model(check_model_dir(parent.hf_path))
+        _check_codes(ref.languages)
+        plan.check_parent_model(check_model_dir(ref.hf_path))
         open_client(plan.registry)
-        known = parent.languages
-    plan.check_parent_languages(known)
+        parent = CheckedParent(ref, None, 0, ref.languages)
+    plan.check_parent_languages(parent.languages)
+    return parent
 
 
 def current_parent(plan: LifelongPlan) -> ParentRef:
@@ -359,25 +372,41 @@ def current_parent(plan: LifelongPlan) -> ParentRef:
 
 def load_lifelong_plan(path: str | Path) -> LifelongPlan:
     """A lifelong plan file, or a one-round plan file read as a lifelong plan of that one round."""
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
-    if isinstance(raw, dict) and "new_languages" in raw and "rounds" not in raw:
-        one_round = load_plan(path, ExpansionPlan)
+    return parse_lifelong_plan(path, read_plan_file(path))
+
+
+def parse_lifelong_plan(path: str | Path, content: bytes) -> LifelongPlan:
+    """The lifelong plan in `content`, the bytes of the plan file at `path` (its input paths are relative to that file's folder),
+    for a caller that needs the bytes too: a tick records their sha256."""
+    raw = _plan_mapping(Path(path), content)
+    if "new_languages" in raw and "rounds" not in raw:
+        one_round = _validate_plan(Path(path), raw, ExpansionPlan)
         shared = one_round.model_dump(exclude={"new_languages", "old_languages"})
         shared["parent"]["languages"] = one_round.parent.languages or one_round.old_languages
         return LifelongPlan.model_validate({**shared, "rounds": [{"new_languages": one_round.new_languages}]})
-    return load_plan(path, LifelongPlan)
+    return _validate_plan(Path(path), raw, LifelongPlan)
 
 
 def load_plan(path: str | Path, kind: type[BaseModel]):
     """Read and validate a YAML plan; every problem is reported with its key path."""
+    return _validate_plan(Path(path), _plan_mapping(Path(path), read_plan_file(path)), kind)
+
+
+def read_plan_file(path: str | Path) -> bytes:
+    """The plan file's bytes; a folder or a missing file is an error that says what to pass."""
     path = Path(path)
     if path.is_dir():
         plans = sorted(p.name for p in path.glob("*.yaml"))
         raise LayerMoEError(f"plan {path} is a folder; pass --plan with one YAML plan file{f' in it, e.g. {plans[0]}' if plans else ''}")
     if not path.is_file():
         raise LayerMoEError(f"plan file {path} does not exist; pass --plan with a YAML plan (see plans/ for examples)")
+    return path.read_bytes()
+
+
+def _plan_mapping(path: Path, content: bytes) -> dict[str, Any]:
+    """The plan's YAML mapping, its input paths (corpora, HF parent, accelerate config) made absolute against the plan's folder."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(content.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise LayerMoEError(f"plan {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from e
     except yaml.YAMLError as e:
@@ -386,7 +415,7 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
         raise LayerMoEError(f"plan {path} is empty; write a plan (see plans/ for examples)")
     if not isinstance(raw, dict):
         raise LayerMoEError(f"plan {path} is a YAML {type(raw).__name__}, not a mapping of plan keys (see plans/ for examples)")
-    base = path.resolve().parent  # a plan's input paths (corpora, HF parent, accelerate config) are relative to the plan file
+    base = path.resolve().parent
     for spec in (raw.get("corpora") or {}).values():
         if isinstance(spec, dict) and spec.get("path") and not Path(spec["path"]).is_absolute():
             spec["path"] = str(base / spec["path"])
@@ -394,6 +423,10 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
         holder = raw.get(section)
         if isinstance(holder, dict) and holder.get(key) and not Path(holder[key]).is_absolute():
             holder[key] = str(base / holder[key])
+    return raw
+
+
+def _validate_plan(path: Path, raw: dict[str, Any], kind: type[BaseModel]):
     try:
         return kind.model_validate(raw)
     except ValidationError as e:
