@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny base models built from a config (no hub), seeded."""
+"""Shared fixtures and helpers: tiny base models built from a config (no hub), seeded, and folders holding them."""
 
 from __future__ import annotations
 
@@ -17,31 +17,18 @@ use_local_stack(
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 # Session-wide real PostgreSQL + MLflow server fixtures (started only by tests that use them).
 from tests.services import mlflow_server, mlflow_tracking_uri, stack_databases  # noqa: E402, F401
-
-TINY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=97,
-    max_position_embeddings=64,
-)
+from tests.tiny_models import TINY, tiny_model  # noqa: E402
+from tests.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 
-def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**{**TINY, **overrides}))
-    elif family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
-    else:
-        raise ValueError(family)
-    return model.eval()
+def save_with_tiny_tokenizer(model, path: Path) -> Path:
+    """`model` and the test tokenizer in one save_pretrained folder, as a parent or a registered version is."""
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +41,11 @@ def prefect_backend():
 @pytest.fixture(params=["qwen2", "llama"])
 def base_model(request):
     return tiny_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
 
 
 @pytest.fixture

@@ -76,11 +76,9 @@ def peak_rss_mb() -> float:
 
 
 def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from layermoe_core.data.corpus import CorpusSpec, load_sequences, open_sequences, sample_token_rows
     from layermoe_core.training.trainer import TrainSettings, train_causal_lm
+    from tests.tiny_models import tiny_model
     from tests.tiny_tokenizer import tiny_tokenizer
 
     corpus = write_corpus(workdir / f"corpus-{scale}.txt", BASE_DOCUMENTS * scale, seed=scale)
@@ -98,18 +96,7 @@ def probe(workdir: Path, scale: int, in_ram: bool = False) -> dict:
         )
     sampling = peak_rss_mb()
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=97,
-            max_position_embeddings=SEQ_LEN,
-        )
-    )
+    model = tiny_model("llama", num_hidden_layers=2, max_position_embeddings=SEQ_LEN)
     settings = TrainSettings(max_steps=1, per_device_batch_size=8, learning_rate=1e-3, logging_steps=1, save_steps=10)
     reset_peak_rss()
     rows = load_sequences(sample) if in_ram else open_sequences(sample)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterName,
     FlowRunFilterParentFlowRunId,
 )
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -49,10 +49,9 @@ from registry.register import register_base
 from registry.settings import RegistrySettings
 from registry.versions import list_versions, promote, schedule_pause_note, show_version
 
-from .conftest import tiny_model
+from .conftest import save_with_tiny_tokenizer, tiny_model
 from .synthetic_corpus import write_synthetic_corpus
 from .test_flows import FAST, TOKENS
-from .tiny_tokenizer import tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -137,9 +136,7 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
 def tiny_world(tmp_path_factory) -> tuple[Path, dict]:
     """A tiny Qwen2 base (a local HF directory, registered by the first round) and five synthetic corpora."""
     root = tmp_path_factory.mktemp("deployments")
-    base = root / "base"
-    tiny_model("qwen2").save_pretrained(base)
-    tiny_tokenizer().save_pretrained(base)
+    base = save_with_tiny_tokenizer(tiny_model("qwen2"), root / "base")
     return base, write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "tr", "hu"], documents=400)
 
 
@@ -180,6 +177,14 @@ def subflow_runs(run: FlowRun) -> list[FlowRun]:
 def read_flow_run(run_id) -> FlowRun:
     with get_client(sync_client=True) as client:
         return client.read_flow_run(run_id)
+
+
+def wait_for_each(runs: dict[str, FlowRun], reached: Callable[[State], bool], what: str, server: subprocess.Popen, log: Path):
+    """Each of `runs` ({language: flow run}) read again once its state has `reached` what the test waits for."""
+    return {
+        lang: wait_until(lambda run=run: reached((now := read_flow_run(run.id)).state) and now, f"round {lang} to {what}", server, log)
+        for lang, run in runs.items()
+    }
 
 
 def artifacts_of(run: FlowRun) -> dict[str, object]:
@@ -327,15 +332,7 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
             lang: run_deployment("add-languages/reviewed", parameters={"plan": {**defaults, "new_languages": [lang]}}, timeout=0)
             for lang in ("hu", "tr")
         }
-        paused = {
-            lang: wait_until(
-                lambda run=run: (now := read_flow_run(run.id)).state.is_paused() and now,
-                f"round {lang} to pause for review",
-                server,
-                tmp_path / "serve.log",
-            )
-            for lang, run in runs.items()
-        }
+        paused = wait_for_each(runs, lambda state: state.is_paused(), "pause for review", server, tmp_path / "serve.log")
         assert {lang: run.name for lang, run in paused.items()} == {"hu": "round-1-hu", "tr": "round-1-tr"}
         for run in paused.values():
             artifacts = artifacts_of(run)
@@ -354,15 +351,7 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
         assert main(["approve", str(runs["hu"].id), "--yes", "--override-gate", "--reason", "x"]) == 2  # it passed the gate
         assert main(["approve", str(runs["hu"].id), "--yes", "--reason", "hu reads well"]) == 0
         assert main(["approve", str(runs["tr"].id), "--no", "--reason", "en drifted too far"]) == 0
-        done = {
-            lang: wait_until(
-                lambda run=run: (now := read_flow_run(run.id)).state.is_final() and now,
-                f"round {lang} to finish",
-                server,
-                tmp_path / "serve.log",
-            )
-            for lang, run in runs.items()
-        }
+        done = wait_for_each(runs, lambda state: state.is_final(), "finish", server, tmp_path / "serve.log")
     log = (tmp_path / "serve.log").read_text()
     assert all(run.state.is_completed() for run in done.values()), f"{[r.state for r in done.values()]}\n{log[-8000:]}"
     # The reviewer's answer is written as the automatic gate writes its own: the verdict tag, the card, the reason.

@@ -20,7 +20,6 @@ import yaml
 from safetensors.torch import load_file
 
 from flows.add_languages import add_languages, round_dir
-from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef
 from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.errors import LayerMoEError
@@ -35,8 +34,7 @@ from registry.register import register_base
 from registry.settings import RegistrySettings
 from registry.versions import list_versions, promote
 
-from .synthetic_corpus import write_synthetic_corpus
-from .test_flows import TOKENS
+from .test_flows import TOKENS, bootstrap_tiny_base
 
 pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
 
@@ -125,21 +123,7 @@ FAULTS = textwrap.dedent(
 def world(tmp_path_factory):
     """A tiny base trained by a 2-process launch, and the corpora."""
     root = tmp_path_factory.mktemp("distributed")
-    corpora = write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "el", "tr", "hu"])  # as test_flows: enough held-out tokens
-    registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
-    base = BootstrapPlan(
-        registry=registry,
-        corpora=corpora,
-        languages=BASE_LANGUAGES,
-        vocab_size=400,
-        size="tiny",
-        train_tokens=4_000,
-        tokens=TOKENS,
-        train=TrainSettings(**STAGE, per_device_batch_size=4),
-        launcher=TWO_PROCESSES,
-        workdir=root / "work",
-    )
-    assert bootstrap_base(base) == 1
+    corpora = bootstrap_tiny_base(root, BASE_LANGUAGES, TrainSettings(**STAGE, per_device_batch_size=4), launcher=TWO_PROCESSES).corpora
     base_dir = root / "work" / "base" / "train" / "final"
     checkpoint = root / "work" / "base" / "train" / "checkpoint-3"
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}  # two ranks trained it

@@ -57,7 +57,8 @@ def parent_dir(request, tmp_path):
     return tmp_path / "parent"
 
 
-def estimate(parent_dir, stage1: Stage1Settings | None = None, launcher=None):
+def estimate(parent_dir, stage1: Stage1Settings | None = None, **options):
+    """The estimate of one round of the test plan; `options` are estimate_round's keywords (launcher, tflops_per_device)."""
     return estimate_round(
         parent_config(parent_dir),
         ALLOCATION,
@@ -70,7 +71,7 @@ def estimate(parent_dir, stage1: Stage1Settings | None = None, launcher=None):
         stage2_tokens=STAGE2_TOKENS,
         stage1=stage1 or Stage1Settings(),
         stage2=Stage2Settings(),
-        launcher=launcher,
+        **options,
     )
 
 
@@ -183,20 +184,7 @@ def test_disk_time_and_totals_follow_the_plan(parent_dir):
     assert stage1.checkpoints_kept == math.ceil(stage1.steps / 5)
     # uint16 token ids: Stage-1 tokens of the new language, Stage-2 replay of each old one
     assert predicted.token_store_bytes == 2 * (len(NEW) * STAGE1_TOKENS + len(OLD) * STAGE2_TOKENS)
-    slower = estimate_round(
-        parent_config(parent_dir),
-        ALLOCATION,
-        OLD,
-        NEW,
-        top_k=2,
-        classifier_layers=1,
-        seq_len=SEQ_LEN,
-        stage1_tokens=STAGE1_TOKENS,
-        stage2_tokens=STAGE2_TOKENS,
-        stage1=settings,
-        stage2=Stage2Settings(),
-        tflops_per_device=DEFAULT_TFLOPS_PER_DEVICE / 2,
-    ).stages[0]
+    slower = estimate(parent_dir, settings, tflops_per_device=DEFAULT_TFLOPS_PER_DEVICE / 2).stages[0]
     assert slower.hours == pytest.approx(2 * stage1.hours) and stage1.device_hours == pytest.approx(stage1.hours)
 
 

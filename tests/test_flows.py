@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,28 +36,42 @@ pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect
 
 TOKENS = TokenSettings(seq_len=32, analysis_tokens=1_000, stage1_tokens=2_000, stage2_tokens=1_000, eval_tokens=1_000)
 FAST = dict(learning_rate=3e-3, max_steps=6, per_device_batch_size=8, logging_steps=2, save_steps=3)
+# A round's settings for a tiny model: a few steps per stage, and gates that pass (its quality is not the point)
+FAST_ROUND: dict[str, Any] = dict(
+    tokens=TOKENS,
+    allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
+    classifier_layer_count=1,
+    stage1=Stage1Settings(**FAST),
+    stage2=Stage2Settings(**FAST),
+    evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
+)
+
+
+def bootstrap_tiny_base(root: Path, languages: list[str], train: TrainSettings, **options: Any) -> BootstrapPlan:
+    """A tiny base trained on `languages`, version 1 (champion) of a sqlite registry in `root`; the corpora hold
+    `languages` and el, tr and hu, for rounds to add (five languages: enough held-out tokens)."""
+    plan = BootstrapPlan(
+        registry=RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny"),
+        corpora=write_synthetic_corpus(root / "corpus", [*languages, "el", "tr", "hu"]),
+        languages=languages,
+        vocab_size=400,
+        size="tiny",
+        train_tokens=4_000,
+        tokens=TOKENS,
+        train=train,
+        workdir=root / "work",
+        **options,
+    )
+    assert bootstrap_base(plan) == 1
+    return plan
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A registry holding a trained tiny base (version 1, champion) and the corpora of five languages."""
     root = tmp_path_factory.mktemp("flows")
-    corpora = write_synthetic_corpus(root / "corpus", ["en", "zh", "el", "tr", "hu"])
-    registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
-    base = BootstrapPlan(
-        registry=registry,
-        corpora=corpora,
-        languages=["en", "zh"],
-        vocab_size=400,
-        size="tiny",
-        train_tokens=4_000,
-        exposure_tokens=1_000,
-        tokens=TOKENS,
-        train=TrainSettings(**FAST),
-        workdir=root / "work",
-    )
-    assert bootstrap_base(base) == 1
-    return root, corpora, registry
+    base = bootstrap_tiny_base(root, ["en", "zh"], TrainSettings(**FAST), exposure_tokens=1_000)
+    return root, base.corpora, base.registry
 
 
 def test_the_base_also_trains_on_a_little_of_every_other_corpus_language(world):
@@ -77,12 +92,7 @@ def lifelong_plan(root, corpora, registry, rounds) -> LifelongPlan:
     return LifelongPlan(
         registry=registry,
         corpora=corpora,
-        tokens=TOKENS,
-        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
-        classifier_layer_count=1,
-        stage1=Stage1Settings(**FAST),
-        stage2=Stage2Settings(**FAST),
-        evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
+        **FAST_ROUND,
         rounds=[RoundSpec(new_languages=r) for r in rounds],
         workdir=root / "work",
     )

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import BaseModel
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from flows.cli import main
 from flows.compare import ComparePlan
@@ -28,8 +27,8 @@ from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.training.trainer import Stage1Settings
 
+from .conftest import save_with_tiny_tokenizer, tiny_model
 from .synthetic_corpus import write_synthetic_corpus
-from .tiny_tokenizer import tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROCESS_DEADLINE_S = 600.0  # a guard against a hung child process, not a timing
@@ -173,21 +172,10 @@ def save_tiny_parent(directory: Path, **expand_settings) -> Path:
     """A tiny Llama with the test tokenizer: dense, or (with expand_settings) a LayerMoE round-1 child."""
     from layermoe_core import expand
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=97,
-            max_position_embeddings=64,
-        )
-    )
+    model = tiny_model("llama", num_hidden_layers=2)
     if expand_settings:
         model = expand(model, [1, 1], ["en"], ["el"], **expand_settings)
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    save_with_tiny_tokenizer(model, directory)
     return directory
 
 

@@ -35,7 +35,7 @@ from registry import (  # noqa: E402
     tag_version,
 )
 
-from .conftest import tiny_model  # noqa: E402
+from .conftest import save_with_tiny_tokenizer, tiny_model  # noqa: E402
 from .tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 ROUND_1 = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [2, 0, 1], "classifier_layers": [0]}
@@ -59,10 +59,7 @@ def settings(empty_store, tmp_path) -> RegistrySettings:
 
 @pytest.fixture
 def base_dir(tmp_path) -> Path:
-    path = tmp_path / "base"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_with_tiny_tokenizer(tiny_model("qwen2"), tmp_path / "base")
 
 
 @pytest.fixture
@@ -276,20 +273,8 @@ def test_cli_promotes_downloads_and_lists_verdict_drift_and_gain(settings, regis
     assert loaded.split() == ["LayerMoEForCausalLM", "['en',", "'el']", type(tiny_tokenizer()).__name__]
     assert layermoe([*uri, "list"]) == 0
     header, base_row, child_row = capsys.readouterr().out.splitlines()[-3:]
-    assert header.split()[:12] == [
-        "version",
-        "aliases",
-        "parent",
-        "round",
-        "languages",
-        "new_languages",
-        "verdict",
-        "old_drift_max",
-        "pinned_drift_max",
-        "new_gain",
-        "storage",
-        "stored_bytes",
-    ]
+    columns = "version aliases parent round languages new_languages verdict old_drift_max pinned_drift_max new_gain storage stored_bytes"
+    assert header.split()[:12] == columns.split()
     assert base_row.split()[0] == "1" and "base" in base_row.split()
     assert "stable" in child_row and "delta" in child_row
 

@@ -19,7 +19,7 @@ from registry import (
     register_child,
 )
 
-from .conftest import tiny_model
+from .conftest import save_with_tiny_tokenizer, tiny_model
 from .synthetic_corpus import write_synthetic_corpus
 from .tiny_tokenizer import tiny_tokenizer
 
@@ -30,10 +30,7 @@ TOKENS = TokenSettings(seq_len=16, analysis_tokens=64, stage1_tokens=64, stage2_
 
 @pytest.fixture
 def base_dir(tmp_path) -> Path:
-    path = tmp_path / "hf-base"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_with_tiny_tokenizer(tiny_model("qwen2"), tmp_path / "hf-base")
 
 
 def first_round(tmp_path: Path, registry: RegistrySettings, base_dir: Path, corpora) -> ExpansionPlan:

@@ -30,7 +30,7 @@ from registry import (
     show_version,
 )
 
-from .conftest import tiny_model
+from .conftest import save_with_tiny_tokenizer, tiny_model
 from .services import running_mlflow_server
 from .tiny_tokenizer import tiny_tokenizer
 
@@ -41,10 +41,7 @@ ERROR_WITHIN_S = 60
 
 @pytest.fixture
 def base_dir(tmp_path) -> Path:
-    path = tmp_path / "base"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_with_tiny_tokenizer(tiny_model("llama"), tmp_path / "base")
 
 
 def runs_by_status(tracking_uri: str, experiment_name: str) -> dict[str, str]:

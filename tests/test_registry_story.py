@@ -16,9 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
-import torch
 
-from layermoe_core import expand, insert_classifiers
 from registry import (
     RegistrySettings,
     Verdict,
@@ -27,9 +25,9 @@ from registry import (
     register_child,
 )
 
-from .conftest import tiny_model
+from .conftest import save_with_tiny_tokenizer, tiny_model
 from .services import MlflowServer, running_mlflow_server
-from .tiny_tokenizer import tiny_tokenizer
+from .test_registry_delta import grow
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +41,6 @@ def sqlite_mlflow_server() -> Iterator[MlflowServer]:
 def api(server: MlflowServer, path: str, **params) -> dict:
     with urllib.request.urlopen(f"{server.tracking_uri}/api/2.0/mlflow/{path}?{urllib.parse.urlencode(params)}") as response:
         return json.loads(response.read())
-
-
-def save_child(path: Path, parent, allocation: list[int], old: list[str], new: list[str], seed: int):
-    model = expand(parent, allocation, old, new)
-    insert_classifiers(model, [0])
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn_like(param))
-    model.eval().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return model
 
 
 def comparison(old: dict[str, tuple[float, float]], new: dict[str, tuple[float, float]]) -> pd.DataFrame:
@@ -83,10 +68,10 @@ def story(sqlite_mlflow_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("story")
     settings = RegistrySettings(tracking_uri=sqlite_mlflow_server.tracking_uri, registered_model_name=f"story-{uuid.uuid4().hex[:6]}")
     base = tiny_model("qwen2")
-    base.save_pretrained(root / "base")
-    tiny_tokenizer().save_pretrained(root / "base")
+    save_with_tiny_tokenizer(base, root / "base")
     register_base(settings, root / "base", ["en"])
-    round1 = save_child(root / "r1", base, [2, 0, 1], ["en"], ["el"], seed=3)
+    round1 = grow(base, ["en"], ["el"], [2, 0, 1], seed=3)
+    save_with_tiny_tokenizer(round1, root / "r1")
     fig, _ = plt.subplots(figsize=(2, 1))
     fig.savefig(root / "plot.png")
     plt.close(fig)
@@ -104,7 +89,7 @@ def story(sqlite_mlflow_server, tmp_path_factory):
         verdict=Verdict(passed=True, reasons=["old language en: within", "new language el: improved"]),
         training_history=HISTORY,
     )
-    save_child(root / "r2", round1, [1, 1, 0], ["en", "el"], ["hu"], seed=4)
+    save_with_tiny_tokenizer(grow(round1, ["en", "el"], ["hu"], [1, 1, 0], seed=4), root / "r2")
     second = comparison({"en": (2.01, 2.30), "el": (2.9, 2.85)}, {"hu": (4.2, 3.1)})
     register_child(
         settings,

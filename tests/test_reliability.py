@@ -38,14 +38,11 @@ import tasks.parent
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef, load_plan
-from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.data.corpus import CorpusSpec
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation.gates import GateSettings
-from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.model.checkpoints import load_model, load_tokenizer
 from layermoe_core.training import trainer
-from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.training.trainer import TrainSettings
 from registry.download import cached_version, download_version
 from registry.manifest import verify_model_dir
 from registry.register import register_base
@@ -54,8 +51,7 @@ from registry.versions import list_versions, promote, show_version
 from tasks.parent import resolve_parent
 
 from .services import MlflowServer, running_mlflow_server
-from .synthetic_corpus import write_synthetic_corpus
-from .test_flows import FAST, TOKENS
+from .test_flows import FAST, FAST_ROUND, bootstrap_tiny_base
 
 pytestmark = pytest.mark.usefixtures("prefect_backend")  # one ephemeral Prefect server per module (conftest)
 
@@ -104,21 +100,8 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("reliability")
-    corpora = write_synthetic_corpus(root / "corpus", [*BASE_LANGUAGES, "el", "tr", "hu"])  # as test_flows: enough held-out tokens
-    registry = RegistrySettings(tracking_uri=f"sqlite:///{root}/mlflow.db", registered_model_name="tiny")
-    bootstrap = BootstrapPlan(
-        registry=registry,
-        corpora=corpora,
-        languages=BASE_LANGUAGES,
-        vocab_size=400,
-        size="tiny",
-        train_tokens=4_000,
-        tokens=TOKENS,
-        train=TrainSettings(**FAST),
-        workdir=root / "work",
-    )
-    assert bootstrap_base(bootstrap) == 1
-    return World(root, corpora, registry, bootstrap, root / "work" / "base" / "train" / "final")
+    bootstrap = bootstrap_tiny_base(root, BASE_LANGUAGES, TrainSettings(**FAST))
+    return World(root, bootstrap.corpora, bootstrap.registry, bootstrap, root / "work" / "base" / "train" / "final")
 
 
 def round_plan(world: World, registry: RegistrySettings, workdir: Path, **changes) -> ExpansionPlan:
@@ -127,12 +110,7 @@ def round_plan(world: World, registry: RegistrySettings, workdir: Path, **change
         name="reliability",
         registry=registry,
         corpora=world.corpora,
-        tokens=TOKENS,
-        allocation=AllocationSettings(delta=2, clamp_similarity=1e-3),
-        classifier_layer_count=1,
-        stage1=Stage1Settings(**FAST),
-        stage2=Stage2Settings(**FAST),
-        evaluation=EvalSettings(batch_size=8, gates=GateSettings(max_old_loss_increase=10.0, require_new_improvement=False)),
+        **FAST_ROUND,
         parent=ParentRef(version=1),
         new_languages=["el"],
         workdir=workdir,

@@ -37,11 +37,6 @@ from .tiny_tokenizer import tiny_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
 @pytest.fixture
 def corpus(tmp_path):
     path = tmp_path / "el.txt"
