@@ -50,7 +50,7 @@ def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Calla
 
     `output(arguments)` is that path, from the call's arguments by name. Where it no longer exists, the
     step runs again instead of returning its cached result: a cache keyed on inputs cannot see that a
-    user cleaned the work directory; this can. The Prefect task itself is the wrapper's `.task`.
+    user cleaned the work directory; this can.
     """
 
     def decorate(fn: Callable) -> Callable:
@@ -63,7 +63,6 @@ def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Calla
             arguments.apply_defaults()
             return as_task.with_options(refresh_cache=not Path(output(arguments.arguments)).exists())(*args, **kwargs)
 
-        run.task = as_task  # type: ignore[attr-defined]
         return run
 
     return decorate
