@@ -81,7 +81,7 @@ TIMED: dict[str, dict[str, list[tuple[ModuleType, str]]]] = {
     "overhead": {
         "checkpoint loading": [(tasks.common, "load_model"), (checkpoints, "load_model"), (checkpoints, "load_tokenizer")]
         + [(module, "load_tokenizer") for module in _STEP_MODULES],
-        "registry: parent download + verify": [(tasks.parent, "download_version")],
+        "registry: parent download + verify": [(tasks.parent, "cached_version")],
         "registry: child upload": [(tasks.registration, "register_child")],
         "report plots": [
             (plots, name) for name in ("plot_similarity", "plot_allocation", "plot_routing_heatmap", "plot_language_comparison")
