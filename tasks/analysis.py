@@ -14,7 +14,7 @@ from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_se
 from layermoe_core.evaluation.heldout_text import heldout_texts
 from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import PLACED_STEP_CACHE, cached_task, load_placed, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, cached_task, file_step, load_placed, publish_markdown, publish_table
 
 TOKEN_STORE_DIR = "token-store"  # under the plan's workdir: every round of every plan there shares the tokenized corpora
 
@@ -36,7 +36,7 @@ class Sampling(BaseModel):
         return self.out_dir / f"{name}.json"
 
 
-@step(lambda a: a["sampling"].path(a["name"]), name="sample tokens")
+@file_step(lambda a: a["sampling"].path(a["name"]), name="sample tokens")
 def sample_tokens(
     sampling: Sampling, name: str, languages: list[str], num_tokens: int, split: Split = "train", parallel: bool | str = False
 ) -> Path:

@@ -11,25 +11,25 @@ from layermoe_core.model.checkpoints import load_tokenizer
 from layermoe_core.training.launch import BaseJob, LauncherSettings
 from layermoe_core.training.trainer import FINAL_DIR_NAME, TrainSettings
 
-from .common import step
+from .common import file_step
 from .training import run_job
 
 
-@step(lambda a: a["output_dir"], name="build offline corpus", retries=2, retry_delay_seconds=10)
+@file_step(lambda a: a["output_dir"], name="build offline corpus", retries=2, retry_delay_seconds=10)
 def build_corpus(output_dir: Path, languages: list[str], packages: list[str]) -> dict[str, CorpusSpec]:
     """Parallel gettext catalogs of named Debian packages -> one jsonl per language (see offline_corpus)."""
     corpus_dir = build_gettext_corpus(output_dir, languages, packages)
     return {lang: CorpusSpec(path=corpus_dir / f"{lang}.jsonl") for lang in languages}
 
 
-@step(lambda a: a["output_dir"], name="train tokenizer")
+@file_step(lambda a: a["output_dir"], name="train tokenizer")
 def train_tokenizer(corpora: dict[str, CorpusSpec], *, vocab_size: int, output_dir: Path) -> Path:
     texts = [text for lang in sorted(corpora) for text in load_documents(corpora[lang])["text"]]
     train_demo_tokenizer(texts, vocab_size, output_dir)
     return output_dir
 
 
-@step(lambda a: a["output_dir"] / FINAL_DIR_NAME, name="train base model")
+@file_step(lambda a: a["output_dir"] / FINAL_DIR_NAME, name="train base model")
 def train_base(
     tokenizer_dir: Path,
     tokens_path: Path,

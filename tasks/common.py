@@ -45,7 +45,7 @@ def load_placed(model_dir: Path, placement: PlacementSettings):
     return model
 
 
-def step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Callable[[Callable], Callable]:
+def file_step(output: Callable[[dict[str, Any]], Path], **task_options: Any) -> Callable[[Callable], Callable]:
     """`@cached_task(STEP_CACHE, **task_options)` for a step that writes a file or folder.
 
     `output(arguments)` is that path, from the call's arguments by name. Where it no longer exists, the

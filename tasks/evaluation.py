@@ -11,7 +11,7 @@ from layermoe_core.evaluation.metrics import EvalSettings, compare_models, conti
 from layermoe_core.evaluation.translation import heldout_pairs
 from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
 
-from .common import PLACED_STEP_CACHE, cached_task, load_placed, publish_markdown, publish_table, step
+from .common import PLACED_STEP_CACHE, cached_task, file_step, load_placed, publish_markdown, publish_table
 
 
 @cached_task(PLACED_STEP_CACHE, name="routing statistics")
@@ -23,7 +23,7 @@ def measure_routing(
     return table
 
 
-@step(lambda a: a["out_dir"], name="sample held-out text")
+@file_step(lambda a: a["out_dir"], name="sample held-out text")
 def sample_heldout_text(
     corpora: dict[str, CorpusSpec], languages: list[str], settings: EvalSettings, *, seed: int, heldout_fraction: float, out_dir: Path
 ) -> Path:

@@ -10,7 +10,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from layermoe_core.training.launch import BaseJob, LauncherSettings, Stage1Job, Stage2Job, launch
 from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult
 
-from .common import artifact_key, step
+from .common import artifact_key, file_step
 
 
 class ProgressReporter(MetricsCallback):
@@ -53,7 +53,7 @@ def run_job(job: Stage1Job | Stage2Job | BaseJob, launcher: LauncherSettings | N
     return result
 
 
-@step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 1: train new experts")
+@file_step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 1: train new experts")
 def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> TrainResult:
     """Expand the parent with the job's allocation and train this round's experts and routers on new-language text.
 
@@ -62,7 +62,7 @@ def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> Trai
     return run_job(job, launcher, "stage1")
 
 
-@step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
+@file_step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
 def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> TrainResult:
     """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix (and, with held-out
     tokens, on until the classifiers reach their accuracy target or the step cap)."""

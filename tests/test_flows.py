@@ -28,7 +28,7 @@ from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, Train
 from registry.download import download_version
 from registry.settings import RegistrySettings
 from registry.versions import get_version, list_versions, show_version
-from tasks.common import step
+from tasks.common import file_step
 
 from .synthetic_corpus import write_synthetic_corpus
 
@@ -224,7 +224,7 @@ def test_compare_runs_the_other_papers_signals_on_an_equal_budget(world):
 def test_a_step_comes_from_the_cache_until_its_output_is_deleted_then_runs_again(tmp_path):
     written = []
 
-    @step(lambda arguments: arguments["out"], name="write greeting")
+    @file_step(lambda arguments: arguments["out"], name="write greeting")
     def write_greeting(text: str, out: Path) -> Path:
         written.append(text)
         out.write_text(text)
