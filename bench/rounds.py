@@ -12,8 +12,8 @@ delta version. At each of `--rounds` the bench prints, one line per quantity:
   decoding tokens/s (greedy, over a KV cache, as bench.generate), batch 1 and 16, interleaved with
   the parent in every repetition (rotating who goes first), ratios taken per repetition:
     old text, routed by the classifiers  every classifier calls the tokens old (old-language text the
-                                          classifiers recognise): each MoE layer walks every round's
-                                          classifier down to expert 0 alone;           x the parent
+                                          classifiers recognise): each MoE layer asks every round's
+                                          classifier (one matmul), then expert 0 alone; x the parent
     old text, pinned                      `layermoe_core.pinned_language(model, "en")`
     new text                              every classifier calls the tokens new: top-k of every expert
                                           in every MoE layer; against bench.generate's ideal

@@ -285,6 +285,8 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
     if layout.get("format") != LAYOUT_FORMAT:
         raise LayerMoEError(f"{what} has layout format {layout.get('format')!r}; upgrade layermoe to read it")
     sources: dict[str, FileSource] = {}
+    own: dict[str, dict[str, TensorSpan]] = {}  # this version's delta files' tensors, by file
+    in_parent: dict[str, dict[str, TensorSpan]] = {}  # the parent's full files' tensors, by file: each header parsed once
     for file, entry in layout["files"].items():
         if "stored" in entry:
             sources[file] = path_inside(stored_dir, entry["stored"], what)
@@ -295,7 +297,6 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
             sources[file] = _source_of(parent_sources, entry["parent"], what)
             continue
         spans = []
-        own: dict[str, dict[str, TensorSpan]] = {}
         for _name, origin, src_file, src_name in entry["tensors"]:
             if origin == "stored":
                 if src_file not in own:
@@ -303,7 +304,9 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
                     own[src_file] = _spans(path, read_header(path))
                 spans.append(own[src_file][src_name])
             else:
-                spans.append(_tensor_in(parent_sources, src_file, src_name, what))
+                if src_file not in in_parent:
+                    in_parent[src_file] = _tensors_of(_source_of(parent_sources, src_file, what))
+                spans.append(_tensor_in(in_parent[src_file], src_file, src_name, what))
         sources[file] = (base64.b64decode(entry["header"]), spans)
     return sources
 
@@ -314,13 +317,14 @@ def _source_of(sources: Mapping[str, FileSource], file: str, what: str) -> FileS
     return sources[file]
 
 
-def _tensor_in(sources: Mapping[str, FileSource], file: str, name: str, what: str) -> TensorSpan:
-    source = _source_of(sources, file, what)
+def _tensors_of(source: FileSource) -> dict[str, TensorSpan]:
+    """Where each tensor of a full weights file is: in the file itself, or in the spans of its recipe."""
     if isinstance(source, Path):
-        spans = _spans(source, read_header(source))
-    else:
-        header = _parse_raw_header(source[0])
-        spans = dict(zip(header, source[1]))
+        return _spans(source, read_header(source))
+    return dict(zip(_parse_raw_header(source[0]), source[1]))
+
+
+def _tensor_in(spans: Mapping[str, TensorSpan], file: str, name: str, what: str) -> TensorSpan:
     if name not in spans:
         raise LayerMoEError(f"{what} refers to tensor {name} of its parent's {file}, which does not exist; its lineage is broken")
     return spans[name]

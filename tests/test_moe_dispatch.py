@@ -16,7 +16,7 @@ from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
-from layermoe_core.model import moe_block
+from layermoe_core.model import experts as expert_kernels
 from layermoe_core.model.experts import check_kernel, grouped_linear, grouped_mm_runs
 from layermoe_core.model.moe_block import LayerMoEBlock
 
@@ -280,7 +280,7 @@ def test_decoding_dispatch_on_the_host_equals_the_sorted_dispatch(scenario, batc
     x = torch.randn(batch, 1, HIDDEN)
     with torch.inference_mode():
         few = block(x)
-        monkeypatch.setattr(moe_block, "FEW_ASSIGNMENTS", 0)  # the sorted dispatch
+        monkeypatch.setattr(expert_kernels, "FEW_ASSIGNMENTS", 0)  # the sorted dispatch
         sorted_dispatch = block(x)
     torch.testing.assert_close(few, sorted_dispatch)
     torch.testing.assert_close(few, reference_forward(block, x).detach())
@@ -346,19 +346,20 @@ def test_inference_runs_no_router_that_no_token_reaches():
 
 
 def test_inference_runs_no_older_router_when_the_newest_classifier_takes_every_token():
-    """The newest classifier sends every token new: the older round's classifier and gate decide nothing and do
-    not run. With autograd on, every router runs on every token."""
+    """The newest classifier sends every token new: the older round's gate decides nothing and does not run (its
+    classifier runs, in the layer's one classifier matmul). With autograd on, every router runs on every token."""
     block = two_rounds_with_classifiers(newest="new", older="mixed")
     x = torch.randn(1, 33, HIDDEN)
-    newest_router_flops = 2 * 33 * HIDDEN * (2 + block.num_experts)  # classifier and gate
-    older_router_flops = 2 * 33 * HIDDEN * (2 + block.routers[0].gate.out_features)
+    classifiers_flops = 2 * 33 * HIDDEN * 2 * 2  # both rounds' classifiers
+    newest_gate_flops = 2 * 33 * HIDDEN * block.num_experts
+    older_gate_flops = 2 * 33 * HIDDEN * block.routers[0].gate.out_features
     expert_flops = 2 * 33 * block.top_k * 3 * HIDDEN * INTERMEDIATE
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         block(x)
-    assert counter.get_total_flops() == newest_router_flops + expert_flops
+    assert counter.get_total_flops() == classifiers_flops + newest_gate_flops + expert_flops
     with FlopCounterMode(display=False) as counter:
         block(x)
-    assert counter.get_total_flops() == newest_router_flops + older_router_flops + expert_flops
+    assert counter.get_total_flops() == classifiers_flops + newest_gate_flops + older_gate_flops + expert_flops
 
 
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm", "transformers:grouped_mm", "transformers:batched_mm"])

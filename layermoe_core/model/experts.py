@@ -232,3 +232,76 @@ class StackedExperts(nn.Module):
         )
         ones = torch.ones(len(tokens), 1, dtype=torch.float32, device=tokens.device)  # x * 1.0 is exact
         return ALL_EXPERTS_FUNCTIONS[name](self, tokens.to(self.gate_up_proj.dtype), expert_ids[:, None], ones)
+
+
+# The host dispatch: a CPU fast path for the MoE block's sorted dispatch (moe_block.LayerMoEBlock.forward).
+# A block's expert groups are (module, first expert id, number of experts): expert 0, the dense MLP, first,
+# then each round's `StackedExperts`.
+ExpertGroups = list[tuple[nn.Module, int, int]]
+
+# Inference with at most this many (token, slot) assignments, on the CPU, groups them on the host
+# instead of sorting on the device: decoding a token per row at batch <= 32 (top-2).
+FEW_ASSIGNMENTS = 64
+
+
+def host_dispatch_applies(tokens: torch.Tensor, expert_ids: torch.Tensor, groups: ExpertGroups) -> bool:
+    """Whether `host_dispatch` runs this call: a few assignments on the CPU, without autograd, with every expert
+    resident. Offloaded to disk (a dispatched model), a group's weights sit on the meta device except inside its own
+    `forward`, where accelerate's hook loads them, so `one_expert` cannot read them."""
+    return (
+        tokens.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and expert_ids.numel() <= FEW_ASSIGNMENTS
+        and not any(group.gate_up_proj.is_meta for group, _, _ in groups[1:])
+    )
+
+
+def host_dispatch(tokens: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """The block's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort, no gather where an
+    expert takes every token, a fixed handful of ops besides the experts' own.
+
+    tokens (N, d), expert_ids and fp32 weights (N, k) -> (N, d) fp32, the weighted sum of each token's experts.
+    Each expert gets the same rows in the same order as in the sorted dispatch; the output equals it up to float
+    rounding (the fused gate_up matmul of `one_expert`, and for k > 2 the order of the k-term sum, may change the
+    last bit).
+    """
+    num_tokens = expert_ids.shape[0]
+    if num_tokens == 1:  # batch-1 decoding: the same sum as the index_add below, without the grouping
+        return _host_dispatch_one(tokens, expert_ids, weights, groups)
+    assigned: dict[int, tuple[list[int], list[float]]] = {}  # expert -> its weighted tokens and their weights, in order
+    for token, (slot_experts, slot_weights) in enumerate(zip(expert_ids.tolist(), weights.tolist())):  # (k,) each
+        for expert, weight in zip(slot_experts, slot_weights):
+            if weight != 0.0:
+                expert_tokens, expert_weights = assigned.setdefault(expert, ([], []))
+                expert_tokens.append(token)
+                expert_weights.append(weight)
+    outputs, token_ids, token_weights = [], [], []  # in expert order
+    for expert in sorted(assigned):
+        expert_tokens, expert_weights = assigned[expert]
+        every_token = len(expert_tokens) == num_tokens  # each token at most once per expert, in order
+        rows = tokens if every_token else tokens[expert_tokens]  # (n, d)
+        outputs.append(_expert_output(expert, rows, groups))
+        token_ids += expert_tokens
+        token_weights += expert_weights
+    combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)  # (N, d); stays zero where every weight underflowed
+    if outputs:
+        weighted = torch.cat(outputs) * torch.tensor(token_weights, device=tokens.device)[:, None]  # (A, d) fp32
+        combined.index_add_(0, torch.tensor(token_ids, device=tokens.device), weighted)  # in expert order, no atomics
+    return combined
+
+
+def _host_dispatch_one(token: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """`host_dispatch` for one token (1, d): its weighted expert outputs summed in expert order, the order in which
+    that index_add adds them to zero, so the values are the same. -> (1, d) fp32."""
+    combined = None
+    for expert, weight in sorted(zip(expert_ids[0].tolist(), weights[0].tolist())):
+        if weight != 0.0:
+            weighted = _expert_output(expert, token, groups).float() * weight
+            combined = weighted if combined is None else combined + weighted
+    return combined if combined is not None else token.new_zeros(token.shape, dtype=torch.float32)
+
+
+def _expert_output(expert: int, rows: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """Expert `expert` (0: the dense MLP) on rows (n, d)."""
+    group, first, _ = next(group for group in reversed(groups) if group[1] <= expert)
+    return group(rows) if first == 0 else group.one_expert(expert - first, rows)

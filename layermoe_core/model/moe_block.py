@@ -26,17 +26,14 @@ from contextvars import ContextVar
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerMoEError
-from .experts import StackedExperts
+from .experts import StackedExperts, host_dispatch, host_dispatch_applies
 
 RouterInit = Literal["fresh", "parent"]
 NEW_LABEL = 1  # classifier class of new-language tokens (losses.NEW); 0 is old
-
-# Inference with at most this many (token, slot) assignments, on the CPU, groups them on the host
-# instead of sorting on the device: decoding a token per row at batch <= 32 (top-2).
-FEW_ASSIGNMENTS = 64
 
 # Whether the running forward records router and classifier logits for the model output: a
 # property of the call (set by the model around one forward), never state left on a module.
@@ -104,6 +101,23 @@ class LayerMoERouter(nn.Module):
         if classifier is None:
             raise LayerMoEError("predicts_new needs a classifier; this router has none (insert_classifiers adds one)")
         return classifier(tokens.to(classifier.weight.dtype)).argmax(dim=-1) == NEW_LABEL
+
+
+def classify(tokens: torch.Tensor, routers: list[LayerMoERouter], stacked: bool) -> torch.Tensor:
+    """tokens (N, d) -> (N, R) bool: each router's classifier decision per token (`LayerMoERouter.predicts_new`).
+
+    stacked (inference) asks every classifier in one matmul where their weights are resident and share a
+    dtype; else (training, whose recording hooks sit on the classifier modules, or an offloaded model whose
+    hooks load the weights) each classifier module runs.
+    """
+    classifiers = [router.classifier for router in routers if router.classifier is not None]
+    weights = [classifier.weight for classifier in classifiers]
+    if stacked and len({(weight.dtype, weight.device) for weight in weights}) == 1 and not weights[0].is_meta:
+        weight, bias = torch.cat(weights), torch.cat([classifier.bias for classifier in classifiers])  # (2R, d), (2R,)
+        logits = F.linear(tokens.to(weight.dtype), weight, bias)  # (N, 2R)
+    else:
+        logits = torch.cat([classifier(tokens.to(classifier.weight.dtype)).float() for classifier in classifiers], dim=1)
+    return logits.view(len(tokens), len(classifiers), 2).argmax(dim=-1) == NEW_LABEL
 
 
 class LayerMoEBlock(nn.Module):
@@ -187,47 +201,57 @@ class LayerMoEBlock(nn.Module):
     def _route(self, tokens: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`route`, or None where every token falls through to the dense layer (expert 0 alone, weight 1).
 
-        inference (no autograd, nothing recorded) skips what cannot change the result. The deciding
-        routers are asked newest first, one bool count read from the device each: one whose classifier
-        sends no token down its new path is dropped before its gate runs (old-language text costs its
-        classifiers and the parent's function, not this round's router too), and one that sends every
-        token there decides alone (the routers before it are never reached). Their gates then take
-        `top_k_routing`. Training runs every router on every token, so a gradient-checkpointing
-        recompute takes the path its forward took.
+        Each token takes the newest router whose classifier calls it new; where none does, the newest router
+        without a classifier (the routers before it are never reached), or else the dense layer.
+        inference (no autograd, nothing recorded) asks every classifier of the layer in one matmul, reads how
+        many tokens each router takes in one host sync, and runs only the gates that take some, with
+        `top_k_routing`: old-language text costs one classifier matmul and the dense layer. Training runs
+        every router on every token, so a gradient-checkpointing recompute takes the path its forward took.
         """
-        num_tokens = tokens.shape[0]
-        routers = list(self.routers)
-        if self.routed_rounds is not None:  # the tree cut: only the routers of the first `routed_rounds` rounds
-            rounds = [index for index, size in enumerate(self.group_sizes[1:]) if size]  # each router's round, 0-based
-            routers = [router for router, index in zip(routers, rounds) if index < self.routed_rounds]
-        fallback = None  # routes the tokens every classifier calls old; None: dense
-        overrides = []  # (router, takes_new (N, 1)), newest first
-        for router in reversed(routers):
-            if router.classifier is None:  # sends every token new: older routers are never reached
+        classified: list[LayerMoERouter] = []  # newest first
+        fallback = None  # the newest router without a classifier; None: the dense layer
+        for router in reversed(self._routed_routers()):
+            if router.classifier is None:
                 fallback = router
                 break
-            takes_new = router.predicts_new(tokens)  # (N,)
-            if inference:
-                new_tokens = int(takes_new.sum() if num_tokens > 1 else takes_new)  # the host sync
-                if new_tokens == 0:
-                    continue
-                if new_tokens == num_tokens:
-                    fallback = router
-                    break
-            overrides.append((router, takes_new[:, None]))
-        if fallback is None and not overrides:  # every token takes the dense layer
-            return None
+            classified.append(router)
 
-        def top_k(router: LayerMoERouter) -> tuple[torch.Tensor, torch.Tensor]:
-            """(ids, weights), (N, k) each."""
+        def top_k(router: LayerMoERouter | None) -> tuple[torch.Tensor, torch.Tensor]:
+            """(ids, weights), (N, k) each; None: the dense layer."""
+            if router is None:
+                return self._dense_routing(tokens)
             weights, ids = router.top_k_routing(tokens) if inference else router(tokens)[1:]
             return ids, weights
 
-        ids, weights = self._dense_routing(tokens) if fallback is None else top_k(fallback)
-        for router, takes_new in reversed(overrides):
-            new_ids, new_weights = top_k(router)
-            ids, weights = torch.where(takes_new, new_ids, ids), torch.where(takes_new, new_weights, weights)
+        if not classified:
+            return None if fallback is None else top_k(fallback)
+        takes_new = classify(tokens, classified, inference)  # (N, R), newest first
+        deciders = [*classified, fallback]
+        if inference and len(tokens) == 1:  # decoding one row: the decisions read on the host, one router decides
+            decisions = takes_new[0].tolist()  # the one host sync
+            decider = deciders[decisions.index(True) if True in decisions else len(classified)]
+            return None if decider is None else top_k(decider)
+        choice = (takes_new.cumsum(dim=1) == 0).sum(dim=1)  # (N,) index of the first router taking it new; R: none
+        used = list(range(len(deciders)))
+        if inference:
+            taken = torch.bincount(choice, minlength=len(deciders)).tolist()  # tokens per decider: the one host sync
+            used = [index for index, count in enumerate(taken) if count]
+            if not used or used == [len(classified)] and fallback is None:  # every token takes the dense layer
+                return None
+        ids, weights = top_k(deciders[used[-1]])
+        for index in reversed(used[:-1]):  # newer deciders override older ones
+            new_ids, new_weights = top_k(deciders[index])
+            takes = (choice == index)[:, None]  # (N, 1)
+            ids, weights = torch.where(takes, new_ids, ids), torch.where(takes, new_weights, weights)
         return ids, weights
+
+    def _routed_routers(self) -> list[LayerMoERouter]:
+        """The routers that route, oldest first: all, or those of the first `routed_rounds` rounds (the tree cut)."""
+        routers = list(self.routers)
+        if self.routed_rounds is None:
+            return routers
+        rounds = [index for index, size in enumerate(self.group_sizes[1:]) if size]  # each router's round, 0-based
+        return [router for router, index in zip(routers, rounds) if index < self.routed_rounds]
 
     def expert_groups(self) -> list[tuple[nn.Module, int, int]]:
         """(module, first expert id, number of experts) for expert 0 and each non-empty round."""
@@ -247,9 +271,10 @@ class LayerMoEBlock(nn.Module):
         if routed is None:  # every token takes expert 0 alone, weight 1: exactly the parent's dense MLP
             return self.original_mlp(hidden_states).to(hidden_states.dtype)  # under autocast, as the routed path returns
         experts, weights = routed  # (N, k) each
+        groups = self.expert_groups()
+        if host_dispatch_applies(tokens, experts, groups):  # decoding on the CPU: experts.py's fast path
+            return host_dispatch(tokens, experts, weights, groups).to(hidden_states.dtype).view(batch, seq, hidden)
         num_tokens, k = experts.shape
-        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and num_tokens * k <= FEW_ASSIGNMENTS and self._experts_resident():
-            return self._dispatch_few(tokens, experts, weights).to(hidden_states.dtype).view(batch, seq, hidden)
 
         # Sort the (token, slot) assignments by expert, so each expert sees one contiguous slice.
         # Zero-weight slots (spare slots of tokens that fell through to the dense layer, or a
@@ -262,7 +287,6 @@ class LayerMoEBlock(nn.Module):
         order = order[: ends[-1]]  # (A,) the weighted assignments
         sorted_tokens = tokens[order // k]  # (A, d)
 
-        groups = self.expert_groups()
         segments = sorted_tokens.split([sum(counts[first : first + size]) for _, first, size in groups])
         outputs = [self.original_mlp(segments[0])]
         for (experts_of_round, first, size), segment in zip(groups[1:], segments[1:]):
@@ -281,59 +305,3 @@ class LayerMoEBlock(nn.Module):
         slots = slots.index_copy(0, order, expert_outputs)  # (N*k, d)
         combined = (slots.view(num_tokens, k, hidden) * weights[..., None]).sum(dim=1)  # (N, d)
         return combined.to(hidden_states.dtype).view(batch, seq, hidden)
-
-    def _experts_resident(self) -> bool:
-        """Whether the new experts' weights are in memory. Offloaded to disk (a dispatched model), they sit on the
-        meta device except inside their own `forward`, where accelerate's hook loads them, so `one_expert` cannot read them."""
-        return not any(experts.gate_up_proj.is_meta for experts in self.new_experts)
-
-    def _dispatch_few(self, tokens: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The forward's dispatch for a few tokens on the CPU (decoding), grouped on the host: no sort, no
-        gather where an expert takes every token, a fixed handful of ops besides the experts' own. Each
-        expert gets the same rows in the same order as in the sorted dispatch; the output equals it up
-        to float rounding (the fused gate_up matmul of `one_expert`, and for k > 2 the order of the
-        k-term sum, may change the last bit). -> (N, d) fp32, before the cast to the input dtype.
-        """
-        num_tokens = experts.shape[0]
-        groups = self.expert_groups()[:0:-1]  # the new experts' groups, newest first
-        if num_tokens == 1:  # batch-1 decoding: the same sum as the index_add below, without the grouping
-            return self._dispatch_one(tokens, experts, weights, groups)
-        assigned: dict[int, tuple[list[int], list[float]]] = {}  # expert -> its weighted tokens and their weights, in order
-        for token, (slot_experts, slot_weights) in enumerate(zip(experts.tolist(), weights.tolist())):  # (k,) each
-            for expert, weight in zip(slot_experts, slot_weights):
-                if weight != 0.0:
-                    expert_tokens, expert_weights = assigned.setdefault(expert, ([], []))
-                    expert_tokens.append(token)
-                    expert_weights.append(weight)
-        outputs, token_ids, token_weights = [], [], []  # in expert order
-        for expert in sorted(assigned):
-            expert_tokens, expert_weights = assigned[expert]
-            every_token = len(expert_tokens) == num_tokens  # each token at most once per expert, in order
-            rows = tokens if every_token else tokens[expert_tokens]  # (n, d)
-            outputs.append(self._expert_output(expert, rows, groups))
-            token_ids += expert_tokens
-            token_weights += expert_weights
-        combined = tokens.new_zeros(tokens.shape, dtype=torch.float32)  # (N, d); stays zero where every weight underflowed
-        if outputs:
-            weighted = torch.cat(outputs) * torch.tensor(token_weights, device=tokens.device)[:, None]  # (A, d) fp32
-            combined.index_add_(0, torch.tensor(token_ids, device=tokens.device), weighted)  # in expert order, no atomics
-        return combined  # (N, d)
-
-    def _dispatch_one(
-        self, token: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, groups: list[tuple[nn.Module, int, int]]
-    ) -> torch.Tensor:
-        """`_dispatch_few` for one token (1, d): its weighted expert outputs summed in expert order, the order in
-        which that index_add adds them to zero, so the values are the same. -> (1, d) fp32."""
-        combined = None
-        for expert, weight in sorted(zip(experts[0].tolist(), weights[0].tolist())):
-            if weight != 0.0:
-                weighted = self._expert_output(expert, token, groups).float() * weight
-                combined = weighted if combined is None else combined + weighted
-        return combined if combined is not None else token.new_zeros(token.shape, dtype=torch.float32)
-
-    def _expert_output(self, expert: int, rows: torch.Tensor, groups: list[tuple[nn.Module, int, int]]) -> torch.Tensor:
-        """Expert `expert` (0: the parent's MLP) on rows (n, d); `groups` are the new experts' groups, newest first."""
-        if expert == 0:
-            return self.original_mlp(rows)
-        group, first, _ = next(group for group in groups if group[1] <= expert)
-        return group.one_expert(expert - first, rows)
