@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from layermoe_core.data.corpus import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model.files import check_model_dir
 from layermoe_core.training.launch import Stage1Job, Stage2Job
 from tasks.analysis import (
     TOKEN_STORE_DIR,
@@ -89,13 +90,15 @@ def round_dir(plan: ExpansionPlan, parent_version: int) -> Path:
 def fetch_parent(plan: ExpansionPlan) -> ParentModel:
     """The round's parent, local and verified; an `hf_path` parent is registered as the base first.
 
-    Before the base is registered, the corpora are read, so a round that cannot run changes nothing;
-    a base already registered with the same files is reused, and no alias moves onto it here.
+    Before the base is registered, the corpora are read and the folder is checked against the plan, so a round
+    that cannot run changes nothing; a base already registered with the same files is reused, and no alias
+    moves onto it here.
     """
     ref = plan.parent.ref
     if plan.parent.hf_path is not None:
         languages = plan.parent.languages or plan.old_languages
         check_corpora_readable(plan, languages + plan.new_languages)
+        plan.check_parent_model(check_model_dir(plan.parent.hf_path))
         ref = register_base_model(plan.registry, plan.parent.hf_path, languages, None)
     return resolve_parent(plan.registry, ref, plan.workdir.resolve() / "registry-downloads")
 

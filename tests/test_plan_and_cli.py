@@ -233,6 +233,46 @@ def test_settings_a_layermoe_parent_fixes_are_checked_before_prefect_starts(tmp_
     assert re.search(message, line) and not (own_prefect_home / "prefect.db").exists()
 
 
+def cut_in_half(weights: Path) -> None:
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, changes, message",
+    [
+        (None, {"top_k": 3}, r"top_k=3 exceeds the experts in MoE layers \[0, 1\] \(they would have \[2, 2\]\); .*at most 1 new"),
+        (None, {"top_k": 4, "allocation": {"delta": 2}}, r"top_k=4 exceeds the experts .*\(layermoe\) gives a layer .* at most 2 new"),
+        (cut_in_half, {}, r"model\.safetensors is not a readable safetensors file \(its header describes \d+ bytes of tensors, "),
+        (lambda weights: weights.write_bytes(random.Random(0).randbytes(4096)), {}, r"model\.safetensors is not a readable safetensors"),
+    ],
+    ids=["top_k-over-uniform", "top_k-over-budget", "truncated-weights", "random-weights"],
+)
+def test_a_plan_that_cannot_expand_its_parent_is_one_line_before_anything_runs(tmp_path, own_prefect_home, capfd, damage, changes, message):
+    """`layermoe add-languages` in its child process: top_k beyond what the allocation can give a dense parent's layers,
+    or parent weights that do not parse, are refused with one line before Prefect starts and before the base is registered."""
+    parent = save_tiny_parent(tmp_path / "parent")
+    if damage is not None:
+        damage(parent / "model.safetensors")
+    plan = round_plan_file(tmp_path, parent, **changes)
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith("layermoe: error: ") and re.search(message, line), line
+    assert not (own_prefect_home / "prefect.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_deployed_run_checks_the_parent_folder_before_it_registers_the_base(tmp_path, own_prefect_home):
+    """The flow itself, as a deployment runs it without the CLI's checks: the folder is refused, nothing is registered."""
+    from flows.add_languages import add_languages
+
+    parent = save_tiny_parent(tmp_path / "parent")
+    cut_in_half(parent / "model.safetensors")
+    plan = load_plan(round_plan_file(tmp_path, parent), ExpansionPlan)
+    with pytest.raises(LayerMoEError, match=r"model\.safetensors is not a readable safetensors file"):
+        add_languages(plan)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_expand_applies_the_same_rule_to_a_layermoe_parent(tmp_path):
     from layermoe_core import expand
     from layermoe_core.model.checkpoints import load_model
