@@ -17,6 +17,7 @@ import pandas as pd
 from prefect import flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from layermoe_core.data.corpus import load_documents, validate_language_code
@@ -145,9 +146,25 @@ def name_this_run(name: str) -> None:
     context.flow_run.name = name  # as Prefect's engine does when it names a run
 
 
+def nothing_to_do(plan: ExpansionPlan, parent: ParentModel) -> State | None:
+    """A run whose parent already knows every new language ends Completed, training and registering nothing.
+
+    So a scheduled run of a deployment's plan file adds its languages once and then says so; a parent that
+    knows only some of them is an error (`round_languages`).
+    """
+    if not set(plan.new_languages) <= set(parent.languages):
+        return None
+    message = f"nothing to do: version {parent.version} already has {', '.join(plan.new_languages)}"
+    get_run_logger().info(message)
+    return Completed(message=message)
+
+
 @flow(name="add-languages", log_prints=True, flow_run_name=lambda: run_name(ExpansionPlan.model_validate(flow_run.parameters["plan"])))
-def add_languages(plan: ExpansionPlan) -> RoundSummary:
+def add_languages(plan: ExpansionPlan) -> RoundSummary | State:
     parent = fetch_parent(plan)
+    idle = nothing_to_do(plan, parent)
+    if idle is not None:
+        return idle
     plan.check_parent_model(parent.path)
     name_this_run(run_name(plan, parent.round + 1))  # which round it is, only the parent knows
     work = round_dir(plan, parent.version)

@@ -246,6 +246,13 @@ class ExpansionPlan(ExpansionSettings):
     )
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds, e.g. [el, hu]")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: Any) -> Any:
+        """A plan may be given as the path of its YAML file, read when it is validated: a deployment's default
+        `plan` is a file the worker reads when each run starts (prefect.yaml), a served form's is the plan itself."""
+        return read_plan_file(data) if isinstance(data, str) else data
+
     @model_validator(mode="after")
     def _languages(self) -> "ExpansionPlan":
         _check_codes(self.old_languages + self.new_languages)
@@ -254,9 +261,10 @@ class ExpansionPlan(ExpansionSettings):
         return self
 
     def check_parent_languages(self, known: list[str]) -> None:
-        """Against the parent's own languages (the plan's list, or the registry's once it answers)."""
+        """Against the parent's own languages (the plan's list, or the registry's once it answers). A parent that
+        knows every new language is no error: the round has nothing to do (`flows.add_languages.nothing_to_do`)."""
         already = sorted(set(self.new_languages) & set(known))
-        if already:
+        if already and len(already) < len(self.new_languages):
             raise LayerMoEError(f"new languages {already} are already in the parent (it knows {known}); drop them from new_languages")
         self.check_corpora(self.old_languages or known)
 
@@ -389,6 +397,15 @@ def load_lifelong_plan(path: str | Path) -> LifelongPlan:
 
 def load_plan(path: str | Path, kind: type[BaseModel]):
     """Read and validate a YAML plan; every problem is reported with its key path."""
+    raw = read_plan_file(path)
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as e:
+        raise LayerMoEError(f"plan {path} is invalid: {describe_validation_error(e, root='<plan>')}") from e
+
+
+def read_plan_file(path: str | Path) -> dict:
+    """A YAML plan's mapping, its input paths made absolute against the plan file's folder."""
     path = Path(path)
     if path.is_dir():
         plans = sorted(p.name for p in path.glob("*.yaml"))
@@ -413,7 +430,4 @@ def load_plan(path: str | Path, kind: type[BaseModel]):
         holder = raw.get(section)
         if isinstance(holder, dict) and holder.get(key) and not Path(holder[key]).is_absolute():
             holder[key] = str(base / holder[key])
-    try:
-        return kind.model_validate(raw)
-    except ValidationError as e:
-        raise LayerMoEError(f"plan {path} is invalid: {describe_validation_error(e, root='<plan>')}") from e
+    return raw

@@ -8,11 +8,11 @@ from demo.base import demo_base_config, train_demo_tokenizer
 from demo.offline_corpus import build_gettext_corpus
 from layermoe_core.data.corpus import CorpusSpec, load_documents, open_sequences
 from layermoe_core.model.checkpoints import init_model, load_tokenizer
-from layermoe_core.training.launch import BaseJob, LauncherSettings, launch
+from layermoe_core.training.launch import BaseJob, LauncherSettings
 from layermoe_core.training.trainer import FINAL_DIR_NAME, TrainSettings, train_causal_lm
 
 from .common import step
-from .training import ProgressReporter
+from .training import ProgressReporter, train_launched
 
 
 @step(lambda a: a["output_dir"], name="build offline corpus", retries=2, retry_delay_seconds=10)
@@ -52,7 +52,7 @@ def train_base(
             settings=settings,
             output_dir=output_dir,
         )
-        result = launch(job, launcher, ProgressReporter("base").fn)
+        result = train_launched(job, launcher, "base")
         get_run_logger().info("base model trained (%s processes): %s", launcher.processes, result.final_metrics)
         return result.model_dir
     model = init_model(config, seed)

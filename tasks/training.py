@@ -9,7 +9,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from layermoe_core.data.corpus import load_sequences, open_sequences
 from layermoe_core.model.checkpoints import load_tokenizer
-from layermoe_core.training.launch import LauncherSettings, Stage1Job, Stage2Job, launch
+from layermoe_core.training.launch import BaseJob, LaunchError, LauncherSettings, Stage1Job, Stage2Job, launch
 from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult, train_stage1, train_stage2
 
 from .common import artifact_key, step
@@ -41,10 +41,15 @@ class ProgressReporter(MetricsCallback):
         self._update(state)
 
 
-def train_launched(job: Stage1Job | Stage2Job, launcher: LauncherSettings, stage: str) -> TrainResult:
-    """Run `job` under accelerate launch; a failed or killed launch fails the task with its log's tail."""
+def train_launched(job: Stage1Job | Stage2Job | BaseJob, launcher: LauncherSettings, stage: str) -> TrainResult:
+    """Run `job` under accelerate launch; a failed or killed launch fails the task, its log's tail shown once, here."""
     get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
-    return launch(job, launcher, ProgressReporter(stage).fn)
+    try:
+        return launch(job, launcher, ProgressReporter(stage).fn)
+    except LaunchError as error:
+        lines = "\n".join(f"  | {line}" for line in error.tail)
+        get_run_logger().error("%s: the launch failed; the last %s lines of its log:\n%s", stage, len(error.tail), lines)
+        raise
 
 
 def say_where_it_resumed(result: TrainResult, stage: str) -> TrainResult:

@@ -312,6 +312,41 @@ def test_a_registry_parent_that_does_not_resolve_is_reported_before_prefect_star
     assert not (own_prefect_home / "prefect.db").exists()
 
 
+def test_a_run_that_fails_prints_one_line_and_its_traceback_goes_to_the_log_it_names_or_with_verbose_to_the_console(tmp_path):
+    """A registry parent whose stored weights were altered fails in the flow's first step: Prefect logs the
+    task's and the flow's tracebacks, which stay off the console unless --verbose is given."""
+    from registry.register import register_base
+    from registry.settings import RegistrySettings
+    from registry.versions import promote
+
+    parent = save_tiny_parent(tmp_path / "parent")
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registered_model_name="tiny")
+    promote(registry, register_base(registry, parent, ["en", "el"]).version)
+    (stored,) = (tmp_path / "artifacts").rglob("model.safetensors")
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
+    plan = round_plan_file(tmp_path, parent, parent={"alias": "champion"})
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PYTHONPATH": str(REPO_ROOT),
+        "LAYERMOE_LOG_DIR": str(tmp_path / "logs"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)]
+
+    quiet = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_DEADLINE_S)
+    errors = [line for line in quiet.stderr.splitlines() if line.startswith("layermoe: error: ")]
+    assert quiet.returncode == 2 and len(errors) == 1 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
+    found = re.fullmatch(r"layermoe: error: .*model\.safetensors is corrupt .*\(traceback in (\S+); or rerun with --verbose\)", errors[0])
+    assert found, errors[0]
+    log = Path(found.group(1))
+    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text() and "LayerMoEError" in log.read_text()
+
+    verbose = subprocess.run([*argv, "--verbose"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_DEADLINE_S)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "LayerMoEError" in verbose.stderr
+    assert re.search(r"^layermoe: error: .*model\.safetensors is corrupt .*\(traceback: \S+\)$", verbose.stderr, re.MULTILINE)
+
+
 # -- an instant CLI ---------------------------------------------------------------------
 HEAVY_MODULES = ("torch", "transformers", "mlflow", "prefect", "pandas", "datasets")
 
