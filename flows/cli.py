@@ -589,6 +589,13 @@ def _run_command(args) -> int:
     except LayerMoEError as error:
         print(f"layermoe: error: {error}{_where_the_traceback_is()}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        # A training progress bar leaves its line open (it ends in \r, not \n): start the message on a line of its own.
+        print(f"\nlayermoe: {stop}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
+    except KeyboardInterrupt:  # outside a flow run (plan checks, registry commands): nothing to resume
+        print("layermoe: interrupted (no flow run had started)", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except Exception as error:  # a bug, or a library's own failure: one line, its traceback in the log
         import traceback
 
@@ -600,13 +607,6 @@ def _run_command(args) -> int:
             traceback.print_exc()
         print(f"layermoe: error: {type(error).__name__}: {error}{_where_the_traceback_is()}", file=sys.stderr)
         return 1
-    except Interrupted as stop:
-        # A training progress bar leaves its line open (it ends in \r, not \n): start the message on a line of its own.
-        print(f"\nlayermoe: {stop}", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
-    except KeyboardInterrupt:  # outside a flow run (plan checks, registry commands): nothing to resume
-        print("layermoe: interrupted (no flow run had started)", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
 
 
 def _where_the_traceback_is() -> str:

@@ -344,33 +344,40 @@ def test_a_schedule_made_on_a_deployed_add_languages_runs_its_plan_file_once_the
     assert versions["version"].tolist() == [1, 2] and show_version(registry, "champion")["new_languages"] == ["tr"]
 
 
-def test_a_sigterm_to_the_worker_alone_lets_its_running_round_finish_and_register_then_the_worker_exits(
+def test_a_sigterm_to_the_worker_alone_stops_its_run_at_once_which_ends_crashed_and_a_retrigger_resumes(
     own_prefect_api, tiny_world, tmp_path
 ):
-    """What `docker compose stop` sends the worker first (SIGTERM, then SIGKILL after stop_grace_period), mid-Stage 1."""
-    plan = tiny_plan(tiny_world, tmp_path, "drained", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
-    plan_file = write_plan(plan, tmp_path / "drained.yaml")
-    deploy_prefect_yaml(process_env(tmp_path / "deploy-home", own_prefect_api))
+    """What `docker compose stop` sends the worker first (SIGTERM; SIGKILL after stop_grace_period), mid-Stage 1:
+    the worker stops at once and its flow run's process with it, between Stage 1's periodic checkpoints."""
+    plan = tiny_plan(tiny_world, tmp_path, "stopped", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
+    plan_file = write_plan(plan, tmp_path / "stopped.yaml")
+    silence_s = 45  # the crash automation's window, as in the killed-worker test
+    deploy_prefect_yaml({**process_env(tmp_path / "deploy-home", own_prefect_api), "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)})
     worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
     worker_env = {**process_env(tmp_path / "worker-home", own_prefect_api), "LAYERMOE_WORKDIR": str(tmp_path / "data-work")}
     log = tmp_path / "worker.log"
     with running(worker_command, worker_env, log, cwd=tmp_path) as worker:
         started = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=0)
-        checkpoints = plan.workdir / "drained-round-1-parent-v1-*" / "stage1" / "checkpoint-*" / "trainer_state.json"
+        checkpoints = plan.workdir / "stopped-round-1-parent-v1-*" / "stage1" / "checkpoint-*" / "trainer_state.json"
         wait_until(lambda: glob.glob(str(checkpoints)), "a complete Stage-1 checkpoint", worker, log)
         os.kill(worker.pid, signal.SIGTERM)
         signalled_at = time.monotonic()
-        deadline = time.monotonic() + DEADLINE_S
-        while not (done := read_flow_run(started.id)).state.is_final():
-            assert time.monotonic() < deadline, f"the run is still {done.state.name}:\n{log.read_text()[-5000:]}"
-            time.sleep(1)
-        run_ended_s = time.monotonic() - signalled_at
         worker.wait(timeout=DEADLINE_S)
         worker_exited_s = time.monotonic() - signalled_at
-    assert "Sending SIGINT to the process worker" in log.read_text()
-    assert done.state.is_completed() and worker_exited_s >= run_ended_s, f"{done.state}\n{log.read_text()[-5000:]}"
+    crashed = wait_until_state(started.id, "Crashed", deadline_s=silence_s * 4)
+    seconds_to_crashed = time.monotonic() - signalled_at
+    assert "Sending SIGINT to the process worker" in log.read_text() and "no heartbeat" in crashed.state.message
+    assert not glob.glob(str(plan.workdir / "stopped-round-1-parent-v1-*" / "stage1" / "final"))
+    assert list_versions(plan.registry)["version"].tolist() == [1], "the stopped run registered nothing"
+
+    with running(worker_command, worker_env, tmp_path / "worker-2.log", cwd=tmp_path):
+        again = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=DEADLINE_S)
+    second_log = (tmp_path / "worker-2.log").read_text()
+    assert again.state.is_completed(), f"{again.state}\n{second_log[-8000:]}"
+    assert "stage1 resumed from" in second_log and "/stage1/checkpoint-" in second_log
     assert_round_registered(plan)
-    (tmp_path / "drain.json").write_text(json.dumps({"run_ended_s": run_ended_s, "worker_exited_s": worker_exited_s}))
+    measured = {"worker_exited_s": worker_exited_s, "seconds_to_crashed": seconds_to_crashed}
+    (tmp_path / "sigterm.json").write_text(json.dumps(measured))
 
 
 def wait_until_state(run_id, state_name: str, deadline_s: float) -> FlowRun:
