@@ -17,10 +17,12 @@ import pandas as pd
 from prefect import flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from pydantic import BaseModel
 
 from layermoe_core.data.corpus import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model.files import check_model_dir
 from layermoe_core.training.launch import Stage1Job, Stage2Job
 from tasks.analysis import (
     TOKEN_STORE_DIR,
@@ -89,13 +91,15 @@ def round_dir(plan: ExpansionPlan, parent_version: int) -> Path:
 def fetch_parent(plan: ExpansionPlan) -> ParentModel:
     """The round's parent, local and verified; an `hf_path` parent is registered as the base first.
 
-    Before the base is registered, the corpora are read, so a round that cannot run changes nothing;
-    a base already registered with the same files is reused, and no alias moves onto it here.
+    Before the base is registered, the corpora are read and the folder is checked against the plan, so a round
+    that cannot run changes nothing; a base already registered with the same files is reused, and no alias
+    moves onto it here.
     """
     ref = plan.parent.ref
     if plan.parent.hf_path is not None:
         languages = plan.parent.languages or plan.old_languages
         check_corpora_readable(plan, languages + plan.new_languages)
+        plan.check_parent_model(check_model_dir(plan.parent.hf_path))
         ref = register_base_model(plan.registry, plan.parent.hf_path, languages, None)
     return resolve_parent(plan.registry, ref, plan.workdir.resolve() / "registry-downloads")
 
@@ -142,9 +146,25 @@ def name_this_run(name: str) -> None:
     context.flow_run.name = name  # as Prefect's engine does when it names a run
 
 
+def nothing_to_do(plan: ExpansionPlan, parent: ParentModel) -> State | None:
+    """A run whose parent already knows every new language ends Completed, training and registering nothing.
+
+    So a scheduled run of a deployment's plan file adds its languages once and then says so; a parent that
+    knows only some of them is an error (`round_languages`).
+    """
+    if not set(plan.new_languages) <= set(parent.languages):
+        return None
+    message = f"nothing to do: version {parent.version} already has {', '.join(plan.new_languages)}"
+    get_run_logger().info(message)
+    return Completed(message=message)
+
+
 @flow(name="add-languages", log_prints=True, flow_run_name=lambda: run_name(ExpansionPlan.model_validate(flow_run.parameters["plan"])))
-def add_languages(plan: ExpansionPlan) -> RoundSummary:
+def add_languages(plan: ExpansionPlan) -> RoundSummary | State:
     parent = fetch_parent(plan)
+    idle = nothing_to_do(plan, parent)
+    if idle is not None:
+        return idle
     plan.check_parent_model(parent.path)
     name_this_run(run_name(plan, parent.round + 1))  # which round it is, only the parent knows
     work = round_dir(plan, parent.version)

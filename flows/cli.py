@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from layermoe_core.errors import LayerMoEError
 
 FLOW_CHILD_ENV = "LAYERMOE_CLI_FLOW_CHILD"  # set in the child process that runs a training command's flow
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report it
+LOG_DIR_ENV = "LAYERMOE_LOG_DIR"  # where a command's tracebacks go (default: .layermoe/logs under the current folder)
+COMMAND_STARTED = time.time()  # names the command's log file
+VERBOSE = False  # --verbose: tracebacks on the console as well
 
 
 def _registry_overrides(args) -> dict[str, str]:
@@ -79,8 +83,9 @@ def cmd_add_languages(args) -> int | None:
     plan = load_checked_plan(args, ExpansionPlan)
     from .add_languages import add_languages
 
-    summary = _interruptible(add_languages, plan)
-    print(summary.table().to_string(index=False))
+    state = _interruptible(lambda plan: add_languages(plan, return_state=True), plan)
+    summary = state.result()  # raises the run's error
+    print(state.message if summary is None else summary.table().to_string(index=False))
 
 
 def cmd_lifelong(args) -> int | None:
@@ -132,7 +137,9 @@ def cmd_compare(args) -> int | None:
         plan = plan.model_copy(update={"seeds": args.seeds})
     from .compare import compare
 
-    print(_interruptible(compare, plan).to_string(index=False))
+    state = _interruptible(lambda plan: compare(plan, return_state=True), plan)
+    table = state.result()  # raises the run's error
+    print(state.message if table is None else table.to_string(index=False))
 
 
 def cmd_serve(args) -> None:
@@ -337,6 +344,7 @@ def _interruptible(run_flow, plan_or_workdir):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
+    _keep_tracebacks_off_the_console()
     try:
         return run_flow(plan_or_workdir)
     except KeyboardInterrupt:
@@ -345,6 +353,57 @@ def _interruptible(run_flow, plan_or_workdir):
             f"interrupted in {stopped[0] if stopped else 'the flow'}; the run is marked Crashed. Rerun the same command "
             f"to resume: finished steps and checkpoints under {workdir} are reused"
         ) from None
+
+
+class TracebacksToLog(logging.Handler):
+    """Every log record that carries a traceback (Prefect's task and engine failures), written to the command's log
+    file; the file is created only when the first one comes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.ERROR)
+        self.path = path
+        self.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info is None and record.exc_text is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as log:
+            log.write(self.format(record) + "\n")
+
+
+class WithoutTraceback(logging.Formatter):
+    """A console handler's formatter, less the traceback a record carries: the console keeps its one line."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        kept = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = kept
+
+
+def traceback_log() -> Path:
+    """This command's log file for tracebacks: one per command, in $LAYERMOE_LOG_DIR (default .layermoe/logs)."""
+    stamp = time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime(COMMAND_STARTED))
+    return Path(os.environ.get(LOG_DIR_ENV, ".layermoe/logs")).resolve() / f"layermoe-{stamp}-{os.getpid()}.log"
+
+
+def _keep_tracebacks_off_the_console() -> None:
+    """Prefect logs a failing task's and flow's traceback; they go to traceback_log(), and to the console only with --verbose."""
+    logging.getLogger().addHandler(TracebacksToLog(traceback_log()))
+    if VERBOSE:
+        return
+    for logger in [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                if not isinstance(handler.formatter, WithoutTraceback):
+                    handler.setFormatter(WithoutTraceback(handler.formatter or logging.Formatter()))
 
 
 def _silence_console_logs() -> None:
@@ -418,6 +477,12 @@ def _with_global_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--model-name",
         default=argparse.SUPPRESS,
         help="registered model name (default: the plan's; registry commands: the store's only one)",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show tracebacks on the console too (they always go to a log file in ${LOG_DIR_ENV}, default .layermoe/logs)",
     )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -524,6 +589,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    global VERBOSE
+    VERBOSE = getattr(args, "verbose", False)
     exit_code = [1]  # an uncaught exception exits 1
     if _flow_runs_here():
         atexit.register(_exit_without_teardown, exit_code)  # first registered, so it runs last
@@ -535,7 +602,7 @@ def _run_command(args) -> int:
     try:
         return args.run(args) or 0
     except LayerMoEError as error:
-        print(f"layermoe: error: {error}", file=sys.stderr)
+        print(f"layermoe: error: {error}{_where_the_traceback_is()}", file=sys.stderr)
         return 2
     except Interrupted as stop:
         # A training progress bar leaves its line open (it ends in \r, not \n): start the message on a line of its own.
@@ -544,6 +611,24 @@ def _run_command(args) -> int:
     except KeyboardInterrupt:  # outside a flow run (plan checks, registry commands): nothing to resume
         print("layermoe: interrupted (no flow run had started)", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except Exception as error:  # a bug, or a library's own failure: one line, its traceback in the log
+        import traceback
+
+        log = traceback_log()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a", encoding="utf-8") as out:
+            traceback.print_exc(file=out)
+        if VERBOSE:
+            traceback.print_exc()
+        print(f"layermoe: error: {type(error).__name__}: {error}{_where_the_traceback_is()}", file=sys.stderr)
+        return 1
+
+
+def _where_the_traceback_is() -> str:
+    log = traceback_log()
+    if not log.is_file():
+        return ""
+    return f" (traceback: {log})" if VERBOSE else f" (traceback in {log}; or rerun with --verbose)"
 
 
 def _exit_without_teardown(exit_code: list[int]) -> None:

@@ -23,6 +23,7 @@ from typing import Literal, get_args
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
+from prefect.states import State
 from pydantic import ConfigDict, Field, model_validator
 
 from layermoe_core import plots
@@ -34,7 +35,7 @@ from registry import get_version
 from tasks.common import publish_table
 from tasks.registration import log_comparison_report
 
-from .add_languages import RoundSummary, add_languages, fetch_parent
+from .add_languages import RoundSummary, add_languages, fetch_parent, nothing_to_do
 from .plan import ExpansionPlan, run_form
 
 VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
@@ -162,8 +163,11 @@ def run_name(plan: ComparePlan) -> str:
 
 
 @flow(name="compare", log_prints=True, flow_run_name=lambda: run_name(ComparePlan.model_validate(flow_run.parameters["plan"])))
-def compare(plan: ComparePlan) -> pd.DataFrame:
+def compare(plan: ComparePlan) -> pd.DataFrame | State:
     parent = fetch_parent(plan)
+    idle = nothing_to_do(plan, parent)
+    if idle is not None:
+        return idle
     pinned = plan.model_copy(update={"parent": plan.parent.model_copy(update={"version": parent.version, "hf_path": None})})
     summaries = {key: add_languages(variant) for key, variant in variant_plans(pinned, num_decoder_layers(parent.path)).items()}
     table = report_comparison(plan, summaries, plan.workdir.resolve() / f"compare-{plan.name}")

@@ -16,14 +16,14 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from layermoe_core.analysis.allocation import AllocationSettings
+from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts
 from layermoe_core.analysis.similarity import SimilarityScore
 from layermoe_core.data.corpus import CorpusSpec, check_corpus_source, check_old_new, validate_language_code
 from layermoe_core.errors import LayerMoEError, describe_validation_error
 from layermoe_core.evaluation.metrics import EvalSettings
-from layermoe_core.model.checkpoints import PlacementSettings
+from layermoe_core.model.checkpoints import PlacementSettings, num_decoder_layers
 from layermoe_core.model.configuration_layermoe import LayerMoEConfig
-from layermoe_core.model.surgery import check_same_as_parent
+from layermoe_core.model.surgery import check_same_as_parent, validate_allocation
 from layermoe_core.training.launch import LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
@@ -199,13 +199,32 @@ class ExpansionSettings(_Strict):
             )
 
     def check_parent_model(self, model_dir: Path) -> None:
-        """A LayerMoE parent fixes top_k and the balance-loss coefficient: a plan that differs fails here,
-        before anything trains, by the rule `expand` applies."""
+        """A LayerMoE parent fixes top_k and the balance-loss coefficient; in a dense parent's layers top_k must fit
+        the experts the plan's allocation can give them. A plan that differs fails here, before anything trains,
+        by the rules `expand` applies."""
         if json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type") != "layermoe":
+            layers = num_decoder_layers(model_dir)
+            most = most_new_experts(self.allocation, layers)
+            try:
+                validate_allocation(most, layers, [1] * layers, self.top_k)
+            except LayerMoEError as error:
+                raise LayerMoEError(
+                    f"{error}; the plan's allocation ({self.allocation.method}) gives a layer of the parent {model_dir} "
+                    f"at most {max(most)} new experts beside its own MLP"
+                ) from None
             return
         parent = LayerMoEConfig.from_pretrained(model_dir)
         check_same_as_parent("top_k", self.top_k, parent.num_experts_per_tok)
         check_same_as_parent("stage1.balance_loss_coef", self.stage1.balance_loss_coef, parent.router_aux_loss_coef)
+
+
+def most_new_experts(allocation: AllocationSettings, num_layers: int) -> list[int]:
+    """Per layer, the most new experts `allocation` can give: its counts for uniform and fixed, which read no
+    signal; otherwise its per-layer cap, or the whole budget."""
+    if allocation.method in ("uniform", "fixed"):
+        return allocate_experts([1.0] * num_layers, allocation).counts
+    most = allocation.max_per_layer if allocation.max_per_layer is not None else max(allocation.delta, allocation.min_per_layer)
+    return [most] * num_layers
 
 
 def _check_codes(codes: Iterable[str]) -> None:
@@ -228,6 +247,13 @@ class ExpansionPlan(ExpansionSettings):
     )
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds, e.g. [el, hu]")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_file(cls, data: Any) -> Any:
+        """A plan may be given as the path of its YAML file, read when it is validated: a deployment's default
+        `plan` is a file the worker reads when each run starts (prefect.yaml), a served form's is the plan itself."""
+        return _plan_mapping(Path(data), read_plan_file(data)) if isinstance(data, str) else data
+
     @model_validator(mode="after")
     def _languages(self) -> "ExpansionPlan":
         _check_codes(self.old_languages + self.new_languages)
@@ -236,9 +262,10 @@ class ExpansionPlan(ExpansionSettings):
         return self
 
     def check_parent_languages(self, known: list[str]) -> None:
-        """Against the parent's own languages (the plan's list, or the registry's once it answers)."""
+        """Against the parent's own languages (the plan's list, or the registry's once it answers). A parent that
+        knows every new language is no error: the round has nothing to do (`flows.add_languages.nothing_to_do`)."""
         already = sorted(set(self.new_languages) & set(known))
-        if already:
+        if already and len(already) < len(self.new_languages):
             raise LayerMoEError(f"new languages {already} are already in the parent (it knows {known}); drop them from new_languages")
         self.check_corpora(self.old_languages or known)
 

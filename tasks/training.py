@@ -7,7 +7,7 @@ Each step runs its job (layermoe_core.training.launch): in this process, or with
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from layermoe_core.training.launch import BaseJob, LauncherSettings, Stage1Job, Stage2Job, launch
+from layermoe_core.training.launch import BaseJob, LaunchError, LauncherSettings, Stage1Job, Stage2Job, launch
 from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult
 
 from .common import artifact_key, file_step
@@ -40,14 +40,19 @@ class ProgressReporter(MetricsCallback):
 
 
 def run_job(job: Stage1Job | Stage2Job | BaseJob, launcher: LauncherSettings | None, stage: str) -> TrainResult:
-    """`job.run` in this process, or under accelerate launch with `launcher` (a failed or killed launch fails the task
-    with its log's tail); either way its progress reaches the flow's log and artifacts."""
+    """`job.run` in this process, or under accelerate launch with `launcher` (a failed or killed launch fails the task,
+    its log's tail shown once, here); either way its progress reaches the flow's log and artifacts."""
     reporter = ProgressReporter(stage)
     if launcher is None:
         result = job.run([reporter])
     else:
         get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
-        result = launch(job, launcher, reporter.fn)
+        try:
+            result = launch(job, launcher, reporter.fn)
+        except LaunchError as error:
+            lines = "\n".join(f"  | {line}" for line in error.tail)
+            get_run_logger().error("%s: the launch failed; the last %s lines of its log:\n%s", stage, len(error.tail), lines)
+            raise
     if result.resumed_from:
         get_run_logger().info("%s resumed from %s", stage, result.resumed_from)
     return result

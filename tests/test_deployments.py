@@ -24,6 +24,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from prefect import get_client
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -263,16 +264,7 @@ def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends
     setup = compose_service("prefect-setup")["command"]
     assert setup[1] == "/opt/layermoe/setup_server.py"
     silence_s = 45  # the automation's window; the compose stack keeps its default of 90 s
-    subprocess.run(
-        [sys.executable, str(REPO_ROOT / "docker/prefect/setup_server.py")],
-        env={**env, "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)},
-        check=True,
-        capture_output=True,
-    )
-    deploy = subprocess.run(
-        [PREFECT, "--no-prompt", "deploy", "--all"], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True
-    )
-    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    deploy_prefect_yaml({**env, "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)})
     for flow_name in ("add-languages", "compare", "lifelong-expansion"):
         assert read_deployment(f"{flow_name}/cpu") and read_deployment(f"{flow_name}/gpu")
     assert read_deployment("lifelong-expansion/cpu").parameters == {"plan": "/inputs/lifelong.yaml"}
@@ -306,6 +298,91 @@ def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends
     assert "stage1 resumed from" in second_log and "/stage1/checkpoint-" in second_log
     assert_round_registered(plan)
     (tmp_path / "crash.json").write_text(json.dumps({"seconds_to_crashed": seconds_to_crashed}))
+
+
+def deploy_prefect_yaml(env: dict[str, str]) -> None:
+    """What `docker compose up -d` sets up (prefect-setup's pools), then `prefect deploy --all` from the repository root."""
+    subprocess.run([sys.executable, str(REPO_ROOT / "docker/prefect/setup_server.py")], env=env, check=True, capture_output=True)
+    deploy = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all"], check=False, env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+
+def test_a_schedule_made_on_a_deployed_add_languages_runs_its_plan_file_once_then_has_nothing_to_do(own_prefect_api, tiny_world, tmp_path):
+    """A schedule created with `prefect deployment schedule create`, whose runs carry no parameters of their own."""
+    base, corpora = tiny_world
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registered_model_name="tiny")
+    promote(registry, register_base(registry, base, BASE_LANGUAGES).version)
+    lifelong = tiny_plan(tiny_world, tmp_path, "scheduled", [["tr"]])
+    one_round = lifelong.round_plan(0, [], ParentRef(alias="champion")).model_dump(mode="json", exclude={"old_languages"})
+    plan_file = tmp_path / "add-languages.yaml"
+    plan_file.write_text(yaml.safe_dump(one_round, sort_keys=False))
+    env = process_env(tmp_path / "deploy-home", own_prefect_api)
+    deploy_prefect_yaml(env)
+    for name in ("add-languages/cpu", "add-languages/gpu", "compare/cpu", "compare/gpu"):
+        assert read_deployment(name).parameters == {"plan": "/inputs/add-languages.yaml"}, name
+    # The default names the plan file inside the worker (/inputs); here the file is elsewhere, so the default
+    # is set to it, as a person edits a deployment's default parameters in the UI.
+    deployment = read_deployment("add-languages/cpu")
+    with get_client(sync_client=True) as client:
+        client.update_deployment(deployment.id, DeploymentUpdate(parameters={"plan": str(plan_file)}))
+    schedule = [PREFECT, "deployment", "schedule", "create", "add-languages/cpu", "--interval", str(SCHEDULE_INTERVAL_S)]
+    subprocess.run(schedule, env=env, check=True, capture_output=True)
+
+    worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
+    worker_env = {**process_env(tmp_path / "worker-home", own_prefect_api), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    log = tmp_path / "worker.log"
+
+    def finished_runs() -> list[FlowRun]:
+        return [run for run in deployment_runs("add-languages/cpu") if run.state.is_final()]
+
+    with running(worker_command, worker_env, log, cwd=tmp_path) as worker:
+        wait_until(lambda: any("nothing to do" in (run.state.message or "") for run in finished_runs()), "an idle run", worker, log)
+        done = finished_runs()
+    (made,) = read_deployment("add-languages/cpu").schedules
+    assert made.parameters == {}, "the schedule adds no parameters: its runs take the deployment's default plan"
+    assert {json.dumps(run.parameters) for run in deployment_runs("add-languages/cpu")} == {json.dumps({"plan": str(plan_file)})}
+    assert [run.state.name for run in done] == ["Completed"] * len(done), [(run.name, run.state.message) for run in done]
+    assert done[0].name == "round-1-tr" and done[-1].state.message == "nothing to do: version 2 already has tr"
+    versions = list_versions(registry)
+    assert versions["version"].tolist() == [1, 2] and show_version(registry, "champion")["new_languages"] == ["tr"]
+
+
+def test_a_sigterm_to_the_worker_alone_stops_its_run_at_once_which_ends_crashed_and_a_retrigger_resumes(
+    own_prefect_api, tiny_world, tmp_path
+):
+    """What `docker compose stop` sends the worker first (SIGTERM; SIGKILL after stop_grace_period), mid-Stage 1:
+    the worker stops at once and its flow run's process with it, between Stage 1's periodic checkpoints."""
+    plan = tiny_plan(tiny_world, tmp_path, "stopped", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
+    plan_file = write_plan(plan, tmp_path / "stopped.yaml")
+    silence_s = 45  # the crash automation's window, as in the killed-worker test
+    deploy_prefect_yaml({**process_env(tmp_path / "deploy-home", own_prefect_api), "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)})
+    worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
+    worker_env = {**process_env(tmp_path / "worker-home", own_prefect_api), "LAYERMOE_WORKDIR": str(tmp_path / "data-work")}
+    log = tmp_path / "worker.log"
+    with running(worker_command, worker_env, log, cwd=tmp_path) as worker:
+        started = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=0)
+        checkpoints = plan.workdir / "stopped-round-1-parent-v1-*" / "stage1" / "checkpoint-*" / "trainer_state.json"
+        wait_until(lambda: glob.glob(str(checkpoints)), "a complete Stage-1 checkpoint", worker, log)
+        os.kill(worker.pid, signal.SIGTERM)
+        signalled_at = time.monotonic()
+        worker.wait(timeout=DEADLINE_S)
+        worker_exited_s = time.monotonic() - signalled_at
+    crashed = wait_until_state(started.id, "Crashed", deadline_s=silence_s * 4)
+    seconds_to_crashed = time.monotonic() - signalled_at
+    assert "Sending SIGINT to the process worker" in log.read_text() and "no heartbeat" in crashed.state.message
+    assert not glob.glob(str(plan.workdir / "stopped-round-1-parent-v1-*" / "stage1" / "final"))
+    assert list_versions(plan.registry)["version"].tolist() == [1], "the stopped run registered nothing"
+
+    with running(worker_command, worker_env, tmp_path / "worker-2.log", cwd=tmp_path):
+        again = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=DEADLINE_S)
+    second_log = (tmp_path / "worker-2.log").read_text()
+    assert again.state.is_completed(), f"{again.state}\n{second_log[-8000:]}"
+    assert "stage1 resumed from" in second_log and "/stage1/checkpoint-" in second_log
+    assert_round_registered(plan)
+    measured = {"worker_exited_s": worker_exited_s, "seconds_to_crashed": seconds_to_crashed}
+    (tmp_path / "sigterm.json").write_text(json.dumps(measured))
 
 
 def wait_until_state(run_id, state_name: str, deadline_s: float) -> FlowRun:

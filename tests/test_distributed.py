@@ -9,6 +9,8 @@ it wraps `layermoe_core.training.trainer._train` to add one TrainerCallback, and
 import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -72,6 +74,7 @@ FSDP2_CONFIG = {
 }
 # Not anchored at a line's start: rank 0's progress bar leaves its line open on the shared stream.
 RANK_LINE = re.compile(r"layermoe rank (\d+)/(\d+): (.+); trainable parameters held by this rank: ([\d,]+) of ([\d,]+) bytes$", re.M)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 600.0  # a guard against a hung launch, not a timing: far above what a healthy launch needs
 
 FAULTS = textwrap.dedent(
@@ -252,9 +255,9 @@ def test_a_rank_killed_mid_stage_fails_the_round_clearly_and_the_rerun_resumes(w
     faults.setenv("LAYERMOE_TEST_FAULT", "kill:4")  # rank 1 dies after step 4; checkpoint-3 is complete
     with pytest.raises(LaunchError) as failure:
         add_languages(plan)
-    message = str(failure.value)
+    message, tail = str(failure.value), "\n".join(failure.value.tail)
     assert "stage1 launch (2 processes) exited with code" in message and str(stage1 / "launch.log") in message
-    assert "Signal 9" in message or "SIGKILL" in message  # torchrun's report of the killed rank, from the log's tail
+    assert "Signal 9" in tail or "SIGKILL" in tail  # torchrun's report of the killed rank, from the log's tail
     assert list_versions(registry)["version"].tolist() == [1]
     assert (stage1 / "checkpoint-3" / "trainer_state.json").is_file() and not (stage1 / "final").exists()
 
@@ -266,6 +269,34 @@ def test_a_rank_killed_mid_stage_fails_the_round_clearly_and_the_rerun_resumes(w
     _, _, uninterrupted, _ = two_process_round
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_rank_lost_under_the_cli_shows_the_launch_logs_tail_once_and_one_error_line(world, faults, tmp_path):
+    """`layermoe add-languages` in its own process, as a user runs it: the tail is the task's log, once; the
+    task's and the flow's reports of the failure, and the error line, only name the launch log."""
+    registry = fresh_registry(world, tmp_path)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(yaml.safe_dump(round_plan(world, registry, tmp_path / "work", TWO_PROCESSES).model_dump(mode="json")))
+    env = {
+        **os.environ,
+        "LAYERMOE_TEST_FAULT": "kill:4",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "LAYERMOE_LOG_DIR": str(tmp_path / "logs"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan_file)]
+    cli = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DEADLINE_S)
+
+    (tmp_path / "stderr.txt").write_text(cli.stderr)
+    errors = [line for line in cli.stderr.splitlines() if line.startswith("layermoe: error: ")]
+    ours = [line for line in cli.stderr.splitlines() if not line.startswith("  | ")]  # outside the quoted launch log
+    assert cli.returncode == 2 and len(errors) == 1 and not [line for line in ours if "Traceback" in line], cli.stderr[-4000:]
+    assert re.match(r"layermoe: error: the stage1 launch \(2 processes\) exited with code -?\d+; its log is \S+launch\.log\.", errors[0])
+    quoted = [line for line in cli.stderr.splitlines() if line.startswith("  | ")]
+    killed = next((line for line in quoted if "Signal 9" in line or "SIGKILL" in line), None)  # torchrun's report of the killed rank
+    assert killed is not None and cli.stderr.count(killed) == 1, cli.stderr[-4000:]
+    assert len(re.findall(r"the last \d+ lines of its log:", cli.stderr)) == 1
+    assert list_versions(registry)["version"].tolist() == [1]
 
 
 # -- FSDP2 -------------------------------------------------------------------------------------

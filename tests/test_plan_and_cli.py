@@ -221,6 +221,46 @@ def test_settings_a_layermoe_parent_fixes_are_checked_before_prefect_starts(tmp_
     assert re.search(message, line) and not (own_prefect_home / "prefect.db").exists()
 
 
+def cut_in_half(weights: Path) -> None:
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, changes, message",
+    [
+        (None, {"top_k": 3}, r"top_k=3 exceeds the experts in MoE layers \[0, 1\] \(they would have \[2, 2\]\); .*at most 1 new"),
+        (None, {"top_k": 4, "allocation": {"delta": 2}}, r"top_k=4 exceeds the experts .*\(layermoe\) gives a layer .* at most 2 new"),
+        (cut_in_half, {}, r"model\.safetensors is not a readable safetensors file \(its header describes \d+ bytes of tensors, "),
+        (lambda weights: weights.write_bytes(random.Random(0).randbytes(4096)), {}, r"model\.safetensors is not a readable safetensors"),
+    ],
+    ids=["top_k-over-uniform", "top_k-over-budget", "truncated-weights", "random-weights"],
+)
+def test_a_plan_that_cannot_expand_its_parent_is_one_line_before_anything_runs(tmp_path, own_prefect_home, capfd, damage, changes, message):
+    """`layermoe add-languages` in its child process: top_k beyond what the allocation can give a dense parent's layers,
+    or parent weights that do not parse, are refused with one line before Prefect starts and before the base is registered."""
+    parent = save_tiny_parent(tmp_path / "parent")
+    if damage is not None:
+        damage(parent / "model.safetensors")
+    plan = round_plan_file(tmp_path, parent, **changes)
+    capfd.readouterr()
+    assert main(["add-languages", "--plan", str(plan)]) == 2
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith("layermoe: error: ") and re.search(message, line), line
+    assert not (own_prefect_home / "prefect.db").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_deployed_run_checks_the_parent_folder_before_it_registers_the_base(tmp_path, own_prefect_home):
+    """The flow itself, as a deployment runs it without the CLI's checks: the folder is refused, nothing is registered."""
+    from flows.add_languages import add_languages
+
+    parent = save_tiny_parent(tmp_path / "parent")
+    cut_in_half(parent / "model.safetensors")
+    plan = load_plan(round_plan_file(tmp_path, parent), ExpansionPlan)
+    with pytest.raises(LayerMoEError, match=r"model\.safetensors is not a readable safetensors file"):
+        add_languages(plan)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_expand_applies_the_same_rule_to_a_layermoe_parent(tmp_path):
     from layermoe_core import expand
     from layermoe_core.model.checkpoints import load_model
@@ -258,6 +298,41 @@ def test_a_registry_parent_that_does_not_resolve_is_reported_before_prefect_star
     assert main(["add-languages", "--plan", str(plan)]) == 2
     assert f"there is no MLflow store at {tmp_path}/mlflow.db" in capfd.readouterr().err
     assert not (own_prefect_home / "prefect.db").exists()
+
+
+def test_a_run_that_fails_prints_one_line_and_its_traceback_goes_to_the_log_it_names_or_with_verbose_to_the_console(tmp_path):
+    """A registry parent whose stored weights were altered fails in the flow's first step: Prefect logs the
+    task's and the flow's tracebacks, which stay off the console unless --verbose is given."""
+    from registry.register import register_base
+    from registry.settings import RegistrySettings
+    from registry.versions import promote
+
+    parent = save_tiny_parent(tmp_path / "parent")
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", registered_model_name="tiny")
+    promote(registry, register_base(registry, parent, ["en", "el"]).version)
+    (stored,) = (tmp_path / "artifacts").rglob("model.safetensors")
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x00")
+    plan = round_plan_file(tmp_path, parent, parent={"alias": "champion"})
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PYTHONPATH": str(REPO_ROOT),
+        "LAYERMOE_LOG_DIR": str(tmp_path / "logs"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    argv = [sys.executable, "-m", "flows.cli", "add-languages", "--plan", str(plan)]
+
+    quiet = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_DEADLINE_S)
+    errors = [line for line in quiet.stderr.splitlines() if line.startswith("layermoe: error: ")]
+    assert quiet.returncode == 2 and len(errors) == 1 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
+    found = re.fullmatch(r"layermoe: error: .*model\.safetensors is corrupt .*\(traceback in (\S+); or rerun with --verbose\)", errors[0])
+    assert found, errors[0]
+    log = Path(found.group(1))
+    assert log.parent == tmp_path / "logs" and "Traceback" in log.read_text() and "LayerMoEError" in log.read_text()
+
+    verbose = subprocess.run([*argv, "--verbose"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=PROCESS_DEADLINE_S)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "LayerMoEError" in verbose.stderr
+    assert re.search(r"^layermoe: error: .*model\.safetensors is corrupt .*\(traceback: \S+\)$", verbose.stderr, re.MULTILINE)
 
 
 # -- an instant CLI ---------------------------------------------------------------------

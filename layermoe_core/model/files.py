@@ -107,13 +107,38 @@ def check_model_files(files: list[str], where: str) -> None:
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """`model_dir`, if it is a directory that holds config.json and safetensors weights and no pickles."""
+    """`model_dir`, if it is a directory that holds config.json and whole safetensors weights and no pickles."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LayerMoEError(f"{model_dir} is not a model directory (it does not exist); pass a save_pretrained directory")
-    check_model_files(list_model_files(model_dir), str(model_dir))
+    files = list_model_files(model_dir)
+    check_model_files(files, str(model_dir))
     refuse_custom_code(model_dir)
+    for name in files:
+        if name.endswith(WEIGHTS_SUFFIX):
+            read_weights_header(model_dir / name)
     return model_dir
+
+
+def read_weights_header(path: Path) -> dict:
+    """A safetensors file's JSON header (tensor name -> dtype, shape, data_offsets), checked against the file's size.
+
+    The file is a little-endian u64 header length, the header, then the tensors' bytes; a file cut short or
+    overwritten fails here, where a model load would fail only steps later.
+    """
+    try:
+        with path.open("rb") as weights:
+            (size,) = struct.unpack("<Q", weights.read(8))
+            if size > path.stat().st_size - 8:
+                raise ValueError(f"its header length {size} is beyond the end of the file")
+            header = json.loads(weights.read(size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        data_bytes = path.stat().st_size - 8 - size
+        if max(ends, default=0) != data_bytes:
+            raise ValueError(f"its header describes {max(ends, default=0)} bytes of tensors, the file holds {data_bytes}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, struct.error) as e:
+        raise LayerMoEError(f"{path} is not a readable safetensors file ({e}); re-save the model with save_pretrained") from e
+    return header
 
 
 def parameter_count(model_dir: Path, files: list[str]) -> int:
@@ -121,11 +146,6 @@ def parameter_count(model_dir: Path, files: list[str]) -> int:
     total = 0
     for name in files:
         if name.endswith(WEIGHTS_SUFFIX):
-            try:
-                with (model_dir / name).open("rb") as weights:
-                    (size,) = struct.unpack("<Q", weights.read(8))  # the header: a little-endian u64 length, then JSON
-                    header = json.loads(weights.read(size))
-                total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
-            except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-                raise LayerMoEError(f"{model_dir / name} is not a readable safetensors file ({e}); re-save the model") from e
+            header = read_weights_header(model_dir / name)
+            total += sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
     return total

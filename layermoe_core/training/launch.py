@@ -6,7 +6,7 @@ the same seeded model, reads the same token files and trains with HF `Trainer`, 
 or DeepSpeed ZeRO distribute as accelerate's config says (`LauncherSettings.strategy`; on a CPU,
 where accelerate itself would fall back to DDP, the ranks turn FSDP2 on: `trainer.LayerMoETrainer`;
 docs/multi-gpu.md). Each rank logs its rank, the world size and the strategy once. Rank 0 writes the `TrainResult` to
-`<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError` with the tail of
+`<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError`, carrying the tail of
 its log; the next launch of the same job resumes from the newest complete checkpoint.
 
     python -m layermoe_core.training.launch JOB.json     # what each rank runs (under accelerate launch)
@@ -41,7 +41,10 @@ REPO_ROOT = Path(layermoe_core.__file__).resolve().parents[1]
 
 
 class LaunchError(LayerMoEError):
-    """A launched stage exited non-zero (or was killed); the message carries the tail of its log."""
+    """A launched stage exited non-zero (or was killed). The message names its log; `tail` holds the log's last lines,
+    which the caller shows once (the message is repeated by every layer that reports the failure)."""
+
+    tail: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -309,7 +312,7 @@ def launch(
 
     Every rank's output is appended to `<output_dir>/launch.log`; rank 0's metric lines reach
     `on_metrics` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns
-    into the end of every rank) raises `LaunchError` with the log's tail.
+    into the end of every rank) raises `LaunchError`, which carries the log's tail.
     """
     launcher.check_runnable()
     output_dir = Path(job.output_dir)
@@ -358,12 +361,13 @@ def launch(
                     process.wait()
     result_path = output_dir / RESULT_NAME
     if returncode != 0 or not result_path.is_file():
-        quoted = "\n".join(f"  | {line}" for line in tail)
-        raise LaunchError(
+        error = LaunchError(
             f"the {job.kind} launch ({launcher.processes} processes) exited with code {returncode}"
-            f"{'' if returncode else ' without a result'}; last {len(tail)} lines of {log_path}:\n{quoted}\n"
-            f"Fix the cause and rerun the flow: training resumes from the newest checkpoint in {output_dir}."
+            f"{'' if returncode else ' without a result'}; its log is {log_path}. Fix the cause and rerun the flow: "
+            f"training resumes from the newest checkpoint in {output_dir}"
         )
+        error.tail = tuple(tail)
+        raise error
     return TrainResult.model_validate_json(result_path.read_text(encoding="utf-8"))
 
 
