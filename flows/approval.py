@@ -3,7 +3,7 @@
 After evaluation the child is registered with the verdict "pending" (its card shows the automatic
 gate's advice), and the round pauses with the comparison table and the gate's advice as artifacts.
 The Prefect UI's "Resume" form (or `layermoe approve RUN_ID --yes|--no --reason ...`) answers it,
-and the answer is written on the version as the automatic gate's is: the `layermoe.verdict` tag, the
+and the answer is written on the version as the automatic gate's is: the `verdict` tag, the
 reasons on its run and the model card's verdict, with the reviewer's reason. Approve moves the alias to the
 child; reject leaves the alias where it is. Approving a version the automatic gate failed needs an explicit
 override (`--override-gate`, or the form's box), noted on its run as `layermoe.gate_overridden`. See docs/registry.md.

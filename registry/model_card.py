@@ -39,7 +39,7 @@ class Verdict(BaseModel):
 
     @property
     def tag(self) -> str:
-        """The `layermoe.verdict` value: "passed", "rejected" or "pending"."""
+        """The `verdict` value: "passed", "rejected" or "pending"."""
         return "pending" if self.decided_by == "pending" else "passed" if self.passed else "rejected"
 
     @property

@@ -1,4 +1,4 @@
-"""Where a version's facts live: six short tags on the version, the rest on its run, and their string encoding.
+"""Where a version's facts live: six short tags on the version, the rest (`layermoe.*`) on its run, and their encoding.
 
 The version list of the MLflow UI shows a version's tags, so they are the six a person scans for: kind, round,
 languages, parent, verdict and storage. The registration record (sizes, allocation, checksums, the gate's drift
@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-# The version's tags.
-KIND = "layermoe.kind"  # "base" or "child"
-ROUND = "layermoe.round"  # 0 for a base
-LANGUAGES = "layermoe.languages"  # "en,zh + pt": the round's old languages, then its new ones; a base: "en,zh"
-PARENT_VERSION = "layermoe.parent_version"
-VERDICT = "layermoe.verdict"  # "passed", "rejected", "base", or "pending" (awaiting a reviewer)
-STORAGE = "layermoe.storage"  # "whole" or "delta"
+# The version's tags: short keys, since the version list shows them in a narrow column.
+KIND = "kind"  # "base" or "child"
+ROUND = "round"  # 0 for a base
+LANGUAGES = "languages"  # "en,zh + pt": the round's old languages, then its new ones; a base: "en,zh"
+PARENT_VERSION = "parent"
+VERDICT = "verdict"  # "passed", "rejected", "base", or "pending" (awaiting a reviewer)
+STORAGE = "storage"  # "whole" or "delta"
 VERSION_TAGS = (KIND, ROUND, LANGUAGES, PARENT_VERSION, VERDICT, STORAGE)
 # Written once at registration; changing one would falsify lineage, so tag_version refuses (the verdict may change).
 LINEAGE_TAGS = frozenset({KIND, ROUND, LANGUAGES, PARENT_VERSION, STORAGE})

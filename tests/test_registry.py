@@ -118,18 +118,18 @@ def test_child_version_carries_six_short_tags_and_its_record_on_the_run(settings
     model, _ = child
     assert (base.version, kid.version) == (1, 2)
     assert kid.tags == {
-        "layermoe.kind": "child",
-        "layermoe.round": "1",
-        "layermoe.languages": "en + el",
-        "layermoe.parent_version": "1",
-        "layermoe.storage": "delta",
+        "kind": "child",
+        "round": "1",
+        "languages": "en + el",
+        "parent": "1",
+        "storage": "delta",
     }  # no verdict: none was given
     assert base.tags == {
-        "layermoe.kind": "base",
-        "layermoe.round": "0",
-        "layermoe.languages": "en",
-        "layermoe.verdict": "base",
-        "layermoe.storage": "whole",
+        "kind": "base",
+        "round": "0",
+        "languages": "en",
+        "verdict": "base",
+        "storage": "whole",
     }
     assert (kid.parent_version, kid.round, kid.old_languages, kid.new_languages) == (1, 1, ["en"], ["el"])
     assert kid.allocation == [2, 0, 1] and kid.classifier_layers == [0]
@@ -142,7 +142,7 @@ def test_child_version_carries_six_short_tags_and_its_record_on_the_run(settings
     record = {key: value for key, value in run.data.params.items() if key.startswith("layermoe.")}
     assert {key: value for key, value in run.data.params.items() if key not in record} == {"delta": "3", "languages": '["el"]'}
     assert record["layermoe.allocation"] == "[2, 0, 1]" and record["layermoe.manifest_sha256"] == kid.manifest_sha256
-    assert run.data.tags["layermoe.parent_version"] == "1" and run.info.status == "FINISHED"
+    assert run.data.tags["parent"] == "1" and run.info.status == "FINISHED"
     stored = artifact_dir(settings, kid.run_id)
     assert pd.read_csv(stored / "tables" / "similarity.csv")["similarity"].tolist() == [0.5, 0.9, 0.7]
     assert (stored / "plots" / "allocation.png").read_bytes()[:4] == b"\x89PNG"
@@ -176,7 +176,7 @@ def test_download_verifies_and_reloads_with_identical_logits(settings, registere
     promote(settings, registered[1].version)
     local = download_version(settings, "champion", tmp_path / "fetched")
     assert (local.path, local.version, local.run_id) == (tmp_path / "fetched", 2, registered[1].run_id)
-    assert local.tags["layermoe.parent_version"] == "1"
+    assert local.tags["parent"] == "1"
     reloaded = AutoModelForCausalLM.from_pretrained(local.path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(token_ids).logits, model(token_ids).logits, atol=0, rtol=0)
@@ -241,7 +241,7 @@ def test_tag_version_notes_on_the_run_and_keeps_the_versions_six_tags(settings, 
     tagged = tag_version(settings, 2, {"layermoe.gate_overridden": "true", "layermoe.note": "old-language drift 0.4"})
     assert tagged.gate_overridden and tagged.run_tags["layermoe.note"] == "old-language drift 0.4"
     assert show_version(settings, 2)["gate_overridden"] is True and len(tagged.tags) <= 6
-    for lineage_tag in ("layermoe.parent_version", "layermoe.verdict"):
+    for lineage_tag in ("parent", "verdict"):
         with pytest.raises(LayerMoEError, match=lineage_tag):
             tag_version(settings, 2, {lineage_tag: "7"})
 

@@ -190,7 +190,7 @@ def register_as_before_deltas(settings: RegistrySettings, model_dir: Path) -> in
     client.log_text(run.info.run_id, manifest, f"model/{MANIFEST_NAME}")
     client.log_param(run.info.run_id, "layermoe.manifest_sha256", text_digest(manifest))
     client.set_terminated(run.info.run_id)
-    tags = {"layermoe.kind": "base", "layermoe.round": "0", "layermoe.languages": "en"}
+    tags = {"kind": "base", "round": "0", "languages": "en"}
     return int(client.create_model_version(settings.registered_model_name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags).version)
 
 

@@ -144,10 +144,10 @@ def test_model_card_names_languages_parent_link_allocation_metrics_and_verdict(s
     rejected, tags2, run2 = version_page(story, 3)
     assert rejected.split("\n")[0] == "Round 2 +hu · REJECTED by the gate · old drift max 0.290 · gain 1.100"
     assert "**Gate verdict: REJECTED**" in rejected and "exceeds" in rejected
-    assert (tags["layermoe.verdict"], tags2["layermoe.verdict"]) == ("passed", "rejected")
+    assert (tags["verdict"], tags2["verdict"]) == ("passed", "rejected")
     assert "exceeds" in {t["key"]: t["value"] for t in run2["data"]["tags"]}["layermoe.verdict_reason"]
     base_card, base_tags, _ = version_page(story, 1)
-    assert base_tags["layermoe.verdict"] == "base" and "**Languages:** en" in base_card
+    assert base_tags["verdict"] == "base" and "**Languages:** en" in base_card
     assert base_card.split("\n")[0].startswith("Base model · en · ")
 
 
@@ -155,12 +155,12 @@ def test_every_version_has_at_most_six_short_tags(story):
     for version in (1, 2, 3):
         _, tags, _ = version_page(story, version)
         assert len(tags) <= 6 and set(tags) <= {
-            "layermoe.kind",
-            "layermoe.round",
-            "layermoe.languages",
-            "layermoe.parent_version",
-            "layermoe.verdict",
-            "layermoe.storage",
+            "kind",
+            "round",
+            "languages",
+            "parent",
+            "verdict",
+            "storage",
         }
         assert all(len(value) <= 20 for value in tags.values()), tags
 
