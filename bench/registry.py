@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from layermoe_core import expand, insert_classifiers  # noqa: E402
-from registry import RegistrySettings, download_version, list_versions, register_base, register_child  # noqa: E402
+from registry import RegistrySettings, RoundInfo, download_version, list_versions, register_base, register_child  # noqa: E402
 from registry.manifest import sha256_file  # noqa: E402
 
 ROUNDS = [
@@ -80,7 +80,7 @@ def register_chain(settings: RegistrySettings, folders: list[Path]) -> list[floa
     register_base(settings, folders[0], ["en"])
     seconds.append(time.perf_counter() - start)
     for number, (old, new, allocation) in enumerate(ROUNDS, start=1):
-        info = {"round": number, "old_languages": old, "new_languages": new, "allocation": allocation, "classifier_layers": [0]}
+        info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=allocation, classifier_layers=[0])
         start = time.perf_counter()
         register_child(settings, folders[number], number, info, {}, {}, {}, {})
         seconds.append(time.perf_counter() - start)

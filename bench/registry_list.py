@@ -1,6 +1,7 @@
 """Where `layermoe registry list` spends its time against a local sqlite store, and how it compares with another checkout.
 
-Run from the repository root: `python -m bench.registry_list [--tracking-uri URI] [--before DIR] [--repeats 5]`.
+Run from the repository root: `python -m bench.registry_list [--tracking-uri URI] [--before DIR [--before-tracking-uri URI]]
+[--repeats 5]`.
 Without `--tracking-uri` it registers a 5-version lineage (a hidden-64 Qwen2-style base and four rounds, as
 `bench.registry` builds them) in a temporary sqlite store. Each repeat runs, interleaved, one fresh process per
 row: Python alone, `import mlflow`, `MlflowClient(...).search_registered_models()` on the store (the floor any
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", help="an existing store (default: build one in a temporary folder)")
     parser.add_argument("--model-name", help="its registered model (needed by --before checkouts)")
     parser.add_argument("--before", type=Path, help="another checkout of layermoe to time side by side, e.g. main")
+    parser.add_argument("--before-tracking-uri", help="the store the other checkout lists (default: --tracking-uri), e.g. one it built")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.tracking_uri:
@@ -70,7 +72,7 @@ def main() -> None:
     if args.before:
         if not name:
             parser.error("--before needs --model-name with --tracking-uri")
-        command = [python, "-m", "flows.cli", "registry", "list", "--tracking-uri", uri, "--model-name", name]
+        command = [python, "-m", "flows.cli", "registry", "list", "--tracking-uri", args.before_tracking_uri or uri, "--model-name", name]
         rows[f"layermoe registry list ({args.before})"] = (command, args.before.resolve())
     times: dict[str, list[tuple[float, float]]] = {label: [] for label in rows}
     load_before = os.getloadavg()[0]

@@ -63,7 +63,7 @@ use_local_stack(WORK / "prefect")
 from layermoe_core import expand, insert_classifiers, pinned_language  # noqa: E402
 from layermoe_core.model.moe_block import NEW_LABEL  # noqa: E402
 from layermoe_core.model.surgery import count_parameters  # noqa: E402
-from registry import RegistrySettings, download_version, register_base, register_child  # noqa: E402
+from registry import RegistrySettings, RoundInfo, download_version, register_base, register_child  # noqa: E402
 from tests.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def allocation(size: Size, round_number: int, delta: int) -> list[int]:
     return counts
 
 
-def grow(model: torch.nn.Module, size: Size, round_number: int, delta: int) -> tuple[torch.nn.Module, dict]:
+def grow(model: torch.nn.Module, size: Size, round_number: int, delta: int) -> tuple[torch.nn.Module, RoundInfo]:
     """One round: new experts, a classifier in every layer that got some, the new parameters perturbed."""
     old = ["en", *LANGUAGES[: round_number - 1]]
     new = [LANGUAGES[round_number - 1]]
@@ -110,7 +110,7 @@ def grow(model: torch.nn.Module, size: Size, round_number: int, delta: int) -> t
         for param in child.parameters():
             if param.requires_grad:
                 param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    info = {"round": round_number, "old_languages": old, "new_languages": new, "allocation": counts, "classifier_layers": layers}
+    info = RoundInfo(round=round_number, old_languages=old, new_languages=new, allocation=counts, classifier_layers=layers)
     return child.eval(), info
 
 

@@ -7,7 +7,9 @@ What it runs, all on 127.0.0.1 in a temporary folder:
    synthetic en/es/hu/tr corpora, the registry a sqlite MLflow store. Screenshot: add-languages' custom-run form; its
    whole height and how often it shows Prefect's `Property is type "None"` are printed. `--form-only` stops here.
 2. A run of the `lifelong-expansion` deployment (one round adding hu) to Completed. Screenshot: the round's run, Artifacts tab.
-3. A run of `add-languages` adding tr with `promotion: manual`, which pauses for review. Screenshot: its Resume form.
+3. A run of `add-languages` adding tr with `promotion: manual`, which pauses for review. Screenshots: its Resume form
+   as it opens (no decision chosen), and after choosing reject with no reason and submitting (refused); Submit
+   with nothing chosen is refused too. The form's text at each step is printed, and the run must still be paused.
    Then `layermoe approve RUN_ID --no --reason ...` answers it.
 4. `mlflow server` on the same sqlite store. Screenshots: the registered model's versions, and version 3's page.
 
@@ -112,8 +114,16 @@ class Browser:
                 return message["result"]
 
     async def _shoot(
-        self, url: str, out: Path, wait_text: list[str], clicks: list[str], settle_s: float, script: str | None, height: int
-    ) -> None:
+        self,
+        url: str,
+        out: Path,
+        wait_text: list[str],
+        clicks: list[str],
+        settle_s: float,
+        script: str | None,
+        height: int,
+        after: str | None = None,
+    ) -> Any:
         async with websockets.connect(self.ws_url, max_size=64 * 2**20) as ws:
             await self._call(ws, "Emulation.setDeviceMetricsOverride", width=WIDTH, height=height, deviceScaleFactor=1, mobile=False)
             await self._call(ws, "Page.navigate", url=url)
@@ -138,8 +148,13 @@ class Browser:
                     raise RuntimeError(f"no {label!r} to click on {url}")
                 await asyncio.sleep(2)
             await asyncio.sleep(settle_s)
+            value = None
+            if after:  # read (or act on) the page as it is captured
+                found = await self._call(ws, "Runtime.evaluate", expression=after, returnByValue=True, awaitPromise=True)
+                value = found["result"].get("value")
             shot = await self._call(ws, "Page.captureScreenshot", format="png")
             out.write_bytes(base64.b64decode(shot["data"]))
+            return value
 
     async def _measure(self, url: str, wait_text: list[str], script: str) -> Any:
         async with websockets.connect(self.ws_url, max_size=64 * 2**20) as ws:
@@ -178,13 +193,15 @@ class Browser:
         script: str | None = None,
         height: int = HEIGHT,
         keep: tuple[int | None, int | None] = (None, None),
-    ) -> Path:
-        asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s, script, height))
+        after: str | None = None,
+    ) -> Any:
+        """Capture `url` after the clicks; returns the value of the script `after`, run just before the capture (else the path)."""
+        value = asyncio.run(self._shoot(url, out, list(wait_text), list(clicks), settle_s, script, height, after))
         crop(out, *keep)
         if shutil.which("pngquant"):
             subprocess.run(["pngquant", "--force", "--skip-if-larger", "--quality", "60-90", "--output", str(out), str(out)], check=False)
         print(f"{out}: {out.stat().st_size // 1024} KB", flush=True)
-        return out
+        return out if after is None else value
 
     def close(self) -> None:
         stop(self.process)
@@ -194,6 +211,24 @@ FORM_HEIGHT = """(() => {  // the page's full height: the document's, or a scrol
   let height = document.documentElement.scrollHeight;
   for (const e of document.querySelectorAll('*')) if (e.scrollHeight > e.clientHeight + 10) height = Math.max(height, e.scrollHeight);
   return [height, (document.body.innerText.match(/Property is type/g) || []).length];
+})()"""
+DIALOG = """(() => { const d = document.querySelector('[role=dialog]') || document.querySelector('.p-modal');
+  return d ? d.innerText : '(no dialog) ' + document.body.innerText.slice(0, 2000); })()"""
+# The Resume form's Decision is a select; choose "reject" in it, leave Reason empty, and submit.
+CHOOSE_REJECT_AND_SUBMIT = """(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const byText = t => [...document.querySelectorAll('body *')].filter(e => e.innerText && e.innerText.trim() === t).pop();
+  const dialog = document.querySelector('[role=dialog]') || document;
+  const select = dialog.querySelector('select');
+  if (select) { select.value = [...select.options].find(o => o.text.trim() === 'reject').value;
+                select.dispatchEvent(new Event('change', {bubbles: true})); }
+  else { const opener = dialog.querySelector('[role=combobox], .p-select, button[aria-haspopup]');
+         if (opener) { opener.click(); await sleep(1000); } const option = byText('reject'); if (option) option.click(); }
+  await sleep(1000);
+  const chosen = dialog.innerText;
+  const submit = byText('Submit'); if (submit) submit.click();
+  await sleep(3000);
+  return 'chosen:\\n' + chosen + '\\n---after Submit:\\n' + dialog.innerText;
 })()"""
 MLFLOW_PAGE_WIDTH = 1035  # MLflow 3's UI opens an "MLflow Assistant" panel right of the page: crop it off
 
@@ -311,13 +346,27 @@ def main() -> None:
         }
         paused = http_json(f"{api}/deployments/{add['id']}/create_flow_run", {"parameters": {"plan": manual}})
         assert finished(paused["id"], "PAUSED")["state"]["type"] == "PAUSED", (root / "serve.log").read_text()[-3000:]
-        browser.shoot(
-            f"{ui}/runs/flow-run/{paused['id']}",
-            args.out / "prefect-review-resume.png",
+        review_page = f"{ui}/runs/flow-run/{paused['id']}"
+        form = browser.shoot(review_page, args.out / "prefect-review-resume.png", wait_text=["Paused"], clicks=["Resume"], after=DIALOG)
+        print(f"the Resume form as it opens:\n{form}\n", flush=True)
+        # Submit untouched: no decision is chosen for the reviewer, so the server refuses it and the run stays paused.
+        untouched = browser.shoot(
+            review_page, root / "prefect-review-untouched.png", wait_text=["Paused"], clicks=["Resume", "Submit"], after=DIALOG
+        )
+        print(f"Submit with nothing chosen:\n{untouched}\n", flush=True)
+        # Reject without a reason: refused the same way.
+        rejected = browser.shoot(
+            review_page,
+            args.out / "prefect-review-reject-without-reason.png",
             wait_text=["Paused"],
             clicks=["Resume"],
-            keep=(None, 1500),
+            after=CHOOSE_REJECT_AND_SUBMIT,
+            settle_s=1,
         )
+        print(f"reject without a reason: {rejected}", flush=True)
+        state = http_json(f"{api}/flow_runs/{paused['id']}")["state"]["type"]
+        print(f"after both refusals the run is {state}", flush=True)
+        assert state == "PAUSED", state
         subprocess.run([str(BIN / "layermoe"), "approve", paused["id"], "--no", "--reason", "tr samples read badly"], env=env, check=True)
         finished(paused["id"], "COMPLETED")
 

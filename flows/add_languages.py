@@ -18,12 +18,14 @@ from prefect import flow, get_client, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
-from pydantic import BaseModel
 
 from layermoe_core.data.corpus import load_documents, validate_language_code
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.evaluation.gates import evaluate_gates
 from layermoe_core.model.files import check_model_dir
 from layermoe_core.training.launch import Stage1Job, Stage2Job
+from layermoe_core.training.trainer import TrainResult
+from registry import RoundInfo
 from tasks.analysis import (
     TOKEN_STORE_DIR,
     Sampling,
@@ -47,14 +49,12 @@ from .plan import ExpansionPlan
 ROUND_LOCK = ".round.lock"  # in the round folder; see exclusive_round
 
 
-class RoundSummary(BaseModel):
+class RoundSummary(RoundInfo):
+    """What a round did (its RoundInfo, as registered) and how it ended."""
+
     version: int
     parent_version: int
     promoted: bool
-    old_languages: list[str]
-    new_languages: list[str]
-    allocation: list[int]
-    classifier_layers: list[int]
     comparison: list[dict]
 
     def table(self) -> pd.DataFrame:
@@ -72,10 +72,7 @@ def round_languages(plan: ExpansionPlan, parent: ParentModel) -> list[str]:
             f"old languages {unknown} are unknown to parent version {parent.version} (it knows {parent.languages}); "
             "fix old_languages or pick another parent"
         )
-    already = sorted(set(plan.new_languages) & set(parent.languages))
-    if already:
-        raise LayerMoEError(f"new languages {already} are already in parent version {parent.version}; drop them from new_languages")
-    plan.check_corpora(old)
+    plan.check_parent_languages(parent.languages)
     return old
 
 
@@ -196,36 +193,16 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     )
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
     fertility = measure_fertility(parent.path, plan.corpora, old, new, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction)
+    round_info = RoundInfo(
+        round=parent.round + 1,
+        old_languages=old,
+        new_languages=new,
+        allocation=new_experts(allocation),
+        classifier_layers=classifier_layers(allocation),
+    )
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
-    stage1 = run_stage1(
-        Stage1Job(
-            parent_dir=parent.path,
-            tokenizer_dir=parent.path,
-            allocation=new_experts(allocation),
-            old_languages=old,
-            new_languages=new,
-            top_k=plan.top_k,
-            tokens_path=sample_tokens(sampling, "stage1", new, tokens.stage1_tokens),
-            settings=plan.stage1,
-            output_dir=work / "stage1",
-        ),
-        plan.launcher,
-    )
-    heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
-    stage2 = run_stage2(
-        Stage2Job(
-            stage1_dir=stage1.model_dir,
-            tokenizer_dir=stage1.model_dir,
-            classifier_layers=classifier_layers(allocation),
-            old_tokens_path=sample_tokens(sampling, "replay-old", old, tokens.stage2_tokens),
-            new_tokens_path=sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens),
-            settings=plan.stage2,
-            output_dir=work / "stage2",
-            heldout_tokens_path=heldout,
-        ),
-        plan.launcher,
-    )
+    stage1, heldout, stage2 = train_child(plan, parent, round_info, sampling, work)
 
     # 7: the child against its parent, on held-out tokens and text
     routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size, placement=placement)
@@ -235,15 +212,9 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     comparison, samples = evaluate_round(
         parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text, placement=placement
     )
+    decision = evaluate_gates(comparison, plan.evaluation.gates, stage2.classifier_accuracy)
 
-    # 8: register the child with its reports, then gate the alias
-    round_info = {
-        "round": parent.round + 1,
-        "old_languages": old,
-        "new_languages": new,
-        "allocation": new_experts(allocation),
-        "classifier_layers": classifier_layers(allocation),
-    }
+    # 8: register the child with its reports, then move the alias as the gate (or a reviewer) decides
     version = register_round(
         plan.registry,
         stage2.model_dir,
@@ -269,33 +240,57 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         ),
         training_history={"stage1": stage1.log_history, "stage2": stage2.log_history},
         params={**plan.model_dump(mode="json", exclude={"corpora", "registry"}), "corpora": sorted(plan.corpora)},
-        gates=plan.evaluation.gates,
+        decision=decision,
         pending_review=plan.promotion == "manual",
         classifier_accuracy=stage2.classifier_accuracy,
     )
     if plan.promotion == "manual":
-        promoted = review_promotion(
-            plan.registry, version, parent.version, comparison, plan.evaluation.gates, plan.promote_alias, stage2.classifier_accuracy
-        )
+        promoted = review_promotion(plan.registry, version, parent.version, comparison, decision, plan.promote_alias)
     else:
-        promoted = gate_and_promote(
-            plan.registry,
-            version,
-            parent.version,
-            comparison,
-            gates=plan.evaluation.gates,
-            alias=plan.promote_alias,
-            classifier_accuracy=stage2.classifier_accuracy,
-        )
+        promoted = gate_and_promote(plan.registry, version, parent.version, decision, alias=plan.promote_alias)
     summary = RoundSummary(
+        **round_info.model_dump(),
         version=version,
         parent_version=parent.version,
         promoted=promoted,
-        old_languages=old,
-        new_languages=new,
-        allocation=new_experts(allocation),
-        classifier_layers=classifier_layers(allocation),
         comparison=comparison.to_dict(orient="records"),
     )
     get_run_logger().info("round done: version %s, promoted=%s\n%s", version, promoted, summary.table().to_string(index=False))
     return summary
+
+
+def train_child(
+    plan: ExpansionPlan, parent: ParentModel, round_info: RoundInfo, sampling: Sampling, work: Path
+) -> tuple[TrainResult, Path, TrainResult]:
+    """Stage 1 (the new experts, on new-language tokens), then Stage 2 (routers and classifiers, on a replay mix,
+    their classifiers measured on the held-out tokens sampled between the two, which evaluation reuses)."""
+    old, new, tokens = round_info.old_languages, round_info.new_languages, plan.tokens
+    stage1 = run_stage1(
+        Stage1Job(
+            parent_dir=parent.path,
+            tokenizer_dir=parent.path,
+            allocation=round_info.allocation,
+            old_languages=old,
+            new_languages=new,
+            top_k=plan.top_k,
+            tokens_path=sample_tokens(sampling, "stage1", new, tokens.stage1_tokens),
+            settings=plan.stage1,
+            output_dir=work / "stage1",
+        ),
+        plan.launcher,
+    )
+    heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
+    stage2 = run_stage2(
+        Stage2Job(
+            stage1_dir=stage1.model_dir,
+            tokenizer_dir=stage1.model_dir,
+            classifier_layers=round_info.classifier_layers,
+            old_tokens_path=sample_tokens(sampling, "replay-old", old, tokens.stage2_tokens),
+            new_tokens_path=sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens),
+            settings=plan.stage2,
+            output_dir=work / "stage2",
+            heldout_tokens_path=heldout,
+        ),
+        plan.launcher,
+    )
+    return stage1, heldout, stage2

@@ -3,14 +3,12 @@
 After evaluation the child is registered with the verdict "pending" (its card shows the automatic
 gate's advice), and the round pauses with the comparison table and the gate's advice as artifacts.
 The Prefect UI's "Resume" form (or `layermoe approve RUN_ID --yes|--no --reason ...`) answers it,
-and the answer is written on the version as the automatic gate's is: the `layermoe.verdict` tag and
-the model card's verdict, with the reviewer's reason. Approve moves the alias to the child (and tags it
-`layermoe.approved`); reject tags it `layermoe.rejected` and leaves the alias where it is. Approving a
-version the automatic gate failed needs an explicit override (`--override-gate`, or the form's box),
-which tags it `layermoe.gate_overridden`. See docs/registry.md.
+and the answer is written on the version as the automatic gate's is: the `verdict` tag, the
+reasons on its run and the model card's verdict, with the reviewer's reason. Approve moves the alias to the
+child; reject leaves the alias where it is. Approving a version the automatic gate failed needs an explicit
+override (`--override-gate`, or the form's box), noted on its run as `layermoe.gate_overridden`. See docs/registry.md.
 """
 
-from collections.abc import Sequence
 from typing import Literal
 from uuid import UUID
 
@@ -23,8 +21,7 @@ from prefect.input.run_input import keyset_from_paused_state
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
-from layermoe_core.training.trainer import ClassifierAccuracy
+from layermoe_core.evaluation.gates import GateDecision
 from registry import RegistrySettings, Verdict
 from tasks.common import publish_markdown, publish_table
 from tasks.registration import record_review
@@ -52,7 +49,7 @@ class Review(RunInput):
     model_config = ConfigDict(json_schema_extra=_REASON_TO_REJECT)
 
     decision: Literal["approve", "reject"] = Field(
-        title="Decision", description="approve: move the alias to this version. reject: tag it layermoe.rejected; the alias stays."
+        title="Decision", description="approve: move the alias to this version. reject: its verdict becomes rejected; the alias stays."
     )
     reason: str = Field("", title="Reason", description="Why; stored on the version. Required to reject; optional to approve.")
 
@@ -75,7 +72,7 @@ class ReviewOfFailedGate(Review):
     override_gate: bool = Field(
         False,
         title="Override the gate",
-        description="Approve although the automatic gate failed it; the version is tagged layermoe.gate_overridden.",
+        description="Approve although the automatic gate failed it; the override is recorded on the version (layermoe.gate_overridden).",
     )
 
     @model_validator(mode="after")
@@ -90,12 +87,10 @@ def review_promotion(
     version: int,
     parent_version: int,
     comparison: pd.DataFrame,
-    gates: GateSettings,
+    decision: GateDecision,
     alias: str,
-    classifier_accuracy: Sequence[ClassifierAccuracy] = (),
 ) -> bool:
-    """Pause for a person's decision on `version`; returns whether it took `alias`."""
-    decision = evaluate_gates(comparison, gates, classifier_accuracy)
+    """Pause for a person's decision on `version`, with the gate's `decision` as advice; returns whether it took `alias`."""
     verdict = "passes" if decision.passed else "fails"
     publish_table("comparison", comparison.round(4), f"Version {version} vs its parent, held out: the review's evidence")
     brief = review_brief(registry, version, alias, comparison, verdict, decision.reasons)
@@ -148,7 +143,7 @@ def review_brief(registry: RegistrySettings, version: int, alias: str, compariso
             "",
             f"Approve moves `{alias}` to version {version}"
             + (" and overrides the failed gate (tick Override the gate; `layermoe approve --yes --override-gate`)" if failed else "")
-            + f". Reject tags it `layermoe.rejected` with your reason; `{alias}` stays.",
+            + f". Reject records it as rejected, with your reason; `{alias}` stays.",
         ]
     )
 

@@ -280,8 +280,7 @@ def version_text(info: dict) -> str:
     aliases = f" (aliases: {', '.join(info['aliases'])})" if info["aliases"] else ""
     languages = ", ".join(info.get("languages") or [])
     new = info.get("new_languages")
-    verdict = info["other_tags"].get("layermoe.verdict")
-    reason = info["other_tags"].get("layermoe.verdict_reason")
+    verdict, reason = info.get("verdict"), info.get("verdict_reason")
     lines = [
         f"{info['name']} version {info['version']}{aliases}",
         f"  status     {info['status']}, created {info['created'][:16].replace('T', ' ')} UTC, run {info['run_id'] or '-'}",

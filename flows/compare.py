@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, model_validator
 from layermoe_core import plots
 from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.evaluation.metrics import compare_variants, summarise_seeds
+from layermoe_core.evaluation.metrics import compare_variants, old_drift_max, summarise_seeds
 from layermoe_core.model.checkpoints import num_decoder_layers
 from registry import get_version
 from tasks.common import publish_table
@@ -133,7 +133,7 @@ def report_comparison(plan: ComparePlan, summaries: dict[tuple[str, int], RoundS
         }
     )
     per_seed.insert(3, "allocation", [" ".join(map(str, s.allocation)) for s in summaries.values()])
-    per_seed.insert(6, "old_drift_max", [max_old_drift(s.table()) for s in summaries.values()])
+    per_seed.insert(6, "old_drift_max", [old_drift_max(s.table()) for s in summaries.values()])
     table = summarise_seeds(per_seed)
     plot = plots.plot_variant_comparison(table, out_dir / "variants.png")
     log_comparison_report(
@@ -149,12 +149,6 @@ def report_comparison(plan: ComparePlan, summaries: dict[tuple[str, int], RoundS
     )
     publish_table("variants", table.round(4), f"{', '.join(plan.variants)}: same parent and data, {plan.seeds} seed(s)")
     return table
-
-
-def max_old_drift(comparison: pd.DataFrame) -> float:
-    """The largest rise in loss over the old languages (nats)."""
-    old = comparison[(comparison["metric"] == "loss") & (comparison["group"] == "old")]
-    return float(old["delta"].max()) if len(old) else math.nan
 
 
 def run_name(plan: ComparePlan) -> str:

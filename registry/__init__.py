@@ -1,51 +1,46 @@
 """registry: the only MLflow code. Versions of the expanded model, with lineage, checksums and aliases.
 
 A version is a save_pretrained directory (safetensors, config, tokenizer) stored as artifacts of the
-run that made it; its `layermoe.*` tags carry languages, parent, round, allocation, sizes and the
-gate verdict, and its description is a markdown model card. The rest of layermoe uses this API only.
+run that made it. Its six `layermoe.*` tags carry kind, round, languages, parent, verdict and storage;
+its run's params the rest (sizes, allocation, checksums, drift); its description is a markdown model card
+(registry/tags.py says which fact lives where). The rest of layermoe uses this API only.
+
+Names load on first use (PEP 562), so browsing (`registry list`) imports MLflow but not torch or the
+registration code.
 """
+
+from importlib import import_module
 
 from layermoe_core.environment import telemetry_off
 
 telemetry_off()  # before mlflow is imported; an explicit opt-in wins
 
-from .client import RegistryUnavailable  # noqa: E402
-from .download import LocalVersion, cached_version, download_version  # noqa: E402
-from .model_card import Verdict  # noqa: E402
-from .register import RoundInfo, find_or_register_base, register_base, register_child  # noqa: E402
-from .reports import log_report_run  # noqa: E402
-from .settings import RegistrySettings  # noqa: E402
-from .versions import (  # noqa: E402
-    VersionInfo,
-    alias_version,
-    get_version,
-    lineage,
-    list_versions,
-    promote,
-    record_verdict,
-    show_version,
-    tag_version,
-)
+_LAZY = {
+    "RegistryUnavailable": "client",
+    "LocalVersion": "download",
+    "cached_version": "download",
+    "download_version": "download",
+    "Verdict": "model_card",
+    "record_verdict": "model_card",
+    "RoundInfo": "register",
+    "find_or_register_base": "register",
+    "register_base": "register",
+    "register_child": "register",
+    "log_report_run": "reports",
+    "RegistrySettings": "settings",
+    "VersionInfo": "versions",
+    "alias_version": "versions",
+    "get_version": "versions",
+    "lineage": "versions",
+    "list_versions": "versions",
+    "promote": "versions",
+    "show_version": "versions",
+    "tag_version": "versions",
+}
+__all__ = sorted(_LAZY)
 
-__all__ = [
-    "LocalVersion",
-    "RegistrySettings",
-    "RegistryUnavailable",
-    "RoundInfo",
-    "Verdict",
-    "VersionInfo",
-    "alias_version",
-    "cached_version",
-    "download_version",
-    "find_or_register_base",
-    "get_version",
-    "lineage",
-    "list_versions",
-    "log_report_run",
-    "promote",
-    "record_verdict",
-    "register_base",
-    "register_child",
-    "show_version",
-    "tag_version",
-]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

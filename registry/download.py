@@ -22,7 +22,7 @@ from .client import (
     open_client,
     store_errors,
 )
-from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
+from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
 from .settings import RegistrySettings
 from .storage import (
     LAYOUT_NAME,
@@ -31,10 +31,8 @@ from .storage import (
     FileSource,
     ParentFiles,
     locate_files,
-    verify_stored_dir,
     write_full_model,
 )
-from .tags import STORED_SHA256
 from .versions import VersionInfo, VersionRef, find_version
 
 logger = logging.getLogger(__name__)
@@ -85,13 +83,13 @@ def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: 
 def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path:
     """The version's own stored files in the local cache, downloaded once and verified against its tag."""
     cached = settings.version_cache(info.version)
-    digest = info.tags[STORED_SHA256]
+    digest = info.stored_sha256 or ""
     if cached.is_dir():  # verified when it was put there; the rebuilt model is verified again on every download
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{cached.name}-partial-") as staging:
         local = _download_artifacts(client, settings, info, Path(staging))
-        verify_stored_dir(local, digest, _what(info))
+        verify_listed_files(local, STORED_NAME, digest, _what(info))
         try:
             local.rename(cached)
         except OSError:  # a concurrent download put its verified copy in place first
@@ -114,7 +112,7 @@ def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
                 f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
                 "its lineage is broken: restore that version or re-register this one from its checkpoint"
             ) from e
-        if parent.manifest_sha256 != parent_ref["manifest_sha256"] or STORED_SHA256 not in parent.tags:
+        if parent.manifest_sha256 != parent_ref["manifest_sha256"] or parent.stored_sha256 is None:
             raise LayerMoEError(
                 f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
                 "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
@@ -125,7 +123,7 @@ def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
 
 def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent: VersionInfo) -> ParentFiles | None:
     """The parent's manifest and tensor digests (small files, no weights); None for a version stored before deltas."""
-    if STORED_SHA256 not in parent.tags:
+    if parent.stored_sha256 is None:
         return None
     cached = settings.version_cache(parent.version)
     with tempfile.TemporaryDirectory(prefix="layermoe-parent-") as staging:
@@ -134,7 +132,7 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
             for name in (STORED_NAME, MANIFEST_NAME, TENSORS_NAME):
                 _download_artifacts(client, settings, parent, folder, name)
             listing = json.loads((folder / STORED_NAME).read_text())["files"]
-            if sha256_file(folder / STORED_NAME) != parent.tags[STORED_SHA256] or any(
+            if sha256_file(folder / STORED_NAME) != parent.stored_sha256 or any(
                 sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)
             ):
                 raise LayerMoEError(f"{_what(parent)}: its stored listings differ from the ones registered; the artifacts were altered")
@@ -192,12 +190,13 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
     digest = info.manifest_sha256
     if digest is None:
         raise LayerMoEError(
-            f"{_what(info)} has no manifest tag, so its files cannot be verified; register it with registry.register_base/register_child"
+            f"{_what(info)} has no manifest digest on its run, so its files cannot be verified; "
+            "register it with registry.register_base/register_child"
         )
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir.parent, prefix=f".{dest_dir.name}-partial-") as staging:
         with store_errors(settings):
-            if STORED_SHA256 in info.tags:
+            if info.stored_sha256 is not None:
                 built = _rebuild(client, settings, info, Path(staging))
             else:  # stored whole before delta storage: the artifacts are the model directory
                 built = _download_artifacts(client, settings, info, Path(staging))

@@ -1,6 +1,6 @@
 """The checksum manifest of a version: sha256 and size per file, written at registration, checked on download.
 
-Its own digest is stored as a version tag (in the registry database, apart from the artifacts),
+Its own digest is a param of the version's run (in the registry database, apart from the artifacts),
 so a changed manifest is caught as surely as a changed weight file.
 """
 
@@ -38,18 +38,28 @@ def text_digest(text: str) -> str:
 
 def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
     """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt, or code (auto_map)."""
-    manifest_path = model_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
-        raise LayerMoEError(f"{what} has no {MANIFEST_NAME}; register the model with registry.register_base/register_child")
-    if sha256_file(manifest_path) != expected_digest:
-        raise LayerMoEError(f"{what}: {MANIFEST_NAME} does not match the digest recorded at registration; the artifacts were altered")
-    expected = {name: (path_inside(model_dir, name, what), entry) for name, entry in json.loads(manifest_path.read_text())["files"].items()}
-    present = list_model_files(model_dir, exclude=(MANIFEST_NAME,))
+    present = verify_listed_files(model_dir, MANIFEST_NAME, expected_digest, what)
+    require_loadable(present, what)
+    refuse_custom_code(model_dir)
+
+
+def verify_listed_files(folder: Path, listing_name: str, expected_digest: str, what: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The one check of a folder against its listing (a manifest, or a version's stored files): the listing's digest is
+    the one recorded at registration, and every file listed is there, inside the folder, with its registered size and
+    sha256, and no other (no pickle) beside it. `ignore`: files others add (MLflow's `registered_model_meta`).
+    Returns the files present."""
+    listing = folder / listing_name
+    if not listing.is_file():
+        raise LayerMoEError(f"{what} has no {listing_name}; register the model with registry.register_base/register_child")
+    if sha256_file(listing) != expected_digest:
+        raise LayerMoEError(f"{what}: {listing_name} does not match the digest recorded at registration; the artifacts were altered")
+    expected = {name: (path_inside(folder, name, what), entry) for name, entry in json.loads(listing.read_text())["files"].items()}
+    present = list_model_files(folder, exclude=(listing_name, *ignore))
     refuse_pickles(present, what)
     unexpected = [f for f in present if f not in expected]
     missing = [f for f in expected if f not in present]
     if unexpected or missing:
-        raise LayerMoEError(f"{what}: files missing {missing}, files not in the manifest {unexpected}; re-register the version")
+        raise LayerMoEError(f"{what}: files missing {missing}, files not in {listing_name} {unexpected}; re-register the version")
     for name, (path, entry) in expected.items():
         size = path.stat().st_size
         if size != entry["bytes"]:
@@ -62,5 +72,4 @@ def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
                 f"{what}: {name} is corrupt (sha256 differs from the one registered); "
                 "download again, or re-register the version from its checkpoint"
             )
-    require_loadable(present, what)
-    refuse_custom_code(model_dir)
+    return present

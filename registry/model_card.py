@@ -1,8 +1,9 @@
-"""A version's story as a markdown card (the version's description in the MLflow UI) and as metrics.
+"""A version's story as a markdown card (the version's description in the MLflow UI) and as its run's metrics.
 
-The metric keys are the same in every version, so the UI's compare view lines versions up:
-`<metric>.<language>` is this version's held-out value, `<metric>.<language>.parent` its parent's
-on the same tokens, `<metric>.<language>.delta` = child - parent.
+The card's first line says it all (`Round 5 +pt · REJECTED by reviewer · old drift max 0.024 · gain 0.011`),
+since the UI's version list shows it. Every version's run logs its held-out values under the same keys,
+`<metric>.<language>`, so the UI's compare view lines versions up; the parent's values and the deltas are in
+the card and the run's `evaluation` table.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from .tags import NEW_GAIN, OLD_DRIFT_MAX, PINNED_DRIFT_MAX, VERDICT, VERDICT_REASON
+from layermoe_core.evaluation.metrics import new_language_gain, old_drift_max, old_language_drift, pinned_drift_max, pinned_drifts
+from layermoe_core.evaluation.translation import CHRF_METRIC
 
-PINNED_LOSS = "pinned_loss"  # layermoe_core.evaluation.gates.PINNED_LOSS (registry imports no torch to read a table)
+from .client import open_client, store_errors
+from .settings import RegistrySettings
+from .tags import NEW_GAIN, OLD_DRIFT_MAX, PINNED_DRIFT_MAX, VERDICT, VERDICT_REASON
+from .versions import VersionInfo, VersionRef, find_version
 
 
 class Verdict(BaseModel):
@@ -34,91 +39,43 @@ class Verdict(BaseModel):
 
     @property
     def tag(self) -> str:
-        """The `layermoe.verdict` value: "passed", "rejected" or "pending"."""
+        """The `verdict` value: "passed", "rejected" or "pending"."""
         return "pending" if self.decided_by == "pending" else "passed" if self.passed else "rejected"
 
+    @property
+    def words(self) -> str:
+        """The verdict as the card's headline says it."""
+        return {
+            ("gate", True): "PASSED the gate",
+            ("gate", False): "REJECTED by the gate",
+            ("reviewer", True): "APPROVED by reviewer",
+            ("reviewer", False): "REJECTED by reviewer",
+            ("pending", True): "PENDING review (gate passes)",
+            ("pending", False): "PENDING review (gate fails)",
+        }[self.decided_by, self.passed]
 
-MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
-REJECTED, REJECTED_REASON = "layermoe.rejected", "layermoe.rejected_reason"
-APPROVED, APPROVED_REASON = "layermoe.approved", "layermoe.approved_reason"
-OUTCOME_TAGS = (VERDICT, VERDICT_REASON, REJECTED, REJECTED_REASON, APPROVED, APPROVED_REASON)
+
+MAX_TAG_CHARS = 5000  # MLflow's limit on a tag value
 
 
 def verdict_tags(verdict: Verdict) -> dict[str, str]:
-    """The version tags a verdict writes: the verdict and its reasons, plus `layermoe.rejected` (any rejection)
-    or `layermoe.approved` (a reviewer's approval) with the same reasons."""
-    reason = "; ".join(verdict.reasons)[:MAX_TAG_CHARS]
-    tags = {VERDICT: verdict.tag, VERDICT_REASON: reason}
-    if verdict.tag == "rejected":
-        tags |= {REJECTED: "true", REJECTED_REASON: reason}
-    elif verdict.tag == "passed" and verdict.decided_by == "reviewer":
-        tags |= {APPROVED: "true", APPROVED_REASON: reason}
-    return tags
+    """The run tag a verdict writes: its reasons, one line."""
+    return {VERDICT_REASON: "; ".join(verdict.reasons)[:MAX_TAG_CHARS]}
+
+
+def drift_record(comparison: pd.DataFrame) -> dict[str, float]:
+    """The registration record's summary of the comparison: worst plain and pinned drift (where measured), new-language gain."""
+    values = {
+        OLD_DRIFT_MAX: old_drift_max(comparison),
+        PINNED_DRIFT_MAX: pinned_drift_max(comparison),
+        NEW_GAIN: new_language_gain(comparison),
+    }
+    return {key: value for key, value in values.items() if not math.isnan(value)}
 
 
 def version_page(name: str, version: int) -> str:
     """The MLflow UI route of a version, relative to wherever the UI is served (so links work behind any host)."""
     return f"#/models/{name}/versions/{version}"
-
-
-def _loss_deltas(comparison: pd.DataFrame, group: str) -> pd.Series:
-    return comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
-
-
-def old_drift_max(comparison: pd.DataFrame) -> float:
-    """The largest old-language loss rise (nats): what the gate bounds. NaN without old languages."""
-    deltas = _loss_deltas(comparison, "old")
-    return float(deltas.max()) if len(deltas) else math.nan
-
-
-def pinned_drifts(comparison: pd.DataFrame) -> pd.Series:
-    """Per old language (index): its loss rise with parent and child pinned to it (nats), 0 by construction. Empty if not measured."""
-    rows = comparison[(comparison["metric"] == PINNED_LOSS) & (comparison["group"] == "old")]
-    return rows.set_index("language")["delta"].astype(float)
-
-
-def pinned_drift_max(comparison: pd.DataFrame) -> float:
-    """The largest pinned drift (nats); NaN where pinned loss was not measured."""
-    drifts = pinned_drifts(comparison)
-    return float(drifts.max()) if len(drifts) else math.nan
-
-
-def drift_tags(comparison: pd.DataFrame) -> dict[str, float]:
-    """The version tags `registry list` shows: worst plain and pinned drift (when measured), new-language gain."""
-    pinned = pinned_drift_max(comparison)
-    return {
-        OLD_DRIFT_MAX: old_drift_max(comparison),
-        NEW_GAIN: new_language_gain(comparison),
-        **({} if math.isnan(pinned) else {PINNED_DRIFT_MAX: pinned}),
-    }
-
-
-def old_language_drift(comparison: pd.DataFrame) -> float:
-    """Mean old-language loss rise (nats), as layermoe_core.evaluation.metrics.old_language_drift."""
-    deltas = _loss_deltas(comparison, "old")
-    return float(deltas.mean()) if len(deltas) else math.nan
-
-
-def new_language_gain(comparison: pd.DataFrame) -> float:
-    """Mean new-language loss decrease (nats), as layermoe_core.evaluation.metrics.new_language_gain."""
-    deltas = _loss_deltas(comparison, "new")
-    return float(-deltas.mean()) if len(deltas) else math.nan
-
-
-def comparison_metrics(comparison: pd.DataFrame) -> dict[str, float]:
-    """Per-language metrics under stable keys, plus the round summaries the gate and the UI use."""
-    metrics = {
-        "old_language_drift": old_language_drift(comparison),
-        "old_language_drift_max": old_drift_max(comparison),
-        "pinned_drift_max": pinned_drift_max(comparison),
-        "new_language_gain": new_language_gain(comparison),
-    }
-    for row in comparison.itertuples():
-        key = f"{row.metric}.{row.language}"
-        metrics[key] = float(row.child)
-        metrics[f"{key}.parent"] = float(row.parent)
-        metrics[f"{key}.delta"] = float(row.delta)
-    return {key: value for key, value in metrics.items() if not math.isnan(value)}
 
 
 def own_metrics(comparison: pd.DataFrame, side: str) -> dict[str, float]:
@@ -128,8 +85,21 @@ def own_metrics(comparison: pd.DataFrame, side: str) -> dict[str, float]:
     }
 
 
-def _number(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def verdict_headline(
+    round_number: int, new_languages: Sequence[str], verdict: Verdict | None, drift_max: float | None, gain: float | None
+) -> str:
+    """The card's first line, which the UI's version list shows: round, languages added, verdict, drift and gain."""
+    added = f" +{',+'.join(new_languages)}" if new_languages else ""
+    parts = [f"Round {round_number}{added}", verdict.words if verdict is not None else "not gated"]
+    if drift_max is not None and not math.isnan(drift_max):
+        parts.append(f"old drift max {drift_max:.3f}")
+    if gain is not None and not math.isnan(gain):
+        parts.append(f"gain {gain:.3f}")
+    return " · ".join(parts)
 
 
 VERDICT_HEAD = "**Gate verdict"  # the card's verdict block runs from this line to the next "### " heading
@@ -149,9 +119,9 @@ def _verdict_lines(verdict: Verdict | None) -> list[str]:
     return [f"{VERDICT_HEAD}: {head}", "", *[f"- {reason}" for reason in verdict.reasons]]
 
 
-def with_verdict(card: str, verdict: Verdict) -> str:
-    """`card` (a child_card) with its verdict block replaced by `verdict`'s; appended if the card has none."""
-    lines = card.split("\n")
+def with_verdict(card: str, verdict: Verdict, headline: str) -> str:
+    """`card` (a child_card) with `headline` as its first line and its verdict block replaced by `verdict`'s."""
+    lines = [headline, *card.split("\n")[1:]]
     start = next((i for i, line in enumerate(lines) if line.startswith(VERDICT_HEAD)), None)
     if start is None:
         return "\n".join([*lines, "", *_verdict_lines(verdict)])
@@ -171,8 +141,12 @@ def child_card(
     comparison: pd.DataFrame | None,
     verdict: Verdict | None,
     params_added: int | None,
+    classifier_accuracy: pd.DataFrame | None = None,
 ) -> str:
+    drift = drift_record(comparison) if comparison is not None else {}
     lines = [
+        verdict_headline(round_number, new_languages, verdict, drift.get(OLD_DRIFT_MAX), drift.get(NEW_GAIN)),
+        "",
         f"## Round {round_number}: adds {', '.join(new_languages)}",
         "",
         f"- **Old languages:** {', '.join(old_languages)}",
@@ -192,43 +166,51 @@ def child_card(
     if comparison is not None and len(comparison):
         lines += [
             "",
-            "### Held-out metrics: parent / child / delta",
+            "### Held-out metrics per language",
             "",
-            "| language | group | metric | parent | child | delta |",
-            "|---|---|---|---:|---:|---:|",
-            *[
-                f"| {r.language} | {r.group} | {r.metric} | {_number(r.parent)} | {_number(r.child)} | {r.delta:+.4f} |"
-                for r in comparison.itertuples()
-            ],
+            *language_table(comparison, classifier_accuracy),
             "",
             f"Old-language drift: max {_number(old_drift_max(comparison))}, mean {_number(old_language_drift(comparison))} nats; "
-            f"new-language gain: {_number(new_language_gain(comparison))} nats.",
+            f"new-language gain: {_number(new_language_gain(comparison))} nats. Every metric measured: the run's `evaluation` table.",
         ]
-        lines += _forgetting_lines(comparison)
     return "\n".join(lines)
 
 
-def _forgetting_lines(comparison: pd.DataFrame) -> list[str]:
-    """Plain (classifier-routed) against pinned drift per old language, where pinned loss was measured."""
+def language_table(comparison: pd.DataFrame, classifier_accuracy: pd.DataFrame | None = None) -> list[str]:
+    """One markdown row per language: group, held-out loss (parent, child, delta), then, where measured, the
+    drift pinned to the language, chrF++ per translation direction and the worst classifier layer's accuracy."""
+    losses = comparison[comparison["metric"] == "loss"]
     pinned = pinned_drifts(comparison)
-    if pinned.empty:
-        return []
-    plain = comparison[(comparison["metric"] == "loss") & (comparison["group"] == "old")].set_index("language")["delta"]
-    return [
-        "",
-        "### Forgetting per old language: plain / pinned",
-        "",
-        "Plain: the served model routes each token by its classifiers. Pinned: served with the request's language, "
-        "the model computes the version that learned it, so its drift is 0 by construction; both are measured.",
-        "",
-        "| old language | plain drift (nats) | pinned drift (nats) |",
-        "|---|---:|---:|",
-        *[f"| {language} | {plain.get(language, math.nan):+.4f} | {drift:+.4f} |" for language, drift in pinned.items()],
-    ]
+    chrf = comparison[comparison["metric"].str.endswith("." + CHRF_METRIC)]
+    accuracy = (
+        classifier_accuracy.groupby("language")["accuracy"].min() if classifier_accuracy is not None and len(classifier_accuracy) else None
+    )
+    head = ["language", "group", "loss parent", "loss child", "Δ loss"]
+    if len(pinned):
+        head.append("pinned drift")
+    if len(chrf):
+        head.append("chrF++ child (Δ)")
+    if accuracy is not None:
+        head.append("classifier accuracy (worst layer)")
+    rows = []
+    for row in losses.itertuples():
+        cells = [row.language, row.group, _number(row.parent), _number(row.child), f"{row.delta:+.4f}"]
+        if len(pinned):
+            cells.append(f"{pinned[row.language]:+.4f}" if row.language in pinned.index else "")
+        if len(chrf):
+            mine = chrf[chrf["language"] == row.language]
+            cells.append(", ".join(f"{r.metric.split('.')[1]} {r.child:.1f} ({r.delta:+.1f})" for r in mine.itertuples()))
+        if accuracy is not None:
+            cells.append(f"{accuracy[row.language]:.3f}" if row.language in accuracy.index else "")
+        rows.append("| " + " | ".join(cells) + " |")
+    align = ["---", "---", "---:", "---:", "---:", *["---:"] * (len(head) - 5)]
+    return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|", *rows]
 
 
 def base_card(languages: Sequence[str], params_total: int, description: str | None) -> str:
     lines = [
+        f"Base model · {', '.join(languages)} · {params_total:,} parameters",
+        "",
         "## Base model (round 0)",
         "",
         f"- **Languages:** {', '.join(languages)}",
@@ -240,17 +222,29 @@ def base_card(languages: Sequence[str], params_total: int, description: str | No
     return "\n".join(lines)
 
 
-def step_metric_rows(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[tuple[str, float, int]]:
-    """Trainer log rows as (key, value, step): `stage1.loss` at each logged step, so the UI draws curves."""
-    rows = []
+TRAIN_PREFIX = "train/"  # the run page draws a section per prefix: the curves come first, together
+
+
+def training_metrics(history: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[tuple[str, float, int]], dict[str, float]]:
+    """Trainer log rows as curves, (`train/stage1/loss`, value, step) for a key logged at two steps or more, and
+    one-off values (`train/stage1/train_runtime`, logged once at the end), which belong in params: a chart of
+    one point says nothing."""
+    curves: list[tuple[str, float, int]] = []
+    one_offs: dict[str, float] = {}
     for stage, entries in history.items():
-        for entry in entries:
-            step = int(entry.get("step", 0))
-            for key, value in entry.items():
-                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if key not in ("step", "epoch") and numeric and not math.isnan(float(value)):
-                    rows.append((f"{stage}.{key}", float(value), step))
-    return rows
+        rows = [
+            (f"{TRAIN_PREFIX}{stage}/{key}", float(value), int(entry.get("step", 0)))
+            for entry in entries
+            for key, value in entry.items()
+            if key not in ("step", "epoch") and isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+        ]
+        counts = pd.Series([key for key, _, _ in rows]).value_counts() if rows else pd.Series(dtype=int)
+        for key, value, step in rows:
+            if counts[key] > 1:
+                curves.append((key, value, step))
+            else:
+                one_offs[key] = value
+    return curves, one_offs
 
 
 def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, object]:
@@ -263,3 +257,18 @@ def flatten_params(params: Mapping[str, object], prefix: str = "") -> dict[str, 
         else:
             flat[name] = value
     return flat
+
+
+def record_verdict(settings: RegistrySettings, version: VersionRef, verdict: Verdict) -> VersionInfo:
+    """Write a decision reached after registration (a reviewer's) as registration writes the gate's: the verdict
+    tag, its reasons on the run, and the model card's headline and verdict block. No alias moves."""
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, version)
+        client.set_model_version_tag(info.name, str(info.version), VERDICT, verdict.tag)
+        for key, value in verdict_tags(verdict).items():
+            if key != VERDICT and info.run_id is not None:
+                client.set_tag(info.run_id, key, value)
+        headline = verdict_headline(info.round, info.new_languages, verdict, info.old_drift_max, info.new_gain)
+        client.update_model_version(info.name, str(info.version), description=with_verdict(info.description or "", verdict, headline))
+        return find_version(client, settings, info.version)

@@ -137,15 +137,13 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
 
     from .client import open_client
     from .download import _sources
-    from .manifest import MANIFEST_NAME, sha256_file, verify_model_dir
+    from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
     from .storage import (
         LAYOUT_NAME,
         STORED_NAME,
         locate_files,
-        verify_stored_dir,
         write_full_model,
     )
-    from .tags import STORED_SHA256
     from .versions import find_version
 
     stored = Path(data_path)
@@ -158,9 +156,9 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
         meta = yaml.safe_load(registered.read_text())
         client = open_client(settings, create=False)
         info = find_version(client, settings, int(meta["model_version"]))
-        expected = info.tags.get(STORED_SHA256, "")
+        expected = info.stored_sha256 or ""
         what = f"version {info.version} of {name!r}"
-    verify_stored_dir(stored, expected, what, ignore=(REGISTERED_MODEL_META,))
+    verify_listed_files(stored, STORED_NAME, expected, what, ignore=(REGISTERED_MODEL_META,))
     parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
     parent_sources = None
     if parent_ref is not None:

@@ -10,14 +10,14 @@ import posixpath
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from layermoe_core.errors import LayerMoEError, describe_validation_error
+from layermoe_core.data.corpus import LanguageCode, validate_language_code
+from layermoe_core.errors import LayerMoEError
 from layermoe_core.model.files import (
     CONFIG_FILE,
     check_model_files,
@@ -36,39 +36,27 @@ from .client import (
 )
 from .download import fetch_parent_files
 from .manifest import MANIFEST_NAME, build_manifest, sha256_file, text_digest
-from .model_card import (
-    Verdict,
-    base_card,
-    child_card,
-    comparison_metrics,
-    drift_tags,
-    own_metrics,
-    step_metric_rows,
-    verdict_tags,
-)
+from .model_card import Verdict, base_card, child_card, drift_record, own_metrics, training_metrics, verdict_tags
 from .pyfunc_model import MLMODEL_FILE, write_mlmodel
 from .reports import check_reports, log_metrics_and_params, log_reports
 from .settings import RegistrySettings
-from .storage import STORED_NAME, plan_storage, write_stored_manifest
+from .storage import STORED_NAME, ParentFiles, plan_storage, write_stored_manifest
 from .tags import (
     ALLOCATION,
     CLASSIFIER_LAYERS,
-    INCOMPLETE,
     KIND,
     LANGUAGES,
     MANIFEST_SHA256,
-    NEW_LANGUAGES,
-    OLD_LANGUAGES,
     PARAMS_ADDED,
     PARAMS_TOTAL,
     PARENT_VERSION,
-    REGISTRATION_STATE,
     ROUND,
     STORAGE,
     STORED_BYTES,
     STORED_SHA256,
     VERDICT,
     encode_tags,
+    languages_tag,
 )
 from .versions import READY, VersionInfo, VersionRef, all_infos, find_version
 
@@ -83,8 +71,8 @@ class RoundInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     round: int = Field(ge=1)
-    old_languages: list[str] = Field(min_length=1)
-    new_languages: list[str] = Field(min_length=1)
+    old_languages: list[LanguageCode] = Field(min_length=1)
+    new_languages: list[LanguageCode] = Field(min_length=1)
     allocation: list[int]  # new experts per layer
     classifier_layers: list[int] = []
 
@@ -100,6 +88,24 @@ class PreparedModel(BaseModel):
     params_total: int
 
 
+class Registration(BaseModel):
+    """What registering one version writes besides its files: the version's tags and card, and its run's name,
+    record params and tags (see registry/tags.py for which fact goes where)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tags: dict[str, str]
+    record: dict[str, str]
+    run_tags: dict[str, str] = {}
+    run_name: str
+    card: str
+
+    def matches(self, info: VersionInfo) -> bool:
+        """`info` is this registration done already: READY, with these tags and this record."""
+        same_tags = all(info.tags.get(key) == value for key, value in self.tags.items())
+        return info.status == READY and same_tags and all(info.record.get(key) == value for key, value in self.record.items())
+
+
 def prepare_model_dir(model_dir: str | Path) -> PreparedModel:
     """Refuse a directory that is not a safe save_pretrained output before touching the registry."""
     model_dir = Path(model_dir)
@@ -113,9 +119,10 @@ def prepare_model_dir(model_dir: str | Path) -> PreparedModel:
 
 
 def _check_languages(languages: list[str]) -> list[str]:
-    languages = list(languages)
-    if not languages or not all(isinstance(code, str) and code for code in languages) or len(set(languages)) != len(languages):
-        raise LayerMoEError(f"languages {languages!r} must be distinct non-empty codes, e.g. ['en', 'zh']")
+    """The plan's rule (valid codes), and each language once."""
+    languages = [validate_language_code(code) for code in languages]
+    if not languages or len(set(languages)) != len(languages):
+        raise LayerMoEError(f"languages {languages!r} must be distinct language codes, at least one, e.g. ['en', 'zh']")
     return languages
 
 
@@ -170,62 +177,51 @@ def _register(
     client: MlflowClient,
     settings: RegistrySettings,
     prepared: PreparedModel,
-    version_tags: dict[str, str],
-    run_name: str,
-    description: str,
+    registration: Registration,
     log_run_reports: LogReports | None = None,
     parent: VersionInfo | None = None,
 ) -> VersionInfo:
     """Log everything on a new run, then create the version pointing at runs:/<run_id>/model and wait for READY.
 
-    With a `parent` registered with delta storage, only what differs from it is stored. A failure
-    leaves no RUNNING run behind: the run is marked FAILED, or, when the registry is down,
-    remembered in the checkpoint folder and marked FAILED by the retry.
+    With a `parent` registered with delta storage, only what differs from it is stored. The run stays RUNNING
+    until the version exists, so a version whose run is not FINISHED is a registration cut short. A failure
+    leaves no RUNNING run behind: the run is marked FAILED, or, when the registry is down, remembered in the
+    checkpoint folder and marked FAILED by the retry.
     """
-    name = settings.registered_model_name
     with tempfile.TemporaryDirectory(prefix="layermoe-register-") as staging:
         try:
             _close_unfinished_runs(client, settings, prepared.model_dir)
             parent_files = fetch_parent_files(client, settings, parent) if parent is not None else None
         except STORE_FAILURES as e:
             raise _registration_error(settings, prepared.model_dir, e) from e
-        stored = plan_storage(prepared.model_dir, prepared.files, prepared.manifest, Path(staging), parent_files)
-        upload = {**stored.files, MLMODEL_FILE: write_mlmodel(Path(staging), settings)}
-        listing = write_stored_manifest(upload, Path(staging))
-        upload[STORED_NAME] = listing
-        version_tags = {
-            **version_tags,
-            **encode_tags(
-                {
-                    STORAGE: stored.storage,
-                    STORED_SHA256: sha256_file(listing),
-                    STORED_BYTES: sum(p.stat().st_size for p in upload.values()),
-                }
-            ),
+        upload, storage = _stage_files(prepared, Path(staging), settings, parent_files)
+        tags = {**registration.tags, STORAGE: storage}
+        record = {
+            **registration.record,
+            **encode_tags({STORED_SHA256: sha256_file(upload[STORED_NAME]), STORED_BYTES: sum(p.stat().st_size for p in upload.values())}),
         }
         try:
             ensure_registered_model(client, settings)
-            run_id = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags=version_tags).info.run_id
+            lineage = {key: value for key, value in tags.items() if key != VERDICT}
+            run_id = client.create_run(
+                ensure_experiment(client, settings), run_name=registration.run_name, tags={**lineage, **registration.run_tags}
+            ).info.run_id
         except STORE_FAILURES as e:
             raise _registration_error(settings, prepared.model_dir, e) from e
         try:
+            log_metrics_and_params(client, run_id, {}, record)
             if log_run_reports is not None:
                 log_run_reports(client, run_id)
-            for artifact, local in upload.items():
-                if Path(local).name != posixpath.basename(artifact):
-                    raise LayerMoEError(f"internal: stored file {artifact} staged as {local}")  # log_artifact keeps the local name
-                artifact_dir = posixpath.join(MODEL_ARTIFACT_DIR, posixpath.dirname(artifact)).rstrip("/")
-                client.log_artifact(run_id, str(local), artifact_dir)
+            _upload(client, run_id, upload)
             created = client.create_model_version(
-                name,
+                settings.registered_model_name,
                 source=f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}",
                 run_id=run_id,
-                tags={**version_tags, REGISTRATION_STATE: INCOMPLETE},
-                description=description,
+                tags=tags,
+                description=registration.card,
                 await_creation_for=settings.ready_timeout_s,
             )
             client.set_terminated(run_id, "FINISHED")
-            client.delete_model_version_tag(name, created.version, REGISTRATION_STATE)
         except BaseException as e:  # Ctrl-C too: the run must not stay RUNNING
             try:
                 client.set_terminated(run_id, "FAILED")
@@ -238,29 +234,41 @@ def _register(
         return find_version(client, settings, int(created.version))
 
 
+def _stage_files(
+    prepared: PreparedModel, staging: Path, settings: RegistrySettings, parent_files: ParentFiles | None
+) -> tuple[dict[str, Path], str]:
+    """The version's artifacts (artifact path -> staged file), with its MLmodel and stored-files listing, and its storage."""
+    stored = plan_storage(prepared.model_dir, prepared.files, prepared.manifest, staging, parent_files)
+    upload = {**stored.files, MLMODEL_FILE: write_mlmodel(staging, settings)}
+    upload[STORED_NAME] = write_stored_manifest(upload, staging)
+    return upload, stored.storage
+
+
+def _upload(client: MlflowClient, run_id: str, upload: Mapping[str, Path]) -> None:
+    for artifact, local in upload.items():
+        if Path(local).name != posixpath.basename(artifact):
+            raise LayerMoEError(f"internal: stored file {artifact} staged as {local}")  # log_artifact keeps the local name
+        artifact_dir = posixpath.join(MODEL_ARTIFACT_DIR, posixpath.dirname(artifact)).rstrip("/")
+        client.log_artifact(run_id, str(local), artifact_dir)
+
+
 def _register_once(
     client: MlflowClient,
     settings: RegistrySettings,
     prepared: PreparedModel,
-    version_tags: dict[str, str],
-    run_name: str,
-    description: str,
+    registration: Registration,
     log_run_reports: LogReports | None = None,
     parent: VersionInfo | None = None,
 ) -> VersionInfo:
-    """`_register`, unless a version with these tags exists (the same files, lineage, round and verdict): then that
-    version, completed where a registration was killed after creating it. So a rerun never duplicates a version;
-    a rerun whose verdict differs (its gate was changed) registers a new one."""
+    """`_register`, unless a version of this registration exists (the same files, lineage, round and verdict): then
+    that version, completed where a registration was killed after creating it. So a rerun never duplicates a
+    version; a rerun whose verdict differs (its gate was changed) registers a new one."""
     with store_errors(settings, prepared.model_dir):
-        same = [
-            info
-            for info in _versions_if_any(client, settings)
-            if info.status == READY and all(info.tags.get(key) == value for key, value in version_tags.items())
-        ]
+        same = [info for info in _versions_if_any(client, settings) if registration.matches(info)]
         if same:
             _close_unfinished_runs(client, settings, prepared.model_dir)
-            return _complete(client, settings, same[-1], version_tags, description)
-    return _register(client, settings, prepared, version_tags, run_name, description, log_run_reports, parent)
+            return _complete(client, settings, same[-1], registration)
+    return _register(client, settings, prepared, registration, log_run_reports, parent)
 
 
 def _versions_if_any(client: MlflowClient, settings: RegistrySettings) -> list[VersionInfo]:
@@ -272,21 +280,18 @@ def _versions_if_any(client: MlflowClient, settings: RegistrySettings) -> list[V
         return []
 
 
-def _complete(
-    client: MlflowClient, settings: RegistrySettings, info: VersionInfo, version_tags: dict[str, str], description: str
-) -> VersionInfo:
-    """What a registration killed after creating `info` left undone: tags and card it lacks, its run FINISHED, the
-    incomplete mark removed. A complete version is returned as it is (a reviewer's verdict on it stays)."""
+def _complete(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, registration: Registration) -> VersionInfo:
+    """What a registration killed after creating `info` left undone: tags and card it lacks, its run FINISHED.
+    A complete version is returned as it is (a reviewer's verdict on it stays)."""
     if info.is_complete:
         return info
-    for key, value in version_tags.items():
+    for key, value in registration.tags.items():
         if key not in info.tags:
             client.set_model_version_tag(info.name, str(info.version), key, value)
     if not info.description:
-        client.update_model_version(info.name, str(info.version), description=description)
-    if info.run_id and client.get_run(info.run_id).info.status != "FINISHED":
+        client.update_model_version(info.name, str(info.version), description=registration.card)
+    if info.run_id:
         client.set_terminated(info.run_id, "FINISHED")
-    client.delete_model_version_tag(info.name, str(info.version), REGISTRATION_STATE)
     return find_version(client, settings, info.version)
 
 
@@ -309,24 +314,18 @@ def register_base(
     run_name: str | None = None,
 ) -> VersionInfo:
     """Register a dense base model (built here, or an HF checkpoint downloaded into `model_dir`) as round 0."""
-    languages = _check_languages(languages)
     prepared = prepare_model_dir(model_dir)
-    version_tags = _base_tags(prepared, languages)
+    registration = _base_registration(prepared, _check_languages(languages), description, run_name or "base")
     client = open_client(settings, checkpoint=prepared.model_dir)
-    card = base_card(languages, prepared.params_total, description)
-    return _register(client, settings, prepared, version_tags, run_name or "base", card)
+    return _register(client, settings, prepared, registration)
 
 
-def _base_tags(prepared: PreparedModel, languages: list[str]) -> dict[str, str]:
-    return encode_tags(
-        {
-            KIND: "base",
-            ROUND: 0,
-            LANGUAGES: languages,
-            PARAMS_TOTAL: prepared.params_total,
-            MANIFEST_SHA256: text_digest(prepared.manifest),
-            VERDICT: "base",
-        }
+def _base_registration(prepared: PreparedModel, languages: list[str], description: str | None, run_name: str) -> Registration:
+    return Registration(
+        tags=encode_tags({KIND: "base", ROUND: 0, LANGUAGES: languages_tag(languages), VERDICT: "base"}),
+        record=encode_tags({PARAMS_TOTAL: prepared.params_total, MANIFEST_SHA256: text_digest(prepared.manifest)}),
+        run_name=run_name,
+        card=base_card(languages, prepared.params_total, description),
     )
 
 
@@ -335,18 +334,16 @@ def find_or_register_base(settings: RegistrySettings, model_dir: str | Path, lan
 
     Rerunning a first round then reuses its base (and so its round folder) instead of adding a version.
     """
-    languages = _check_languages(languages)
     prepared = prepare_model_dir(model_dir)
     client = open_client(settings, checkpoint=prepared.model_dir)
-    card = base_card(languages, prepared.params_total, None)
-    return _register_once(client, settings, prepared, _base_tags(prepared, languages), "base", card)
+    return _register_once(client, settings, prepared, _base_registration(prepared, _check_languages(languages), None, "base"))
 
 
 def register_child(
     settings: RegistrySettings,
     model_dir: str | Path,
     parent_version: VersionRef,
-    round_info: Mapping[str, object],
+    round_info: RoundInfo,
     tables: Mapping[str, pd.DataFrame],
     plots: Mapping[str, Path],
     metrics: Mapping[str, float],
@@ -356,77 +353,94 @@ def register_child(
     comparison: pd.DataFrame | None = None,
     verdict: Verdict | None = None,
     training_history: Mapping[str, Sequence[Mapping[str, object]]] = {},
+    classifier_accuracy: pd.DataFrame | None = None,
 ) -> VersionInfo:
     """Register an expanded child of `parent_version`: lineage tags, model card, reports, metrics, params.
 
-    `comparison` (evaluation.compare_models) becomes per-language metrics and the card's table; its
-    parent column is also logged on the parent's run for keys that run lacks (so the base gets its
-    held-out metrics). `verdict` is tagged and shown on the card; `training_history` maps a stage
-    to its Trainer log rows, logged as step metrics (`stage1.loss`, ...). Nested `params` are flattened.
+    `comparison` (evaluation.compare_models) becomes the card's per-language table and the run's
+    `<metric>.<language>` metrics; its parent column is also logged on the parent's run for keys that run
+    lacks (so the base gets its held-out metrics). `verdict` is tagged and shown on the card;
+    `training_history` maps a stage to its Trainer log rows, logged as curves (`train/stage1/loss`).
+    `classifier_accuracy` (layer, language, accuracy, target) is a table and a card column. Nested `params` are flattened.
     """
-    try:
-        round_ = RoundInfo.model_validate(dict(round_info))
-    except ValidationError as e:
-        raise LayerMoEError(f"round_info is invalid; fix these fields: {describe_validation_error(e, RoundInfo)}") from e
     check_reports(tables, plots)
     prepared = prepare_model_dir(model_dir)
-    _check_round_matches_config(prepared.model_dir, round_)
+    _check_round_matches_config(prepared.model_dir, round_info)
     client = open_client(settings, checkpoint=prepared.model_dir)
     with store_errors(settings, prepared.model_dir):
         parent = find_version(client, settings, parent_version)
-    parent_round = parent.tag(ROUND)
-    if parent_round is None or round_.round != parent_round + 1:
-        raise LayerMoEError(
-            f"round_info round {round_.round} does not follow parent version {parent.version} (round {parent_round}); "
-            f"pass round {None if parent_round is None else parent_round + 1} or the right parent"
-        )
-    parent_params = parent.params_total
-    params_added = prepared.params_total - parent_params if parent_params is not None else None
-    outcome: dict[str, Any] = verdict_tags(verdict) if verdict is not None else {}
-    if comparison is not None:
-        outcome |= drift_tags(comparison)
-    version_tags = encode_tags(
-        {
-            KIND: "child",
-            PARENT_VERSION: parent.version,
-            ROUND: round_.round,
-            OLD_LANGUAGES: round_.old_languages,
-            NEW_LANGUAGES: round_.new_languages,
-            LANGUAGES: round_.old_languages + round_.new_languages,
-            ALLOCATION: round_.allocation,
-            CLASSIFIER_LAYERS: round_.classifier_layers,
-            PARAMS_TOTAL: prepared.params_total,
-            **({PARAMS_ADDED: params_added} if params_added is not None else {}),
-            MANIFEST_SHA256: text_digest(prepared.manifest),
-            **outcome,
-        }
+    registration = _child_registration(
+        settings, prepared, parent, round_info, comparison, verdict, classifier_accuracy, description, run_name
     )
-    card = child_card(
-        settings.registered_model_name,
-        round_.round,
-        parent.version,
-        parent_round,
-        round_.old_languages,
-        round_.new_languages,
-        round_.allocation,
-        round_.classifier_layers,
-        comparison,
-        verdict,
-        params_added,
-    )
-    if description:
-        card += "\n\n" + description
-    run_name = run_name or f"round-{round_.round}-{'-'.join(round_.new_languages)}"
-    all_metrics = {**(comparison_metrics(comparison) if comparison is not None else {}), **metrics}
-    steps = step_metric_rows(training_history)
+    curves, one_offs = training_metrics(training_history)
+    all_metrics = {**(own_metrics(comparison, "child") if comparison is not None else {}), **metrics}
+    if classifier_accuracy is not None:
+        tables = {**tables, "classifier_accuracy": classifier_accuracy}
 
     def log_run_reports(run_client: MlflowClient, run_id: str) -> None:
-        log_reports(run_client, run_id, tables, plots, all_metrics, params, steps)
+        log_reports(run_client, run_id, tables, plots, all_metrics, {**params, **one_offs}, curves)
         if comparison is not None and parent.run_id:
             _backfill_parent_metrics(run_client, parent.run_id, own_metrics(comparison, "parent"))
 
-    return _register_once(
-        client, settings, prepared, version_tags, run_name, card, log_run_reports, parent if settings.delta_storage else None
+    return _register_once(client, settings, prepared, registration, log_run_reports, parent if settings.delta_storage else None)
+
+
+def _child_registration(
+    settings: RegistrySettings,
+    prepared: PreparedModel,
+    parent: VersionInfo,
+    round_info: RoundInfo,
+    comparison: pd.DataFrame | None,
+    verdict: Verdict | None,
+    classifier_accuracy: pd.DataFrame | None,
+    description: str | None,
+    run_name: str | None,
+) -> Registration:
+    """The child's tags, record and card, once its round is checked to follow its parent's."""
+    parent_round = parent.tag(ROUND)
+    if parent_round is None or round_info.round != parent_round + 1:
+        raise LayerMoEError(
+            f"round_info round {round_info.round} does not follow parent version {parent.version} (round {parent_round}); "
+            f"pass round {None if parent_round is None else parent_round + 1} or the right parent"
+        )
+    params_added = prepared.params_total - parent.params_total if parent.params_total is not None else None
+    card = child_card(
+        settings.registered_model_name,
+        round_info.round,
+        parent.version,
+        parent_round,
+        round_info.old_languages,
+        round_info.new_languages,
+        round_info.allocation,
+        round_info.classifier_layers,
+        comparison,
+        verdict,
+        params_added,
+        classifier_accuracy,
+    )
+    return Registration(
+        tags=encode_tags(
+            {
+                KIND: "child",
+                ROUND: round_info.round,
+                LANGUAGES: languages_tag(round_info.old_languages, round_info.new_languages),
+                PARENT_VERSION: parent.version,
+                **({VERDICT: verdict.tag} if verdict is not None else {}),
+            }
+        ),
+        record=encode_tags(
+            {
+                ALLOCATION: round_info.allocation,
+                CLASSIFIER_LAYERS: round_info.classifier_layers,
+                PARAMS_TOTAL: prepared.params_total,
+                **({PARAMS_ADDED: params_added} if params_added is not None else {}),
+                MANIFEST_SHA256: text_digest(prepared.manifest),
+                **(drift_record(comparison) if comparison is not None else {}),
+            }
+        ),
+        run_tags=verdict_tags(verdict) if verdict is not None else {},
+        run_name=run_name or f"round-{round_info.round}-{'-'.join(round_info.new_languages)}",
+        card=card + ("\n\n" + description if description else ""),
     )
 
 

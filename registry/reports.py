@@ -17,7 +17,7 @@ from layermoe_core.errors import LayerMoEError
 from .client import ensure_experiment, open_client, store_errors
 from .model_card import flatten_params
 from .settings import NAME_PATTERN, RegistrySettings
-from .tags import encode_tags
+from .tags import KIND, encode_tags
 
 
 def check_reports(tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Path]) -> None:
@@ -84,7 +84,7 @@ def log_report_run(
     check_reports(tables, plots)
     with store_errors(settings):
         client = open_client(settings)
-        run = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags={"layermoe.kind": "report"})
+        run = client.create_run(ensure_experiment(client, settings), run_name=run_name, tags={KIND: "report"})
         try:
             log_reports(client, run.info.run_id, tables, plots, metrics, params)
         except BaseException:

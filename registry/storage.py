@@ -10,7 +10,7 @@ sha256; other files (config, tokenizer) are stored when they changed, else taken
 
 Stored beside the files: `layermoe_layout.json` (the layout), `layermoe_tensors.json` (the full
 model's tensor digests, which the next child diffs against) and `layermoe_stored.json` (sha256 and
-size of every stored file; its digest is the version's `layermoe.stored_sha256` tag).
+size of every stored file; its digest is the run param `layermoe.stored_sha256`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
-from layermoe_core.model.files import WEIGHTS_SUFFIX, list_model_files, path_inside, refuse_pickles
+from layermoe_core.model.files import WEIGHTS_SUFFIX, path_inside
 
 from .manifest import MANIFEST_NAME, sha256_file
 
@@ -232,7 +232,7 @@ def plan_storage(
 
 
 def write_stored_manifest(upload: Mapping[str, Path], staging: Path) -> Path:
-    """sha256 and size of every stored file; its own digest becomes the version's tag."""
+    """sha256 and size of every stored file; its own digest becomes a param of the version's run."""
     entries = {name: {"sha256": sha256_file(path), "bytes": path.stat().st_size} for name, path in sorted(upload.items())}
     path = staging / STORED_NAME
     path.write_text(json.dumps({"format": LAYOUT_FORMAT, "files": entries}, indent=1, sort_keys=True))
@@ -246,33 +246,6 @@ class ParentFiles(BaseModel):
     manifest_sha256: str
     manifest: dict[str, dict]  # full file -> {"sha256", "bytes"}
     tensors: dict[str, dict[str, str]]  # weights file -> tensor name -> digest
-
-
-def verify_stored_dir(stored_dir: Path, expected_digest: str, what: str, ignore: tuple[str, ...] = ()) -> None:
-    """Every stored file of a version present, with the sha256 registered (the list itself checked by its tag).
-
-    `ignore`: files others add beside the stored ones (MLflow's `registered_model_meta`).
-    """
-    listing = stored_dir / STORED_NAME
-    if not listing.is_file() or sha256_file(listing) != expected_digest:
-        raise LayerMoEError(f"{what}: {STORED_NAME} is missing or differs from the one registered; the artifacts were altered")
-    expected = {name: (path_inside(stored_dir, name, what), entry) for name, entry in json.loads(listing.read_text())["files"].items()}
-    present = list_model_files(stored_dir, exclude=(STORED_NAME, *ignore))
-    refuse_pickles(present, what)
-    unexpected, missing = [f for f in present if f not in expected], [f for f in expected if f not in present]
-    if unexpected or missing:
-        raise LayerMoEError(f"{what}: stored files missing {missing}, files not registered {unexpected}; re-register the version")
-    for name, (path, entry) in expected.items():
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise LayerMoEError(
-                f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
-                "download again, or re-register the version from its checkpoint"
-            )
-        if sha256_file(path) != entry["sha256"]:
-            raise LayerMoEError(
-                f"{what}: {name} is corrupt (sha256 differs from the one registered); download again, or re-register the version"
-            )
 
 
 # A full model file as a recipe: a plain file to copy, or a header and tensor byte ranges to concatenate.

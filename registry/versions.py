@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict
@@ -15,33 +16,31 @@ from pydantic import BaseModel, ConfigDict
 from layermoe_core.errors import LayerMoEError
 
 from .client import open_client, store_errors
-from .model_card import OUTCOME_TAGS, Verdict, verdict_tags, with_verdict
 from .settings import RegistrySettings
 from .tags import (
     ALLOCATION,
     CLASSIFIER_LAYERS,
-    INCOMPLETE,
+    GATE_OVERRIDDEN,
     KIND,
     LANGUAGES,
+    LINEAGE_TAGS,
     MANIFEST_SHA256,
     NEW_GAIN,
-    NEW_LANGUAGES,
     OLD_DRIFT_MAX,
-    OLD_LANGUAGES,
     PARAMS_ADDED,
     PARAMS_TOTAL,
     PARENT_VERSION,
     PINNED_DRIFT_MAX,
-    REGISTRATION_STATE,
-    REGISTRATION_TAGS,
     ROUND,
     SCHEDULE_PAUSED,
     STORAGE,
     STORED_BYTES,
+    STORED_SHA256,
     VERDICT,
     VERDICT_REASON,
     decode_tag,
     encode_tags,
+    split_languages,
 )
 
 VersionRef = int | str  # a version number (int or digits) or an alias name
@@ -49,7 +48,8 @@ READY = "READY"
 
 
 class VersionInfo(BaseModel):
-    """One registered model version, with its aliases (which MLflow's search results leave out)."""
+    """One registered model version, with its aliases (which MLflow's search results leave out) and what its
+    run records: its status, its `layermoe.*` params (the registration record) and tags (a reviewer's notes)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -62,10 +62,15 @@ class VersionInfo(BaseModel):
     tags: dict[str, str]
     created: datetime
     description: str | None = None
+    run_status: str | None = None  # None: the run is gone
+    record: dict[str, str] = {}
+    run_tags: dict[str, str] = {}
 
     def tag(self, key: str) -> Any:
-        """A `layermoe.*` tag decoded to its type (int, list, float: the key's); None when absent."""
-        return decode_tag(key, self.tags.get(key))
+        """A `layermoe.*` value decoded to its type (int, list, float: the key's), from the version's tags, else its
+        run's record or tags; None when absent."""
+        value = self.tags.get(key, self.record.get(key, self.run_tags.get(key)))
+        return decode_tag(key, value)
 
     @property
     def kind(self) -> str | None:
@@ -81,15 +86,16 @@ class VersionInfo(BaseModel):
 
     @property
     def languages(self) -> list[str]:
-        return self.tag(LANGUAGES) or []
+        """Every language the version was trained for: the round's old languages, then its new ones."""
+        return self.old_languages + self.new_languages
 
     @property
     def old_languages(self) -> list[str]:
-        return self.tag(OLD_LANGUAGES) or []
+        return split_languages(self.tags.get(LANGUAGES))[0]
 
     @property
     def new_languages(self) -> list[str]:
-        return self.tag(NEW_LANGUAGES) or []
+        return split_languages(self.tags.get(LANGUAGES))[1]
 
     @property
     def allocation(self) -> list[int]:
@@ -109,7 +115,11 @@ class VersionInfo(BaseModel):
 
     @property
     def manifest_sha256(self) -> str | None:
-        return self.tags.get(MANIFEST_SHA256)
+        return self.record.get(MANIFEST_SHA256)
+
+    @property
+    def stored_sha256(self) -> str | None:
+        return self.record.get(STORED_SHA256)
 
     @property
     def storage(self) -> str:
@@ -122,12 +132,16 @@ class VersionInfo(BaseModel):
 
     @property
     def verdict(self) -> str | None:
-        """ "passed", "rejected", "base" or "pending" (awaiting a reviewer); None on versions registered before verdicts were tagged."""
+        """ "passed", "rejected", "base" or "pending" (awaiting a reviewer)."""
         return self.tags.get(VERDICT)
 
     @property
     def verdict_reason(self) -> str | None:
-        return self.tags.get(VERDICT_REASON)
+        return self.run_tags.get(VERDICT_REASON)
+
+    @property
+    def gate_overridden(self) -> bool:
+        return self.run_tags.get(GATE_OVERRIDDEN) == "true"
 
     @property
     def old_drift_max(self) -> float | None:
@@ -143,8 +157,9 @@ class VersionInfo(BaseModel):
 
     @property
     def is_complete(self) -> bool:
-        """False while its registration has not closed its run (or was killed before it could)."""
-        return self.tags.get(REGISTRATION_STATE) != INCOMPLETE
+        """Its registration closed its run: a registration killed after creating the version leaves the run open
+        (or FAILED), and the rerun of its round completes it."""
+        return self.run_status == "FINISHED"
 
     @property
     def is_ready(self) -> bool:
@@ -207,7 +222,8 @@ def _aliases_by_version(rm: RegisteredModel) -> dict[int, list[str]]:
     return by_version
 
 
-def _info(mv: ModelVersion, rm: RegisteredModel) -> VersionInfo:
+def _info(client: MlflowClient, mv: ModelVersion, rm: RegisteredModel) -> VersionInfo:
+    run = _run_if_any(client, mv.run_id)
     return VersionInfo(
         name=mv.name,
         version=int(mv.version),
@@ -218,7 +234,21 @@ def _info(mv: ModelVersion, rm: RegisteredModel) -> VersionInfo:
         tags=dict(mv.tags),
         created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
         description=mv.description or None,
+        run_status=run.info.status if run else None,
+        record={k: v for k, v in run.data.params.items() if k.startswith("layermoe.")} if run else {},
+        run_tags={k: v for k, v in run.data.tags.items() if k.startswith("layermoe.")} if run else {},
     )
+
+
+def _run_if_any(client: MlflowClient, run_id: str | None) -> Run | None:
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return None
 
 
 def find_version(client: MlflowClient, settings: RegistrySettings, ref: VersionRef) -> VersionInfo:
@@ -228,7 +258,7 @@ def find_version(client: MlflowClient, settings: RegistrySettings, ref: VersionR
     version = rm.aliases.get(target) if isinstance(target, str) else target
     if version is not None:
         try:
-            return _info(client.get_model_version(rm.name, str(version)), rm)
+            return _info(client, client.get_model_version(rm.name, str(version)), rm)
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -291,7 +321,7 @@ def promote(settings: RegistrySettings, version: VersionRef, alias: str = "champ
         if not info.is_ready:
             raise LayerMoEError(
                 f"version {info.version} is not fully registered (status {info.status}, manifest tag "
-                f"{'present' if info.manifest_sha256 else 'missing'}, registration {'complete' if info.is_complete else INCOMPLETE}); "
+                f"{'present' if info.manifest_sha256 else 'missing'}, registration {'complete' if info.is_complete else 'incomplete'}); "
                 "rerun its round, which completes it, or re-register its checkpoint before promoting"
             )
         for attempt in range(3):
@@ -315,34 +345,18 @@ def _alias_write_collided(error: Exception) -> bool:
 
 
 def tag_version(settings: RegistrySettings, version: VersionRef, tags: Mapping[str, object]) -> VersionInfo:
-    """Add notes such as `layermoe.rejected` and a reason; the registration tags stay as written."""
-    protected = sorted(set(tags) & REGISTRATION_TAGS)
+    """Add a note to the version's run (e.g. `layermoe.gate_overridden`); the version's own tags stay six, and its
+    lineage tags stay as written."""
+    protected = sorted(set(tags) & (LINEAGE_TAGS | {VERDICT}))
     if protected:
-        raise LayerMoEError(f"tags {protected} are written at registration and define lineage; choose other keys")
+        raise LayerMoEError(f"tags {protected} are written at registration (the verdict by record_verdict); choose other keys")
     with store_errors(settings):
         client = open_client(settings, create=False)
         info = find_version(client, settings, version)
+        if info.run_id is None:
+            raise LayerMoEError(f"version {info.version} has no run to note {sorted(tags)} on; re-register its checkpoint")
         for key, value in encode_tags(tags).items():
-            client.set_model_version_tag(info.name, str(info.version), key, value)
-        return find_version(client, settings, info.version)
-
-
-def record_verdict(settings: RegistrySettings, version: VersionRef, verdict: Verdict) -> VersionInfo:
-    """Write a decision reached after registration (a reviewer's) as registration writes the gate's: the verdict
-    tags (`layermoe.rejected` with the reasons on a rejection) and the model card's verdict block.
-
-    Outcome tags of an earlier verdict that this one does not set (a pending version's) are removed; no alias moves.
-    """
-    tags = verdict_tags(verdict)
-    with store_errors(settings):
-        client = open_client(settings, create=False)
-        info = find_version(client, settings, version)
-        for key, value in tags.items():
-            client.set_model_version_tag(info.name, str(info.version), key, value)
-        for key in set(OUTCOME_TAGS) - set(tags):
-            if key in info.tags:
-                client.delete_model_version_tag(info.name, str(info.version), key)
-        client.update_model_version(info.name, str(info.version), description=with_verdict(info.description or "", verdict))
+            client.set_tag(info.run_id, key, value)
         return find_version(client, settings, info.version)
 
 
@@ -368,7 +382,7 @@ def lineage_with(client: MlflowClient, settings: RegistrySettings, ref: VersionR
 
 def all_infos(client: MlflowClient, settings: RegistrySettings) -> list[VersionInfo]:
     rm = registered_model(client, settings)
-    return [_info(mv, rm) for mv in all_versions(client, rm.name)]
+    return [_info(client, mv, rm) for mv in all_versions(client, rm.name)]
 
 
 LIST_COLUMNS = [
@@ -411,7 +425,7 @@ def list_versions(settings: RegistrySettings) -> pd.DataFrame:
             "storage": info.storage,
             "stored_bytes": info.stored_bytes,
             "created": info.created,
-            "status": info.status if info.is_complete else INCOMPLETE.upper(),
+            "status": info.status if info.is_complete else "INCOMPLETE",
             "run_id": info.run_id,
         }
         for info in infos
@@ -422,7 +436,8 @@ def list_versions(settings: RegistrySettings) -> pd.DataFrame:
 
 
 def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:
-    """Everything a person asks about one version: lineage tags decoded, plus the metrics and params of its run."""
+    """Everything a person asks about one version: its tags and registration record decoded, a reviewer's notes,
+    and the metrics and other params of its run."""
     with store_errors(settings):
         client = open_client(settings, create=False)
         info = find_version(client, settings, ref)
@@ -436,8 +451,18 @@ def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:
         "description": info.description,
         "run_id": info.run_id,
         "source": info.source,
-        **{key.removeprefix("layermoe."): info.tag(key) for key in sorted(REGISTRATION_TAGS) if key in info.tags},
-        "other_tags": {k: v for k, v in info.tags.items() if k not in REGISTRATION_TAGS},
+        "kind": info.kind,
+        "round": info.round,
+        "parent_version": info.parent_version,
+        "verdict": info.verdict,
+        "storage": info.storage,
+        **{key.removeprefix("layermoe."): info.tag(key) for key in sorted(info.record)},
+        "languages": info.languages,
+        "old_languages": info.old_languages,
+        "new_languages": info.new_languages,
+        "verdict_reason": info.verdict_reason,
+        "gate_overridden": info.gate_overridden,
+        "tags": info.tags,
         "metrics": dict(run.data.metrics) if run else {},
-        "params": dict(run.data.params) if run else {},
+        "params": {k: v for k, v in run.data.params.items() if not k.startswith("layermoe.")} if run else {},
     }

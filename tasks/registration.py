@@ -1,4 +1,4 @@
-"""Step 8 of a round: register the child with its model card and reports, then gate the `champion` alias."""
+"""Step 8 of a round: register the child with its model card and reports, then move the `champion` alias as the gate says."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -7,10 +7,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 
 from layermoe_core import plots
-from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
+from layermoe_core.evaluation.gates import GateDecision
 from layermoe_core.training.trainer import ClassifierAccuracy
 from registry import (
     RegistrySettings,
+    RoundInfo,
     Verdict,
     alias_version,
     log_report_run,
@@ -45,16 +46,10 @@ def draw_plots(
     }
 
 
-def routing_metrics(routing: pd.DataFrame) -> dict[str, float]:
-    """Per-language routing averaged over the MoE layers, under the same keys in every version."""
+def routing_by_language(routing: pd.DataFrame) -> pd.DataFrame:
+    """Per-language routing averaged over the MoE layers: a table, since each value is one number, not a curve."""
     columns = [c for c in ("old_expert_fraction", "new_expert_weight", "router_old_mass") if c in routing.columns]
-    means = routing.groupby("language")[columns].mean()
-    return {
-        f"routing.{column}.{language}": float(value)
-        for language, row in means.iterrows()
-        for column, value in row.items()
-        if pd.notna(value)
-    }
+    return routing.groupby("language", sort=False)[columns].mean().reset_index()
 
 
 @task(name="register child version", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
@@ -62,25 +57,23 @@ def register_round(
     registry: RegistrySettings,
     child_dir: Path,
     parent_version: int,
-    round_info: dict,
+    round_info: RoundInfo,
     *,
     tables: dict[str, pd.DataFrame],
     plot_files: dict[str, Path],
     training_history: dict[str, list[dict]],
     params: dict,
-    gates: GateSettings,
+    decision: GateDecision,
     pending_review: bool = False,
     classifier_accuracy: Sequence[ClassifierAccuracy] = (),
 ) -> int:
-    """Everything is written before this returns, the gate verdict included; no alias moves here. With
+    """Everything is written before this returns, the gate's `decision` included; no alias moves here. With
     `pending_review` the verdict is "pending" and the gate's decision is shown as advice to the reviewer.
-    `classifier_accuracy` (Stage 2's held-out figures) is gated and logged as the table `classifier_accuracy`."""
-    comparison = tables["evaluation"]
-    decision = evaluate_gates(comparison, gates, classifier_accuracy)
-    if classifier_accuracy:
-        tables = {**tables, "classifier_accuracy": pd.DataFrame([entry.model_dump() for entry in classifier_accuracy])}
-    metrics = routing_metrics(tables["routing"]) if "routing" in tables else {}
+    `classifier_accuracy` (Stage 2's held-out figures) is logged as the table `classifier_accuracy` and a card column."""
+    if "routing" in tables:
+        tables = {**tables, "routing_by_language": routing_by_language(tables["routing"])}
     history_tables = {f"{stage}_log": pd.DataFrame(rows) for stage, rows in training_history.items() if rows}
+    accuracy = pd.DataFrame([entry.model_dump() for entry in classifier_accuracy]) if classifier_accuracy else None
     version = register_child(
         registry,
         child_dir,
@@ -88,11 +81,12 @@ def register_round(
         round_info,
         {**tables, **history_tables},
         plot_files,
-        metrics,
+        {},
         params,
-        comparison=comparison,
+        comparison=tables["evaluation"],
         verdict=Verdict(passed=decision.passed, reasons=decision.reasons, decided_by="pending" if pending_review else "gate"),
         training_history=training_history,
+        classifier_accuracy=accuracy,
     ).version
     get_run_logger().info(
         "registered version %s (parent %s), gate %s%s",
@@ -114,20 +108,9 @@ def move_alias(registry: RegistrySettings, version: int, parent_version: int, pa
 
 
 @task(name="gate and promote", retries=2, retry_delay_seconds=REGISTRY_RETRY_DELAYS_S, retry_condition_fn=registry_unreachable)
-def gate_and_promote(
-    registry: RegistrySettings,
-    version: int,
-    parent_version: int,
-    comparison: pd.DataFrame,
-    *,
-    gates: GateSettings,
-    alias: str,
-    classifier_accuracy: Sequence[ClassifierAccuracy] = (),
-) -> bool:
-    """The child takes `alias` only if old languages held, new ones improved and every classifier reached its
-    target (see move_alias). Its verdict (tags, `layermoe.rejected` on a rejection, the card) was written at registration.
-    """
-    decision = evaluate_gates(comparison, gates, classifier_accuracy)
+def gate_and_promote(registry: RegistrySettings, version: int, parent_version: int, decision: GateDecision, *, alias: str) -> bool:
+    """The child takes `alias` only if the gate passed it: old languages held, new ones improved and every
+    classifier reached its target (see move_alias). Its verdict (tag, reasons, card) was written at registration."""
     move_alias(registry, version, parent_version, decision.passed, alias)
     verdict = f"promoted to `{alias}`" if decision.passed else f"rejected; `{alias}` stays on the parent"
     publish_markdown("gate", f"Version {version} {verdict}.\n\n" + "\n".join(f"- {r}" for r in decision.reasons), "Round gate")
@@ -138,10 +121,9 @@ def gate_and_promote(
 def record_review(
     registry: RegistrySettings, version: int, parent_version: int, verdict: Verdict, alias: str, gate_overridden: bool = False
 ) -> bool:
-    """A reviewer's verdict, written on the version as the gate's is (tags, card), then the alias moved as the gate would.
-
-    An approval over a failed automatic gate is also tagged `layermoe.gate_overridden`, before the alias moves.
-    """
+    """A reviewer's verdict, written on the version as the gate's is (tag, reasons, card), then the alias moved as the
+    gate would. An approval over a failed automatic gate is also noted on the run (`layermoe.gate_overridden`), before
+    the alias moves."""
     record_verdict(registry, version, verdict)
     if gate_overridden:
         tag_version(registry, version, {GATE_OVERRIDDEN: "true"})

@@ -43,7 +43,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.cli import main
 from flows.plan import LifelongPlan, ParentRef, RoundSpec
 from layermoe_core.analysis.allocation import AllocationSettings
-from layermoe_core.evaluation.gates import GateSettings
+from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.register import register_base
@@ -416,7 +416,7 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
             assert "awaiting a reviewer" in artifacts[f"{run.name}-gate"] and artifacts[f"{run.name}-comparison"]
         assert show_version(plan.registry, "champion")["version"] == 1  # nothing moves while the reviewers think
         for waiting in (show_version(plan.registry, v) for v in (2, 3)):
-            assert waiting["other_tags"]["layermoe.verdict"] == "pending"
+            assert waiting["verdict"] == "pending"
             assert "**Gate verdict: PENDING** (awaiting a reviewer; the automatic gate passes it)" in waiting["description"]
 
         # The Resume form's answer is checked by the server against the form's schema, as the UI submits it.
@@ -433,12 +433,11 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     assert all(run.state.is_completed() for run in done.values()), f"{[r.state for r in done.values()]}\n{log[-8000:]}"
     # The reviewer's answer is written as the automatic gate writes its own: the verdict tag, the card, the reason.
     champion = show_version(plan.registry, "champion")
-    approved = champion["other_tags"]
-    assert champion["new_languages"] == ["hu"] and approved["layermoe.verdict"] == "passed"
-    assert approved["layermoe.verdict_reason"].startswith("reviewer: hu reads well; automatic gate: passes: ")
-    assert approved["layermoe.approved"] == "true" and approved["layermoe.approved_reason"] == approved["layermoe.verdict_reason"]
+    assert champion["new_languages"] == ["hu"] and champion["verdict"] == "passed"
+    assert champion["verdict_reason"].startswith("reviewer: hu reads well; automatic gate: passes: ")
+    assert champion["description"].startswith("Round 1 +hu · APPROVED by reviewer")
     assert "**Gate verdict: PASSED** (approved by a reviewer)\n\n- reviewer: hu reads well\n" in champion["description"]
-    assert "PENDING" not in champion["description"] and "### Held-out metrics: parent / child / delta" in champion["description"]
+    assert "PENDING" not in champion["description"] and "### Held-out metrics per language" in champion["description"]
     versions = list_versions(plan.registry)
     assert versions.set_index("version")["verdict"].to_dict() == {
         1: "base",
@@ -447,10 +446,10 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
     }
     rejected = show_version(plan.registry, 5 - champion["version"])
     assert rejected["new_languages"] == ["tr"] and rejected["aliases"] == []
-    assert rejected["other_tags"]["layermoe.rejected"] == "true" and rejected["other_tags"]["layermoe.verdict"] == "rejected"
-    assert rejected["other_tags"]["layermoe.rejected_reason"].startswith("reviewer: en drifted too far; automatic gate: passes: ")
+    assert rejected["verdict"] == "rejected" and rejected["description"].startswith("Round 1 +tr · REJECTED by reviewer")
+    assert rejected["verdict_reason"].startswith("reviewer: en drifted too far; automatic gate: passes: ")
     assert "**Gate verdict: REJECTED** (by a reviewer)\n\n- reviewer: en drifted too far\n" in rejected["description"]
-    assert "layermoe.approved" not in rejected["other_tags"]
+    assert not rejected["gate_overridden"] and len(rejected["tags"]) <= 6
     # the registered model's own description, markdown in the UI, names the model in its load example
     assert "models:/tiny@champion" in MlflowClient(plan.registry.tracking_uri).get_registered_model("tiny").description
 
@@ -473,7 +472,8 @@ def review_a_failed_gate(tracking_uri: str) -> None:
     @flow(name="review", flow_run_name=REVIEWED_RUN)
     def review() -> bool:
         registry = RegistrySettings(tracking_uri=tracking_uri, registered_model_name="tiny")
-        return review_promotion(registry, 2, 1, pd.DataFrame(FAILED_GATE), GateSettings(), "champion")
+        comparison = pd.DataFrame(FAILED_GATE)
+        return review_promotion(registry, 2, 1, comparison, evaluate_gates(comparison, GateSettings()), "champion")
 
     review()
 
@@ -510,9 +510,9 @@ def test_approving_a_version_that_failed_the_gate_needs_override_gate_which_is_r
         assert "approved over the failed automatic gate" in capsys.readouterr().out
         assert reviewed.wait(timeout=DEADLINE_S) == 0, log.read_text()[-4000:]
     approved = show_version(registry, "champion")
-    assert approved["version"] == 2 and approved["other_tags"]["layermoe.gate_overridden"] == "true"
-    assert approved["other_tags"]["layermoe.verdict"] == "passed"
-    assert approved["other_tags"]["layermoe.verdict_reason"].startswith(
+    assert approved["version"] == 2 and approved["gate_overridden"] is True
+    assert approved["verdict"] == "passed"
+    assert approved["verdict_reason"].startswith(
         "reviewer: en drift is noise (overrode the automatic gate); automatic gate: fails: old language en: loss 2.0000 -> 2.1000"
     )
 
@@ -639,7 +639,7 @@ def test_a_rejected_round_pauses_its_schedule_until_a_person_changes_the_plan_an
         assert note and "round 1 of the plan (hu) was rejected as version 2" in note and "lifelong-expansion/rejects is paused" in note
         assert main(["registry", "list", "--tracking-uri", plan.registry.tracking_uri, "--model-name", "tiny"]) == 0
         assert "lifelong schedule paused: " in capsys.readouterr().out
-        assert show_version(plan.registry, 2)["other_tags"]["layermoe.verdict"] == "rejected"
+        assert show_version(plan.registry, 2)["verdict"] == "rejected"
 
         # While paused, no tick trains: ticks already due when the pause came end at once, named `...-paused-...`.
         time.sleep(3 * SCHEDULE_INTERVAL_S)

@@ -11,7 +11,7 @@ import yaml
 from mlflow import MlflowClient
 from prefect import flow
 
-import tasks.registration
+import flows.add_languages
 from flows.add_languages import add_languages
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.compare import ComparePlan, compare, with_variants
@@ -129,9 +129,11 @@ def test_two_lifelong_rounds_register_linked_versions(world, tmp_path):
     for lang in ("en", "tr"):
         torch.testing.assert_close(float(measured[lang]), newest["metrics"][f"loss.{lang}"], atol=1e-4, rtol=0)
     # pinned drift per old language, measured by the round: zero (docs/pinned-serving.md); the plain drift is not
+    deltas = summaries[1].table().set_index(["language", "metric"])["delta"]
     for lang in newest["old_languages"]:
-        assert abs(newest["metrics"][f"pinned_loss.{lang}.delta"]) <= 1e-6
-    assert any(abs(newest["metrics"][f"loss.{lang}.delta"]) > 1e-4 for lang in newest["old_languages"])
+        assert abs(deltas[lang, "pinned_loss"]) <= 1e-6
+        assert f"| {lang} | old |" in newest["description"]  # one card row per language
+    assert any(abs(deltas[lang, "loss"]) > 1e-4 for lang in newest["old_languages"])
     assert abs(versions.set_index("version").loc[3, "pinned_drift_max"]) <= 1e-6
     reason = get_version(registry, 3).verdict_reason
     assert "pinned to el: " in reason
@@ -175,13 +177,14 @@ def test_failed_gate_registers_child_as_rejected_and_keeps_alias(world, monkeypa
     def failing_gate(comparison, settings, classifier_accuracy=()):
         return GateDecision(passed=False, reasons=["old language en: loss rose beyond the bound"])
 
-    monkeypatch.setattr(tasks.registration, "evaluate_gates", failing_gate)
+    monkeypatch.setattr(flows.add_languages, "evaluate_gates", failing_gate)
     plan = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(alias="champion"))
     summary = add_languages(plan)
     assert not summary.promoted
     rejected = show_version(registry, summary.version)
-    assert rejected["aliases"] == [] and rejected["other_tags"]["layermoe.rejected"] == "true"
-    assert "loss rose" in rejected["other_tags"]["layermoe.rejected_reason"]
+    assert rejected["aliases"] == [] and rejected["verdict"] == "rejected"
+    assert "loss rose" in rejected["verdict_reason"]
+    assert rejected["description"].startswith(f"Round {rejected['round']} +hu · REJECTED by the gate")
     assert show_version(registry, "champion")["version"] == champion_before
 
 

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from layermoe_core import LayerMoEError, expand, forced_old_routing, pinned_language
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from layermoe_core.evaluation.generation import greedy_generate
-from layermoe_core.evaluation.metrics import EvalSettings, compare_models, evaluate_model
+from layermoe_core.evaluation.metrics import EvalSettings, compare_models, evaluate_model, pinned_drifts
 from registry import download_version
-from registry.model_card import child_card, drift_tags, pinned_drifts
+from registry.model_card import child_card, drift_record
 
 from .conftest import tiny_model
 from .test_registry_delta import ROUNDS, build_chain
@@ -148,9 +148,11 @@ def test_evaluation_measures_pinned_drift_zero_where_plain_drift_is_not(lineage)
         (reason,) = [r for r in decision.reasons if r.startswith(f"old language {language}:")]
         assert f"; pinned to {language}: " in reason and reason.endswith("(+0.0000 nats)"), reason
     card = child_card("layermoe", 3, 3, 2, old, new, [1, 2, 0], [0], comparison, None, None)
-    assert "### Forgetting per old language: plain / pinned" in card
-    assert f"| en | {plain['en']:+.4f} | {pinned['en']:+.4f} |" in card
-    assert drift_tags(comparison)["layermoe.pinned_drift_max"] == pinned.max()
+    assert "| pinned drift |" in card
+    loss = comparison[(comparison["metric"] == "loss")].set_index("language")
+    en = loss.loc["en"]
+    assert f"| en | old | {en.parent:.4f} | {en.child:.4f} | {plain['en']:+.4f} | {pinned['en']:+.4f} |" in card
+    assert drift_record(comparison)["layermoe.pinned_drift_max"] == pinned.max()
 
 
 def test_a_pinned_drift_above_the_bound_fails_the_gate_and_names_the_language():

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from layermoe_core import LayerMoEError, expand, insert_classifiers  # noqa: E402
 from registry import (  # noqa: E402
     RegistrySettings,
+    RoundInfo,
     download_version,
     get_version,
     lineage,
@@ -38,7 +39,7 @@ from registry import (  # noqa: E402
 from .conftest import save_with_tiny_tokenizer, tiny_model  # noqa: E402
 from .tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
-ROUND_1 = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [2, 0, 1], "classifier_layers": [0]}
+ROUND_1 = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[2, 0, 1], classifier_layers=[0])
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +66,8 @@ def base_dir(tmp_path) -> Path:
 @pytest.fixture
 def child(tmp_path):
     """A round-1 child whose new experts and routers differ from the parent's, saved with its tokenizer."""
-    model = expand(tiny_model("qwen2"), ROUND_1["allocation"], ["en"], ["el"])
-    insert_classifiers(model, ROUND_1["classifier_layers"])
+    model = expand(tiny_model("qwen2"), ROUND_1.allocation, ["en"], ["el"])
+    insert_classifiers(model, ROUND_1.classifier_layers)
     torch.manual_seed(3)
     with torch.no_grad():
         for param in model.parameters():
@@ -81,7 +82,7 @@ def child(tmp_path):
 @pytest.fixture
 def plot(tmp_path) -> Path:
     fig, ax = plt.subplots(figsize=(2, 1))
-    ax.bar([0, 1, 2], ROUND_1["allocation"])
+    ax.bar([0, 1, 2], ROUND_1.allocation)
     fig.savefig(tmp_path / "whatever.png")
     plt.close(fig)
     return tmp_path / "whatever.png"
@@ -109,24 +110,36 @@ def artifact_dir(settings: RegistrySettings, run_id: str) -> Path:
     return Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path)
 
 
-def test_child_version_carries_lineage_tags_and_run_reports(settings, registered, child):
+def test_child_version_carries_six_short_tags_and_its_record_on_the_run(settings, registered, child):
     base, kid = registered
     model, _ = child
     assert (base.version, kid.version) == (1, 2)
-    assert kid.tag("layermoe.parent_version") == 1
-    assert kid.tag("layermoe.round") == 1
-    assert kid.tag("layermoe.old_languages") == ["en"] and kid.tag("layermoe.new_languages") == ["el"]
-    assert kid.tag("layermoe.languages") == ["en", "el"]
-    assert kid.tag("layermoe.allocation") == [2, 0, 1] and kid.tag("layermoe.classifier_layers") == [0]
-    assert all(isinstance(value, str) for value in kid.tags.values())
-    assert kid.tag("layermoe.params_total") == model.num_parameters()
-    assert kid.tag("layermoe.params_added") == model.num_parameters() - tiny_model("qwen2").num_parameters()
-    assert kid.source == f"runs:/{kid.run_id}/model" and kid.status == "READY"
+    assert kid.tags == {
+        "kind": "child",
+        "round": "1",
+        "languages": "en + el",
+        "parent": "1",
+        "storage": "delta",
+    }  # no verdict: none was given
+    assert base.tags == {
+        "kind": "base",
+        "round": "0",
+        "languages": "en",
+        "verdict": "base",
+        "storage": "whole",
+    }
+    assert (kid.parent_version, kid.round, kid.old_languages, kid.new_languages) == (1, 1, ["en"], ["el"])
+    assert kid.allocation == [2, 0, 1] and kid.classifier_layers == [0]
+    assert kid.params_total == model.num_parameters()
+    assert kid.params_added == model.num_parameters() - tiny_model("qwen2").num_parameters()
+    assert kid.source == f"runs:/{kid.run_id}/model" and kid.status == "READY" and kid.is_ready
 
     run = MlflowClient(settings.tracking_uri).get_run(kid.run_id)
     assert run.data.metrics == {"ppl_el": 12.5, "ppl_en": 9.0}
-    assert run.data.params == {"delta": "3", "languages": '["el"]'}
-    assert run.data.tags["layermoe.parent_version"] == "1" and run.info.status == "FINISHED"
+    record = {key: value for key, value in run.data.params.items() if key.startswith("layermoe.")}
+    assert {key: value for key, value in run.data.params.items() if key not in record} == {"delta": "3", "languages": '["el"]'}
+    assert record["layermoe.allocation"] == "[2, 0, 1]" and record["layermoe.manifest_sha256"] == kid.manifest_sha256
+    assert run.data.tags["parent"] == "1" and run.info.status == "FINISHED"
     stored = artifact_dir(settings, kid.run_id)
     assert pd.read_csv(stored / "tables" / "similarity.csv")["similarity"].tolist() == [0.5, 0.9, 0.7]
     assert (stored / "plots" / "allocation.png").read_bytes()[:4] == b"\x89PNG"
@@ -160,7 +173,7 @@ def test_download_verifies_and_reloads_with_identical_logits(settings, registere
     promote(settings, registered[1].version)
     local = download_version(settings, "champion", tmp_path / "fetched")
     assert (local.path, local.version, local.run_id) == (tmp_path / "fetched", 2, registered[1].run_id)
-    assert local.tags["layermoe.parent_version"] == "1"
+    assert local.tags["parent"] == "1"
     reloaded = AutoModelForCausalLM.from_pretrained(local.path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(token_ids).logits, model(token_ids).logits, atol=0, rtol=0)
@@ -221,22 +234,23 @@ def test_list_show_and_lineage_describe_versions(settings, registered):
     assert [v.version for v in lineage(settings, 2)] == [2, 1]
 
 
-def test_tag_version_adds_notes_but_not_lineage(settings, registered):
-    tagged = tag_version(settings, 2, {"layermoe.rejected": "true", "layermoe.rejected_reason": "old-language drift 0.4"})
-    assert tagged.tags["layermoe.rejected_reason"] == "old-language drift 0.4"
-    assert show_version(settings, 2)["other_tags"]["layermoe.rejected"] == "true"
-    with pytest.raises(LayerMoEError, match="layermoe.parent_version"):
-        tag_version(settings, 2, {"layermoe.parent_version": "7"})
+def test_tag_version_notes_on_the_run_and_keeps_the_versions_six_tags(settings, registered):
+    tagged = tag_version(settings, 2, {"layermoe.gate_overridden": "true", "layermoe.note": "old-language drift 0.4"})
+    assert tagged.gate_overridden and tagged.run_tags["layermoe.note"] == "old-language drift 0.4"
+    assert show_version(settings, 2)["gate_overridden"] is True and len(tagged.tags) <= 6
+    for lineage_tag in ("parent", "verdict"):
+        with pytest.raises(LayerMoEError, match=lineage_tag):
+            tag_version(settings, 2, {lineage_tag: "7"})
 
 
 def test_child_round_info_must_match_its_config_and_parent(settings, registered, child):
     kwargs = dict(tables={}, plots={}, metrics={}, params={})
     with pytest.raises(LayerMoEError, match=r"does not match the newest round.*'allocation': \[2, 0, 1\]"):
-        register_child(settings, child[1], 1, {**ROUND_1, "allocation": [1, 1, 1]}, **kwargs)
+        register_child(settings, child[1], 1, ROUND_1.model_copy(update={"allocation": [1, 1, 1]}), **kwargs)
     with pytest.raises(LayerMoEError, match=r"round 1 does not follow parent version 2 \(round 1\); pass round 2"):
         register_child(settings, child[1], 2, ROUND_1, **kwargs)
-    with pytest.raises(LayerMoEError, match="round_info is invalid"):
-        register_child(settings, child[1], 1, {**ROUND_1, "round": 0}, **kwargs)
+    with pytest.raises(ValidationError, match="round"):
+        RoundInfo(**{**ROUND_1.model_dump(), "round": 0})
 
 
 def test_unreachable_tracking_server_names_uri_and_kept_checkpoint(base_dir):
@@ -305,7 +319,11 @@ def test_cli_show_prints_the_version_and_its_card_and_json_on_request(settings, 
     assert "Round 1: adds el" in text and "## " not in text and "|---" not in text  # the card rendered, not its markdown
     assert layermoe([*uri, "show", "2", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["lineage"] == [2, 1] and shown["metrics"]["ppl_el"] == 12.5 and shown["description"].startswith("## Round 1")
+    assert (
+        shown["lineage"] == [2, 1]
+        and shown["metrics"]["ppl_el"] == 12.5
+        and shown["description"].startswith("Round 1 +el · not gated\n\n## Round 1")
+    )
 
 
 def test_cli_finds_the_registered_model_when_the_store_holds_one_and_names_them_otherwise(settings, base_dir, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,6 +21,7 @@ from layermoe_core import LayerMoEError, expand, insert_classifiers
 from layermoe_core.model.files import list_model_files
 from registry import (
     RegistrySettings,
+    RoundInfo,
     download_version,
     get_version,
     list_versions,
@@ -72,7 +74,7 @@ def build_chain(tmp_path: Path, family: str, dtype: torch.dtype) -> tuple[Regist
         folders.append(tmp_path / f"v{number + 1}")
         model.save_pretrained(folders[-1])
         tiny_tokenizer().save_pretrained(folders[-1])
-        info = {"round": number, "old_languages": old, "new_languages": new, "allocation": allocation, "classifier_layers": [0]}
+        info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=allocation, classifier_layers=[0])
         register_child(settings, folders[-1], number, info, {}, {}, {}, {})
     return settings, folders
 
@@ -160,7 +162,7 @@ def test_whole_storage_when_asked_and_versions_registered_whole_before_deltas_st
     child = grow(base, ["en"], ["el"], [1, 1, 1], seed=1)
     child.save_pretrained(tmp_path / "child")
     tiny_tokenizer().save_pretrained(tmp_path / "child")
-    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
     whole = register_child(settings, tmp_path / "child", legacy, info, {}, {}, {}, {})
     assert whole.storage == "whole"
     downloaded = download_version(settings, 1, tmp_path / "v1").path
@@ -186,12 +188,9 @@ def register_as_before_deltas(settings: RegistrySettings, model_dir: Path) -> in
     for name in files:
         client.log_artifact(run.info.run_id, str(model_dir / name), "model")
     client.log_text(run.info.run_id, manifest, f"model/{MANIFEST_NAME}")
-    tags = {
-        "layermoe.kind": "base",
-        "layermoe.round": "0",
-        "layermoe.languages": '["en"]',
-        "layermoe.manifest_sha256": text_digest(manifest),
-    }
+    client.log_param(run.info.run_id, "layermoe.manifest_sha256", text_digest(manifest))
+    client.set_terminated(run.info.run_id)
+    tags = {"kind": "base", "round": "0", "languages": "en"}
     return int(client.create_model_version(settings.registered_model_name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags).version)
 
 
@@ -230,7 +229,7 @@ def test_registering_a_child_fetches_no_parent_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(
         mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw)
     )
-    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
     assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
     assert sorted(fetched) == ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]
 
@@ -243,7 +242,7 @@ def base_and_child(settings: RegistrySettings, tmp_path: Path) -> None:
         model.save_pretrained(folder)
         tiny_tokenizer().save_pretrained(folder)
     register_base(settings, tmp_path / "v1", ["en"])
-    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
     register_child(settings, tmp_path / "v2", 1, info, {}, {}, {}, {})
 
 
@@ -254,8 +253,11 @@ def artifact_folder(settings: RegistrySettings, version: int, artifacts_root: Pa
     return (Path(uri.path) if artifacts_root is None else artifacts_root / uri.path.lstrip("/")) / "model"
 
 
-def rewrite_as_a_registry_writer_could(settings: RegistrySettings, version: int, artifacts_root: Path | None, change) -> None:
-    """`change(layout, manifest)`, then the stored listing and both digest tags made to match, so every checksum holds."""
+def rewrite_as_a_registry_writer_could(
+    settings: RegistrySettings, version: int, artifacts_root: Path | None, change, database: Path
+) -> None:
+    """`change(layout, manifest)`, then the stored listing and both digests on the run made to match, so every checksum
+    holds. MLflow refuses to change a logged param, so the writer edits the store's database (`database`)."""
     folder = artifact_folder(settings, version, artifacts_root)
     layout, manifest = (json.loads((folder / name).read_text()) for name in (LAYOUT_NAME, MANIFEST_NAME))
     change(layout, manifest)
@@ -265,9 +267,10 @@ def rewrite_as_a_registry_writer_could(settings: RegistrySettings, version: int,
     for name in (LAYOUT_NAME, MANIFEST_NAME):
         listing["files"][name] = {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
     (folder / STORED_NAME).write_text(json.dumps(listing, indent=1, sort_keys=True))
-    client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
-    for tag, name in ((STORED_SHA256, STORED_NAME), (MANIFEST_SHA256, MANIFEST_NAME)):
-        client.set_model_version_tag(settings.registered_model_name, str(version), tag, sha256(folder / name))
+    run_id = get_version(settings, version).run_id
+    with sqlite3.connect(database) as db:
+        for key, name in ((STORED_SHA256, STORED_NAME), (MANIFEST_SHA256, MANIFEST_NAME)):
+            db.execute("UPDATE params SET value = ? WHERE run_uuid = ? AND key = ?", (sha256(folder / name), run_id, key))
 
 
 def write_outside(tmp_path: Path):
@@ -317,7 +320,7 @@ def test_a_layout_naming_a_path_outside_the_folder_is_refused_and_nothing_is_wri
     settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
     base_and_child(settings, tmp_path)
     change, message = ESCAPES[escape]
-    rewrite_as_a_registry_writer_could(settings, 2, None, change(tmp_path))
+    rewrite_as_a_registry_writer_could(settings, 2, None, change(tmp_path), tmp_path / "store" / "mlflow.db")
     assert_refused_and_nothing_written(settings, tmp_path, message)
 
 
@@ -326,9 +329,11 @@ def test_a_layout_naming_a_path_outside_the_folder_is_refused_through_a_server(t
     with running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server") as server:
         settings = RegistrySettings(tracking_uri=server.tracking_uri, cache_dir=tmp_path / "cache")
         base_and_child(settings, tmp_path)
-        rewrite_as_a_registry_writer_could(settings, 2, server.artifacts_dir, write_outside(tmp_path))
+        rewrite_as_a_registry_writer_could(settings, 2, server.artifacts_dir, write_outside(tmp_path), tmp_path / "server.db")
         assert_refused_and_nothing_written(settings, tmp_path, ESCAPES[".. in a file name"][1])
-        rewrite_as_a_registry_writer_could(settings, 2, server.artifacts_dir, copy_a_file_of_the_machine_in(tmp_path))
+        rewrite_as_a_registry_writer_could(
+            settings, 2, server.artifacts_dir, copy_a_file_of_the_machine_in(tmp_path), tmp_path / "server.db"
+        )
         capfd.readouterr()
         assert layermoe(["registry", "--tracking-uri", server.tracking_uri, "download", "2", str(tmp_path / "cli")]) == 2
         errors = [line for line in capfd.readouterr().err.splitlines() if line.startswith("layermoe: error:")]

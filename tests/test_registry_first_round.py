@@ -13,6 +13,7 @@ from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.training import trainer
 from registry import (
     RegistrySettings,
+    RoundInfo,
     list_versions,
     promote,
     register_base,
@@ -53,7 +54,7 @@ def test_a_first_round_with_an_empty_corpus_leaves_an_existing_champion_alone(tm
     insert_classifiers(child, [0])
     child.save_pretrained(tmp_path / "champion")
     tiny_tokenizer().save_pretrained(tmp_path / "champion")
-    round_1 = {"round": 1, "old_languages": ["en"], "new_languages": ["de"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    round_1 = RoundInfo(round=1, old_languages=["en"], new_languages=["de"], allocation=[1, 1, 1], classifier_layers=[0])
     promote(registry, register_child(registry, tmp_path / "champion", 1, round_1, {}, {}, {}, {}).version)
     corpora = write_synthetic_corpus(tmp_path / "corpus", ["en", "el"])
     corpora["el"].path.write_text("")

@@ -22,6 +22,7 @@ from layermoe_core import LayerMoEError
 from registry import (
     RegistrySettings,
     RegistryUnavailable,
+    RoundInfo,
     find_or_register_base,
     list_versions,
     promote,
@@ -157,7 +158,7 @@ def test_a_registration_killed_after_creating_the_version_is_marked_and_the_reru
         model.save_pretrained(folder)
         tiny_tokenizer().save_pretrained(folder)
     promote(settings, register_base(settings, tmp_path / "v1", ["en"]).version)
-    info = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 1, 1], "classifier_layers": [0]}
+    info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
     create = MlflowClient.create_model_version
 
     def create_then_die(self, *args, **kwargs):

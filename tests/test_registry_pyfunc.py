@@ -24,14 +24,14 @@ from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from layermoe_core import LayerMoEError, expand, insert_classifiers
-from registry import RegistrySettings, promote, register_base, register_child
+from registry import RegistrySettings, RoundInfo, promote, register_base, register_child
 
 from .conftest import tiny_model
 from .services import MlflowServer, free_loopback_port, running_mlflow_server
 from .tiny_tokenizer import tiny_tokenizer
 
 PROMPTS = ["Hello there", "abc"]
-ROUND_1 = {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [1, 2, 0], "classifier_layers": [0]}
+ROUND_1 = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 2, 0], classifier_layers=[0])
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,7 +41,7 @@ def register_champion(settings: RegistrySettings, root: Path) -> Path:
     base.save_pretrained(root / "base")
     tiny_tokenizer().save_pretrained(root / "base")
     register_base(settings, root / "base", ["en"])
-    child = expand(base, ROUND_1["allocation"], ["en"], ["el"])
+    child = expand(base, ROUND_1.allocation, ["en"], ["el"])
     insert_classifiers(child, [0])
     torch.manual_seed(5)
     with torch.no_grad():

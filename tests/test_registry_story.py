@@ -19,11 +19,13 @@ import pytest
 
 from registry import (
     RegistrySettings,
+    RoundInfo,
     Verdict,
     list_versions,
     register_base,
     register_child,
 )
+from registry.model_card import child_card
 
 from .conftest import save_with_tiny_tokenizer, tiny_model
 from .services import MlflowServer, running_mlflow_server
@@ -80,7 +82,7 @@ def story(sqlite_mlflow_server, tmp_path_factory):
         settings,
         root / "r1",
         1,
-        {"round": 1, "old_languages": ["en"], "new_languages": ["el"], "allocation": [2, 0, 1], "classifier_layers": [0]},
+        RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[2, 0, 1], classifier_layers=[0]),
         {"evaluation": first},
         {"routing": root / "plot.png"},
         {},
@@ -95,7 +97,7 @@ def story(sqlite_mlflow_server, tmp_path_factory):
         settings,
         root / "r2",
         2,
-        {"round": 2, "old_languages": ["en", "el"], "new_languages": ["hu"], "allocation": [1, 1, 0], "classifier_layers": [0]},
+        RoundInfo(round=2, old_languages=["en", "el"], new_languages=["hu"], allocation=[1, 1, 0], classifier_layers=[0]),
         {"evaluation": second},
         {},
         {},
@@ -117,33 +119,59 @@ def version_page(story, version: int) -> tuple[str, dict[str, str], dict]:
 def test_model_card_names_languages_parent_link_allocation_metrics_and_verdict(story):
     _, settings = story
     card, tags, _ = version_page(story, 2)
+    assert card.split("\n")[0] == "Round 1 +el · PASSED the gate · old drift max 0.010 · gain 1.100"
     assert "## Round 1: adds el" in card
     assert "**Old languages:** en" in card and "**New languages:** el" in card
     assert f"[version 1](#/models/{settings.registered_model_name}/versions/1)" in card
     assert "| 0 | 2 | yes |" in card and "| 1 | 0 |  |" in card and "| 2 | 1 |  |" in card
-    assert "| en | old | loss | 2.0000 | 2.0100 | +0.0100 |" in card and "| el | new | loss | 4.0000 | 2.9000 | -1.1000 |" in card
     assert "**Gate verdict: PASSED**" in card and "- new language el: improved" in card
 
-    rejected, tags2, _ = version_page(story, 3)
+    rejected, tags2, run2 = version_page(story, 3)
+    assert rejected.split("\n")[0] == "Round 2 +hu · REJECTED by the gate · old drift max 0.290 · gain 1.100"
     assert "**Gate verdict: REJECTED**" in rejected and "exceeds" in rejected
-    assert (tags["layermoe.verdict"], tags2["layermoe.verdict"]) == ("passed", "rejected")
-    assert "exceeds" in tags2["layermoe.verdict_reason"]
+    assert (tags["verdict"], tags2["verdict"]) == ("passed", "rejected")
+    assert "exceeds" in {t["key"]: t["value"] for t in run2["data"]["tags"]}["layermoe.verdict_reason"]
     base_card, base_tags, _ = version_page(story, 1)
-    assert base_tags["layermoe.verdict"] == "base" and "**Languages:** en" in base_card
+    assert base_tags["verdict"] == "base" and "**Languages:** en" in base_card
+    assert base_card.split("\n")[0].startswith("Base model · en · ")
 
 
-def test_every_version_logs_per_language_metrics_under_the_same_keys_with_deltas_and_max_drift(story):
+def test_every_version_has_at_most_six_short_tags(story):
+    for version in (1, 2, 3):
+        _, tags, _ = version_page(story, version)
+        assert len(tags) <= 6 and set(tags) <= {
+            "kind",
+            "round",
+            "languages",
+            "parent",
+            "verdict",
+            "storage",
+        }
+        assert all(len(value) <= 20 for value in tags.values()), tags
+
+
+def test_card_table_has_one_row_per_language_with_loss_parent_child_and_delta(story):
+    card, _, _ = version_page(story, 3)
+    table = card.split("### Held-out metrics per language\n\n", 1)[1].split("\n\n", 1)[0].split("\n")
+    assert table == [
+        "| language | group | loss parent | loss child | Δ loss |",
+        "|---|---|---:|---:|---:|",
+        "| en | old | 2.0100 | 2.3000 | +0.2900 |",
+        "| el | old | 2.9000 | 2.8500 | -0.0500 |",
+        "| hu | new | 4.2000 | 3.1000 | -1.1000 |",
+    ]
+
+
+def test_every_version_logs_per_language_metrics_under_the_same_keys_and_its_drift_as_params(story):
     _, _, run2 = version_page(story, 2)
     _, _, run3 = version_page(story, 3)
-    metrics2 = {m["key"]: m["value"] for m in run2["data"]["metrics"]}
-    metrics3 = {m["key"]: m["value"] for m in run3["data"]["metrics"]}
-    assert metrics2["loss.en"] == pytest.approx(2.01) and metrics2["loss.en.parent"] == pytest.approx(2.0)
-    assert metrics2["loss.en.delta"] == pytest.approx(0.01) and metrics2["loss.el.delta"] == pytest.approx(-1.1)
-    assert {"loss.en", "loss.en.parent", "loss.en.delta", "loss.el", "loss.el.delta"} <= metrics3.keys()
-    # the mean hides a language that broke: -0.0 + 0.29 -> mean 0.12, max 0.29 is what the gate checks
-    assert metrics3["old_language_drift_max"] == pytest.approx(0.29) and metrics3["old_language_drift"] == pytest.approx(0.12)
-    _, tags3, _ = version_page(story, 3)
-    assert float(tags3["layermoe.old_drift_max"]) == pytest.approx(0.29) and float(tags3["layermoe.new_gain"]) == pytest.approx(1.1)
+    metrics2 = {m["key"]: m["value"] for m in run2["data"]["metrics"] if "/" not in m["key"]}
+    metrics3 = {m["key"]: m["value"] for m in run3["data"]["metrics"] if "/" not in m["key"]}
+    assert metrics2 == pytest.approx({"loss.en": 2.01, "loss.el": 2.9, "loss.hu": 4.2})  # hu: measured on it by round 2
+    assert metrics3 == pytest.approx({"loss.en": 2.30, "loss.el": 2.85, "loss.hu": 3.1})
+    # the mean hides a language that broke: -0.05 + 0.29 -> mean 0.12, max 0.29 is what the gate checks
+    params3 = {p["key"]: p["value"] for p in run3["data"]["params"]}
+    assert float(params3["layermoe.old_drift_max"]) == pytest.approx(0.29) and float(params3["layermoe.new_gain"]) == pytest.approx(1.1)
 
 
 def test_base_version_gets_its_held_out_metrics_from_the_first_round(story):
@@ -151,18 +179,22 @@ def test_base_version_gets_its_held_out_metrics_from_the_first_round(story):
     assert {m["key"]: m["value"] for m in base_run["data"]["metrics"]} == pytest.approx({"loss.en": 2.0, "loss.el": 4.0})
 
 
-def test_training_losses_are_curves_and_the_plan_is_flat_params(story):
+def test_training_losses_are_curves_under_one_prefix_and_one_off_values_are_params(story):
     server, _ = story
     _, _, run = version_page(story, 2)
-    history = api(server, "metrics/get-history", run_id=run["info"]["run_id"], metric_key="stage1.loss")["metrics"]
+    history = api(server, "metrics/get-history", run_id=run["info"]["run_id"], metric_key="train/stage1/loss")["metrics"]
     assert [(m["step"], m["value"]) for m in history] == [(2, 3.0), (4, 2.5)]
-    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    curves = {m["key"] for m in run["data"]["metrics"] if m["key"].startswith("train/")}
+    assert curves == {"train/stage1/loss", "train/stage1/learning_rate", "train/stage2/loss"}
+    params = {p["key"]: p["value"] for p in run["data"]["params"] if not p["key"].startswith("layermoe.")}
     assert params == {
         "stage1.learning_rate": "0.001",
         "stage1.max_steps": "4",
         "allocation.method": "layermoe",
         "allocation.delta": "3",
         "new_languages": '["el"]',
+        "train/stage2/train_loss": "2.15",
+        "train/stage2/train_runtime": "1.0",
     }
 
 
@@ -172,3 +204,33 @@ def test_registry_list_shows_verdict_drift_and_gain(story):
     assert table["verdict"].tolist() == ["base", "passed", "rejected"]
     assert table.loc[3, "old_drift_max"] == pytest.approx(0.29) and table.loc[2, "new_gain"] == pytest.approx(1.1)
     assert pd.isna(table.loc[1, "old_drift_max"])
+
+
+def test_card_row_per_language_adds_pinned_drift_chrf_and_classifier_accuracy_where_measured():
+    rows = [
+        ("en", "old", "loss", 2.0, 2.01),
+        ("en", "old", "pinned_loss", 2.0, 2.0),
+        ("en", "old", "translation.en-hu.chrfpp", 40.0, 39.5),
+        ("hu", "new", "loss", 4.0, 3.0),
+        ("hu", "new", "translation.hu-en.chrfpp", 10.0, 20.0),
+    ]
+    measured = pd.DataFrame(
+        [{"language": lang, "group": g, "metric": m, "parent": p, "child": c, "delta": c - p} for lang, g, m, p, c in rows]
+    )
+    accuracy = pd.DataFrame(
+        [
+            {"layer": 0, "language": "en", "accuracy": 0.95, "target": 0.8},
+            {"layer": 1, "language": "en", "accuracy": 0.9, "target": 0.8},
+            {"layer": 0, "language": "hu", "accuracy": 0.7, "target": 0.8},
+        ]
+    )
+    verdict = Verdict(passed=False, reasons=["classifier in layer 0: hu below target"], decided_by="pending")
+    card = child_card("m", 1, 1, 0, ["en"], ["hu"], [1, 1], [0, 1], measured, verdict, None, accuracy)
+    assert card.split("\n")[0] == "Round 1 +hu · PENDING review (gate fails) · old drift max 0.010 · gain 1.000"
+    table = card.split("### Held-out metrics per language\n\n", 1)[1].split("\n\n", 1)[0].split("\n")
+    assert table == [
+        "| language | group | loss parent | loss child | Δ loss | pinned drift | chrF++ child (Δ) | classifier accuracy (worst layer) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| en | old | 2.0000 | 2.0100 | +0.0100 | +0.0000 | en-hu 39.5 (-0.5) | 0.900 |",
+        "| hu | new | 4.0000 | 3.0000 | -1.0000 |  | hu-en 20.0 (+10.0) | 0.700 |",
+    ]

@@ -525,7 +525,7 @@ def test_server_killed_right_after_creating_the_version_and_the_rerun_completes_
         versions = list_versions(registry)
         assert summary.version == 2 and versions["version"].tolist() == [1, 2] and set(versions["status"]) == {"READY"}
         champion = show_version(registry, "champion")
-        assert champion["version"] == 2 and champion["description"] and champion["other_tags"]["layermoe.verdict"] == "passed"
+        assert champion["version"] == 2 and champion["description"] and champion["verdict"] == "passed"
         client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
         assert client.get_run(champion["run_id"]).info.status == "FINISHED"
         download_version(registry, 2, tmp_path / "child")  # every file there, verified

@@ -461,9 +461,31 @@ def new_language_gain(comparison: pd.DataFrame) -> float:
     return -mean_loss_delta(comparison, "new")
 
 
+def old_drift_max(comparison: pd.DataFrame) -> float:
+    """The largest old-language loss rise (nats): what the gate bounds. NaN without old languages."""
+    deltas = _loss_deltas(comparison, "old")
+    return float(deltas.max()) if len(deltas) else math.nan
+
+
+def pinned_drifts(comparison: pd.DataFrame) -> pd.Series:
+    """Per old language (index): its loss rise with parent and child pinned to it (nats), 0 by construction. Empty if not measured."""
+    rows = comparison[(comparison["metric"] == PINNED_LOSS) & (comparison["group"] == "old")]
+    return rows.set_index("language")["delta"].astype(float)
+
+
+def pinned_drift_max(comparison: pd.DataFrame) -> float:
+    """The largest pinned drift (nats); NaN where pinned loss was not measured."""
+    drifts = pinned_drifts(comparison)
+    return float(drifts.max()) if len(drifts) else math.nan
+
+
 def mean_loss_delta(comparison: pd.DataFrame, group: str) -> float:
-    deltas = comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
+    deltas = _loss_deltas(comparison, group)
     return float(deltas.mean()) if len(deltas) else math.nan
+
+
+def _loss_deltas(comparison: pd.DataFrame, group: str) -> pd.Series:
+    return comparison.loc[(comparison["metric"] == "loss") & (comparison["group"] == group), "delta"]
 
 
 def compare_variants(rounds: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
