@@ -13,7 +13,7 @@ from .client import RegistryUnavailable  # noqa: E402
 from .download import LocalVersion, cached_version, download_version  # noqa: E402
 from .model_card import Verdict  # noqa: E402
 from .register import RoundInfo, find_or_register_base, register_base, register_child  # noqa: E402
-from .reports import log_report_run  # noqa: E402
+from .reports import log_report_run, version_table  # noqa: E402
 from .settings import RegistrySettings  # noqa: E402
 from .versions import (  # noqa: E402
     VersionInfo,
@@ -48,4 +48,5 @@ __all__ = [
     "register_child",
     "show_version",
     "tag_version",
+    "version_table",
 ]
