@@ -33,7 +33,13 @@ def drift_tables(tracking_uri: str, model_name: str) -> tuple[pd.DataFrame, pd.D
     versions = list_versions(settings)
     drift, classifiers = [], []
     for row in versions[versions["round"].fillna(0) > 0].itertuples():
-        label = {"version": row.version, "round": int(row.round), "adds": row.new_languages.replace(",", "+"), "verdict": row.verdict}
+        label = {
+            "version": row.version,
+            "round": int(row.round),
+            "adds": row.new_languages.replace(",", "+"),
+            "new_gain": row.new_gain,  # mean new-language loss decrease (nats)
+            "verdict": row.verdict,
+        }
         evaluation = version_table(settings, row.version, "evaluation")
         old = evaluation[evaluation["group"] == "old"].pivot(index="language", columns="metric", values="delta")
         for language in old.index:
@@ -56,18 +62,24 @@ def drift_tables(tracking_uri: str, model_name: str) -> tuple[pd.DataFrame, pd.D
 
 
 def markdown(drift: pd.DataFrame, classifiers: pd.DataFrame) -> str:
-    """The docs' table: per round and old language, plain and pinned drift, with the round's weakest classifier."""
+    """The docs' table: per round and old language, plain and pinned drift, with the round's new-language gain and the
+    lowest held-out accuracy of each of its classifiers."""
     lines = [
-        "| round (adds) | old language | plain drift | pinned drift | lowest classifier accuracy, layer (language) / target |",
-        "|---|---|---:|---:|---|",
+        "| round (adds) | new-language gain | old language | plain drift | pinned drift "
+        "| lowest classifier accuracy in layer (language) / target |",
+        "|---|---:|---|---:|---:|---|",
     ]
     for (version, round_number), rows in drift.groupby(["version", "round"], sort=True):
         layers = classifiers[classifiers["version"] == version] if len(classifiers) else classifiers
         notes = [f"{r.lowest_accuracy:.2f} in {r.layer} ({r.lowest_language})" for r in layers.itertuples()]
         target = f" / {layers['target'].iloc[0]:.2f}" if len(layers) else ""
         for index, r in enumerate(rows.itertuples()):
-            note = ", ".join(notes) + target if index == 0 else ""
-            lines.append(f"| {round_number} ({r.adds}) | {r.old_language} | {r.plain_drift:+.4f} | {r.pinned_drift:+.4f} | {note} |")
+            first = index == 0
+            note = ", ".join(notes) + target if first else ""
+            gain = f"{r.new_gain:+.4f}" if first else ""
+            lines.append(
+                f"| {round_number} ({r.adds}) | {gain} | {r.old_language} | {r.plain_drift:+.4f} | {r.pinned_drift:+.4f} | {note} |"
+            )
     return "\n".join(lines)
 
 
