@@ -36,6 +36,7 @@ _LAZY = {
     "promote": "versions",
     "show_version": "versions",
     "tag_version": "versions",
+    "version_table": "reports",
 }
 __all__ = sorted(_LAZY)
 

@@ -18,6 +18,7 @@ from .client import ensure_experiment, open_client, store_errors
 from .model_card import flatten_params
 from .settings import NAME_PATTERN, RegistrySettings
 from .tags import KIND, encode_tags
+from .versions import VersionRef, find_version
 
 
 def check_reports(tables: Mapping[str, pd.DataFrame], plots: Mapping[str, Path]) -> None:
@@ -92,3 +93,15 @@ def log_report_run(
             raise
         client.set_terminated(run.info.run_id)
         return run.info.run_id
+
+
+def version_table(settings: RegistrySettings, ref: VersionRef, name: str) -> pd.DataFrame | None:
+    """The table `name` logged on a version's run (`tables/<name>.csv`), e.g. `evaluation`; None where that run has none."""
+    with store_errors(settings):
+        client = open_client(settings, create=False)
+        info = find_version(client, settings, ref)
+        path = f"tables/{name}.csv"
+        if info.run_id is None or path not in {entry.path for entry in client.list_artifacts(info.run_id, "tables")}:
+            return None
+        with tempfile.TemporaryDirectory() as staging:
+            return pd.read_csv(client.download_artifacts(info.run_id, path, staging))

@@ -34,6 +34,7 @@ from registry import (  # noqa: E402
     register_child,
     show_version,
     tag_version,
+    version_table,
 )
 
 from .conftest import save_with_tiny_tokenizer, tiny_model  # noqa: E402
@@ -104,6 +105,13 @@ def registered(settings, base_dir, child, plot):
         params={"delta": 3, "languages": ["el"]},
     )
     return base, kid
+
+
+def test_a_table_logged_on_a_version_reads_back_by_name(settings, registered):
+    base, kid = registered
+    assert version_table(settings, kid.version, "similarity").to_dict("list") == {"layer": [0, 1, 2], "similarity": [0.5, 0.9, 0.7]}
+    assert version_table(settings, kid.version, "evaluation") is None  # that round logged no such table
+    assert version_table(settings, base.version, "similarity") is None
 
 
 def artifact_dir(settings: RegistrySettings, run_id: str) -> Path:
