@@ -208,7 +208,7 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     )
 
     # 7: the child against its parent, on held-out tokens and text
-    routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size, placement=placement)
+    routing = measure_routing(stage2.model_dir, heldout, old, fertility, batch_size=plan.evaluation.batch_size, placement=placement)
     text = sample_heldout_text(
         plan.corpora, old + new, plan.evaluation, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction, out_dir=work / "heldout-text"
     )

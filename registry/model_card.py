@@ -14,6 +14,8 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from layermoe_core.analysis.fertility import costly_languages
+
 from .tags import NEW_GAIN, OLD_DRIFT_MAX, PINNED_DRIFT_MAX, VERDICT, VERDICT_REASON
 
 PINNED_LOSS = "pinned_loss"  # layermoe_core.evaluation.gates.PINNED_LOSS (registry imports no torch to read a table)
@@ -224,6 +226,31 @@ def _forgetting_lines(comparison: pd.DataFrame) -> list[str]:
         "| old language | plain drift (nats) | pinned drift (nats) |",
         "|---|---:|---:|",
         *[f"| {language} | {plain.get(language, math.nan):+.4f} | {drift:+.4f} |" for language, drift in pinned.items()],
+    ]
+
+
+def fertility_metrics(fertility: pd.DataFrame) -> dict[str, float]:
+    """`tokens_per_char.<language>` and `tokens_per_word.<language>` under the parent's tokenizer, for the UI's compare view."""
+    return {
+        f"{column}.{row.language}": float(getattr(row, column))
+        for row in fertility.itertuples()
+        for column in ("tokens_per_char", "tokens_per_word")
+        if not math.isnan(getattr(row, column))
+    }
+
+
+def fertility_lines(fertility: pd.DataFrame) -> list[str]:
+    """The card's fertility section: what each language's held-out text costs in tokens, and the costly new scripts."""
+    return [
+        "",
+        "### Tokenizer fertility",
+        "",
+        "Tokens per character and per whitespace word of each language's held-out text, under the parent's tokenizer.",
+        "",
+        "| language | group | tokens per character | tokens per word |",
+        "|---|---|---:|---:|",
+        *[f"| {r.language} | {r.group} | {_number(r.tokens_per_char)} | {_number(r.tokens_per_word)} |" for r in fertility.itertuples()],
+        *[f"\n**{warning}**" for warning in costly_languages(fertility)],
     ]
 
 

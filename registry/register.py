@@ -42,6 +42,8 @@ from .model_card import (
     child_card,
     comparison_metrics,
     drift_tags,
+    fertility_lines,
+    fertility_metrics,
     own_metrics,
     step_metric_rows,
     verdict_tags,
@@ -414,10 +416,17 @@ def register_child(
         verdict,
         params_added,
     )
+    fertility = tables.get("fertility")
+    if fertility is not None:
+        card += "\n" + "\n".join(fertility_lines(fertility))
     if description:
         card += "\n\n" + description
     run_name = run_name or f"round-{round_.round}-{'-'.join(round_.new_languages)}"
-    all_metrics = {**(comparison_metrics(comparison) if comparison is not None else {}), **metrics}
+    all_metrics = {
+        **(comparison_metrics(comparison) if comparison is not None else {}),
+        **(fertility_metrics(fertility) if fertility is not None else {}),
+        **metrics,
+    }
     steps = step_metric_rows(training_history)
 
     def log_run_reports(run_client: MlflowClient, run_id: str) -> None:

@@ -16,9 +16,17 @@ from .common import PLACED_STEP_CACHE, cached_task, load_placed, publish_markdow
 
 @cached_task(PLACED_STEP_CACHE, name="routing statistics")
 def measure_routing(
-    model_dir: Path, tokens_path: Path, old_languages: list[str], *, batch_size: int, placement: PlacementSettings
+    model_dir: Path,
+    tokens_path: Path,
+    old_languages: list[str],
+    fertility: pd.DataFrame,
+    *,
+    batch_size: int,
+    placement: PlacementSettings,
 ) -> pd.DataFrame:
+    """Routing per layer and language, beside each language's tokens per character and word (`measure_fertility`'s)."""
     table = routing_statistics(load_placed(model_dir, placement), load_sequences(tokens_path), old_languages, batch_size=batch_size)
+    table = table.merge(fertility[["language", "tokens_per_char", "tokens_per_word"]], on="language", how="left")
     publish_table("routing", table.drop(columns=["expert_load"], errors="ignore").round(4), "Routing per layer and language")
     return table
 
