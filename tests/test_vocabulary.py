@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -15,6 +17,8 @@ from transformers import AutoModelForCausalLM
 from demo.base import train_demo_tokenizer
 from layermoe_core import LayerMoEError, expand, forced_old_routing, insert_classifiers, pinned_language
 from layermoe_core.analysis.fertility import fertility_table
+from layermoe_core.evaluation.gates import BITS_PER_BYTE, GateSettings, evaluate_gates
+from layermoe_core.evaluation.metrics import bits_per_byte, compare_models, evaluate_model
 from layermoe_core.model.checkpoints import load_tokenizer
 from layermoe_core.model.surgery import extend_vocabulary
 from layermoe_core.model.vocabulary import (
@@ -102,7 +106,7 @@ def run_extended_round(parent_dir: Path, old: list[str], new: str, allocation: l
     parent, tokenizer = AutoModelForCausalLM.from_pretrained(parent_dir), load_tokenizer(parent_dir)
     old_text = [text for lang in old for text in documents(corpora, lang, TRAIN)]
     merges = learn_merges(tokenizer, documents(corpora, new, TRAIN), old_text, EXTEND)
-    rows = vocabulary_size(parent)  # the new ids follow every row the parent has
+    rows = vocabulary_size(parent.config)  # the new ids follow every row the parent has
     extended = extend_tokenizer(tokenizer, merges, first_id=rows)
     check_old_text_unchanged(tokenizer, extended, {lang: documents(corpora, lang, HELDOUT) for lang in old})
     child = expand(parent, allocation, old, [new], seed=len(old))
@@ -244,3 +248,35 @@ def test_a_tokenizer_that_is_not_bpe_is_refused_with_the_fix():
 
     with pytest.raises(LayerMoEError, match="continues BPE merges, but this tokenizer's model is 'WordLevel'.*drop `vocabulary.extend`"):
         learn_merges(tiny_tokenizer(), ["abc"], [], 4)
+
+
+# -- comparable evaluation: bits per byte ---------------------------------------------------------
+def test_bits_per_byte_is_every_tokens_nll_in_bits_over_the_texts_bytes(base_tokenizer, corpora):
+    model = tiny_model("qwen2", vocab_size=BASE_VOCAB)
+    texts = documents(corpora, "es", HELDOUT)[:3]
+    table = bits_per_byte(model, base_tokenizer, {"es": texts}, seq_len=512)
+    nats = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[base_tokenizer.eos_token_id, *base_tokenizer(text, add_special_tokens=False)["input_ids"]]])
+            nats += torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:], reduction="sum").item()
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    assert table.loc[0, "n"] == size
+    assert table.loc[0, "value"] == pytest.approx(nats / math.log(2) / size, rel=1e-5)
+
+
+def test_the_gate_judges_new_languages_in_bits_per_byte_where_the_child_tokenizes_them_differently(extended_lineage, corpora):
+    _, dirs = extended_lineage
+    tables = {}
+    for side, model_dir in (("parent", dirs[0]), ("child", dirs[1])):
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
+        sequences = {lang: token_rows(tokenizer, documents(corpora, lang, HELDOUT))[:8] for lang in ["en", "es", "bn"]}
+        texts = {lang: documents(corpora, lang, HELDOUT)[:8] for lang in ["en", "es", "bn"]}
+        tables[side] = pd.concat([evaluate_model(model, tokenizer, sequences), bits_per_byte(model, tokenizer, texts, seq_len=16)])
+    comparison = compare_models(tables["parent"], tables["child"], ["en", "es"], ["bn"])
+    bits = comparison[comparison["metric"] == BITS_PER_BYTE].set_index("language")
+    assert bits.loc["bn", "child"] < bits.loc["bn", "parent"]  # Stage 1 taught bn, in its new tokens
+    decision = evaluate_gates(comparison, GateSettings(max_old_loss_increase=10.0))
+    (reason,) = [r for r in decision.reasons if r.startswith("new language bn")]
+    assert reason.startswith(f"new language bn: bits_per_byte {bits.loc['bn', 'parent']:.4f} -> {bits.loc['bn', 'child']:.4f}")
+    assert "bits per byte) improved" in reason
