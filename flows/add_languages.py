@@ -27,6 +27,7 @@ from tasks.analysis import (
     Sampling,
     allocation_total,
     classifier_layers,
+    extend_vocabulary,
     measure_allocation_signal,
     measure_fertility,
     measure_similarity,
@@ -176,30 +177,48 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     )
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
     fertility = measure_fertility(parent.path, plan.corpora, old, new, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction)
+    # With `vocabulary.extend`, the child's tokenizer adds tokens for the new scripts: its text is sampled with it
+    child_sampling = sampling
+    if plan.vocabulary.extend:
+        tokenizer_dir = extend_vocabulary(
+            parent.path,
+            plan.corpora,
+            old,
+            new,
+            plan.vocabulary.extend,
+            seed=tokens.seed,
+            heldout_fraction=tokens.heldout_fraction,
+            out_dir=work / "tokenizer",
+        )
+        child_sampling = sampling.model_copy(update={"tokenizer_dir": tokenizer_dir, "out_dir": work / "child-tokens"})
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
     stage1 = run_stage1(
         Stage1Job(
             parent_dir=parent.path,
-            tokenizer_dir=parent.path,
+            tokenizer_dir=child_sampling.tokenizer_dir,
             allocation=new_experts(allocation),
             old_languages=old,
             new_languages=new,
             top_k=plan.top_k,
-            tokens_path=sample_tokens(sampling, "stage1", new, tokens.stage1_tokens),
+            tokens_path=sample_tokens(child_sampling, "stage1", new, tokens.stage1_tokens),
             settings=plan.stage1,
             output_dir=work / "stage1",
+            extend_vocabulary=bool(plan.vocabulary.extend),
         ),
         plan.launcher,
     )
-    heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
+    heldout = sample_tokens(child_sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
+    parent_heldout = (
+        sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout") if plan.vocabulary.extend else heldout
+    )
     stage2 = run_stage2(
         Stage2Job(
             stage1_dir=stage1.model_dir,
             tokenizer_dir=stage1.model_dir,
             classifier_layers=classifier_layers(allocation),
-            old_tokens_path=sample_tokens(sampling, "replay-old", old, tokens.stage2_tokens),
-            new_tokens_path=sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens),
+            old_tokens_path=sample_tokens(child_sampling, "replay-old", old, tokens.stage2_tokens),
+            new_tokens_path=sample_tokens(child_sampling, "replay-new", new, tokens.stage2_tokens),
             settings=plan.stage2,
             output_dir=work / "stage2",
             heldout_tokens_path=heldout,
@@ -213,7 +232,15 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         plan.corpora, old + new, plan.evaluation, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction, out_dir=work / "heldout-text"
     )
     comparison, samples = evaluate_round(
-        parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text, placement=placement
+        parent.path,
+        stage2.model_dir,
+        heldout,
+        old,
+        new,
+        plan.evaluation,
+        text_dir=text,
+        placement=placement,
+        parent_tokens_path=parent_heldout,
     )
 
     # 8: register the child with its reports, then gate the alias

@@ -82,6 +82,7 @@ def test_the_card_and_the_run_carry_each_languages_fertility_and_the_costly_new_
     # three UTF-8 bytes, so three byte tokens, per Bengali or Devanagari letter: warned
     for lang in NEW:
         assert f"new language {lang} costs {fertility.set_index('language').loc[lang, 'tokens_per_char']:.2f} tokens per character" in card
+    assert "`vocabulary: {extend: N}` in the plan adds tokens for it" in card  # the way out
     metrics = MlflowClient(settings.tracking_uri).get_run(kid.run_id).data.metrics
     by_language = fertility.set_index("language")
     for lang in OLD + NEW:
@@ -280,3 +281,20 @@ def test_the_gate_judges_new_languages_in_bits_per_byte_where_the_child_tokenize
     (reason,) = [r for r in decision.reasons if r.startswith("new language bn")]
     assert reason.startswith(f"new language bn: bits_per_byte {bits.loc['bn', 'parent']:.4f} -> {bits.loc['bn', 'child']:.4f}")
     assert "bits per byte) improved" in reason
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_bf16_parent_keeps_its_logits_over_its_vocabulary_after_an_extended_round(family, base_tokenizer, corpora, tmp_path):
+    tiny_model(family, vocab_size=BASE_VOCAB, **WIDE).to(torch.bfloat16).save_pretrained(tmp_path / "parent")
+    base_tokenizer.save_pretrained(tmp_path / "parent")
+    parent = AutoModelForCausalLM.from_pretrained(tmp_path / "parent", dtype="auto")
+    ids = mixed_ids(corpora, base_tokenizer)
+    with torch.no_grad():
+        parent_logits = parent(ids).logits
+    final = run_extended_round(tmp_path / "parent", OLD, "bn", [1, 1, 1], corpora, tmp_path / "round")
+    child = AutoModelForCausalLM.from_pretrained(final, dtype="auto").eval()
+    assert child.vocabulary.embeddings[0].dtype == torch.bfloat16
+    with torch.no_grad(), forced_old_routing(child):
+        forced = child(ids).logits
+    assert torch.equal(forced[..., :BASE_VOCAB], parent_logits)  # bf16: the same kernels on the same weights, exactly
+    assert torch.isneginf(forced[..., BASE_VOCAB:]).all()

@@ -47,7 +47,7 @@ def costly_languages(table: pd.DataFrame, factor: float = COSTLY_FACTOR) -> list
     return [
         f"new language {row.language} costs {row.tokens_per_char:.2f} tokens per character, {row.tokens_per_char / baseline:.1f}x "
         f"the old languages' mean ({baseline:.2f}): the parent's tokenizer barely covers its script, so training and "
-        "decoding pay that factor (docs/method.md, tokenizer fertility)"
+        "decoding pay that factor; `vocabulary: {extend: N}` in the plan adds tokens for it (docs/vocabulary.md)"
         for row in table[table["group"] == "new"].itertuples()
         if row.tokens_per_char >= factor * baseline
     ]

@@ -22,12 +22,27 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ..errors import LayerMoEError
 
 Pair = tuple[str, str]
+
+
+class VocabularySettings(BaseModel):
+    """A round's vocabulary: the parent's, or extended with tokens for the new languages' scripts (docs/vocabulary.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="Vocabulary")
+
+    extend: int = Field(
+        0,
+        ge=0,
+        title="New tokens",
+        description="0: keep the parent's tokenizer; N: add up to N BPE merges learned on the new languages' training text "
+        "(old text tokenizes as before; new rows train in Stage 1)",
+    )
 
 
 # -- the tokenizer ------------------------------------------------------------------------
@@ -241,7 +256,7 @@ def initialise_added_rows(
         rows.copy_((sums / counts).to(rows.dtype))
 
 
-def vocabulary_size(model: nn.Module) -> int:
-    """Ids a model accepts: its embedding rows plus any rows rounds added."""
-    added = getattr(model, "vocabulary", None)
-    return model.get_input_embeddings().num_embeddings + (added.size if isinstance(added, AddedVocabulary) else 0)
+def vocabulary_size(config) -> int:
+    """Ids a model of `config` accepts: its base's embedding rows plus the rows its rounds added."""
+    rounds = getattr(config, "expansion_rounds", None) or []
+    return getattr(config, "base_config", config).vocab_size + sum(expansion.get("added_tokens", 0) for expansion in rounds)

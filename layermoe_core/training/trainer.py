@@ -713,7 +713,7 @@ def train_causal_lm(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Plain causal-LM training of every trainable parameter (the demo trains its dense base with it)."""
-    _check_sequences(sequences, "training", vocabulary_size(model))
+    _check_sequences(sequences, "training", vocabulary_size(model.config))
     objective = Objective({"lm_loss": 1.0}, _measure_lm)
     table = _RowTable.of((sequences, None))
     return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks, tokenizer)
@@ -728,7 +728,7 @@ def train_stage1(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Stage 1: this round's experts and routers learn the new languages; loss = LM + coef * balance."""
-    _check_sequences(new_sequences, "new-language", vocabulary_size(model))
+    _check_sequences(new_sequences, "new-language", vocabulary_size(model.config))
     set_trainable(model, "stage1")
     objective = Objective(
         {"lm_loss": 1.0, "balance_loss": settings.balance_loss_coef, "new_prior_loss": settings.new_prior_coef},
@@ -755,7 +755,7 @@ def train_stage2(
     old and new language) the classifiers' held-out accuracy is measured after the planned steps and
     recorded in the result; below `classifier_target_accuracy`, training goes on up to `classifier_max_steps`.
     """
-    vocab_size = vocabulary_size(model)
+    vocab_size = vocabulary_size(model.config)
     _check_sequences(old_sequences, "old-language", vocab_size)
     if settings.replay_old_fraction < 1:
         _check_sequences(new_sequences, "new-language", vocab_size)
