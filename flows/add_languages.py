@@ -176,7 +176,6 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         parent.path, analysis, old, new, plan.allocation, batch_size=plan.similarity_batch_size, placement=placement
     )
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
-    fertility = measure_fertility(parent.path, plan.corpora, old, new, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction)
     # With `vocabulary.extend`, the child's tokenizer adds tokens for the new scripts: its text is sampled with it
     child_sampling = sampling
     if plan.vocabulary.extend:
@@ -191,6 +190,15 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
             out_dir=work / "tokenizer",
         )
         child_sampling = sampling.model_copy(update={"tokenizer_dir": tokenizer_dir, "out_dir": work / "child-tokens"})
+    fertility = measure_fertility(
+        parent.path,
+        plan.corpora,
+        old,
+        new,
+        seed=tokens.seed,
+        heldout_fraction=tokens.heldout_fraction,
+        child_tokenizer_dir=child_sampling.tokenizer_dir if plan.vocabulary.extend else None,
+    )
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
     stage1 = run_stage1(

@@ -176,12 +176,21 @@ FERTILITY_DOCUMENTS = 2_000  # held-out documents per language: enough for a rat
 
 @cached_task(PLACED_STEP_CACHE, name="measure tokenizer fertility")
 def measure_fertility(
-    tokenizer_dir: Path, corpora: dict[str, CorpusSpec], old: list[str], new: list[str], *, seed: int, heldout_fraction: float
+    tokenizer_dir: Path,
+    corpora: dict[str, CorpusSpec],
+    old: list[str],
+    new: list[str],
+    *,
+    seed: int,
+    heldout_fraction: float,
+    child_tokenizer_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """Tokens per character and per word of every language's held-out text, under the parent's tokenizer."""
+    """Tokens per character and per word of every language's held-out text, under the parent's tokenizer (and under
+    the round's extended one, `child_tokenizer_dir`, where it has one)."""
     tokenizer = load_tokenizer(tokenizer_dir)
+    child = load_tokenizer(child_tokenizer_dir) if child_tokenizer_dir is not None else None
     texts = {lang: list(heldout_texts(corpora[lang], seed, heldout_fraction).values())[:FERTILITY_DOCUMENTS] for lang in old + new}
-    table = fertility_table(tokenizer, texts, new)
+    table = fertility_table(tokenizer, texts, new, child)
     publish_table("fertility", table, "Tokens per character and per word of each language's held-out text (the parent's tokenizer)")
     for warning in costly_languages(table):
         get_run_logger().warning(warning)

@@ -261,6 +261,12 @@ def test_a_round_that_extends_the_vocabulary_keeps_old_text_and_old_logits_and_i
     torch.testing.assert_close(forced[..., : parent_logits.shape[-1]], parent_logits, atol=1e-5, rtol=0)
     assert torch.isneginf(forced[..., parent_logits.shape[-1] :]).all()
 
+    # fertility before and after, in the card and the run's metrics: hu got cheaper, the old languages did not change
+    metrics = show_version(registry, summary.version)["metrics"]
+    assert metrics["tokens_per_char.hu.child"] < metrics["tokens_per_char.hu"]
+    assert all(metrics[f"tokens_per_char.{lang}.child"] == metrics[f"tokens_per_char.{lang}"] for lang in ("en", "zh"))
+    assert "| extended: per character | per word |" in show_version(registry, summary.version)["description"]
+
     table = summary.table()
     bits = table[table["metric"] == "bits_per_byte"]
     assert sorted(bits["language"]) == ["en", "hu", "zh"]
