@@ -31,6 +31,7 @@ from tasks.analysis import (
     Sampling,
     allocation_total,
     classifier_layers,
+    extend_vocabulary,
     measure_allocation_signal,
     measure_fertility,
     measure_similarity,
@@ -192,7 +193,29 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
         parent.path, analysis, old, new, plan.allocation, batch_size=plan.similarity_batch_size, placement=placement
     )
     allocation = plan_allocation(similarity, signal, plan.allocation, classifier_layer_count=plan.classifier_layer_count)
-    fertility = measure_fertility(parent.path, plan.corpora, old, new, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction)
+    # With `vocabulary.extend`, the child's tokenizer adds tokens for the new scripts: its text is sampled with it
+    child_sampling = sampling
+    if plan.vocabulary.extend:
+        tokenizer_dir = extend_vocabulary(
+            parent.path,
+            plan.corpora,
+            old,
+            new,
+            plan.vocabulary.extend,
+            seed=tokens.seed,
+            heldout_fraction=tokens.heldout_fraction,
+            out_dir=work / "tokenizer",
+        )
+        child_sampling = sampling.model_copy(update={"tokenizer_dir": tokenizer_dir, "out_dir": work / "child-tokens"})
+    fertility = measure_fertility(
+        parent.path,
+        plan.corpora,
+        old,
+        new,
+        seed=tokens.seed,
+        heldout_fraction=tokens.heldout_fraction,
+        child_tokenizer_dir=child_sampling.tokenizer_dir if plan.vocabulary.extend else None,
+    )
     round_info = RoundInfo(
         round=parent.round + 1,
         old_languages=old,
@@ -202,15 +225,26 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
     )
 
     # 4-6: Stage 1 trains the new experts; Stage 2 the routers and classifiers, on a replay mix
-    stage1, heldout, stage2 = train_child(plan, parent, round_info, sampling, work)
+    stage1, heldout, stage2 = train_child(plan, parent, round_info, child_sampling, work)
+    parent_heldout = (
+        sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout") if plan.vocabulary.extend else heldout
+    )
 
     # 7: the child against its parent, on held-out tokens and text
-    routing = measure_routing(stage2.model_dir, heldout, old, batch_size=plan.evaluation.batch_size, placement=placement)
+    routing = measure_routing(stage2.model_dir, heldout, old, fertility, batch_size=plan.evaluation.batch_size, placement=placement)
     text = sample_heldout_text(
         plan.corpora, old + new, plan.evaluation, seed=tokens.seed, heldout_fraction=tokens.heldout_fraction, out_dir=work / "heldout-text"
     )
     comparison, samples = evaluate_round(
-        parent.path, stage2.model_dir, heldout, old, new, plan.evaluation, text_dir=text, placement=placement
+        parent.path,
+        stage2.model_dir,
+        heldout,
+        old,
+        new,
+        plan.evaluation,
+        text_dir=text,
+        placement=placement,
+        parent_tokens_path=parent_heldout,
     )
     decision = evaluate_gates(comparison, plan.evaluation.gates, stage2.classifier_accuracy)
 
@@ -268,7 +302,7 @@ def train_child(
     stage1 = run_stage1(
         Stage1Job(
             parent_dir=parent.path,
-            tokenizer_dir=parent.path,
+            tokenizer_dir=sampling.tokenizer_dir,
             allocation=round_info.allocation,
             old_languages=old,
             new_languages=new,
@@ -276,6 +310,7 @@ def train_child(
             tokens_path=sample_tokens(sampling, "stage1", new, tokens.stage1_tokens),
             settings=plan.stage1,
             output_dir=work / "stage1",
+            extend_vocabulary=bool(plan.vocabulary.extend),
         ),
         plan.launcher,
     )

@@ -24,6 +24,7 @@ from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.model.checkpoints import PlacementSettings, num_decoder_layers
 from layermoe_core.model.configuration_layermoe import LayerMoEConfig
 from layermoe_core.model.surgery import check_same_as_parent, validate_allocation
+from layermoe_core.model.vocabulary import VocabularySettings
 from layermoe_core.training.launch import LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
 from registry.settings import RegistrySettings
@@ -156,6 +157,11 @@ class ExpansionSettings(_Strict):
     )
     classifier_layer_count: int = Field(
         2, ge=0, title="Classifier layer count", description="K: routing classifiers go to the K most similar layers"
+    )
+    vocabulary: VocabularySettings = Field(
+        default_factory=VocabularySettings,
+        title="Vocabulary",
+        description="keep the parent's tokenizer, or extend it for the new scripts: {extend: N}",
     )
     stage1: Stage1Settings = Field(
         default_factory=Stage1Settings, title="Stage 1", description="training of the new experts and routers on the new languages"

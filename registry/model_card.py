@@ -15,6 +15,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from layermoe_core.analysis.fertility import costly_languages
 from layermoe_core.evaluation.metrics import new_language_gain, old_drift_max, old_language_drift, pinned_drift_max, pinned_drifts
 from layermoe_core.evaluation.translation import CHRF_METRIC
 
@@ -205,6 +206,40 @@ def language_table(comparison: pd.DataFrame, classifier_accuracy: pd.DataFrame |
         rows.append("| " + " | ".join(cells) + " |")
     align = ["---", "---", "---:", "---:", "---:", *["---:"] * (len(head) - 5)]
     return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|", *rows]
+
+
+def fertility_metrics(fertility: pd.DataFrame) -> dict[str, float]:
+    """`tokens_per_char.<language>` and `tokens_per_word.<language>` under the parent's tokenizer (and `....child` under
+    the round's extended one, where it has one), for the UI's compare view."""
+    metrics = {}
+    for row in fertility.to_dict("records"):
+        for column in ("tokens_per_char", "tokens_per_word", "child_tokens_per_char", "child_tokens_per_word"):
+            value = float(row.get(column, math.nan))
+            if not math.isnan(value):
+                name = column.removeprefix("child_")
+                metrics[f"{name}.{row['language']}" + (".child" if column.startswith("child_") else "")] = value
+    return metrics
+
+
+def fertility_lines(fertility: pd.DataFrame) -> list[str]:
+    """The card's fertility section: what each language's held-out text costs in tokens, and the costly new scripts."""
+    child = "child_tokens_per_char" in fertility.columns
+    return [
+        "",
+        "### Tokenizer fertility",
+        "",
+        "Tokens per character and per whitespace word of each language's held-out text, under the parent's tokenizer"
+        + (" and under this version's extended one." if child else "."),
+        "",
+        "| language | group | tokens per character | tokens per word |" + (" extended: per character | per word |" if child else ""),
+        "|---|---|---:|---:|" + ("---:|---:|" if child else ""),
+        *[
+            f"| {r.language} | {r.group} | {_number(r.tokens_per_char)} | {_number(r.tokens_per_word)} |"
+            + (f" {_number(r.child_tokens_per_char)} | {_number(r.child_tokens_per_word)} |" if child else "")
+            for r in fertility.itertuples()
+        ],
+        *[f"\n**{warning}**" for warning in costly_languages(fertility)],
+    ]
 
 
 def base_card(languages: Sequence[str], params_total: int, description: str | None) -> str:

@@ -36,7 +36,17 @@ from .client import (
 )
 from .download import fetch_parent_files
 from .manifest import MANIFEST_NAME, build_manifest, sha256_file, text_digest
-from .model_card import Verdict, base_card, child_card, drift_record, own_metrics, training_metrics, verdict_tags
+from .model_card import (
+    Verdict,
+    base_card,
+    child_card,
+    drift_record,
+    fertility_lines,
+    fertility_metrics,
+    own_metrics,
+    training_metrics,
+    verdict_tags,
+)
 from .pyfunc_model import MLMODEL_FILE, write_mlmodel
 from .reports import check_reports, log_metrics_and_params, log_reports
 from .settings import RegistrySettings
@@ -370,10 +380,15 @@ def register_child(
     with store_errors(settings, prepared.model_dir):
         parent = find_version(client, settings, parent_version)
     registration = _child_registration(
-        settings, prepared, parent, round_info, comparison, verdict, classifier_accuracy, description, run_name
+        settings, prepared, parent, round_info, comparison, verdict, classifier_accuracy, tables.get("fertility"), description, run_name
     )
     curves, one_offs = training_metrics(training_history)
-    all_metrics = {**(own_metrics(comparison, "child") if comparison is not None else {}), **metrics}
+    fertility = tables.get("fertility")
+    all_metrics = {
+        **(own_metrics(comparison, "child") if comparison is not None else {}),
+        **(fertility_metrics(fertility) if fertility is not None else {}),
+        **metrics,
+    }
     if classifier_accuracy is not None:
         tables = {**tables, "classifier_accuracy": classifier_accuracy}
 
@@ -393,6 +408,7 @@ def _child_registration(
     comparison: pd.DataFrame | None,
     verdict: Verdict | None,
     classifier_accuracy: pd.DataFrame | None,
+    fertility: pd.DataFrame | None,
     description: str | None,
     run_name: str | None,
 ) -> Registration:
@@ -418,6 +434,8 @@ def _child_registration(
         params_added,
         classifier_accuracy,
     )
+    if fertility is not None:
+        card += "\n" + "\n".join(fertility_lines(fertility))
     return Registration(
         tags=encode_tags(
             {

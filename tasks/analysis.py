@@ -12,7 +12,8 @@ from layermoe_core.analysis.signals import neuron_signal, param_delta_signal
 from layermoe_core.analysis.similarity import SimilarityScore, layer_similarity
 from layermoe_core.data.corpus import CorpusSpec, Split, load_sequences, open_sequences, sample_token_rows
 from layermoe_core.evaluation.heldout_text import heldout_texts
-from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer
+from layermoe_core.model.checkpoints import PlacementSettings, load_tokenizer, read_config
+from layermoe_core.model.vocabulary import check_old_text_unchanged, extend_tokenizer, learn_merges, vocabulary_size
 
 from .common import PLACED_STEP_CACHE, cached_task, file_step, load_placed, publish_markdown, publish_table
 
@@ -175,13 +176,58 @@ FERTILITY_DOCUMENTS = 2_000  # held-out documents per language: enough for a rat
 
 @cached_task(PLACED_STEP_CACHE, name="measure tokenizer fertility")
 def measure_fertility(
-    tokenizer_dir: Path, corpora: dict[str, CorpusSpec], old: list[str], new: list[str], *, seed: int, heldout_fraction: float
+    tokenizer_dir: Path,
+    corpora: dict[str, CorpusSpec],
+    old: list[str],
+    new: list[str],
+    *,
+    seed: int,
+    heldout_fraction: float,
+    child_tokenizer_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """Tokens per character and per word of every language's held-out text, under the parent's tokenizer."""
+    """Tokens per character and per word of every language's held-out text, under the parent's tokenizer (and under
+    the round's extended one, `child_tokenizer_dir`, where it has one)."""
     tokenizer = load_tokenizer(tokenizer_dir)
+    child = load_tokenizer(child_tokenizer_dir) if child_tokenizer_dir is not None else None
     texts = {lang: list(heldout_texts(corpora[lang], seed, heldout_fraction).values())[:FERTILITY_DOCUMENTS] for lang in old + new}
-    table = fertility_table(tokenizer, texts, new)
+    table = fertility_table(tokenizer, texts, new, child)
     publish_table("fertility", table, "Tokens per character and per word of each language's held-out text (the parent's tokenizer)")
     for warning in costly_languages(table):
         get_run_logger().warning(warning)
     return table
+
+
+VOCABULARY_DOCUMENTS = 20_000  # training documents per language that new merges (and the old pairs they avoid) are read from
+
+
+@file_step(lambda a: a["out_dir"], name="extend the vocabulary")
+def extend_vocabulary(
+    parent_dir: Path,
+    corpora: dict[str, CorpusSpec],
+    old: list[str],
+    new: list[str],
+    count: int,
+    *,
+    seed: int,
+    heldout_fraction: float,
+    out_dir: Path,
+) -> Path:
+    """The parent's tokenizer plus up to `count` merges learned on the new languages' training text, saved to `out_dir`.
+
+    Every old language's held-out text is checked to tokenize exactly as under the parent's tokenizer.
+    """
+    parent = load_tokenizer(parent_dir)
+
+    def texts(languages: list[str], split: Split) -> list[str]:
+        return [
+            text
+            for lang in languages
+            for text in list(heldout_texts(corpora[lang], seed, heldout_fraction, split=split).values())[:VOCABULARY_DOCUMENTS]
+        ]
+
+    merges = learn_merges(parent, texts(new, "train"), texts(old, "train"), count)
+    extended = extend_tokenizer(parent, merges, first_id=vocabulary_size(read_config(parent_dir)))
+    check_old_text_unchanged(parent, extended, {lang: texts([lang], "heldout") for lang in old})
+    extended.save_pretrained(out_dir)
+    get_run_logger().info("vocabulary: %d new tokens (up to %d asked) for %s; old text tokenizes as before", len(merges), count, new)
+    return out_dir

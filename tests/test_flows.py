@@ -21,8 +21,11 @@ from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.data.corpus import load_sequences, open_sequences
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.gates import GateDecision, GateSettings
+from layermoe_core.evaluation.heldout_text import heldout_texts
 from layermoe_core.evaluation.metrics import EvalSettings, language_perplexity
-from layermoe_core.model.checkpoints import load_model
+from layermoe_core.model.checkpoints import load_model, load_tokenizer
+from layermoe_core.model.surgery import forced_old_routing
+from layermoe_core.model.vocabulary import VocabularySettings, check_old_text_unchanged
 from layermoe_core.training import trainer
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
@@ -243,3 +246,44 @@ def test_a_step_comes_from_the_cache_until_its_output_is_deleted_then_runs_again
     out.unlink()
     assert greet(out) == out and out.read_text() == "hello"
     assert written == ["hello", "hello"]  # its output was gone, so the step ran again
+
+
+def test_a_round_that_extends_the_vocabulary_keeps_old_text_and_old_logits_and_is_judged_in_bits_per_byte(world, tmp_path):
+    root, corpora, registry = world
+    plan = lifelong_plan(root, corpora, registry, [["hu"]]).round_plan(0, [], ParentRef(version=1))
+    # the extended tokenizer spends fewer tokens on hu, so its held-out split holds fewer than the other tests sample
+    tokens = TOKENS.model_copy(update={"eval_tokens": 600})
+    evaluation = plan.evaluation.model_copy(update={"gates": GateSettings(max_old_loss_increase=10.0)})  # new languages must improve
+    plan = plan.model_copy(
+        update={"vocabulary": VocabularySettings(extend=16), "promote_alias": "extended", "tokens": tokens, "evaluation": evaluation}
+    )
+    summary = add_languages(plan)
+
+    parent_dir = download_version(registry, 1, tmp_path / "parent").path
+    child_dir = download_version(registry, summary.version, tmp_path / "child").path
+    parent_tokenizer, child_tokenizer = load_tokenizer(parent_dir), load_tokenizer(child_dir)
+    child = load_model(child_dir, device="cpu")
+    added = child.config.expansion_rounds[-1]["added_tokens"]
+    assert 0 < added <= 16 and len(child_tokenizer) == len(parent_tokenizer) + added
+    old_text = {lang: list(heldout_texts(corpora[lang], TOKENS.seed, TOKENS.heldout_fraction).values()) for lang in ("en", "zh")}
+    check_old_text_unchanged(parent_tokenizer, child_tokenizer, old_text)  # byte for byte, or LayerMoEError
+    ids = torch.tensor([parent_tokenizer(old_text["en"][0])["input_ids"][:24]])
+    with torch.no_grad(), forced_old_routing(child):
+        forced = child(ids).logits
+    parent_logits = load_model(parent_dir, device="cpu")(ids).logits.detach()
+    torch.testing.assert_close(forced[..., : parent_logits.shape[-1]], parent_logits, atol=1e-5, rtol=0)
+    assert torch.isneginf(forced[..., parent_logits.shape[-1] :]).all()
+
+    # fertility before and after, in the card and the run's metrics: hu got cheaper, the old languages did not change
+    metrics = show_version(registry, summary.version)["metrics"]
+    assert metrics["tokens_per_char.hu.child"] < metrics["tokens_per_char.hu"]
+    assert all(metrics[f"tokens_per_char.{lang}.child"] == metrics[f"tokens_per_char.{lang}"] for lang in ("en", "zh"))
+    assert "| extended: per character | per word |" in show_version(registry, summary.version)["description"]
+
+    table = summary.table()
+    bits = table[table["metric"] == "bits_per_byte"]
+    assert sorted(bits["language"]) == ["en", "hu", "zh"]
+    assert (
+        f"new language hu: bits_per_byte {float(bits.loc[bits['language'] == 'hu', 'parent'].iloc[0]):.4f}"
+        in get_version(registry, summary.version).verdict_reason
+    )

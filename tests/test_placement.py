@@ -143,18 +143,20 @@ def test_a_plans_placement_reaches_load_model_through_the_measuring_tasks(saved,
 
     monkeypatch.setattr(tasks.common, "load_model", recording_load_model)
     tokens = save_sequences(sequences, tmp_path / "tokens.safetensors")
+    fertility = pd.DataFrame({"language": OLD + NEW, "tokens_per_char": [0.3, 0.9, 0.4], "tokens_per_word": [1.5, 4.0, 2.0]})
 
     @flow
     def measuring():
         similarity = measure_similarity(saved / "parent", tokens, OLD, NEW, score="mean", batch_size=2, placement=placement)
-        return similarity, measure_routing(saved / "child", tokens, OLD, batch_size=2, placement=placement)
+        return similarity, measure_routing(saved / "child", tokens, OLD, fertility, batch_size=2, placement=placement)
 
     similarity, routing = measuring()
     wanted = {"device_map": "auto", "max_memory": {"cpu": room}, "offload_folder": tmp_path / "offload"}
     assert loads == [("parent", wanted, {"cpu", "disk"}), ("child", wanted, {"cpu", "disk"})]
     stored = load_sequences(tokens)  # the languages in the order the tasks read them
     pd.testing.assert_frame_equal(similarity, MEASURES["similarity"](load_model(saved / "parent", device="cpu"), stored), atol=ATOL)
-    pd.testing.assert_frame_equal(routing, MEASURES["routing"](load_model(saved / "child", device="cpu"), stored), atol=ATOL)
+    expected = MEASURES["routing"](load_model(saved / "child", device="cpu"), stored).merge(fertility, on="language")
+    pd.testing.assert_frame_equal(routing, expected, atol=ATOL)  # each row beside its language's fertility
 
 
 def test_max_memory_without_a_device_map_is_refused_with_the_fix(tmp_path):

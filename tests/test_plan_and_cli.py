@@ -382,7 +382,19 @@ def test_registry_list_uses_options_given_after_the_subcommand(tmp_path, capsys)
 
 
 # -- a form a person can fill in --------------------------------------------------------
-SECTIONS = {"corpora", "allocation", "parent", "registry", "tokens", "stage1", "stage2", "evaluation", "launcher", "placement"}
+SECTIONS = {
+    "corpora",
+    "allocation",
+    "parent",
+    "registry",
+    "tokens",
+    "stage1",
+    "stage2",
+    "evaluation",
+    "launcher",
+    "placement",
+    "vocabulary",
+}
 
 
 def flow_form(flow) -> dict:

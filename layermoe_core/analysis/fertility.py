@@ -16,8 +16,13 @@ FERTILITY_COLUMNS = ["language", "group", "documents", "characters", "words", "t
 COSTLY_FACTOR = 2.0  # a new language at this many times the old languages' mean tokens per character is warned about
 
 
-def fertility_table(tokenizer: Any, texts: Mapping[str, Sequence[str]], new_languages: Sequence[str]) -> pd.DataFrame:
-    """One row per language: its texts' characters, whitespace words and tokens (no special tokens), and the ratios."""
+def fertility_table(
+    tokenizer: Any, texts: Mapping[str, Sequence[str]], new_languages: Sequence[str], child_tokenizer: Any = None
+) -> pd.DataFrame:
+    """One row per language: its texts' characters, whitespace words and tokens (no special tokens), and the ratios.
+
+    With `child_tokenizer` (a round's extended vocabulary), also `child_tokens_per_char` and `child_tokens_per_word` under it.
+    """
     rows = []
     for language, documents in texts.items():
         characters = sum(len(text) for text in documents)
@@ -35,7 +40,11 @@ def fertility_table(tokenizer: Any, texts: Mapping[str, Sequence[str]], new_lang
                 "tokens_per_word": tokens / words if words else float("nan"),
             }
         )
-    return pd.DataFrame(rows, columns=FERTILITY_COLUMNS)
+    table = pd.DataFrame(rows, columns=FERTILITY_COLUMNS)
+    if child_tokenizer is not None:
+        child = fertility_table(child_tokenizer, texts, new_languages)
+        table["child_tokens_per_char"], table["child_tokens_per_word"] = child["tokens_per_char"], child["tokens_per_word"]
+    return table
 
 
 def costly_languages(table: pd.DataFrame, factor: float = COSTLY_FACTOR) -> list[str]:
@@ -47,7 +56,7 @@ def costly_languages(table: pd.DataFrame, factor: float = COSTLY_FACTOR) -> list
     return [
         f"new language {row.language} costs {row.tokens_per_char:.2f} tokens per character, {row.tokens_per_char / baseline:.1f}x "
         f"the old languages' mean ({baseline:.2f}): the parent's tokenizer barely covers its script, so training and "
-        "decoding pay that factor (docs/method.md, tokenizer fertility)"
+        "decoding pay that factor; `vocabulary: {extend: N}` in the plan adds tokens for it (docs/vocabulary.md)"
         for row in table[table["group"] == "new"].itertuples()
         if row.tokens_per_char >= factor * baseline
     ]

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 COMPARISON_COLUMNS = ("language", "group", "metric", "parent", "child", "delta")  # metrics.compare_models' table
 # Held-out loss with the model pinned to the language (surgery.pinned_language; docs/pinned-serving.md), old languages only.
 PINNED_LOSS = "pinned_loss"
+# Held-out bits per UTF-8 byte (metrics.bits_per_byte): measured where parent and child tokenize a language differently.
+BITS_PER_BYTE = "bits_per_byte"
 
 
 class GateSettings(BaseModel):
@@ -99,7 +101,9 @@ def evaluate_gates(
                 f"{allowed:.4f}; pinned to its language the child must compute the version that learned it"
             )
     if settings.require_new_improvement:
-        new = loss[loss["group"] == "new"]
+        # Where the round extended the vocabulary, per-token losses of new text count different tokens: bits per byte do not.
+        bits = comparison[(comparison["metric"] == BITS_PER_BYTE) & (comparison["group"] == "new")]
+        new, unit = (bits, "bits per byte") if len(bits) else (loss[loss["group"] == "new"], "nats")
         if new.empty:
             failures.append(
                 "no new language has a held-out loss in the comparison, so improvement cannot be checked; "
@@ -109,7 +113,7 @@ def evaluate_gates(
             ok = row.delta < 0  # False for NaN
             verdict = "improved" if ok else "did not improve; it must decrease"
             (passes if ok else failures).append(
-                f"new language {row.language}: loss {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} nats) {verdict}"
+                f"new language {row.language}: {row.metric} {row.parent:.4f} -> {row.child:.4f} ({row.delta:+.4f} {unit}) {verdict}"
             )
     if settings.max_old_chrf_drop is not None:
         chrf = comparison[comparison["metric"].str.endswith("." + CHRF_METRIC) & (comparison["group"] == "old")]

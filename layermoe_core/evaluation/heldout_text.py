@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import pandas as pd
 
 from ..data.corpus import CorpusSpec, load_documents, validate_language_code
-from ..data.token_store import SplitRule
+from ..data.token_store import Split, SplitRule
 from ..errors import LayerMoEError
 
 PROMPT_COLUMNS = ["language", "id", "prompt", "reference"]
@@ -21,9 +21,14 @@ MAX_PROMPT_CHARS = 200  # continuation prompts come from sentences no longer tha
 
 
 def heldout_texts(
-    spec: CorpusSpec, seed: int, heldout_fraction: float, max_chars: int | None = None, require_ids: bool = False
+    spec: CorpusSpec,
+    seed: int,
+    heldout_fraction: float,
+    max_chars: int | None = None,
+    require_ids: bool = False,
+    split: Split = "heldout",
 ) -> dict[str, str]:
-    """id -> text of the held-out one-line documents (at most max_chars characters), in seeded order.
+    """id -> text of the held-out one-line documents (at most max_chars characters), in seeded order (`split="train"`: of the rest).
 
     Keys are the corpus ids, or the row numbers of a corpus without ids (as the sampler keys them);
     require_ids=True (parallel text) refuses a corpus without ids.
@@ -41,7 +46,7 @@ def heldout_texts(
     texts = {}
     for key, text in zip(keys, documents["text"]):
         text = (text or "").strip()
-        if text and "\n" not in text and (max_chars is None or len(text) <= max_chars) and rule.split_of(key) == "heldout":
+        if text and "\n" not in text and (max_chars is None or len(text) <= max_chars) and rule.split_of(key) == split:
             texts[key] = text
     return dict(sorted(texts.items(), key=lambda item: rule.order_of(item[0])))
 

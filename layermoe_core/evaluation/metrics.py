@@ -29,7 +29,7 @@ from ..errors import LayerMoEError, describe_validation_error
 from ..model.inference import inference, input_device
 from ..model.modeling_layermoe import LayerMoEForCausalLM
 from ..model.surgery import pinned_language
-from .gates import COMPARISON_COLUMNS, PINNED_LOSS, GateSettings
+from .gates import BITS_PER_BYTE, COMPARISON_COLUMNS, PINNED_LOSS, GateSettings
 from .generation import context_length, greedy_generate
 from .translation import TranslationSettings, translate_pairs, translation_metrics
 
@@ -356,6 +356,38 @@ def lm_eval_scores(
 
 
 # -- one model, everything ------------------------------------------------------------------
+def bits_per_byte(model: nn.Module, tokenizer: Any, texts: Mapping[str, Sequence[str]], seq_len: int, batch_size: int = 8) -> pd.DataFrame:
+    """Per language, the NLL of every token of its texts in bits over their UTF-8 bytes: a metrics table (metric `BITS_PER_BYTE`).
+
+    It does not depend on the tokenizer, so a child with an extended vocabulary and its parent compare on it.
+    Each text starts after an EOS (so its first token is predicted too) and is cut into windows of `seq_len`
+    predictions that overlap by one token, so every token is predicted exactly once.
+    """
+    start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    if start is None:
+        raise LayerMoEError("bits per byte predicts each text's first token after EOS or BOS; this tokenizer has neither: set eos_token")
+    device = input_device(model)
+    rows = []
+    with inference(model):
+        for language, documents in texts.items():
+            windows: list[list[int]] = []
+            for ids in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+                ids = [start, *ids]
+                windows += [ids[i : i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len)]
+            nll = 0.0
+            for first in range(0, len(windows), batch_size):
+                batch = windows[first : first + batch_size]
+                width = max(len(w) for w in batch)
+                ids = torch.tensor([w + [start] * (width - len(w)) for w in batch], device=device)  # (B, T)
+                mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in batch], device=device)
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # (B, T-1, V)
+                targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100).to(logits.device)
+                nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
+            size = sum(len(text.encode("utf-8")) for text in documents)
+            rows.append({"language": language, "metric": BITS_PER_BYTE, "value": nll / math.log(2) / size, "n": size})
+    return pd.DataFrame(rows, columns=METRICS_COLUMNS)
+
+
 def evaluate_model(
     model: nn.Module,
     tokenizer: Any,

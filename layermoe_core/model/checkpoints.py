@@ -164,7 +164,12 @@ def save_model(
     return model_dir
 
 
+def read_config(model_dir: str | Path) -> PretrainedConfig:
+    """The config of a saved dense or LayerMoE model, without its weights."""
+    return AutoConfig.from_pretrained(check_model_dir(model_dir), trust_remote_code=False)
+
+
 def num_decoder_layers(model_dir: str | Path) -> int:
     """Decoder layers of a saved dense or LayerMoE model, read from its config alone."""
-    config = AutoConfig.from_pretrained(check_model_dir(model_dir), trust_remote_code=False)
+    config = read_config(model_dir)
     return getattr(config, "base_config", config).num_hidden_layers

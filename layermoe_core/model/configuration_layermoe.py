@@ -24,7 +24,8 @@ class LayerMoEConfig(PreTrainedConfig):
     """Config of a LayerMoE model.
 
     `expansion_rounds` is the history, one dict per round with keys `old_languages`,
-    `new_languages`, `allocation` (new experts per layer) and `classifier_layers`.
+    `new_languages`, `allocation` (new experts per layer) and `classifier_layers`, plus
+    `added_tokens` for a round that extended the vocabulary (its rows follow every earlier row).
     Layer i holds 1 + sum_r allocation_r[i] experts: expert 0 is the original MLP,
     then each round's experts in order. Every round's classifiers stay active: an earlier
     round's classifier is part of the frozen parent path that old tokens take.

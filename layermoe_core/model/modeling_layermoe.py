@@ -21,6 +21,7 @@ from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
 from .experts import StackedExperts
 from .losses import load_balancing_loss
 from .moe_block import LayerMoEBlock, LayerMoERouter, recording_routing
+from .vocabulary import AddedVocabulary
 
 
 @dataclass
@@ -91,6 +92,13 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 block.add_expert_group(size)
                 if size and layer in expansion.get("classifier_layers", []):
                     block.routers[-1].add_classifier()
+        embedding = self.causal_lm.get_input_embeddings()
+        self.vocabulary = AddedVocabulary(embedding.num_embeddings, embedding.embedding_dim)
+        for number, expansion in enumerate(config.expansion_rounds or [], start=1):
+            if expansion.get("added_tokens"):
+                self.vocabulary.add_round(number, expansion["added_tokens"], like=embedding.weight)
+        # The added rows' logits follow the parent's: (..., V) -> (..., V + N).
+        self.causal_lm.get_output_embeddings().register_forward_hook(lambda head, args, logits: self._with_added_logits(args[0], logits))
         self.post_init()
 
     # -- structure -----------------------------------------------------------------
@@ -148,10 +156,18 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if output_router_logits is None:
             output_router_logits = self.training or labels is not None
+        if self.vocabulary.size and input_ids is not None:
+            kwargs["inputs_embeds"], input_ids = self.vocabulary.embed(input_ids, self.get_input_embeddings()), None
         if not output_router_logits and labels is None:
             return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # The wrapped model's loss reads its config's vocabulary size; with added rows the loss is taken here.
+        inner_labels = labels if not self.vocabulary.size else None
         with self._recorded_routing(output_router_logits) as (router_by_layer, classifier_by_layer):
-            out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            out = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=inner_labels, **kwargs)
+        if labels is not None and inner_labels is None:
+            out.loss = self.causal_lm.loss_function(
+                out.logits, labels, vocab_size=out.logits.shape[-1], num_items_in_batch=kwargs.get("num_items_in_batch")
+            )
         router_logits, classifier_logits = tuple(router_by_layer.values()), tuple(classifier_by_layer.values())
         aux_loss = None
         if router_logits:
@@ -168,6 +184,9 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             router_logits=router_logits,
             classifier_logits=classifier_logits,
         )
+
+    def _with_added_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.vocabulary.logits(hidden, logits) if self.vocabulary.size else logits
 
     @contextlib.contextmanager
     def _recorded_routing(self, record: bool = True) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:

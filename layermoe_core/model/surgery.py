@@ -18,6 +18,7 @@ from ..errors import LayerMoEError
 from .configuration_layermoe import LayerMoEConfig, check_supported_config
 from .modeling_layermoe import LayerMoEForCausalLM, decoder_layers
 from .moe_block import RouterInit
+from .vocabulary import initialise_added_rows
 
 Stage = Literal["stage1", "stage2"]
 
@@ -136,6 +137,21 @@ def insert_classifiers(model: LayerMoEForCausalLM, layers: Sequence[int], seed: 
     model.config.expansion_rounds[-1]["classifier_layers"] = sorted(set(layers))
 
 
+def extend_vocabulary(model: LayerMoEForCausalLM, pieces: Sequence[Sequence[int]]) -> None:
+    """Give this round one new vocabulary row per entry of `pieces` (`vocabulary.added_token_pieces`), after all earlier rows.
+
+    Each row (embedding and LM head) starts as the mean of its pieces' parent rows; the parent's rows stay as they are.
+    """
+    rounds = model.config.expansion_rounds
+    if model.vocabulary.rounds and model.vocabulary.rounds[-1] == len(rounds):
+        raise LayerMoEError(f"round {len(rounds)} already extended the vocabulary; extend it once per round")
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    model.vocabulary.add_round(len(rounds), len(pieces), like=embedding)
+    initialise_added_rows(model.vocabulary, pieces, embedding, head)
+    rounds[-1]["added_tokens"] = len(pieces)
+    set_trainable(model, "stage1")
+
+
 def count_parameters(model: torch.nn.Module, trainable: bool | None = None) -> int:
     """Distinct parameters (tied embeddings counted once); only the trainable (True) or frozen (False) ones if asked.
 
@@ -147,10 +163,14 @@ def count_parameters(model: torch.nn.Module, trainable: bool | None = None) -> i
 def set_trainable(model: LayerMoEForCausalLM, stage: Stage) -> list[str]:
     """Freeze everything, then unfreeze what `stage` trains; returns the trainable names.
 
-    stage1: this round's new experts and routers. stage2: this round's routers and classifiers.
-    The parent's experts, routers and classifiers never train.
+    stage1: this round's new experts and routers, and the vocabulary rows it added. stage2: this round's routers
+    and classifiers. The parent's experts, routers, classifiers and vocabulary rows never train.
     """
     model.requires_grad_(False)
+    vocabulary = model.vocabulary
+    if stage == "stage1" and vocabulary.rounds and vocabulary.rounds[-1] == len(model.config.expansion_rounds):
+        vocabulary.embeddings[-1].requires_grad_(True)
+        vocabulary.heads[-1].requires_grad_(True)
     for block in model.moe_blocks().values():
         router = block.router
         if router is None:
@@ -168,13 +188,16 @@ def _routing_cut(model: LayerMoEForCausalLM, rounds: int) -> Iterator[LayerMoEFo
     """Only the routers of the first `rounds` rounds route; each newer round's router takes its parent path."""
     blocks = list(model.moe_blocks().values())
     before = [block.routed_rounds for block in blocks]  # a cut inside another restores the outer one
+    visible_before = model.vocabulary.visible_rounds
     for block in blocks:
         block.routed_rounds = rounds
+    model.vocabulary.visible_rounds = rounds  # newer rounds' vocabulary rows are masked too
     try:
         yield model
     finally:
         for block, routed in zip(blocks, before):
             block.routed_rounds = routed
+        model.vocabulary.visible_rounds = visible_before
 
 
 def forced_old_routing(model: LayerMoEForCausalLM) -> contextlib.AbstractContextManager[LayerMoEForCausalLM]:

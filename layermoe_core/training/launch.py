@@ -206,14 +206,16 @@ class Stage1Job(_Job):
     top_k: int
     tokens_path: Path
     settings: Stage1Settings
+    extend_vocabulary: bool = False  # the tokenizer in tokenizer_dir adds tokens: give the child their rows
 
     def expanded_parent(self):
         """The parent on the CPU (the Trainer moves it to this process's device), expanded with `allocation`; the
         routers start from `settings.seed`, so every process and rerun builds the same child."""
-        from ..model.checkpoints import load_model
-        from ..model.surgery import expand
+        from ..model.checkpoints import load_model, load_tokenizer
+        from ..model.surgery import expand, extend_vocabulary
+        from ..model.vocabulary import added_token_pieces, vocabulary_size
 
-        return expand(
+        child = expand(
             load_model(self.parent_dir, device="cpu"),
             self.allocation,
             self.old_languages,
@@ -223,6 +225,9 @@ class Stage1Job(_Job):
             seed=self.settings.seed,
             router_init=self.settings.router_init,
         )
+        if self.extend_vocabulary:
+            extend_vocabulary(child, added_token_pieces(load_tokenizer(self.tokenizer_dir), vocabulary_size(child.config)))
+        return child
 
     def run(self, callbacks) -> TrainResult:
         from ..data.corpus import open_sequences

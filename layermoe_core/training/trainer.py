@@ -40,6 +40,7 @@ from ..model.losses import IGNORE_INDEX, NEW, OLD, classifier_loss, lpr_loss, ne
 from ..model.modeling_layermoe import LayerMoEForCausalLM
 from ..model.moe_block import RouterInit
 from ..model.surgery import set_trainable
+from ..model.vocabulary import vocabulary_size
 
 FINAL_DIR_NAME = "final"
 T = TypeVar("T")
@@ -702,10 +703,6 @@ def _trained_routers_old_experts(model: LayerMoEForCausalLM) -> list[int]:
     return [block.num_old_experts for block in model.moe_blocks().values() if block.expanded_this_round]
 
 
-def _vocab_size(model: PreTrainedModel) -> int:
-    return model.get_input_embeddings().num_embeddings
-
-
 # -- public entry points ---------------------------------------------------------------
 def train_causal_lm(
     model: PreTrainedModel,
@@ -716,7 +713,7 @@ def train_causal_lm(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Plain causal-LM training of every trainable parameter (the demo trains its dense base with it)."""
-    _check_sequences(sequences, "training", _vocab_size(model))
+    _check_sequences(sequences, "training", vocabulary_size(model.config))
     objective = Objective({"lm_loss": 1.0}, _measure_lm)
     table = _RowTable.of((sequences, None))
     return _train(model, SequenceDataset(table, range(len(table))), objective, settings, output_dir, callbacks, tokenizer)
@@ -731,7 +728,7 @@ def train_stage1(
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> TrainResult:
     """Stage 1: this round's experts and routers learn the new languages; loss = LM + coef * balance."""
-    _check_sequences(new_sequences, "new-language", _vocab_size(model))
+    _check_sequences(new_sequences, "new-language", vocabulary_size(model.config))
     set_trainable(model, "stage1")
     objective = Objective(
         {"lm_loss": 1.0, "balance_loss": settings.balance_loss_coef, "new_prior_loss": settings.new_prior_coef},
@@ -758,7 +755,7 @@ def train_stage2(
     old and new language) the classifiers' held-out accuracy is measured after the planned steps and
     recorded in the result; below `classifier_target_accuracy`, training goes on up to `classifier_max_steps`.
     """
-    vocab_size = _vocab_size(model)
+    vocab_size = vocabulary_size(model.config)
     _check_sequences(old_sequences, "old-language", vocab_size)
     if settings.replay_old_fraction < 1:
         _check_sequences(new_sequences, "new-language", vocab_size)
