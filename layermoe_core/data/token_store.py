@@ -26,8 +26,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
@@ -208,8 +208,6 @@ class BatchEncoder:
             self.backend.encode_special_tokens = tokenizer.split_special_tokens
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
         if self.backend is None:
             return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         setting = os.environ.get(_PARALLELISM)
@@ -330,42 +328,26 @@ class TokenStore:
         batch = next(self._batches, [])
         if len(batch) < TOKENIZE_BATCH:
             self.index["exhausted"] = True
-        documents = [(key, text if text and text.strip() else "") for key, text in batch]
-        # The next group's texts encode in the worker (the Rust backend, every core, without the GIL) while this
-        # thread writes the group before: at most two groups' token ids in memory.
-        with ThreadPoolExecutor(max_workers=1) as encoder:
-            written: tuple[list[tuple[str, str]], Future[list[list[int]]]] | None = None
-            for group in _text_groups(documents):
-                encoding = encoder.submit(self._encode, [text for _, text in group if text])
-                if written is not None:
-                    self._write_group(*written)
-                written = (group, encoding)
-            if written is not None:
-                self._write_group(*written)
+        eos, dtype = self.index["eos_token_id"], self.index["dtype"]
+        for group in _text_groups([(key, text if text and text.strip() else "") for key, text in batch]):
+            texts = [text for _, text in group if text]
+            encoded = iter(self._encode(texts) if texts else [])
+            by_split: dict[Split, list[tuple[str, list[int] | None]]] = {split: [] for split in SPLITS}
+            for key, text in group:  # an empty document stays, with no tokens (None), so parallel stores keep in step
+                by_split[self.rule.split_of(key)].append((key, next(encoded) if text else None))
+            del encoded
+            for split, documents in by_split.items():
+                if documents:
+                    self._append(split, documents, eos, dtype)
         self.index["consumed"] += len(batch)
         self._write_index()
 
-    def _write_group(self, group: list[tuple[str, str]], encoding: Future[list[list[int]]]) -> None:
-        """Append each document of a group to its split's files, with its token ids once they are encoded."""
-        encoded = iter(encoding.result())
-        by_split: dict[Split, list[tuple[str, list[int] | None]]] = {split: [] for split in SPLITS}
-        for key, text in group:  # an empty document stays, with no tokens (None), so parallel stores keep in step
-            by_split[self.rule.split_of(key)].append((key, next(encoded) if text else None))
-        for split, split_documents in by_split.items():
-            if split_documents:
-                self._append(split, split_documents)
-
-    def _append(self, split: Split, documents: list[tuple[str, list[int] | None]]) -> None:
+    def _append(self, split: Split, documents: list[tuple[str, list[int] | None]], eos: int, dtype: str) -> None:
         """Each document's tokens and EOS (nothing for an empty one) at the end of the split's files."""
         state = self.index["splits"][split]
-        eos = self.index["eos_token_id"]
         lengths = np.array([0 if ids is None else len(ids) + 1 for _, ids in documents], dtype=np.int64)
-        flat: list[int] = []
-        for _, ids in documents:
-            if ids is not None:
-                flat += ids
-                flat.append(eos)
-        tokens = np.array(flat, dtype=self.index["dtype"])
+        pieces = chain.from_iterable((ids, (eos,)) for _, ids in documents if ids is not None)
+        tokens = np.fromiter(chain.from_iterable(pieces), dtype=dtype, count=int(lengths.sum()))
         keys = "".join(key.replace("\n", " ") + "\n" for key, _ in documents).encode("utf-8")
         with open(self.file(split), "ab") as f:
             f.write(tokens.tobytes())
