@@ -29,7 +29,7 @@ from layermoe_core.model.vocabulary import (
     vocabulary_size,
 )
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, train_stage1, train_stage2
-from registry import RegistrySettings, download_version, get_version, register_base, register_child, show_version
+from registry import RegistrySettings, RoundInfo, download_version, get_version, register_base, register_child, show_version
 
 from .conftest import tiny_model
 from .synthetic_corpus import write_synthetic_corpus
@@ -65,9 +65,9 @@ def test_the_card_and_the_run_carry_each_languages_fertility_and_the_costly_new_
     model = tiny_model("qwen2", vocab_size=BASE_VOCAB)
     model.save_pretrained(tmp_path / "base")
     base_tokenizer.save_pretrained(tmp_path / "base")
-    round_1 = {"round": 1, "old_languages": OLD, "new_languages": NEW, "allocation": [2, 0, 1], "classifier_layers": [0]}
-    child = expand(model, round_1["allocation"], OLD, NEW)
-    insert_classifiers(child, round_1["classifier_layers"])
+    round_1 = RoundInfo(round=1, old_languages=OLD, new_languages=NEW, allocation=[2, 0, 1], classifier_layers=[0])
+    child = expand(model, round_1.allocation, OLD, NEW)
+    insert_classifiers(child, round_1.classifier_layers)
     child.save_pretrained(tmp_path / "child")
     base_tokenizer.save_pretrained(tmp_path / "child")
     fertility = fertility_table(base_tokenizer, {lang: documents(corpora, lang, HELDOUT) for lang in OLD + NEW}, NEW)
@@ -131,7 +131,7 @@ def extended_lineage(request, corpora, base_tokenizer, tmp_path_factory):
     dirs = [download_version(registry, 1, root / "v1").path]
     for number, (old, new, allocation) in enumerate(ROUNDS, start=1):
         final = run_extended_round(dirs[-1], old, new, allocation, corpora, root / f"round{number}")
-        info = {"round": number, "old_languages": old, "new_languages": [new], "allocation": allocation, "classifier_layers": [0]}
+        info = RoundInfo(round=number, old_languages=old, new_languages=[new], allocation=allocation, classifier_layers=[0])
         register_child(registry, final, number, info, {}, {}, {}, {})
         dirs.append(download_version(registry, number + 1, root / f"v{number + 1}").path)
     return registry, dirs
