@@ -523,7 +523,9 @@ def _add_approve_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_id", help="the paused add-languages flow run's id")
     decision = p.add_mutually_exclusive_group(required=True)
     decision.add_argument("--yes", dest="approve", action="store_true", help="move the alias to the round's version")
-    decision.add_argument("--no", dest="approve", action="store_false", help="reject the round: its version's verdict becomes rejected and the alias stays")
+    decision.add_argument(
+        "--no", dest="approve", action="store_false", help="reject the round: its version's verdict becomes rejected and the alias stays"
+    )
     p.add_argument("--reason", default="", help="stored on the version (required with --no)")
     p.add_argument(
         "--override-gate",
