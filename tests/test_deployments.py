@@ -58,6 +58,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
 BASE_LANGUAGES = ["en", "es"]
 DEADLINE_S = 600.0  # guards against a hung server or run, not a timing
+# Long enough that a worker killed at Stage 1's first checkpoint is still training, however fast the machine
+# (about 30 steps a second on an idle 2-core box); a rerun resumes and trains the rest.
+KILLED_STAGE1_STEPS = 600
 
 
 def free_port() -> int:
@@ -257,7 +260,9 @@ def own_prefect_api(tmp_path) -> Iterator[str]:
 def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends_crashed_and_resumes(own_prefect_api, tiny_world, tmp_path):
     prefect_api = own_prefect_api
     # A Stage 1 long enough to kill mid-way, with a checkpoint every 5 steps.
-    plan = tiny_plan(tiny_world, tmp_path, "on-worker", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
+    plan = tiny_plan(
+        tiny_world, tmp_path, "on-worker", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": KILLED_STAGE1_STEPS, "save_steps": 5})
+    )
     plan_file = write_plan(plan, tmp_path / "on-worker.yaml")
     env = process_env(tmp_path / "deploy-home", prefect_api)
     # What `docker compose up -d` runs before anyone deploys: prefect-setup's pools and crash automation.
@@ -354,7 +359,9 @@ def test_a_sigterm_to_the_worker_alone_stops_its_run_at_once_which_ends_crashed_
 ):
     """What `docker compose stop` sends the worker first (SIGTERM; SIGKILL after stop_grace_period), mid-Stage 1:
     the worker stops at once and its flow run's process with it, between Stage 1's periodic checkpoints."""
-    plan = tiny_plan(tiny_world, tmp_path, "stopped", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": 60, "save_steps": 5}))
+    plan = tiny_plan(
+        tiny_world, tmp_path, "stopped", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": KILLED_STAGE1_STEPS, "save_steps": 5})
+    )
     plan_file = write_plan(plan, tmp_path / "stopped.yaml")
     silence_s = 45  # the crash automation's window, as in the killed-worker test
     deploy_prefect_yaml({**process_env(tmp_path / "deploy-home", own_prefect_api), "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)})
