@@ -328,21 +328,7 @@ def sample_token_rows(
     when every corpus has ids and there are two languages or more (what similarity wants);
     training should keep the default, False, which uses each corpus in full.
     """
-    for code in corpora:
-        validate_language_code(code)
-    languages = list(corpora) if languages is None else list(languages)
-    missing = [lang for lang in languages if lang not in corpora]
-    if missing or not languages:
-        raise LayerMoEError(f"no corpus for languages {missing or '[]'}; corpora exist for {sorted(corpora)}: add one per language")
-    if seq_len < 1 or num_tokens < seq_len:
-        raise LayerMoEError(f"num_tokens={num_tokens} must be at least seq_len={seq_len} >= 1, to fill one sequence")
-    if split not in ("train", "heldout"):
-        raise LayerMoEError(f"unknown split {split!r}; use 'train' or 'heldout'")
-    if not 0 <= heldout_fraction < 1:
-        raise LayerMoEError(f"heldout_fraction={heldout_fraction} must be in [0, 1)")
-    if tokenizer.eos_token_id is None:
-        raise LayerMoEError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
-
+    languages = _checked_sample_request(corpora, tokenizer, num_tokens, seq_len, split, heldout_fraction, languages)
     needed = (num_tokens // seq_len) * seq_len
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,6 +356,33 @@ def sample_token_rows(
         for store in by_corpus.values():
             store.close()
     return _write_sample(rows, out_path)
+
+
+def _checked_sample_request(
+    corpora: Mapping[str, CorpusSpec],
+    tokenizer: PreTrainedTokenizerBase,
+    num_tokens: int,
+    seq_len: int,
+    split: Split,
+    heldout_fraction: float,
+    languages: Sequence[str] | None,
+) -> list[str]:
+    """The languages to sample (default: all of `corpora`), once the request can be met; otherwise one clear error."""
+    for code in corpora:
+        validate_language_code(code)
+    languages = list(corpora) if languages is None else list(languages)
+    missing = [lang for lang in languages if lang not in corpora]
+    if missing or not languages:
+        raise LayerMoEError(f"no corpus for languages {missing or '[]'}; corpora exist for {sorted(corpora)}: add one per language")
+    if seq_len < 1 or num_tokens < seq_len:
+        raise LayerMoEError(f"num_tokens={num_tokens} must be at least seq_len={seq_len} >= 1, to fill one sequence")
+    if split not in ("train", "heldout"):
+        raise LayerMoEError(f"unknown split {split!r}; use 'train' or 'heldout'")
+    if not 0 <= heldout_fraction < 1:
+        raise LayerMoEError(f"heldout_fraction={heldout_fraction} must be in [0, 1)")
+    if tokenizer.eos_token_id is None:
+        raise LayerMoEError("the tokenizer has no EOS token to separate documents; set tokenizer.eos_token")
+    return languages
 
 
 def _aligned_rows(
