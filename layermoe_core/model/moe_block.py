@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LayerMoEError
-from .experts import StackedExperts, host_dispatch, host_dispatch_applies
+from .experts import ExpertGroups, StackedExperts, host_dispatch, host_dispatch_applies
 
 RouterInit = Literal["fresh", "parent"]
 NEW_LABEL = 1  # classifier class of new-language tokens (losses.NEW); 0 is old
@@ -253,7 +253,7 @@ class LayerMoEBlock(nn.Module):
         rounds = [index for index, size in enumerate(self.group_sizes[1:]) if size]  # each router's round, 0-based
         return [router for router, index in zip(routers, rounds) if index < self.routed_rounds]
 
-    def expert_groups(self) -> list[tuple[nn.Module, int, int]]:
+    def expert_groups(self) -> ExpertGroups:
         """(module, first expert id, number of experts) for expert 0 and each non-empty round."""
         groups, first = [(self.original_mlp, 0, 1)], 1
         rounds = iter(self.new_experts)
