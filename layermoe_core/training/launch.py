@@ -420,7 +420,7 @@ def launch(jobs: Sequence[TrainJob], launcher: LauncherSettings, reporter: JobRe
                     if start["index"] not in started:
                         started.add(start["index"])
                         reporter.job_starts(start["index"], jobs[start["index"]], start["trained"])
-                logs[running].write(line)
+                logs[running if start is None else start["index"]].write(line)  # a skipped job's start can come late
                 tail.append(line.rstrip("\n"))
                 record = _record(line, METRICS_PREFIX)
                 if record is not None:
