@@ -42,7 +42,7 @@ from tasks.analysis import (
 from tasks.evaluation import evaluate_round, measure_routing, sample_heldout_text
 from tasks.parent import ParentModel, register_base_model, resolve_parent
 from tasks.registration import draw_plots, gate_and_promote, register_round
-from tasks.training import run_stage1, run_stage2
+from tasks.training import train_stages
 
 from .approval import review_promotion
 from .plan import ExpansionPlan
@@ -296,36 +296,38 @@ def run_round(plan: ExpansionPlan, parent: ParentModel, work: Path) -> RoundSumm
 def train_child(
     plan: ExpansionPlan, parent: ParentModel, round_info: RoundInfo, sampling: Sampling, work: Path
 ) -> tuple[TrainResult, Path, TrainResult]:
-    """Stage 1 (the new experts, on new-language tokens), then Stage 2 (routers and classifiers, on a replay mix,
-    their classifiers measured on the held-out tokens sampled between the two, which evaluation reuses)."""
+    """Stage 1 (the new experts, on new-language tokens), the routing classifiers, then Stage 2 (routers and
+    classifiers, on a replay mix, their classifiers measured on held-out tokens, which evaluation reuses).
+
+    Every token sample is drawn first (each is seeded), so that with a launcher both stages train in one launch.
+    """
     old, new, tokens = round_info.old_languages, round_info.new_languages, plan.tokens
-    stage1 = run_stage1(
-        Stage1Job(
-            parent_dir=parent.path,
-            tokenizer_dir=sampling.tokenizer_dir,
-            allocation=round_info.allocation,
-            old_languages=old,
-            new_languages=new,
-            top_k=plan.top_k,
-            tokens_path=sample_tokens(sampling, "stage1", new, tokens.stage1_tokens),
-            settings=plan.stage1,
-            output_dir=work / "stage1",
-            extend_vocabulary=bool(plan.vocabulary.extend),
-        ),
-        plan.launcher,
-    )
+    stage1_tokens = sample_tokens(sampling, "stage1", new, tokens.stage1_tokens)
     heldout = sample_tokens(sampling, "heldout", old + new, tokens.eval_tokens, split="heldout")
-    stage2 = run_stage2(
-        Stage2Job(
-            stage1_dir=stage1.model_dir,
-            tokenizer_dir=stage1.model_dir,
-            classifier_layers=round_info.classifier_layers,
-            old_tokens_path=sample_tokens(sampling, "replay-old", old, tokens.stage2_tokens),
-            new_tokens_path=sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens),
-            settings=plan.stage2,
-            output_dir=work / "stage2",
-            heldout_tokens_path=heldout,
-        ),
-        plan.launcher,
+    replay_old = sample_tokens(sampling, "replay-old", old, tokens.stage2_tokens)
+    replay_new = sample_tokens(sampling, "replay-new", new, tokens.stage2_tokens)
+
+    stage1 = Stage1Job(
+        parent_dir=parent.path,
+        tokenizer_dir=sampling.tokenizer_dir,
+        allocation=round_info.allocation,
+        old_languages=old,
+        new_languages=new,
+        top_k=plan.top_k,
+        tokens_path=stage1_tokens,
+        settings=plan.stage1,
+        output_dir=work / "stage1",
+        extend_vocabulary=bool(plan.vocabulary.extend),
     )
-    return stage1, heldout, stage2
+    stage2 = Stage2Job(
+        stage1_dir=stage1.final_dir,  # Stage 2 loads Stage 1's saved model, in a launch as on a rerun
+        tokenizer_dir=stage1.final_dir,
+        classifier_layers=round_info.classifier_layers,
+        old_tokens_path=replay_old,
+        new_tokens_path=replay_new,
+        settings=plan.stage2,
+        output_dir=work / "stage2",
+        heldout_tokens_path=heldout,
+    )
+    stage1_result, stage2_result = train_stages(stage1, stage2, plan.launcher)
+    return stage1_result, heldout, stage2_result

@@ -12,7 +12,7 @@ from layermoe_core.training.launch import BaseJob, LauncherSettings
 from layermoe_core.training.trainer import FINAL_DIR_NAME, TrainSettings
 
 from .common import file_step
-from .training import run_job
+from .training import run_jobs
 
 
 @file_step(lambda a: a["output_dir"], name="build offline corpus", retries=2, retry_delay_seconds=10)
@@ -49,6 +49,6 @@ def train_base(
         settings=settings,
         output_dir=output_dir,
     )
-    result = run_job(job, launcher, "base")
+    (result,) = run_jobs([job], launcher)
     get_run_logger().info("base model trained: %s", result.final_metrics)
     return result.model_dir

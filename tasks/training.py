@@ -1,75 +1,84 @@
 """Steps 4-6 of a round: Stage 1, classifier insertion, Stage 2 (review).
 
-Each step runs its job (layermoe_core.training.launch): in this process, or with a plan `launcher` as an
-`accelerate launch` job, while this process only waits, forwarding rank 0's metrics.
+The stages run as jobs (layermoe_core.training.launch), in order: in this process, or with a plan
+`launcher` in one `accelerate launch`, while this process only waits, forwarding rank 0's metrics.
 """
+
+from collections.abc import Sequence
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from layermoe_core.training.launch import BaseJob, LaunchError, LauncherSettings, Stage1Job, Stage2Job, launch
-from layermoe_core.training.trainer import FINAL_DIR_NAME, MetricsCallback, TrainResult
+from layermoe_core.training.launch import JobReporter, LaunchError, LauncherSettings, Stage1Job, Stage2Job, TrainJob, launch, train_in_order
+from layermoe_core.training.trainer import TrainResult
 
 from .common import artifact_key, file_step
 
 
-class ProgressReporter(MetricsCallback):
-    """Training logs go to the flow's log, and progress to a Prefect progress artifact.
+class ProgressReporter(JobReporter):
+    """Each stage's training logs go to the flow's log, and its progress to a Prefect progress artifact of its own.
 
-    Progress is the Trainer's own step count over its own total (`state.max_steps`), which it
-    works out from epochs too, so plans that train by epochs show progress as well.
+    Progress is the Trainer's own step count over its own total (`max_steps`), which it works out
+    from epochs too, so plans that train by epochs show progress as well.
     """
 
-    def __init__(self, stage: str):
-        logger = get_run_logger()
-        super().__init__(lambda metrics, step: logger.info("%s step %s: %s", stage, step, {k: round(v, 4) for k, v in metrics.items()}))
-        self.artifact_id = create_progress_artifact(
-            progress=0.0, key=artifact_key(f"{stage}-progress"), description=f"{stage} training progress"
-        )
+    def __init__(self, jobs: Sequence[TrainJob]):
+        self.logger = get_run_logger()
+        self.artifacts = {
+            job.kind: create_progress_artifact(
+                progress=0.0, key=artifact_key(f"{job.kind}-progress"), description=f"{job.kind} training progress"
+            )
+            for job in jobs
+        }
+        self.skipped: set[str] = set()
 
-    def _update(self, state) -> None:
-        if state.is_world_process_zero and state.max_steps:
-            update_progress_artifact(artifact_id=self.artifact_id, progress=min(100.0, 100.0 * state.global_step / state.max_steps))
+    def job_starts(self, index: int, job: TrainJob, trained: bool) -> None:
+        if trained:
+            self.skipped.add(job.kind)
+            self.logger.info("%s: trained by an earlier run (%s); skipped", job.kind, job.final_dir)
+        else:
+            self.logger.info("%s: training; output in %s", job.kind, job.output_dir)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        super().on_log(args, state, control, logs=logs, **kwargs)
-        self._update(state)
+    def metrics(self, stage: str, metrics: dict[str, float], step: int, max_steps: int) -> None:
+        self.logger.info("%s step %s: %s", stage, step, {k: round(v, 4) for k, v in metrics.items()})
+        if max_steps:
+            self.progress(stage, 100.0 * step / max_steps)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self._update(state)
+    def progress(self, stage: str, percent: float) -> None:
+        update_progress_artifact(artifact_id=self.artifacts[stage], progress=min(100.0, percent))
 
 
-def run_job(job: Stage1Job | Stage2Job | BaseJob, launcher: LauncherSettings | None, stage: str) -> TrainResult:
-    """`job.run` in this process, or under accelerate launch with `launcher` (a failed or killed launch fails the task,
-    its log's tail shown once, here); either way its progress reaches the flow's log and artifacts."""
-    reporter = ProgressReporter(stage)
+def run_jobs(jobs: Sequence[TrainJob], launcher: LauncherSettings | None) -> list[TrainResult]:
+    """`train_in_order` in this process, or in one accelerate launch with `launcher` (a failed or killed launch fails
+    the task, its log's tail shown once, here); either way each job's progress reaches the flow's log and artifacts."""
+    reporter = ProgressReporter(jobs)
     if launcher is None:
-        result = job.run([reporter])
+        results = train_in_order(jobs, reporter)
     else:
-        get_run_logger().info("%s: launching %s processes; log in %s", stage, launcher.processes, job.output_dir)
+        get_run_logger().info("launching %s on %s processes", ", then ".join(job.kind for job in jobs), launcher.processes)
         try:
-            result = launch(job, launcher, reporter.fn)
+            results = launch(jobs, launcher, reporter)
         except LaunchError as error:
             lines = "\n".join(f"  | {line}" for line in error.tail)
-            get_run_logger().error("%s: the launch failed; the last %s lines of its log:\n%s", stage, len(error.tail), lines)
+            get_run_logger().error("the launch failed; the last %s lines of its log:\n%s", len(error.tail), lines)
             raise
-    if result.resumed_from:
-        get_run_logger().info("%s resumed from %s", stage, result.resumed_from)
-    return result
+    for job, result in zip(jobs, results, strict=True):
+        reporter.progress(job.kind, 100.0)
+        if result.resumed_from and job.kind not in reporter.skipped:
+            get_run_logger().info("%s resumed from %s", job.kind, result.resumed_from)
+    return results
 
 
-@file_step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 1: train new experts")
-def run_stage1(job: Stage1Job, launcher: LauncherSettings | None = None) -> TrainResult:
-    """Expand the parent with the job's allocation and train this round's experts and routers on new-language text.
+@file_step(lambda a: a["stage2"].final_dir, name="stages 1 and 2: train new experts, then review routers and classifiers")
+def train_stages(stage1: Stage1Job, stage2: Stage2Job, launcher: LauncherSettings | None = None) -> tuple[TrainResult, TrainResult]:
+    """Stage 1: expand the parent with the job's allocation and train this round's experts and routers on new-language
+    text. Stage 2: insert the routing classifiers into Stage 1's model, then train routers and classifiers on the
+    old+new replay mix (and, with held-out tokens, on until the classifiers reach their accuracy target or the step cap).
 
-    A rerun after an interruption resumes from the last checkpoint in the job's output_dir.
+    One task for both stages, because with a launcher they run in one launch (its imports paid once), which two tasks
+    could only share by one doing the other's work; each stage keeps its own progress artifact and log lines. A rerun
+    skips a stage whose final model is saved and resumes the other from its newest checkpoint.
     """
-    return run_job(job, launcher, "stage1")
-
-
-@file_step(lambda a: a["job"].output_dir / FINAL_DIR_NAME, name="stage 2: review routers and classifiers")
-def run_stage2(job: Stage2Job, launcher: LauncherSettings | None = None) -> TrainResult:
-    """Insert the routing classifiers, then train routers and classifiers on the old+new replay mix (and, with held-out
-    tokens, on until the classifiers reach their accuracy target or the step cap)."""
-    get_run_logger().info("routing classifiers in layers %s", job.classifier_layers)
-    return run_job(job, launcher, "stage2")
+    get_run_logger().info("routing classifiers in layers %s", stage2.classifier_layers)
+    trained1, trained2 = run_jobs([stage1, stage2], launcher)
+    return trained1, trained2

@@ -1,9 +1,10 @@
 """Stages launched by the flow as `accelerate launch` jobs: 2 CPU processes under torchrun, gloo, as DDP and FSDP2.
 
 A tiny base (itself trained by a 2-process launch) gets "el" added, by the add-languages flow
-in this process; only the stages run in the launched ranks. Faults are injected into rank 1
+in this process; only the stages run in the launched ranks, both stages in one launch. Faults are injected into rank 1
 through a `sitecustomize` module on the ranks' PYTHONPATH (Python imports it at start-up):
-it wraps `layermoe_core.training.trainer._train` to add one TrainerCallback, and touches nothing else.
+it wraps `layermoe_core.training.trainer._train` to add one TrainerCallback to one stage (Stage 1, or
+LAYERMOE_TEST_FAULT_STAGE), and touches nothing else.
 """
 
 import json
@@ -73,6 +74,7 @@ FSDP2_CONFIG = {
     },
 }
 # Not anchored at a line's start: rank 0's progress bar leaves its line open on the shared stream.
+JOB_LINE = re.compile(r"layermoe-job (\{[^{}]*\})")
 RANK_LINE = re.compile(r"layermoe rank (\d+)/(\d+): (.+); trainable parameters held by this rank: ([\d,]+) of ([\d,]+) bytes$", re.M)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEADLINE_S = 600.0  # a guard against a hung launch, not a timing: far above what a healthy launch needs
@@ -82,6 +84,7 @@ FAULTS = textwrap.dedent(
     # Test-only fault injection into rank 1 of a launched stage (see tests/test_distributed.py).
     import os
     fault = os.environ.get("LAYERMOE_TEST_FAULT")
+    stage = os.environ.get("LAYERMOE_TEST_FAULT_STAGE", "stage1")
     if fault and os.environ.get("RANK") == "1":
         import signal
         import torch
@@ -114,7 +117,7 @@ FAULTS = textwrap.dedent(
 
         _train = training._train
         def _train_with_fault(model, rows, objective, settings, output_dir, callbacks, tokenizer=None):
-            if not str(output_dir).endswith("stage1"):  # faults strike Stage 1 only
+            if not str(output_dir).endswith(stage):  # faults strike one stage only
                 return _train(model, rows, objective, settings, output_dir, callbacks, tokenizer)
             return _train(model, rows, objective, settings, output_dir, [*callbacks, Fault(model)], tokenizer)
         training._train = _train_with_fault
@@ -209,6 +212,57 @@ def test_two_process_round_registers_one_version_whose_child_matches_the_single_
         update, launched_update = tensor.float() - start[name].float(), launched_child[name].float() - start[name].float()
         assert update.norm() > 0, name
         assert ((launched_update - update).norm() / update.norm()).item() <= MATCH_TOLERANCE, name
+
+
+def job_starts(log: Path) -> list[dict]:
+    """Each rank's line as it starts a job, in a launch log: index, stage, trained (so skipped), rank, pid."""
+    return [json.loads(record) for record in JOB_LINE.findall(log.read_text())]
+
+
+def test_a_launched_round_trains_both_stages_in_one_launch_of_the_same_rank_processes(two_process_round):
+    *_, work = two_process_round
+    logs = {stage: work / stage / "launch.log" for stage in ("stage1", "stage2")}
+    headers = {stage: [line for line in log.read_text().splitlines() if line.startswith("$ ")] for stage, log in logs.items()}
+    assert len(headers["stage1"]) == 1 and headers["stage2"] == headers["stage1"], headers  # one launch, its command in both logs
+    assert headers["stage1"][0].endswith(f" {work / 'stage1' / 'stage1-job.json'} {work / 'stage2' / 'stage2-job.json'}")
+    pids = {}
+    for index, (stage, log) in enumerate(logs.items()):
+        starts = job_starts(log)
+        assert sorted((s["index"], s["stage"], s["trained"], s["rank"]) for s in starts) == [
+            (index, stage, False, 0),
+            (index, stage, False, 1),
+        ]
+        pids[stage] = {s["rank"]: s["pid"] for s in starts}
+    assert pids["stage2"] == pids["stage1"] and len(set(pids["stage1"].values())) == 2  # Stage 2 ran in Stage 1's two processes
+
+
+def test_a_rank_killed_in_stage2_fails_the_round_and_the_rerun_resumes_stage2_without_retraining_stage1(
+    world, two_process_round, faults, tmp_path
+):
+    registry = fresh_registry(world, tmp_path)
+    plan = round_plan(world, registry, tmp_path / "work", TWO_PROCESSES)
+    stage1, stage2 = round_dir(plan, 1) / "stage1", round_dir(plan, 1) / "stage2"
+
+    faults.setenv("LAYERMOE_TEST_FAULT", "kill:4")  # rank 1 dies after Stage-2 step 4; checkpoint-3 is complete
+    faults.setenv("LAYERMOE_TEST_FAULT_STAGE", "stage2")
+    with pytest.raises(LaunchError) as failure:
+        add_languages(plan)
+    assert "stage2 launch (2 processes) exited with code" in str(failure.value) and str(stage2 / "launch.log") in str(failure.value)
+    assert (stage1 / "final").is_dir() and (stage2 / "checkpoint-3" / "trainer_state.json").is_file() and not (stage2 / "final").exists()
+    assert list_versions(registry)["version"].tolist() == [1]
+    stage1_saved = (stage1 / "final" / "model.safetensors").stat().st_mtime_ns
+
+    faults.delenv("LAYERMOE_TEST_FAULT")
+    summary = add_languages(plan)
+    assert sorted((s["trained"], s["rank"]) for s in job_starts(stage1 / "launch.log")) == [(False, 0), (False, 1), (True, 0), (True, 1)]
+    assert len(rank_lines(stage1 / "launch.log")) == 2  # Stage 1's Trainer started in the first launch only
+    assert (stage1 / "final" / "model.safetensors").stat().st_mtime_ns == stage1_saved
+    assert json.loads((stage2 / RESULT_NAME).read_text())["resumed_from"] == str(stage2 / "checkpoint-3")
+    assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2
+    resumed = child_weights(registry, 2, tmp_path / "child")
+    _, _, uninterrupted, _ = two_process_round
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
 
 
 @pytest.fixture

@@ -522,7 +522,7 @@ def test_ctrl_c_during_training_ends_the_run_crashed_with_one_line(tmp_path):
     assert cli.returncode == 130 and "Traceback" not in after_ctrl_c and "Error" not in after_ctrl_c, after_ctrl_c
     last = after_ctrl_c.strip().splitlines()[-1]
     assert re.fullmatch(
-        r"layermoe: interrupted in task 'stage 1[^']*' of flow run '[^']+'; the run is marked Crashed\. "
+        r"layermoe: interrupted in task 'stages 1 and 2[^']*' of flow run '[^']+'; the run is marked Crashed\. "
         r"Rerun the same command to resume: .*",
         last,
     ), last

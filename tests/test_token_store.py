@@ -120,7 +120,11 @@ def test_a_stage_resumed_from_the_memory_map_ends_bit_identical(corpus, tokenize
         train_stage1(fresh_model(), open_sequences(path), settings, tmp_path / "interrupted", [StopAfterStep(3)])
     steps = []
     resumed = train_stage1(
-        fresh_model(), open_sequences(path), settings, tmp_path / "interrupted", [MetricsCallback(lambda logs, step: steps.append(step))]
+        fresh_model(),
+        open_sequences(path),
+        settings,
+        tmp_path / "interrupted",
+        [MetricsCallback(lambda logs, step, max_steps: steps.append(step))],
     )
     assert resumed.resumed_from.name == "checkpoint-2" and min(steps) > 2
     before, after = (load_file(r.model_dir / "model.safetensors") for r in (uninterrupted, resumed))

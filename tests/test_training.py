@@ -159,7 +159,7 @@ def test_interrupted_stage_resumes_to_the_uninterrupted_result(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_stage1(fresh_model(), data, settings, tmp_path / "interrupted", [StopAfterStep(3)])
     steps_run = []
-    record_steps = MetricsCallback(lambda logs, step: steps_run.append(step))
+    record_steps = MetricsCallback(lambda logs, step, max_steps: steps_run.append(step))
     resumed = train_stage1(fresh_model(), data, settings, tmp_path / "interrupted", [record_steps])
 
     assert resumed.resumed_from.name == "checkpoint-2"
@@ -178,7 +178,7 @@ def test_train_causal_lm_lowers_loss_and_reports_loss_curves(tmp_path):
     loss_before = lm_loss(model, held_out)
     logged = []
     settings = TrainSettings(learning_rate=1e-2, max_steps=15, **QUICK)
-    record = MetricsCallback(lambda metrics, step: logged.append((step, metrics)))
+    record = MetricsCallback(lambda metrics, step, max_steps: logged.append((step, metrics)))
     result = train_causal_lm(model, {"el": new_language(64)}, settings, tmp_path, [record])
 
     assert lm_loss(model, held_out) < 0.8 * loss_before
@@ -192,7 +192,7 @@ def test_a_metrics_callback_prints_each_log_step_once(tmp_path, capfd):
     settings = TrainSettings(learning_rate=1e-2, max_steps=4, per_device_batch_size=4, save_steps=100, logging_steps=2)
     train_causal_lm(tiny_model(), {"el": new_language(16)}, settings, tmp_path / "plain")
     assert "{'loss': " in capfd.readouterr().out  # without a reporter the Trainer prints its dict
-    report = MetricsCallback(lambda metrics, step: print(f"base step {step}: {sorted(metrics)}"))
+    report = MetricsCallback(lambda metrics, step, max_steps: print(f"base step {step}: {sorted(metrics)}"))
     train_causal_lm(tiny_model(), {"el": new_language(16)}, settings, tmp_path / "reported", [report])
     printed = capfd.readouterr().out
     assert "{'loss': " not in printed and "base step 2: " in printed and "base step 4: " in printed, printed

@@ -1,19 +1,26 @@
-"""Training stages as jobs: `job.run` trains in the calling process, `launch` runs it under `accelerate launch`, one process per device.
+"""Training stages as jobs: `train_in_order` trains jobs one after another in the calling process, `launch` runs
+them under one `accelerate launch`, one process per device.
 
 The flow process alone samples, measures, evaluates and registers; the launched ranks only
-train. A job is a JSON file (`Stage1Job`, `Stage2Job` or `BaseJob`); every rank reads it, builds
-the same seeded model, reads the same token files and trains with HF `Trainer`, which DDP, FSDP2
-or DeepSpeed ZeRO distribute as accelerate's config says (`LauncherSettings.strategy`; on a CPU,
-where accelerate itself would fall back to DDP, the ranks turn FSDP2 on: `trainer.LayerMoETrainer`;
-docs/multi-gpu.md). Each rank logs its rank, the world size and the strategy once. Rank 0 writes the `TrainResult` to
-`<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError`, carrying the tail of
-its log; the next launch of the same job resumes from the newest complete checkpoint.
+train. A job is a JSON file (`Stage1Job`, `Stage2Job` or `BaseJob`); every rank reads the round's
+job files and runs `train_in_order` on them, the code the flow process runs without a launcher: for
+each job it builds the same seeded model, reads the same token files and trains with HF `Trainer`,
+which DDP, FSDP2 or DeepSpeed ZeRO distribute as accelerate's config says (`LauncherSettings.strategy`;
+on a CPU, where accelerate itself would fall back to DDP, the ranks turn FSDP2 on:
+`trainer.LayerMoETrainer`; docs/multi-gpu.md). So a round's Stage 1 and Stage 2 share one launch and
+pay the launcher's and the ranks' imports once; Stage 2 still loads Stage 1's final folder from disk,
+as a rerun does. Each rank logs its rank, the world size and the strategy once per job. Rank 0 writes
+each job's `TrainResult` to `<output_dir>/train_result.json` when the job is done; a rerun skips a
+job with a final folder and a result, and resumes any other from its newest complete checkpoint.
+A killed or failed launch raises `LaunchError`, carrying the tail of its log.
 
-    python -m layermoe_core.training.launch JOB.json     # what each rank runs (under accelerate launch)
+    python -m layermoe_core.training.launch JOB.json [JOB.json ...]   # what each rank runs (under accelerate launch)
 """
 
 from __future__ import annotations
 
+import functools
+import gc
 import importlib.util
 import json
 import os
@@ -21,7 +28,8 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -32,11 +40,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 import layermoe_core
 
 from ..errors import LayerMoEError
-from .trainer import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
+from .trainer import FINAL_DIR_NAME, MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
 
 RESULT_NAME = "train_result.json"  # in the job's output_dir, written by rank 0
-LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output, appended per launch
-METRICS_PREFIX = "layermoe-metrics "  # a rank-0 stdout line: this prefix, then {"step": .., "metrics": {..}}
+LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output while it runs that job, appended per launch
+JOB_PREFIX = "layermoe-job "  # a rank's stdout line as it starts a job: this prefix, then {"index": .., "stage": .., ...}
+METRICS_PREFIX = "layermoe-metrics "  # a rank-0 stdout line: this prefix, then {"stage": .., "step": .., "max_steps": .., "metrics": {..}}
 REPO_ROOT = Path(layermoe_core.__file__).resolve().parents[1]
 
 
@@ -148,8 +157,8 @@ class LauncherSettings(BaseModel):
                     "use an FSDP2 config (distributed_type: FSDP, fsdp_version: 2), which also runs on CPUs"
                 )
 
-    def command(self, job_path: Path) -> list[str]:
-        """The `accelerate launch` command line that runs `job_path` on every rank."""
+    def command(self, job_paths: Sequence[Path]) -> list[str]:
+        """The `accelerate launch` command line that runs the jobs in `job_paths`, in order, on every rank."""
         command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0"]
         if self.config_file is not None:
             command += ["--config_file", str(Path(self.config_file).resolve())]
@@ -169,7 +178,7 @@ class LauncherSettings(BaseModel):
             ]  # precision is the Trainer's
             # torchrun starts the ranks; on a CPU-only machine accelerate picks gloo (MULTI_CPU).
             command += ["--multi_gpu"] if self.processes > 1 else ["--cpu"] if not _cuda() else []
-        return [*command, "-m", "layermoe_core.training.launch", str(job_path)]
+        return [*command, "-m", "layermoe_core.training.launch", *map(str, job_paths)]
 
 
 def _cuda() -> bool:
@@ -193,6 +202,18 @@ class _Job(BaseModel):
 
     output_dir: Path
     tokenizer_dir: Path  # its tokenizer is saved beside the final model
+
+    @property
+    def final_dir(self) -> Path:
+        """Where the trained model is saved: the Trainer's `output_dir/final`."""
+        return self.output_dir / FINAL_DIR_NAME
+
+    def is_trained(self) -> bool:
+        """Trained by an earlier run: its final model is saved and rank 0 wrote its result after it."""
+        return self.final_dir.is_dir() and (self.output_dir / RESULT_NAME).is_file()
+
+    def saved_result(self) -> TrainResult:
+        return TrainResult.model_validate_json((self.output_dir / RESULT_NAME).read_text(encoding="utf-8"))
 
 
 class Stage1Job(_Job):
@@ -307,25 +328,66 @@ TrainJob = Annotated[Stage1Job | Stage2Job | BaseJob, Field(discriminator="kind"
 _JOB = TypeAdapter(TrainJob)
 
 
-# -- the flow's side -------------------------------------------------------------------------
-def launch(
-    job: Stage1Job | Stage2Job | BaseJob,
-    launcher: LauncherSettings,
-    on_metrics: Callable[[dict[str, float], int], None] = lambda metrics, step: None,
-) -> TrainResult:
-    """Run `job` under `accelerate launch` and return rank 0's TrainResult.
+# -- jobs in order: the flow process without a launcher, and every launched rank ------------------------
+class JobReporter:
+    """What a caller hears while jobs train: each job's start, and rank 0's logged metrics. The default hears nothing.
 
-    Every rank's output is appended to `<output_dir>/launch.log`; rank 0's metric lines reach
-    `on_metrics` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns
-    into the end of every rank) raises `LaunchError`, which carries the log's tail.
+    The flow's task implements it once; a launch forwards its ranks' lines to it, so a launched
+    round reports what an in-process round reports.
+    """
+
+    def job_starts(self, index: int, job: TrainJob, trained: bool) -> None:
+        """Job `index` of the run starts; `trained`: an earlier run trained it, so it is skipped."""
+
+    def metrics(self, stage: str, metrics: dict[str, float], step: int, max_steps: int) -> None:
+        """A Trainer log of the job of kind `stage`, at optimizer `step` of `max_steps`."""
+
+
+def train_in_order(jobs: Sequence[TrainJob], reporter: JobReporter) -> list[TrainResult]:
+    """Train `jobs` one after another in this process and return their results.
+
+    A job trained by an earlier run is skipped (its saved result is returned); any other resumes
+    from its newest complete checkpoint. Rank 0 writes each job's result as soon as the job is done,
+    so after a failure in a later job, the rerun skips the earlier ones.
+    """
+    from accelerate import PartialState
+
+    results = []
+    for index, job in enumerate(jobs):
+        trained = job.is_trained()
+        reporter.job_starts(index, job, trained)
+        if trained:
+            results.append(job.saved_result())
+            continue
+        gc.collect()  # the previous job's Trainer and model sit in reference cycles: free them before this job builds its model
+        result = job.run([MetricsCallback(functools.partial(reporter.metrics, job.kind))])
+        if PartialState().is_main_process:
+            written = job.output_dir / (RESULT_NAME + ".partial")
+            written.write_text(result.model_dump_json(), encoding="utf-8")
+            written.replace(job.output_dir / RESULT_NAME)
+        results.append(result)
+    return results
+
+
+# -- the flow's side -------------------------------------------------------------------------
+def launch(jobs: Sequence[TrainJob], launcher: LauncherSettings, reporter: JobReporter | None = None) -> list[TrainResult]:
+    """Run `jobs`, in order, in one `accelerate launch` and return rank 0's TrainResults.
+
+    Every rank's output is appended to the `launch.log` of the job it is running (each job's log
+    starts with the launch's command line); the ranks' job starts and rank 0's metrics reach
+    `reporter` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns into
+    the end of every rank) raises `LaunchError`, naming the job that was running, with the log's tail.
     """
     launcher.check_runnable()
-    output_dir = Path(job.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job_path = output_dir / f"{job.kind}-job.json"
-    job_path.write_text(job.model_dump_json(indent=2), encoding="utf-8")
-    (output_dir / RESULT_NAME).unlink(missing_ok=True)
-    command = launcher.command(job_path)
+    reporter = reporter or JobReporter()
+    job_paths = []
+    for job in jobs:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+        job_paths.append(job.output_dir / f"{job.kind}-job.json")
+        job_paths[-1].write_text(job.model_dump_json(indent=2), encoding="utf-8")
+        if not job.is_trained():
+            (job.output_dir / RESULT_NAME).unlink(missing_ok=True)
+    command = launcher.command(job_paths)
     # The ranks import this very tree, whatever is installed in the environment.
     env = {
         **os.environ,
@@ -333,10 +395,12 @@ def launch(
         "PYTHONUNBUFFERED": "1",
     }
     tail: deque[str] = deque(maxlen=launcher.log_tail_lines)
-    log_path = output_dir / LOG_NAME
-    with log_path.open("a", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(command)}\n")
-        log.flush()
+    running, started = 0, set()  # the job whose log gets the output: the newest one a rank has started
+    with ExitStack() as stack:
+        logs = [stack.enter_context((job.output_dir / LOG_NAME).open("a", encoding="utf-8")) for job in jobs]
+        for log in logs:
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
         process = subprocess.Popen(
             command,
             cwd=REPO_ROOT,
@@ -350,11 +414,17 @@ def launch(
         try:
             assert process.stdout is not None  # stdout=PIPE
             for line in process.stdout:
-                log.write(line)
+                start = _record(line, JOB_PREFIX)
+                if start is not None:
+                    running = max(running, start["index"])
+                    if start["index"] not in started:
+                        started.add(start["index"])
+                        reporter.job_starts(start["index"], jobs[start["index"]], start["trained"])
+                logs[running if start is None else start["index"]].write(line)  # a skipped job's start can come late
                 tail.append(line.rstrip("\n"))
-                if line.startswith(METRICS_PREFIX):
-                    record = json.loads(line[len(METRICS_PREFIX) :])
-                    on_metrics(record["metrics"], record["step"])
+                record = _record(line, METRICS_PREFIX)
+                if record is not None:
+                    reporter.metrics(record["stage"], record["metrics"], record["step"], record["max_steps"])
             returncode = process.wait()
         finally:
             if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
@@ -364,36 +434,53 @@ def launch(
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
-    result_path = output_dir / RESULT_NAME
-    if returncode != 0 or not result_path.is_file():
+    unfinished = [job for job in jobs if not (job.output_dir / RESULT_NAME).is_file()]
+    if returncode != 0 or unfinished:
+        failed = jobs[running] if returncode else unfinished[0]
         error = LaunchError(
-            f"the {job.kind} launch ({launcher.processes} processes) exited with code {returncode}"
-            f"{'' if returncode else ' without a result'}; its log is {log_path}. Fix the cause and rerun the flow: "
-            f"training resumes from the newest checkpoint in {output_dir}"
+            f"the {failed.kind} launch ({launcher.processes} processes) exited with code {returncode}"
+            f"{'' if returncode else ' without a result'}; its log is {failed.output_dir / LOG_NAME}. Fix the cause and rerun "
+            f"the flow: training resumes from the newest checkpoint in {failed.output_dir}"
         )
         error.tail = tuple(tail)
         raise error
-    return TrainResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+    return [job.saved_result() for job in jobs]
+
+
+def _record(line: str, prefix: str) -> dict | None:
+    """The JSON record after `prefix` in `line`, or None. Searched, not matched at the start: another rank's
+    progress bar can leave its line open on the shared stream."""
+    at = line.find(prefix)
+    return None if at < 0 else json.JSONDecoder().raw_decode(line, at + len(prefix))[0]
 
 
 # -- the ranks' side -------------------------------------------------------------------------
-def _print_metrics(metrics: dict[str, float], step: int) -> None:
-    print(METRICS_PREFIX + json.dumps({"step": step, "metrics": metrics}), flush=True)
+class _RankLines(JobReporter):
+    """A rank's reports as stdout lines, which `launch` reads back: every rank's job starts, rank 0's metrics."""
+
+    def job_starts(self, index: int, job: TrainJob, trained: bool) -> None:
+        record = {"index": index, "stage": job.kind, "trained": trained, "rank": int(os.environ.get("RANK", 0)), "pid": os.getpid()}
+        _write_line(JOB_PREFIX + json.dumps(record))
+
+    def metrics(self, stage: str, metrics: dict[str, float], step: int, max_steps: int) -> None:
+        _write_line(METRICS_PREFIX + json.dumps({"stage": stage, "step": step, "max_steps": max_steps, "metrics": metrics}))
 
 
-def run_rank(job_path: Path) -> None:
-    """One rank of a launched job: train (rank 0 saves the model and tokenizer), then (rank 0) write the result."""
-    from accelerate import PartialState
+def _write_line(text: str) -> None:
+    """One write with its newline: print's separate write of the newline lets another rank's output in between."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
-    job = _JOB.validate_json(Path(job_path).read_text(encoding="utf-8"))
-    result = job.run([MetricsCallback(_print_metrics)])  # MetricsCallback reports on rank 0 only
-    if PartialState().is_main_process:
-        partial = Path(job.output_dir) / (RESULT_NAME + ".partial")
-        partial.write_text(result.model_dump_json(), encoding="utf-8")
-        partial.replace(Path(job.output_dir) / RESULT_NAME)
+
+def run_rank(job_paths: Sequence[Path]) -> None:
+    """One rank of a launch: train the jobs in order (rank 0 saves each model and tokenizer, and writes each result)."""
+    train_in_order([_JOB.validate_json(Path(path).read_text(encoding="utf-8")) for path in job_paths], _RankLines())
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m layermoe_core.training.launch JOB.json  (run by `accelerate launch`; see layermoe_core.training.launch)")
-    run_rank(Path(sys.argv[1]))
+    if len(sys.argv) < 2:
+        sys.exit(
+            "usage: python -m layermoe_core.training.launch JOB.json [JOB.json ...]  (run by `accelerate launch`; "
+            "see layermoe_core.training.launch)"
+        )
+    run_rank([Path(path) for path in sys.argv[1:]])

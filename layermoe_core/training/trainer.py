@@ -508,19 +508,19 @@ class _LogLastStep(TrainerCallback):
 
 
 class MetricsCallback(TrainerCallback):
-    """Forward every training log as fn(metrics, step), on the main process only.
+    """Forward every training log as fn(metrics, step, max_steps), on the main process only.
 
     The metrics are the loss components (lm_loss, balance_loss, lpr_loss, classifier_loss),
     classifier_accuracy, loss, learning_rate and grad_norm; tasks forward them to MLflow or
     Prefect, so the library never imports either.
     """
 
-    def __init__(self, fn: Callable[[dict[str, float], int], None]):
+    def __init__(self, fn: Callable[[dict[str, float], int, int], None]):
         self.fn = fn
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            self.fn({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step)
+            self.fn({k: float(v) for k, v in logs.items() if isinstance(v, (int, float))}, state.global_step, state.max_steps)
 
 
 class ClassifierTarget(TrainerCallback):
