@@ -211,6 +211,8 @@ class LayerMoEBlock(nn.Module):
         `top_k_routing`: old-language text costs one classifier matmul and the dense layer. Training runs
         every router on every token, so a gradient-checkpointing recompute takes the path its forward took.
         """
+        if self.routed_rounds == 0:  # the tree cut at round 0 (a base-language pin): the dense layer
+            return None
         if inference:
             tree = self._cached_inference_route()
             classified, fallback = tree.classified, tree.fallback
