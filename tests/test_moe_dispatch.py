@@ -382,8 +382,7 @@ def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classi
     with torch.inference_mode():
         served_before, _ = block._route(tokens, inference=True)
     CLASSIFIER_CHANGES[change](block)
-    fresh = copy.deepcopy(block)
-    fresh._inference_route = None
+    fresh = copy.deepcopy(block)  # a copy keeps no route: it builds its own
     with torch.inference_mode():
         served, weights = block._route(tokens, inference=True)
         general, general_weights = block.route(tokens)

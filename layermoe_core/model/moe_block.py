@@ -135,6 +135,10 @@ class LayerMoEBlock(nn.Module):
         self._shape = (hidden_size, intermediate_size, hidden_act)
         self._inference_route: InferenceRoute | None = None  # kept between calls while its key matches
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the kept inference route behind: its key names this block's own objects."""
+        return {**super().__getstate__(), "_inference_route": None}
+
     @property
     def num_experts(self) -> int:
         return sum(self.group_sizes)
