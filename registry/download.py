@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow.artifacts
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import RegisteredModel
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
@@ -33,7 +34,7 @@ from .storage import (
     locate_files,
     write_full_model,
 )
-from .versions import VersionInfo, VersionRef, find_version
+from .versions import VersionInfo, VersionRef, find_version, registered_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,18 @@ def _what(info: VersionInfo) -> str:
     return f"version {info.version} of {info.name!r}"
 
 
+def _artifact_uri(client: MlflowClient, info: VersionInfo) -> str:
+    """Where the version's files are. A version registered from a run (source `runs:/<run_id>/<dir>`) has them under
+    the run's artifact root, read directly: MLflow resolving a `runs:` URI looks for logged models on every call."""
+    prefix = f"runs:/{info.run_id}/"
+    if info.artifact_uri and info.source.startswith(prefix):
+        return f"{info.artifact_uri.rstrip('/')}/{info.source.removeprefix(prefix)}"
+    return client.get_model_version_download_uri(info.name, str(info.version))
+
+
 def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path, path: str | None = None) -> Path:
-    uri = client.get_model_version_download_uri(info.name, str(info.version))
     try:
+        uri = _artifact_uri(client, info)
         return Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{uri.rstrip('/')}/{path}" if path else uri,
@@ -97,8 +107,16 @@ def stored_files(client: MlflowClient, settings: RegistrySettings, info: Version
     return cached
 
 
-def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, seen: tuple[int, ...] = ()) -> dict[str, FileSource]:
-    """Where every file of `info`'s full model is, following delta references down the lineage."""
+def _sources(
+    client: MlflowClient,
+    settings: RegistrySettings,
+    info: VersionInfo,
+    model: RegisteredModel | None = None,
+    seen: tuple[int, ...] = (),
+) -> dict[str, FileSource]:
+    """Where every file of `info`'s full model is, following delta references down the lineage; `model`, the registered
+    model, is looked up once for the whole lineage."""
+    model = model or registered_model(client, settings)
     if info.version in seen:
         raise LayerMoEError(f"the lineage of version {seen[0]} loops at version {info.version}; its layouts are corrupt")
     stored = stored_files(client, settings, info)
@@ -106,7 +124,7 @@ def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
     parent_sources = None
     if parent_ref is not None:
         try:
-            parent = find_version(client, settings, parent_ref["version"])
+            parent = find_version(client, settings, parent_ref["version"], model)
         except LayerMoEError as e:
             raise LayerMoEError(
                 f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
@@ -117,7 +135,7 @@ def _sources(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
                 f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
                 "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
             )
-        parent_sources = _sources(client, settings, parent, (*seen, info.version))
+        parent_sources = _sources(client, settings, parent, model, (*seen, info.version))
     return locate_files(stored, parent_sources, _what(info))
 
 

@@ -65,6 +65,7 @@ class VersionInfo(BaseModel):
     run_status: str | None = None  # None: the run is gone
     record: dict[str, str] = {}
     run_tags: dict[str, str] = {}
+    artifact_uri: str | None = None  # its run's artifact root; None: the run is gone
 
     def tag(self, key: str) -> Any:
         """A `layermoe.*` value decoded to its type (int, list, float: the key's), from the version's tags, else its
@@ -237,6 +238,7 @@ def _info(client: MlflowClient, mv: ModelVersion, rm: RegisteredModel) -> Versio
         run_status=run.info.status if run else None,
         record={k: v for k, v in run.data.params.items() if k.startswith("layermoe.")} if run else {},
         run_tags={k: v for k, v in run.data.tags.items() if k.startswith("layermoe.")} if run else {},
+        artifact_uri=run.info.artifact_uri if run else None,
     )
 
 
@@ -251,9 +253,10 @@ def _run_if_any(client: MlflowClient, run_id: str | None) -> Run | None:
         return None
 
 
-def find_version(client: MlflowClient, settings: RegistrySettings, ref: VersionRef) -> VersionInfo:
-    """The version `ref` names; if none, a LayerMoEError that lists the versions and aliases there are."""
-    rm = registered_model(client, settings)
+def find_version(client: MlflowClient, settings: RegistrySettings, ref: VersionRef, model: RegisteredModel | None = None) -> VersionInfo:
+    """The version `ref` names; if none, a LayerMoEError that lists the versions and aliases there are.
+    model: the registered model, where the caller holds it already (one query less a version down a lineage)."""
+    rm = model or registered_model(client, settings)
     target = parse_ref(ref)
     version = rm.aliases.get(target) if isinstance(target, str) else target
     if version is not None:

@@ -7,6 +7,8 @@ gradients (input, every trainable weight, router) must match it, on CPU and, whe
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,6 +329,72 @@ def test_inference_route_and_output_equal_the_general_path(newest, older, family
     assert torch.equal(experts, general_experts)
     torch.testing.assert_close(weights, general_weights)
     assert_close(ours, reference, "output")
+
+
+def flip_in_place(block: LayerMoEBlock) -> None:
+    with torch.no_grad():
+        for router in block.routers:
+            router.classifier.weight.neg_()
+            router.classifier.bias.neg_()
+
+
+def flip_by_new_modules(block: LayerMoEBlock) -> None:
+    for router in block.routers:
+        flipped = torch.nn.Linear(HIDDEN, 2).to(router.classifier.weight)
+        flipped.load_state_dict({name: -tensor for name, tensor in router.classifier.state_dict().items()})
+        router.classifier = flipped
+
+
+def flip_by_new_parameters(block: LayerMoEBlock) -> None:
+    for router in block.routers:
+        router.classifier.weight = torch.nn.Parameter(-router.classifier.weight.detach())
+        router.classifier.bias = torch.nn.Parameter(-router.classifier.bias.detach())
+
+
+def flip_by_data(block: LayerMoEBlock) -> None:
+    for router in block.routers:
+        router.classifier.weight.data = -router.classifier.weight.data
+        router.classifier.bias.data = -router.classifier.bias.data
+
+
+def flip_by_state_dict(block: LayerMoEBlock) -> None:
+    flipped = {name: -tensor if ".classifier." in name else tensor for name, tensor in block.state_dict().items()}
+    block.load_state_dict(flipped)
+
+
+CLASSIFIER_CHANGES = {  # name: a change that reverses every classifier's decisions
+    "weights negated in place": flip_in_place,
+    "classifier modules replaced": flip_by_new_modules,
+    "parameters replaced": flip_by_new_parameters,
+    "parameter data replaced": flip_by_data,
+    "state dict loaded": flip_by_state_dict,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(MLPS))
+@pytest.mark.parametrize("change", list(CLASSIFIER_CHANGES))
+def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classifier(change, family, dtype):
+    """The inference route keeps the layer's classifiers stacked between calls; after any change to them it
+    decides as the general route does, which runs each classifier module afresh, and as a block built fresh."""
+    block = two_rounds_with_classifiers("mixed", "mixed", family, dtype)
+    tokens = torch.randn(80, HIDDEN, dtype=dtype)
+    with torch.inference_mode():
+        served_before, _ = block._route(tokens, inference=True)
+    CLASSIFIER_CHANGES[change](block)
+    fresh = copy.deepcopy(block)  # a copy keeps no route: it builds its own
+    with torch.inference_mode():
+        served, weights = block._route(tokens, inference=True)
+        general, general_weights = block.route(tokens)
+        fresh_served, fresh_weights = fresh._route(tokens, inference=True)
+        block.routed_rounds = 1  # the tree cut at the older round: its classifier alone decides
+        cut_served, _ = block._route(tokens, inference=True)
+        cut_general, _ = block.route(tokens)
+    assert not torch.equal(served, served_before)  # the change reversed decisions, so a stale route would show
+    assert torch.equal(served, general)
+    torch.testing.assert_close(weights, general_weights)
+    assert torch.equal(served, fresh_served) and torch.equal(weights, fresh_weights)
+    assert torch.equal(cut_served, cut_general) and not torch.equal(cut_served, served)
 
 
 def test_inference_runs_no_router_that_no_token_reaches():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +58,12 @@ class LayerMoERouter(nn.Module):
     `classifier` (optional) predicts old (0) or new (1) per token from its hidden state.
     """
 
+    classifier: nn.Linear | None
+
     def __init__(self, hidden_size: int, num_experts: int, num_old_experts: int, top_k: int):
         super().__init__()
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.classifier: nn.Linear | None = None
+        self.register_module("classifier", None)  # a module slot from the start: `LayerMoEBlock._route_key` reads it there
         self.num_old_experts = num_old_experts  # the experts that existed before this router's round
         self.top_k = top_k
 
@@ -103,21 +105,21 @@ class LayerMoERouter(nn.Module):
         return classifier(tokens.to(classifier.weight.dtype)).argmax(dim=-1) == NEW_LABEL
 
 
-def classify(tokens: torch.Tensor, routers: list[LayerMoERouter], stacked: bool) -> torch.Tensor:
-    """tokens (N, d) -> (N, R) bool: each router's classifier decision per token (`LayerMoERouter.predicts_new`).
+class InferenceRoute(NamedTuple):
+    """The routing tree as the inference route asks it, for one state of its block (`LayerMoEBlock._route_key`).
 
-    stacked (inference) asks every classifier in one matmul where their weights are resident and share a
-    dtype; else (training, whose recording hooks sit on the classifier modules, or an offloaded model whose
-    hooks load the weights) each classifier module runs.
+    The key holds the tree cut, the id of every router and classifier, and each classifier tensor's (id, data_ptr,
+    _version): an in-place change bumps a version; a replaced module or parameter, or moved data, changes an id or
+    an address. `sources` keeps those objects and their data alive, so that no other object takes their ids or
+    addresses. Writes through `.data` bypass the version counter, as they bypass autograd.
     """
-    classifiers = [router.classifier for router in routers if router.classifier is not None]
-    weights = [classifier.weight for classifier in classifiers]
-    if stacked and len({(weight.dtype, weight.device) for weight in weights}) == 1 and not weights[0].is_meta:
-        weight, bias = torch.cat(weights), torch.cat([classifier.bias for classifier in classifiers])  # (2R, d), (2R,)
-        logits = F.linear(tokens.to(weight.dtype), weight, bias)  # (N, 2R)
-    else:
-        logits = torch.cat([classifier(tokens.to(classifier.weight.dtype)).float() for classifier in classifiers], dim=1)
-    return logits.view(len(tokens), len(classifiers), 2).argmax(dim=-1) == NEW_LABEL
+
+    key: tuple
+    sources: tuple
+    classified: list[LayerMoERouter]  # the routers that ask their classifier, newest first
+    fallback: LayerMoERouter | None  # the newest router without a classifier; None: the dense layer
+    weight: torch.Tensor | None  # (2R, d): the classifiers of `classified` stacked; None where one matmul cannot run them
+    bias: torch.Tensor | None  # (2R,)
 
 
 class LayerMoEBlock(nn.Module):
@@ -131,6 +133,11 @@ class LayerMoEBlock(nn.Module):
         # Rounds whose routers route (None: all): the tree cut by `forced_old_routing` or `pinned_language`.
         self.routed_rounds: int | None = None
         self._shape = (hidden_size, intermediate_size, hidden_act)
+        self._inference_route: InferenceRoute | None = None  # kept between calls while its key matches
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the kept inference route behind: its key names this block's own objects."""
+        return {**super().__getstate__(), "_inference_route": None}
 
     @property
     def num_experts(self) -> int:
@@ -208,13 +215,13 @@ class LayerMoEBlock(nn.Module):
         `top_k_routing`: old-language text costs one classifier matmul and the dense layer. Training runs
         every router on every token, so a gradient-checkpointing recompute takes the path its forward took.
         """
-        classified: list[LayerMoERouter] = []  # newest first
-        fallback = None  # the newest router without a classifier; None: the dense layer
-        for router in reversed(self._routed_routers()):
-            if router.classifier is None:
-                fallback = router
-                break
-            classified.append(router)
+        if self.routed_rounds == 0:  # the tree cut at round 0 (a base-language pin): the dense layer
+            return None
+        if inference:
+            tree = self._cached_inference_route()
+            classified, fallback = tree.classified, tree.fallback
+        else:
+            classified, fallback = self._deciders()
 
         def top_k(router: LayerMoERouter | None) -> tuple[torch.Tensor, torch.Tensor]:
             """(ids, weights), (N, k) each; None: the dense layer."""
@@ -225,7 +232,7 @@ class LayerMoEBlock(nn.Module):
 
         if not classified:
             return None if fallback is None else top_k(fallback)
-        takes_new = classify(tokens, classified, inference)  # (N, R), newest first
+        takes_new = self._classify(tokens, tree if inference else None, classified)  # (N, R), newest first
         deciders = [*classified, fallback]
         if inference and len(tokens) == 1:  # decoding one row: the decisions read on the host, one router decides
             decisions = takes_new[0].tolist()  # the one host sync
@@ -244,6 +251,59 @@ class LayerMoEBlock(nn.Module):
             takes = (choice == index)[:, None]  # (N, 1)
             ids, weights = torch.where(takes, new_ids, ids), torch.where(takes, new_weights, weights)
         return ids, weights
+
+    def _classify(self, tokens: torch.Tensor, tree: InferenceRoute | None, classified: list[LayerMoERouter]) -> torch.Tensor:
+        """tokens (N, d) -> (N, R) bool: each classifier's decision per token (`LayerMoERouter.predicts_new`).
+
+        With the inference route's stacked classifiers, one matmul; else (training, whose recording hooks sit on
+        the classifier modules, or an offloaded model, whose hooks load the weights) each classifier module runs.
+        """
+        if tree is not None and tree.weight is not None:
+            logits = F.linear(tokens.to(tree.weight.dtype), tree.weight, tree.bias)  # (N, 2R)
+        else:
+            classifiers = [router.classifier for router in classified if router.classifier is not None]
+            logits = torch.cat([classifier(tokens.to(classifier.weight.dtype)).float() for classifier in classifiers], dim=1)
+        return logits.view(len(tokens), len(classified), 2).argmax(dim=-1) == NEW_LABEL
+
+    def _deciders(self) -> tuple[list[LayerMoERouter], LayerMoERouter | None]:
+        """The routers whose classifiers decide, newest first, down to the newest router without one (None: the
+        dense layer); the routers before it are never reached."""
+        classified: list[LayerMoERouter] = []
+        for router in reversed(self._routed_routers()):
+            if router.classifier is None:
+                return classified, router
+            classified.append(router)
+        return classified, None
+
+    def _route_key(self) -> tuple:
+        """What the inference route depends on (`InferenceRoute`). Read through the modules' own dicts: this runs
+        every decoding step, where `nn.Module.__getattr__` on every router and classifier tensor would cost more
+        than the classifier matmul."""
+        routers = list(self.routers)
+        classifiers = [router._modules["classifier"] for router in routers]
+        tensors = [tensor for classifier in classifiers if classifier is not None for tensor in classifier._parameters.values()]
+        states = [(id(tensor), tensor.data_ptr(), tensor._version) for tensor in tensors]
+        return (self.routed_rounds, [id(router) for router in routers], [id(classifier) for classifier in classifiers], states)
+
+    def _cached_inference_route(self) -> InferenceRoute:
+        """The inference route for the block as it is now: the kept one while its key matches, else built anew."""
+        key = self._route_key()
+        tree = self._inference_route
+        if tree is not None and tree.key == key:
+            return tree
+        classified, fallback = self._deciders()
+        routers = list(self.routers)
+        classifiers = [router.classifier for router in routers]
+        every_tensor = [
+            (tensor, tensor.detach()) for classifier in classifiers if classifier is not None for tensor in classifier.parameters()
+        ]
+        asked = [router.classifier for router in classified if router.classifier is not None]  # each has one (`_deciders`)
+        tensors = [tensor for classifier in asked for tensor in (classifier.weight, classifier.bias)]
+        weight = bias = None
+        if classified and len({(t.dtype, t.device) for t in tensors}) == 1 and not tensors[0].is_meta:
+            weight, bias = torch.cat(tensors[0::2]), torch.cat(tensors[1::2])  # (2R, d), (2R,)
+        self._inference_route = InferenceRoute(key, (routers, classifiers, every_tensor), classified, fallback, weight, bias)
+        return self._inference_route
 
     def _routed_routers(self) -> list[LayerMoERouter]:
         """The routers that route, oldest first: all, or those of the first `routed_rounds` rounds (the tree cut)."""
