@@ -46,9 +46,10 @@ from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
+from registry.listing import list_versions
 from registry.register import register_base
 from registry.settings import RegistrySettings
-from registry.versions import list_versions, promote, schedule_pause_note, show_version
+from registry.versions import promote, schedule_pause_note, show_version
 
 from .conftest import save_with_tiny_tokenizer, tiny_model
 from .synthetic_corpus import write_synthetic_corpus
