@@ -428,7 +428,8 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
             assert "**Gate verdict: PENDING** (awaiting a reviewer; the automatic gate passes it)" in waiting["description"]
 
         # The Resume form's answer is checked by the server against the form's schema, as the UI submits it.
-        for unanswerable in ({}, {"reason": "fine"}, {"decision": "reject"}, {"decision": "reject", "reason": "  "}):
+        answers = ({"reason": "fine"}, {"decision": "reject"}, {"decision": "reject", "reason": "  "}, {"decision": "approve", "reason": 1})
+        for unanswerable in ({}, *({"decision": answer} for answer in answers)):
             with pytest.raises(RuntimeError, match="Cannot resume this run"):
                 resume_flow_run(runs["tr"].id, run_input=unanswerable)
         assert read_flow_run(runs["tr"].id).state.is_paused()
@@ -501,8 +502,10 @@ def test_approving_a_version_that_failed_the_gate_needs_override_gate_which_is_r
             return next((run for run in runs if run.state and run.state.is_paused()), None)
 
         run = wait_until(paused_run, "the review to pause", reviewed, log)
-        # The form for a failed gate: approving needs the override box, rejecting a reason; the server refuses otherwise.
-        for unanswerable in ({"decision": "approve"}, {"decision": "approve", "override_gate": False}, {"decision": "reject"}):
+        # The form for a failed gate: approving is "Approve, overriding the gate", rejecting needs a reason; the server
+        # refuses otherwise.
+        answers = ({"decision": "approve"}, {"decision": "approve", "override_gate": False}, {"decision": "reject"})
+        for unanswerable in ({"decision": answer} for answer in answers):
             with pytest.raises(RuntimeError, match="Cannot resume this run"):
                 resume_flow_run(run.id, run_input=unanswerable)
 
