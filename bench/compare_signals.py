@@ -39,7 +39,7 @@ def main() -> None:
     from flows.demo import BASE_LANGUAGES, ROUNDS, demo_plans
     from flows.plan import ParentRef
     from layermoe_core.data.corpus import CorpusSpec
-    from registry.versions import list_versions
+    from registry.listing import list_versions
 
     languages = BASE_LANGUAGES + [lang for group in ROUNDS for lang in group]  # all nine, as the demo's tokenizer
     start = time.perf_counter()

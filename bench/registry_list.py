@@ -3,11 +3,12 @@
 Run from the repository root: `python -m bench.registry_list [--tracking-uri URI] [--before DIR [--before-tracking-uri URI]]
 [--repeats 5]`.
 Without `--tracking-uri` it registers a 5-version lineage (a hidden-64 Qwen2-style base and four rounds, as
-`bench.registry` builds them) in a temporary sqlite store. Each repeat runs, interleaved, one fresh process per
-row: Python alone, `import mlflow`, `MlflowClient(...).search_registered_models()` on the store (the floor any
-MLflow-based command pays), `layermoe registry list` from this checkout and, with `--before`, from another one
-(given `--model-name`, which older checkouts need). It prints wall and CPU seconds (user + system of the child):
-median, and min-max as the spread.
+`bench.registry` builds them) in a temporary sqlite store. A sqlite store is also served by a real `mlflow server`
+for the whole run. Each repeat runs, interleaved, one fresh process per row: Python alone, `import mlflow`,
+`MlflowClient(...).search_registered_models()` on the store (the floor any MLflow-based command pays),
+`layermoe registry list` from this checkout on the store and through the server (registry/listing.py reads both
+without MLflow) and, with `--before`, from another checkout (given `--model-name`, which older checkouts need).
+It prints wall and CPU seconds (user + system of the child): median, and min-max as the spread.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+from tests.services import running_mlflow_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,9 +61,15 @@ def main() -> None:
     if args.tracking_uri:
         uri, name = args.tracking_uri, args.model_name
     else:
-        import tempfile
-
         uri, name = build_store(Path(tempfile.mkdtemp(prefix="layermoe-registry-list-")))
+    with ExitStack() as stack:
+        served = None
+        if uri.startswith("sqlite:///"):
+            served = stack.enter_context(running_mlflow_server(uri, Path(tempfile.mkdtemp(prefix="layermoe-registry-list-server-"))))
+        time_rows(args, parser, uri, name, served.tracking_uri if served else None)
+
+
+def time_rows(args: argparse.Namespace, parser: argparse.ArgumentParser, uri: str, name: str | None, server_uri: str | None) -> None:
     python = sys.executable
     rows = {
         "python -c pass": ([python, "-c", "pass"], REPO_ROOT),
@@ -67,8 +78,11 @@ def main() -> None:
             [python, "-c", f"from mlflow import MlflowClient; MlflowClient({uri!r}).search_registered_models()"],
             REPO_ROOT,
         ),
-        "layermoe registry list (this checkout)": ([python, "-m", "flows.cli", "registry", "list", "--tracking-uri", uri], REPO_ROOT),
+        "layermoe registry list, sqlite file": ([python, "-m", "flows.cli", "registry", "list", "--tracking-uri", uri], REPO_ROOT),
     }
+    if server_uri:
+        command = [python, "-m", "flows.cli", "registry", "list", "--tracking-uri", server_uri]
+        rows["layermoe registry list, mlflow server"] = (command, REPO_ROOT)
     if args.before:
         if not name:
             parser.error("--before needs --model-name with --tracking-uri")

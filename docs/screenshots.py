@@ -8,8 +8,9 @@ What it runs, all on 127.0.0.1 in a temporary folder:
    whole height and how often it shows Prefect's `Property is type "None"` are printed. `--form-only` stops here.
 2. A run of the `lifelong-expansion` deployment (one round adding hu) to Completed. Screenshot: the round's run, Artifacts tab.
 3. A run of `add-languages` adding tr with `promotion: manual`, which pauses for review. Screenshots: its Resume form
-   as it opens (no decision chosen), and after choosing reject with no reason and submitting (refused); Submit
-   with nothing chosen is refused too. The form's text at each step is printed, and the run must still be paused.
+   as it opens (Reject | Approve buttons, Reject shown first with its Reason empty), and after pressing Reject with
+   no reason and submitting (refused); Submit untouched is refused too. The form's text at each step is printed,
+   and the run must still be paused.
    Then `layermoe approve RUN_ID --no --reason ...` answers it.
 4. `mlflow server` on the same sqlite store. Screenshots: the registered model's versions, and version 3's page.
 
@@ -214,19 +215,15 @@ FORM_HEIGHT = """(() => {  // the page's full height: the document's, or a scrol
 })()"""
 DIALOG = """(() => { const d = document.querySelector('[role=dialog]') || document.querySelector('.p-modal');
   return d ? d.innerText : '(no dialog) ' + document.body.innerText.slice(0, 2000); })()"""
-# The Resume form's Decision is a select; choose "reject" in it, leave Reason empty, and submit.
+# The Resume form's Decision is one button per answer, Reject first; press Reject, leave Reason empty, and submit.
 CHOOSE_REJECT_AND_SUBMIT = """(async () => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
-  const byText = t => [...document.querySelectorAll('body *')].filter(e => e.innerText && e.innerText.trim() === t).pop();
-  const dialog = document.querySelector('[role=dialog]') || document;
-  const select = dialog.querySelector('select');
-  if (select) { select.value = [...select.options].find(o => o.text.trim() === 'reject').value;
-                select.dispatchEvent(new Event('change', {bubbles: true})); }
-  else { const opener = dialog.querySelector('[role=combobox], .p-select, button[aria-haspopup]');
-         if (opener) { opener.click(); await sleep(1000); } const option = byText('reject'); if (option) option.click(); }
+  const dialog = document.querySelector('[role=dialog]') || document.querySelector('.p-modal') || document;
+  const button = t => [...dialog.querySelectorAll('button')].filter(e => e.innerText.trim() === t).pop();
+  button('Reject').click();
   await sleep(1000);
   const chosen = dialog.innerText;
-  const submit = byText('Submit'); if (submit) submit.click();
+  button('Submit').click();
   await sleep(3000);
   return 'chosen:\\n' + chosen + '\\n---after Submit:\\n' + dialog.innerText;
 })()"""
@@ -349,7 +346,7 @@ def main() -> None:
         review_page = f"{ui}/runs/flow-run/{paused['id']}"
         form = browser.shoot(review_page, args.out / "prefect-review-resume.png", wait_text=["Paused"], clicks=["Resume"], after=DIALOG)
         print(f"the Resume form as it opens:\n{form}\n", flush=True)
-        # Submit untouched: no decision is chosen for the reviewer, so the server refuses it and the run stays paused.
+        # Submit untouched: Reject is the button shown first, without a reason, so the server refuses it and the run stays paused.
         untouched = browser.shoot(
             review_page, root / "prefect-review-untouched.png", wait_text=["Paused"], clicks=["Resume", "Submit"], after=DIALOG
         )

@@ -6,9 +6,11 @@ The Prefect UI's "Resume" form (or `layermoe approve RUN_ID --yes|--no --reason 
 and the answer is written on the version as the automatic gate's is: the `verdict` tag, the
 reasons on its run and the model card's verdict, with the reviewer's reason. Approve moves the alias to the
 child; reject leaves the alias where it is. Approving a version the automatic gate failed needs an explicit
-override (`--override-gate`, or the form's box), noted on its run as `layermoe.gate_overridden`. See docs/registry.md.
+override (`--override-gate`, or the form's "Approve, overriding the gate"), noted on its run as
+`layermoe.gate_overridden`. See docs/registry.md.
 """
 
+from collections.abc import Callable
 from typing import Literal
 from uuid import UUID
 
@@ -31,55 +33,71 @@ REVIEW_POLL_S = 5
 REJECTION_NEEDS_A_REASON = "a rejection needs a reason: it is stored on the version for whoever looks next"
 FAILED_GATE_NEEDS_AN_OVERRIDE = "the automatic gate failed this version: approving it needs the gate override, recorded on the version"
 
-# The same rules as the validators below, for the Prefect server, which checks the Resume form's answer against
-# the form's JSON schema before the run resumes (the UI shows its refusal).
-_REASON_TO_REJECT = {
-    "if": {"properties": {"decision": {"const": "reject"}}, "required": ["decision"]},
-    "then": {"properties": {"reason": {"type": "string", "pattern": "\\S"}}, "required": ["reason"]},
-}
-_OVERRIDE_TO_APPROVE = {
-    "if": {"properties": {"decision": {"const": "approve"}}, "required": ["decision"]},
-    "then": {"properties": {"override_gate": {"const": True}}, "required": ["override_gate"]},
-}
+
+def _required(*keys: str) -> Callable[[dict], None]:
+    """List `keys` in the schema's `required` although they have defaults. Prefect's form labels a field
+    "(Optional)" unless it is listed, and fills in a field's default, which is how the chosen variant's
+    constants (`decision`, `override_gate`) get into the answer; listing them makes the server insist on them."""
+
+    def add(schema: dict) -> None:
+        schema["required"] = sorted({*keys, *schema.get("required", [])})
+
+    return add
+
+
+class Reject(BaseModel):
+    model_config = ConfigDict(title="Reject", json_schema_extra=_required("decision"))
+
+    decision: Literal["reject"] = Field("reject", title="Reject", description="Its verdict becomes rejected; the alias stays.")
+    reason: str = Field(title="Reason", description="Why; stored on the version.", pattern=r"\S")  # the server's rule
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_rejection_has_a_reason(cls, values: object) -> object:
+        """The pattern's rule (the server checks the form against it), in words the CLI prints."""
+        if isinstance(values, dict) and values.get("decision", "reject") == "reject" and not str(values.get("reason") or "").strip():
+            raise ValueError(REJECTION_NEEDS_A_REASON)
+        return values
+
+
+class Approve(BaseModel):
+    model_config = ConfigDict(title="Approve", json_schema_extra=_required("decision"))
+
+    decision: Literal["approve"] = Field("approve", title="Approve", description="Move the alias to this version.")
+    reason: str = Field("", title="Reason", description="Why; stored on the version.")
+
+
+class ApproveOverGate(Approve):
+    """Approving a version the automatic gate failed is its own choice in the form, so the override is explicit."""
+
+    model_config = ConfigDict(title="Approve, overriding the gate", json_schema_extra=_required("decision", "override_gate"))
+
+    override_gate: Literal[True] = Field(
+        True,
+        title="Override the gate",
+        description="Approve although the automatic gate failed it; the override is recorded on the version (layermoe.gate_overridden).",
+    )
 
 
 class Review(RunInput):
-    """The reviewer's answer: the Resume form in the Prefect UI. The decision has no default, so Submit alone decides nothing."""
+    """The reviewer's answer: the Resume form in the Prefect UI, one button per answer. Reject comes first, so Submit
+    alone sends a rejection without a reason, which is refused: no answer is given by default."""
 
-    model_config = ConfigDict(json_schema_extra=_REASON_TO_REJECT)
-
-    decision: Literal["approve", "reject"] = Field(
-        title="Decision", description="approve: move the alias to this version. reject: its verdict becomes rejected; the alias stays."
-    )
-    reason: str = Field("", title="Reason", description="Why; stored on the version. Required to reject; optional to approve.")
-
-    @model_validator(mode="after")
-    def _a_rejection_has_a_reason(self):
-        if self.decision == "reject" and not self.reason.strip():
-            raise ValueError(REJECTION_NEEDS_A_REASON)
-        return self
+    decision: Reject | Approve = Field(title="Decision")
 
     @property
     def approved(self) -> bool:
-        return self.decision == "approve"
+        return isinstance(self.decision, Approve)
+
+    @property
+    def reason(self) -> str:
+        return self.decision.reason
 
 
 class ReviewOfFailedGate(Review):
     """The Resume form for a version the automatic gate failed: approving it overrides the gate, on the record."""
 
-    model_config = ConfigDict(json_schema_extra={"allOf": [_REASON_TO_REJECT, _OVERRIDE_TO_APPROVE]})
-
-    override_gate: bool = Field(
-        False,
-        title="Override the gate",
-        description="Approve although the automatic gate failed it; the override is recorded on the version (layermoe.gate_overridden).",
-    )
-
-    @model_validator(mode="after")
-    def _an_approval_overrides_the_gate(self):
-        if self.decision == "approve" and not self.override_gate:
-            raise ValueError(FAILED_GATE_NEEDS_AN_OVERRIDE)
-        return self
+    decision: Reject | ApproveOverGate = Field(title="Decision")
 
 
 def review_promotion(
@@ -142,7 +160,7 @@ def review_brief(registry: RegistrySettings, version: int, alias: str, compariso
             *(["", *(f"- {reason}" for reason in others)] if others else []),
             "",
             f"Approve moves `{alias}` to version {version}"
-            + (" and overrides the failed gate (tick Override the gate; `layermoe approve --yes --override-gate`)" if failed else "")
+            + (" and overrides the failed gate (Approve, overriding the gate; `layermoe approve --yes --override-gate`)" if failed else "")
             + f". Reject records it as rejected, with your reason; `{alias}` stays.",
         ]
     )
@@ -178,24 +196,28 @@ def paused_review(flow_run_id: str) -> PausedReview:
     keyset = keyset_from_paused_state(run.state)
     schema = read_flow_run_input(keyset["schema"], flow_run_id=run_id) or {}
     brief = read_flow_run_input(keyset["description"], flow_run_id=run_id) or ""
-    return PausedReview(run_id=run_id, name=run.name, brief=brief, gate_failed="override_gate" in schema.get("properties", {}))
+    return PausedReview(run_id=run_id, name=run.name, brief=brief, gate_failed=schema.get("title") == ReviewOfFailedGate.__name__)
 
 
-def review_answer(approve: bool, reason: str, override_gate: bool, gate_failed: bool) -> Review:
+def review_answer(approve: bool, reason: str, override_gate: bool, gate_failed: bool) -> Review | ReviewOfFailedGate:
     """The form's answer from the CLI's flags, refused as the UI refuses it (see Review and ReviewOfFailedGate)."""
     if override_gate and not approve:
         raise LayerMoEError("--override-gate goes with --yes: a rejection overrides nothing")
     if override_gate and not gate_failed:
         raise LayerMoEError("--override-gate: the automatic gate passed this version, so there is nothing to override; drop it")
-    values = {"decision": "approve" if approve else "reject", "reason": reason}
+    if approve and gate_failed and not override_gate:
+        raise LayerMoEError(f"{FAILED_GATE_NEEDS_AN_OVERRIDE} (pass --override-gate)")
     try:
-        return ReviewOfFailedGate(**values, override_gate=override_gate) if gate_failed else Review(**values)
+        if not approve:
+            decision: Reject | Approve = Reject(reason=reason)
+        else:
+            decision = ApproveOverGate(reason=reason) if gate_failed else Approve(reason=reason)
+        return ReviewOfFailedGate(decision=decision) if gate_failed else Review(decision=decision)
     except ValidationError as error:
         message = "; ".join(str(e["ctx"]["error"]) if "ctx" in e else e["msg"] for e in error.errors())
-        flag = "--reason" if not approve else "--override-gate"
-        raise LayerMoEError(f"{message} (pass {flag})") from None
+        raise LayerMoEError(f"{message} (pass --reason)") from None
 
 
-def answer_review(paused: PausedReview, answer: Review) -> None:
+def answer_review(paused: PausedReview, answer: Review | ReviewOfFailedGate) -> None:
     """Resume a paused round with a decision, as the UI's Resume form does."""
     resume_flow_run(paused.run_id, run_input=answer.model_dump())

@@ -216,14 +216,18 @@ def cmd_estimate(args) -> None:
 
 def cmd_registry(args) -> None:
     settings = _registry_settings(args)
-    if not getattr(args, "model_name", None):
+    named = bool(getattr(args, "model_name", None))
+    command = args.registry_command
+    if command == "list":  # without MLflow: it reads the store itself (registry/listing.py)
+        from registry.listing import read_listing
+
+        _print_versions(read_listing(settings, find_name=not named))
+        return
+    if not named:
         from registry.versions import sole_registered_model_name
 
         settings = settings.model_copy(update={"registered_model_name": sole_registered_model_name(settings)})
-    command = args.registry_command
-    if command == "list":
-        _print_versions(settings)
-    elif command == "show":
+    if command == "show":
         from registry import lineage, show_version
 
         ref = int(args.ref) if args.ref.isdigit() else args.ref
@@ -243,19 +247,17 @@ def cmd_registry(args) -> None:
         print(f"version {info.version} now holds the alias {args.alias!r} (aliases: {', '.join(info.aliases)})")
 
 
-def _print_versions(settings) -> None:
+def _print_versions(listing) -> None:
     import pandas as pd
 
-    from registry import list_versions
-    from registry.versions import schedule_pause_note
+    from registry.listing import versions_frame
 
-    table = list_versions(settings).drop(columns=["run_id"])
+    table = versions_frame(listing.versions).drop(columns=["run_id"])
     table["created"] = table["created"].dt.strftime("%Y-%m-%d %H:%M")
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.float_format", "{:+.4f}".format):
         print(table.to_string(index=False))
-    paused = schedule_pause_note(settings)
-    if paused:
-        print(f"\nlifelong schedule paused: {paused}")
+    if listing.schedule_pause_note:
+        print(f"\nlifelong schedule paused: {listing.schedule_pause_note}")
 
 
 def load_snippet(path: Path) -> str:

@@ -16,7 +16,7 @@ from layermoe_core.environment import telemetry_off
 telemetry_off()  # before mlflow is imported; an explicit opt-in wins
 
 _LAZY = {
-    "RegistryUnavailable": "client",
+    "RegistryUnavailable": "failures",
     "LocalVersion": "download",
     "cached_version": "download",
     "download_version": "download",
@@ -28,11 +28,11 @@ _LAZY = {
     "register_child": "register",
     "log_report_run": "reports",
     "RegistrySettings": "settings",
-    "VersionInfo": "versions",
+    "VersionInfo": "version_info",
     "alias_version": "versions",
     "get_version": "versions",
     "lineage": "versions",
-    "list_versions": "versions",
+    "list_versions": "listing",
     "promote": "versions",
     "show_version": "versions",
     "tag_version": "versions",

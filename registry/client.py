@@ -15,6 +15,12 @@ from mlflow.utils.rest_utils import http_request
 
 from layermoe_core.errors import LayerMoEError
 
+from .failures import (
+    no_store_error,
+    not_mlflow_error,
+    refused_error,
+    unavailable_error,
+)
 from .settings import RegistrySettings
 
 REGISTERED_MODEL_DESCRIPTION = (  # markdown in the UI: a bare <name> would vanish as an HTML tag, so the name is filled in
@@ -37,25 +43,13 @@ TRANSIENT_ERROR_CODES = frozenset(
 )
 
 
-class RegistryUnavailable(LayerMoEError):
-    """The registry did not answer (down, timing out, overloaded): retrying later can succeed."""
-
-
-def unavailable_error(settings: RegistrySettings, cause: Exception, checkpoint: Path | None) -> RegistryUnavailable:
-    kept = f"; the checkpoint is still at {checkpoint}, so a retry can register it without retraining" if checkpoint is not None else ""
-    return RegistryUnavailable(
-        f"the MLflow registry at {settings.tracking_uri} is unreachable ({cause}){kept}. "
-        "Start the tracking server or point MLFLOW_TRACKING_URI / RegistrySettings.tracking_uri at a reachable one."
-    )
-
-
 STORE_FAILURES = (MlflowException, requests.RequestException, OSError)
 
 
 def as_registry_error(settings: RegistrySettings, error: Exception, checkpoint: Path | None = None) -> LayerMoEError:
     """`RegistryUnavailable` when the store did not answer (a retry can succeed), else a `LayerMoEError` (refused)."""
     if isinstance(error, MlflowException) and error.error_code not in TRANSIENT_ERROR_CODES:
-        return LayerMoEError(f"the MLflow registry at {settings.tracking_uri} refused a request: {error.message}")
+        return refused_error(settings, error.message)
     return unavailable_error(settings, error, checkpoint)
 
 
@@ -99,11 +93,7 @@ def _probe_http(settings: RegistrySettings, checkpoint: Path | None) -> None:
     except ValueError:
         body = None
     if not isinstance(body, dict) or not ("experiment" in body or "error_code" in body):
-        kind = response.headers.get("Content-Type", "no content type")
-        raise LayerMoEError(
-            f"{settings.tracking_uri} answers HTTP {response.status_code} ({kind}) but is not an MLflow tracking server; "
-            "point MLFLOW_TRACKING_URI / --tracking-uri at the MLflow server (e.g. http://host:5000), not at another web service"
-        )
+        raise not_mlflow_error(settings, response.status_code, response.headers.get("Content-Type"))
 
 
 def open_client(settings: RegistrySettings, checkpoint: Path | None = None, create: bool = True) -> MlflowClient:
@@ -114,10 +104,7 @@ def open_client(settings: RegistrySettings, checkpoint: Path | None = None, crea
     sqlite_path = settings.sqlite_path
     if sqlite_path is not None:
         if not create and not sqlite_path.is_file():
-            raise LayerMoEError(
-                f"there is no MLflow store at {sqlite_path.resolve()} (from tracking URI {settings.tracking_uri}); "
-                "pass the right --tracking-uri / MLFLOW_TRACKING_URI, or register a base model first"
-            )
+            raise no_store_error(settings, sqlite_path)
         sqlite_path.parent.mkdir(parents=True, exist_ok=True)  # sqlite creates files, not folders
         return _open_sqlite_store(settings, sqlite_path)
     if settings.is_http:

@@ -18,11 +18,11 @@ from layermoe_core.errors import LayerMoEError
 
 from .client import (
     STORE_FAILURES,
-    RegistryUnavailable,
     as_registry_error,
     open_client,
     store_errors,
 )
+from .failures import RegistryUnavailable
 from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
 from .settings import RegistrySettings
 from .storage import (

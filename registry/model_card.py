@@ -22,7 +22,8 @@ from layermoe_core.evaluation.translation import CHRF_METRIC
 from .client import open_client, store_errors
 from .settings import RegistrySettings
 from .tags import NEW_GAIN, OLD_DRIFT_MAX, PINNED_DRIFT_MAX, VERDICT, VERDICT_REASON
-from .versions import VersionInfo, VersionRef, find_version
+from .version_info import VersionInfo
+from .versions import VersionRef, find_version
 
 
 class Verdict(BaseModel):

@@ -27,7 +27,6 @@ from layermoe_core.model.files import (
 
 from .client import (
     STORE_FAILURES,
-    RegistryUnavailable,
     as_registry_error,
     ensure_experiment,
     ensure_registered_model,
@@ -35,6 +34,7 @@ from .client import (
     store_errors,
 )
 from .download import fetch_parent_files
+from .failures import RegistryUnavailable
 from .manifest import MANIFEST_NAME, build_manifest, sha256_file, text_digest
 from .model_card import (
     Verdict,
@@ -68,7 +68,8 @@ from .tags import (
     encode_tags,
     languages_tag,
 )
-from .versions import READY, VersionInfo, VersionRef, all_infos, find_version
+from .version_info import READY, VersionInfo
+from .versions import VersionRef, all_infos, find_version
 
 MODEL_ARTIFACT_DIR = "model"  # the version's source: runs:/<run_id>/model
 

@@ -1,7 +1,7 @@
 """Where a version's facts live: six short tags on the version, the rest (`layermoe.*`) on its run, and their encoding.
 
 The version list of the MLflow UI shows a version's tags, so they are the six a person scans for: kind, round,
-languages, parent, verdict and storage. The registration record (sizes, allocation, checksums, the gate's drift
+languages, parent, verdict and how the weights are stored. The registration record (sizes, allocation, checksums, the gate's drift
 and gain) is logged as params of the version's run before the version exists; MLflow refuses to change a
 param, so lineage and checksums cannot be rewritten. A reviewer's reason and gate override are run tags.
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-# The version's tags: short keys, since the version list shows them in a narrow column.
+# The version's tags: short keys, since the version list shows them in a narrow column. The version page lists them
+# sorted by key in a table whose fixed height (280 px) shows five rows: the sixth key, here `weights`, needs a scroll.
 KIND = "kind"  # "base" or "child"
 ROUND = "round"  # 0 for a base
 LANGUAGES = "languages"  # "en,zh + pt": the round's old languages, then its new ones; a base: "en,zh"
 PARENT_VERSION = "parent"
 VERDICT = "verdict"  # "passed", "rejected", "base", or "pending" (awaiting a reviewer)
-STORAGE = "storage"  # "whole" or "delta"
+STORAGE = "weights"  # "whole" or "delta": how the version's weights are stored
 VERSION_TAGS = (KIND, ROUND, LANGUAGES, PARENT_VERSION, VERDICT, STORAGE)
 # Written once at registration; changing one would falsify lineage, so tag_version refuses (the verdict may change).
 LINEAGE_TAGS = frozenset({KIND, ROUND, LANGUAGES, PARENT_VERSION, STORAGE})

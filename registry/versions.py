@@ -3,169 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
-from typing import Any
 
-import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
 
 from .client import open_client, store_errors
+from .failures import no_model_error, sole_model_name
 from .settings import RegistrySettings
-from .tags import (
-    ALLOCATION,
-    CLASSIFIER_LAYERS,
-    GATE_OVERRIDDEN,
-    KIND,
-    LANGUAGES,
-    LINEAGE_TAGS,
-    MANIFEST_SHA256,
-    NEW_GAIN,
-    OLD_DRIFT_MAX,
-    PARAMS_ADDED,
-    PARAMS_TOTAL,
-    PARENT_VERSION,
-    PINNED_DRIFT_MAX,
-    ROUND,
-    SCHEDULE_PAUSED,
-    STORAGE,
-    STORED_BYTES,
-    STORED_SHA256,
-    VERDICT,
-    VERDICT_REASON,
-    decode_tag,
-    encode_tags,
-    split_languages,
-)
+from .tags import LINEAGE_TAGS, PARENT_VERSION, SCHEDULE_PAUSED, VERDICT, encode_tags
+from .version_info import StoredRun, VersionInfo, version_info
 
 VersionRef = int | str  # a version number (int or digits) or an alias name
-READY = "READY"
-
-
-class VersionInfo(BaseModel):
-    """One registered model version, with its aliases (which MLflow's search results leave out) and what its
-    run records: its status, its `layermoe.*` params (the registration record) and tags (a reviewer's notes)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    version: int
-    run_id: str | None
-    source: str
-    status: str
-    aliases: list[str]
-    tags: dict[str, str]
-    created: datetime
-    description: str | None = None
-    run_status: str | None = None  # None: the run is gone
-    record: dict[str, str] = {}
-    run_tags: dict[str, str] = {}
-    artifact_uri: str | None = None  # its run's artifact root; None: the run is gone
-
-    def tag(self, key: str) -> Any:
-        """A `layermoe.*` value decoded to its type (int, list, float: the key's), from the version's tags, else its
-        run's record or tags; None when absent."""
-        value = self.tags.get(key, self.record.get(key, self.run_tags.get(key)))
-        return decode_tag(key, value)
-
-    @property
-    def kind(self) -> str | None:
-        return self.tags.get(KIND)
-
-    @property
-    def parent_version(self) -> int | None:
-        return self.tag(PARENT_VERSION)
-
-    @property
-    def round(self) -> int:
-        return self.tag(ROUND) or 0
-
-    @property
-    def languages(self) -> list[str]:
-        """Every language the version was trained for: the round's old languages, then its new ones."""
-        return self.old_languages + self.new_languages
-
-    @property
-    def old_languages(self) -> list[str]:
-        return split_languages(self.tags.get(LANGUAGES))[0]
-
-    @property
-    def new_languages(self) -> list[str]:
-        return split_languages(self.tags.get(LANGUAGES))[1]
-
-    @property
-    def allocation(self) -> list[int]:
-        return self.tag(ALLOCATION) or []
-
-    @property
-    def classifier_layers(self) -> list[int]:
-        return self.tag(CLASSIFIER_LAYERS) or []
-
-    @property
-    def params_total(self) -> int | None:
-        return self.tag(PARAMS_TOTAL)
-
-    @property
-    def params_added(self) -> int | None:
-        return self.tag(PARAMS_ADDED)
-
-    @property
-    def manifest_sha256(self) -> str | None:
-        return self.record.get(MANIFEST_SHA256)
-
-    @property
-    def stored_sha256(self) -> str | None:
-        return self.record.get(STORED_SHA256)
-
-    @property
-    def storage(self) -> str:
-        """ "delta" (only what the round changed, rebuilt from the lineage) or "whole"."""
-        return self.tags.get(STORAGE, "whole")
-
-    @property
-    def stored_bytes(self) -> int | None:
-        return self.tag(STORED_BYTES)
-
-    @property
-    def verdict(self) -> str | None:
-        """ "passed", "rejected", "base" or "pending" (awaiting a reviewer)."""
-        return self.tags.get(VERDICT)
-
-    @property
-    def verdict_reason(self) -> str | None:
-        return self.run_tags.get(VERDICT_REASON)
-
-    @property
-    def gate_overridden(self) -> bool:
-        return self.run_tags.get(GATE_OVERRIDDEN) == "true"
-
-    @property
-    def old_drift_max(self) -> float | None:
-        return self.tag(OLD_DRIFT_MAX)
-
-    @property
-    def pinned_drift_max(self) -> float | None:
-        return self.tag(PINNED_DRIFT_MAX)
-
-    @property
-    def new_gain(self) -> float | None:
-        return self.tag(NEW_GAIN)
-
-    @property
-    def is_complete(self) -> bool:
-        """Its registration closed its run: a registration killed after creating the version leaves the run open
-        (or FAILED), and the rerun of its round completes it."""
-        return self.run_status == "FINISHED"
-
-    @property
-    def is_ready(self) -> bool:
-        """Fully written: READY in MLflow, carrying its checksum manifest digest, its registration complete."""
-        return self.status == READY and self.manifest_sha256 is not None and self.is_complete
 
 
 def parse_ref(ref: VersionRef) -> int | str:
@@ -195,50 +47,40 @@ def registered_model(client: MlflowClient, settings: RegistrySettings) -> Regist
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        existing = [rm.name for rm in client.search_registered_models()]
-        raise LayerMoEError(
-            f"registered model {settings.registered_model_name!r} does not exist at {settings.tracking_uri} "
-            f"(registered models there: {existing}); register a base model first with registry.register_base"
-        ) from e
+        raise no_model_error(settings, registered_model_names(client)) from e
+
+
+def registered_model_names(client: MlflowClient) -> list[str]:
+    """Every registered model's name, sorted (MLflow's search leaves prompts out)."""
+    names: list[str] = []
+    token = None
+    while True:
+        page = client.search_registered_models(max_results=1000, page_token=token)
+        names.extend(rm.name for rm in page)
+        token = page.token
+        if not token:
+            return sorted(names)
 
 
 def sole_registered_model_name(settings: RegistrySettings) -> str:
     """The store's one registered model, for commands given no name; with none or several, an error that lists them."""
     with store_errors(settings):
-        names = sorted(rm.name for rm in open_client(settings, create=False).search_registered_models())
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise LayerMoEError(f"{settings.tracking_uri} has no registered model yet; register a base model first (a round's plan does)")
-    raise LayerMoEError(
-        f"{settings.tracking_uri} holds {len(names)} registered models ({', '.join(names)}); pick one with --model-name, "
-        f"e.g. --model-name {names[0]}"
-    )
-
-
-def _aliases_by_version(rm: RegisteredModel) -> dict[int, list[str]]:
-    by_version: dict[int, list[str]] = {}
-    for alias, version in sorted(rm.aliases.items()):
-        by_version.setdefault(int(version), []).append(alias)
-    return by_version
+        return sole_model_name(settings, registered_model_names(open_client(settings, create=False)))
 
 
 def _info(client: MlflowClient, mv: ModelVersion, rm: RegisteredModel) -> VersionInfo:
     run = _run_if_any(client, mv.run_id)
-    return VersionInfo(
+    return version_info(
         name=mv.name,
-        version=int(mv.version),
-        run_id=mv.run_id or None,
+        version=mv.version,
+        run_id=mv.run_id,
         source=mv.source,
         status=mv.status,
-        aliases=_aliases_by_version(rm).get(int(mv.version), []),
-        tags=dict(mv.tags),
-        created=datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=UTC),
-        description=mv.description or None,
-        run_status=run.info.status if run else None,
-        record={k: v for k, v in run.data.params.items() if k.startswith("layermoe.")} if run else {},
-        run_tags={k: v for k, v in run.data.tags.items() if k.startswith("layermoe.")} if run else {},
-        artifact_uri=run.info.artifact_uri if run else None,
+        aliases=[alias for alias, version in rm.aliases.items() if int(version) == int(mv.version)],
+        tags=mv.tags,
+        created_ms=mv.creation_timestamp,
+        description=mv.description,
+        run=StoredRun(run.info.status, run.data.params, run.data.tags, run.info.artifact_uri) if run else None,
     )
 
 
@@ -388,56 +230,6 @@ def all_infos(client: MlflowClient, settings: RegistrySettings) -> list[VersionI
     return [_info(client, mv, rm) for mv in all_versions(client, rm.name)]
 
 
-LIST_COLUMNS = [
-    "version",
-    "aliases",
-    "parent",
-    "round",
-    "languages",
-    "new_languages",
-    "verdict",
-    "old_drift_max",
-    "pinned_drift_max",
-    "new_gain",
-    "storage",
-    "stored_bytes",
-    "created",
-    "status",
-    "run_id",
-]
-
-
-def list_versions(settings: RegistrySettings) -> pd.DataFrame:
-    """One row per version, oldest first: lineage, the gate verdict with the worst old-language drift (plain, and
-    pinned to the language), the new-language gain (nats), how it is stored, and its status (INCOMPLETE: a
-    registration killed half-way)."""
-    with store_errors(settings):
-        infos = all_infos(open_client(settings, create=False), settings)
-    rows = [
-        {
-            "version": info.version,
-            "aliases": ",".join(info.aliases),
-            "parent": info.parent_version,
-            "round": info.tag(ROUND),
-            "languages": ",".join(info.languages),
-            "new_languages": ",".join(info.new_languages),
-            "verdict": info.verdict or "",
-            "old_drift_max": info.old_drift_max,
-            "pinned_drift_max": info.pinned_drift_max,
-            "new_gain": info.new_gain,
-            "storage": info.storage,
-            "stored_bytes": info.stored_bytes,
-            "created": info.created,
-            "status": info.status if info.is_complete else "INCOMPLETE",
-            "run_id": info.run_id,
-        }
-        for info in infos
-    ]
-    frame = pd.DataFrame(rows, columns=LIST_COLUMNS)
-    floats = {"old_drift_max": "float64", "pinned_drift_max": "float64", "new_gain": "float64"}
-    return frame.astype({"parent": "Int64", "round": "Int64", "stored_bytes": "Int64", **floats})
-
-
 def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:
     """Everything a person asks about one version: its tags and registration record decoded, a reviewer's notes,
     and the metrics and other params of its run."""
@@ -469,3 +261,22 @@ def show_version(settings: RegistrySettings, ref: VersionRef) -> dict:
         "metrics": dict(run.data.metrics) if run else {},
         "params": {k: v for k, v in run.data.params.items() if not k.startswith("layermoe.")} if run else {},
     }
+
+
+class ClientReader:
+    """The listing's reader through MLflow's client: for the stores `registry.listing` does not read itself."""
+
+    def __init__(self, settings: RegistrySettings):
+        self.settings = settings
+        with store_errors(settings):
+            self.client = open_client(settings, create=False)
+
+    def model_names(self) -> list[str]:
+        with store_errors(self.settings):
+            return registered_model_names(self.client)
+
+    def model(self, name: str) -> tuple[dict[str, str], list[VersionInfo]]:
+        """The registered model's tags and its versions, oldest first."""
+        with store_errors(self.settings):
+            rm = self.client.get_registered_model(name)
+            return dict(rm.tags), [_info(self.client, mv, rm) for mv in all_versions(self.client, name)]

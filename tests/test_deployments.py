@@ -46,9 +46,10 @@ from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
+from registry.listing import list_versions
 from registry.register import register_base
 from registry.settings import RegistrySettings
-from registry.versions import list_versions, promote, schedule_pause_note, show_version
+from registry.versions import promote, schedule_pause_note, show_version
 
 from .conftest import save_with_tiny_tokenizer, tiny_model
 from .synthetic_corpus import write_synthetic_corpus
@@ -427,7 +428,8 @@ def test_manual_promotion_pauses_for_review_and_the_answer_moves_or_keeps_the_al
             assert "**Gate verdict: PENDING** (awaiting a reviewer; the automatic gate passes it)" in waiting["description"]
 
         # The Resume form's answer is checked by the server against the form's schema, as the UI submits it.
-        for unanswerable in ({}, {"reason": "fine"}, {"decision": "reject"}, {"decision": "reject", "reason": "  "}):
+        answers = ({"reason": "fine"}, {"decision": "reject"}, {"decision": "reject", "reason": "  "}, {"decision": "approve", "reason": 1})
+        for unanswerable in ({}, *({"decision": answer} for answer in answers)):
             with pytest.raises(RuntimeError, match="Cannot resume this run"):
                 resume_flow_run(runs["tr"].id, run_input=unanswerable)
         assert read_flow_run(runs["tr"].id).state.is_paused()
@@ -500,8 +502,10 @@ def test_approving_a_version_that_failed_the_gate_needs_override_gate_which_is_r
             return next((run for run in runs if run.state and run.state.is_paused()), None)
 
         run = wait_until(paused_run, "the review to pause", reviewed, log)
-        # The form for a failed gate: approving needs the override box, rejecting a reason; the server refuses otherwise.
-        for unanswerable in ({"decision": "approve"}, {"decision": "approve", "override_gate": False}, {"decision": "reject"}):
+        # The form for a failed gate: approving is "Approve, overriding the gate", rejecting needs a reason; the server
+        # refuses otherwise.
+        answers = ({"decision": "approve"}, {"decision": "approve", "override_gate": False}, {"decision": "reject"})
+        for unanswerable in ({"decision": answer} for answer in answers):
             with pytest.raises(RuntimeError, match="Cannot resume this run"):
                 resume_flow_run(run.id, run_input=unanswerable)
 

@@ -33,9 +33,10 @@ from layermoe_core.model.surgery import expand, insert_classifiers
 from layermoe_core.training.launch import RESULT_NAME, LaunchError, LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
+from registry.listing import list_versions
 from registry.register import register_base
 from registry.settings import RegistrySettings
-from registry.versions import list_versions, promote
+from registry.versions import promote
 
 from .test_flows import TOKENS, bootstrap_tiny_base
 

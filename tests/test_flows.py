@@ -29,8 +29,9 @@ from layermoe_core.model.vocabulary import VocabularySettings, check_old_text_un
 from layermoe_core.training import trainer
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
 from registry.download import download_version
+from registry.listing import list_versions
 from registry.settings import RegistrySettings
-from registry.versions import get_version, list_versions, show_version
+from registry.versions import get_version, show_version
 from tasks.common import file_step
 
 from .synthetic_corpus import write_synthetic_corpus

@@ -127,14 +127,14 @@ def test_child_version_carries_six_short_tags_and_its_record_on_the_run(settings
         "round": "1",
         "languages": "en + el",
         "parent": "1",
-        "storage": "delta",
+        "weights": "delta",
     }  # no verdict: none was given
     assert base.tags == {
         "kind": "base",
         "round": "0",
         "languages": "en",
         "verdict": "base",
-        "storage": "whole",
+        "weights": "whole",
     }
     assert (kid.parent_version, kid.round, kid.old_languages, kid.new_languages) == (1, 1, ["en"], ["el"])
     assert kid.allocation == [2, 0, 1] and kid.classifier_layers == [0]

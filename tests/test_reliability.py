@@ -44,10 +44,11 @@ from layermoe_core.model.checkpoints import load_model, load_tokenizer
 from layermoe_core.training import trainer
 from layermoe_core.training.trainer import TrainSettings
 from registry.download import cached_version, download_version
+from registry.listing import list_versions
 from registry.manifest import verify_model_dir
 from registry.register import register_base
 from registry.settings import RegistrySettings
-from registry.versions import list_versions, promote, show_version
+from registry.versions import promote, show_version
 from tasks.parent import resolve_parent
 
 from .services import MlflowServer, running_mlflow_server
