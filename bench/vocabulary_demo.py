@@ -41,6 +41,8 @@ BASE_LANGUAGES = ["en", "es", "zh"]
 NEW_LANGUAGES = ["bn", "hi", "ne"]
 VARIANTS = ("plain", "extended")
 MODEL_NAME = "layermoe-vocabulary-demo"
+# Per language. The demo's base takes 250k; a tokenizer of en/es/zh alone packs zh's train split into about 242k.
+BASE_TRAIN_TOKENS = 220_000
 
 
 # -- building: base and the two rounds ----------------------------------------------------
@@ -73,6 +75,7 @@ def build(workdir: Path, extend: int, quick: bool) -> dict:
             "registry": registry,
             "corpora": {lang: corpora[lang].model_dump(mode="json") for lang in BASE_LANGUAGES},
             "exposure_tokens": 0,
+            "train_tokens": min(base_plan.train_tokens, BASE_TRAIN_TOKENS),
         }
     )
     record["base_version"] = bootstrap_base(base)
@@ -130,19 +133,25 @@ def same_bytes_tokens(plan, base_version: int, extend: int) -> int:
         heldout_fraction=plan.tokens.heldout_fraction,
         out_dir=work / "bench-extended-tokenizer",
     )
-    parent_bytes_per_token, extended_bytes_per_token = 0.0, 0.0
-    for language in NEW_LANGUAGES:
-        texts = list(heldout_texts(plan.corpora[language], plan.tokens.seed, plan.tokens.heldout_fraction, split="train").values())
-        texts = texts[:VOCABULARY_DOCUMENTS]
-        size = sum(len(text.encode("utf-8")) for text in texts)
-        for tokenizer_dir, is_parent in ((parent.path, True), (extended_dir, False)):
-            tokens = sum(len(ids) for ids in load_tokenizer(tokenizer_dir)(texts, add_special_tokens=False)["input_ids"])
-            if is_parent:
-                parent_bytes_per_token += size / tokens
-            else:
-                extended_bytes_per_token += size / tokens
+    texts = {
+        language: list(heldout_texts(plan.corpora[language], plan.tokens.seed, plan.tokens.heldout_fraction, split="train").values())[
+            :VOCABULARY_DOCUMENTS
+        ]
+        for language in NEW_LANGUAGES
+    }
+
+    def bytes_per_token(tokenizer_dir: Path) -> float:
+        """Each new language's training-text bytes over its tokens, summed over the languages."""
+        tokenizer = load_tokenizer(tokenizer_dir)
+        total = 0.0
+        for documents in texts.values():
+            tokens = sum(len(ids) for ids in tokenizer(documents, add_special_tokens=False)["input_ids"])
+            total += sum(len(text.encode("utf-8")) for text in documents) / tokens
+        return total
+
     seq_len = plan.tokens.seq_len
-    return max(seq_len, round(plan.tokens.stage1_tokens * parent_bytes_per_token / extended_bytes_per_token / seq_len) * seq_len)
+    tokens = plan.tokens.stage1_tokens * bytes_per_token(parent.path) / bytes_per_token(extended_dir)
+    return max(seq_len, round(tokens / seq_len) * seq_len)
 
 
 # -- measuring --------------------------------------------------------------------------
@@ -233,7 +242,9 @@ def decode_throughput(models: dict[str, Path], prompts: list[str], new_tokens: i
                     generated = out[0, ids.shape[1] :].tolist()
                     size, count = size + token_bytes(tokenizer, generated), count + len(generated)
             seconds = time.perf_counter() - start
-            rows.append({"variant": variant, "repeat": repeat, "seconds": seconds, "bytes_per_s": size / seconds, "bytes_per_token": size / count})
+            rows.append(
+                {"variant": variant, "repeat": repeat, "seconds": seconds, "bytes_per_s": size / seconds, "bytes_per_token": size / count}
+            )
     return pd.DataFrame(rows)
 
 
@@ -354,14 +365,19 @@ def plot(figures: dict, path: Path, title: str) -> Path:
     positions = range(len(NEW_LANGUAGES))
     fertility, bits = figures["fertility"].loc[NEW_LANGUAGES], figures["bits"].loc[NEW_LANGUAGES]
     width = 0.4
-    for offset, column, label, color in ((-1, "tokens_per_char", "parent's tokenizer", "tab:gray"), (1, "child_tokens_per_char", "extended", "tab:blue")):
+    for offset, column, label, color in (
+        (-1, "tokens_per_char", "parent's tokenizer", "tab:gray"),
+        (1, "child_tokens_per_char", "extended", "tab:blue"),
+    ):
         bars = left.bar([p + offset * width / 2 for p in positions], fertility[column], width, color=color, label=label)
         left.bar_label(bars, fmt="%.2f", fontsize=7)
     left.set_xticks(list(positions), NEW_LANGUAGES)
     left.set(ylabel="tokens per character", title="Fertility, held-out text")
     left.legend(fontsize=8)
     width = 0.27
-    for offset, (column, label, color) in enumerate((("parent", "parent", "tab:gray"), ("plain", "plain child", "tab:red"), ("extended", "extended child", "tab:blue")), start=-1):
+    for offset, (column, label, color) in enumerate(
+        (("parent", "parent", "tab:gray"), ("plain", "plain child", "tab:red"), ("extended", "extended child", "tab:blue")), start=-1
+    ):
         bars = middle.bar([p + offset * width for p in positions], bits[column], width, color=color, label=label)
         middle.bar_label(bars, fmt="%.2f", fontsize=7)
     middle.set_xticks(list(positions), NEW_LANGUAGES)
