@@ -96,9 +96,11 @@ def build(workdir: Path, extend: int, quick: bool) -> dict:
             }
         )
     plain_tokens = plans["plain"].tokens.stage1_tokens
-    record["stage1_tokens"] = {"plain": plain_tokens, "extended": same_bytes_tokens(plans["plain"], record["base_version"], extend)}
+    stage1_tokens, eval_tokens = extended_budgets(plans["plain"], record["base_version"], extend)
+    record["stage1_tokens"] = {"plain": plain_tokens, "extended": stage1_tokens}
+    record["eval_tokens"] = {"plain": plans["plain"].tokens.eval_tokens, "extended": eval_tokens}
     plans["extended"] = plans["extended"].model_copy(
-        update={"tokens": plans["extended"].tokens.model_copy(update={"stage1_tokens": record["stage1_tokens"]["extended"]})}
+        update={"tokens": plans["extended"].tokens.model_copy(update={"stage1_tokens": stage1_tokens, "eval_tokens": eval_tokens})}
     )
     for variant, plan in plans.items():
         (workdir / f"{variant}-plan.yaml").write_text(yaml.safe_dump(plan.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
@@ -112,10 +114,13 @@ def build(workdir: Path, extend: int, quick: bool) -> dict:
     return record
 
 
-def same_bytes_tokens(plan, base_version: int, extend: int) -> int:
-    """Stage-1 tokens a language for the extended round: as many bytes of the new languages' training text as the
-    plain round's `stage1_tokens` hold under the parent's tokenizer (one count serves every new language, so the total
-    is matched)."""
+def extended_budgets(plan, base_version: int, extend: int) -> tuple[int, int]:
+    """The extended round's Stage-1 and evaluation tokens a language.
+
+    Stage 1: as many bytes of the new languages' training text as the plain round's `stage1_tokens` hold under the
+    parent's tokenizer (one count serves every new language, so the total is matched). Evaluation: the plain round's,
+    or one row less than the smallest new language's held-out split holds under the extended tokenizer.
+    """
     from layermoe_core.evaluation.heldout_text import heldout_texts
     from layermoe_core.model.checkpoints import load_tokenizer
     from tasks.analysis import VOCABULARY_DOCUMENTS, extend_vocabulary
@@ -151,7 +156,15 @@ def same_bytes_tokens(plan, base_version: int, extend: int) -> int:
 
     seq_len = plan.tokens.seq_len
     tokens = plan.tokens.stage1_tokens * bytes_per_token(parent.path) / bytes_per_token(extended_dir)
-    return max(seq_len, round(tokens / seq_len) * seq_len)
+    extended = load_tokenizer(extended_dir)
+    heldout = min(
+        sum(len(ids) + 1 for ids in extended(documents, add_special_tokens=False)["input_ids"])  # each document and its EOS
+        for documents in (
+            list(heldout_texts(plan.corpora[language], plan.tokens.seed, plan.tokens.heldout_fraction).values())
+            for language in NEW_LANGUAGES
+        )
+    )
+    return max(seq_len, round(tokens / seq_len) * seq_len), min(plan.tokens.eval_tokens, (heldout // seq_len - 1) * seq_len)
 
 
 # -- measuring --------------------------------------------------------------------------
