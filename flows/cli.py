@@ -207,6 +207,7 @@ def cmd_estimate(args) -> None:
             analysis_tokens=tokens.analysis_tokens,
             eval_tokens=tokens.eval_tokens,
             tflops_per_device=args.tflops_per_device or DEFAULT_TFLOPS_PER_DEVICE,
+            added_tokens=plan.vocabulary.extend,
         )
         for allocation in candidate_allocations(plan.allocation, layers)
     ]

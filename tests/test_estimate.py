@@ -14,7 +14,7 @@ import yaml
 from flows.cli import main
 from layermoe_core.analysis.allocation import AllocationSettings, allocate_experts
 from layermoe_core.model.checkpoints import load_model
-from layermoe_core.model.surgery import expand, insert_classifiers, set_trainable
+from layermoe_core.model.surgery import expand, extend_vocabulary, insert_classifiers, set_trainable
 from layermoe_core.training.estimate import DEFAULT_TFLOPS_PER_DEVICE, allocation_range, estimate_round, parent_config
 from layermoe_core.training.launch import LauncherSettings
 from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, fp32_master_weights, train_stage1
@@ -154,6 +154,45 @@ def test_estimate_command_prints_the_report_for_a_plan(parent_dir, tmp_path, cap
     assert f"time at {DEFAULT_TFLOPS_PER_DEVICE:g} TFLOP/s per device" in report
     assert main(["estimate", "--plan", str(tmp_path / "plan.yaml"), "--tflops-per-device", "1e-3"]) == 0
     assert "time at 0.001 TFLOP/s per device" in capsys.readouterr().out
+
+
+def test_estimate_counts_the_vocabulary_rows_a_round_adds(parent_dir, tmp_path, capsys):
+    added = 12
+    predicted, dense_vocabulary = estimate(parent_dir, added_tokens=added), estimate(parent_dir)
+    stage1, stage2 = predicted.stages
+
+    child = expand(load_model(parent_dir, device="cpu"), ALLOCATION, OLD, NEW, top_k=2)
+    extend_vocabulary(child, [[i, i + 1] for i in range(added)])  # as Stage 1 builds its child, then trains it
+    hidden = child.config.base_config.hidden_size
+    assert stage1.trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+    assert stage1.trainable_params == dense_vocabulary.stages[0].trainable_params + 2 * added * hidden  # an embedding and a head row
+    # fp32 logits and log-softmax over the added columns too, for every token of a micro-batch
+    tokens = Stage1Settings().per_device_batch_size * SEQ_LEN
+    extra_logits = stage1.activations_without_checkpointing_bytes - dense_vocabulary.stages[0].activations_without_checkpointing_bytes
+    assert extra_logits == 2 * tokens * added * 4
+    child.save_pretrained(tmp_path / "stage1")
+
+    child = load_model(tmp_path / "stage1", device="cpu")
+    insert_classifiers(child, [0])
+    set_trainable(child, "stage2")
+    assert predicted.total_params == sum(p.numel() for p in child.parameters())
+    assert stage2.trainable_params == sum(p.numel() for p in child.parameters() if p.requires_grad)
+    child.save_pretrained(tmp_path / "child")
+    assert within(predicted.child_bytes, (tmp_path / "child" / "model.safetensors").stat().st_size)
+
+    plan = {
+        "corpora": {lang: {"path": f"{lang}.txt"} for lang in OLD + NEW},
+        "new_languages": NEW,
+        "parent": {"hf_path": str(parent_dir), "languages": OLD},
+        "allocation": {"method": "fixed", "fixed": ALLOCATION},
+        "classifier_layer_count": 1,
+        "vocabulary": {"extend": added},
+    }
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    assert main(["estimate", "--plan", str(tmp_path / "plan.yaml")]) == 0
+    report = capsys.readouterr().out
+    assert f"vocabulary: up to {added} new tokens" in report
+    assert f"added {predicted.added_params:,}  total {predicted.total_params:,}" in report
 
 
 def test_the_estimate_names_the_strategy_that_runs_and_refuses_a_config_the_launch_would_refuse(parent_dir, tmp_path, capsys):

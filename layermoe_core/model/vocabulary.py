@@ -252,7 +252,7 @@ def initialise_added_rows(
     for rows, parent in ((vocabulary.embeddings[-1], embedding), (vocabulary.heads[-1], head)):
         sums = torch.zeros(len(pieces), parent.shape[1], dtype=torch.float32, device=parent.device)
         sums.index_add_(0, owner, parent[index].float())
-        counts = torch.bincount(owner, minlength=len(pieces)).clamp(min=1)[:, None]
+        counts = torch.tensor([max(len(ids), 1) for ids in pieces], device=parent.device)[:, None]  # (N, 1)
         rows.copy_((sums / counts).to(rows.dtype))
 
 

@@ -26,7 +26,8 @@ from ..analysis.allocation import AllocationSettings
 from ..errors import LayerMoEError
 from ..model.files import refuse_custom_code
 from ..model.modeling_layermoe import LayerMoEForCausalLM, decoder_layers
-from ..model.surgery import Stage, count_parameters, expand, insert_classifiers, set_trainable
+from ..model.surgery import Stage, count_parameters, expand, extend_vocabulary, insert_classifiers, set_trainable
+from ..model.vocabulary import vocabulary_size
 from .launch import LauncherSettings
 from .trainer import Stage1Settings, Stage2Settings, TrainSettings, replay_mix
 
@@ -67,6 +68,7 @@ class RoundEstimate(BaseModel):
     """One round at one allocation (for `layermoe`, each end of the range its rounding allows)."""
 
     allocation: list[int]
+    added_tokens: int  # vocabulary rows the round adds: the plan's `vocabulary.extend`, the most it can add
     parent_params: int
     added_params: int
     total_params: int
@@ -138,13 +140,21 @@ def candidate_allocations(settings: AllocationSettings, num_layers: int) -> list
 
 # -- the model on the meta device -------------------------------------------------------------
 def meta_child(
-    config: PretrainedConfig, allocation: Sequence[int], old: Sequence[str], new: Sequence[str], top_k: int, classifier_layers: int
+    config: PretrainedConfig,
+    allocation: Sequence[int],
+    old: Sequence[str],
+    new: Sequence[str],
+    top_k: int,
+    classifier_layers: int,
+    added_tokens: int = 0,
 ) -> tuple[torch.nn.Module, LayerMoEForCausalLM]:
-    """The parent and its child (after expand and insert_classifiers) with meta tensors: shapes only."""
+    """The parent and its child (after expand, extend_vocabulary and insert_classifiers) with meta tensors: shapes only."""
     with torch.device("meta"):
         parent = AutoModelForCausalLM.from_config(config)
         child = AutoModelForCausalLM.from_config(config)
     child = expand(child, list(allocation), list(old), list(new), top_k=None if isinstance(child, LayerMoEForCausalLM) else top_k)
+    if added_tokens:
+        extend_vocabulary(child, [[0]] * added_tokens)  # the rows' shapes; which pieces they start from changes no size
     eligible = [layer for layer, block in child.moe_blocks().items() if block.expanded_this_round]
     insert_classifiers(child, eligible[:classifier_layers])
     return parent, child
@@ -197,11 +207,12 @@ def activation_bytes(model: LayerMoEForCausalLM, config: PretrainedConfig, batch
     Per token and layer: the attention's inputs and outputs (norm input in fp32, q, k, v and
     their rotated copies, the attention output and o_proj's input), and for each expert a token
     passes through its input, gate and up (2 * intermediate), the activation and the product
-    (2 * intermediate); logits and their log-softmax are fp32 (batch, seq, vocab). SDPA keeps
+    (2 * intermediate); logits and their log-softmax are fp32 (batch, seq, vocab), the added vocabulary rows included. SDPA keeps
     no (seq, seq) scores; eager attention keeps them. With checkpointing a layer keeps only its
     input, and backward rebuilds one layer at a time, holding its activations and their gradients.
     """
-    hidden, intermediate, vocab, heads, kv_heads, head_dim = _shape(config)
+    hidden, intermediate, _, heads, kv_heads, head_dim = _shape(config)
+    vocab = vocabulary_size(model.config)
     element = parent_dtype(config).itemsize
     tokens = batch * seq_len
     attention = (3 * hidden + 2 * (heads + 2 * kv_heads) * head_dim) * element + 2 * hidden * FP32_BYTES
@@ -215,9 +226,10 @@ def activation_bytes(model: LayerMoEForCausalLM, config: PretrainedConfig, batch
 
 
 def _active_params(model: LayerMoEForCausalLM, trainable: bool | None) -> int:
-    """Parameters (all, or the trainable ones) one token's forward multiplies by: none of the embedding, and of each
-    MoE layer's experts (all the size of expert 0) only as many as it is routed to, top_k at most."""
-    unused = 0
+    """Parameters (all, or the trainable ones) one token's forward multiplies by: none of the embeddings (the parent's
+    and the added rows'), and of each MoE layer's experts (all the size of expert 0) only as many as it is routed to,
+    top_k at most."""
+    unused = count_parameters(model.vocabulary.embeddings, trainable)
     for block in model.moe_blocks().values():
         per_expert = count_parameters(block.original_mlp)
         counted = block.num_experts if trainable is None else count_parameters(block.new_experts, trainable) // per_expert
@@ -292,10 +304,10 @@ def _stage(
     )
 
 
-def token_store_bytes(config: PretrainedConfig, old: Sequence[str], new: Sequence[str], per_language: dict[str, int]) -> int:
-    """The token files sampling writes: uint16 ids (uint32 past 65,536 tokens), for each new language its Stage-1,
-    analysis and evaluation tokens, for each old one its Stage-2 replay, analysis and evaluation tokens."""
-    width = 2 if _shape(config)[2] <= 2**16 else 4
+def token_store_bytes(vocabulary: int, old: Sequence[str], new: Sequence[str], per_language: dict[str, int]) -> int:
+    """The token files sampling writes: uint16 ids (uint32 past a `vocabulary` of 65,536 tokens), for each new language
+    its Stage-1, analysis and evaluation tokens, for each old one its Stage-2 replay, analysis and evaluation tokens."""
+    width = 2 if vocabulary <= 2**16 else 4
     new_tokens = per_language["stage1"] + per_language["analysis"] + per_language["eval"]
     old_tokens = per_language["stage2"] + per_language["analysis"] + per_language["eval"]
     return width * (len(new) * new_tokens + len(old) * old_tokens)
@@ -318,14 +330,16 @@ def estimate_round(
     analysis_tokens: int = 0,
     eval_tokens: int = 0,
     tflops_per_device: float = DEFAULT_TFLOPS_PER_DEVICE,
+    added_tokens: int = 0,
 ) -> RoundEstimate:
     """Sizes, memory, disk, steps and time of one round at `allocation`, with token budgets per language as in a plan.
 
     Sequences per language are budget // seq_len (what sampling packs when the corpus holds the
-    budget); Stage 2 trains on the replay mix of those, balanced per language.
+    budget); Stage 2 trains on the replay mix of those, balanced per language. `added_tokens` vocabulary rows (the plan's
+    `vocabulary.extend`) are counted in full, though a round may learn fewer.
     """
     dtype = parent_dtype(config)
-    parent, child = meta_child(config, allocation, old_languages, new_languages, top_k, classifier_layers)
+    parent, child = meta_child(config, allocation, old_languages, new_languages, top_k, classifier_layers, added_tokens)
     launcher = launcher or LauncherSettings()
     processes, strategy = launcher.processes, launcher.strategy()
     parent_params, total = count_parameters(parent), count_parameters(child)
@@ -341,6 +355,7 @@ def estimate_round(
     )
     return RoundEstimate(
         allocation=list(allocation),
+        added_tokens=added_tokens,
         parent_params=parent_params,
         added_params=total - parent_params,
         total_params=total,
@@ -348,7 +363,7 @@ def estimate_round(
         processes=processes,
         sharding=strategy.name,
         token_store_bytes=token_store_bytes(
-            config,
+            vocabulary_size(child.config),
             old_languages,
             new_languages,
             {"stage1": stage1_tokens, "stage2": stage2_tokens, "analysis": analysis_tokens, "eval": eval_tokens},
@@ -389,6 +404,11 @@ def format_estimate(estimates: Sequence[RoundEstimate], allocation: AllocationSe
             "",
             f"== {sum(estimate.allocation)} new experts ==",
             f"parameters: parent {estimate.parent_params:,}  added {estimate.added_params:,}  total {estimate.total_params:,}",
+            *(
+                [f"vocabulary: up to {estimate.added_tokens:,} new tokens, counted in full (an embedding and an LM-head row each)"]
+                if estimate.added_tokens
+                else []
+            ),
             f"child on disk (model.safetensors): {_gib(estimate.child_bytes)} ({estimate.child_bytes:,} bytes)",
             f"token store on disk: {_gib(estimate.token_store_bytes)}",
             f"per device, {estimate.processes} process(es), {estimate.sharding}:",
