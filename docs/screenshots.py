@@ -16,8 +16,8 @@ What it runs, all on 127.0.0.1 in a temporary folder:
 `--deployments` runs only this instead, against a fresh server: prefect-setup's pools, `prefect deploy --all` from
 prefect.yaml and the compose worker's command; the tiny base registered as champion, and add-languages/cpu's default plan
 set to a one-round plan adding hu. Screenshots: its Parameters tab; "+ Schedule" filled in with an interval; its runs
-once the schedule ticked twice (a round, then "nothing to do", checked through the API); its Custom run form, then
-a run submitted from that page as JSON with the plan's path.
+once the schedule ticked twice (a round, then "nothing to do", checked through the API); what Run -> Quick run opens;
+its Custom run form, then a run submitted from that page as JSON with the plan's path.
 
 Chromium (headless) is driven through its DevTools protocol, so a page is captured once it has rendered and the
 Resume button can be clicked; each PNG is then quantised with pngquant when it is installed.
@@ -570,6 +570,15 @@ def deployment_screens(out: Path, root: Path, plan_file: Path, env: dict) -> Non
         scheduled = http_json(f"{api}/flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
         print(f"runs waiting once the schedule is off: {scheduled}", flush=True)
 
+        quick = browser.shoot(
+            page,
+            out / "prefect-deployment-quick-run.png",
+            wait_text=["Entrypoint"],
+            clicks=["Run", "Quick run"],
+            keep=(None, 1100),
+            after="(document.querySelector('[role=dialog]') || document.body).innerText.slice(0, 300)",
+        )
+        print(f"Run -> Quick run opens:\n{quick}", flush=True)
         custom = browser.shoot(
             f"{page}/run",
             out / "prefect-deployment-custom-run.png",
