@@ -1,6 +1,6 @@
 """Take the docs' screenshots of the Prefect and MLflow UIs from a tiny run (a developer tool, not part of the package).
 
-    PYTHONPATH=. python docs/screenshots.py [--out docs/img] [--keep DIR]
+    PYTHONPATH=. python docs/screenshots.py [--out docs/img] [--keep DIR] [--form-only | --deployments]
 
 What it runs, all on 127.0.0.1 in a temporary folder:
 1. `prefect server start` (temporary PREFECT_HOME, sqlite) and `layermoe serve --plan tiny.yaml`: a tiny Qwen2 base,
@@ -13,6 +13,12 @@ What it runs, all on 127.0.0.1 in a temporary folder:
    and the run must still be paused.
    Then `layermoe approve RUN_ID --no --reason ...` answers it.
 4. `mlflow server` on the same sqlite store. Screenshots: the registered model's versions, and version 3's page.
+
+`--deployments` runs only this instead, against a fresh server: prefect-setup's pools, `prefect deploy --all` from
+prefect.yaml and the compose worker's command; the tiny base registered as champion, and add-languages/cpu's default plan
+set to a one-round plan adding hu. Screenshots: its Parameters tab; "+ Schedule" filled in with an interval; its runs
+once the schedule ticked twice (a round, then "nothing to do", checked through the API); what Run -> Quick run opens;
+its Custom run form, then a run submitted from that page as JSON with the plan's path.
 
 Chromium (headless) is driven through its DevTools protocol, so a page is captured once it has rendered and the
 Resume button can be clicked; each PNG is then quantised with pngquant when it is installed.
@@ -274,6 +280,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     parser.add_argument("--form-only", action="store_true", help="take and measure the run form, then stop")
+    parser.add_argument(
+        "--deployments", action="store_true", help="only prefect.yaml's deployments on a worker, a schedule added in the UI"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     root = args.keep or Path(tempfile.mkdtemp(prefix="layermoe-screens-"))
@@ -290,6 +299,13 @@ def main() -> None:
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    if args.deployments:
+        try:
+            deployment_screens(args.out, root, plan_file, env)
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     port = free_port()
     ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     server_env = {**env, "PREFECT_UI_API_URL": api}  # the UI's pages call the API here, not at the default port 4200
@@ -404,6 +420,187 @@ def main() -> None:
             stop(process)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+# `--deployments`: prefect.yaml's deployments on a process worker, and a schedule added in the UI.
+
+
+def deployment_world(root: Path, plan_file: Path) -> Path:
+    """The tiny base registered as champion, and a one-round plan adding hu to the champion; returns that plan file."""
+    from flows.plan import ParentRef, load_lifelong_plan
+    from registry.register import register_base
+    from registry.versions import promote
+
+    lifelong = load_lifelong_plan(plan_file)
+    promote(lifelong.registry, register_base(lifelong.registry, lifelong.parent.hf_path, lifelong.parent.languages).version)
+    one_round = lifelong.round_plan(0, [], ParentRef(alias="champion")).model_dump(mode="json", exclude={"old_languages"})
+    path = root / "add-languages.yaml"
+    path.write_text(yaml.safe_dump(one_round, sort_keys=False))
+    return path
+
+
+def deployed_stack(root: Path, env: dict, processes: list[subprocess.Popen]) -> tuple[str, str]:
+    """A Prefect server, prefect-setup's pools, `prefect deploy --all` and the compose worker's command; returns (UI, API)."""
+    port = free_port()
+    ui, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
+    server = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    processes.append(start(server, {**env, "PREFECT_UI_API_URL": api}, root / "server.log"))
+    wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=5).status == 200, "the Prefect server")
+    env["PREFECT_API_URL"] = api
+    subprocess.run([sys.executable, str(REPO / "docker" / "prefect" / "setup_server.py")], env=env, check=True)
+    with (root / "deploy.log").open("w") as log:
+        subprocess.run(
+            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True
+        )
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    worker = [str(BIN / "prefect") if word == "prefect" else word for word in compose["services"]["worker"]["command"]]
+    worker_env = {**env, "PREFECT_HOME": str(root / "worker-home"), "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    processes.append(
+        subprocess.Popen(
+            worker, env=worker_env, cwd=root, stdout=(root / "worker.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+    )
+    return ui, api
+
+
+# The deployment page's "+ Schedule" dialog: an interval of SCHEDULE_S seconds, typed into its fields; saved when SAVE is true.
+ADD_INTERVAL_SCHEDULE = """(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const byText = (t, root = document) => [...root.querySelectorAll('*')].filter(e => e.innerText && e.innerText.trim() === t).pop();
+  byText('Schedule').click();
+  await sleep(2000);
+  const dialog = document.querySelector('[role=dialog]') || document.querySelector('.p-modal');
+  const value = dialog.querySelector('input[type=number]');
+  Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(value, 'SCHEDULE_S');
+  value.dispatchEvent(new Event('input', {bubbles: true}));
+  const unit = [...dialog.querySelectorAll('select')].find(s => [...s.options].some(o => o.text === 'Seconds'));
+  unit.value = [...unit.options].find(o => o.text === 'Seconds').value;
+  unit.dispatchEvent(new Event('change', {bubbles: true}));
+  await sleep(1000);
+  if (!SAVE) return dialog.innerText.split('Timezone')[0];
+  byText('Save', dialog).click();
+  await sleep(3000);
+  return document.body.innerText.split('Schedules')[1].split('Status')[0];
+})()"""
+# The custom-run page: Parameters' menu -> "Use JSON input", then the parameters typed as JSON, and Submit.
+CUSTOM_RUN_AS_JSON = """(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  const byText = t => [...document.querySelectorAll('body *')].filter(e => e.innerText && e.innerText.trim() === t).pop();
+  const heading = byText('Parameters');
+  const menu = [...document.querySelectorAll('button')].find(b => heading.compareDocumentPosition(b) & Node.DOCUMENT_POSITION_FOLLOWING);
+  menu.click(); await sleep(1200);
+  byText('Use JSON input').click(); await sleep(2500);
+  const shown = document.body.innerText.split('Parameters')[1].split('Validate parameters')[0];
+  const editor = [...document.querySelectorAll('textarea')].pop();
+  editor.focus(); document.execCommand('selectAll'); document.execCommand('insertText', false, PARAMETERS);
+  await sleep(1500);
+  byText('Submit').click(); await sleep(4000);
+  return {shown, after: location.href};
+})()"""
+SCHEDULE_S = 20  # longer than a tiny round's start-up, so the ticks are seen one after another
+
+
+def deployment_screens(out: Path, root: Path, plan_file: Path, env: dict) -> None:
+    """prefect.yaml's add-languages/cpu on a process worker: its page, a schedule added in the UI, its runs, its custom run."""
+    plan = deployment_world(root, plan_file)
+    processes: list[subprocess.Popen] = []
+    browser = None
+    try:
+        ui, api = deployed_stack(root, env, processes)
+        deployment = http_json(f"{api}/deployments/name/add-languages/cpu")
+        page = f"{ui}/deployments/deployment/{deployment['id']}"
+        browser = Browser(root)
+        parameters = browser.shoot(
+            page,
+            out / "prefect-deployment-parameters.png",
+            wait_text=["Entrypoint"],
+            clicks=["Parameters"],
+            keep=(None, 700),
+            after="document.body.innerText.split('Key')[1].split('Schedules')[0]",
+        )
+        print(f"Parameters tab as deployed:\n{parameters}", flush=True)
+        assert "/inputs/add-languages.yaml" in parameters, parameters
+        # The default names the plan inside a compose worker (/inputs); here it is set to the tiny plan, as the test does.
+        request = urllib.request.Request(
+            f"{api}/deployments/{deployment['id']}",
+            json.dumps({"parameters": {"plan": str(plan)}}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="PATCH",
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+
+        add_schedule = ADD_INTERVAL_SCHEDULE.replace("SCHEDULE_S", str(SCHEDULE_S))
+        form = browser.shoot(
+            page,
+            out / "prefect-deployment-add-schedule.png",
+            wait_text=["Entrypoint"],
+            height=1300,
+            after=add_schedule.replace("SAVE", "false"),
+        )
+        print(f"Add schedule, filled in:\n{form}", flush=True)
+        saved = browser.shoot(
+            page, root / "prefect-deployment-saved.png", wait_text=["Entrypoint"], after=add_schedule.replace("SAVE", "true")
+        )
+        print(f"Schedules after Save: {saved!r}", flush=True)
+        (schedule,) = http_json(f"{api}/deployments/{deployment['id']}")["schedules"]
+        print(f"the schedule on the server: {schedule['schedule']}, parameters {schedule['parameters']}", flush=True)
+
+        def finished_runs() -> list[dict]:
+            query = {"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}, "sort": "START_TIME_ASC"}
+            return http_json(f"{api}/flow_runs/filter", query)
+
+        done = wait_for(lambda: (runs := finished_runs()) and len(runs) >= 2 and runs, "two finished ticks")
+        for run in done:
+            print(f"tick {run['name']}: {run['state']['name']} {run['state']['message']!r}, parameters {run['parameters']}", flush=True)
+        assert [run["state"]["type"] for run in done] == ["COMPLETED"] * len(done), done
+        assert "nothing to do" in done[-1]["state"]["message"], done[-1]["state"]
+        scheduled = http_json(f"{api}/flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        print(f"runs the schedule has waiting: {scheduled}", flush=True)
+        browser.shoot(page, out / "prefect-deployment-scheduled-runs.png", wait_text=["Entrypoint", "Completed"], keep=(None, 1100))
+        request = urllib.request.Request(
+            f"{api}/deployments/{deployment['id']}/schedules/{schedule['id']}",
+            json.dumps({"active": False}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="PATCH",
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+        scheduled = http_json(f"{api}/flow_runs/count", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        print(f"runs waiting once the schedule is off: {scheduled}", flush=True)
+
+        quick = browser.shoot(
+            page,
+            out / "prefect-deployment-quick-run.png",
+            wait_text=["Entrypoint"],
+            clicks=["Run", "Quick run"],
+            keep=(None, 1100),
+            after="(document.querySelector('[role=dialog]') || document.body).innerText.slice(0, 300)",
+        )
+        print(f"Run -> Quick run opens:\n{quick}", flush=True)
+        custom = browser.shoot(
+            f"{page}/run",
+            out / "prefect-deployment-custom-run.png",
+            wait_text=["New languages"],
+            keep=(None, 1100),
+            after="document.body.innerText.split('Parameters')[1].slice(0, 600)",
+        )
+        print(f"Custom run form:\n{custom}", flush=True)
+        submitted = browser.shoot(
+            f"{page}/run",
+            root / "prefect-deployment-custom-run-json.png",
+            wait_text=["New languages"],
+            after=CUSTOM_RUN_AS_JSON.replace("PARAMETERS", json.dumps(json.dumps({"plan": str(plan)}))),
+        )
+        print(f"Custom run as JSON, shown first:\n{submitted['shown']}\nafter Submit: {submitted['after']}", flush=True)
+        manual = wait_for(lambda: [run for run in finished_runs() if not run["auto_scheduled"]], "the custom run to finish")
+        for run in manual:
+            print(
+                f"custom run {run['name']}: {run['state']['name']} {run['state']['message']!r}, parameters {run['parameters']}", flush=True
+            )
+    finally:
+        if browser:
+            browser.close()
+        for process in reversed(processes):
+            stop(process)
 
 
 if __name__ == "__main__":
