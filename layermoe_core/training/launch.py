@@ -7,13 +7,16 @@ or DeepSpeed ZeRO distribute as accelerate's config says (`LauncherSettings.stra
 where accelerate itself would fall back to DDP, the ranks turn FSDP2 on: `trainer.LayerMoETrainer`;
 docs/multi-gpu.md). Each rank logs its rank, the world size and the strategy once. Rank 0 writes the `TrainResult` to
 `<output_dir>/train_result.json`. A killed or failed launch raises `LaunchError`, carrying the tail of
-its log; the next launch of the same job resumes from the newest complete checkpoint.
+its log; the next launch of the same job resumes from the newest complete checkpoint. A SIGTERM to the
+flow's process is passed on to the ranks, which stop together at a checkpoint (`stopping`); the
+launch then raises `TrainingStopped`.
 
     python -m layermoe_core.training.launch JOB.json     # what each rank runs (under accelerate launch)
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -24,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -32,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 import layermoe_core
 
 from ..errors import LayerMoEError
-from .trainer import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
+from .stopping import TrainingStopped, caught_sigterm
+from .trainer import MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings, latest_checkpoint
 
 RESULT_NAME = "train_result.json"  # in the job's output_dir, written by rank 0
 LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output, appended per launch
@@ -317,7 +321,8 @@ def launch(
 
     Every rank's output is appended to `<output_dir>/launch.log`; rank 0's metric lines reach
     `on_metrics` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns
-    into the end of every rank) raises `LaunchError`, which carries the log's tail.
+    into the end of every rank) raises `LaunchError`, which carries the log's tail; one after a SIGTERM
+    was passed on to the ranks raises `TrainingStopped`, naming their checkpoint.
     """
     launcher.check_runnable()
     output_dir = Path(job.output_dir)
@@ -334,7 +339,7 @@ def launch(
     }
     tail: deque[str] = deque(maxlen=launcher.log_tail_lines)
     log_path = output_dir / LOG_NAME
-    with log_path.open("a", encoding="utf-8") as log:
+    with log_path.open("a", encoding="utf-8", buffering=1) as log:  # line-buffered: the SIGTERM note lands in order
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         process = subprocess.Popen(
@@ -347,23 +352,27 @@ def launch(
             errors="replace",
             start_new_session=True,
         )
-        try:
-            assert process.stdout is not None  # stdout=PIPE
-            for line in process.stdout:
-                log.write(line)
-                tail.append(line.rstrip("\n"))
-                if line.startswith(METRICS_PREFIX):
-                    record = json.loads(line[len(METRICS_PREFIX) :])
-                    on_metrics(record["metrics"], record["step"])
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
-                process.terminate()  # torchrun's agent passes SIGTERM on to the ranks (in sessions of their own)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+        sigterm: list[list[int]] = []  # the ranks a SIGTERM was passed on to, once one came
+        with caught_sigterm(lambda: sigterm.append(_stop_ranks(process, log))):
+            try:
+                assert process.stdout is not None  # stdout=PIPE
+                for line in process.stdout:
+                    log.write(line)
+                    tail.append(line.rstrip("\n"))
+                    if line.startswith(METRICS_PREFIX):
+                        record = json.loads(line[len(METRICS_PREFIX) :])
+                        on_metrics(record["metrics"], record["step"])
+                returncode = process.wait()
+            finally:
+                if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
+                    process.terminate()  # torchrun's agent passes SIGTERM on to the ranks (in sessions of their own)
+                    try:
+                        process.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+            if sigterm and (returncode != 0 or not (output_dir / RESULT_NAME).is_file()):
+                raise TrainingStopped(latest_checkpoint(output_dir))
     result_path = output_dir / RESULT_NAME
     if returncode != 0 or not result_path.is_file():
         error = LaunchError(
@@ -374,6 +383,22 @@ def launch(
         error.tail = tuple(tail)
         raise error
     return TrainResult.model_validate_json(result_path.read_text(encoding="utf-8"))
+
+
+def _stop_ranks(launcher: subprocess.Popen, log: IO[str]) -> list[int]:
+    """Pass SIGTERM on to the ranks, the launcher's children, not to the launcher: torchrun's agent would kill them
+    after its own short grace. Noted in the log; returns the ranks' pids."""
+    import psutil
+
+    ranks = psutil.Process(launcher.pid).children()
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.send_signal(signal.SIGTERM)
+    pids = [rank.pid for rank in ranks]
+    note = f"layermoe: SIGTERM passed on to the ranks (pids {', '.join(map(str, pids))}): they stop together at the next step's end"
+    # os.write, not log.write: the signal can come while the loop above is inside log.write.
+    os.write(log.fileno(), f"{note}, with a checkpoint there\n".encode())
+    return pids
 
 
 # -- the ranks' side -------------------------------------------------------------------------

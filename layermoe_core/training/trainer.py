@@ -41,7 +41,7 @@ from ..model.modeling_layermoe import LayerMoEForCausalLM
 from ..model.moe_block import RouterInit
 from ..model.surgery import set_trainable
 from ..model.vocabulary import vocabulary_size
-from .stopping import StopOnSignal, caught_stop_signals
+from .stopping import StopOnSigterm, caught_sigterm
 
 FINAL_DIR_NAME = "final"
 T = TypeVar("T")
@@ -656,12 +656,12 @@ def _train(
     """The shared plumbing: Trainer run (resumed when a checkpoint exists), then the model (and `tokenizer`) to final/.
 
     Trainable parameters train in fp32 (`fp32_master_weights`); final/ is saved in the dtype the model came in.
-    A SIGTERM or SIGINT stops training at the next step's end, with a checkpoint there (`stopping.StopOnSignal`).
+    A SIGTERM stops training at the next step's end, with a checkpoint there (`stopping.StopOnSigterm`).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     saved_dtype = fp32_master_weights(model)
-    stop = StopOnSignal()
+    stop = StopOnSigterm()
     trainer = LayerMoETrainer(
         model=model,
         args=training_arguments(settings, output_dir),
@@ -675,7 +675,7 @@ def _train(
         shard_moe_blocks(model, trainer.accelerator.state.fsdp_plugin)
     _print_each_log_once(trainer, callbacks)
     checkpoint = latest_checkpoint(output_dir)
-    with caught_stop_signals(stop.record):
+    with caught_sigterm(stop.request):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         stop.raise_if_stopped(trainer.accelerator, output_dir)
 
