@@ -22,7 +22,8 @@ class _Stop(Exception):
 
 
 def main(argv: Sequence[str]) -> int:
-    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", *argv])
+    # In a session of its own, so a terminal's Ctrl-C to this group reaches only this process.
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", *argv], start_new_session=True)
 
     def stop(signum, frame):
         raise _Stop
@@ -35,7 +36,10 @@ def main(argv: Sequence[str]) -> int:
         pass
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: worker.send_signal(signal.SIGTERM))
-    runs = psutil.Process(worker.pid).children()  # each flow run's process, in a session of its own
+    try:
+        runs = psutil.Process(worker.pid).children()  # each flow run's process, in a session of its own
+    except psutil.NoSuchProcess:  # the worker ended by itself meanwhile
+        runs = []
     print(f"layermoe worker: SIGTERM to {len(runs)} flow run(s) first; the worker stops once they have ended", flush=True)
     for run in runs:
         try:
