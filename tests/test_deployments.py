@@ -2,7 +2,8 @@
 
 `layermoe serve` serves its deployments from one process (Flow.serve hands each run to a new
 process, which is where string annotations would break every scheduled run); `prefect.yaml`
-is deployed with `prefect deploy --all` and run by a `prefect worker start --type process`.
+is deployed with `prefect deploy --all` and run by the compose worker's command (`python -m flows.worker`,
+which runs `prefect worker start --type process`).
 Each run is triggered through the API, as the UI's "Run" button does, on a tiny round.
 """
 
@@ -363,8 +364,8 @@ def test_a_sigterm_to_the_worker_stops_training_at_a_fresh_checkpoint_the_run_fa
     own_prefect_api, tiny_world, tmp_path
 ):
     """What `docker compose stop` sends the worker first (SIGTERM; SIGKILL after stop_grace_period), mid-Stage 1: the
-    worker passes SIGTERM on to its flow run's process and waits for it; training saves a checkpoint at its next step
-    and stops there, so the run ends Failed with one line that says so."""
+    compose command (`flows.worker`) passes SIGTERM to its flow run's process first and stops the Prefect worker once
+    it has ended; training saves a checkpoint at its next step and stops there, so the run ends Failed with one line."""
     save_steps = KILLED_STAGE1_STEPS // 2  # one periodic checkpoint before the signal, none between it and the stop
     stage1_settings = Stage1Settings(**{**FAST, "max_steps": KILLED_STAGE1_STEPS, "save_steps": save_steps})
     plan = tiny_plan(tiny_world, tmp_path, "stopped", [["tr"]], stage1=stage1_settings)
