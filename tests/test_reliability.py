@@ -279,7 +279,7 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
 def test_a_sigterm_mid_stage1_stops_it_at_the_next_steps_checkpoint_and_the_rerun_resumes_there_to_the_uninterrupted_child(
     world, reference_child, tmp_path, monkeypatch
 ):
-    """What a stopped Prefect worker sends the flow run's process, or Ctrl-C: training in the flow's own process."""
+    """What a stopping worker (`flows.worker`) or `kill PID` sends a flow run's process, while it trains in that process."""
     registry = sqlite_registry(world, tmp_path)
     plan = round_plan(world, registry, tmp_path / "work")
     stopped = RoundProcess(plan, "sigterm", tmp_path / "stopped.log")

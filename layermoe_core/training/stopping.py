@@ -1,7 +1,8 @@
 """Training that stops at a checkpoint when its process is asked to stop with SIGTERM.
 
-A container stop (`docker compose stop`) reaches a Prefect process worker, which passes SIGTERM on to
-the flow run's process; a launched stage's flow process passes it on to its ranks (`launch.launch`).
+A container stop (`docker compose stop`) reaches the worker's command (`flows.worker`), which passes
+SIGTERM to each flow run's process first; a launched stage's flow process passes it on to its ranks
+(`launch.launch`).
 The signal is only recorded: at the next optimizer step's end the ranks agree on it (an all-reduce, so
 all of them stop at the same step), the Trainer saves a checkpoint there, the kind `latest_checkpoint`
 resumes from, and training ends with `TrainingStopped`. A second SIGTERM goes to the handler that was
