@@ -442,9 +442,9 @@ def launch(jobs: Sequence[TrainJob], launcher: LauncherSettings, reporter: JobRe
                     except subprocess.TimeoutExpired:
                         os.killpg(process.pid, signal.SIGKILL)
                         process.wait()
-    unfinished = [job for job in jobs if not (job.output_dir / RESULT_NAME).is_file()]
-    if sigterm and (returncode != 0 or unfinished):
-        raise TrainingStopped(latest_checkpoint(jobs[running].output_dir))
+            unfinished = [job for job in jobs if not (job.output_dir / RESULT_NAME).is_file()]
+            if sigterm and (returncode != 0 or unfinished):  # raised within: a SIGTERM that stopped nothing is raised again
+                raise TrainingStopped(latest_checkpoint(jobs[running].output_dir))
     if returncode != 0 or unfinished:
         failed = jobs[running] if returncode else unfinished[0]
         error = LaunchError(
