@@ -33,4 +33,4 @@ RUN pip install . \
 
 # Checkpoints and caches go to /data, a volume in docker-compose.yml; the code stays read-only.
 USER layermoe
-CMD ["prefect", "worker", "start", "--pool", "layermoe", "--type", "process", "--with-healthcheck"]
+CMD ["python", "-m", "flows.worker", "--pool", "layermoe", "--type", "process", "--with-healthcheck"]

@@ -142,11 +142,13 @@ def test_workers_only_talk_to_the_servers_and_hold_no_s3_credentials(compose):
         }
 
 
-def test_workers_read_inputs_read_only_and_stop_within_a_grace_period(compose):
+def test_workers_read_inputs_read_only_and_have_a_grace_period_for_a_step_and_a_checkpoint(compose):
+    grace = {}
     for name in ("worker", "gpu-worker"):
         service = compose["services"][name]
         assert "${LAYERMOE_INPUTS:-./inputs}:/inputs:ro" in service["volumes"]
-        assert service["stop_grace_period"] == "60s"
+        grace[name] = service["stop_grace_period"]
+    assert grace == {"worker": "2m", "gpu-worker": "10m"}  # sized in docs/operations.md, "Workers"
 
 
 def test_prefect_setup_runs_the_server_setup_script_the_tests_run(compose):

@@ -2,7 +2,8 @@
 
 `layermoe serve` serves its deployments from one process (Flow.serve hands each run to a new
 process, which is where string annotations would break every scheduled run); `prefect.yaml`
-is deployed with `prefect deploy --all` and run by a `prefect worker start --type process`.
+is deployed with `prefect deploy --all` and run by the compose worker's command (`python -m flows.worker`,
+which runs `prefect worker start --type process`).
 Each run is triggered through the API, as the UI's "Run" button does, on a tiny round.
 """
 
@@ -45,7 +46,7 @@ from flows.plan import LifelongPlan, ParentRef, RoundSpec
 from layermoe_core.analysis.allocation import AllocationSettings
 from layermoe_core.evaluation.gates import GateSettings, evaluate_gates
 from layermoe_core.evaluation.metrics import EvalSettings
-from layermoe_core.training.trainer import Stage1Settings, Stage2Settings
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, latest_checkpoint
 from registry.listing import list_versions
 from registry.register import register_base
 from registry.settings import RegistrySettings
@@ -241,6 +242,11 @@ def compose_service(name: str) -> dict:
     return yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"][name]
 
 
+def compose_worker_command() -> list[str]:
+    """The compose worker's command (`python -m flows.worker ...`), with this interpreter."""
+    return [sys.executable if word == "python" else word for word in compose_service("worker")["command"]]
+
+
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL to a process and every process under it at once, as a container stop past its grace period does."""
     import psutil
@@ -276,7 +282,7 @@ def test_prefect_yaml_deploys_on_the_default_stack_and_a_killed_workers_run_ends
     assert read_deployment("lifelong-expansion/cpu").parameters == {"plan": "/inputs/lifelong.yaml"}
 
     # The compose worker's own command and environment, started from an unrelated folder.
-    worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
+    worker_command = compose_worker_command()
     worker_env = {
         **process_env(tmp_path / "worker-home", prefect_api),
         **{key: value for key, value in compose_service("worker")["environment"].items() if key.startswith(("LAYERMOE_", "PREFECT_FLOWS"))},
@@ -336,7 +342,7 @@ def test_a_schedule_made_on_a_deployed_add_languages_runs_its_plan_file_once_the
     schedule = [PREFECT, "deployment", "schedule", "create", "add-languages/cpu", "--interval", str(SCHEDULE_INTERVAL_S)]
     subprocess.run(schedule, env=env, check=True, capture_output=True)
 
-    worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
+    worker_command = compose_worker_command()
     worker_env = {**process_env(tmp_path / "worker-home", own_prefect_api), "PREFECT_WORKER_QUERY_SECONDS": "2"}
     log = tmp_path / "worker.log"
 
@@ -355,41 +361,51 @@ def test_a_schedule_made_on_a_deployed_add_languages_runs_its_plan_file_once_the
     assert versions["version"].tolist() == [1, 2] and show_version(registry, "champion")["new_languages"] == ["tr"]
 
 
-def test_a_sigterm_to_the_worker_alone_stops_its_run_at_once_which_ends_crashed_and_a_retrigger_resumes(
+def test_a_sigterm_to_the_worker_stops_training_at_a_fresh_checkpoint_the_run_fails_and_a_retrigger_resumes_from_it(
     own_prefect_api, tiny_world, tmp_path
 ):
-    """What `docker compose stop` sends the worker first (SIGTERM; SIGKILL after stop_grace_period), mid-Stage 1:
-    the worker stops at once and its flow run's process with it, between Stage 1's periodic checkpoints."""
-    plan = tiny_plan(
-        tiny_world, tmp_path, "stopped", [["tr"]], stage1=Stage1Settings(**{**FAST, "max_steps": KILLED_STAGE1_STEPS, "save_steps": 5})
-    )
+    """What `docker compose stop` sends the worker first (SIGTERM; SIGKILL after stop_grace_period), mid-Stage 1: the
+    compose command (`flows.worker`) passes SIGTERM to its flow run's process first and stops the Prefect worker once
+    it has ended; training saves a checkpoint at its next step and stops there, so the run ends Failed with one line."""
+    save_steps = KILLED_STAGE1_STEPS // 2  # one periodic checkpoint before the signal, none between it and the stop
+    stage1_settings = Stage1Settings(**{**FAST, "max_steps": KILLED_STAGE1_STEPS, "save_steps": save_steps})
+    plan = tiny_plan(tiny_world, tmp_path, "stopped", [["tr"]], stage1=stage1_settings)
     plan_file = write_plan(plan, tmp_path / "stopped.yaml")
-    silence_s = 45  # the crash automation's window, as in the killed-worker test
-    deploy_prefect_yaml({**process_env(tmp_path / "deploy-home", own_prefect_api), "LAYERMOE_CRASH_AFTER_SILENT_S": str(silence_s)})
-    worker_command = [PREFECT if word == "prefect" else word for word in compose_service("worker")["command"]]
+    deploy_prefect_yaml(process_env(tmp_path / "deploy-home", own_prefect_api))
+    worker_command = compose_worker_command()
     worker_env = {**process_env(tmp_path / "worker-home", own_prefect_api), "LAYERMOE_WORKDIR": str(tmp_path / "data-work")}
     log = tmp_path / "worker.log"
+    stage1 = plan.workdir / "stopped-round-1-parent-v1-*" / "stage1"
     with running(worker_command, worker_env, log, cwd=tmp_path) as worker:
         started = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=0)
-        checkpoints = plan.workdir / "stopped-round-1-parent-v1-*" / "stage1" / "checkpoint-*" / "trainer_state.json"
-        wait_until(lambda: glob.glob(str(checkpoints)), "a complete Stage-1 checkpoint", worker, log)
+        periodic = wait_until(
+            lambda: glob.glob(str(stage1 / f"checkpoint-{save_steps}" / "trainer_state.json")),
+            f"Stage 1's checkpoint-{save_steps}",
+            worker,
+            log,
+        )
         os.kill(worker.pid, signal.SIGTERM)
-        signalled_at = time.monotonic()
+        signalled_at = time.time()
         worker.wait(timeout=DEADLINE_S)
-        worker_exited_s = time.monotonic() - signalled_at
-    crashed = wait_until_state(started.id, "Crashed", deadline_s=silence_s * 4)
-    seconds_to_crashed = time.monotonic() - signalled_at
-    assert "Sending SIGINT to the process worker" in log.read_text() and "no heartbeat" in crashed.state.message
-    assert not glob.glob(str(plan.workdir / "stopped-round-1-parent-v1-*" / "stage1" / "final"))
+        worker_exited_s = time.time() - signalled_at
+    assert "layermoe worker: SIGTERM to 1 flow run(s) first" in log.read_text()
+    stage1_dir = Path(periodic[0]).parents[1]
+    at_stop = latest_checkpoint(stage1_dir)
+    assert at_stop is not None and save_steps < int(at_stop.name.split("-")[1]) < KILLED_STAGE1_STEPS, at_stop
+    assert not (stage1_dir / "final").exists()
+    stopped = read_flow_run(started.id)  # final already: the worker waited for its flow run's process
+    assert stopped.state.name == "Failed", stopped.state
+    assert stopped.state.message == f"layermoe: error: training stopped by SIGTERM at {at_stop}; rerun to resume from it"
     assert list_versions(plan.registry)["version"].tolist() == [1], "the stopped run registered nothing"
+    checkpoint_saved_s = (at_stop / "trainer_state.json").stat().st_mtime - signalled_at
 
     with running(worker_command, worker_env, tmp_path / "worker-2.log", cwd=tmp_path):
         again = run_deployment("lifelong-expansion/cpu", parameters={"plan": str(plan_file)}, timeout=DEADLINE_S)
     second_log = (tmp_path / "worker-2.log").read_text()
     assert again.state.is_completed(), f"{again.state}\n{second_log[-8000:]}"
-    assert "stage1 resumed from" in second_log and "/stage1/checkpoint-" in second_log
+    assert f"stage1 resumed from {at_stop}" in second_log
     assert_round_registered(plan)
-    measured = {"worker_exited_s": worker_exited_s, "seconds_to_crashed": seconds_to_crashed}
+    measured = {"checkpoint_saved_s": checkpoint_saved_s, "worker_exited_s": worker_exited_s, "stopped_at": at_stop.name}
     (tmp_path / "sigterm.json").write_text(json.dumps(measured))
 
 

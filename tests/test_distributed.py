@@ -10,10 +10,12 @@ LAYERMOE_TEST_FAULT_STAGE), and touches nothing else.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -31,7 +33,8 @@ from layermoe_core.evaluation.metrics import EvalSettings
 from layermoe_core.model.checkpoints import load_model, load_tokenizer, save_model
 from layermoe_core.model.surgery import expand, insert_classifiers
 from layermoe_core.training.launch import RESULT_NAME, LaunchError, LauncherSettings
-from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings
+from layermoe_core.training.stopping import TrainingStopped
+from layermoe_core.training.trainer import Stage1Settings, Stage2Settings, TrainSettings, latest_checkpoint
 from registry.download import download_version
 from registry.listing import list_versions
 from registry.register import register_base
@@ -115,6 +118,12 @@ FAULTS = textwrap.dedent(
             def on_step_end(self, args, state, control, **kwargs):
                 if kind == "kill" and state.global_step == int(where[0]):
                     os.kill(os.getpid(), signal.SIGKILL)
+
+            def on_save(self, args, state, control, **kwargs):  # "hold:STEP:FILE": wait at STEP's checkpoint for FILE
+                if kind == "hold" and state.global_step == int(where[0]):
+                    import time
+                    while not os.path.exists(where[1]):
+                        time.sleep(0.05)
 
         _train = training._train
         def _train_with_fault(model, rows, objective, settings, output_dir, callbacks, tokenizer=None):
@@ -324,6 +333,50 @@ def test_a_rank_killed_mid_stage_fails_the_round_clearly_and_the_rerun_resumes(w
     _, _, uninterrupted, _ = two_process_round
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def test_a_sigterm_to_the_flow_stops_both_ranks_at_one_checkpoint_and_the_rerun_resumes_to_the_uninterrupted_child(
+    world, two_process_round, faults, tmp_path
+):
+    """What a stopping Prefect worker sends the flow run's process, while a launched stage trains."""
+    registry = fresh_registry(world, tmp_path)
+    plan = round_plan(world, registry, tmp_path / "work", TWO_PROCESSES)
+    stage1 = round_dir(plan, 1) / "stage1"
+    go = tmp_path / "go"
+    faults.setenv("LAYERMOE_TEST_FAULT", f"hold:3:{go}")  # rank 1 waits at checkpoint-3 until `go` exists
+
+    def stop_the_flow() -> None:
+        """SIGTERM to this (the flow's) process once checkpoint-3 is complete; rank 1 goes on once it was passed on."""
+        wait_for(lambda: (stage1 / "checkpoint-3" / "trainer_state.json").is_file())
+        os.kill(os.getpid(), signal.SIGTERM)
+        wait_for(lambda: "SIGTERM passed on to the ranks" in (stage1 / "launch.log").read_text())
+        go.touch()
+
+    stopper = threading.Thread(target=stop_the_flow, daemon=True)
+    stopper.start()
+    with pytest.raises(TrainingStopped) as stopped:
+        add_languages(plan)
+    stopper.join()
+    assert str(stopped.value) == f"training stopped by SIGTERM at {stage1 / 'checkpoint-4'}; rerun to resume from it"
+    assert latest_checkpoint(stage1) == stage1 / "checkpoint-4" and not (stage1 / "final").exists()
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (stage1 / "checkpoint-4").iterdir()}  # both ranks stopped there
+    assert list_versions(registry)["version"].tolist() == [1]
+
+    faults.delenv("LAYERMOE_TEST_FAULT")
+    summary = add_languages(plan)
+    assert json.loads((stage1 / RESULT_NAME).read_text())["resumed_from"] == str(stage1 / "checkpoint-4")
+    assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2
+    resumed = child_weights(registry, 2, tmp_path / "child")
+    _, _, uninterrupted, _ = two_process_round
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def wait_for(condition) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, "a launched stage never got there"
+        time.sleep(0.1)
 
 
 def test_a_rank_lost_under_the_cli_shows_the_launch_logs_tail_once_and_one_error_line(world, faults, tmp_path):

@@ -61,8 +61,8 @@ BASE_LANGUAGES = ["en", "zh"]
 FIRST_CHECKPOINT = f"checkpoint-{FAST['save_steps']}"
 PROCESS_DEADLINE_S = 300.0  # a guard against a hung child process, not a timing
 
-# A round in its own process. At Stage 1's first checkpoint it either SIGKILLs itself ("die"),
-# or holds there, inside the round, until the file `go` exists ("hold").
+# A round in its own process. At Stage 1's first checkpoint it SIGKILLs itself ("die"), sends itself
+# SIGTERM and trains on ("sigterm"), or holds there, inside the round, until the file `go` exists ("hold").
 ROUND_PROCESS = """
 import os, signal, sys, time
 from pathlib import Path
@@ -75,8 +75,13 @@ plan_json, at_first_checkpoint, go = sys.argv[1:]
 
 class AtCheckpoint(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
+        if state.global_step != args.save_steps:
+            return
         if at_first_checkpoint == "die":
             os.kill(os.getpid(), signal.SIGKILL)
+        if at_first_checkpoint == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         while not Path(go).exists():
             time.sleep(0.05)
 
@@ -269,6 +274,37 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
     monkeypatch.setattr(trainer, "train_stage1", record_resume)
     summary = add_languages(plan)
     assert resumed_from == [stage1 / FIRST_CHECKPOINT]
+    assert_same_weights(child_weights(registry, summary.version, tmp_path / "child"), reference_child)
+
+
+def test_a_sigterm_mid_stage1_stops_it_at_the_next_steps_checkpoint_and_the_rerun_resumes_there_to_the_uninterrupted_child(
+    world, reference_child, tmp_path, monkeypatch
+):
+    """What a stopping worker (`flows.worker`) or `kill PID` sends a flow run's process, while it trains in that process."""
+    registry = sqlite_registry(world, tmp_path)
+    plan = round_plan(world, registry, tmp_path / "work")
+    stopped = RoundProcess(plan, "sigterm", tmp_path / "stopped.log")
+    assert stopped.finish() == 1, stopped.output()
+
+    stage1 = round_dir(plan, 1) / "stage1"
+    at_stop = stage1 / f"checkpoint-{FAST['save_steps'] + 1}"  # the step after the periodic checkpoint the signal came at
+    output = stopped.log.read_text(errors="replace")
+    assert f"training stopped by SIGTERM at {at_stop}; rerun to resume from it" in output and "Finished in state Failed" in output
+    assert trainer.latest_checkpoint(stage1) == at_stop and not (stage1 / "final").exists()
+    assert list_versions(registry)["version"].tolist() == [1]
+
+    resumed_from = []
+    train_stage1 = trainer.train_stage1
+
+    def record_resume(*args, **kwargs):
+        result = train_stage1(*args, **kwargs)
+        resumed_from.append(result.resumed_from)
+        return result
+
+    monkeypatch.setattr(trainer, "train_stage1", record_resume)
+    summary = add_languages(plan)
+    assert resumed_from == [at_stop]
+    assert list_versions(registry)["version"].tolist() == [1, 2]
     assert_same_weights(child_weights(registry, summary.version, tmp_path / "child"), reference_child)
 
 

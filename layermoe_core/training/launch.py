@@ -12,13 +12,16 @@ pay the launcher's and the ranks' imports once; Stage 2 still loads Stage 1's fi
 as a rerun does. Each rank logs its rank, the world size and the strategy once per job. Rank 0 writes
 each job's `TrainResult` to `<output_dir>/train_result.json` when the job is done; a rerun skips a
 job with a final folder and a result, and resumes any other from its newest complete checkpoint.
-A killed or failed launch raises `LaunchError`, carrying the tail of its log.
+A killed or failed launch raises `LaunchError`, carrying the tail of its log. A SIGTERM to the flow's
+process is passed on to the ranks, which stop together at a checkpoint (`stopping`); the launch then
+raises `TrainingStopped`.
 
     python -m layermoe_core.training.launch JOB.json [JOB.json ...]   # what each rank runs (under accelerate launch)
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.util
@@ -32,7 +35,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -40,7 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 import layermoe_core
 
 from ..errors import LayerMoEError
-from .trainer import FINAL_DIR_NAME, MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings
+from .stopping import TrainingStopped, caught_sigterm
+from .trainer import FINAL_DIR_NAME, MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings, latest_checkpoint
 
 RESULT_NAME = "train_result.json"  # in the job's output_dir, written by rank 0
 LOG_NAME = "launch.log"  # in the job's output_dir: every rank's output while it runs that job, appended per launch
@@ -376,7 +380,8 @@ def launch(jobs: Sequence[TrainJob], launcher: LauncherSettings, reporter: JobRe
     Every rank's output is appended to the `launch.log` of the job it is running (each job's log
     starts with the launch's command line); the ranks' job starts and rank 0's metrics reach
     `reporter` as they come. A non-zero exit (a crash, or a killed rank, which torchrun turns into
-    the end of every rank) raises `LaunchError`, naming the job that was running, with the log's tail.
+    the end of every rank) raises `LaunchError`, naming the job that was running, with the log's tail; one
+    after a SIGTERM was passed on to the ranks raises `TrainingStopped`, naming their checkpoint.
     """
     launcher.check_runnable()
     reporter = reporter or JobReporter()
@@ -397,7 +402,8 @@ def launch(jobs: Sequence[TrainJob], launcher: LauncherSettings, reporter: JobRe
     tail: deque[str] = deque(maxlen=launcher.log_tail_lines)
     running, started = 0, set()  # the job whose log gets the output: the newest one a rank has started
     with ExitStack() as stack:
-        logs = [stack.enter_context((job.output_dir / LOG_NAME).open("a", encoding="utf-8")) for job in jobs]
+        # line-buffered: the SIGTERM note lands in order
+        logs = [stack.enter_context((job.output_dir / LOG_NAME).open("a", encoding="utf-8", buffering=1)) for job in jobs]
         for log in logs:
             log.write(f"$ {' '.join(command)}\n")
             log.flush()
@@ -411,30 +417,34 @@ def launch(jobs: Sequence[TrainJob], launcher: LauncherSettings, reporter: JobRe
             errors="replace",
             start_new_session=True,
         )
-        try:
-            assert process.stdout is not None  # stdout=PIPE
-            for line in process.stdout:
-                start = _record(line, JOB_PREFIX)
-                if start is not None:
-                    running = max(running, start["index"])
-                    if start["index"] not in started:
-                        started.add(start["index"])
-                        reporter.job_starts(start["index"], jobs[start["index"]], start["trained"])
-                logs[running if start is None else start["index"]].write(line)  # a skipped job's start can come late
-                tail.append(line.rstrip("\n"))
-                record = _record(line, METRICS_PREFIX)
-                if record is not None:
-                    reporter.metrics(record["stage"], record["metrics"], record["step"], record["max_steps"])
-            returncode = process.wait()
-        finally:
-            if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
-                process.terminate()  # torchrun's agent passes SIGTERM on to the ranks (in sessions of their own)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-    unfinished = [job for job in jobs if not (job.output_dir / RESULT_NAME).is_file()]
+        sigterm: list[list[int]] = []  # the ranks a SIGTERM was passed on to, once one came
+        with caught_sigterm(lambda: sigterm.append(_stop_ranks(process, logs[running]))):
+            try:
+                assert process.stdout is not None  # stdout=PIPE
+                for line in process.stdout:
+                    start = _record(line, JOB_PREFIX)
+                    if start is not None:
+                        running = max(running, start["index"])
+                        if start["index"] not in started:
+                            started.add(start["index"])
+                            reporter.job_starts(start["index"], jobs[start["index"]], start["trained"])
+                    logs[running if start is None else start["index"]].write(line)  # a skipped job's start can come late
+                    tail.append(line.rstrip("\n"))
+                    record = _record(line, METRICS_PREFIX)
+                    if record is not None:
+                        reporter.metrics(record["stage"], record["metrics"], record["step"], record["max_steps"])
+                returncode = process.wait()
+            finally:
+                if process.poll() is None:  # the flow itself was interrupted: take the ranks down with it
+                    process.terminate()  # torchrun's agent passes SIGTERM on to the ranks (in sessions of their own)
+                    try:
+                        process.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(process.pid, signal.SIGKILL)
+                        process.wait()
+            unfinished = [job for job in jobs if not (job.output_dir / RESULT_NAME).is_file()]
+            if sigterm and (returncode != 0 or unfinished):  # raised within: a SIGTERM that stopped nothing is raised again
+                raise TrainingStopped(latest_checkpoint(jobs[running].output_dir))
     if returncode != 0 or unfinished:
         failed = jobs[running] if returncode else unfinished[0]
         error = LaunchError(
@@ -452,6 +462,22 @@ def _record(line: str, prefix: str) -> dict | None:
     progress bar can leave its line open on the shared stream."""
     at = line.find(prefix)
     return None if at < 0 else json.JSONDecoder().raw_decode(line, at + len(prefix))[0]
+
+
+def _stop_ranks(launcher: subprocess.Popen, log: IO[str]) -> list[int]:
+    """Pass SIGTERM on to the ranks, the launcher's children, not to the launcher: torchrun's agent would kill them
+    after its own short grace. Noted in the log; returns the ranks' pids."""
+    import psutil
+
+    ranks = psutil.Process(launcher.pid).children()
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            rank.send_signal(signal.SIGTERM)
+    pids = [rank.pid for rank in ranks]
+    note = f"layermoe: SIGTERM passed on to the ranks (pids {', '.join(map(str, pids))}): they stop together at the next step's end"
+    # os.write, not log.write: the signal can come while the loop above is inside log.write.
+    os.write(log.fileno(), f"{note}, with a checkpoint there\n".encode())
+    return pids
 
 
 # -- the ranks' side -------------------------------------------------------------------------

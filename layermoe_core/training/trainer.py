@@ -41,6 +41,7 @@ from ..model.modeling_layermoe import LayerMoEForCausalLM
 from ..model.moe_block import RouterInit
 from ..model.surgery import set_trainable
 from ..model.vocabulary import vocabulary_size
+from .stopping import StopOnSigterm, caught_sigterm
 
 FINAL_DIR_NAME = "final"
 T = TypeVar("T")
@@ -655,16 +656,18 @@ def _train(
     """The shared plumbing: Trainer run (resumed when a checkpoint exists), then the model (and `tokenizer`) to final/.
 
     Trainable parameters train in fp32 (`fp32_master_weights`); final/ is saved in the dtype the model came in.
+    A SIGTERM stops training at the next step's end, with a checkpoint there (`stopping.StopOnSigterm`).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     saved_dtype = fp32_master_weights(model)
+    stop = StopOnSigterm()
     trainer = LayerMoETrainer(
         model=model,
         args=training_arguments(settings, output_dir),
         train_dataset=dataset,
         data_collator=collate_sequences,
-        callbacks=[_LogLastStep(), *callbacks],
+        callbacks=[_LogLastStep(), stop, *callbacks],
         objective=objective,
     )
     trainer.add_callback(_AnnounceRank(trainer))
@@ -672,7 +675,9 @@ def _train(
         shard_moe_blocks(model, trainer.accelerator.state.fsdp_plugin)
     _print_each_log_once(trainer, callbacks)
     checkpoint = latest_checkpoint(output_dir)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with caught_sigterm(stop.request):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        stop.raise_if_stopped(trainer.accelerator, output_dir)
 
     final_dir = output_dir / FINAL_DIR_NAME
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # gathers FSDP / DeepSpeed shards
