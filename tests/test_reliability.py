@@ -263,15 +263,7 @@ def test_round_killed_mid_stage1_resumes_from_its_checkpoint_to_the_uninterrupte
     assert list_versions(registry)["version"].tolist() == [1]
 
     forbid(monkeypatch, tasks.analysis, "layer_similarity")  # finished before the kill: comes from the cache
-    resumed_from = []
-    train_stage1 = trainer.train_stage1
-
-    def record_resume(*args, **kwargs):
-        result = train_stage1(*args, **kwargs)
-        resumed_from.append(result.resumed_from)
-        return result
-
-    monkeypatch.setattr(trainer, "train_stage1", record_resume)
+    resumed_from = record_stage1_resumes(monkeypatch)
     summary = add_languages(plan)
     assert resumed_from == [stage1 / FIRST_CHECKPOINT]
     assert_same_weights(child_weights(registry, summary.version, tmp_path / "child"), reference_child)
@@ -293,15 +285,7 @@ def test_a_sigterm_mid_stage1_stops_it_at_the_next_steps_checkpoint_and_the_reru
     assert trainer.latest_checkpoint(stage1) == at_stop and not (stage1 / "final").exists()
     assert list_versions(registry)["version"].tolist() == [1]
 
-    resumed_from = []
-    train_stage1 = trainer.train_stage1
-
-    def record_resume(*args, **kwargs):
-        result = train_stage1(*args, **kwargs)
-        resumed_from.append(result.resumed_from)
-        return result
-
-    monkeypatch.setattr(trainer, "train_stage1", record_resume)
+    resumed_from = record_stage1_resumes(monkeypatch)
     summary = add_languages(plan)
     assert resumed_from == [at_stop]
     assert list_versions(registry)["version"].tolist() == [1, 2]
@@ -566,3 +550,17 @@ def test_server_killed_right_after_creating_the_version_and_the_rerun_completes_
         client = MlflowClient(tracking_uri=registry.tracking_uri, registry_uri=registry.tracking_uri)
         assert client.get_run(champion["run_id"]).info.status == "FINISHED"
         download_version(registry, 2, tmp_path / "child")  # every file there, verified
+
+
+def record_stage1_resumes(monkeypatch) -> list:
+    """The checkpoint each Stage 1 trained in this process resumed from (None: from the start), as it trains."""
+    resumed_from = []
+    train_stage1 = trainer.train_stage1
+
+    def record_resume(*args, **kwargs):
+        result = train_stage1(*args, **kwargs)
+        resumed_from.append(result.resumed_from)
+        return result
+
+    monkeypatch.setattr(trainer, "train_stage1", record_resume)
+    return resumed_from
