@@ -282,7 +282,10 @@ class LayerMoEBlock(nn.Module):
         routers = list(self.routers)
         classifiers = [router._modules["classifier"] for router in routers]
         tensors = [tensor for classifier in classifiers if classifier is not None for tensor in classifier._parameters.values()]
-        states = [(id(tensor), tensor.data_ptr(), tensor._version) for tensor in tensors]
+        try:
+            states: list = [(id(tensor), tensor.data_ptr(), tensor._version) for tensor in tensors]
+        except RuntimeError:  # an inference tensor keeps no version (accelerate's offload loads them per call): never reuse
+            states = [object()]
         return (self.routed_rounds, [id(router) for router in routers], [id(classifier) for classifier in classifiers], states)
 
     def _cached_inference_route(self) -> InferenceRoute:
