@@ -25,7 +25,8 @@ from flows.plan import ExpansionPlan, LifelongPlan, ParentRef, load_lifelong_pla
 from layermoe_core.data.corpus import CorpusSpec
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.evaluation.metrics import EvalSettings
-from layermoe_core.training.trainer import Stage1Settings
+from layermoe_core.training.trainer import Stage1Settings, TrainResult
+from tasks.results import decode
 
 from .conftest import save_with_tiny_tokenizer, tiny_model
 from .synthetic_corpus import write_synthetic_corpus
@@ -701,13 +702,14 @@ def test_a_killed_command_leaves_no_run_behind_and_the_rerun_resumes(tmp_path, s
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         assert db.execute("select version from model_versions").fetchall() == [(1,), (2,)]
-    stage1_results = [
-        json.loads(path.read_text())
+    stored = [
+        decode(json.loads(path.read_text()))
         for path in (tmp_path / "prefect" / "storage").glob("*")
         if path.is_file() and '"model": "TrainResult"' in path.read_text()
-    ]
-    resumed = [result["fields"]["resumed_from"] for result in stage1_results if "/stage1/" in result["fields"]["model_dir"]]
-    assert len(resumed) == 1 and re.search(r"/stage1/checkpoint-\d+$", resumed[0] or ""), resumed
+    ]  # the training step's result: Stage 1's and Stage 2's TrainResult
+    trained = [result for value in stored for result in (value if isinstance(value, tuple) else (value,))]
+    resumed = [str(result.resumed_from) for result in trained if isinstance(result, TrainResult) and "/stage1/" in str(result.model_dir)]
+    assert len(resumed) == 1 and re.search(r"/stage1/checkpoint-\d+$", resumed[0]), resumed
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "/tmp/mlruns"])
