@@ -271,7 +271,7 @@ def spread(table: pd.DataFrame, column: str = "bytes_per_s") -> dict[str, str]:
 
 def measure(workdir: Path, record: dict, train_steps: int, new_tokens: int, prompts_per_language: int, repeats: int) -> dict:
     """Every figure of the table, from the versions downloaded from the registry (see the module docstring)."""
-    from flows.plan import ExpansionPlan
+    from flows.plan import ExpansionPlan, load_plan
     from layermoe_core.analysis.fertility import fertility_table
     from layermoe_core.evaluation.heldout_text import heldout_texts
     from layermoe_core.evaluation.metrics import bits_per_byte
@@ -285,7 +285,7 @@ def measure(workdir: Path, record: dict, train_steps: int, new_tokens: int, prom
     parent = cached_version(settings, record["base_version"], downloads).path
     models = {variant: cached_version(settings, record["versions"][variant], downloads).path for variant in VARIANTS}
     rounds = round_dirs(workdir)
-    plans = {variant: ExpansionPlan.model_validate(str(workdir / f"{variant}-plan.yaml")) for variant in VARIANTS}
+    plans = {variant: load_plan(workdir / f"{variant}-plan.yaml", ExpansionPlan) for variant in VARIANTS}
     tokens = plans["plain"].tokens
     heldout = {
         lang: list(heldout_texts(plans["plain"].corpora[lang], tokens.seed, tokens.heldout_fraction).values())

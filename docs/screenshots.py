@@ -17,8 +17,8 @@ What it runs, all on 127.0.0.1 in a temporary folder:
 `--deployments` runs only this instead, against a fresh server: prefect-setup's pools, `prefect deploy --all` from
 prefect.yaml and the compose worker's command; the tiny base registered as champion, and add-languages/cpu's default plan
 set to a one-round plan adding hu. Screenshots: its Parameters tab; "+ Schedule" filled in with an interval; its runs
-once the schedule ticked twice (a round, then "nothing to do", checked through the API); what Run -> Quick run opens;
-its Custom run form, then a run submitted from that page as JSON with the plan's path.
+once the schedule ticked twice (a round, then "nothing to do", checked through the API); what Run -> Quick run opens, then
+its Run pressed; the Custom run form, then that form submitted as drawn (the default plan file); both runs must end Completed.
 
 Chromium (headless) is driven through its DevTools protocol, so a page is captured once it has rendered and the
 Resume button can be clicked; each PNG is then quantised with pngquant when it is installed.
@@ -482,20 +482,14 @@ ADD_INTERVAL_SCHEDULE = """(async () => {
   await sleep(3000);
   return document.body.innerText.split('Schedules')[1].split('Status')[0];
 })()"""
-# The custom-run page: Parameters' menu -> "Use JSON input", then the parameters typed as JSON, and Submit.
-CUSTOM_RUN_AS_JSON = """(async () => {
+# The custom-run page as drawn: the text of its Parameters and the plan-file paths its fields hold, then Submit.
+SUBMIT_AS_DRAWN = """(async () => {
   const sleep = ms => new Promise(r => setTimeout(r, ms));
   const byText = t => [...document.querySelectorAll('body *')].filter(e => e.innerText && e.innerText.trim() === t).pop();
-  const heading = byText('Parameters');
-  const menu = [...document.querySelectorAll('button')].find(b => heading.compareDocumentPosition(b) & Node.DOCUMENT_POSITION_FOLLOWING);
-  menu.click(); await sleep(1200);
-  byText('Use JSON input').click(); await sleep(2500);
-  const shown = document.body.innerText.split('Parameters')[1].split('Validate parameters')[0];
-  const editor = [...document.querySelectorAll('textarea')].pop();
-  editor.focus(); document.execCommand('selectAll'); document.execCommand('insertText', false, PARAMETERS);
-  await sleep(1500);
+  const shown = document.body.innerText.split('Parameters')[1].split('Submit')[0];
+  const path = [...document.querySelectorAll('input, textarea')].map(i => i.value).filter(v => v.includes('.yaml'));
   byText('Submit').click(); await sleep(4000);
-  return {shown, after: location.href};
+  return {shown, path, after: location.href};
 })()"""
 SCHEDULE_S = 20  # longer than a tiny round's start-up, so the ticks are seen one after another
 
@@ -573,29 +567,35 @@ def deployment_screens(out: Path, root: Path, plan_file: Path, env: dict) -> Non
             wait_text=["Entrypoint"],
             clicks=["Run", "Quick run"],
             keep=(None, 1100),
+            settle_s=1,
             after="(document.querySelector('[role=dialog]') || document.body).innerText.slice(0, 300)",
         )
         print(f"Run -> Quick run opens:\n{quick}", flush=True)
+        browser.shoot(
+            page, root / "prefect-deployment-quick-run-submitted.png", wait_text=["Entrypoint"], clicks=["Run", "Quick run", "Run"]
+        )
         custom = browser.shoot(
             f"{page}/run",
             out / "prefect-deployment-custom-run.png",
-            wait_text=["New languages"],
+            wait_text=["Plan file"],
             keep=(None, 1100),
             after="document.body.innerText.split('Parameters')[1].slice(0, 600)",
         )
         print(f"Custom run form:\n{custom}", flush=True)
         submitted = browser.shoot(
-            f"{page}/run",
-            root / "prefect-deployment-custom-run-json.png",
-            wait_text=["New languages"],
-            after=CUSTOM_RUN_AS_JSON.replace("PARAMETERS", json.dumps(json.dumps({"plan": str(plan)}))),
+            f"{page}/run", root / "prefect-deployment-custom-run-submitted.png", wait_text=["Plan file"], after=SUBMIT_AS_DRAWN
         )
-        print(f"Custom run as JSON, shown first:\n{submitted['shown']}\nafter Submit: {submitted['after']}", flush=True)
-        manual = wait_for(lambda: [run for run in finished_runs() if not run["auto_scheduled"]], "the custom run to finish")
-        for run in manual:
+        print(
+            f"Custom run as drawn:\n{submitted['shown']}\npath fields: {submitted['path']}\nafter Submit: {submitted['after']}", flush=True
+        )
+        by_hand = wait_for(
+            lambda: len(runs := [run for run in finished_runs() if not run["auto_scheduled"]]) >= 2 and runs, "the two runs by hand"
+        )
+        for run in by_hand:
             print(
-                f"custom run {run['name']}: {run['state']['name']} {run['state']['message']!r}, parameters {run['parameters']}", flush=True
+                f"run by hand {run['name']}: {run['state']['name']} {run['state']['message']!r}, parameters {run['parameters']}", flush=True
             )
+        assert [run["state"]["type"] for run in by_hand] == ["COMPLETED"] * len(by_hand), by_hand
     finally:
         if browser:
             browser.close()

@@ -45,7 +45,7 @@ from tasks.registration import draw_plots, gate_and_promote, register_round
 from tasks.training import train_stages
 
 from .approval import review_promotion
-from .plan import ExpansionPlan
+from .plan import ExpansionPlan, PlanFile, plan_parameter
 
 ROUND_LOCK = ".round.lock"  # in the round folder; see exclusive_round
 
@@ -157,8 +157,9 @@ def nothing_to_do(plan: ExpansionPlan, parent: ParentModel) -> State | None:
     return Completed(message=message)
 
 
-@flow(name="add-languages", log_prints=True, flow_run_name=lambda: run_name(ExpansionPlan.model_validate(flow_run.parameters["plan"])))
-def add_languages(plan: ExpansionPlan) -> RoundSummary | State:
+@flow(name="add-languages", log_prints=True, flow_run_name=lambda: run_name(plan_parameter(flow_run.parameters["plan"], ExpansionPlan)))
+def add_languages(plan: ExpansionPlan | PlanFile) -> RoundSummary | State:
+    plan = plan_parameter(plan, ExpansionPlan)
     parent = fetch_parent(plan)
     idle = nothing_to_do(plan, parent)
     if idle is not None:

@@ -36,7 +36,7 @@ from tasks.common import publish_table
 from tasks.registration import log_comparison_report
 
 from .add_languages import RoundSummary, add_languages, fetch_parent, nothing_to_do
-from .plan import ExpansionPlan, run_form
+from .plan import ExpansionPlan, PlanFile, plan_parameter, run_form
 
 VariantName = Literal["layermoe", "uniform", "neuron", "param_delta", "late_layers", "no_classifier"]
 VARIANTS: tuple[str, ...] = get_args(VariantName)
@@ -156,8 +156,9 @@ def run_name(plan: ComparePlan) -> str:
     return f"compare-{plan.name}-" + "-".join(plan.new_languages)
 
 
-@flow(name="compare", log_prints=True, flow_run_name=lambda: run_name(ComparePlan.model_validate(flow_run.parameters["plan"])))
-def compare(plan: ComparePlan) -> pd.DataFrame | State:
+@flow(name="compare", log_prints=True, flow_run_name=lambda: run_name(plan_parameter(flow_run.parameters["plan"], ComparePlan)))
+def compare(plan: ComparePlan | PlanFile) -> pd.DataFrame | State:
+    plan = plan_parameter(plan, ComparePlan)
     parent = fetch_parent(plan)
     idle = nothing_to_do(plan, parent)
     if idle is not None:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -253,13 +253,6 @@ class ExpansionPlan(ExpansionSettings):
     )
     new_languages: list[str] = Field(min_length=1, title="New languages", description="language codes this round adds, e.g. [el, hu]")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _from_file(cls, data: Any) -> Any:
-        """A plan may be given as the path of its YAML file, read when it is validated: a deployment's default
-        `plan` is a file the worker reads when each run starts (prefect.yaml), a served form's is the plan itself."""
-        return _plan_mapping(Path(data), read_plan_file(data)) if isinstance(data, str) else data
-
     @model_validator(mode="after")
     def _languages(self) -> "ExpansionPlan":
         _check_codes(self.old_languages + self.new_languages)
@@ -360,6 +353,7 @@ class LifelongPlan(ExpansionSettings):
 
 
 PlanKind = Literal["add-languages", "lifelong"]
+P = TypeVar("P", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -420,9 +414,25 @@ def parse_lifelong_plan(path: str | Path, content: bytes) -> LifelongPlan:
     return _validate_plan(Path(path), raw, LifelongPlan)
 
 
-def load_plan(path: str | Path, kind: type[BaseModel]):
+def load_plan(path: str | Path, kind: type[P]) -> P:
     """Read and validate a YAML plan; every problem is reported with its key path."""
     return _validate_plan(Path(path), _plan_mapping(Path(path), read_plan_file(path)), kind)
+
+
+PlanFile = Annotated[
+    str,
+    Field(
+        title="Plan file",
+        description="the path of a YAML plan file, which the worker reads when the run starts; paths in it are relative to the file",
+    ),
+]
+
+
+def plan_parameter(plan: P | dict[str, Any] | str, kind: type[P]) -> P:
+    """A flow's `plan` parameter as the plan. The parameter is the plan or its file's path (`PlanFile`), so the
+    Prefect UI's run form offers both: a deployment's default is a file the worker reads when each run starts
+    (prefect.yaml), a served form's is the plan itself."""
+    return load_plan(plan, kind) if isinstance(plan, str) else kind.model_validate(plan)
 
 
 def read_plan_file(path: str | Path) -> bytes:

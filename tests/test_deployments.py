@@ -334,6 +334,12 @@ def test_a_schedule_made_on_a_deployed_add_languages_runs_its_plan_file_once_the
     deploy_prefect_yaml(env)
     for name in ("add-languages/cpu", "add-languages/gpu", "compare/cpu", "compare/gpu"):
         assert read_deployment(name).parameters == {"plan": "/inputs/add-languages.yaml"}, name
+    # The UI's Run button draws `plan` from the deployment's schema: the plan's fields, or a plan file's path,
+    # which holds the default; the server holds the parameters to that schema.
+    deployed = read_deployment("add-languages/cpu")
+    plan_variants = deployed.parameter_openapi_schema["properties"]["plan"]["anyOf"]
+    assert [variant.get("$ref") or variant["type"] for variant in plan_variants] == ["#/definitions/ExpansionPlan", "string"]
+    assert plan_variants[1]["title"] == "Plan file" and deployed.enforce_parameter_schema
     # The default names the plan file inside the worker (/inputs); here the file is elsewhere, so the default
     # is set to it, as a person edits a deployment's default parameters in the UI.
     deployment = read_deployment("add-languages/cpu")
