@@ -67,7 +67,8 @@ def test_a_first_round_with_an_empty_corpus_leaves_an_existing_champion_alone(tm
 
 def test_a_rerun_of_a_failed_first_round_reuses_its_base_and_round_folder(tmp_path, base_dir, monkeypatch):
     registry = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    plan = first_round(tmp_path, registry, base_dir, write_synthetic_corpus(tmp_path / "corpus", ["en", "el"]))
+    # Every token sample, held-out included, is drawn before Stage 1: the corpus holds enough held-out text for it.
+    plan = first_round(tmp_path, registry, base_dir, write_synthetic_corpus(tmp_path / "corpus", ["en", "el"], documents=800))
 
     def stage1_breaks(*args, **kwargs):
         raise RuntimeError("injected Stage-1 failure")
