@@ -20,7 +20,10 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
 from layermoe_core.model import experts as expert_kernels
 from layermoe_core.model.experts import check_kernel, grouped_linear, grouped_mm_runs
+from layermoe_core import expand, insert_classifiers
 from layermoe_core.model.moe_block import LayerMoEBlock
+
+from .tiny_models import TINY, tiny_model
 
 HIDDEN, INTERMEDIATE, TOP_K = 32, 48, 2
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -289,11 +292,12 @@ def test_decoding_dispatch_on_the_host_equals_the_sorted_dispatch(scenario, batc
 
 
 def classify(router, decision: str) -> None:
-    """Set a router's classifier to send every token new, every token old, or (its random weights) some of each."""
+    """Set a router's classifier to send every token new, every token old, or (its random weights) some of each;
+    "tied": both logits equal, which argmax, and so the classifier, reads as old."""
     with torch.no_grad():
         if decision != "mixed":
             router.classifier.weight.zero_()
-            router.classifier.bias.copy_(torch.tensor([-10.0, 10.0] if decision == "new" else [10.0, -10.0]))
+            router.classifier.bias.copy_(torch.tensor({"new": [-10.0, 10.0], "old": [10.0, -10.0], "tied": [0.0, 0.0]}[decision]))
 
 
 def two_rounds_with_classifiers(newest: str, older: str, family: str = "qwen2", dtype=torch.float32) -> LayerMoEBlock:
@@ -310,7 +314,9 @@ def two_rounds_with_classifiers(newest: str, older: str, family: str = "qwen2", 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(MLPS))
-@pytest.mark.parametrize("newest, older", [("new", "mixed"), ("old", "mixed"), ("mixed", "mixed"), ("mixed", "new"), ("old", "old")])
+@pytest.mark.parametrize(
+    "newest, older", [("new", "mixed"), ("old", "mixed"), ("mixed", "mixed"), ("mixed", "new"), ("old", "old"), ("tied", "new"), ("tied", "tied")]
+)
 @pytest.mark.parametrize("shape", [(1, 1), (16, 1), (2, 40)])  # decoding at batch 1 and 16 (host dispatch), a prefill (sorted)
 def test_inference_route_and_output_equal_the_general_path(newest, older, family, dtype, shape):
     """Without autograd the block takes its inference route (routers newest first, top-k of the logits) and,
@@ -325,7 +331,7 @@ def test_inference_route_and_output_equal_the_general_path(newest, older, family
         general_experts, general_weights = block.route(tokens)
         ours = block(x)
         reference = reference_forward(block, x)
-    assert (routed is None) == (newest == older == "old")
+    assert (routed is None) == ({newest, older} <= {"old", "tied"})
     assert torch.equal(experts, general_experts)
     torch.testing.assert_close(weights, general_weights)
     assert_close(ours, reference, "output")
@@ -395,6 +401,35 @@ def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classi
     torch.testing.assert_close(weights, general_weights)
     assert torch.equal(served, fresh_served) and torch.equal(weights, fresh_weights)
     assert torch.equal(cut_served, cut_general) and not torch.equal(cut_served, served)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_served_model_routes_by_classifiers_changed_between_two_forwards(family, dtype):
+    """The model checks its layers' kept inference routes once per forward, before the first layer: after an
+    in-place change to every classifier, the next forward (a prefill and a one-token decoding step) routes as
+    a copy of the changed model, which keeps no route, and not as before the change."""
+    child = expand(expand(tiny_model(family), [1, 1, 1], ["en"], ["el"]), [1, 0, 1], ["en", "el"], ["hu"])
+    insert_classifiers(child, [0, 2], seed=1)
+    with torch.no_grad():
+        for name, param in child.named_parameters():
+            if "new_experts" in name:  # trained-looking experts: where a token goes changes what comes out
+                param.add_(0.3 * torch.randn_like(param))
+    child = child.to(dtype).eval()
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = [child(ids).logits for ids in (prompt, prompt[:1, :1])]
+        for block in child.moe_blocks().values():
+            for router in block.routers:
+                if router.classifier is not None:
+                    router.classifier.weight.neg_()
+                    router.classifier.bias.neg_()
+        after = [child(ids).logits for ids in (prompt, prompt[:1, :1])]
+        fresh = copy.deepcopy(child)  # a copy keeps no route: it builds its own
+        expected = [fresh(ids).logits for ids in (prompt, prompt[:1, :1])]
+    for served, old, new in zip(after, before, expected):
+        assert torch.equal(served, new)
+        assert not torch.equal(served, old)
 
 
 def test_inference_runs_no_router_that_no_token_reaches():

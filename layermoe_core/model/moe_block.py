@@ -21,7 +21,7 @@ gives that round's version's function in the same way; cut at round 0 the block 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Literal, NamedTuple
 
@@ -48,6 +48,26 @@ def recording_routing() -> Iterator[None]:
         yield
     finally:
         _RECORDING.reset(token)
+
+
+# Whether the running forward's blocks have had their inference routes brought up to date (set by the model
+# around one inference forward, `checked_inference_routes`), so each block uses its kept route unchecked.
+_ROUTES_CHECKED: ContextVar[bool] = ContextVar("layermoe_routes_checked", default=False)
+
+
+@contextlib.contextmanager
+def checked_inference_routes(blocks: Iterable[LayerMoEBlock]) -> Iterator[None]:
+    """Bring every block's kept inference route up to date in one pass, then let the forward inside use them as
+    they are. Nothing changes a classifier during a forward; checked one layer at a time, between the layers'
+    matmuls, the check reads every classifier tensor from a cold cache (docs/performance-lifetime.md)."""
+    for block in blocks:
+        if block.routed_rounds != 0:  # a base-language pin routes nothing
+            block._cached_inference_route()
+    token = _ROUTES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _ROUTES_CHECKED.reset(token)
 
 
 class LayerMoERouter(nn.Module):
@@ -218,7 +238,8 @@ class LayerMoEBlock(nn.Module):
         if self.routed_rounds == 0:  # the tree cut at round 0 (a base-language pin): the dense layer
             return None
         if inference:
-            tree = self._cached_inference_route()
+            tree = self._inference_route if _ROUTES_CHECKED.get() else None
+            tree = tree or self._cached_inference_route()
             classified, fallback = tree.classified, tree.fallback
         else:
             classified, fallback = self._deciders()
@@ -232,12 +253,11 @@ class LayerMoEBlock(nn.Module):
 
         if not classified:
             return None if fallback is None else top_k(fallback)
-        takes_new = self._classify(tokens, tree if inference else None, classified)  # (N, R), newest first
         deciders = [*classified, fallback]
-        if inference and len(tokens) == 1:  # decoding one row: the decisions read on the host, one router decides
-            decisions = takes_new[0].tolist()  # the one host sync
-            decider = deciders[decisions.index(True) if True in decisions else len(classified)]
+        if inference and tokens.shape[0] == 1:  # decoding one row: the decisions read on the host, one router decides
+            decider = deciders[self._first_taking_new(tokens, tree)]
             return None if decider is None else top_k(decider)
+        takes_new = self._classify(tokens, tree if inference else None, classified)  # (N, R), newest first
         choice = (takes_new.cumsum(dim=1) == 0).sum(dim=1)  # (N,) index of the first router taking it new; R: none
         used = list(range(len(deciders)))
         if inference:
@@ -251,6 +271,24 @@ class LayerMoEBlock(nn.Module):
             takes = (choice == index)[:, None]  # (N, 1)
             ids, weights = torch.where(takes, new_ids, ids), torch.where(takes, new_weights, weights)
         return ids, weights
+
+    def _first_taking_new(self, token: torch.Tensor, tree: InferenceRoute) -> int:
+        """token (1, d) -> the index in `tree.classified` of the first classifier that calls it new; R: none does.
+
+        Decoding's route: the classifiers' logits read on the host in one sync and compared there, as argmax
+        compares them (the first of equal logits wins, NaN beats a number), instead of three more tensor ops.
+        """
+        if tree.weight is None:
+            decisions = self._classify(token, None, tree.classified)[0].tolist()  # the one host sync
+            return decisions.index(True) if True in decisions else len(decisions)
+        if token.dtype != tree.weight.dtype:
+            token = token.to(tree.weight.dtype)
+        logits = F.linear(token, tree.weight, tree.bias).tolist()[0]  # the one host sync
+        for index in range(len(tree.classified)):
+            old, new = logits[2 * index + 1 - NEW_LABEL], logits[2 * index + NEW_LABEL]
+            if new > old or new != new and old == old:  # argmax picks NEW_LABEL
+                return index
+        return len(tree.classified)
 
     def _classify(self, tokens: torch.Tensor, tree: InferenceRoute | None, classified: list[LayerMoERouter]) -> torch.Tensor:
         """tokens (N, d) -> (N, R) bool: each classifier's decision per token (`LayerMoERouter.predicts_new`).
