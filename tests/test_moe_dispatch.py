@@ -18,9 +18,9 @@ from transformers import LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
+from layermoe_core import expand, insert_classifiers
 from layermoe_core.model import experts as expert_kernels
 from layermoe_core.model.experts import check_kernel, grouped_linear, grouped_mm_runs
-from layermoe_core import expand, insert_classifiers
 from layermoe_core.model.moe_block import LayerMoEBlock
 
 from .tiny_models import TINY, tiny_model
@@ -315,7 +315,8 @@ def two_rounds_with_classifiers(newest: str, older: str, family: str = "qwen2", 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(MLPS))
 @pytest.mark.parametrize(
-    "newest, older", [("new", "mixed"), ("old", "mixed"), ("mixed", "mixed"), ("mixed", "new"), ("old", "old"), ("tied", "new"), ("tied", "tied")]
+    "newest, older",
+    [("new", "mixed"), ("old", "mixed"), ("mixed", "mixed"), ("mixed", "new"), ("old", "old"), ("tied", "new"), ("tied", "tied")],
 )
 @pytest.mark.parametrize("shape", [(1, 1), (16, 1), (2, 40)])  # decoding at batch 1 and 16 (host dispatch), a prefill (sorted)
 def test_inference_route_and_output_equal_the_general_path(newest, older, family, dtype, shape):
@@ -406,9 +407,10 @@ def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_a_served_model_routes_by_classifiers_changed_between_two_forwards(family, dtype):
-    """The model checks its layers' kept inference routes once per forward, before the first layer: after an
-    in-place change to every classifier, the next forward (a prefill and a one-token decoding step) routes as
-    a copy of the changed model, which keeps no route, and not as before the change."""
+    """The model checks its layers' kept inference routes once per forward, before the first layer, and once per
+    `generate` call: after an in-place change to every classifier, the next forward (a prefill and a one-token
+    decoding step) and the next generation route as a copy of the changed model, which keeps no route, and not
+    as before the change."""
     child = expand(expand(tiny_model(family), [1, 1, 1], ["en"], ["el"]), [1, 0, 1], ["en", "el"], ["hu"])
     insert_classifiers(child, [0, 2], seed=1)
     with torch.no_grad():
@@ -417,19 +419,24 @@ def test_a_served_model_routes_by_classifiers_changed_between_two_forwards(famil
                 param.add_(0.3 * torch.randn_like(param))
     child = child.to(dtype).eval()
     prompt = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def served(model) -> list[torch.Tensor]:
+        """Logits of a prefill, of a one-token step, and of each step of a greedy generation."""
+        generated = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        return [model(prompt).logits, model(prompt[:1, :1]).logits, torch.stack(generated.logits)]
+
     with torch.no_grad():
-        before = [child(ids).logits for ids in (prompt, prompt[:1, :1])]
+        before = served(child)
         for block in child.moe_blocks().values():
             for router in block.routers:
                 if router.classifier is not None:
                     router.classifier.weight.neg_()
                     router.classifier.bias.neg_()
-        after = [child(ids).logits for ids in (prompt, prompt[:1, :1])]
-        fresh = copy.deepcopy(child)  # a copy keeps no route: it builds its own
-        expected = [fresh(ids).logits for ids in (prompt, prompt[:1, :1])]
-    for served, old, new in zip(after, before, expected):
-        assert torch.equal(served, new)
-        assert not torch.equal(served, old)
+        after = served(child)
+        expected = served(copy.deepcopy(child))  # a copy keeps no route: it builds its own
+    for now, old, new in zip(after, before, expected):
+        assert torch.equal(now, new)
+        assert not torch.equal(now, old)
 
 
 def test_inference_runs_no_router_that_no_token_reaches():

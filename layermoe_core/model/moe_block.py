@@ -21,7 +21,7 @@ gives that round's version's function in the same way; cut at round 0 the block 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Literal, NamedTuple
 
@@ -56,11 +56,15 @@ _ROUTES_CHECKED: ContextVar[bool] = ContextVar("layermoe_routes_checked", defaul
 
 
 @contextlib.contextmanager
-def checked_inference_routes(blocks: Iterable[LayerMoEBlock]) -> Iterator[None]:
-    """Bring every block's kept inference route up to date in one pass, then let the forward inside use them as
-    they are. Nothing changes a classifier during a forward; checked one layer at a time, between the layers'
-    matmuls, the check reads every classifier tensor from a cold cache (docs/performance-lifetime.md)."""
-    for block in blocks:
+def checked_inference_routes(blocks: Callable[[], Iterable[LayerMoEBlock]]) -> Iterator[None]:
+    """Bring every block's kept inference route up to date in one pass, then let the forwards inside use them as
+    they are: one forward, or every step of one `generate` call. Nothing changes a classifier meanwhile; checked one
+    layer at a time, between the layers' matmuls, the check reads every classifier tensor from a cold cache
+    (docs/performance-lifetime.md). Inside an enclosing check, `blocks` is not called."""
+    if _ROUTES_CHECKED.get():
+        yield
+        return
+    for block in blocks():
         if block.routed_rounds != 0:  # a base-language pin routes nothing
             block._cached_inference_route()
     token = _ROUTES_CHECKED.set(True)
@@ -237,6 +241,7 @@ class LayerMoEBlock(nn.Module):
         """
         if self.routed_rounds == 0:  # the tree cut at round 0 (a base-language pin): the dense layer
             return None
+        tree = None  # the inference route; training asks the router modules themselves
         if inference:
             tree = self._inference_route if _ROUTES_CHECKED.get() else None
             tree = tree or self._cached_inference_route()
@@ -254,10 +259,10 @@ class LayerMoEBlock(nn.Module):
         if not classified:
             return None if fallback is None else top_k(fallback)
         deciders = [*classified, fallback]
-        if inference and tokens.shape[0] == 1:  # decoding one row: the decisions read on the host, one router decides
+        if tree is not None and tokens.shape[0] == 1:  # decoding one row: the decisions read on the host, one router decides
             decider = deciders[self._first_taking_new(tokens, tree)]
             return None if decider is None else top_k(decider)
-        takes_new = self._classify(tokens, tree if inference else None, classified)  # (N, R), newest first
+        takes_new = self._classify(tokens, tree, classified)  # (N, R), newest first
         choice = (takes_new.cumsum(dim=1) == 0).sum(dim=1)  # (N,) index of the first router taking it new; R: none
         used = list(range(len(deciders)))
         if inference:
