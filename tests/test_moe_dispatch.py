@@ -318,7 +318,8 @@ def two_rounds_with_classifiers(newest: str, older: str, family: str = "qwen2", 
     "newest, older",
     [("new", "mixed"), ("old", "mixed"), ("mixed", "mixed"), ("mixed", "new"), ("old", "old"), ("tied", "new"), ("tied", "tied")],
 )
-@pytest.mark.parametrize("shape", [(1, 1), (16, 1), (2, 40)])  # decoding at batch 1 and 16 (host dispatch), a prefill (sorted)
+# decoding at batch 1 and 16 (decided on the host, host dispatch), prefills (sorted) decided on the host and by tensor ops
+@pytest.mark.parametrize("shape", [(1, 1), (16, 1), (2, 40), (4, 40)])
 def test_inference_route_and_output_equal_the_general_path(newest, older, family, dtype, shape):
     """Without autograd the block takes its inference route (routers newest first, top-k of the logits) and,
     for a few tokens, the host dispatch; experts, weights and output equal the general route's and the
@@ -381,11 +382,12 @@ CLASSIFIER_CHANGES = {  # name: a change that reverses every classifier's decisi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(MLPS))
 @pytest.mark.parametrize("change", list(CLASSIFIER_CHANGES))
-def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classifier(change, family, dtype):
+@pytest.mark.parametrize("num_tokens", [8, 400])  # decided on the host, and by tensor ops
+def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classifier(change, num_tokens, family, dtype):
     """The inference route keeps the layer's classifiers stacked between calls; after any change to them it
     decides as the general route does, which runs each classifier module afresh, and as a block built fresh."""
     block = two_rounds_with_classifiers("mixed", "mixed", family, dtype)
-    tokens = torch.randn(80, HIDDEN, dtype=dtype)
+    tokens = torch.randn(num_tokens, HIDDEN, dtype=dtype, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         served_before, _ = block._route(tokens, inference=True)
     CLASSIFIER_CHANGES[change](block)

@@ -34,6 +34,9 @@ from .experts import ExpertGroups, StackedExperts, host_dispatch, host_dispatch_
 
 RouterInit = Literal["fresh", "parent"]
 NEW_LABEL = 1  # classifier class of new-language tokens (losses.NEW); 0 is old
+# Up to this many (token, classifier) decisions, an inference call compares the classifiers' logits on the host
+# (a decoding step's few rows); beyond it (a prefill), tensor ops decide.
+HOST_DECISIONS = 256
 
 # Whether the running forward records router and classifier logits for the model output: a
 # property of the call (set by the model around one forward), never state left on a module.
@@ -234,9 +237,10 @@ class LayerMoEBlock(nn.Module):
 
         Each token takes the newest router whose classifier calls it new; where none does, the newest router
         without a classifier (the routers before it are never reached), or else the dense layer.
-        inference (no autograd, nothing recorded) asks every classifier of the layer in one matmul, reads how
-        many tokens each router takes in one host sync, and runs only the gates that take some, with
-        `top_k_routing`: old-language text costs one classifier matmul and the dense layer. Training runs
+        inference (no autograd, nothing recorded) asks every classifier of the layer in one matmul, reads the
+        decisions (a decoding step's few tokens) or how many tokens each router takes in one host sync, and runs
+        only the gates that take some, with `top_k_routing`: old-language text costs one classifier matmul and
+        the dense layer. Training runs
         every router on every token, so a gradient-checkpointing recompute takes the path its forward took.
         """
         if self.routed_rounds == 0:  # the tree cut at round 0 (a base-language pin): the dense layer
@@ -259,17 +263,22 @@ class LayerMoEBlock(nn.Module):
         if not classified:
             return None if fallback is None else top_k(fallback)
         deciders = [*classified, fallback]
-        if tree is not None and tokens.shape[0] == 1:  # decoding one row: the decisions read on the host, one router decides
-            decider = deciders[self._first_taking_new(tokens, tree)]
-            return None if decider is None else top_k(decider)
-        takes_new = self._classify(tokens, tree, classified)  # (N, R), newest first
-        choice = (takes_new.cumsum(dim=1) == 0).sum(dim=1)  # (N,) index of the first router taking it new; R: none
-        used = list(range(len(deciders)))
-        if inference:
-            taken = torch.bincount(choice, minlength=len(deciders)).tolist()  # tokens per decider: the one host sync
-            used = [index for index, count in enumerate(taken) if count]
-            if not used or used == [len(classified)] and fallback is None:  # every token takes the dense layer
-                return None
+        if tree is not None and tokens.shape[0] * len(classified) <= HOST_DECISIONS:  # decoding: decided on the host
+            choices = self._first_taking_new(tokens, tree)  # the one host sync
+            used = sorted(set(choices))
+            if len(used) < 2:  # one decider for every token (always, decoding one row), or no token
+                decider = deciders[used[0]] if used else None
+                return None if decider is None else top_k(decider)
+            choice = torch.tensor(choices, device=tokens.device)  # (N,)
+        else:
+            takes_new = self._classify(tokens, tree, classified)  # (N, R), newest first
+            choice = (takes_new.cumsum(dim=1) == 0).sum(dim=1)  # (N,) index of the first router taking it new; R: none
+            used = list(range(len(deciders)))
+            if inference:
+                taken = torch.bincount(choice, minlength=len(deciders)).tolist()  # tokens per decider: the one host sync
+                used = [index for index, count in enumerate(taken) if count]
+                if used == [len(classified)] and fallback is None:  # every token takes the dense layer
+                    return None
         ids, weights = top_k(deciders[used[-1]])
         for index in reversed(used[:-1]):  # newer deciders override older ones
             new_ids, new_weights = top_k(deciders[index])
@@ -277,23 +286,28 @@ class LayerMoEBlock(nn.Module):
             ids, weights = torch.where(takes, new_ids, ids), torch.where(takes, new_weights, weights)
         return ids, weights
 
-    def _first_taking_new(self, token: torch.Tensor, tree: InferenceRoute) -> int:
-        """token (1, d) -> the index in `tree.classified` of the first classifier that calls it new; R: none does.
+    def _first_taking_new(self, tokens: torch.Tensor, tree: InferenceRoute) -> list[int]:
+        """tokens (N, d) -> per token, the index in `tree.classified` of the first classifier that calls it new; R: none.
 
         Decoding's route: the classifiers' logits read on the host in one sync and compared there, as argmax
-        compares them (the first of equal logits wins, NaN beats a number), instead of three more tensor ops.
+        compares them (the first of equal logits wins, NaN beats a number), instead of five more tensor ops.
         """
+        num_classified = len(tree.classified)
         if tree.weight is None:
-            decisions = self._classify(token, None, tree.classified)[0].tolist()  # the one host sync
-            return decisions.index(True) if True in decisions else len(decisions)
-        if token.dtype != tree.weight.dtype:
-            token = token.to(tree.weight.dtype)
-        logits = F.linear(token, tree.weight, tree.bias).tolist()[0]  # the one host sync
-        for index in range(len(tree.classified)):
-            old, new = logits[2 * index + 1 - NEW_LABEL], logits[2 * index + NEW_LABEL]
-            if new > old or new != new and old == old:  # argmax picks NEW_LABEL
-                return index
-        return len(tree.classified)
+            rows = self._classify(tokens, None, tree.classified).tolist()  # the one host sync
+            return [row.index(True) if True in row else num_classified for row in rows]
+        if tokens.dtype != tree.weight.dtype:
+            tokens = tokens.to(tree.weight.dtype)
+        choices = []
+        for logits in F.linear(tokens, tree.weight, tree.bias).tolist():  # the one host sync
+            choice = num_classified
+            for index in range(num_classified):
+                old, new = logits[2 * index + 1 - NEW_LABEL], logits[2 * index + NEW_LABEL]
+                if new > old or new != new and old == old:  # argmax picks NEW_LABEL
+                    choice = index
+                    break
+            choices.append(choice)
+        return choices
 
     def _classify(self, tokens: torch.Tensor, tree: InferenceRoute | None, classified: list[LayerMoERouter]) -> torch.Tensor:
         """tokens (N, d) -> (N, R) bool: each classifier's decision per token (`LayerMoERouter.predicts_new`).
