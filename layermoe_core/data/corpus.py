@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,6 +31,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
+from ..atomic_file import write_atomically
 from ..errors import LayerMoEError
 from .token_store import TOKENIZE_BATCH, Split, SplitRule, TokenRows, TokenStore
 
@@ -212,9 +212,7 @@ class _LocalDocuments:
         path = cache_dir / "order.bin"
         if not path.is_file():
             hashes = np.fromiter((rule.order_of(key) for key in self.keys()), dtype=np.uint64, count=len(self.documents))
-            temporary = cache_dir / "order.bin.tmp"
-            np.argsort(hashes, kind="stable").astype(np.int64).tofile(temporary)
-            os.replace(temporary, path)
+            write_atomically(path, np.argsort(hashes, kind="stable").astype(np.int64).tobytes())
         return np.memmap(path, dtype=np.int64, mode="r")
 
     def batches(self, start: int, rule: SplitRule, cache_dir: Path) -> Iterator[list[tuple[str, str]]]:
@@ -449,9 +447,7 @@ def _write_sample(rows: Mapping[str, TokenRows], path: Path) -> Path:
         }
         for lang, r in rows.items()
     }
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"format": SAMPLE_FORMAT, "languages": entries}, indent=1))
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps({"format": SAMPLE_FORMAT, "languages": entries}, indent=1))
     return path
 
 

@@ -36,6 +36,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerBase
 
+from ..atomic_file import write_atomically
 from ..errors import LayerMoEError
 
 Split = Literal["train", "heldout"]
@@ -361,9 +362,7 @@ class TokenStore:
         state["max_token_id"] = max(state["max_token_id"], int(tokens.max()) if len(tokens) else -1)
 
     def _write_index(self) -> None:
-        temporary = self.directory / "index.json.tmp"
-        temporary.write_text(json.dumps(self.index, indent=1))
-        os.replace(temporary, self.directory / "index.json")
+        write_atomically(self.directory / "index.json", json.dumps(self.index, indent=1))
 
     def _truncate_to_index(self) -> None:
         """Drop what a writer that died mid-batch appended after the last index it recorded."""

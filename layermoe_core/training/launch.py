@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 import layermoe_core
 
+from ..atomic_file import write_atomically
 from ..errors import LayerMoEError
 from .stopping import TrainingStopped, caught_sigterm
 from .trainer import FINAL_DIR_NAME, MetricsCallback, Stage1Settings, Stage2Settings, TrainResult, TrainSettings, latest_checkpoint
@@ -366,9 +367,7 @@ def train_in_order(jobs: Sequence[TrainJob], reporter: JobReporter) -> list[Trai
         gc.collect()  # the previous job's Trainer and model sit in reference cycles: free them before this job builds its model
         result = job.run([MetricsCallback(functools.partial(reporter.metrics, job.kind))])
         if PartialState().is_main_process:
-            written = job.output_dir / (RESULT_NAME + ".partial")
-            written.write_text(result.model_dump_json(), encoding="utf-8")
-            written.replace(job.output_dir / RESULT_NAME)
+            write_atomically(job.output_dir / RESULT_NAME, result.model_dump_json())
         results.append(result)
     return results
 
