@@ -409,24 +409,9 @@ def test_the_inference_route_kept_between_calls_follows_every_change_to_a_classi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_a_served_model_routes_by_classifiers_changed_between_two_forwards(family, dtype):
-    """The model checks its layers' kept inference routes once per forward, before the first layer, and once per
-    `generate` call: after an in-place change to every classifier, the next forward (a prefill and a one-token
-    decoding step) and the next generation route as a copy of the changed model, which keeps no route, and not
-    as before the change."""
-    child = expand(expand(tiny_model(family), [1, 1, 1], ["en"], ["el"]), [1, 0, 1], ["en", "el"], ["hu"])
-    insert_classifiers(child, [0, 2], seed=1)
-    with torch.no_grad():
-        for name, param in child.named_parameters():
-            if "new_experts" in name:  # trained-looking experts: where a token goes changes what comes out
-                param.add_(0.3 * torch.randn_like(param))
-    child = child.to(dtype).eval()
-    prompt = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
-
-    def served(model) -> list[torch.Tensor]:
-        """Logits of a prefill, of a one-token step, and of each step of a greedy generation."""
-        generated = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
-        return [model(prompt).logits, model(prompt[:1, :1]).logits, torch.stack(generated.logits)]
-
+    """After an in-place change to every classifier, the next forward (a prefill and a one-token decoding step)
+    and the next generation route as a copy of the changed model, which keeps no route, and not as before."""
+    child = three_versions_served(family, dtype)
     with torch.no_grad():
         before = served(child)
         for block in child.moe_blocks().values():
@@ -439,6 +424,64 @@ def test_a_served_model_routes_by_classifiers_changed_between_two_forwards(famil
     for now, old, new in zip(after, before, expected):
         assert torch.equal(now, new)
         assert not torch.equal(now, old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_served_model_routes_by_the_classifier_tensors_a_hook_installs_for_each_layers_forward(family, dtype):
+    """FSDP2 and accelerate's offload put a layer's live tensors in place in a hook just before the layer runs, and
+    take them away after: the route is the one of the tensors the layer runs with, not of those found between
+    forwards."""
+    child = three_versions_served(family, dtype)
+    with torch.no_grad():
+        expected = served(negated_classifiers(copy.deepcopy(child)))
+        placeholders = {}
+        for block in child.moe_blocks().values():
+            live = negated_classifiers(copy.deepcopy(block))
+
+            def install(module, args, live=live):
+                for router, live_router in zip(module.routers, live.routers):
+                    if router.classifier is not None:
+                        placeholders[router] = dict(router.classifier._parameters)
+                        router.classifier._parameters.update(live_router.classifier._parameters)
+
+            def take_away(module, args, output):
+                for router in module.routers:
+                    if router in placeholders:
+                        router.classifier._parameters.update(placeholders.pop(router))
+
+            block.register_forward_pre_hook(install)
+            block.register_forward_hook(take_away)
+        hooked = served(child)
+    for now, new in zip(hooked, expected):
+        assert torch.equal(now, new)
+    assert not placeholders
+
+
+def three_versions_served(family: str, dtype: torch.dtype):
+    """A base and two rounds (classifiers in layers 0 and 2), the new experts perturbed so routing shows."""
+    child = expand(expand(tiny_model(family), [1, 1, 1], ["en"], ["el"]), [1, 0, 1], ["en", "el"], ["hu"])
+    insert_classifiers(child, [0, 2], seed=1)
+    with torch.no_grad():
+        for name, param in child.named_parameters():
+            if "new_experts" in name:  # trained-looking experts: where a token goes changes what comes out
+                param.add_(0.3 * torch.randn_like(param))
+    return child.to(dtype).eval()
+
+
+def negated_classifiers(module):
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if ".classifier." in name or name.startswith("classifier."):
+                param.neg_()
+    return module
+
+
+def served(model) -> list[torch.Tensor]:
+    """Logits of a prefill, of a one-token step, and of each step of a greedy generation."""
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    generated = model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return [model(prompt).logits, model(prompt[:1, :1]).logits, torch.stack(generated.logits)]
 
 
 def test_inference_runs_no_router_that_no_token_reaches():

@@ -20,7 +20,7 @@ from ..errors import LayerMoEError
 from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
 from .experts import StackedExperts
 from .losses import load_balancing_loss
-from .moe_block import LayerMoEBlock, LayerMoERouter, checked_inference_routes, recording_routing
+from .moe_block import LayerMoEBlock, LayerMoERouter, recording_routing
 from .vocabulary import AddedVocabulary
 
 
@@ -159,10 +159,7 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if self.vocabulary.size and input_ids is not None:
             kwargs["inputs_embeds"], input_ids = self.vocabulary.embed(input_ids, self.get_input_embeddings()), None
         if not output_router_logits and labels is None:
-            if torch.is_grad_enabled():
-                return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            with checked_inference_routes(lambda: self.moe_blocks().values()):  # the blocks take their inference route
-                return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         # The wrapped model's loss reads its config's vocabulary size; with added rows the loss is taken here.
         inner_labels = labels if not self.vocabulary.size else None
         with self._recorded_routing(output_router_logits) as (router_by_layer, classifier_by_layer):
@@ -187,12 +184,6 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             router_logits=router_logits,
             classifier_logits=classifier_logits,
         )
-
-    def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, with every layer's kept inference route checked once for the whole call
-        instead of at each step (`checked_inference_routes`)."""
-        with checked_inference_routes(lambda: self.moe_blocks().values()):
-            return super().generate(*args, **kwargs)
 
     def _with_added_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self.vocabulary.logits(hidden, logits) if self.vocabulary.size else logits

@@ -21,7 +21,7 @@ gives that round's version's function in the same way; cut at round 0 the block 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Literal, NamedTuple
 
@@ -51,30 +51,6 @@ def recording_routing() -> Iterator[None]:
         yield
     finally:
         _RECORDING.reset(token)
-
-
-# Whether the running forward's blocks have had their inference routes brought up to date (set by the model
-# around one inference forward, `checked_inference_routes`), so each block uses its kept route unchecked.
-_ROUTES_CHECKED: ContextVar[bool] = ContextVar("layermoe_routes_checked", default=False)
-
-
-@contextlib.contextmanager
-def checked_inference_routes(blocks: Callable[[], Iterable[LayerMoEBlock]]) -> Iterator[None]:
-    """Bring every block's kept inference route up to date in one pass, then let the forwards inside use them as
-    they are: one forward, or every step of one `generate` call. Nothing changes a classifier meanwhile; checked one
-    layer at a time, between the layers' matmuls, the check reads every classifier tensor from a cold cache
-    (docs/performance-lifetime.md). Inside an enclosing check, `blocks` is not called."""
-    if _ROUTES_CHECKED.get():
-        yield
-        return
-    for block in blocks():
-        if block.routed_rounds != 0:  # a base-language pin routes nothing
-            block._cached_inference_route()
-    token = _ROUTES_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _ROUTES_CHECKED.reset(token)
 
 
 class LayerMoERouter(nn.Module):
@@ -247,8 +223,7 @@ class LayerMoEBlock(nn.Module):
             return None
         tree = None  # the inference route; training asks the router modules themselves
         if inference:
-            tree = self._inference_route if _ROUTES_CHECKED.get() else None
-            tree = tree or self._cached_inference_route()
+            tree = self._cached_inference_route()
             classified, fallback = tree.classified, tree.fallback
         else:
             classified, fallback = self._deciders()
