@@ -178,8 +178,8 @@ def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
 
 def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, built: Path) -> None:
     manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
-    write_full_model(_sources(client, settings, info), manifest, built, _what(info))
-    verify_model_dir(built, info.manifest_sha256 or "", _what(info))
+    written = write_full_model(_sources(client, settings, info), manifest, built, _what(info))
+    verify_model_dir(built, info.manifest_sha256 or "", _what(info), written)
 
 
 def _lineage_versions(settings: RegistrySettings, info: VersionInfo) -> list[int]:

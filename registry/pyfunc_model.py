@@ -181,8 +181,8 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     full.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=full.parent, prefix=f".{full.name}-partial-") as staging:
         built = Path(staging) / "model"
-        write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built, what)
-        verify_model_dir(built, digest, what)
+        written = write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built, what)
+        verify_model_dir(built, digest, what, written)
         try:
             built.rename(full)
         except OSError:  # a concurrent load put its verified copy in place first

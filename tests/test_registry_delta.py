@@ -203,7 +203,7 @@ def test_download_writes_a_standalone_save_pretrained_folder(chain, tmp_path, ca
     assert "version 4" in capsys.readouterr().out
 
 
-def test_a_damaged_cache_is_fetched_again(chain, tmp_path):
+def test_a_damaged_cache_is_fetched_again(chain, tmp_path, caplog):
     settings, folders = chain
     download_version(settings, 4, tmp_path / "first")
     cached = settings.version_cache(1) / "model.safetensors"  # the base, which every later version reads from
@@ -211,6 +211,7 @@ def test_a_damaged_cache_is_fetched_again(chain, tmp_path):
     data[len(data) // 2] ^= 0xFF  # inside a random weight matrix (the tail holds all-ones norms, which dedupe)
     cached.write_bytes(bytes(data))
     local = download_version(settings, 4, tmp_path / "second")
+    assert "version 4 of 'layermoe': model.safetensors is corrupt (sha256 differs from the one registered)" in caplog.text
     assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
     assert sha256(cached) == sha256(folders[0] / "model.safetensors")  # the damaged cached file was replaced
 
