@@ -7,11 +7,11 @@ import logging
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow.artifacts
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import RegisteredModel
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
@@ -23,6 +23,7 @@ from .client import (
     store_errors,
 )
 from .failures import RegistryUnavailable
+from .listing import read_listing
 from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
 from .settings import RegistrySettings
 from .storage import (
@@ -34,7 +35,7 @@ from .storage import (
     locate_files,
     write_full_model,
 )
-from .versions import VersionInfo, VersionRef, find_version, registered_model
+from .versions import VersionInfo, VersionRef, find_version
 
 logger = logging.getLogger(__name__)
 
@@ -107,35 +108,40 @@ def stored_files(client: MlflowClient, settings: RegistrySettings, info: Version
     return cached
 
 
+def model_versions(settings: RegistrySettings) -> dict[int, VersionInfo]:
+    """Every version of the registered model by number, from one read of the store (the listing's reader), so a
+    lineage is walked in memory rather than asked of the store a version at a time."""
+    return {info.version: info for info in read_listing(settings).versions}
+
+
 def _sources(
     client: MlflowClient,
     settings: RegistrySettings,
     info: VersionInfo,
-    model: RegisteredModel | None = None,
+    versions: Mapping[int, VersionInfo],
     seen: tuple[int, ...] = (),
 ) -> dict[str, FileSource]:
-    """Where every file of `info`'s full model is, following delta references down the lineage; `model`, the registered
-    model, is looked up once for the whole lineage."""
-    model = model or registered_model(client, settings)
+    """Where every file of `info`'s full model is, following delta references down the lineage; `versions`: the
+    registered model's versions (`model_versions`)."""
     if info.version in seen:
         raise LayerMoEError(f"the lineage of version {seen[0]} loops at version {info.version}; its layouts are corrupt")
     stored = stored_files(client, settings, info)
     parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
     parent_sources = None
     if parent_ref is not None:
-        try:
-            parent = find_version(client, settings, parent_ref["version"], model)
-        except LayerMoEError as e:
+        parent = versions.get(parent_ref["version"])
+        if parent is None:
             raise LayerMoEError(
-                f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
-                "its lineage is broken: restore that version or re-register this one from its checkpoint"
-            ) from e
+                f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing (the registered "
+                f"model has versions {sorted(versions)}); its lineage is broken: restore that version or re-register this "
+                "one from its checkpoint"
+            )
         if parent.manifest_sha256 != parent_ref["manifest_sha256"] or parent.stored_sha256 is None:
             raise LayerMoEError(
                 f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
                 "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
             )
-        parent_sources = _sources(client, settings, parent, model, (*seen, info.version))
+        parent_sources = _sources(client, settings, parent, versions, (*seen, info.version))
     return locate_files(stored, parent_sources, _what(info))
 
 
@@ -178,7 +184,7 @@ def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
 
 def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, built: Path) -> None:
     manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
-    written = write_full_model(_sources(client, settings, info), manifest, built, _what(info))
+    written = write_full_model(_sources(client, settings, info, model_versions(settings)), manifest, built, _what(info))
     verify_model_dir(built, info.manifest_sha256 or "", _what(info), written)
 
 

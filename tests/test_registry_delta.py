@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -61,9 +62,9 @@ def chain(tmp_path):
     return build_chain(tmp_path, "qwen2", torch.float32)
 
 
-def build_chain(tmp_path: Path, family: str, dtype: torch.dtype) -> tuple[RegistrySettings, list[Path]]:
-    """Base + three rounds registered on one sqlite store; returns settings and each version's saved folder."""
-    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+def build_chain(tmp_path: Path, family: str, dtype: torch.dtype, tracking_uri: str | None = None) -> tuple[RegistrySettings, list[Path]]:
+    """Base + three rounds registered on one store (default: a sqlite file); returns settings and each version's saved folder."""
+    settings = RegistrySettings(tracking_uri=tracking_uri or f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
     model = tiny_model(family).to(dtype)
     folders = [tmp_path / "v1"]
     model.save_pretrained(folders[0])
@@ -131,6 +132,24 @@ def test_each_versions_files_are_downloaded_once(chain, tmp_path, monkeypatch):
     download_version(fresh, 3, tmp_path / "b")
     download_version(fresh, 4, tmp_path / "c")
     assert len(fetched) == 4
+
+
+@pytest.mark.parametrize("store", ["sqlite file", "mlflow server"])
+def test_a_lineage_is_read_from_the_store_in_one_listing_and_rebuilt_byte_for_byte(store, tmp_path, monkeypatch):
+    """MLflow's client is asked for the version downloaded only; its ancestors come from one read of the versions."""
+    with contextlib.ExitStack() as stack:
+        uri = None
+        if store == "mlflow server":
+            uri = stack.enter_context(running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server")).tracking_uri
+        settings, folders = build_chain(tmp_path, "llama", torch.float32, uri)
+        asked = []
+        real = MlflowClient.get_model_version
+        monkeypatch.setattr(
+            MlflowClient, "get_model_version", lambda client, name, version: asked.append(version) or real(client, name, version)
+        )
+        local = download_version(settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"}), 4, tmp_path / "fetched")
+        assert asked == ["4"]
+        assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
 
 
 def test_a_missing_link_is_named(chain, tmp_path):
