@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow.artifacts
 from mlflow import MlflowClient
@@ -33,6 +35,7 @@ from .storage import (
     FileSource,
     ParentFiles,
     locate_files,
+    write_file,
     write_full_model,
 )
 from .versions import VersionInfo, VersionRef, find_version
@@ -75,6 +78,11 @@ def _artifact_uri(client: MlflowClient, info: VersionInfo) -> str:
     return client.get_model_version_download_uri(info.name, str(info.version))
 
 
+def _download_failed(settings: RegistrySettings, info: VersionInfo, error: Exception) -> LayerMoEError:
+    kind = RegistryUnavailable if isinstance(as_registry_error(settings, error), RegistryUnavailable) else LayerMoEError
+    return kind(f"downloading {_what(info)} from {settings.tracking_uri} failed ({error}); check the artifact store, then retry")
+
+
 def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path, path: str | None = None) -> Path:
     try:
         uri = _artifact_uri(client, info)
@@ -87,8 +95,33 @@ def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: 
             )
         )
     except STORE_FAILURES as e:
-        kind = RegistryUnavailable if isinstance(as_registry_error(settings, e), RegistryUnavailable) else LayerMoEError
-        raise kind(f"downloading {_what(info)} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
+        raise _download_failed(settings, info, e) from e
+
+
+def _copy_from_local_store(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path) -> dict[str, str] | None:
+    """Where the artifact store is a folder of this machine (a path or file: URI), the version's files copied into `dst`
+    with each file hashed as it is copied (one read of every byte, where MLflow's copy and a check would read it twice);
+    returns {file: sha256}, or None for a remote store. Symlinks are copied as links, for the listing's check to refuse."""
+    try:
+        uri = urlparse(_artifact_uri(client, info))
+        if uri.scheme not in ("", "file"):
+            return None
+        src = Path(unquote(uri.path))
+        if not src.is_dir():
+            raise FileNotFoundError(f"no folder {src}")
+        written = {}
+        for folder, dirs, files in os.walk(src):  # into no symlinked folder: its files could be anywhere
+            here = Path(folder).relative_to(src)
+            (dst / here).mkdir(parents=True, exist_ok=True)
+            for name in [*dirs, *files]:
+                path, target = Path(folder) / name, dst / here / name
+                if path.is_symlink():
+                    target.symlink_to(os.readlink(path))
+                elif path.is_file():
+                    written[(here / name).as_posix()] = write_file(path, target)
+        return written
+    except STORE_FAILURES as e:
+        raise _download_failed(settings, info, e) from e
 
 
 def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path:
@@ -99,8 +132,11 @@ def stored_files(client: MlflowClient, settings: RegistrySettings, info: Version
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{cached.name}-partial-") as staging:
-        local = _download_artifacts(client, settings, info, Path(staging))
-        verify_listed_files(local, STORED_NAME, digest, _what(info))
+        local = Path(staging) / "stored"
+        written = _copy_from_local_store(client, settings, info, local)
+        if written is None:
+            local = _download_artifacts(client, settings, info, Path(staging))
+        verify_listed_files(local, STORED_NAME, digest, _what(info), written_sha256=written)
         try:
             local.rename(cached)
         except OSError:  # a concurrent download put its verified copy in place first

@@ -321,22 +321,24 @@ def _parse_raw_header(raw: bytes) -> list[str]:
     return [name for name, _ in sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0])]
 
 
+def write_file(source: FileSource, target: Path) -> str:
+    """`source` (a file to copy, or a recipe) written to `target`; returns the sha256 of the bytes as they were written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+        out = _HashingWriter(f)
+        if isinstance(source, Path):
+            _copy_range(source, 0, source.stat().st_size, out)
+        else:
+            raw, spans = source
+            out.write(raw)
+            for span in spans:
+                _copy_range(span.path, span.offset, span.length, out)
+    return out.sha256.hexdigest()
+
+
 def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path, what: str) -> dict[str, str]:
     """The full save_pretrained directory (plus its manifest) from its sources; `what` names the version in errors.
-    Returns the sha256 of each file written, taken from the bytes as they were written."""
-    digests = {}
-    for file, source in sources.items():
-        target = path_inside(dest, file, what)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("wb") as f:
-            out = _HashingWriter(f)
-            if isinstance(source, Path):
-                _copy_range(source, 0, source.stat().st_size, out)
-            else:
-                raw, spans = source
-                out.write(raw)
-                for span in spans:
-                    _copy_range(span.path, span.offset, span.length, out)
-        digests[file] = out.sha256.hexdigest()
+    Returns the sha256 of each file written (`write_file`)."""
+    digests = {file: write_file(source, path_inside(dest, file, what)) for file, source in sources.items()}
     (dest / MANIFEST_NAME).write_text(manifest)
     return digests

@@ -23,6 +23,7 @@ from layermoe_core.model.files import list_model_files
 from registry import (
     RegistrySettings,
     RoundInfo,
+    download,
     download_version,
     get_version,
     list_versions,
@@ -121,17 +122,19 @@ def test_every_version_downloads_byte_identical_and_loads_the_same_model(family,
         torch.testing.assert_close(rebuilt(token_ids).logits, original(token_ids).logits, atol=0, rtol=0)
 
 
-def test_each_versions_files_are_downloaded_once(chain, tmp_path, monkeypatch):
+def test_each_versions_files_are_copied_once_straight_from_a_local_store(chain, tmp_path, monkeypatch):
     settings, _ = chain
     fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
-    fetched = []
-    real = mlflow.artifacts.download_artifacts
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"]) or real(**kw))
+    copied, mlflow_copies = [], []
+    real_copy, real_download = download.write_file, mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(download, "write_file", lambda source, target: copied.append(source.parent) or real_copy(source, target))
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: mlflow_copies.append(kw) or real_download(**kw))
     download_version(fresh, 4, tmp_path / "a")
-    assert len(fetched) == 4  # versions 4, 3, 2 and the base
+    first = len(copied)
+    assert len(set(copied)) == 4 and not mlflow_copies  # the folders of versions 4, 3, 2 and the base, read directly
     download_version(fresh, 3, tmp_path / "b")
     download_version(fresh, 4, tmp_path / "c")
-    assert len(fetched) == 4
+    assert len(copied) == first
 
 
 @pytest.mark.parametrize("store", ["sqlite file", "mlflow server"])
@@ -372,3 +375,17 @@ def test_a_symlink_in_the_download_cache_is_refused_and_the_files_fetched_again(
     local = download_version(settings, 2, tmp_path / "second")
     assert "config.json is a symlink, which could point at any file; refused" in caplog.text
     assert sha256(local.path / "config.json") == sha256(folders[1] / "config.json") and not cached.is_symlink()
+
+
+def test_a_symlink_in_a_local_store_is_refused_not_followed(chain, tmp_path):
+    settings, folders = chain
+    run_id = get_version(settings, 2).run_id
+    stored = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model" / "config.json"
+    secret = tmp_path / "secret.json"
+    shutil.copyfile(stored, secret)  # the registered bytes, so only the link itself can be refused
+    stored.unlink()
+    stored.symlink_to(secret)
+    fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
+    with pytest.raises(LayerMoEError, match=r"config\.json.*symlink"):
+        download_version(fresh, 2, tmp_path / "fetched")
+    assert not (tmp_path / "fetched").exists() and not fresh.version_cache(2).exists()
