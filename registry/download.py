@@ -103,10 +103,11 @@ def _copy_from_local_store(client: MlflowClient, settings: RegistrySettings, inf
     with each file hashed as it is copied (one read of every byte, where MLflow's copy and a check would read it twice);
     returns {file: sha256}, or None for a remote store. Symlinks are copied as links, for the listing's check to refuse."""
     try:
-        uri = urlparse(_artifact_uri(client, info))
+        location = _artifact_uri(client, info)
+        uri = urlparse(location)
         if uri.scheme not in ("", "file"):
             return None
-        src = Path(unquote(uri.path))
+        src = Path(unquote(uri.path)) if uri.scheme == "file" else Path(location)
         if not src.is_dir():
             raise FileNotFoundError(f"no folder {src}")
         written = {}
