@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow.artifacts
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import RegisteredModel
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
@@ -23,6 +25,7 @@ from .client import (
     store_errors,
 )
 from .failures import RegistryUnavailable
+from .listing import read_listing
 from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
 from .settings import RegistrySettings
 from .storage import (
@@ -32,9 +35,10 @@ from .storage import (
     FileSource,
     ParentFiles,
     locate_files,
+    write_file,
     write_full_model,
 )
-from .versions import VersionInfo, VersionRef, find_version, registered_model
+from .versions import VersionInfo, VersionRef, find_version
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,11 @@ def _artifact_uri(client: MlflowClient, info: VersionInfo) -> str:
     return client.get_model_version_download_uri(info.name, str(info.version))
 
 
+def _download_failed(settings: RegistrySettings, info: VersionInfo, error: Exception) -> LayerMoEError:
+    kind = RegistryUnavailable if isinstance(as_registry_error(settings, error), RegistryUnavailable) else LayerMoEError
+    return kind(f"downloading {_what(info)} from {settings.tracking_uri} failed ({error}); check the artifact store, then retry")
+
+
 def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path, path: str | None = None) -> Path:
     try:
         uri = _artifact_uri(client, info)
@@ -86,8 +95,34 @@ def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: 
             )
         )
     except STORE_FAILURES as e:
-        kind = RegistryUnavailable if isinstance(as_registry_error(settings, e), RegistryUnavailable) else LayerMoEError
-        raise kind(f"downloading {_what(info)} from {settings.tracking_uri} failed ({e}); check the artifact store, then retry") from e
+        raise _download_failed(settings, info, e) from e
+
+
+def _copy_from_local_store(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path) -> dict[str, str] | None:
+    """Where the artifact store is a folder of this machine (a path or file: URI), the version's files copied into `dst`
+    with each file hashed as it is copied (one read of every byte, where MLflow's copy and a check would read it twice);
+    returns {file: sha256}, or None for a remote store. Symlinks are copied as links, for the listing's check to refuse."""
+    try:
+        location = _artifact_uri(client, info)
+        uri = urlparse(location)
+        if uri.scheme not in ("", "file"):
+            return None
+        src = Path(unquote(uri.path)) if uri.scheme == "file" else Path(location)
+        if not src.is_dir():
+            raise FileNotFoundError(f"no folder {src}")
+        written = {}
+        for folder, dirs, files in os.walk(src):  # into no symlinked folder: its files could be anywhere
+            here = Path(folder).relative_to(src)
+            (dst / here).mkdir(parents=True, exist_ok=True)
+            for name in [*dirs, *files]:
+                path, target = Path(folder) / name, dst / here / name
+                if path.is_symlink():
+                    target.symlink_to(os.readlink(path))
+                elif path.is_file():
+                    written[(here / name).as_posix()] = write_file(path, target)
+        return written
+    except STORE_FAILURES as e:
+        raise _download_failed(settings, info, e) from e
 
 
 def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path:
@@ -98,8 +133,11 @@ def stored_files(client: MlflowClient, settings: RegistrySettings, info: Version
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{cached.name}-partial-") as staging:
-        local = _download_artifacts(client, settings, info, Path(staging))
-        verify_listed_files(local, STORED_NAME, digest, _what(info))
+        local = Path(staging) / "stored"
+        written = _copy_from_local_store(client, settings, info, local)
+        if written is None:
+            local = _download_artifacts(client, settings, info, Path(staging))
+        verify_listed_files(local, STORED_NAME, digest, _what(info), written_sha256=written)
         try:
             local.rename(cached)
         except OSError:  # a concurrent download put its verified copy in place first
@@ -107,35 +145,40 @@ def stored_files(client: MlflowClient, settings: RegistrySettings, info: Version
     return cached
 
 
+def model_versions(settings: RegistrySettings) -> dict[int, VersionInfo]:
+    """Every version of the registered model by number, from one read of the store (the listing's reader), so a
+    lineage is walked in memory rather than asked of the store a version at a time."""
+    return {info.version: info for info in read_listing(settings).versions}
+
+
 def _sources(
     client: MlflowClient,
     settings: RegistrySettings,
     info: VersionInfo,
-    model: RegisteredModel | None = None,
+    versions: Mapping[int, VersionInfo],
     seen: tuple[int, ...] = (),
 ) -> dict[str, FileSource]:
-    """Where every file of `info`'s full model is, following delta references down the lineage; `model`, the registered
-    model, is looked up once for the whole lineage."""
-    model = model or registered_model(client, settings)
+    """Where every file of `info`'s full model is, following delta references down the lineage; `versions`: the
+    registered model's versions (`model_versions`)."""
     if info.version in seen:
         raise LayerMoEError(f"the lineage of version {seen[0]} loops at version {info.version}; its layouts are corrupt")
     stored = stored_files(client, settings, info)
     parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
     parent_sources = None
     if parent_ref is not None:
-        try:
-            parent = find_version(client, settings, parent_ref["version"], model)
-        except LayerMoEError as e:
+        parent = versions.get(parent_ref["version"])
+        if parent is None:
             raise LayerMoEError(
-                f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing ({e}); "
-                "its lineage is broken: restore that version or re-register this one from its checkpoint"
-            ) from e
+                f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing (the registered "
+                f"model has versions {sorted(versions)}); its lineage is broken: restore that version or re-register this "
+                "one from its checkpoint"
+            )
         if parent.manifest_sha256 != parent_ref["manifest_sha256"] or parent.stored_sha256 is None:
             raise LayerMoEError(
                 f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
                 "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
             )
-        parent_sources = _sources(client, settings, parent, model, (*seen, info.version))
+        parent_sources = _sources(client, settings, parent, versions, (*seen, info.version))
     return locate_files(stored, parent_sources, _what(info))
 
 
@@ -178,8 +221,8 @@ def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo
 
 def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, built: Path) -> None:
     manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
-    write_full_model(_sources(client, settings, info), manifest, built, _what(info))
-    verify_model_dir(built, info.manifest_sha256 or "", _what(info))
+    written = write_full_model(_sources(client, settings, info, model_versions(settings)), manifest, built, _what(info))
+    verify_model_dir(built, info.manifest_sha256 or "", _what(info), written)
 
 
 def _lineage_versions(settings: RegistrySettings, info: VersionInfo) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from layermoe_core.errors import LayerMoEError
@@ -36,18 +37,28 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def verify_model_dir(model_dir: Path, expected_digest: str, what: str) -> None:
-    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt, or code (auto_map)."""
-    present = verify_listed_files(model_dir, MANIFEST_NAME, expected_digest, what)
+def verify_model_dir(model_dir: Path, expected_digest: str, what: str, written_sha256: Mapping[str, str] | None = None) -> None:
+    """Raise LayerMoEError naming the first file that is missing, unexpected, a pickle, truncated or corrupt, or code (auto_map).
+    `written_sha256`: as in `verify_listed_files`."""
+    present = verify_listed_files(model_dir, MANIFEST_NAME, expected_digest, what, written_sha256=written_sha256)
     require_loadable(present, what)
     refuse_custom_code(model_dir)
 
 
-def verify_listed_files(folder: Path, listing_name: str, expected_digest: str, what: str, ignore: tuple[str, ...] = ()) -> list[str]:
+def verify_listed_files(
+    folder: Path,
+    listing_name: str,
+    expected_digest: str,
+    what: str,
+    ignore: tuple[str, ...] = (),
+    written_sha256: Mapping[str, str] | None = None,
+) -> list[str]:
     """The one check of a folder against its listing (a manifest, or a version's stored files): the listing's digest is
     the one recorded at registration, and every file listed is there, inside the folder, with its registered size and
     sha256, and no other (no pickle) beside it. `ignore`: files others add (MLflow's `registered_model_meta`).
+    `written_sha256`: file -> sha256 taken by whoever wrote the file as it wrote it, used instead of reading it back.
     Returns the files present."""
+    written = written_sha256 or {}
     listing = folder / listing_name
     if not listing.is_file():
         raise LayerMoEError(f"{what} has no {listing_name}; register the model with registry.register_base/register_child")
@@ -67,7 +78,7 @@ def verify_listed_files(folder: Path, listing_name: str, expected_digest: str, w
                 f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
                 "download again, or re-register the version from its checkpoint"
             )
-        if sha256_file(path) != entry["sha256"]:
+        if (written[name] if name in written else sha256_file(path)) != entry["sha256"]:
             raise LayerMoEError(
                 f"{what}: {name} is corrupt (sha256 differs from the one registered); "
                 "download again, or re-register the version from its checkpoint"

@@ -136,7 +136,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     import yaml
 
     from .client import open_client
-    from .download import _sources
+    from .download import _sources, model_versions
     from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
     from .storage import (
         LAYOUT_NAME,
@@ -169,7 +169,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
                 f"{what} is a delta on version {parent.version} of {name!r}, whose files are not the ones it "
                 "was registered against; its lineage is broken"
             )
-        parent_sources = _sources(client, settings, parent)
+        parent_sources = _sources(client, settings, parent, model_versions(settings))
     digest = sha256_file(stored / MANIFEST_NAME)
     full = RegistrySettings().cache_dir / "models" / digest[:24]  # one rebuilt copy per distinct model
     if full.is_dir():
@@ -181,8 +181,8 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     full.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=full.parent, prefix=f".{full.name}-partial-") as staging:
         built = Path(staging) / "model"
-        write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built, what)
-        verify_model_dir(built, digest, what)
+        written = write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built, what)
+        verify_model_dir(built, digest, what, written)
         try:
             built.rename(full)
         except OSError:  # a concurrent load put its verified copy in place first

@@ -18,10 +18,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shutil
 import struct
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict
 
@@ -115,7 +115,19 @@ def _contiguous(header: SafetensorsHeader) -> bool:
     return True
 
 
-def _copy_range(src: Path, offset: int, length: int, out) -> None:
+class _HashingWriter:
+    """A file opened for writing that hashes every byte written to it, so the written file needs no second read."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.out.write(data)
+
+
+def _copy_range(src: Path, offset: int, length: int, out: BinaryIO | _HashingWriter) -> None:
     with src.open("rb") as f:
         f.seek(offset)
         while length > 0:
@@ -309,17 +321,24 @@ def _parse_raw_header(raw: bytes) -> list[str]:
     return [name for name, _ in sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0])]
 
 
-def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path, what: str) -> None:
-    """The full save_pretrained directory (plus its manifest) from its sources; `what` names the version in errors."""
-    for file, source in sources.items():
-        target = path_inside(dest, file, what)
-        target.parent.mkdir(parents=True, exist_ok=True)
+def write_file(source: FileSource, target: Path) -> str:
+    """`source` (a file to copy, or a recipe) written to `target`; returns the sha256 of the bytes as they were written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+        out = _HashingWriter(f)
         if isinstance(source, Path):
-            shutil.copyfile(source, target)
-            continue
-        raw, spans = source
-        with target.open("wb") as out:
+            _copy_range(source, 0, source.stat().st_size, out)
+        else:
+            raw, spans = source
             out.write(raw)
             for span in spans:
                 _copy_range(span.path, span.offset, span.length, out)
+    return out.sha256.hexdigest()
+
+
+def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path, what: str) -> dict[str, str]:
+    """The full save_pretrained directory (plus its manifest) from its sources; `what` names the version in errors.
+    Returns the sha256 of each file written (`write_file`)."""
+    digests = {file: write_file(source, path_inside(dest, file, what)) for file, source in sources.items()}
     (dest / MANIFEST_NAME).write_text(manifest)
+    return digests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -22,6 +23,7 @@ from layermoe_core.model.files import list_model_files
 from registry import (
     RegistrySettings,
     RoundInfo,
+    download,
     download_version,
     get_version,
     list_versions,
@@ -61,9 +63,9 @@ def chain(tmp_path):
     return build_chain(tmp_path, "qwen2", torch.float32)
 
 
-def build_chain(tmp_path: Path, family: str, dtype: torch.dtype) -> tuple[RegistrySettings, list[Path]]:
-    """Base + three rounds registered on one sqlite store; returns settings and each version's saved folder."""
-    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+def build_chain(tmp_path: Path, family: str, dtype: torch.dtype, tracking_uri: str | None = None) -> tuple[RegistrySettings, list[Path]]:
+    """Base + three rounds registered on one store (default: a sqlite file); returns settings and each version's saved folder."""
+    settings = RegistrySettings(tracking_uri=tracking_uri or f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
     model = tiny_model(family).to(dtype)
     folders = [tmp_path / "v1"]
     model.save_pretrained(folders[0])
@@ -120,17 +122,37 @@ def test_every_version_downloads_byte_identical_and_loads_the_same_model(family,
         torch.testing.assert_close(rebuilt(token_ids).logits, original(token_ids).logits, atol=0, rtol=0)
 
 
-def test_each_versions_files_are_downloaded_once(chain, tmp_path, monkeypatch):
+def test_each_versions_files_are_copied_once_straight_from_a_local_store(chain, tmp_path, monkeypatch):
     settings, _ = chain
     fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
-    fetched = []
-    real = mlflow.artifacts.download_artifacts
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"]) or real(**kw))
+    copied, mlflow_copies = [], []
+    real_copy, real_download = download.write_file, mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(download, "write_file", lambda source, target: copied.append(source.parent) or real_copy(source, target))
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: mlflow_copies.append(kw) or real_download(**kw))
     download_version(fresh, 4, tmp_path / "a")
-    assert len(fetched) == 4  # versions 4, 3, 2 and the base
+    first = len(copied)
+    assert len(set(copied)) == 4 and not mlflow_copies  # the folders of versions 4, 3, 2 and the base, read directly
     download_version(fresh, 3, tmp_path / "b")
     download_version(fresh, 4, tmp_path / "c")
-    assert len(fetched) == 4
+    assert len(copied) == first
+
+
+@pytest.mark.parametrize("store", ["sqlite file", "mlflow server"])
+def test_a_lineage_is_read_from_the_store_in_one_listing_and_rebuilt_byte_for_byte(store, tmp_path, monkeypatch):
+    """MLflow's client is asked for the version downloaded only; its ancestors come from one read of the versions."""
+    with contextlib.ExitStack() as stack:
+        uri = None
+        if store == "mlflow server":
+            uri = stack.enter_context(running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server")).tracking_uri
+        settings, folders = build_chain(tmp_path, "llama", torch.float32, uri)
+        asked = []
+        real = MlflowClient.get_model_version
+        monkeypatch.setattr(
+            MlflowClient, "get_model_version", lambda client, name, version: asked.append(version) or real(client, name, version)
+        )
+        local = download_version(settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"}), 4, tmp_path / "fetched")
+        assert asked == ["4"]
+        assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
 
 
 def test_a_missing_link_is_named(chain, tmp_path):
@@ -203,7 +225,7 @@ def test_download_writes_a_standalone_save_pretrained_folder(chain, tmp_path, ca
     assert "version 4" in capsys.readouterr().out
 
 
-def test_a_damaged_cache_is_fetched_again(chain, tmp_path):
+def test_a_damaged_cache_is_fetched_again(chain, tmp_path, caplog):
     settings, folders = chain
     download_version(settings, 4, tmp_path / "first")
     cached = settings.version_cache(1) / "model.safetensors"  # the base, which every later version reads from
@@ -211,6 +233,7 @@ def test_a_damaged_cache_is_fetched_again(chain, tmp_path):
     data[len(data) // 2] ^= 0xFF  # inside a random weight matrix (the tail holds all-ones norms, which dedupe)
     cached.write_bytes(bytes(data))
     local = download_version(settings, 4, tmp_path / "second")
+    assert "version 4 of 'layermoe': model.safetensors is corrupt (sha256 differs from the one registered)" in caplog.text
     assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
     assert sha256(cached) == sha256(folders[0] / "model.safetensors")  # the damaged cached file was replaced
 
@@ -352,3 +375,17 @@ def test_a_symlink_in_the_download_cache_is_refused_and_the_files_fetched_again(
     local = download_version(settings, 2, tmp_path / "second")
     assert "config.json is a symlink, which could point at any file; refused" in caplog.text
     assert sha256(local.path / "config.json") == sha256(folders[1] / "config.json") and not cached.is_symlink()
+
+
+def test_a_symlink_in_a_local_store_is_refused_not_followed(chain, tmp_path):
+    settings, folders = chain
+    run_id = get_version(settings, 2).run_id
+    stored = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model" / "config.json"
+    secret = tmp_path / "secret.json"
+    shutil.copyfile(stored, secret)  # the registered bytes, so only the link itself can be refused
+    stored.unlink()
+    stored.symlink_to(secret)
+    fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
+    with pytest.raises(LayerMoEError, match=r"config\.json.*symlink"):
+        download_version(fresh, 2, tmp_path / "fetched")
+    assert not (tmp_path / "fetched").exists() and not fresh.version_cache(2).exists()
