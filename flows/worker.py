@@ -4,7 +4,8 @@ On SIGTERM, Prefect's process worker interrupts itself and kills its flow runs' 
 training could not save a checkpoint (docs/operations.md, "Workers"). Here a SIGTERM (or SIGINT) goes first
 to each flow run's process, where training stops at the end of its current step with a checkpoint
 (`layermoe_core.training.stopping`) and the run records its end. Once they have all exited, the worker gets
-the SIGTERM and stops, with nothing left to kill. A second signal passes SIGTERM to the worker at once.
+the SIGTERM and stops, with nothing left to kill; one that has not exited `WORKER_EXIT_S` later (Prefect's worker
+can miss the SIGINT it sends itself on SIGTERM) is killed. A second signal passes SIGTERM to the worker at once.
 
     python -m flows.worker --pool layermoe --type process --with-healthcheck
 """
@@ -15,6 +16,8 @@ import sys
 from collections.abc import Sequence
 
 import psutil
+
+WORKER_EXIT_S = 30.0  # after its flow runs have ended, what a Prefect worker gets to deregister and exit
 
 
 class _Stop(Exception):
@@ -48,7 +51,12 @@ def main(argv: Sequence[str]) -> int:
             pass
     psutil.wait_procs(runs)
     worker.send_signal(signal.SIGTERM)
-    return worker.wait()
+    try:
+        return worker.wait(timeout=WORKER_EXIT_S)
+    except subprocess.TimeoutExpired:
+        print(f"layermoe worker: the Prefect worker had not exited {WORKER_EXIT_S:.0f} s after SIGTERM; killing it", flush=True)
+        worker.kill()
+        return worker.wait()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import tasks.parent
 from flows.add_languages import add_languages, round_dir
 from flows.bootstrap_base import BootstrapPlan, bootstrap_base
 from flows.plan import ExpansionPlan, ParentRef, load_plan
+from flows.worker import WORKER_EXIT_S
 from layermoe_core.data.corpus import CorpusSpec
 from layermoe_core.errors import LayerMoEError
 from layermoe_core.model.checkpoints import load_model, load_tokenizer
@@ -290,6 +291,34 @@ def test_a_sigterm_mid_stage1_stops_it_at_the_next_steps_checkpoint_and_the_reru
     assert resumed_from == [at_stop]
     assert list_versions(registry)["version"].tolist() == [1, 2]
     assert_same_weights(child_weights(registry, summary.version, tmp_path / "child"), reference_child)
+
+
+def test_a_prefect_worker_still_running_after_its_sigterm_is_killed_once_its_flow_runs_have_ended(tmp_path):
+    """Prefect's worker answers SIGTERM by sending itself SIGINT, and has been seen to run on for over 10 minutes after
+    it (docs/operations.md, "Workers"). Here the compose command runs a stand-in `prefect` that ignores both signals:
+    `flows.worker` kills it `WORKER_EXIT_S` after passing on the SIGTERM, and says so."""
+    stand_in = tmp_path / "stand-in" / "prefect"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("")
+    (stand_in / "__main__.py").write_text(
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print('ignoring SIGTERM and SIGINT', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(stand_in.parent), str(REPO_ROOT)])}
+    command = [sys.executable, "-m", "flows.worker", "--pool", "layermoe"]
+    worker = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert worker.stdout is not None
+    assert worker.stdout.readline() == "ignoring SIGTERM and SIGINT\n"
+    os.kill(worker.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    output, _ = worker.communicate(timeout=WORKER_EXIT_S + 60)
+    assert time.monotonic() - signalled >= WORKER_EXIT_S
+    assert "layermoe worker: SIGTERM to 0 flow run(s) first" in output
+    assert f"the Prefect worker had not exited {WORKER_EXIT_S:.0f} s after SIGTERM; killing it" in output
+    assert worker.returncode != 0
 
 
 # -- 3. two runs at once ------------------------------------------------------------------
