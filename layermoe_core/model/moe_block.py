@@ -216,8 +216,8 @@ class LayerMoEBlock(nn.Module):
         inference (no autograd, nothing recorded) asks every classifier of the layer in one matmul, reads the
         decisions (a decoding step's few tokens) or how many tokens each router takes in one host sync, and runs
         only the gates that take some, with `top_k_routing`: old-language text costs one classifier matmul and
-        the dense layer. Training runs
-        every router on every token, so a gradient-checkpointing recompute takes the path its forward took.
+        the dense layer. Training runs every router on every token, so a gradient-checkpointing recompute takes
+        the path its forward took.
         """
         if self.routed_rounds == 0:  # the tree cut at round 0 (a base-language pin): the dense layer
             return None
