@@ -268,11 +268,7 @@ def test_a_rank_killed_in_stage2_fails_the_round_and_the_rerun_resumes_stage2_wi
     assert len(rank_lines(stage1 / "launch.log")) == 2  # Stage 1's Trainer started in the first launch only
     assert (stage1 / "final" / "model.safetensors").stat().st_mtime_ns == stage1_saved
     assert json.loads((stage2 / RESULT_NAME).read_text())["resumed_from"] == str(stage2 / "checkpoint-3")
-    assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2
-    resumed = child_weights(registry, 2, tmp_path / "child")
-    _, _, uninterrupted, _ = two_process_round
-    for name, tensor in uninterrupted.items():
-        assert torch.equal(resumed[name], tensor), name
+    assert_the_uninterrupted_child(registry, summary, two_process_round, tmp_path / "child")
 
 
 @pytest.fixture
@@ -328,11 +324,7 @@ def test_a_rank_killed_mid_stage_fails_the_round_clearly_and_the_rerun_resumes(w
     faults.delenv("LAYERMOE_TEST_FAULT")
     summary = add_languages(plan)
     assert json.loads((stage1 / RESULT_NAME).read_text())["resumed_from"] == str(stage1 / "checkpoint-3")
-    assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2
-    resumed = child_weights(registry, 2, tmp_path / "child")
-    _, _, uninterrupted, _ = two_process_round
-    for name, tensor in uninterrupted.items():
-        assert torch.equal(resumed[name], tensor), name
+    assert_the_uninterrupted_child(registry, summary, two_process_round, tmp_path / "child")
 
 
 def test_a_sigterm_to_the_flow_stops_both_ranks_at_one_checkpoint_and_the_rerun_resumes_to_the_uninterrupted_child(
@@ -365,8 +357,13 @@ def test_a_sigterm_to_the_flow_stops_both_ranks_at_one_checkpoint_and_the_rerun_
     faults.delenv("LAYERMOE_TEST_FAULT")
     summary = add_languages(plan)
     assert json.loads((stage1 / RESULT_NAME).read_text())["resumed_from"] == str(stage1 / "checkpoint-4")
+    assert_the_uninterrupted_child(registry, summary, two_process_round, tmp_path / "child")
+
+
+def assert_the_uninterrupted_child(registry, summary, two_process_round, dest: Path) -> None:
+    """The rerun registered one child, version 2, bit for bit the uninterrupted two-process round's."""
     assert list_versions(registry)["version"].tolist() == [1, 2] and summary.version == 2
-    resumed = child_weights(registry, 2, tmp_path / "child")
+    resumed = child_weights(registry, 2, dest)
     _, _, uninterrupted, _ = two_process_round
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
