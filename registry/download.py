@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import uuid
@@ -17,6 +16,7 @@ from mlflow import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
 from layermoe_core.errors import LayerMoEError
+from layermoe_core.model.files import WEIGHTS_SUFFIX
 
 from .client import (
     STORE_FAILURES,
@@ -35,7 +35,6 @@ from .storage import (
     FileSource,
     ParentFiles,
     locate_files,
-    write_file,
     write_full_model,
 )
 from .versions import VersionInfo, VersionRef, find_version
@@ -98,49 +97,44 @@ def _download_artifacts(client: MlflowClient, settings: RegistrySettings, info: 
         raise _download_failed(settings, info, e) from e
 
 
-def _copy_from_local_store(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, dst: Path) -> dict[str, str] | None:
-    """Where the artifact store is a folder of this machine (a path or file: URI), the version's files copied into `dst`
-    with each file hashed as it is copied (one read of every byte, where MLflow's copy and a check would read it twice);
-    returns {file: sha256}, or None for a remote store. Symlinks are copied as links, for the listing's check to refuse."""
+def _local_store_folder(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path | None:
+    """The folder of the version's stored files where the artifact store is a folder of this machine (a path or file:
+    URI): read in place, never copied; None for a remote store."""
     try:
         location = _artifact_uri(client, info)
         uri = urlparse(location)
         if uri.scheme not in ("", "file"):
             return None
-        src = Path(unquote(uri.path)) if uri.scheme == "file" else Path(location)
-        if not src.is_dir():
-            raise FileNotFoundError(f"no folder {src}")
-        written = {}
-        for folder, dirs, files in os.walk(src):  # into no symlinked folder: its files could be anywhere
-            here = Path(folder).relative_to(src)
-            (dst / here).mkdir(parents=True, exist_ok=True)
-            for name in [*dirs, *files]:
-                path, target = Path(folder) / name, dst / here / name
-                if path.is_symlink():
-                    target.symlink_to(os.readlink(path))
-                elif path.is_file():
-                    written[(here / name).as_posix()] = write_file(path, target)
-        return written
+        folder = Path(unquote(uri.path)) if uri.scheme == "file" else Path(location)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no folder {folder}")
+        return folder
     except STORE_FAILURES as e:
         raise _download_failed(settings, info, e) from e
 
 
-def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> Path:
-    """The version's own stored files in the local cache, downloaded once and verified against its tag."""
+def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, every_byte: bool = False) -> Path:
+    """The folder of the version's own stored files, checked against its listing: in place in a local store, else
+    downloaded once into the cache. Weights are checked for size here and byte for byte in the model rebuilt from
+    them (`_rebuild`), so each byte is read once; `every_byte` checks their sha256 here too."""
+    digest, what = info.stored_sha256 or "", _what(info)
+    sized_only = () if every_byte else (WEIGHTS_SUFFIX,)
+    in_store = _local_store_folder(client, settings, info)
+    if in_store is not None:
+        verify_listed_files(in_store, STORED_NAME, digest, what, sized_only=sized_only)
+        return in_store
     cached = settings.version_cache(info.version)
-    digest = info.stored_sha256 or ""
-    if cached.is_dir():  # verified when it was put there; the rebuilt model is verified again on every download
+    if cached.is_dir():
+        if every_byte:
+            verify_listed_files(cached, STORED_NAME, digest, what)
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{cached.name}-partial-") as staging:
-        local = Path(staging) / "stored"
-        written = _copy_from_local_store(client, settings, info, local)
-        if written is None:
-            local = _download_artifacts(client, settings, info, Path(staging))
-        verify_listed_files(local, STORED_NAME, digest, _what(info), written_sha256=written)
+        local = _download_artifacts(client, settings, info, Path(staging))
+        verify_listed_files(local, STORED_NAME, digest, what, sized_only=sized_only)
         try:
             local.rename(cached)
-        except OSError:  # a concurrent download put its verified copy in place first
+        except OSError:  # a concurrent download put its checked copy in place first
             pass
     return cached
 
@@ -206,15 +200,23 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
 
 
 def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, staging: Path) -> Path:
-    """The full model in staging/model, verified; a damaged cache is dropped and the lineage fetched once more."""
+    """The full model in staging/model, verified against its manifest. When that fails, every stored file of the
+    lineage is checked byte for byte: a damaged file in a local store is named, a damaged cached copy is dropped
+    and fetched again."""
     built = staging / "model"
     try:
         _write_and_verify(client, settings, info, built)
     except LayerMoEError as e:
-        logger.warning("%s; dropping the cached files of its lineage and downloading them again", e)
+        logger.warning("%s; checking every byte of the stored files it is rebuilt from", e)
         shutil.rmtree(built, ignore_errors=True)
-        for version in _lineage_versions(settings, info):
-            shutil.rmtree(settings.version_cache(version), ignore_errors=True)
+        for version in _lineage_versions(client, settings, info, model_versions(settings)):
+            try:
+                stored_files(client, settings, version, every_byte=True)
+            except LayerMoEError as damaged:
+                if _local_store_folder(client, settings, version) is not None:
+                    raise
+                logger.warning("%s; dropping the cached copy and downloading it again", damaged)
+                shutil.rmtree(settings.version_cache(version.version), ignore_errors=True)
         _write_and_verify(client, settings, info, built)
     return built
 
@@ -225,14 +227,20 @@ def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: Ve
     verify_model_dir(built, info.manifest_sha256 or "", _what(info), written)
 
 
-def _lineage_versions(settings: RegistrySettings, info: VersionInfo) -> list[int]:
-    """The versions whose cached files `info`'s rebuild reads, as far as the cache tells."""
-    versions = [info.version]
-    layout = settings.version_cache(info.version) / LAYOUT_NAME
-    while layout.is_file() and (parent := json.loads(layout.read_text())["parent"]) is not None and parent["version"] not in versions:
-        versions.append(parent["version"])
-        layout = settings.version_cache(parent["version"]) / LAYOUT_NAME
-    return versions
+def _lineage_versions(
+    client: MlflowClient, settings: RegistrySettings, info: VersionInfo, versions: Mapping[int, VersionInfo]
+) -> list[VersionInfo]:
+    """The versions whose stored files `info`'s rebuild reads, as far as their layouts (read where they are) tell."""
+    lineage = [info]
+    while True:
+        layout = (_local_store_folder(client, settings, lineage[-1]) or settings.version_cache(lineage[-1].version)) / LAYOUT_NAME
+        try:
+            parent = None if layout.is_symlink() else json.loads(layout.read_text())["parent"]
+        except (OSError, ValueError, KeyError, TypeError):
+            parent = None
+        if parent is None or parent.get("version") not in versions or versions[parent["version"]] in lineage:
+            return lineage
+        lineage.append(versions[parent["version"]])
 
 
 def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str | Path) -> LocalVersion:

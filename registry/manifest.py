@@ -52,11 +52,13 @@ def verify_listed_files(
     what: str,
     ignore: tuple[str, ...] = (),
     written_sha256: Mapping[str, str] | None = None,
+    sized_only: tuple[str, ...] = (),
 ) -> list[str]:
     """The one check of a folder against its listing (a manifest, or a version's stored files): the listing's digest is
     the one recorded at registration, and every file listed is there, inside the folder, with its registered size and
     sha256, and no other (no pickle) beside it. `ignore`: files others add (MLflow's `registered_model_meta`).
     `written_sha256`: file -> sha256 taken by whoever wrote the file as it wrote it, used instead of reading it back.
+    `sized_only`: suffixes of files whose bytes the caller checks where it uses them; here only their size.
     Returns the files present."""
     written = written_sha256 or {}
     listing = folder / listing_name
@@ -78,6 +80,8 @@ def verify_listed_files(
                 f"{what}: {name} is truncated or corrupt ({size} bytes, registered with {entry['bytes']}); "
                 "download again, or re-register the version from its checkpoint"
             )
+        if name.endswith(sized_only):
+            continue
         if (written[name] if name in written else sha256_file(path)) != entry["sha256"]:
             raise LayerMoEError(
                 f"{what}: {name} is corrupt (sha256 differs from the one registered); "

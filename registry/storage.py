@@ -85,6 +85,8 @@ def read_header(path: Path) -> SafetensorsHeader:
         if len(size_bytes) != 8:
             raise LayerMoEError(f"{path} is not a safetensors file (shorter than its header); re-save the model")
         (size,) = struct.unpack("<Q", size_bytes)
+        if size > path.stat().st_size - 8:
+            raise LayerMoEError(f"{path} has a header length {size} beyond the end of the file; re-save the model")
         text = f.read(size)
     try:
         parsed = json.loads(text)

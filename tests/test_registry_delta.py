@@ -23,10 +23,10 @@ from layermoe_core.model.files import list_model_files
 from registry import (
     RegistrySettings,
     RoundInfo,
-    download,
     download_version,
     get_version,
     list_versions,
+    manifest,
     register_base,
     register_child,
 )
@@ -122,19 +122,20 @@ def test_every_version_downloads_byte_identical_and_loads_the_same_model(family,
         torch.testing.assert_close(rebuilt(token_ids).logits, original(token_ids).logits, atol=0, rtol=0)
 
 
-def test_each_versions_files_are_copied_once_straight_from_a_local_store(chain, tmp_path, monkeypatch):
-    settings, _ = chain
+def test_a_local_store_is_read_in_place_and_each_weight_byte_once(chain, tmp_path, monkeypatch):
+    """Nothing is copied into the cache or through MLflow; the stored weights are read by the rebuild alone, whose
+    output is checked against the manifest as it is written (no file is read back to hash it)."""
+    settings, folders = chain
     fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
-    copied, mlflow_copies = [], []
-    real_copy, real_download = download.write_file, mlflow.artifacts.download_artifacts
-    monkeypatch.setattr(download, "write_file", lambda source, target: copied.append(source.parent) or real_copy(source, target))
+    hashed, mlflow_copies = [], []
+    real_hash, real_download = manifest.sha256_file, mlflow.artifacts.download_artifacts
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(path.name) or real_hash(path))
     monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **kw: mlflow_copies.append(kw) or real_download(**kw))
-    download_version(fresh, 4, tmp_path / "a")
-    first = len(copied)
-    assert len(set(copied)) == 4 and not mlflow_copies  # the folders of versions 4, 3, 2 and the base, read directly
-    download_version(fresh, 3, tmp_path / "b")
-    download_version(fresh, 4, tmp_path / "c")
-    assert len(copied) == first
+    for version in (4, 3, 4):
+        local = download_version(fresh, version, tmp_path / f"v{version}-{len(hashed)}")
+        assert sha256(local.path / "model.safetensors") == sha256(folders[version - 1] / "model.safetensors")
+    assert not mlflow_copies and not fresh.cache_dir.exists()
+    assert hashed and not [name for name in hashed if name.endswith(".safetensors")]
 
 
 @pytest.mark.parametrize("store", ["sqlite file", "mlflow server"])
@@ -223,19 +224,6 @@ def test_download_writes_a_standalone_save_pretrained_folder(chain, tmp_path, ca
     assert sha256(dest / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
     assert AutoModelForCausalLM.from_pretrained(dest).config.languages == ["en", "el", "hu", "tr"]
     assert "version 4" in capsys.readouterr().out
-
-
-def test_a_damaged_cache_is_fetched_again(chain, tmp_path, caplog):
-    settings, folders = chain
-    download_version(settings, 4, tmp_path / "first")
-    cached = settings.version_cache(1) / "model.safetensors"  # the base, which every later version reads from
-    data = bytearray(cached.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # inside a random weight matrix (the tail holds all-ones norms, which dedupe)
-    cached.write_bytes(bytes(data))
-    local = download_version(settings, 4, tmp_path / "second")
-    assert "version 4 of 'layermoe': model.safetensors is corrupt (sha256 differs from the one registered)" in caplog.text
-    assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
-    assert sha256(cached) == sha256(folders[0] / "model.safetensors")  # the damaged cached file was replaced
 
 
 def test_registering_a_child_fetches_no_parent_weights(tmp_path, monkeypatch):
@@ -364,17 +352,30 @@ def test_a_layout_naming_a_path_outside_the_folder_is_refused_through_a_server(t
         assert not (tmp_path / "cli").exists()
 
 
-def test_a_symlink_in_the_download_cache_is_refused_and_the_files_fetched_again(chain, tmp_path, caplog):
-    settings, folders = chain
-    download_version(settings, 2, tmp_path / "first")
-    secret = tmp_path / "secret.txt"
-    secret.write_text("a file of the machine that downloads")
-    cached = settings.version_cache(1) / "config.json"
-    cached.unlink()
-    cached.symlink_to(secret)
-    local = download_version(settings, 2, tmp_path / "second")
-    assert "config.json is a symlink, which could point at any file; refused" in caplog.text
-    assert sha256(local.path / "config.json") == sha256(folders[1] / "config.json") and not cached.is_symlink()
+def test_a_damaged_or_symlinked_cache_of_a_remote_store_is_fetched_again(tmp_path, caplog):
+    """A remote store's files are cached once; a cached weight that changed, or a cached file that became a symlink,
+    fails the rebuilt model's check, and the lineage's copies are checked byte for byte, the bad one fetched again."""
+    with running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server") as server:
+        settings, folders = build_chain(tmp_path, "qwen2", torch.float32, server.tracking_uri)
+        download_version(settings, 4, tmp_path / "first")
+        weights = settings.version_cache(1) / "model.safetensors"  # the base, which every later version reads from
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # inside a random weight matrix (the tail holds all-ones norms, which dedupe)
+        weights.write_bytes(bytes(data))
+        local = download_version(settings, 4, tmp_path / "second")
+        assert "version 4 of 'layermoe': model.safetensors is corrupt (sha256 differs from the one registered)" in caplog.text
+        assert "version 1 of 'layermoe': model.safetensors is corrupt" in caplog.text  # found by the byte-for-byte check
+        assert sha256(local.path / "model.safetensors") == sha256(folders[-1] / "model.safetensors")
+        assert sha256(weights) == sha256(folders[0] / "model.safetensors")  # the damaged cached file was replaced
+
+        secret = tmp_path / "secret.txt"
+        secret.write_text("a file of the machine that downloads")
+        config = settings.version_cache(1) / "config.json"
+        config.unlink()
+        config.symlink_to(secret)
+        local = download_version(settings, 2, tmp_path / "third")
+        assert "config.json is a symlink, which could point at any file; refused" in caplog.text
+        assert sha256(local.path / "config.json") == sha256(folders[1] / "config.json") and not config.is_symlink()
 
 
 def test_a_symlink_in_a_local_store_is_refused_not_followed(chain, tmp_path):
