@@ -8,7 +8,7 @@
 #   moe_layer   one MoE layer, forward and backward, bf16, with each expert kernel forced as well
 #   generate    prefill and decoding against the parent, demo and large, batch 1 and 16
 #   rounds      a child after 1 and 8 rounds against its parent (demo, then large)
-# The timeouts add up to 7 min 40 s, about 8 min with the install: a run call's timeout_s of 540 covers them.
+# The timeouts add up to 8 min 10 s, under 9 min with the install: a run call's timeout_s of 540 covers them.
 # GPU_SMOKE=1 runs the same commands on the CPU with one repetition and small batches, to check here that
 # the script runs to its end.
 set -uo pipefail
@@ -41,7 +41,7 @@ else
   python3 -c 'import torch; assert torch.cuda.is_available()' || { echo "gpu.sh: error: no CUDA device; GPU_SMOKE=1 runs it on the CPU" >&2; exit 1; }
   train_step=(--steps 20 --warmup 3)
   moe_layer=(--reps 21 --warmup 3)
-  generate=()
+  generate=(--reps 5)
   rounds=()
   rounds_large=(--load-reps 2)  # each load rebuilds 2 GB from 9 versions on the CPU
 fi
@@ -61,9 +61,9 @@ run() {
 
 run train_step 75 bench.train_step --sizes demo large "${train_step[@]}"
 run moe_layer 45 bench.moe_layer --device "$device" --dtype bf16 --kernels loop grouped_mm transformers:grouped_mm "${moe_layer[@]}"
-run generate 100 bench.generate --sizes demo large --batches 1 16 "${generate[@]}"
+run generate 110 bench.generate --sizes demo large --batches 1 16 "${generate[@]}"
 run rounds_demo 60 bench.rounds --sizes demo --rounds 1 8 --batches 1 16 "${rounds[@]}"
-run rounds_large 180 bench.rounds --sizes large --rounds 1 8 --batches 1 16 "${rounds[@]}" "${rounds_large[@]}"
+run rounds_large 200 bench.rounds --sizes large --rounds 1 8 --batches 1 16 "${rounds[@]}" "${rounds_large[@]}"
 
 echo "gpu.sh: done in $SECONDS s; failed: ${failed[*]:-none}" | tee -a "$OUT/environment.txt"
 [ ${#failed[@]} = 0 ]
