@@ -14,12 +14,12 @@ PYTHON_VERSION=${1:-3.12}
 DEST=${2:-.whl}
 VENV=${VENV:-.venv}
 
-# Why each is carried (the device image: /work/.library/device/KINDS.md, "Python packages already there").
+# Why each is carried, against the device image's list of Python packages (its versions where the list gives them).
 PACKAGES=(
   # layermoe_core needs transformers >= 5.25 (the image has 5.17), and transformers 5.25 needs
   # huggingface_hub 2.x with its HTTP client (the image has 1.x on httpx) and kernels (from_pretrained).
   transformers huggingface_hub httpx2 httpcore2 truststore kernels
-  # configs and registry settings: pydantic is not in the image.
+  # configs and registry settings: pydantic is not in the image (typing_extensions: at pydantic's minimum).
   pydantic pydantic_core annotated-types typing-inspection typing_extensions
   # registry/: MLflow's client and its sqlite store, without the MLflow server (mlflow-skinny); mlflow's
   # import reaches fastapi and databricks, its sqlite store cryptography. protobuf: the version its
