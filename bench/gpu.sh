@@ -8,7 +8,7 @@
 #   moe_layer   one MoE layer, forward and backward, bf16, with each expert kernel forced as well
 #   generate    prefill and decoding against the parent, demo and large, batch 1 and 16
 #   rounds      a child after 1 and 8 rounds against its parent (demo, then large)
-# The timeouts add up to 8 min 10 s, under 9 min with the install: a run call's timeout_s of 540 covers them.
+# The timeouts add up to 8 min 50 s, under 9 min 30 s with the install: a run call's timeout_s of 580 covers them.
 # GPU_SMOKE=1 runs the same commands on the CPU with one repetition and small batches, to check here that
 # the script runs to its end.
 set -uo pipefail
@@ -63,7 +63,7 @@ run train_step 75 bench.train_step --sizes demo large "${train_step[@]}"
 run moe_layer 45 bench.moe_layer --device "$device" --dtype bf16 --kernels loop grouped_mm transformers:grouped_mm "${moe_layer[@]}"
 run generate 110 bench.generate --sizes demo large --batches 1 16 "${generate[@]}"
 run rounds_demo 60 bench.rounds --sizes demo --rounds 1 8 --batches 1 16 "${rounds[@]}"
-run rounds_large 200 bench.rounds --sizes large --rounds 1 8 --batches 1 16 "${rounds[@]}" "${rounds_large[@]}"
+run rounds_large 240 bench.rounds --sizes large --rounds 1 8 --batches 1 16 "${rounds[@]}" "${rounds_large[@]}"
 
 echo "gpu.sh: done in $SECONDS s; failed: ${failed[*]:-none}" | tee -a "$OUT/environment.txt"
 [ ${#failed[@]} = 0 ]
