@@ -70,7 +70,9 @@ from registry import RegistrySettings, RoundInfo, download_version, register_bas
 from tests.tiny_tokenizer import tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-LANGUAGES = ["el", "hu", "tr", "bn", "hi", "ne", "es", "zh", "fi", "ko"]  # one new language a round; "en" is the base's
+LANGUAGES = [  # one new language a round; "en" is the base's
+    *"el hu tr bn hi ne es zh fi ko ja ar fa he ru uk pl cs ro bg sv da nb nl de fr it pt vi th id sw".split(),
+]
 LOAD_PROBE = """
 import sys
 from pathlib import Path
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-reps", type=int, default=1, help="fresh processes that load each model")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (bench.generate's default, and why)")
     args = parser.parse_args(argv)
+    if max(args.rounds) > len(LANGUAGES):
+        parser.error(f"--rounds goes up to {len(LANGUAGES)}, one new language a round")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
