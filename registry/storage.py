@@ -323,7 +323,7 @@ def _parse_raw_header(raw: bytes) -> list[str]:
     return [name for name, _ in sorted(parsed.items(), key=lambda item: item[1]["data_offsets"][0])]
 
 
-def write_file(source: FileSource, target: Path) -> str:
+def _write_file(source: FileSource, target: Path) -> str:
     """`source` (a file to copy, or a recipe) written to `target`; returns the sha256 of the bytes as they were written."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as f:
@@ -340,7 +340,7 @@ def write_file(source: FileSource, target: Path) -> str:
 
 def write_full_model(sources: Mapping[str, FileSource], manifest: str, dest: Path, what: str) -> dict[str, str]:
     """The full save_pretrained directory (plus its manifest) from its sources; `what` names the version in errors.
-    Returns the sha256 of each file written (`write_file`)."""
-    digests = {file: write_file(source, path_inside(dest, file, what)) for file, source in sources.items()}
+    Returns the sha256 of each file written (`_write_file`)."""
+    digests = {file: _write_file(source, path_inside(dest, file, what)) for file, source in sources.items()}
     (dest / MANIFEST_NAME).write_text(manifest)
     return digests
