@@ -109,6 +109,20 @@ def decode(model: torch.nn.Module, cache: DynamicCache, token: torch.Tensor, ste
     return clock.read()
 
 
+@torch.inference_mode()
+def generate_steps(
+    model: torch.nn.Module, cache: DynamicCache, prompt: torch.Tensor, token: torch.Tensor, steps: int
+) -> tuple[float, float]:
+    """(wall, cpu) seconds for `model.generate` to decode `steps` greedy tokens per row after the prompt held in
+    `cache` and its next `token`: `decode`'s steps through the serving path, with generate's own work per step."""
+    ids = torch.cat([prompt, token], dim=1)
+    clock = Clock(token.device)
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0
+    )
+    return clock.read()
+
+
 class MLPClocks:
     """Wall and CPU seconds spent inside a model's MLP modules, from hooks around each call."""
 

@@ -10,7 +10,9 @@ saved and registered (`registry.register_base` / `register_child`) on a local sq
 delta version. At each of `--rounds` the bench prints, one line per quantity:
 
   decoding tokens/s (greedy, over a KV cache, as bench.generate), batch 1 and 16, interleaved with
-  the parent in every repetition (rotating who goes first), ratios taken per repetition:
+  the parent in every repetition (rotating who goes first), ratios taken per repetition; by default
+  through `generate`, the serving path (the prompt's prefill untimed), with `--decode-with forward`
+  as a loop of forwards, one token each (the model's own step, without generate's work per step):
     old text, routed by the classifiers  every classifier calls the tokens old (old-language text the
                                           classifiers recognise): each MoE layer asks every round's
                                           classifier (one matmul), then expert 0 alone; x the parent
@@ -56,7 +58,7 @@ from pathlib import Path
 
 import torch
 
-from bench.generate import SIZES, MLPClocks, decode, prefill, spread
+from bench.generate import SIZES, MLPClocks, decode, generate_steps, prefill, spread
 from bench.train_step import Size
 from layermoe_core.environment import use_local_stack
 
@@ -149,7 +151,10 @@ def decoding(parent, child, size: Size, batch: int, args, device: torch.device) 
             with pinned_language(child, "en") if name == "pinned" else contextlib.nullcontext():
                 _, cache, token = prefill(model, prompt)
                 mlp_clocks.take()
-                measured = decode(model, cache, token, args.new_tokens)  # (wall, cpu)
+                if args.decode_with == "generate":
+                    measured = generate_steps(model, cache, prompt, token, args.new_tokens)  # (wall, cpu)
+                else:
+                    measured = decode(model, cache, token, args.new_tokens)
             mlp_measured = mlp_clocks.take()
             for clock in (0, 1):
                 if rep >= args.warmup:
@@ -302,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--delta", type=int, default=6, help="new experts a round (the demo plan's delta)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per row")
+    parser.add_argument("--decode-with", choices=["generate", "forward"], default="generate", help="how decoding is timed")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=11, help="fewer give spreads wider than the goals' margins")
     parser.add_argument("--load-reps", type=int, default=3)
@@ -314,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}, fp32, load average {os.getloadavg()[0]:.1f}, median (min-max) of {args.reps} reps")
+    print(
+        f"torch {torch.__version__}, {name}, fp32, decoding through {args.decode_with}, "
+        f"load average {os.getloadavg()[0]:.1f}, median (min-max) of {args.reps} reps"
+    )
     try:
         for size in args.sizes:
             bench(size, args, device)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig, Qwen2Config
+from transformers import DynamicCache, LlamaConfig, Qwen2Config
 from transformers.models.llama.modeling_llama import LlamaMLP
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 
@@ -456,6 +456,48 @@ def test_a_served_model_routes_by_the_classifier_tensors_a_hook_installs_for_eac
     for now, new in zip(hooked, expected):
         assert torch.equal(now, new)
     assert not placeholders
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_generation_reads_each_layers_route_once_and_decodes_as_the_checked_route(family, dtype):
+    """`generate` reads each layer's routing tree at its first step and keeps it for the call: its tokens and
+    logits equal a greedy loop of forwards, each of which reads the route afresh; a change to every classifier
+    made during the call is not seen until the next call, which follows it."""
+    child = three_versions_served(family, dtype)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(1))
+    steps = 5
+
+    def generated(model, processors=()):
+        out = model.generate(
+            prompt,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            logits_processor=list(processors),
+        )
+        return out.sequences, torch.stack(out.logits)
+
+    def negate_after_the_first_step(input_ids, scores):
+        if input_ids.shape[1] == prompt.shape[1]:
+            negated_classifiers(child)
+        return scores
+
+    with torch.no_grad():
+        sequences, logits = generated(child)
+        cache, tokens, looped = DynamicCache(), prompt, []
+        for _ in range(steps):  # greedy forwards over the cache: every step reads the route afresh
+            step = tokens if not looped else tokens[:, -1:]
+            looped.append(child(step, cache=cache, use_cache=True).logits[:, -1])
+            tokens = torch.cat([tokens, looped[-1].argmax(-1, keepdim=True)], dim=1)
+        _, changed_during = generated(child, [negate_after_the_first_step])
+        _, changed_after = generated(child)
+        _, expected_after = generated(copy.deepcopy(child))  # a copy keeps no route: it builds its own
+    assert torch.equal(tokens, sequences)
+    assert torch.equal(torch.stack(looped).float(), logits)
+    assert torch.equal(changed_during, logits)  # the call ran on the routes of its first step
+    assert torch.equal(changed_after, expected_after) and not torch.equal(changed_after, logits)
 
 
 def three_versions_served(family: str, dtype: torch.dtype):

@@ -20,7 +20,7 @@ from ..errors import LayerMoEError
 from .configuration_layermoe import ROUTING_FORMAT, LayerMoEConfig
 from .experts import StackedExperts
 from .losses import load_balancing_loss
-from .moe_block import LayerMoEBlock, LayerMoERouter, recording_routing
+from .moe_block import LayerMoEBlock, LayerMoERouter, recording_routing, routes_read_once
 from .vocabulary import AddedVocabulary
 
 
@@ -184,6 +184,12 @@ class LayerMoEForCausalLM(PreTrainedModel, GenerationMixin):
             router_logits=router_logits,
             classifier_logits=classifier_logits,
         )
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, each MoE layer reading its routing tree once for the whole call
+        (`moe_block.routes_read_once`): its weights do not change while it generates."""
+        with routes_read_once():
+            return super().generate(*args, **kwargs)
 
     def _with_added_logits(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self.vocabulary.logits(hidden, logits) if self.vocabulary.size else logits

@@ -41,6 +41,8 @@ HOST_DECISIONS = 256
 # Whether the running forward records router and classifier logits for the model output: a
 # property of the call (set by the model around one forward), never state left on a module.
 _RECORDING: ContextVar[bool] = ContextVar("layermoe_recording_routing", default=False)
+# Inside `routes_read_once`: the inference route each block has read in the call, kept to the call's end.
+_ROUTES_OF_THE_CALL: ContextVar[dict[LayerMoEBlock, InferenceRoute] | None] = ContextVar("layermoe_routes_of_the_call", default=None)
 
 
 @contextlib.contextmanager
@@ -51,6 +53,18 @@ def recording_routing() -> Iterator[None]:
         yield
     finally:
         _RECORDING.reset(token)
+
+
+@contextlib.contextmanager
+def routes_read_once() -> Iterator[None]:
+    """Inside, each block reads its inference route at its first call and keeps it to the end, without reading its
+    key again: a generation's steps run on weights that nothing changes while it runs, and the key's cost grows with
+    the rounds (`InferenceRoute`). `LayerMoEForCausalLM.generate` runs inside it."""
+    token = _ROUTES_OF_THE_CALL.set({})
+    try:
+        yield
+    finally:
+        _ROUTES_OF_THE_CALL.reset(token)
 
 
 class LayerMoERouter(nn.Module):
@@ -114,7 +128,8 @@ class InferenceRoute(NamedTuple):
     The key holds the tree cut, the id of every router and classifier, and each classifier tensor's (id, data_ptr,
     _version): an in-place change bumps a version; a replaced module or parameter, or moved data, changes an id or
     an address. `sources` keeps those objects and their data alive, so that no other object takes their ids or
-    addresses. Writes through `.data` bypass the version counter, as they bypass autograd.
+    addresses. Writes through `.data` bypass the version counter, as they bypass autograd. Inside `routes_read_once`
+    (a generation) the route read at a block's first call serves the rest of the call, its key unread.
     """
 
     key: tuple
@@ -321,7 +336,16 @@ class LayerMoEBlock(nn.Module):
         return (self.routed_rounds, [id(router) for router in routers], [id(classifier) for classifier in classifiers], states)
 
     def _cached_inference_route(self) -> InferenceRoute:
-        """The inference route for the block as it is now: the kept one while its key matches, else built anew."""
+        """The inference route for the block as it is now: the kept one while its key matches, else built anew;
+        inside `routes_read_once`, the one read at the block's first call in it."""
+        of_the_call = _ROUTES_OF_THE_CALL.get()
+        if of_the_call is not None:
+            if self not in of_the_call:
+                of_the_call[self] = self._current_inference_route()
+            return of_the_call[self]
+        return self._current_inference_route()
+
+    def _current_inference_route(self) -> InferenceRoute:
         key = self._route_key()
         tree = self._inference_route
         if tree is not None and tree.key == key:
