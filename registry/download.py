@@ -7,7 +7,7 @@ import logging
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -156,24 +156,35 @@ def _sources(
     registered model's versions (`model_versions`)."""
     if info.version in seen:
         raise LayerMoEError(f"the lineage of version {seen[0]} loops at version {info.version}; its layouts are corrupt")
-    stored = stored_files(client, settings, info)
+    return _sources_from(client, settings, stored_files(client, settings, info), _what(info), versions, (*seen, info.version))
+
+
+def _sources_from(
+    client: MlflowClient,
+    settings: RegistrySettings,
+    stored: Path,
+    what: str,
+    versions: Mapping[int, VersionInfo],
+    seen: tuple[int, ...],
+) -> dict[str, FileSource]:
+    """`_sources` of the version whose own stored files, checked, are in `stored`; `what` names it in errors."""
     parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
     parent_sources = None
     if parent_ref is not None:
         parent = versions.get(parent_ref["version"])
         if parent is None:
             raise LayerMoEError(
-                f"{_what(info)} is stored as a delta on version {parent_ref['version']}, which is missing (the registered "
+                f"{what} is stored as a delta on version {parent_ref['version']}, which is missing (the registered "
                 f"model has versions {sorted(versions)}); its lineage is broken: restore that version or re-register this "
                 "one from its checkpoint"
             )
         if parent.manifest_sha256 != parent_ref["manifest_sha256"] or parent.stored_sha256 is None:
             raise LayerMoEError(
-                f"{_what(info)} is stored as a delta on version {parent.version}, but that version's files are not "
+                f"{what} is stored as a delta on version {parent.version}, but that version's files are not "
                 "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
             )
-        parent_sources = _sources(client, settings, parent, versions, (*seen, info.version))
-    return locate_files(stored, parent_sources, _what(info))
+        parent_sources = _sources(client, settings, parent, versions, seen)
+    return locate_files(stored, parent_sources, what)
 
 
 def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent: VersionInfo) -> ParentFiles | None:
@@ -199,41 +210,67 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
         )
 
 
-def _rebuild(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, staging: Path) -> Path:
-    """The full model in staging/model, verified against its manifest. When that fails, every stored file of the
-    lineage is checked byte for byte: a damaged file in a local store is named, a damaged cached copy is dropped
-    and fetched again."""
-    built = staging / "model"
+# A version's own stored files, checked against their listing (`stored_files`): the weights by size, or with
+# every_byte=True byte for byte, a damaged copy refused or, where it can be fetched again, replaced.
+OwnFiles = Callable[[bool], Path]
+
+
+def rebuild_verified(client: MlflowClient, settings: RegistrySettings, own: OwnFiles, what: str, manifest_sha256: str, built: Path) -> None:
+    """The full model of the version whose own stored files `own` gives, written to `built` and verified against its
+    manifest; `what` names the version in errors. When that fails, every stored file of the lineage is checked byte
+    for byte (a damaged file in a local store or in `own` is named, a damaged cached copy is dropped and fetched
+    again) and the model is written once more."""
+    versions = model_versions(settings) if json.loads((own(False) / LAYOUT_NAME).read_text())["parent"] is not None else {}
     try:
-        _write_and_verify(client, settings, info, built)
+        _write_and_verify(client, settings, own(False), what, manifest_sha256, versions, built)
     except LayerMoEError as e:
         logger.warning("%s; checking every byte of the stored files it is rebuilt from", e)
         shutil.rmtree(built, ignore_errors=True)
-        for version in _lineage_versions(client, settings, info, model_versions(settings)):
-            try:
-                stored_files(client, settings, version, every_byte=True)
-            except LayerMoEError as damaged:
-                if _local_store_folder(client, settings, version) is not None:
-                    raise
-                logger.warning("%s; dropping the cached copy and downloading it again", damaged)
-                shutil.rmtree(settings.version_cache(version.version), ignore_errors=True)
-        _write_and_verify(client, settings, info, built)
-    return built
+        for version in _ancestors(client, settings, own(True), versions):
+            _check_every_byte(client, settings, version)
+        _write_and_verify(client, settings, own(False), what, manifest_sha256, versions, built)
 
 
-def _write_and_verify(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, built: Path) -> None:
-    manifest = (stored_files(client, settings, info) / MANIFEST_NAME).read_text()
-    written = write_full_model(_sources(client, settings, info, model_versions(settings)), manifest, built, _what(info))
-    verify_model_dir(built, info.manifest_sha256 or "", _what(info), written)
+def _write_and_verify(
+    client: MlflowClient,
+    settings: RegistrySettings,
+    stored: Path,
+    what: str,
+    manifest_sha256: str,
+    versions: Mapping[int, VersionInfo],
+    built: Path,
+) -> None:
+    sources = _sources_from(client, settings, stored, what, versions, ())
+    written = write_full_model(sources, (stored / MANIFEST_NAME).read_text(), built, what)
+    verify_model_dir(built, manifest_sha256, what, written)
 
 
-def _lineage_versions(
-    client: MlflowClient, settings: RegistrySettings, info: VersionInfo, versions: Mapping[int, VersionInfo]
-) -> list[VersionInfo]:
-    """The versions whose stored files `info`'s rebuild reads, as far as their layouts (read where they are) tell."""
-    lineage = [info]
+def _own_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> OwnFiles:
+    def own(every_byte: bool) -> Path:
+        if every_byte:
+            _check_every_byte(client, settings, info)
+        return stored_files(client, settings, info)
+
+    return own
+
+
+def _check_every_byte(client: MlflowClient, settings: RegistrySettings, info: VersionInfo) -> None:
+    """`info`'s stored files checked byte for byte: a damaged file in a local store is named; a damaged cached copy
+    is dropped, to be fetched again when next read."""
+    try:
+        stored_files(client, settings, info, every_byte=True)
+    except LayerMoEError as damaged:
+        if _local_store_folder(client, settings, info) is not None:
+            raise
+        logger.warning("%s; dropping the cached copy and downloading it again", damaged)
+        shutil.rmtree(settings.version_cache(info.version), ignore_errors=True)
+
+
+def _ancestors(client: MlflowClient, settings: RegistrySettings, stored: Path, versions: Mapping[int, VersionInfo]) -> list[VersionInfo]:
+    """The versions whose stored files a rebuild from `stored` reads, as far as their layouts (read where they are) tell."""
+    lineage: list[VersionInfo] = []
+    layout = stored / LAYOUT_NAME
     while True:
-        layout = (_local_store_folder(client, settings, lineage[-1]) or settings.version_cache(lineage[-1].version)) / LAYOUT_NAME
         try:
             parent = None if layout.is_symlink() else json.loads(layout.read_text())["parent"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -241,6 +278,7 @@ def _lineage_versions(
         if parent is None or parent.get("version") not in versions or versions[parent["version"]] in lineage:
             return lineage
         lineage.append(versions[parent["version"]])
+        layout = (_local_store_folder(client, settings, lineage[-1]) or settings.version_cache(lineage[-1].version)) / LAYOUT_NAME
 
 
 def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str | Path) -> LocalVersion:
@@ -265,8 +303,9 @@ def download_version(settings: RegistrySettings, ref: VersionRef, dest_dir: str 
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir.parent, prefix=f".{dest_dir.name}-partial-") as staging:
         with store_errors(settings):
+            built = Path(staging) / "model"
             if info.stored_sha256 is not None:
-                built = _rebuild(client, settings, info, Path(staging))
+                rebuild_verified(client, settings, _own_files(client, settings, info), _what(info), digest, built)
             else:  # stored whole before delta storage: the artifacts are the model directory
                 built = _download_artifacts(client, settings, info, Path(staging))
                 verify_model_dir(built, digest, _what(info))

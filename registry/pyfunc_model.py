@@ -12,7 +12,6 @@ prediction is then {"completion", "language", "route": "pinned" or "plain"}.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -135,42 +134,33 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     import mlflow
     import yaml
 
+    from layermoe_core.model.files import WEIGHTS_SUFFIX
+
     from .client import open_client
-    from .download import _sources, model_versions
+    from .download import rebuild_verified
     from .manifest import MANIFEST_NAME, sha256_file, verify_listed_files, verify_model_dir
-    from .storage import (
-        LAYOUT_NAME,
-        STORED_NAME,
-        locate_files,
-        write_full_model,
-    )
+    from .storage import STORED_NAME
     from .versions import find_version
 
     stored = Path(data_path)
     what = f"the MLflow model at {stored}"
     name = yaml.safe_load((stored / MLMODEL_FILE).read_text())["metadata"][MODEL_NAME_KEY]
     settings = RegistrySettings(tracking_uri=mlflow.get_registry_uri(), registered_model_name=name)
+    client = open_client(settings, create=False)
     expected = sha256_file(stored / STORED_NAME)
     registered = stored / REGISTERED_MODEL_META  # written by MLflow when it loads models:/<name>/<version or alias>
     if registered.is_file():
-        meta = yaml.safe_load(registered.read_text())
-        client = open_client(settings, create=False)
-        info = find_version(client, settings, int(meta["model_version"]))
+        info = find_version(client, settings, int(yaml.safe_load(registered.read_text())["model_version"]))
         expected = info.stored_sha256 or ""
         what = f"version {info.version} of {name!r}"
-    verify_listed_files(stored, STORED_NAME, expected, what, ignore=(REGISTERED_MODEL_META,))
-    parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
-    parent_sources = None
-    if parent_ref is not None:
-        client = open_client(settings, create=False)
-        parent = find_version(client, settings, parent_ref["version"])
-        if parent.manifest_sha256 != parent_ref["manifest_sha256"]:
-            raise LayerMoEError(
-                f"{what} is a delta on version {parent.version} of {name!r}, whose files are not the ones it "
-                "was registered against; its lineage is broken"
-            )
-        parent_sources = _sources(client, settings, parent, model_versions(settings))
-    digest = sha256_file(stored / MANIFEST_NAME)
+
+    def own(every_byte: bool) -> Path:
+        """The folder MLflow downloaded, checked against its listing; a damaged file is named (MLflow fetched it)."""
+        sized_only = () if every_byte else (WEIGHTS_SUFFIX,)
+        verify_listed_files(stored, STORED_NAME, expected, what, ignore=(REGISTERED_MODEL_META,), sized_only=sized_only)
+        return stored
+
+    digest = sha256_file(own(False) / MANIFEST_NAME)
     full = RegistrySettings().cache_dir / "models" / digest[:24]  # one rebuilt copy per distinct model
     if full.is_dir():
         try:
@@ -181,8 +171,7 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> TextGenera
     full.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=full.parent, prefix=f".{full.name}-partial-") as staging:
         built = Path(staging) / "model"
-        written = write_full_model(locate_files(stored, parent_sources, what), (stored / MANIFEST_NAME).read_text(), built, what)
-        verify_model_dir(built, digest, what, written)
+        rebuild_verified(client, settings, own, what, digest, built)
         try:
             built.rename(full)
         except OSError:  # a concurrent load put its verified copy in place first

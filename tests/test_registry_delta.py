@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow.artifacts
+import mlflow.pyfunc
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -174,6 +175,26 @@ def test_a_damaged_link_is_named(chain, tmp_path):
     fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
     with pytest.raises(LayerMoEError, match=r"version 2 of 'layermoe': model\.safetensors\.delta\.safetensors is corrupt"):
         download_version(fresh, 4, tmp_path / "fetched")
+
+
+@pytest.mark.parametrize("damaged", [2, 4], ids=["an-ancestor", "its-own-delta"])
+def test_the_pyfunc_loader_names_a_damaged_stored_file_of_the_lineage(chain, damaged, tmp_path, monkeypatch, caplog):
+    """`mlflow.pyfunc.load_model` rebuilds a delta version as `download_version` does: a same-size damage to a stored
+    weights file of its lineage fails the rebuilt model's check, then every byte of the lineage is checked and the
+    damaged file named; no rebuilt model is left in the cache."""
+    settings, _ = chain
+    run_id = get_version(settings, damaged).run_id
+    delta = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model"
+    delta = delta / "model.safetensors.delta.safetensors"
+    delta.write_bytes(delta.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    cache = tmp_path / "pyfunc-cache"
+    monkeypatch.setenv("LAYERMOE_REGISTRY_CACHE", str(cache))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    with pytest.raises(LayerMoEError, match=rf"version {damaged} of 'layermoe': model\.safetensors\.delta\.safetensors is corrupt"):
+        mlflow.pyfunc.load_model(f"models:/{settings.registered_model_name}/4")
+    assert "checking every byte of the stored files" in caplog.text
+    assert not any((cache / "models").iterdir())  # the staging folder went with the failure
 
 
 def test_whole_storage_when_asked_and_versions_registered_whole_before_deltas_still_load(tmp_path):

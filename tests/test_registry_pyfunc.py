@@ -35,6 +35,13 @@ ROUND_1 = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocat
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def own_model_cache(tmp_path, monkeypatch):
+    """Each test rebuilds into a cache of its own: a copy left in the user's cache by an earlier run would be loaded
+    instead of the version under test."""
+    monkeypatch.setenv("LAYERMOE_REGISTRY_CACHE", str(tmp_path / "registry-cache"))
+
+
 def register_champion(settings: RegistrySettings, root: Path) -> Path:
     """Base (version 1) and its delta child (version 2, champion); returns the child's folder."""
     base = tiny_model("qwen2")
