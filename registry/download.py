@@ -188,20 +188,24 @@ def _sources_from(
 
 
 def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent: VersionInfo) -> ParentFiles | None:
-    """The parent's manifest and tensor digests (small files, no weights); None for a version stored before deltas."""
+    """The parent's manifest and tensor digests (small files, no weights); None for a version stored before deltas.
+    Read in place from a local store or the cache, else fetched; each checked against the parent's stored listing."""
     if parent.stored_sha256 is None:
         return None
+    names = (STORED_NAME, MANIFEST_NAME, TENSORS_NAME)
     cached = settings.version_cache(parent.version)
     with tempfile.TemporaryDirectory(prefix="layermoe-parent-") as staging:
-        folder = cached if cached.is_dir() else Path(staging)
-        if folder != cached:  # only the three small files, each checked against the parent's stored-files listing
-            for name in (STORED_NAME, MANIFEST_NAME, TENSORS_NAME):
+        folder = _local_store_folder(client, settings, parent) or (cached if cached.is_dir() else Path(staging))
+        if folder == Path(staging):
+            for name in names:
                 _download_artifacts(client, settings, parent, folder, name)
-            listing = json.loads((folder / STORED_NAME).read_text())["files"]
-            if sha256_file(folder / STORED_NAME) != parent.stored_sha256 or any(
-                sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)
-            ):
-                raise LayerMoEError(f"{_what(parent)}: its stored listings differ from the ones registered; the artifacts were altered")
+        if any((folder / name).is_symlink() for name in names):
+            raise LayerMoEError(f"{_what(parent)}: a stored listing is a symlink; the artifacts were altered")
+        listing = json.loads((folder / STORED_NAME).read_text())["files"]
+        if sha256_file(folder / STORED_NAME) != parent.stored_sha256 or any(
+            sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)
+        ):
+            raise LayerMoEError(f"{_what(parent)}: its stored listings differ from the ones registered; the artifacts were altered")
         return ParentFiles(
             version=parent.version,
             manifest_sha256=parent.manifest_sha256,

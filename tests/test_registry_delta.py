@@ -247,23 +247,31 @@ def test_download_writes_a_standalone_save_pretrained_folder(chain, tmp_path, ca
     assert "version 4" in capsys.readouterr().out
 
 
-def test_registering_a_child_fetches_no_parent_weights(tmp_path, monkeypatch):
-    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cache_dir=tmp_path / "cache")
-    base = tiny_model("qwen2")
-    base.save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
-    register_base(settings, tmp_path / "base", ["en"])
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # another machine registers the child
-    grow(base, ["en"], ["el"], [1, 1, 1], seed=1).save_pretrained(tmp_path / "child")
-    tiny_tokenizer().save_pretrained(tmp_path / "child")
-    fetched = []
-    real = mlflow.artifacts.download_artifacts
-    monkeypatch.setattr(
-        mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw)
-    )
-    info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
-    assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
-    assert sorted(fetched) == ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]
+@pytest.mark.parametrize("store", ["sqlite file", "mlflow server"])
+def test_registering_a_child_fetches_no_parent_weights(store, tmp_path, monkeypatch):
+    """The parent's three small listings are all a child's registration reads of it: in place from a local store,
+    fetched from a remote one."""
+    with contextlib.ExitStack() as stack:
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        if store == "mlflow server":
+            uri = stack.enter_context(running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server")).tracking_uri
+        settings = RegistrySettings(tracking_uri=uri, cache_dir=tmp_path / "cache")
+        base = tiny_model("qwen2")
+        base.save_pretrained(tmp_path / "base")
+        tiny_tokenizer().save_pretrained(tmp_path / "base")
+        register_base(settings, tmp_path / "base", ["en"])
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # another machine registers the child
+        grow(base, ["en"], ["el"], [1, 1, 1], seed=1).save_pretrained(tmp_path / "child")
+        tiny_tokenizer().save_pretrained(tmp_path / "child")
+        fetched = []
+        real = mlflow.artifacts.download_artifacts
+        monkeypatch.setattr(
+            mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw)
+        )
+        info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
+        assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
+        expected = [] if store == "sqlite file" else ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]
+        assert sorted(fetched) == expected
 
 
 # -- file names from a version's layout and manifest (a shared registry's writer controls them) ----------------
