@@ -224,9 +224,10 @@ def rebuild_verified(client: MlflowClient, settings: RegistrySettings, own: OwnF
     manifest; `what` names the version in errors. When that fails, every stored file of the lineage is checked byte
     for byte (a damaged file in a local store or in `own` is named, a damaged cached copy is dropped and fetched
     again) and the model is written once more."""
-    versions = model_versions(settings) if json.loads((own(False) / LAYOUT_NAME).read_text())["parent"] is not None else {}
+    stored = own(False)
+    versions = model_versions(settings) if json.loads((stored / LAYOUT_NAME).read_text())["parent"] is not None else {}
     try:
-        _write_and_verify(client, settings, own(False), what, manifest_sha256, versions, built)
+        _write_and_verify(client, settings, stored, what, manifest_sha256, versions, built)
     except LayerMoEError as e:
         logger.warning("%s; checking every byte of the stored files it is rebuilt from", e)
         shutil.rmtree(built, ignore_errors=True)
