@@ -116,7 +116,7 @@ def _local_store_folder(client: MlflowClient, settings: RegistrySettings, info: 
 def stored_files(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, every_byte: bool = False) -> Path:
     """The folder of the version's own stored files, checked against its listing: in place in a local store, else
     downloaded once into the cache. Weights are checked for size here and byte for byte in the model rebuilt from
-    them (`_rebuild`), so each byte is read once; `every_byte` checks their sha256 here too."""
+    them (`rebuild_verified`), so each byte is read once; `every_byte` checks their sha256 here too."""
     digest, what = info.stored_sha256 or "", _what(info)
     sized_only = () if every_byte else (WEIGHTS_SUFFIX,)
     in_store = _local_store_folder(client, settings, info)
