@@ -34,6 +34,7 @@ from .storage import (
     TENSORS_NAME,
     FileSource,
     ParentFiles,
+    compose_digests,
     locate_files,
     write_full_model,
 )
@@ -168,50 +169,75 @@ def _sources_from(
     seen: tuple[int, ...],
 ) -> dict[str, FileSource]:
     """`_sources` of the version whose own stored files, checked, are in `stored`; `what` names it in errors."""
-    parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
-    parent_sources = None
-    if parent_ref is not None:
-        parent = versions.get(parent_ref["version"])
-        if parent is None:
-            raise LayerMoEError(
-                f"{what} is stored as a delta on version {parent_ref['version']}, which is missing (the registered "
-                f"model has versions {sorted(versions)}); its lineage is broken: restore that version or re-register this "
-                "one from its checkpoint"
-            )
-        if parent.manifest_sha256 != parent_ref["manifest_sha256"] or parent.stored_sha256 is None:
-            raise LayerMoEError(
-                f"{what} is stored as a delta on version {parent.version}, but that version's files are not "
-                "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
-            )
-        parent_sources = _sources(client, settings, parent, versions, seen)
+    parent = _linked_parent(stored, what, versions)
+    parent_sources = None if parent is None else _sources(client, settings, parent, versions, seen)
     return locate_files(stored, parent_sources, what)
 
 
+def _linked_parent(stored: Path, what: str, versions: Mapping[int, VersionInfo]) -> VersionInfo | None:
+    """The version that the layout in `stored` is a delta on, checked to be the one it was registered against."""
+    parent_ref = json.loads((stored / LAYOUT_NAME).read_text())["parent"]
+    if parent_ref is None:
+        return None
+    parent = versions.get(parent_ref["version"])
+    if parent is None:
+        raise LayerMoEError(
+            f"{what} is stored as a delta on version {parent_ref['version']}, which is missing (the registered "
+            f"model has versions {sorted(versions)}); its lineage is broken: restore that version or re-register this "
+            "one from its checkpoint"
+        )
+    if parent.manifest_sha256 != parent_ref["manifest_sha256"] or parent.stored_sha256 is None:
+        raise LayerMoEError(
+            f"{what} is stored as a delta on version {parent.version}, but that version's files are not "
+            "the ones it was registered against; its lineage is broken: re-register it from its checkpoint"
+        )
+    return parent
+
+
 def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent: VersionInfo) -> ParentFiles | None:
-    """The parent's manifest and tensor digests (small files, no weights); None for a version stored before deltas.
-    Read in place from a local store or the cache, else fetched; each checked against the parent's stored listing."""
+    """The parent's manifest and the digests of every tensor of its model (small files, no weights); None for a version
+    stored before deltas. Each version stores only its own tensors' digests, so the parent's are composed down its
+    lineage from each ancestor's layout and digests: read in place from a local store or the cache, else fetched;
+    each checked against the version's stored listing."""
     if parent.stored_sha256 is None:
         return None
-    names = (STORED_NAME, MANIFEST_NAME, TENSORS_NAME)
-    cached = settings.version_cache(parent.version)
     with tempfile.TemporaryDirectory(prefix="layermoe-parent-") as staging:
-        folder = _local_store_folder(client, settings, parent) or (cached if cached.is_dir() else Path(staging))
-        if folder == Path(staging):
-            for name in names:
-                _download_artifacts(client, settings, parent, folder, name)
-        if any((folder / name).is_symlink() for name in names):
-            raise LayerMoEError(f"{_what(parent)}: a stored listing is a symlink; the artifacts were altered")
-        listing = json.loads((folder / STORED_NAME).read_text())["files"]
-        if sha256_file(folder / STORED_NAME) != parent.stored_sha256 or any(
-            sha256_file(folder / name) != listing[name]["sha256"] for name in (MANIFEST_NAME, TENSORS_NAME)
-        ):
-            raise LayerMoEError(f"{_what(parent)}: its stored listings differ from the ones registered; the artifacts were altered")
+        folder = _listings(client, settings, parent, Path(staging), (MANIFEST_NAME, LAYOUT_NAME, TENSORS_NAME))
+        lineage = [(parent, folder)]
+        versions = model_versions(settings) if json.loads((folder / LAYOUT_NAME).read_text())["parent"] is not None else {}
+        while (ancestor := _linked_parent(lineage[-1][1], _what(lineage[-1][0]), versions)) is not None:
+            if any(info.version == ancestor.version for info, _ in lineage):
+                raise LayerMoEError(f"the lineage of {_what(parent)} loops at version {ancestor.version}; its layouts are corrupt")
+            lineage.append((ancestor, _listings(client, settings, ancestor, Path(staging), (LAYOUT_NAME, TENSORS_NAME))))
+        digests = None
+        for info, stored in reversed(lineage):
+            digests = compose_digests(stored, digests, _what(info))
         return ParentFiles(
             version=parent.version,
             manifest_sha256=parent.manifest_sha256,
             manifest=json.loads((folder / MANIFEST_NAME).read_text())["files"],
-            tensors=json.loads((folder / TENSORS_NAME).read_text()),
+            tensors=digests or {},
         )
+
+
+def _listings(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, staging: Path, names: tuple[str, ...]) -> Path:
+    """A folder holding `info`'s stored listing and its small files `names`, each checked against the listing: its own
+    folder in a local store or the cache, else fetched into `staging`."""
+    cached = settings.version_cache(info.version)
+    folder = _local_store_folder(client, settings, info) or (cached if cached.is_dir() else staging / f"v{info.version}")
+    names = (STORED_NAME, *names)
+    if folder == staging / f"v{info.version}":
+        folder.mkdir()
+        for name in names:
+            _download_artifacts(client, settings, info, folder, name)
+    if any((folder / name).is_symlink() for name in names):
+        raise LayerMoEError(f"{_what(info)}: a stored listing is a symlink; the artifacts were altered")
+    listing = json.loads((folder / STORED_NAME).read_text())["files"]
+    if sha256_file(folder / STORED_NAME) != info.stored_sha256 or any(
+        name not in listing or sha256_file(folder / name) != listing[name]["sha256"] for name in names[1:]
+    ):
+        raise LayerMoEError(f"{_what(info)}: its stored listings differ from the ones registered; the artifacts were altered")
+    return folder
 
 
 # A version's own stored files, checked against their listing (`stored_files`): the weights by size, or with

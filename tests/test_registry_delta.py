@@ -32,7 +32,7 @@ from registry import (
     register_child,
 )
 from registry.manifest import MANIFEST_NAME, build_manifest, text_digest
-from registry.storage import LAYOUT_NAME, STORED_NAME
+from registry.storage import LAYOUT_NAME, STORED_NAME, TENSORS_NAME
 from registry.tags import MANIFEST_SHA256, STORED_SHA256
 
 from .conftest import tiny_model
@@ -108,6 +108,60 @@ def test_a_child_stores_only_its_new_experts_routers_and_classifiers(chain):
         assert any("new_experts" in n for n in names) and any("routers" in n for n in names) and any("classifier" in n for n in names)
         whole = (folders[version - 1] / "model.safetensors").stat().st_size
         assert table.loc[version, "stored_bytes"] < whole
+
+
+def artifacts_of(settings: RegistrySettings, version: int) -> Path:
+    run_id = get_version(settings, version).run_id
+    return Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model"
+
+
+def test_what_a_round_stores_beside_its_weights_does_not_grow_with_the_rounds(tmp_path):
+    """Each version lists only the tensors its round changed and their digests, and its weights files' headers are
+    written again on download: five rounds alike store the same listings, and every version downloads byte for byte."""
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+    model, languages = tiny_model("qwen2"), ["en", "el", "hu", "tr", "pt", "fi"]
+    folders = [tmp_path / "v1"]
+    model.save_pretrained(folders[0])
+    register_base(settings, folders[0], languages[:1])
+    for number in range(1, 6):
+        old, new = languages[:number], languages[number : number + 1]
+        model = grow(model, old, new, [1, 1, 1], seed=number)
+        folders.append(tmp_path / f"v{number + 1}")
+        model.save_pretrained(folders[-1])
+        info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=[1, 1, 1], classifier_layers=[0])
+        register_child(settings, folders[-1], number, info, {}, {}, {}, {})
+    listings = [sum((artifacts_of(settings, v) / name).stat().st_size for name in (LAYOUT_NAME, TENSORS_NAME)) for v in range(3, 7)]
+    assert max(listings) - min(listings) <= 0.01 * min(listings), listings
+    for version in range(3, 7):
+        layout = json.loads((artifacts_of(settings, version) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+        assert "header" not in layout and layout["drop"] == []
+        assert len(layout["tensors"]) == len(stored_tensor_names(settings, version))  # its own tensors, no others
+    for version, folder in enumerate(folders, start=1):
+        local = download_version(settings, version, tmp_path / "fetched" / f"v{version}")
+        assert sha256(local.path / "model.safetensors") == sha256(folder / "model.safetensors")
+
+
+def test_a_header_safetensors_would_not_write_is_kept_verbatim_and_rebuilt_byte_for_byte(tmp_path):
+    """A weights file written by another tool (here: its header's JSON spaced out) still downloads byte for byte."""
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+    base_and_child(settings, tmp_path)
+    file = tmp_path / "v3" / "model.safetensors"
+    shutil.copytree(tmp_path / "v2", file.parent)
+    data = file.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    text = json.dumps(json.loads(data[8 : 8 + size])).encode()  # ", " and ": " where safetensors writes "," and ":"
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size :])
+    grown = grow(AutoModelForCausalLM.from_pretrained(tmp_path / "v2"), ["en", "el"], ["hu"], [1, 1, 1], seed=2)
+    grown.save_pretrained(tmp_path / "v4")
+    for folder, number, old, new in ((tmp_path / "v3", 2, ["en"], ["el"]), (tmp_path / "v4", 3, ["en", "el"], ["hu"])):
+        info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=[1, 1, 1], classifier_layers=[0])
+        register_child(settings, folder, number, info, {}, {}, {}, {})
+    kept = json.loads((artifacts_of(settings, 3) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+    assert "header" in kept and kept["tensors"] == {}  # every tensor carried over from version 2; only the header differs
+    for version, folder in ((3, tmp_path / "v3"), (4, tmp_path / "v4")):
+        local = download_version(settings, version, tmp_path / "fetched" / f"v{version}")
+        assert sha256(local.path / "model.safetensors") == sha256(folder / "model.safetensors")
 
 
 @pytest.mark.parametrize("family, dtype", [("qwen2", torch.float32), ("llama", torch.bfloat16)], ids=["qwen2-fp32", "llama-bf16"])
@@ -249,29 +303,37 @@ def test_download_writes_a_standalone_save_pretrained_folder(chain, tmp_path, ca
 
 @pytest.mark.parametrize("store", ["sqlite file", "mlflow server"])
 def test_registering_a_child_fetches_no_parent_weights(store, tmp_path, monkeypatch):
-    """The parent's three small listings are all a child's registration reads of it: in place from a local store,
-    fetched from a remote one."""
+    """A child's registration reads small listings of its lineage and no weights: the parent's manifest, and each
+    version's layout and own tensor digests (the parent's full set is composed from them), in place from a local
+    store, fetched from a remote one."""
     with contextlib.ExitStack() as stack:
         uri = f"sqlite:///{tmp_path}/mlflow.db"
         if store == "mlflow server":
             uri = stack.enter_context(running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server")).tracking_uri
         settings = RegistrySettings(tracking_uri=uri, cache_dir=tmp_path / "cache")
-        base = tiny_model("qwen2")
-        base.save_pretrained(tmp_path / "base")
-        tiny_tokenizer().save_pretrained(tmp_path / "base")
-        register_base(settings, tmp_path / "base", ["en"])
-        shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # another machine registers the child
-        grow(base, ["en"], ["el"], [1, 1, 1], seed=1).save_pretrained(tmp_path / "child")
-        tiny_tokenizer().save_pretrained(tmp_path / "child")
+        model = tiny_model("qwen2")
+        model.save_pretrained(tmp_path / "v1")
+        tiny_tokenizer().save_pretrained(tmp_path / "v1")
+        register_base(settings, tmp_path / "v1", ["en"])
         fetched = []
         real = mlflow.artifacts.download_artifacts
         monkeypatch.setattr(
             mlflow.artifacts, "download_artifacts", lambda **kw: fetched.append(kw["artifact_uri"].rsplit("/", 1)[1]) or real(**kw)
         )
-        info = RoundInfo(round=1, old_languages=["en"], new_languages=["el"], allocation=[1, 1, 1], classifier_layers=[0])
-        assert register_child(settings, tmp_path / "child", 1, info, {}, {}, {}, {}).storage == "delta"
-        expected = [] if store == "sqlite file" else ["layermoe_files.json", "layermoe_stored.json", "layermoe_tensors.json"]
+        for number, (old, new, allocation) in enumerate(ROUNDS[:2], start=1):
+            shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # another machine registers each child
+            fetched.clear()
+            model = grow(model, old, new, allocation, seed=number)
+            model.save_pretrained(tmp_path / f"v{number + 1}")
+            tiny_tokenizer().save_pretrained(tmp_path / f"v{number + 1}")
+            info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=allocation, classifier_layers=[0])
+            assert register_child(settings, tmp_path / f"v{number + 1}", number, info, {}, {}, {}, {}).storage == "delta"
+        lineage = ["layermoe_layout.json", "layermoe_stored.json", "layermoe_tensors.json"]
+        expected = [] if store == "sqlite file" else sorted(["layermoe_files.json", *lineage, *lineage])
         assert sorted(fetched) == expected
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        local = download_version(settings, 3, tmp_path / "fetched")
+        assert sha256(local.path / "model.safetensors") == sha256(tmp_path / "v3" / "model.safetensors")
 
 
 # -- file names from a version's layout and manifest (a shared registry's writer controls them) ----------------
