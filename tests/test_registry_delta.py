@@ -426,6 +426,22 @@ def test_a_layout_naming_a_path_outside_the_folder_is_refused_and_nothing_is_wri
     assert_refused_and_nothing_written(settings, tmp_path, message)
 
 
+def test_a_layout_of_another_format_is_refused_with_its_fix_and_nothing_is_written(tmp_path, capsys):
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+    base_and_child(settings, tmp_path)
+
+    def first_format(layout, manifest):
+        layout["format"] = "layermoe-layout/1"
+
+    rewrite_as_a_registry_writer_could(settings, 2, None, first_format, tmp_path / "store" / "mlflow.db")
+    assert_refused_and_nothing_written(settings, tmp_path, "layout format 'layermoe-layout/1', and this layermoe reads")
+    capsys.readouterr()
+    assert layermoe(["registry", "--tracking-uri", settings.tracking_uri, "download", "2", str(tmp_path / "cli")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("layermoe: error:")]
+    assert len(errors) == 1 and errors[0].endswith("re-register the version from its checkpoint"), errors
+    assert not (tmp_path / "cli").exists()
+
+
 def test_a_layout_naming_a_path_outside_the_folder_is_refused_through_a_server(tmp_path, capfd):
     """The same, with artifacts proxied by an `mlflow server`, and from the command line: one error line."""
     with running_mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "server") as server:
