@@ -141,6 +141,31 @@ def test_what_a_round_stores_beside_its_weights_does_not_grow_with_the_rounds(tm
         assert sha256(local.path / "model.safetensors") == sha256(folder / "model.safetensors")
 
 
+def test_a_child_of_a_sharded_base_refers_to_its_shards_and_downloads_byte_for_byte(tmp_path):
+    """A Hub base often comes in shards; a round saves its child as one file, whose tensors are found in the shards."""
+    settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
+    base = tiny_model("llama").to(torch.bfloat16)
+    base.save_pretrained(tmp_path / "v1", max_shard_size=20_000)  # bytes: several shards of a tiny model
+    shards = sorted(path.name for path in (tmp_path / "v1").glob("*.safetensors"))
+    assert len(shards) > 1
+    register_base(settings, tmp_path / "v1", ["en"])
+    model, folders = base, [tmp_path / "v1"]
+    for number, (old, new, allocation) in enumerate(ROUNDS[:2], start=1):
+        model = grow(model, old, new, allocation, seed=number, dtype=torch.bfloat16)
+        folders.append(tmp_path / f"v{number + 1}")
+        model.save_pretrained(folders[-1])
+        info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=allocation, classifier_layers=[0])
+        register_child(settings, folders[-1], number, info, {}, {}, {}, {})
+    first = json.loads((artifacts_of(settings, 2) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+    assert first["base"] is None and {origin[1] for origin in first["tensors"].values() if origin[0] == "parent"} == set(shards)
+    second = json.loads((artifacts_of(settings, 3) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+    assert second["base"] == "model.safetensors" and "header" not in second
+    for version, folder in enumerate(folders, start=1):
+        local = download_version(settings, version, tmp_path / "fetched" / f"v{version}")
+        for path in folder.glob("*.safetensors"):
+            assert sha256(local.path / path.name) == sha256(path)
+
+
 def test_a_header_safetensors_would_not_write_is_kept_verbatim_and_rebuilt_byte_for_byte(tmp_path):
     """A weights file written by another tool (here: its header's JSON spaced out) still downloads byte for byte."""
     settings = RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", cache_dir=tmp_path / "cache")
