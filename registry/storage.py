@@ -331,8 +331,6 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
     in_parent: dict[str, dict[str, TensorSpan]] = {}  # the parent's full files' tensors, by file: each header parsed once
 
     def parent_tensors(file: str) -> dict[str, TensorSpan]:
-        if parent_sources is None:
-            raise LayerMoEError(f"{what} refers to its parent's {file}, but no parent was given; its lineage is broken")
         if file not in in_parent:
             in_parent[file] = _tensors_of(_source_of(parent_sources, file, what))
         return in_parent[file]
@@ -342,8 +340,6 @@ def locate_files(stored_dir: Path, parent_sources: Mapping[str, FileSource] | No
             sources[file] = path_inside(stored_dir, entry["stored"], what)
             continue
         if "parent" in entry:
-            if parent_sources is None:
-                raise LayerMoEError(f"{what} refers to its parent for {file}, but no parent was given; its lineage is broken")
             sources[file] = _source_of(parent_sources, entry["parent"], what)
             continue
         spans = {}
@@ -415,17 +411,19 @@ def _recipe(entry: Mapping, spans: Mapping[str, TensorSpan], file: str, what: st
     if "header" in entry:
         raw = base64.b64decode(entry["header"])
         names = _parse_raw_header(raw)
-    else:
-        rewritten = _header_bytes(entry["metadata"], spans)
-        if rewritten is None:
-            raise LayerMoEError(f"{what} has a tensor of {file} whose dtype this layermoe cannot order; upgrade layermoe")
-        raw, names = rewritten
-    if sorted(names) != sorted(spans):
-        raise LayerMoEError(f"{what}: the header of {file} and its listed tensors differ; its layout is corrupt")
+        if sorted(names) != sorted(spans):
+            raise LayerMoEError(f"{what}: the header of {file} and its listed tensors differ; its layout is corrupt")
+        return raw, [spans[name] for name in names]
+    rewritten = _header_bytes(entry["metadata"], spans)
+    if rewritten is None:
+        raise LayerMoEError(f"{what} has a tensor of {file} whose dtype this layermoe cannot order; upgrade layermoe")
+    raw, names = rewritten
     return raw, [spans[name] for name in names]
 
 
-def _source_of(sources: Mapping[str, FileSource], file: str, what: str) -> FileSource:
+def _source_of(sources: Mapping[str, FileSource] | None, file: str, what: str) -> FileSource:
+    if sources is None:
+        raise LayerMoEError(f"{what} refers to its parent's {file}, but no parent was given; its lineage is broken")
     if file not in sources:
         raise LayerMoEError(f"{what} refers to its parent's {file}, which the parent does not have; its lineage is broken")
     return sources[file]
