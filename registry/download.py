@@ -203,21 +203,40 @@ def fetch_parent_files(client: MlflowClient, settings: RegistrySettings, parent:
         return None
     with tempfile.TemporaryDirectory(prefix="layermoe-parent-") as staging:
         folder = _listings(client, settings, parent, Path(staging), (MANIFEST_NAME, LAYOUT_NAME, TENSORS_NAME))
-        lineage = [(parent, folder)]
-        versions = model_versions(settings) if json.loads((folder / LAYOUT_NAME).read_text())["parent"] is not None else {}
-        while (ancestor := _linked_parent(lineage[-1][1], _what(lineage[-1][0]), versions)) is not None:
-            if any(info.version == ancestor.version for info, _ in lineage):
-                raise LayerMoEError(f"the lineage of {_what(parent)} loops at version {ancestor.version}; its layouts are corrupt")
-            lineage.append((ancestor, _listings(client, settings, ancestor, Path(staging), (LAYOUT_NAME, TENSORS_NAME))))
-        digests = None
-        for info, stored in reversed(lineage):
-            digests = compose_digests(stored, digests, _what(info))
+        versions = _versions_for(settings, folder)
         return ParentFiles(
             version=parent.version,
             manifest_sha256=parent.manifest_sha256,
             manifest=json.loads((folder / MANIFEST_NAME).read_text())["files"],
-            tensors=digests or {},
+            tensors=_digests_from(client, settings, folder, _what(parent), versions, Path(staging), (parent.version,)),
         )
+
+
+def _digests_from(
+    client: MlflowClient,
+    settings: RegistrySettings,
+    stored: Path,
+    what: str,
+    versions: Mapping[int, VersionInfo],
+    staging: Path,
+    seen: tuple[int, ...],
+) -> dict[str, dict[str, str]]:
+    """Every tensor digest of the model of the version whose layout and own digests, checked, are in `stored`,
+    composed down its lineage as `_sources` composes its files; the ancestors' listings fetched into `staging` where
+    they are neither in a local store nor in the cache."""
+    parent = _linked_parent(stored, what, versions)
+    if parent is None:
+        return compose_digests(stored, None, what)
+    if parent.version in seen:
+        raise LayerMoEError(f"the lineage of version {seen[0]} loops at version {parent.version}; its layouts are corrupt")
+    listings = _listings(client, settings, parent, staging, (LAYOUT_NAME, TENSORS_NAME))
+    parent_digests = _digests_from(client, settings, listings, _what(parent), versions, staging, (*seen, parent.version))
+    return compose_digests(stored, parent_digests, what)
+
+
+def _versions_for(settings: RegistrySettings, stored: Path) -> dict[int, VersionInfo]:
+    """The registered model's versions where the layout in `stored` names a parent (one read of the store), else none."""
+    return model_versions(settings) if json.loads((stored / LAYOUT_NAME).read_text())["parent"] is not None else {}
 
 
 def _listings(client: MlflowClient, settings: RegistrySettings, info: VersionInfo, staging: Path, names: tuple[str, ...]) -> Path:
@@ -251,7 +270,7 @@ def rebuild_verified(client: MlflowClient, settings: RegistrySettings, own: OwnF
     for byte (a damaged file in a local store or in `own` is named, a damaged cached copy is dropped and fetched
     again) and the model is written once more."""
     stored = own(False)
-    versions = model_versions(settings) if json.loads((stored / LAYOUT_NAME).read_text())["parent"] is not None else {}
+    versions = _versions_for(settings, stored)
     try:
         _write_and_verify(client, settings, stored, what, manifest_sha256, versions, built)
     except LayerMoEError as e:
