@@ -83,9 +83,7 @@ def build_chain(tmp_path: Path, family: str, dtype: torch.dtype, tracking_uri: s
 
 
 def stored_tensor_names(settings: RegistrySettings, version: int) -> set[str]:
-    run_id = get_version(settings, version).run_id
-    folder = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model"
-    with safe_open(folder / "model.safetensors.delta.safetensors", framework="pt") as f:
+    with safe_open(artifact_folder(settings, version, None) / "model.safetensors.delta.safetensors", framework="pt") as f:
         return set(f.keys())
 
 
@@ -110,11 +108,6 @@ def test_a_child_stores_only_its_new_experts_routers_and_classifiers(chain):
         assert table.loc[version, "stored_bytes"] < whole
 
 
-def artifacts_of(settings: RegistrySettings, version: int) -> Path:
-    run_id = get_version(settings, version).run_id
-    return Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model"
-
-
 def test_what_a_round_stores_beside_its_weights_does_not_grow_with_the_rounds(tmp_path):
     """Each version lists only the tensors its round changed and their digests, and its weights files' headers are
     written again on download: five rounds alike store the same listings, and every version downloads byte for byte."""
@@ -130,10 +123,11 @@ def test_what_a_round_stores_beside_its_weights_does_not_grow_with_the_rounds(tm
         model.save_pretrained(folders[-1])
         info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=[1, 1, 1], classifier_layers=[0])
         register_child(settings, folders[-1], number, info, {}, {}, {}, {})
-    listings = [sum((artifacts_of(settings, v) / name).stat().st_size for name in (LAYOUT_NAME, TENSORS_NAME)) for v in range(3, 7)]
+    folders_of = [artifact_folder(settings, version, None) for version in range(3, 7)]
+    listings = [sum((folder / name).stat().st_size for name in (LAYOUT_NAME, TENSORS_NAME)) for folder in folders_of]
     assert max(listings) - min(listings) <= 0.01 * min(listings), listings
     for version in range(3, 7):
-        layout = json.loads((artifacts_of(settings, version) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+        layout = json.loads((artifact_folder(settings, version, None) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
         assert "header" not in layout and layout["drop"] == []
         assert len(layout["tensors"]) == len(stored_tensor_names(settings, version))  # its own tensors, no others
     for version, folder in enumerate(folders, start=1):
@@ -156,9 +150,9 @@ def test_a_child_of_a_sharded_base_refers_to_its_shards_and_downloads_byte_for_b
         model.save_pretrained(folders[-1])
         info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=allocation, classifier_layers=[0])
         register_child(settings, folders[-1], number, info, {}, {}, {}, {})
-    first = json.loads((artifacts_of(settings, 2) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+    first = json.loads((artifact_folder(settings, 2, None) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
     assert first["base"] is None and {origin[1] for origin in first["tensors"].values() if origin[0] == "parent"} == set(shards)
-    second = json.loads((artifacts_of(settings, 3) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+    second = json.loads((artifact_folder(settings, 3, None) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
     assert second["base"] == "model.safetensors" and "header" not in second
     for version, folder in enumerate(folders, start=1):
         local = download_version(settings, version, tmp_path / "fetched" / f"v{version}")
@@ -182,7 +176,7 @@ def test_a_header_safetensors_would_not_write_is_kept_verbatim_and_rebuilt_byte_
     for folder, number, old, new in ((tmp_path / "v3", 2, ["en"], ["el"]), (tmp_path / "v4", 3, ["en", "el"], ["hu"])):
         info = RoundInfo(round=number, old_languages=old, new_languages=new, allocation=[1, 1, 1], classifier_layers=[0])
         register_child(settings, folder, number, info, {}, {}, {}, {})
-    kept = json.loads((artifacts_of(settings, 3) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
+    kept = json.loads((artifact_folder(settings, 3, None) / LAYOUT_NAME).read_text())["files"]["model.safetensors"]
     assert "header" in kept and kept["tensors"] == {}  # every tensor carried over from version 2; only the header differs
     for version, folder in ((3, tmp_path / "v3"), (4, tmp_path / "v4")):
         local = download_version(settings, version, tmp_path / "fetched" / f"v{version}")
@@ -247,9 +241,7 @@ def test_a_missing_link_is_named(chain, tmp_path):
 
 def test_a_damaged_link_is_named(chain, tmp_path):
     settings, _ = chain
-    run_id = get_version(settings, 2).run_id
-    folder = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model"
-    delta = folder / "model.safetensors.delta.safetensors"
+    delta = artifact_folder(settings, 2, None) / "model.safetensors.delta.safetensors"
     delta.write_bytes(delta.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     fresh = settings.model_copy(update={"cache_dir": tmp_path / "fresh-cache"})
     with pytest.raises(LayerMoEError, match=r"version 2 of 'layermoe': model\.safetensors\.delta\.safetensors is corrupt"):
@@ -262,9 +254,7 @@ def test_the_pyfunc_loader_names_a_damaged_stored_file_of_the_lineage(chain, dam
     weights file of its lineage fails the rebuilt model's check, then every byte of the lineage is checked and the
     damaged file named; no rebuilt model is left in the cache."""
     settings, _ = chain
-    run_id = get_version(settings, damaged).run_id
-    delta = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model"
-    delta = delta / "model.safetensors.delta.safetensors"
+    delta = artifact_folder(settings, damaged, None) / "model.safetensors.delta.safetensors"
     delta.write_bytes(delta.read_bytes()[:-4] + b"\x00\x00\x00\x00")
     cache = tmp_path / "pyfunc-cache"
     monkeypatch.setenv("LAYERMOE_REGISTRY_CACHE", str(cache))
@@ -512,8 +502,7 @@ def test_a_damaged_or_symlinked_cache_of_a_remote_store_is_fetched_again(tmp_pat
 
 def test_a_symlink_in_a_local_store_is_refused_not_followed(chain, tmp_path):
     settings, folders = chain
-    run_id = get_version(settings, 2).run_id
-    stored = Path(urlparse(MlflowClient(settings.tracking_uri).get_run(run_id).info.artifact_uri).path) / "model" / "config.json"
+    stored = artifact_folder(settings, 2, None) / "config.json"
     secret = tmp_path / "secret.json"
     shutil.copyfile(stored, secret)  # the registered bytes, so only the link itself can be refused
     stored.unlink()
